@@ -1,0 +1,9 @@
+"""The Celery app of the test suite, configured from the Django settings like a project's."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+app = Celery("django_scale_tests")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(["testapp"])

@@ -1,0 +1,331 @@
+"""Start, describe and stop the real services the test suite talks to.
+
+By default the suite starts its own PostgreSQL primary, a streaming hot-standby replica of it
+and a Redis server, each on a free port under one temporary directory, and removes them when
+the test process exits. A watchdog process does the removal, so it also happens when the test
+process is interrupted or killed. Environment variables point the suite at existing servers
+instead:
+
+``DJANGO_SCALE_TEST_PRIMARY_URL`` / ``DJANGO_SCALE_TEST_REPLICA_URL``
+    ``postgres://user:password@host:port/dbname``; the replica must stream from the primary.
+``DJANGO_SCALE_TEST_REDIS_URL``
+    ``redis://host:port/0``; the cache uses that db number, Celery the next two.
+``DJANGO_SCALE_TEST_BACKEND=sqlite``
+    The embedded default: SQLite and the local-memory cache, no services at all.
+``PG_BIN``
+    Where the PostgreSQL server binaries are (default ``/usr/lib/postgresql/15/bin``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
+BACKEND = os.environ.get("DJANGO_SCALE_TEST_BACKEND", "postgres")
+BACKENDS = ("postgres", "sqlite")
+INSTALL_HINT = (
+    "Install the servers the test suite starts for itself: "
+    "`apt-get install postgresql-15 redis-server` (Debian/Ubuntu), or point the suite at "
+    "existing servers with DJANGO_SCALE_TEST_PRIMARY_URL, DJANGO_SCALE_TEST_REPLICA_URL and "
+    "DJANGO_SCALE_TEST_REDIS_URL, or run only the embedded default with "
+    "DJANGO_SCALE_TEST_BACKEND=sqlite."
+)
+
+
+class HarnessError(RuntimeError):
+    """The test services could not be started or reached."""
+
+
+@dataclass(frozen=True)
+class Postgres:
+    host: str
+    port: int
+    user: str
+    password: str
+    name: str
+
+    def database_settings(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "HOST": self.host,
+            "PORT": str(self.port),
+            "USER": self.user,
+            "PASSWORD": self.password,
+            "NAME": self.name,
+            **extra,
+        }
+
+
+@dataclass(frozen=True)
+class Redis:
+    host: str
+    port: int
+    db: int
+
+    def url(self, db_offset: int = 0) -> str:
+        return f"redis://{self.host}:{self.port}/{self.db + db_offset}"
+
+
+@dataclass
+class Services:
+    primary: Postgres
+    replica: Postgres
+    redis: Redis
+    #: Seconds it took to start the services this process owns (0 for external servers).
+    startup_seconds: float = 0.0
+    _watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        """Stop the services this process started and remove their directory."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is None:
+            return
+        # Closing its stdin is the watchdog's signal; it does the one cleanup there is.
+        assert watchdog.stdin is not None
+        watchdog.stdin.close()
+        watchdog.wait(timeout=60)
+
+
+def parse_postgres_url(url: str) -> Postgres:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.path.strip("/"):
+        raise HarnessError(f"{url!r} is not a postgres://user:password@host:port/dbname URL.")
+    return Postgres(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        user=unquote(parts.username or "postgres"),
+        password=unquote(parts.password or ""),
+        name=parts.path.strip("/"),
+    )
+
+
+def parse_redis_url(url: str) -> Redis:
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise HarnessError(f"{url!r} is not a redis://host:port/db URL.")
+    return Redis(
+        host=parts.hostname or "127.0.0.1", port=parts.port or 6379, db=int(parts.path.strip("/") or 0)
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# The watchdog blocks reading its stdin, which only the test process holds open: EOF means
+# the test process closed it (normal exit) or died (Ctrl-C, SIGTERM, SIGKILL). Either way it
+# stops the servers and removes their directory. It runs in its own session so a terminal's
+# Ctrl-C does not reach it before the cleanup.
+WATCHDOG = """
+import json, os, shutil, signal, subprocess, sys
+root = sys.argv[1]
+sys.stdin.buffer.read()
+try:
+    with open(os.path.join(root, "cleanup.json")) as file:
+        plan = json.load(file)
+except OSError:
+    plan = {"stop": [], "kill": []}
+for command in plan["stop"]:
+    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=60)
+for pid in plan["kill"]:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+shutil.rmtree(root, ignore_errors=True)
+"""
+
+
+class Launcher:
+    """Start a primary, a streaming replica and Redis under one temporary directory."""
+
+    def __init__(self) -> None:
+        self.as_postgres = os.geteuid() == 0
+        self.root = Path(tempfile.mkdtemp(prefix="django-scale-tests-"))
+        if self.as_postgres:
+            # The server refuses to run as root; the postgres user owns the data directories.
+            account = pwd.getpwnam("postgres")
+            os.chown(self.root, account.pw_uid, account.pw_gid)
+        self.stop_commands: list[list[str]] = []
+        self.kill_pids: list[int] = []
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-c", WATCHDOG, str(self.root)], stdin=subprocess.PIPE, start_new_session=True
+        )
+
+    def _write_plan(self) -> None:
+        """Tell the watchdog what to stop, before starting it (written whole, then renamed)."""
+        plan = self.root / "cleanup.json.new"
+        plan.write_text(json.dumps({"stop": self.stop_commands, "kill": self.kill_pids}))
+        plan.replace(self.root / "cleanup.json")
+
+    def _pg(self, tool: str, *args: str) -> list[str]:
+        command = [str(PG_BIN / tool), *args]
+        return ["runuser", "-u", "postgres", "--", *command] if self.as_postgres else command
+
+    def _run(self, command: list[str], what: str) -> None:
+        result = subprocess.run(
+            command, capture_output=True, text=True, start_new_session=True, timeout=120, check=False
+        )
+        if result.returncode != 0:
+            raise HarnessError(f"{what} failed ({' '.join(command)}):\n{result.stdout}{result.stderr}")
+
+    def start_postgres(self) -> tuple[Postgres, Postgres]:
+        for tool in ("initdb", "pg_ctl", "pg_basebackup", "postgres"):
+            if not (PG_BIN / tool).exists():
+                raise HarnessError(f"PostgreSQL's {tool} is not in {PG_BIN} (set PG_BIN). {INSTALL_HINT}")
+        if self.as_postgres and shutil.which("runuser") is None:
+            raise HarnessError(
+                "Running as root needs `runuser` (util-linux) to start PostgreSQL as postgres."
+            )
+        primary_dir, replica_dir = self.root / "primary", self.root / "replica"
+        primary_port, replica_port = free_port(), free_port()
+
+        self._run(
+            self._pg(
+                "initdb",
+                "-D",
+                str(primary_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ),
+            "initdb",
+        )
+        settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(primary_port),
+            "unix_socket_directories": f"'{self.root}'",
+            "wal_level": "replica",
+            "max_wal_senders": "5",
+            "hot_standby": "on",
+            "hot_standby_feedback": "on",
+            # Durability is not what these servers are for; speed is.
+            "fsync": "off",
+            "full_page_writes": "off",
+            "max_connections": "60",
+            "shared_buffers": "64MB",
+            "logging_collector": "off",
+        }
+        with open(primary_dir / "postgresql.conf", "a") as conf:
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        self._start_pg(primary_dir)
+
+        self._run(
+            self._pg(
+                "pg_basebackup", "-h", "127.0.0.1", "-p", str(primary_port), "-U", "postgres",
+                "-D", str(replica_dir), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+            ),
+            "pg_basebackup",
+        )  # fmt: skip
+        with open(replica_dir / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {replica_port}\n")
+        self._start_pg(replica_dir)
+
+        primary = Postgres("127.0.0.1", primary_port, "postgres", "", "django_scale")
+        return primary, Postgres("127.0.0.1", replica_port, "postgres", "", "django_scale")
+
+    def _start_pg(self, data_dir: Path) -> None:
+        self.stop_commands.append(self._pg("pg_ctl", "-D", str(data_dir), "-m", "immediate", "-w", "stop"))
+        self._write_plan()
+        log = data_dir.parent / f"{data_dir.name}.log"
+        self._run(
+            self._pg("pg_ctl", "-D", str(data_dir), "-l", str(log), "-w", "-t", "60", "start"),
+            f"starting {data_dir.name}",
+        )
+
+    def start_redis(self) -> Redis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise HarnessError(f"redis-server is not on PATH. {INSTALL_HINT}")
+        port = free_port()
+        process = subprocess.Popen(
+            [
+                binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.root), "--logfile", str(self.root / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.kill_pids.append(process.pid)
+        self._write_plan()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise HarnessError(f"redis-server exited at start; see {self.root / 'redis.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return Redis("127.0.0.1", port, 0)
+            except OSError:
+                time.sleep(0.02)
+        raise HarnessError(f"redis-server did not answer on port {port} within 30 s")
+
+
+_services: Services | None = None
+
+
+def services() -> Services:
+    """Return the running services, starting the ones no environment variable names."""
+    global _services
+    if _services is not None:
+        return _services
+    if BACKEND not in BACKENDS:
+        raise HarnessError(f"DJANGO_SCALE_TEST_BACKEND={BACKEND!r}; use one of {', '.join(BACKENDS)}.")
+
+    primary_url = os.environ.get("DJANGO_SCALE_TEST_PRIMARY_URL")
+    replica_url = os.environ.get("DJANGO_SCALE_TEST_REPLICA_URL")
+    redis_url = os.environ.get("DJANGO_SCALE_TEST_REDIS_URL")
+    if bool(primary_url) != bool(replica_url):
+        raise HarnessError(
+            "Set both DJANGO_SCALE_TEST_PRIMARY_URL and DJANGO_SCALE_TEST_REPLICA_URL, or neither."
+        )
+
+    started = time.monotonic()
+    launcher = Launcher() if not (primary_url and redis_url) else None
+    try:
+        if primary_url and replica_url:
+            primary, replica = parse_postgres_url(primary_url), parse_postgres_url(replica_url)
+        else:
+            assert launcher is not None
+            primary, replica = launcher.start_postgres()
+        if redis_url:
+            redis = parse_redis_url(redis_url)
+        else:
+            assert launcher is not None
+            redis = launcher.start_redis()
+    except BaseException:
+        if launcher is not None:
+            assert launcher.watchdog.stdin is not None
+            launcher.watchdog.stdin.close()
+            launcher.watchdog.wait(timeout=60)
+        raise
+    _services = Services(
+        primary,
+        replica,
+        redis,
+        startup_seconds=time.monotonic() - started if launcher else 0.0,
+        _watchdog=launcher.watchdog if launcher else None,
+    )
+    atexit.register(_services.stop)
+    return _services

@@ -1,0 +1,87 @@
+"""Settings for django-scale's own test suite.
+
+``DJANGO_SCALE_TEST_BACKEND`` picks what the suite talks to: ``postgres`` (the default) is a
+real PostgreSQL primary with a streaming replica, Redis and a Celery worker, started by
+:mod:`harness` unless environment variables name existing servers; ``sqlite`` is the
+embedded default, SQLite with the local-memory cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import harness
+
+SECRET_KEY = "django-scale-tests-not-secret"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ALLOWED_HOSTS = ["testserver"]
+ROOT_URLCONF = "testapp.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django_scale",
+    "testapp",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+# Fast hashing: the suite logs users in, it does not test password storage.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+DATABASES: dict[str, dict[str, Any]]
+CACHES: dict[str, dict[str, Any]]
+
+if harness.BACKEND == "sqlite":
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    DJANGO_SCALE: dict[str, Any] = {}
+    CELERY_TASK_ALWAYS_EAGER = True
+    CELERY_BROKER_URL = "memory://"
+else:
+    _services = harness.services()
+    DATABASES = {
+        "default": _services.primary.database_settings(),
+        # The replica alias connects to the real standby. MIRROR tells Django's test runner
+        # not to create a database there (a standby is read-only) but to use the name of the
+        # primary's test database, which reaches the standby through replication.
+        "replica": _services.replica.database_settings(TEST={"MIRROR": "default"}),
+    }
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": _services.redis.url(),
+            "KEY_PREFIX": "django-scale-tests",
+        }
+    }
+    DJANGO_SCALE = {"REPLICAS": ["replica"]}
+    CELERY_BROKER_URL = _services.redis.url(1)
+    CELERY_RESULT_BACKEND = _services.redis.url(2)
+
+# One result backend for all threads, so the suite can close the worker thread's connections.
+CELERY_RESULT_BACKEND_THREAD_SAFE = True
+CELERY_TASK_DEFAULT_QUEUE = "django-scale-tests"
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = False

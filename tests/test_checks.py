@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+from django.core import checks
+from django.test import override_settings
+
+from django_scale.checks import check_settings
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def ids(messages):
+    return [message.id for message in messages]
+
+
+def run(**setting):
+    with override_settings(**setting):
+        return check_settings()
+
+
+def test_registered_with_django():
+    assert check_settings in checks.registry.registry.get_checks()
+
+
+def test_valid_settings_pass():
+    assert run(DJANGO_SCALE={"REPLICAS": []}) == []
+    assert run(DJANGO_SCALE={"PRIMARY": "default", "MAX_REPLICA_LAG": 1, "CACHE_ALIAS": "default"}) == []
+
+
+def test_e001_not_a_dict():
+    [message] = run(DJANGO_SCALE=[("REPLICAS", ["x"])])
+    assert message.id == "django_scale.E001"
+    assert "must be a dict, not list" in message.msg
+
+
+def test_w001_unknown_key_suggests_the_close_one():
+    [message] = run(DJANGO_SCALE={"REPLICA": ["replica"]})
+    assert message.id == "django_scale.W001"
+    assert isinstance(message, checks.Warning)
+    assert "Did you mean 'REPLICAS'?" in message.hint
+
+
+def test_w001_unknown_key_without_a_close_one_lists_the_keys():
+    [message] = run(DJANGO_SCALE={"COLOUR": "blue"})
+    assert "Known keys: CACHE_ALIAS, MAX_REPLICA_LAG, PRIMARY, REPLICAS." in message.hint
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("REPLICAS", "replica", "a list of database aliases, not str"),
+        ("REPLICAS", ["replica", 2], "a list of database aliases, not list"),
+        ("MAX_REPLICA_LAG", "5", "a number of seconds (int or float), not str"),
+        ("MAX_REPLICA_LAG", True, "not bool"),
+        ("PRIMARY", None, "a database alias (str), not NoneType"),
+        ("CACHE_ALIAS", 0, "a cache alias (str), not int"),
+    ],
+)
+def test_e002_wrong_type_names_key_and_fix(key, value, expected):
+    [message] = run(DJANGO_SCALE={key: value})
+    assert message.id == "django_scale.E002"
+    assert f"DJANGO_SCALE[{key!r}]" in message.msg
+    assert expected in message.msg
+    assert f"Set it to e.g. DJANGO_SCALE[{key!r}] = " in message.hint
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("MAX_REPLICA_LAG", 0, "greater than zero"),
+        ("MAX_REPLICA_LAG", -1.5, "greater than zero"),
+        ("REPLICAS", ["replica", "replica"], "lists 'replica' more than once"),
+        ("REPLICAS", [""], "empty alias"),
+        ("PRIMARY", "", "it is empty"),
+    ],
+)
+def test_e003_invalid_value(key, value, problem):
+    messages = run(DJANGO_SCALE={key: value})
+    assert ids(messages) == ["django_scale.E003"]
+    assert problem in messages[0].msg
+
+
+def test_e004_unknown_database_alias_for_each_key():
+    messages = run(DJANGO_SCALE={"PRIMARY": "main", "REPLICAS": ["default", "ghost"]})
+    assert ids(messages) == ["django_scale.E004", "django_scale.E004"]
+    assert "DJANGO_SCALE['PRIMARY'] names the database alias 'main'" in messages[0].msg
+    assert "DJANGO_SCALE['REPLICAS'] names the database alias 'ghost'" in messages[1].msg
+    assert "Add 'ghost' to DATABASES" in messages[1].hint
+
+
+def test_e005_unknown_cache_alias():
+    [message] = run(DJANGO_SCALE={"CACHE_ALIAS": "sessions"})
+    assert message.id == "django_scale.E005"
+    assert "'sessions', which is not in CACHES" in message.msg
+
+
+def test_hint_links_to_the_docs_anchor():
+    [message] = run(DJANGO_SCALE={"CACHE_ALIAS": "sessions"})
+    assert message.hint.endswith("checks.html#django-scale-e005")
+
+
+def _ids_in_package() -> list[str]:
+    found = []
+    for path in files("django_scale").iterdir():
+        if path.name.endswith(".py"):
+            found += re.findall(r'"(django_scale\.[EW]\d{3})"', path.read_text())
+    return found
+
+
+def test_every_id_is_defined_once_and_documented_once():
+    in_code = _ids_in_package()
+    assert in_code, "no check ids found in the package"
+    assert len(in_code) == len(set(in_code)), f"an id is defined twice: {sorted(in_code)}"
+    docs = (DOCS / "checks.md").read_text()
+    labels = re.findall(r"^\(django-scale-([ew]\d{3})\)=\n### (django_scale\.[EW]\d{3})$", docs, re.M)
+    documented = [heading for _, heading in labels]
+    assert all(f"django-scale-{h[-4:].lower()}" == f"django-scale-{label}" for label, h in labels)
+    assert sorted(documented) == sorted(set(documented)), "an id is documented twice"
+    assert sorted(in_code) == sorted(documented)
+
+
+def test_every_setting_is_documented():
+    from django_scale.conf import SETTINGS
+
+    docs = (DOCS / "settings.md").read_text()
+    for key in SETTINGS:
+        assert re.search(rf"^### {key}$", docs, re.M), f"docs/settings.md has no section for {key}"

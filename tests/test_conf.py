@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from django_scale.conf import SETTINGS, conf
+from django_scale.exceptions import ConfigurationError
+from django_scale.testing import override_scale_settings
+
+
+@override_settings(DJANGO_SCALE={})
+def test_defaults_when_keys_are_absent():
+    assert conf.PRIMARY == "default"
+    assert conf.REPLICAS == ()
+    assert conf.MAX_REPLICA_LAG == 5.0
+    assert conf.CACHE_ALIAS == "default"
+
+
+def test_every_key_has_a_typed_property():
+    assert set(SETTINGS) == {name for name in dir(type(conf)) if name.isupper()}
+
+
+def test_unset_setting_means_defaults():
+    with override_settings():
+        from django.conf import settings
+
+        del settings.DJANGO_SCALE
+        assert conf.REPLICAS == ()
+
+
+def test_read_at_access_time_not_import_time():
+    with override_settings(DJANGO_SCALE={"REPLICAS": ["a", "b"], "MAX_REPLICA_LAG": 2}):
+        assert conf.REPLICAS == ("a", "b")
+        assert conf.MAX_REPLICA_LAG == 2.0
+    with override_settings(DJANGO_SCALE={"REPLICAS": ["c"]}):
+        assert conf.REPLICAS == ("c",)
+
+
+@override_settings(DJANGO_SCALE=["REPLICAS"])
+def test_not_a_dict_is_a_configuration_error():
+    with pytest.raises(ConfigurationError, match="DJANGO_SCALE setting must be a dict, not list"):
+        conf.REPLICAS  # noqa: B018
+    assert issubclass(ConfigurationError, ImproperlyConfigured)
+
+
+def test_unknown_name_is_a_key_error():
+    with pytest.raises(KeyError, match="NOPE"):
+        conf.get("NOPE")
+
+
+@override_settings(DJANGO_SCALE={"REPLICAS": ["r1"], "CACHE_ALIAS": "other"})
+def test_override_scale_settings_merges():
+    with override_scale_settings(MAX_REPLICA_LAG=1.5):
+        assert conf.MAX_REPLICA_LAG == 1.5
+        assert conf.REPLICAS == ("r1",)
+        assert conf.CACHE_ALIAS == "other"
+    assert conf.MAX_REPLICA_LAG == 5.0
+
+
+@override_settings(DJANGO_SCALE={"REPLICAS": ["r1"]})
+@override_scale_settings(PRIMARY="main")
+def test_override_scale_settings_as_decorator_stacks():
+    assert conf.PRIMARY == "main"
+    assert conf.REPLICAS == ("r1",)

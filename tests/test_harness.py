@@ -1,0 +1,92 @@
+"""The harness talks to the real services: replication, lag, Redis and a Celery worker."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from django.db import connections
+
+import harness
+from testapp.models import Author
+
+pytestmark = pytest.mark.postgres
+
+REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+
+
+@REPLICA
+def test_replica_alias_is_the_real_standby(replica):
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_is_in_recovery(), current_database()")
+        assert cursor.fetchone() == (False, connections["default"].settings_dict["NAME"])
+    with connections["replica"].cursor() as cursor:
+        cursor.execute("SELECT pg_is_in_recovery(), current_database()")
+        in_recovery, name = cursor.fetchone()
+    assert in_recovery is True
+    # The test database was created on the primary and reached the standby by replication.
+    assert name == connections["default"].settings_dict["NAME"]
+    assert connections["replica"].settings_dict["PORT"] != connections["default"].settings_dict["PORT"]
+
+
+@REPLICA
+def test_committed_row_is_read_back_from_replica(replica):
+    author = Author.objects.using("default").create(name="Ada")
+    replica.wait_for_replay()
+    assert Author.objects.using("replica").get(pk=author.pk).name == "Ada"
+
+
+@REPLICA
+def test_paused_replay_hides_new_rows_until_resumed(paused_replica):
+    author = Author.objects.using("default").create(name="Grace")
+    assert paused_replica.is_paused()
+    assert not paused_replica.has_replayed(paused_replica.primary_lsn())
+    assert not Author.objects.using("replica").filter(pk=author.pk).exists()
+
+    paused_replica.resume()
+    paused_replica.wait_for_replay()
+    assert Author.objects.using("replica").filter(pk=author.pk).exists()
+
+
+@REPLICA
+def test_replica_refuses_writes(replica):
+    from django.db import InternalError, OperationalError, ProgrammingError
+
+    with pytest.raises((InternalError, OperationalError, ProgrammingError), match="read-only"):
+        Author.objects.using("replica").create(name="nobody")
+
+
+def test_value_set_through_django_redis_is_read_back(redis_cache):
+    from django_redis import get_redis_connection
+
+    redis_cache.set("harness", {"answer": 42}, timeout=30)
+    assert redis_cache.get("harness") == {"answer": 42}
+    # It really is in Redis, under the versioned, prefixed key django-redis writes.
+    raw = get_redis_connection("default")
+    assert raw.exists(redis_cache.make_key("harness")) == 1
+    assert 0 < raw.ttl(redis_cache.make_key("harness")) <= 30
+
+
+def test_celery_task_runs_in_worker_and_returns(celery_worker):
+    from testapp.tasks import add, thread_name
+
+    assert add.delay(2, 3).get(timeout=30) == 5
+    worker_thread = thread_name.delay().get(timeout=30)
+    assert worker_thread != threading.current_thread().name
+
+
+def test_celery_uses_the_redis_broker(celery_app):
+    services = harness.services()
+    assert celery_app.conf.broker_url == services.redis.url(1)
+    with celery_app.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1)
+        assert connection.transport.driver_type == "redis"
+
+
+def test_database_driver_is_the_one_the_env_asks_for():
+    expected = os.environ.get("DJANGO_SCALE_TEST_EXPECT_DRIVER")
+    driver = connections["default"].Database.__name__
+    assert driver in ("psycopg", "psycopg2")
+    if expected:
+        assert driver == expected
