@@ -13,10 +13,11 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.utils.module_loading import import_string
 
 from django_scale.conf import SETTINGS, conf
 
-__all__ = ["check_settings", "register_checks"]
+__all__ = ["check_routing", "check_settings", "register_checks"]
 
 DOCS = "https://django-scale.readthedocs.io/en/latest/checks.html"
 
@@ -90,6 +91,141 @@ def _e005_unknown_cache(alias: str) -> checks.CheckMessage:
     )
 
 
+def _e101_primary_is_a_replica(alias: str) -> checks.CheckMessage:
+    return _message(
+        checks.Error,
+        "django_scale.E101",
+        f"DJANGO_SCALE['REPLICAS'] lists {alias!r}, which is the primary (DJANGO_SCALE['PRIMARY']).",
+        f"Remove {alias!r} from REPLICAS: reads that must see writes would go to it as if it lagged.",
+    )
+
+
+def _w102_router_without_middleware() -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W102",
+        "ReplicaRouter is in DATABASE_ROUTERS but ScaleMiddleware is not in MIDDLEWARE: a user's "
+        "next request after a write may read from a replica that has not replayed it yet.",
+        'Add "django_scale.middleware.ScaleMiddleware" at the top of MIDDLEWARE.',
+    )
+
+
+def _w103_replicas_without_router() -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W103",
+        "DJANGO_SCALE['REPLICAS'] is set but ReplicaRouter is not in DATABASE_ROUTERS: no read "
+        "goes to the replicas.",
+        'Add "django_scale.routers.ReplicaRouter" to DATABASE_ROUTERS.',
+    )
+
+
+def _e104_engine_mismatch(alias: str, engine: str, primary_engine: str) -> checks.CheckMessage:
+    return _message(
+        checks.Error,
+        "django_scale.E104",
+        f"The replica {alias!r} uses the ENGINE {engine!r} but the primary uses {primary_engine!r}.",
+        "A replica must be a copy of the primary on the same database vendor; fix DATABASES.",
+    )
+
+
+def _w105_local_cache(alias: str, backend: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W105",
+        f"DJANGO_SCALE['CACHE_ALIAS'] is {alias!r}, a {backend.rsplit('.', 1)[-1]}, which each "
+        "process keeps to itself: a replica one process ejects keeps taking the others' reads.",
+        "Point CACHE_ALIAS at a shared cache such as django_redis.cache.RedisCache.",
+    )
+
+
+def _w106_no_connect_timeout(alias: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W106",
+        f"The replica {alias!r} has no OPTIONS['connect_timeout']: connecting to a replica whose "
+        "host hangs waits for the operating system's TCP timeout, minutes.",
+        f'Set DATABASES[{alias!r}]["OPTIONS"]["connect_timeout"] = 2 (whole seconds, 2 at least).',
+    )
+
+
+def _w107_middleware_order(after: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W107",
+        f"ScaleMiddleware comes after {after} in MIDDLEWARE, so that middleware's writes (such as "
+        "a session save) are not seen by read-your-writes.",
+        "Move django_scale.middleware.ScaleMiddleware above it, to the top of MIDDLEWARE.",
+    )
+
+
+ROUTER_PATH = "django_scale.routers.ReplicaRouter"
+MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
+#: Middleware that write to the database in their response phase.
+WRITING_MIDDLEWARE = (
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+)
+PROCESS_LOCAL_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
+
+
+def _is_subclass_path(entry: Any, base_path: str) -> bool:
+    """Whether a settings entry (dotted path, class or instance) is *base_path* or a subclass."""
+    if entry == base_path:
+        return True
+    try:
+        base = import_string(base_path)
+        found = import_string(entry) if isinstance(entry, str) else entry
+    except ImportError:
+        return False
+    cls = found if isinstance(found, type) else type(found)
+    return issubclass(cls, base)
+
+
+def check_routing(**kwargs: Any) -> list[checks.CheckMessage]:
+    """Check that replica routing is set up whole: router, middleware, aliases and cache."""
+    try:
+        primary, replicas, cache_alias = conf.PRIMARY, conf.REPLICAS, conf.CACHE_ALIAS
+    except Exception:
+        return []  # check_settings reports a malformed DJANGO_SCALE
+    if not (isinstance(primary, str) and all(isinstance(alias, str) for alias in replicas)):
+        return []
+    databases = settings.DATABASES
+    messages: list[checks.CheckMessage] = []
+    has_router = any(_is_subclass_path(entry, ROUTER_PATH) for entry in settings.DATABASE_ROUTERS)
+    middleware = list(settings.MIDDLEWARE or ())
+    position = next(
+        (i for i, entry in enumerate(middleware) if _is_subclass_path(entry, MIDDLEWARE_PATH)), None
+    )
+
+    if primary in replicas:
+        messages.append(_e101_primary_is_a_replica(primary))
+    if has_router and position is None:
+        messages.append(_w102_router_without_middleware())
+    if replicas and not has_router:
+        messages.append(_w103_replicas_without_router())
+    primary_engine = databases.get(primary, {}).get("ENGINE", "")
+    for alias in replicas:
+        if alias not in databases or alias == primary:
+            continue
+        engine = databases[alias].get("ENGINE", "")
+        if primary_engine and engine != primary_engine:
+            messages.append(_e104_engine_mismatch(alias, engine, primary_engine))
+        elif "postgresql" in engine and "connect_timeout" not in (databases[alias].get("OPTIONS") or {}):
+            messages.append(_w106_no_connect_timeout(alias))
+    backend = getattr(settings, "CACHES", {}).get(cache_alias, {}).get("BACKEND", "")
+    if replicas and backend in PROCESS_LOCAL_CACHES:
+        messages.append(_w105_local_cache(cache_alias, backend))
+    if position is not None:
+        for entry in middleware[:position]:
+            if entry in WRITING_MIDDLEWARE:
+                messages.append(_w107_middleware_order(entry))
+    return messages
+
+
 def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
     """Check the ``DJANGO_SCALE`` setting: its keys, their types and the aliases they name."""
     user = getattr(settings, "DJANGO_SCALE", None)
@@ -128,3 +264,4 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
 def register_checks() -> None:
     """Register django-scale's system checks with Django (called from ``AppConfig.ready()``)."""
     checks.register(check_settings, "django_scale")
+    checks.register(check_routing, "django_scale")

@@ -60,6 +60,10 @@ def _duplicate_aliases(value: Sequence[str]) -> str | None:
     return None
 
 
+def _negative(value: float) -> str | None:
+    return "it must not be negative" if value < 0 else None
+
+
 def _not_positive(value: float) -> str | None:
     return "it must be greater than zero" if value <= 0 else None
 
@@ -87,6 +91,48 @@ SETTINGS: dict[str, Setting] = {
         problem=_not_positive,
         example="5.0",
     ),
+    "REPLICA_WAIT": Setting(
+        default=0.01,
+        expected="a number of seconds (int or float)",
+        has_type=_is_number,
+        problem=_negative,
+        example="0.01",
+    ),
+    "READ_YOUR_WRITES_MAX_AGE": Setting(
+        default=30.0,
+        expected="a number of seconds (int or float)",
+        has_type=_is_number,
+        problem=_not_positive,
+        example="30.0",
+    ),
+    "READ_YOUR_WRITES_COOKIE": Setting(
+        default="django_scale_lsn",
+        expected="a cookie name (str)",
+        has_type=_is_alias,
+        problem=_empty_alias,
+        example='"django_scale_lsn"',
+    ),
+    "REPLICA_DEADLINE": Setting(
+        default=1.0,
+        expected="a number of seconds (int or float)",
+        has_type=_is_number,
+        problem=_not_positive,
+        example="1.0",
+    ),
+    "HEALTH_CHECK_INTERVAL": Setting(
+        default=0.5,
+        expected="a number of seconds (int or float)",
+        has_type=_is_number,
+        problem=_not_positive,
+        example="0.5",
+    ),
+    "REPLICA_RETRY_AFTER": Setting(
+        default=5.0,
+        expected="a number of seconds (int or float)",
+        has_type=_is_number,
+        problem=_not_positive,
+        example="5.0",
+    ),
     "CACHE_ALIAS": Setting(
         default="default",
         expected="a cache alias (str)",
@@ -100,12 +146,30 @@ SETTINGS: dict[str, Setting] = {
 class Conf:
     """Typed, lazy access to ``settings.DJANGO_SCALE`` with documented defaults."""
 
+    def __init__(self) -> None:
+        self._aliases: tuple[object, tuple[str, tuple[str, ...]]] | None = None
+
+    def aliases(self) -> tuple[str, tuple[str, ...]]:
+        """Return ``(PRIMARY, REPLICAS)`` for the router's hot path.
+
+        The pair is computed once per ``DJANGO_SCALE`` object: ``override_settings`` and
+        :func:`~django_scale.testing.override_scale_settings` install a new object, so they
+        take effect at once. (Mutating the dict in place is not noticed; override it.)
+        """
+        raw = getattr(settings, "DJANGO_SCALE", None)
+        cached = self._aliases
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        value = (self.PRIMARY, self.REPLICAS)
+        self._aliases = (raw, value)
+        return value
+
     def user_settings(self) -> Mapping[str, Any]:
         """Return the ``DJANGO_SCALE`` dict as the project set it (empty when unset)."""
         value = getattr(settings, "DJANGO_SCALE", None)
         if value is None:
             return {}
-        if not isinstance(value, Mapping):
+        if not isinstance(value, (dict, Mapping)):
             raise ConfigurationError(
                 f"The DJANGO_SCALE setting must be a dict, not {type(value).__name__}. "
                 'Set it to a dict, for example DJANGO_SCALE = {"REPLICAS": ["replica"]}.'
@@ -132,6 +196,36 @@ class Conf:
     def MAX_REPLICA_LAG(self) -> float:
         """Seconds of replication lag past which a replica takes no reads. Default: ``5.0``."""
         return float(self.get("MAX_REPLICA_LAG"))
+
+    @property
+    def REPLICA_WAIT(self) -> float:
+        """Seconds a read may wait for a replica to replay a user's own write. Default: ``0.01``."""
+        return float(self.get("REPLICA_WAIT"))
+
+    @property
+    def READ_YOUR_WRITES_MAX_AGE(self) -> float:
+        """Seconds a user's write keeps steering their reads. Default: ``30.0``."""
+        return float(self.get("READ_YOUR_WRITES_MAX_AGE"))
+
+    @property
+    def READ_YOUR_WRITES_COOKIE(self) -> str:
+        """The signed cookie that carries a user's last write position. Default: ``"django_scale_lsn"``."""
+        return cast(str, self.get("READ_YOUR_WRITES_COOKIE"))
+
+    @property
+    def REPLICA_DEADLINE(self) -> float:
+        """Client-side deadline, in seconds, for a replica health probe. Default: ``1.0``."""
+        return float(self.get("REPLICA_DEADLINE"))
+
+    @property
+    def HEALTH_CHECK_INTERVAL(self) -> float:
+        """Seconds between two health probes of a replica, per process. Default: ``0.5``."""
+        return float(self.get("HEALTH_CHECK_INTERVAL"))
+
+    @property
+    def REPLICA_RETRY_AFTER(self) -> float:
+        """Seconds an ejected (unreachable) replica stays out before it is tried again. Default: ``5.0``."""
+        return float(self.get("REPLICA_RETRY_AFTER"))
 
     @property
     def CACHE_ALIAS(self) -> str:

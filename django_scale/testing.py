@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from django.db import connections
 from django.test.utils import TestContextDecorator, override_settings
 
 from django_scale.conf import conf
+from django_scale.replicas import _capture
 
-__all__ = ["override_scale_settings"]
+__all__ = ["capture_reads", "override_scale_settings", "share_primary_connection", "simulate_lag"]
 
 
 class override_scale_settings(override_settings):  # noqa: N801 - named like override_settings
@@ -32,3 +38,77 @@ class override_scale_settings(override_settings):  # noqa: N801 - named like ove
         # override_settings freezes its options onto a SimpleTestCase subclass when the class
         # is decorated, before there is anything to merge with; enter per test instead.
         return TestContextDecorator.decorate_class(self, cls)
+
+
+@contextmanager
+def capture_reads() -> Iterator[Counter[str]]:
+    """Count, per database alias, where :class:`~django_scale.routers.ReplicaRouter` sent reads.
+
+    ::
+
+        with capture_reads() as reads:
+            client.get("/articles/")
+        assert reads == {"replica": 3}
+
+    It counts routing decisions made in this context and the requests and ``sync_to_async``
+    calls it starts, including those of Django's test clients.
+    """
+    counter: Counter[str] = Counter()
+    token = _capture.set(counter)
+    try:
+        yield counter
+    finally:
+        _capture.reset(token)
+
+
+class share_primary_connection(TestContextDecorator):  # noqa: N801 - used like override_settings
+    """Make every replica alias use the primary's connection, so ``TestCase`` data is visible.
+
+    Inside Django's ``TestCase`` each test runs in a transaction that is never committed, so a
+    replica on a connection of its own cannot see the test's rows (Django ticket #23718), and
+    :class:`~django_scale.routers.ReplicaRouter` sends such reads to the primary. With this
+    decorator the replica aliases share the primary's connection: routing decisions are made
+    as in production and the reads see the test's data. Use ``TransactionTestCase`` and a
+    real replica to test replication itself.
+    """
+
+    def __init__(self, *aliases: str) -> None:
+        self.aliases = aliases
+        self.saved: dict[str, Any] = {}
+        super().__init__()
+
+    def enable(self) -> None:
+        primary = connections[conf.PRIMARY]
+        for alias in self.aliases or conf.REPLICAS:
+            self.saved[alias] = connections[alias]
+            connections[alias] = primary
+
+    def disable(self) -> None:
+        for alias, connection in self.saved.items():
+            connections[alias] = connection
+        self.saved = {}
+
+
+@contextmanager
+def simulate_lag(alias: str) -> Iterator[None]:
+    """Pause WAL replay on the real PostgreSQL standby *alias* for the block: real replication lag.
+
+    Writes made on the primary inside the block stay invisible on the standby until the block
+    ends. Needs a superuser (or ``pg_wal_replay_pause`` granted) on the standby.
+    """
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_wal_replay_pause()")
+        deadline = time.monotonic() + 10
+        while True:
+            cursor.execute("SELECT pg_get_wal_replay_pause_state()")
+            if cursor.fetchone()[0] == "paused":
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replay on {alias!r} did not pause within 10 s")
+            time.sleep(0.005)
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_wal_replay_resume()")

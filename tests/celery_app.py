@@ -6,4 +6,4 @@ from celery import Celery
 
 app = Celery("django_scale_tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["testapp"])
+app.autodiscover_tasks(["testapp", "django_scale"])

@@ -151,6 +151,15 @@ def _close_redis_connections() -> Iterator[None]:
         get_redis_connection(alias).connection_pool.disconnect()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_replica_monitors(django_db_setup: None) -> Iterator[None]:
+    """Stop the replica monitors before the test database is dropped (they are connected to it)."""
+    yield
+    from django_scale.replicas import stop_monitors
+
+    stop_monitors()
+
+
 @pytest.fixture(scope="session")
 def celery_app() -> Iterator[Any]:
     from celery_app import app

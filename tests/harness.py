@@ -19,15 +19,18 @@ instead:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,10 +83,66 @@ class Redis:
 
 
 @dataclass
+class ServerControl:
+    """Stop, start, freeze and thaw a PostgreSQL server the harness started (for failure tests)."""
+
+    data_dir: Path
+    command: Callable[..., list[str]]
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            self.command("pg_ctl", "-D", str(self.data_dir), *args),
+            capture_output=True,
+            check=True,
+            timeout=120,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        """Stop the server at once, as a crash would (``pg_ctl stop -m immediate``)."""
+        self._pg_ctl("-m", "immediate", "-w", "stop")
+
+    def start(self) -> None:
+        log = self.data_dir.parent / f"{self.data_dir.name}.log"
+        self._pg_ctl("-l", str(log), "-w", "-t", "60", "start")
+
+    def _pids(self) -> list[int]:
+        """The postmaster and its children: the whole server (none when it is stopped)."""
+        try:
+            postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        except FileNotFoundError:
+            return []
+        pids = [postmaster]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == postmaster:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections stay open and nothing answers, like a hung host."""
+        self._signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, number: int) -> None:
+        for pid in self._pids():
+            # A backend may exit between the listing and the signal.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, number)
+
+
+@dataclass
 class Services:
     primary: Postgres
     replica: Postgres
     redis: Redis
+    #: Control of the replica server, when the harness started it (not for external servers).
+    replica_control: ServerControl | None = None
     #: Seconds it took to start the services this process owns (0 for external servers).
     startup_seconds: float = 0.0
     _watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -140,6 +199,26 @@ try:
         plan = json.load(file)
 except OSError:
     plan = {"stop": [], "kill": []}
+# A test may have frozen a server with SIGSTOP; a stopped server cannot be shut down.
+for name in os.listdir(root):
+    try:
+        with open(os.path.join(root, name, "postmaster.pid")) as file:
+            postmaster = int(file.readline())
+    except (OSError, ValueError):
+        continue
+    pids = [postmaster]
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                if int(file.read().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    pids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except OSError:
+            pass
 for command in plan["stop"]:
     subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, timeout=60)
 for pid in plan["kill"]:
@@ -162,6 +241,7 @@ class Launcher:
             account = pwd.getpwnam("postgres")
             os.chown(self.root, account.pw_uid, account.pw_gid)
         self.stop_commands: list[list[str]] = []
+        self.replica_control: ServerControl | None = None
         self.kill_pids: list[int] = []
         self.watchdog = subprocess.Popen(
             [sys.executable, "-c", WATCHDOG, str(self.root)], stdin=subprocess.PIPE, start_new_session=True
@@ -240,6 +320,7 @@ class Launcher:
             conf.write(f"port = {replica_port}\n")
         self._start_pg(replica_dir)
 
+        self.replica_control = ServerControl(replica_dir, self._pg)
         primary = Postgres("127.0.0.1", primary_port, "postgres", "", "django_scale")
         return primary, Postgres("127.0.0.1", replica_port, "postgres", "", "django_scale")
 
@@ -324,8 +405,34 @@ def services() -> Services:
         primary,
         replica,
         redis,
+        replica_control=launcher.replica_control if launcher and not replica_url else None,
         startup_seconds=time.monotonic() - started if launcher else 0.0,
         _watchdog=launcher.watchdog if launcher else None,
     )
     atexit.register(_services.stop)
     return _services
+
+
+def create_database(server: Postgres, name: str) -> None:
+    """Create database *name* on *server* unless it exists (for the example project's benchmarks)."""
+    try:
+        import psycopg
+
+        connection: Any = psycopg.connect(
+            host=server.host, port=server.port, user=server.user, password=server.password,
+            dbname="postgres", autocommit=True,
+        )  # fmt: skip
+    except ImportError:
+        import psycopg2
+
+        connection = psycopg2.connect(
+            host=server.host, port=server.port, user=server.user, password=server.password, dbname="postgres"
+        )
+        connection.autocommit = True
+    try:
+        cursor = connection.cursor()
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cursor.fetchone() is None:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        connection.close()

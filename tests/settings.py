@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "testapp",
 ]
 MIDDLEWARE = [
+    "django_scale.middleware.ScaleMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -49,6 +50,7 @@ TEMPLATES = [
         },
     }
 ]
+DATABASE_ROUTERS = ["django_scale.routers.ReplicaRouter"]
 # Fast hashing: the suite logs users in, it does not test password storage.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
@@ -68,7 +70,9 @@ else:
         # The replica alias connects to the real standby. MIRROR tells Django's test runner
         # not to create a database there (a standby is read-only) but to use the name of the
         # primary's test database, which reaches the standby through replication.
-        "replica": _services.replica.database_settings(TEST={"MIRROR": "default"}),
+        "replica": _services.replica.database_settings(
+            TEST={"MIRROR": "default"}, OPTIONS={"connect_timeout": 2}
+        ),
     }
     CACHES = {
         "default": {
@@ -77,7 +81,7 @@ else:
             "KEY_PREFIX": "django-scale-tests",
         }
     }
-    DJANGO_SCALE = {"REPLICAS": ["replica"]}
+    DJANGO_SCALE = {"REPLICAS": ["replica"], "HEALTH_CHECK_INTERVAL": 0.1}
     CELERY_BROKER_URL = _services.redis.url(1)
     CELERY_RESULT_BACKEND = _services.redis.url(2)
 

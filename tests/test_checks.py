@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from importlib.resources import files
 from pathlib import Path
 
@@ -46,7 +47,11 @@ def test_w001_unknown_key_suggests_the_close_one():
 
 def test_w001_unknown_key_without_a_close_one_lists_the_keys():
     [message] = run(DJANGO_SCALE={"COLOUR": "blue"})
-    assert "Known keys: CACHE_ALIAS, MAX_REPLICA_LAG, PRIMARY, REPLICAS." in message.hint
+    assert (
+        "Known keys: CACHE_ALIAS, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, PRIMARY, "
+        "READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, REPLICAS, REPLICA_DEADLINE, "
+        "REPLICA_RETRY_AFTER, REPLICA_WAIT."
+    ) in message.hint
 
 
 @pytest.mark.parametrize(
@@ -129,3 +134,91 @@ def test_every_setting_is_documented():
     docs = (DOCS / "settings.md").read_text()
     for key in SETTINGS:
         assert re.search(rf"^### {key}$", docs, re.M), f"docs/settings.md has no section for {key}"
+
+
+# -- Routing checks (1xx) --------------------------------------------------------------------
+
+ROUTER = "django_scale.routers.ReplicaRouter"
+MIDDLEWARE = "django_scale.middleware.ScaleMiddleware"
+SESSIONS = "django.contrib.sessions.middleware.SessionMiddleware"
+
+
+def routing(**setting):
+    from django_scale.checks import check_routing
+
+    with warnings.catch_warnings():
+        # The checks only read DATABASES; no connection is made with the overridden value.
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(**setting):
+            return check_routing()
+
+
+def _databases(**replica_options):
+    from django.conf import settings
+
+    primary = dict(settings.DATABASES["default"])
+    replica = {**primary, "OPTIONS": {"connect_timeout": 2}, **replica_options}
+    return {"default": primary, "replica": replica}
+
+
+def test_routing_checks_are_registered():
+    from django_scale.checks import check_routing
+
+    assert check_routing in checks.registry.registry.get_checks()
+
+
+def test_the_test_settings_pass_the_routing_checks():
+    from django_scale.checks import check_routing
+
+    assert check_routing() == []
+
+
+def test_e101_primary_listed_as_a_replica():
+    messages = routing(DJANGO_SCALE={"REPLICAS": ["default"]}, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.E101" in ids(messages)
+
+
+def test_w102_router_without_middleware():
+    messages = routing(DATABASE_ROUTERS=[ROUTER], MIDDLEWARE=[SESSIONS])
+    assert ids(messages).count("django_scale.W102") == 1
+    assert MIDDLEWARE in next(m.hint for m in messages if m.id == "django_scale.W102")
+
+
+def test_w102_accepts_a_subclass_of_the_middleware():
+    messages = routing(DATABASE_ROUTERS=[ROUTER], MIDDLEWARE=["testapp.middleware.ProjectScaleMiddleware"])
+    assert "django_scale.W102" not in ids(messages)
+
+
+def test_w103_replicas_without_router():
+    messages = routing(DATABASES=_databases(), DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[])
+    assert "django_scale.W103" in ids(messages)
+
+
+def test_e104_replica_on_another_engine():
+    databases = _databases(ENGINE="django.db.backends.mysql")
+    databases["default"]["ENGINE"] = "django.db.backends.postgresql"
+    messages = routing(DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.E104" in ids(messages)
+
+
+def test_w105_process_local_cache_with_replicas():
+    messages = routing(
+        DATABASES=_databases(),
+        DJANGO_SCALE={"REPLICAS": ["replica"]},
+        DATABASE_ROUTERS=[ROUTER],
+        CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
+    )
+    assert "django_scale.W105" in ids(messages)
+
+
+def test_w106_postgres_replica_without_connect_timeout():
+    databases = _databases(OPTIONS={})
+    databases["default"]["ENGINE"] = databases["replica"]["ENGINE"] = "django.db.backends.postgresql"
+    messages = routing(DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W106" in ids(messages)
+
+
+def test_w107_middleware_below_sessions():
+    messages = routing(DATABASE_ROUTERS=[ROUTER], MIDDLEWARE=[SESSIONS, MIDDLEWARE])
+    assert ids(messages) == ["django_scale.W107"]
+    assert routing(DATABASE_ROUTERS=[ROUTER], MIDDLEWARE=[MIDDLEWARE, SESSIONS]) == []

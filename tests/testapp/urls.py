@@ -3,4 +3,13 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-urlpatterns = [path("admin/", admin.site.urls)]
+from testapp import views
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("authors/", views.create_author),
+    path("authors/<int:pk>/", views.show_author),
+    path("authors/enqueue/", views.create_author_and_enqueue),
+    path("async/authors/", views.async_create_author),
+    path("async/authors/<int:pk>/", views.async_show_author),
+]

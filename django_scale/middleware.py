@@ -1,0 +1,177 @@
+"""``ScaleMiddleware``: a routing state per request, and read-your-writes across requests.
+
+Put it first in ``MIDDLEWARE`` so that every write of the request, including the session's,
+happens inside it::
+
+    MIDDLEWARE = ["django_scale.middleware.ScaleMiddleware", *MIDDLEWARE]
+
+After a request that wrote, it reads the primary's WAL position once and stores it in a
+signed cookie. On the user's next requests, reads go to a replica only once that replica
+has replayed past the position; otherwise, after waiting at most ``REPLICA_WAIT``, to the
+primary. The cookie expires after ``READ_YOUR_WRITES_MAX_AGE`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings
+from django.core.signing import BadSignature
+from django.db import connections
+from django.http import HttpRequest, HttpResponseBase
+
+from django_scale.conf import conf
+from django_scale.replicas import (
+    ReplicaGuard,
+    RoutingState,
+    monitor,
+    parse_lsn,
+    routing_state,
+    wait_for_replicas,
+)
+
+__all__ = ["ScaleMiddleware"]
+
+logger = logging.getLogger("django_scale.middleware")
+
+#: The salt of the read-your-writes cookie's signature, so no other signed value can pass as it.
+COOKIE_SALT = "django_scale.read_your_writes"
+#: The cookie value that sends reads to the primary (a primary without WAL positions).
+STICKY_PRIMARY = "primary"
+
+
+def read_cookie(request: HttpRequest) -> tuple[int | None, bool]:
+    """Return the WAL position the user's last write reached, and whether to stick to the primary.
+
+    A missing, expired, forged or malformed cookie counts as no recent write.
+    """
+    try:
+        value = request.get_signed_cookie(
+            conf.READ_YOUR_WRITES_COOKIE,
+            salt=COOKIE_SALT,
+            max_age=timedelta(seconds=conf.READ_YOUR_WRITES_MAX_AGE),
+        )
+    except (KeyError, BadSignature):
+        return None, False
+    if value == STICKY_PRIMARY:
+        return None, True
+    if value is None:
+        return None, False
+    try:
+        return parse_lsn(value), False
+    except ValueError:
+        return None, False
+
+
+def current_wal_position(alias: str) -> str | None:
+    """Return the primary's current WAL insert position, or ``None`` where it has none."""
+    connection = connections[alias]
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
+            row = cursor.fetchone()
+    except Exception:
+        # Without a position the user sticks to the primary: slower, never stale.
+        logger.warning("could not read the WAL position of %r", alias, exc_info=True)
+        return None
+    return str(row[0]) if row else None
+
+
+def _open(state: RoutingState) -> None:
+    """Before the view: find a replica that has replayed the user's last write, or pin."""
+    if state.required_lsn is None:
+        return
+    replicas = list(conf.REPLICAS)
+    alias = wait_for_replicas(replicas, state.required_lsn, conf.REPLICA_WAIT) if replicas else None
+    if alias is None:
+        state.pin("no replica replayed the user's last write within REPLICA_WAIT")
+    else:
+        state.replica = alias
+
+
+def _needs_wait(state: RoutingState) -> bool:
+    required = state.required_lsn
+    return required is not None and not any(monitor(alias).replay_lsn >= required for alias in conf.REPLICAS)
+
+
+def _close(
+    request: HttpRequest, response: HttpResponseBase, state: RoutingState, position: str | None
+) -> None:
+    """After the view: leave the user's write position in the cookie, or clear a spent one."""
+    name = conf.READ_YOUR_WRITES_COOKIE
+    if state.wrote:
+        response.set_signed_cookie(
+            name,
+            position or STICKY_PRIMARY,
+            salt=COOKIE_SALT,
+            max_age=int(conf.READ_YOUR_WRITES_MAX_AGE),
+            domain=settings.SESSION_COOKIE_DOMAIN,
+            secure=request.is_secure(),
+            httponly=True,
+            samesite="Lax",
+        )
+    elif state.required_lsn is not None and all(
+        monitor(alias).replay_lsn >= state.required_lsn for alias in conf.REPLICAS
+    ):
+        # Every replica has the write now: the cookie has done its job.
+        response.delete_cookie(name, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax")
+
+
+@contextmanager
+def _guard_replicas() -> Iterator[None]:
+    """Wrap the request's queries on each replica in a :class:`~django_scale.replicas.ReplicaGuard`."""
+    with ExitStack() as stack:
+        for alias in conf.REPLICAS:
+            stack.enter_context(connections[alias].execute_wrapper(ReplicaGuard(alias)))
+        yield
+
+
+class ScaleMiddleware:
+    """Open a :class:`~django_scale.replicas.RoutingState` per request (sync and async)."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self,
+        get_response: Callable[[HttpRequest], HttpResponseBase]
+        | Callable[[HttpRequest], Awaitable[HttpResponseBase]],
+    ) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        required, sticky = read_cookie(request)
+        with routing_state(required, sticky_primary=sticky) as state, _guard_replicas():
+            _open(state)
+            response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
+            position = current_wal_position(conf.PRIMARY) if state.wrote else None
+            _close(request, response, state, position)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        required, sticky = read_cookie(request)
+        with routing_state(required, sticky_primary=sticky) as state, _guard_replicas():
+            if _needs_wait(state):
+                # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
+                await sync_to_async(_open, thread_sensitive=False)(state)
+            else:
+                _open(state)
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            position = None
+            if state.wrote:
+                # On the thread that ran the ORM calls, whose connection saw the write.
+                position = await sync_to_async(current_wal_position)(conf.PRIMARY)
+            _close(request, response, state, position)
+        return response

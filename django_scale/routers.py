@@ -1,0 +1,110 @@
+"""``ReplicaRouter``: writes to the primary, reads to a replica that has what the user wrote.
+
+Add it to ``DATABASE_ROUTERS`` together with
+:class:`~django_scale.middleware.ScaleMiddleware` in ``MIDDLEWARE``::
+
+    DATABASE_ROUTERS = ["django_scale.routers.ReplicaRouter"]
+    DJANGO_SCALE = {"REPLICAS": ["replica1", "replica2"]}
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Model
+
+from django_scale.conf import conf
+from django_scale.replicas import RoutingState, _capture, _forced, _state, mark_write, monitor, pick_usable
+
+__all__ = ["ReplicaRouter"]
+
+
+def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper, ...]) -> bool:
+    """Whether reads must stay on the primary because a transaction is open (no I/O)."""
+    if primary.in_atomic_block:
+        # Django's TestCase wraps each test in atomic blocks of its own (marked _from_testcase,
+        # Django 3.2+). They do not make the test's code transactional, but a replica on a
+        # connection of its own cannot see the test's uncommitted rows (Django ticket #23718):
+        # only a replica that shares the primary's connection may read there.
+        if any(not getattr(block, "_from_testcase", False) for block in primary.atomic_blocks):
+            return True
+        return any(replica is not primary for replica in replicas)
+    return any(replica.in_atomic_block for replica in replicas)
+
+
+def _connections(state: RoutingState | None, primary: str, replicas: tuple[str, ...]) -> tuple[Any, ...]:
+    """Return the connection objects of *primary* and *replicas*, cached for the request."""
+    if state is not None and state._connections and state._connections[0] == (primary, replicas):
+        return state._connections[1]  # type: ignore[no-any-return]
+    found = (connections[primary], *(connections[alias] for alias in replicas))
+    if state is not None:
+        # A request's connection objects do not change while it runs (they are per thread,
+        # or per context under ASGI), and looking them up costs more than the decision.
+        state._connections = ((primary, replicas), found)
+    return found
+
+
+class ReplicaRouter:
+    """Route writes to ``PRIMARY`` and reads to one of ``REPLICAS`` when that is safe.
+
+    A read goes to the primary when it runs inside ``atomic()``, inside :func:`use_primary`,
+    after the current request wrote, or when no replica is available that has replayed the
+    user's last write. The decision reads in-memory state only; it does no I/O.
+    """
+
+    def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
+        primary, replicas = conf.aliases()
+        if not replicas:
+            return primary
+        instance = hints.get("instance")
+        if instance is not None and instance._state.db not in (None, primary, *replicas):
+            # The object came from a database this router does not manage: abstain.
+            return None
+        forced = _forced.get()
+        state = _state.get()
+        alias: str | None = None
+        handles = _connections(state, primary, replicas)
+        if forced == "primary" or _in_atomic(handles[0], handles[1:]):
+            pass
+        elif state is None or forced == "replica":
+            # Outside a request or task, or told to: any available replica.
+            now = time.monotonic()
+            alias = pick_usable([name for name in replicas if monitor(name).is_available(now)])
+        elif not state.pinned:
+            alias = state.choose_replica(replicas)
+            if alias is None and state.required_lsn is not None:
+                state.pin("no available replica has replayed the user's last write")
+        alias = alias or primary
+        if state is not None:
+            state.reads[alias] += 1
+        captured = _capture.get()
+        if captured is not None:
+            captured[alias] += 1
+        return alias
+
+    def db_for_write(self, model: type[Model], **hints: Any) -> str | None:
+        primary, replicas = conf.aliases()
+        instance = hints.get("instance")
+        if instance is not None and instance._state.db not in (None, primary, *replicas):
+            return None
+        mark_write(primary)
+        return primary
+
+    def allow_relation(self, obj1: Model, obj2: Model, **hints: Any) -> bool | None:
+        primary, replicas = conf.aliases()
+        ours = {primary, *replicas}
+        if obj1._state.db in ours and obj2._state.db in ours:
+            # The replicas hold the same rows as the primary.
+            return True
+        return None
+
+    def allow_migrate(
+        self, db: str, app_label: str, model_name: str | None = None, **hints: Any
+    ) -> bool | None:
+        # Replicas get their schema by replication, never by running migrations.
+        if db in conf.aliases()[1]:
+            return False
+        return None

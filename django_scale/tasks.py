@@ -1,0 +1,117 @@
+"""Celery integration: tasks read what the request that enqueued them wrote.
+
+A task published by a request that wrote carries the primary's WAL position in the message
+header ``django_scale_lsn``. The worker opens a :class:`~django_scale.replicas.RoutingState`
+for the task with that position: the task's reads go to a replica only once it has replayed
+past it (after waiting at most ``REPLICA_WAIT``), otherwise to the primary.
+
+The signal handlers are connected when this module is imported, which Celery's
+``app.autodiscover_tasks()`` does for every app in ``INSTALLED_APPS``. A project that does
+not autodiscover imports ``django_scale.tasks`` in its Celery module.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Any
+
+from celery import signals
+from django.db import connections
+
+from django_scale.conf import conf
+from django_scale.middleware import current_wal_position
+from django_scale.replicas import (
+    ReplicaGuard,
+    current_state,
+    format_lsn,
+    parse_lsn,
+    routing_state,
+    wait_for_replicas,
+)
+
+__all__ = ["HEADER", "STICKY_PRIMARY"]
+
+logger = logging.getLogger("django_scale.tasks")
+
+#: The message header that carries the WAL position a task's reads must see.
+HEADER = "django_scale_lsn"
+#: The header value that sends a task's reads to the primary (no WAL position available).
+STICKY_PRIMARY = "primary"
+
+# The routing state of each running task, by task id, from task_prerun to task_postrun.
+_open_tasks: dict[str, ExitStack] = {}
+
+
+def position_for_publish() -> str | None:
+    """Return the header value a task published now must carry, or ``None`` for none."""
+    state = current_state()
+    if state is None:
+        return None
+    if state.wrote:
+        position = current_wal_position(conf.PRIMARY)
+        # Inside atomic() (or on a primary without WAL positions) there is no committed
+        # position to wait for: the task reads from the primary.
+        return position or STICKY_PRIMARY
+    if state.required_lsn is not None and state.pinned:
+        # The user's earlier write has not reached a replica yet: pass the requirement on.
+        return format_lsn(state.required_lsn)
+    if state.sticky_primary:
+        return STICKY_PRIMARY
+    return None
+
+
+@signals.before_task_publish.connect(dispatch_uid="django_scale.tasks.add_position")
+def add_position(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Put the WAL position the task must see in its headers (publisher side)."""
+    if headers is None or HEADER in headers or not conf.REPLICAS:
+        return
+    position = position_for_publish()
+    if position is not None:
+        headers[HEADER] = position
+
+
+def _header(task: Any) -> str | None:
+    request = task.request
+    value = getattr(request, HEADER, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(HEADER)
+    return value if isinstance(value, str) else None
+
+
+@signals.task_prerun.connect(dispatch_uid="django_scale.tasks.open_state")
+def open_state(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+    """Open the task's routing state from its header (worker side)."""
+    if task_id is None or task is None or getattr(task.request, "is_eager", False):
+        # An eager task runs inside its caller's request and routing state.
+        return
+    value = _header(task)
+    required: int | None = None
+    sticky = value == STICKY_PRIMARY
+    if value is not None and not sticky:
+        try:
+            required = parse_lsn(value)
+        except ValueError:
+            logger.warning(
+                "task %s has a malformed %s header %r; reading from the primary", task_id, HEADER, value
+            )
+            sticky = True
+    stack = ExitStack()
+    state = stack.enter_context(routing_state(required, sticky_primary=sticky))
+    for alias in conf.REPLICAS:
+        stack.enter_context(connections[alias].execute_wrapper(ReplicaGuard(alias)))
+    if required is not None:
+        ready = wait_for_replicas(list(conf.REPLICAS), required, conf.REPLICA_WAIT) if conf.REPLICAS else None
+        if ready is None:
+            state.pin("no replica replayed the write of the request that enqueued the task")
+        else:
+            state.replica = ready
+    _open_tasks[task_id] = stack
+
+
+@signals.task_postrun.connect(dispatch_uid="django_scale.tasks.close_state")
+def close_state(task_id: str | None = None, **kwargs: Any) -> None:
+    """Close the task's routing state (worker side)."""
+    stack = _open_tasks.pop(task_id, None) if task_id is not None else None
+    if stack is not None:
+        stack.close()

@@ -1,0 +1,42 @@
+"""Benchmarks of django-scale against stock Django and the best existing package.
+
+Each module has ``run(out, quick)`` and prints tables of ratios measured side by side in one
+run. ``python example_project/manage.py bench <feature>`` runs one.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+__all__ = ["print_table", "time_per_call"]
+
+
+def time_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
+    """Return the median time of one call of *function*, in seconds, over *repeats* runs."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(calls):
+            function()
+        samples.append((time.perf_counter() - started) / calls)
+    return statistics.median(samples)
+
+
+def print_table(out: TextIO, title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Print *rows* under *header* as an aligned plain-text table."""
+    cells = [[str(cell) for cell in header], *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    out.write(f"\n{title}\n")
+    for n, row in enumerate(cells):
+        out.write(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+            + "\n"
+        )
+        if n == 0:
+            out.write("  ".join("-" * width for width in widths) + "\n")

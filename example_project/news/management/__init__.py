@@ -1,0 +1,3 @@
+"""Management commands of the news app."""
+
+from __future__ import annotations

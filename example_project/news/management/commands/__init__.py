@@ -1,0 +1,3 @@
+"""Management commands of the news app: ``demo``."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""Migrations of the news app."""
+
+from __future__ import annotations

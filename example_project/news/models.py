@@ -1,0 +1,93 @@
+"""The newsroom's content: sections, authors, tags, articles and reader comments."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.urls import reverse
+from django.utils import timezone
+
+
+class Section(models.Model):
+    name = models.CharField(max_length=100)
+    slug = models.SlugField(max_length=100, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Author(models.Model):
+    name = models.CharField(max_length=200)
+    email = models.EmailField(blank=True)
+    bio = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=60, unique=True)
+    slug = models.SlugField(max_length=60, unique=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ArticleQuerySet(models.QuerySet["Article"]):
+    def published(self) -> ArticleQuerySet:
+        """Return the articles readers may see: published, newest first."""
+        return self.filter(status=Article.Status.PUBLISHED, published_at__lte=timezone.now())
+
+
+class Article(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        PUBLISHED = "published", "Published"
+
+    section = models.ForeignKey(Section, on_delete=models.PROTECT, related_name="articles")
+    author = models.ForeignKey(Author, on_delete=models.PROTECT, related_name="articles")
+    title = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=200, unique=True)
+    body = models.TextField()
+    published_at = models.DateTimeField(default=timezone.now, db_index=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.DRAFT)
+    tags = models.ManyToManyField(Tag, blank=True, related_name="articles")
+    views = models.PositiveIntegerField(default=0)
+
+    objects = ArticleQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-published_at"]
+        indexes = [
+            # The front page: the latest articles of one section.
+            models.Index(fields=["section", "-published_at"], name="news_article_section_latest"),
+        ]
+
+    def __str__(self) -> str:
+        return self.title
+
+    def get_absolute_url(self) -> str:
+        return reverse("article-detail", args=[self.slug])
+
+
+class Comment(models.Model):
+    article = models.ForeignKey(Article, on_delete=models.CASCADE, related_name="comments")
+    author_name = models.CharField(max_length=100)
+    body = models.TextField()
+    # A default rather than auto_now_add, so the demo's bulk_create can backdate comments.
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["article", "created_at"], name="news_comment_article_created")]
+
+    def __str__(self) -> str:
+        return f"{self.author_name} on article {self.article_id}"

@@ -1,0 +1,11 @@
+"""Expose the newsroom's ASGI application as ``application``."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "newsroom.settings")
+
+application = get_asgi_application()

@@ -1,0 +1,13 @@
+"""The newsroom's Celery app, configured from the ``CELERY_*`` Django settings."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "newsroom.settings")
+
+app = Celery("newsroom")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()

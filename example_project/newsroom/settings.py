@@ -1,0 +1,182 @@
+"""Settings of the newsroom example project.
+
+With no environment variables the project runs on the embedded default: SQLite, the
+local-memory cache and eager Celery tasks. Environment variables switch on the real services:
+
+``DATABASE_URL``
+    ``postgres://user:password@host:port/name``: PostgreSQL as the ``default`` database.
+``REPLICA_URL``
+    The same for a streaming replica of it (needs ``DATABASE_URL``): the ``replica`` alias,
+    listed in ``DJANGO_SCALE["REPLICAS"]``.
+``REDIS_URL``
+    ``redis://host:port/db``: django-redis as the ``default`` cache.
+``CELERY_BROKER_URL``
+    A real Celery broker; tasks then run on a worker instead of eagerly.
+``DJANGO_SCALE_EXAMPLE_HARNESS=1``
+    Start a throwaway PostgreSQL primary, streaming replica and Redis with the test suite's
+    harness and use them (for ``manage.py bench``; needs the repository checkout).
+``DJANGO_SCALE_EXAMPLE_SQLITE``
+    The SQLite file used without ``DATABASE_URL`` (default: ``db.sqlite3`` next to ``manage.py``).
+``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``DJANGO_ALLOWED_HOSTS``
+    The Django settings of the same names (``DEBUG`` is on unless ``DJANGO_DEBUG=0``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_flag(name: str, default: str) -> bool:
+    """Return whether environment variable *name* (or *default*) says yes."""
+    return os.environ.get(name, default).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def database_from_url(url: str, options: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """Turn ``postgres://user:password@host:port/name?option=value`` into a DATABASES entry.
+
+    Query parameters (``sslmode=require``, ``connect_timeout=5``) become ``OPTIONS`` and win
+    over the defaults in *options*.
+    """
+    parts = urlsplit(url)
+    name = unquote(parts.path.lstrip("/"))
+    if parts.scheme not in {"postgres", "postgresql"} or not name:
+        raise ImproperlyConfigured(f"{url!r} is not a postgres://user:password@host:port/name URL.")
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": name,
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+        "OPTIONS": {**(options or {}), **dict(parse_qsl(parts.query))},
+        **extra,
+    }
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-insecure-newsroom-example-do-not-deploy")
+DEBUG = env_flag("DJANGO_DEBUG", "1")
+ALLOWED_HOSTS = [
+    host.strip()
+    for host in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+    if host.strip()
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_scale",
+    "news",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "newsroom.urls"
+WSGI_APPLICATION = "newsroom.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+if env_flag("DJANGO_SCALE_EXAMPLE_HARNESS", "0"):
+    # Throwaway PostgreSQL primary + streaming replica and Redis, started by the test suite's
+    # harness (needs a checkout of the repository and the PostgreSQL 15 server binaries); they
+    # are stopped and removed when the process exits.
+    import sys
+
+    sys.path.insert(0, str(BASE_DIR.parent / "tests"))
+    import harness
+
+    _services = harness.services()
+    _primary, _replica = _services.primary, _services.replica
+    harness.create_database(_primary, "newsroom")
+    os.environ["DATABASE_URL"] = f"postgres://{_primary.user}@{_primary.host}:{_primary.port}/newsroom"
+    os.environ["REPLICA_URL"] = f"postgres://{_replica.user}@{_replica.host}:{_replica.port}/newsroom"
+    os.environ["REDIS_URL"] = _services.redis.url()
+
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+REPLICA_URL = os.environ.get("REPLICA_URL", "")
+DATABASES: dict[str, dict[str, Any]]
+DJANGO_SCALE: dict[str, Any] = {}
+DATABASE_ROUTERS: list[str] = []
+
+if DATABASE_URL:
+    DATABASES = {"default": database_from_url(DATABASE_URL)}
+    if REPLICA_URL:
+        # A standby is read-only: tests mirror the primary's test database instead of creating
+        # one. The timeout keeps a hung replica host from stalling a request for minutes.
+        DATABASES["replica"] = database_from_url(
+            REPLICA_URL, options={"connect_timeout": 2}, TEST={"MIRROR": "default"}
+        )
+        DJANGO_SCALE["REPLICAS"] = ["replica"]
+        # Reads go to the replica when it has what the user wrote; the middleware goes first
+        # so that every write of a request, the session's included, is seen.
+        DATABASE_ROUTERS.append("django_scale.routers.ReplicaRouter")
+        MIDDLEWARE.insert(0, "django_scale.middleware.ScaleMiddleware")
+elif REPLICA_URL:
+    raise ImproperlyConfigured("REPLICA_URL is set without DATABASE_URL; set the primary's URL too.")
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("DJANGO_SCALE_EXAMPLE_SQLITE", str(BASE_DIR / "db.sqlite3")),
+        }
+    }
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+CACHES: dict[str, dict[str, Any]]
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "newsroom",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# Without a broker, tasks run in the calling process as they are sent.
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "")
+CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
+if CELERY_TASK_ALWAYS_EAGER:
+    CELERY_BROKER_URL = "memory://"
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,0 +1,11 @@
+"""Expose the newsroom's WSGI application as ``application``."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.wsgi import get_wsgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "newsroom.settings")
+
+application = get_wsgi_application()

@@ -1,0 +1,137 @@
+"""Smoke tests of the example project, run as a user would: ``python example_project/manage.py``.
+
+Each command runs in a subprocess from the repository root on the embedded default (a SQLite
+file under ``tmp_path``, the local-memory cache, eager Celery), whatever backend the rest of
+the suite uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MANAGE = ROOT / "example_project" / "manage.py"
+#: Variables that would point the example project at real services.
+SERVICE_VARIABLES = ("DATABASE_URL", "REPLICA_URL", "REDIS_URL", "CELERY_BROKER_URL")
+ARTICLES = 40
+
+# Run in the example project's shell after the demo: render the admin changelist as the demo
+# superuser, the front page and a published article with comments, and print what was seen.
+PAGES = """
+from django.contrib.auth import get_user_model
+from django.test import Client
+from django.test.utils import setup_test_environment
+from django.utils.html import escape
+from news.models import Article
+
+setup_test_environment()
+client = Client()
+client.force_login(get_user_model().objects.get(username="admin"))
+changelist = client.get("/admin/news/article/")
+print("changelist", changelist.status_code, changelist.context["cl"].result_count)
+front = client.get("/")
+print("front", front.status_code)
+article = Article.objects.published().filter(comments__isnull=False).first()
+detail = client.get(article.get_absolute_url())
+page = detail.content.decode()
+comment = article.comments.first()
+print("detail", detail.status_code, escape(article.title) in page, escape(comment.author_name) in page)
+"""
+
+
+def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``example_project/manage.py`` with *args* from the repository root."""
+    return subprocess.run(
+        [sys.executable, str(MANAGE), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def explain(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit status {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def example_env(database: Path) -> dict[str, str]:
+    """Return the environment for the example project on the SQLite file *database*."""
+    env = {key: value for key, value in os.environ.items() if key not in SERVICE_VARIABLES}
+    # pytest-django points DJANGO_SETTINGS_MODULE at the suite's settings.
+    env["DJANGO_SETTINGS_MODULE"] = "newsroom.settings"
+    env["DJANGO_SCALE_EXAMPLE_SQLITE"] = str(database)
+    env["DJANGO_DEBUG"] = "1"
+    return env
+
+
+def article_count(output: str) -> int:
+    match = re.search(r"^\s+articles\s+(\d+)\s", output, re.MULTILINE)
+    assert match, f"no article count in the demo's summary:\n{output}"
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def seeded(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[str, str], subprocess.CompletedProcess[str]]:
+    """Run the demo once on a fresh database; return its environment and the run."""
+    env = example_env(tmp_path_factory.mktemp("example") / "db.sqlite3")
+    return env, manage(env, "demo", "--articles", str(ARTICLES))
+
+
+def test_check_passes_at_warning_level(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "check", "--fail-level", "WARNING")
+    assert result.returncode == 0, explain(result)
+
+
+def test_migrations_are_up_to_date(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "makemigrations", "--check", "--dry-run")
+    assert result.returncode == 0, explain(result)
+
+
+def test_demo_seeds_and_summarises(seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]]) -> None:
+    _, result = seeded
+    assert result.returncode == 0, explain(result)
+    assert f"Seeded {ARTICLES} articles" in result.stdout, explain(result)
+    assert article_count(result.stdout) == ARTICLES
+    for expected in ("sections", "comments", "sqlite", "LocMemCache", "eager", "/admin/", "runserver"):
+        assert expected in result.stdout, explain(result)
+    assert "superuser created" in result.stdout, explain(result)
+
+
+def test_demo_again_does_not_duplicate(
+    seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]],
+) -> None:
+    env, first = seeded
+    assert first.returncode == 0, explain(first)
+    result = manage(env, "demo", "--articles", str(ARTICLES))
+    assert result.returncode == 0, explain(result)
+    assert "not seeding" in result.stdout, explain(result)
+    assert article_count(result.stdout) == ARTICLES
+
+
+def test_admin_changelist_and_public_pages_render(
+    seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]],
+) -> None:
+    env, first = seeded
+    assert first.returncode == 0, explain(first)
+    result = manage(env, "shell", "-c", PAGES)
+    assert result.returncode == 0, explain(result)
+    lines = result.stdout.splitlines()
+    assert f"changelist 200 {ARTICLES}" in lines, explain(result)
+    assert "front 200" in lines, explain(result)
+    assert "detail 200 True True" in lines, explain(result)
+
+
+def test_demo_refuses_zero_articles(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "demo", "--articles", "0")
+    assert result.returncode != 0, explain(result)
+    assert "--articles must be at least 1, not 0." in result.stderr, explain(result)

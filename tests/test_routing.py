@@ -1,0 +1,491 @@
+"""ReplicaRouter, RoutingState and ScaleMiddleware against the real primary and standby."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections, transaction
+from django.test import AsyncClient, Client
+from django.test.utils import CaptureQueriesContext
+
+from django_scale.replicas import (
+    ReplicaGuard,
+    current_state,
+    forced_route,
+    format_lsn,
+    monitor,
+    parse_lsn,
+    routing_state,
+    use_primary,
+    use_replica,
+    watchdog,
+)
+from django_scale.routers import ReplicaRouter
+from django_scale.testing import capture_reads, override_scale_settings
+
+import harness
+from testapp.models import Article, Author
+
+REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+COOKIE = "django_scale_lsn"
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Wait for *condition*, which the monitors reach on their own schedule."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def caught_up(replica):
+    """The replica, with this process's monitor aware of everything the primary has written."""
+    target = parse_lsn(replica.primary_lsn())
+    replica.wait_for_replay()
+    eventually(lambda: monitor("replica").is_available(None, target), what="the monitor seeing the replay")
+    return replica
+
+
+# -- Without services: positions, overrides and state --------------------------------------
+
+
+def test_lsn_round_trip():
+    for text in ("0/0", "0/16B3748", "16/B374D848", "FFFFFFFF/FFFFFFFF"):
+        assert format_lsn(parse_lsn(text)) == text
+    assert parse_lsn("1/0") > parse_lsn("0/FFFFFFFF")
+    with pytest.raises(ValueError, match="not a PostgreSQL LSN"):
+        parse_lsn("12345")
+
+
+def test_use_primary_and_use_replica_nest_and_restore():
+    assert forced_route() is None
+    with use_primary():
+        assert forced_route() == "primary"
+        with use_replica():
+            assert forced_route() == "replica"
+            with use_primary():
+                assert forced_route() == "primary"
+            assert forced_route() == "replica"
+        assert forced_route() == "primary"
+    assert forced_route() is None
+
+
+def test_override_is_restored_when_the_block_raises():
+    with pytest.raises(RuntimeError), use_primary(), use_replica():
+        raise RuntimeError("boom")
+    assert forced_route() is None
+
+
+def test_decorators_keep_the_signature_and_restore():
+    @use_primary()
+    def inner(x: int) -> str | None:
+        """Inner docstring."""
+        return forced_route() if x else None
+
+    assert inner.__name__ == "inner"
+    assert inner.__doc__ == "Inner docstring."
+    assert inner(1) == "primary"
+    assert forced_route() is None
+
+    # The same decorated function, re-entered recursively, restores each level.
+    @use_replica()
+    def recurse(depth: int) -> list[str | None]:
+        if depth == 0:
+            return [forced_route()]
+        with use_primary():
+            below = recurse(depth - 1)
+        return [forced_route(), *below]
+
+    assert recurse(2) == ["replica", "replica", "replica"]
+    assert forced_route() is None
+
+
+def test_async_decorator_and_tasks_do_not_leak():
+    @use_primary()
+    async def pinned() -> str | None:
+        await asyncio.sleep(0.01)
+        return forced_route()
+
+    async def free() -> str | None:
+        await asyncio.sleep(0.005)
+        return forced_route()
+
+    async def main() -> tuple[str | None, ...]:
+        with use_replica():
+            inside = await asyncio.gather(pinned(), free())
+        return (*inside, forced_route())
+
+    assert asyncio.run(main()) == ("primary", "replica", None)
+
+
+def test_routing_states_are_separate_per_task():
+    async def request(required: int) -> int | None:
+        with routing_state(required) as state:
+            await asyncio.sleep(0.01)
+            assert current_state() is state
+            return state.required_lsn
+
+    async def main() -> list[int | None]:
+        return list(await asyncio.gather(*(request(n) for n in range(20))))
+
+    assert asyncio.run(main()) == list(range(20))
+    assert current_state() is None
+
+
+def test_allow_migrate_and_relation():
+    router = ReplicaRouter()
+    with override_scale_settings(REPLICAS=["replica"]):
+        assert router.allow_migrate("replica", "testapp") is False
+        assert router.allow_migrate("default", "testapp") is None
+        a, b = Author(name="a"), Author(name="b")
+        a._state.db, b._state.db = "default", "replica"
+        assert router.allow_relation(a, b) is True
+        b._state.db = "elsewhere"
+        assert router.allow_relation(a, b) is None
+
+
+@pytest.mark.django_db
+def test_without_replicas_everything_is_on_the_primary():
+    with override_scale_settings(REPLICAS=[]), routing_state() as state:
+        assert ReplicaRouter().db_for_read(Author) == "default"
+        assert ReplicaRouter().db_for_write(Author) == "default"
+        assert state.wrote
+
+
+# -- The real standby ------------------------------------------------------------------------
+
+
+@REPLICA
+def test_reads_go_to_the_replica_and_writes_to_the_primary(caught_up):
+    author = Author.objects.create(name="Ada")
+    caught_up.wait_for_replay()
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(caught_up.primary_lsn()))
+    with (
+        CaptureQueriesContext(connections["replica"]) as on_replica,
+        CaptureQueriesContext(connections["default"]) as on_primary,
+        capture_reads() as reads,
+    ):
+        assert Author.objects.get(pk=author.pk).name == "Ada"
+    assert len(on_replica) == 1 and not on_primary.captured_queries
+    assert reads == {"replica": 1}
+
+
+@REPLICA
+def test_inside_atomic_every_query_is_on_the_primary(caught_up):
+    with (
+        CaptureQueriesContext(connections["replica"]) as on_replica,
+        capture_reads() as reads,
+        transaction.atomic(),
+    ):
+        author = Author.objects.create(name="Grace")
+        assert Author.objects.filter(pk=author.pk).exists()
+        Article.objects.create(author=author, title="Notes")
+        assert list(author.articles.values_list("title", flat=True)) == ["Notes"]
+    assert on_replica.captured_queries == []
+    assert set(reads) == {"default"}
+
+
+@REPLICA
+def test_no_dml_ever_reaches_the_replica(caught_up):
+    with CaptureQueriesContext(connections["replica"]) as on_replica, routing_state():
+        author = Author.objects.create(name="Linus")
+        Author.objects.filter(pk=author.pk).update(name="Linus T")
+        list(Author.objects.all())
+        Author.objects.filter(pk=author.pk).delete()
+    for query in on_replica.captured_queries:
+        assert query["sql"].lstrip().upper().startswith("SELECT"), query["sql"]
+
+
+@REPLICA
+def test_use_primary_and_use_replica_route_reads(caught_up):
+    with routing_state() as state, capture_reads() as reads:
+        with use_primary():
+            list(Author.objects.all())
+        list(Author.objects.all())
+        state.pin("a test pinned it")
+        with use_replica():
+            list(Author.objects.all())
+        list(Author.objects.all())
+    assert reads == {"default": 2, "replica": 2}
+
+
+@REPLICA
+def test_a_write_pins_the_rest_of_the_request(paused_replica):
+    response = Client().post("/authors/", {"name": "Barbara"})
+    body = response.json()
+    assert body["seen"] is True
+    assert body["wrote"] is True
+    assert body["reads"] == {"default": 1}
+
+
+@REPLICA
+def test_the_next_request_reads_its_own_write_while_replay_is_paused(paused_replica):
+    client = Client()
+    pk = client.post("/authors/", {"name": "Margaret"}).json()["pk"]
+    assert COOKIE in client.cookies
+    body = client.get(f"/authors/{pk}/").json()
+    assert body == {"found": True, "reads": {"default": 1}, "pinned": body["pinned"], "wrote": False}
+    assert "replayed" in body["pinned"]
+
+
+@REPLICA
+def test_without_the_cookie_the_replica_misses_the_write(caught_up, paused_replica):
+    # The same sequence as above minus the cookie: the replica serves the read and does not
+    # have the row. This is what every time- or guess-based router risks.
+    client = Client()
+    pk = client.post("/authors/", {"name": "Frances"}).json()["pk"]
+    del client.cookies[COOKIE]
+    body = client.get(f"/authors/{pk}/").json()
+    assert body["found"] is False
+    assert body["reads"] == {"replica": 1}
+
+
+@REPLICA
+def test_a_forged_cookie_counts_for_nothing(caught_up, paused_replica):
+    client = Client()
+    pk = client.post("/authors/", {"name": "Radia"}).json()["pk"]
+    genuine = client.cookies[COOKIE].value
+    client.cookies[COOKIE] = genuine.replace(genuine.split(":")[0], "FFFF/FFFFFFFF", 1)
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+    # Signed with another salt: refused as well.
+    from django.core import signing
+
+    client.cookies[COOKIE] = signing.get_cookie_signer(salt=COOKIE + "x").sign("FFFF/FFFFFFFF")
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+
+
+@REPLICA
+def test_reads_return_to_the_replica_once_it_replayed_the_write(caught_up):
+    client = Client()
+    with caught_up_paused(caught_up):
+        pk = client.post("/authors/", {"name": "Katherine"}).json()["pk"]
+        assert client.get(f"/authors/{pk}/").json()["reads"] == {"default": 1}
+    caught_up.wait_for_replay()
+    response = client.get(f"/authors/{pk}/")
+    assert response.json() == {"found": True, "reads": {"replica": 1}, "pinned": "", "wrote": False}
+    # The replicas have the write now: the cookie is cleared.
+    assert response.cookies[COOKIE]["max-age"] == 0
+
+
+@REPLICA
+def test_async_views_read_their_writes_and_pins_do_not_leak(caught_up, paused_replica):
+    async def user(n: int) -> tuple[dict[str, object], dict[str, object] | None]:
+        client = AsyncClient()
+        if n % 2:
+            created = (await client.post("/async/authors/", {"name": f"writer {n}"})).json()
+            return created, (await client.get(f"/async/authors/{created['pk']}/")).json()
+        return (await client.get("/async/authors/1/")).json(), None
+
+    async def main() -> list[tuple[dict[str, object], dict[str, object] | None]]:
+        try:
+            return list(await asyncio.gather(*(user(n) for n in range(12))))
+        finally:
+            # The views ran on asgiref's thread for sync code; close its connections so the
+            # test database can be dropped at the end of the run.
+            await sync_to_async(connections.close_all)()
+
+    for n, (first, second) in enumerate(asyncio.run(main())):
+        if n % 2:
+            assert first["seen"] is True and first["reads"] == {"default": 1}
+            assert second == {
+                "found": True,
+                "reads": {"default": 1},
+                "pinned": second["pinned"],
+                "wrote": False,
+            }
+        else:
+            # Readers who never wrote keep reading from the replica, whatever the writers did.
+            assert first["reads"] == {"replica": 1} and first["pinned"] == "", first
+
+
+# -- Health ----------------------------------------------------------------------------------
+
+
+@REPLICA
+def test_a_lagging_replica_is_ejected_and_readmitted(caught_up):
+    with override_scale_settings(MAX_REPLICA_LAG=0.3), caught_up_paused(caught_up):
+        Author.objects.create(name="lag maker")
+        eventually(lambda: not monitor("replica").is_available(), what="ejection for lag")
+        with capture_reads() as reads:
+            list(Author.objects.all())
+        assert reads == {"default": 1}
+    eventually(lambda: monitor("replica").is_available(), what="re-admission after replay resumed")
+    with capture_reads() as reads:
+        list(Author.objects.all())
+    assert reads == {"replica": 1}
+
+
+@pytest.fixture
+def readmit(caught_up) -> Iterator[None]:
+    """Put the replica back in rotation after a test that made it fail."""
+    yield
+    connections["replica"].close()
+    monitor("replica").forget_ejection()
+    eventually(lambda: monitor("replica").is_available(), what="the replica back in rotation")
+
+
+@pytest.fixture
+def replica_server(readmit) -> Iterator[harness.ServerControl]:
+    control = harness.services().replica_control
+    if control is None:
+        pytest.skip("the replica is an external server; only a harness-started one can be stopped")
+    try:
+        yield control
+    finally:
+        control.thaw()
+        if not _accepts_connections():
+            control.start()
+
+
+@REPLICA
+def test_a_read_on_a_broken_replica_connection_is_retried_on_the_primary(readmit):
+    names = sorted(Author.objects.create(name=name).name for name in ("Alan", "Alonzo"))
+    with routing_state():
+        eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+        assert sorted(Author.objects.values_list("name", flat=True)) == names  # opens the connection
+    with connections["replica"].cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    replica = connections["replica"]
+    killer = replica.get_new_connection(replica.get_connection_params())
+    killer.autocommit = True
+    with killer.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    killer.close()
+
+    with (
+        replica.execute_wrapper(ReplicaGuard("replica")),
+        routing_state() as state,
+        capture_reads() as reads,
+    ):
+        assert sorted(Author.objects.values_list("name", flat=True)) == names
+    assert reads == {"default": 1} and state.reads == {"default": 1}
+    assert not monitor("replica").is_available()
+
+
+def _accepts_connections() -> bool:
+    import socket
+
+    settings = connections["replica"].settings_dict
+    try:
+        with socket.create_connection((settings["HOST"], int(settings["PORT"])), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@REPLICA
+def test_a_stopped_replica_fails_no_request_and_is_readmitted(replica_server):
+    client = Client()
+    pk = Author.objects.create(name="Hedy").pk
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+
+    replica_server.stop()
+    served_by = []
+    for _ in range(10):
+        response = client.get(f"/authors/{pk}/")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["found"] is True
+        served_by.extend(body["reads"])
+    assert served_by == ["default"] * 10
+    assert not monitor("replica").is_available()
+
+    replica_server.start()
+    monitor("replica").forget_ejection()
+    eventually(lambda: monitor("replica").is_available(), what="re-admission after restart")
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+
+
+@REPLICA
+def test_a_frozen_replica_holds_no_request(replica_server):
+    client = Client()
+    pk = Author.objects.create(name="Joan").pk
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+    # Open the request thread's replica connection, then freeze the server under it.
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+    cut_before = watchdog.cut_off
+    with override_scale_settings(REPLICA_DEADLINE=0.3):
+        replica_server.freeze()
+        response = client.get(f"/authors/{pk}/")
+        assert response.status_code == 200
+        assert response.json()["found"] is True
+        # The read started on the replica (the monitor had not yet seen the freeze); the
+        # watchdog cut it off once the monitor's probe hung past the deadline, and the guard
+        # ran it again on the primary.
+        assert response.json()["reads"] == {"default": 1}
+        assert watchdog.cut_off == cut_before + 1
+        eventually(lambda: not monitor("replica").is_available(), what="the frozen replica ejected")
+        assert client.get(f"/authors/{pk}/").json()["reads"] == {"default": 1}
+    replica_server.thaw()
+
+
+def _primary_lsn() -> str:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        return str(cursor.fetchone()[0])
+
+
+class caught_up_paused:  # noqa: N801 - used like a function
+    """Pause replay on the harness replica for a block (resumed, not waited for, on exit)."""
+
+    def __init__(self, replica: object) -> None:
+        self.replica = replica
+
+    def __enter__(self) -> None:
+        self.replica.pause()  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        self.replica.resume()  # type: ignore[attr-defined]
+
+
+# -- Celery --------------------------------------------------------------------------------
+
+
+@REPLICA
+def test_a_task_enqueued_after_a_write_sees_it_although_replay_is_paused(
+    caught_up, paused_replica, celery_worker
+):
+    from celery.result import AsyncResult
+
+    body = Client().post("/authors/enqueue/", {"name": "Sophie"}).json()
+    seen = AsyncResult(body["task"]).get(timeout=30)
+    assert seen == {"found": True, "reads": {"default": 1}}
+
+
+@REPLICA
+def test_a_task_enqueued_without_a_write_reads_from_the_replica(caught_up, paused_replica, celery_worker):
+    from testapp.tasks import author_exists
+
+    # The write happens outside any request, so nothing tells the task about it: the task
+    # reads from the paused replica and misses the row. This is the failure the header cures.
+    pk = Author.objects.using("default").create(name="Emmy").pk
+    assert author_exists.delay(pk).get(timeout=30) == {"found": False, "reads": {"replica": 1}}
+
+
+@REPLICA
+def test_a_task_published_inside_a_request_that_wrote_carries_the_position(caught_up):
+    from django_scale.tasks import HEADER, add_position
+
+    with routing_state() as state:
+        Author.objects.create(name="Ida")
+        assert state.wrote
+        headers: dict[str, object] = {}
+        add_position(headers=headers)
+        position = parse_lsn(str(headers[HEADER]))
+        assert position <= parse_lsn(_primary_lsn())
+        with transaction.atomic():
+            # Not committed yet: no position to wait for, so the task must use the primary.
+            headers = {}
+            add_position(headers=headers)
+            assert headers == {HEADER: "primary"}
+    headers = {}
+    add_position(headers=headers)
+    assert headers == {}

@@ -1,0 +1,51 @@
+"""Views the routing tests drive through Django's test clients."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from django_scale.replicas import current_state
+
+from testapp.models import Author
+
+
+def _routing() -> dict[str, object]:
+    state = current_state()
+    assert state is not None, "ScaleMiddleware did not open a routing state"
+    return {"reads": dict(state.reads), "pinned": state.pinned, "wrote": state.wrote}
+
+
+@csrf_exempt
+def create_author(request: HttpRequest) -> JsonResponse:
+    """Create an author, then read it back in the same request."""
+    author = Author.objects.create(name=request.POST.get("name", "someone"))
+    seen = Author.objects.filter(pk=author.pk).exists()
+    return JsonResponse({"pk": author.pk, "seen": seen, **_routing()})
+
+
+def show_author(request: HttpRequest, pk: int) -> JsonResponse:
+    found = Author.objects.filter(pk=pk).exists()
+    return JsonResponse({"found": found, **_routing()})
+
+
+@csrf_exempt
+async def async_create_author(request: HttpRequest) -> JsonResponse:
+    author = await Author.objects.acreate(name=request.POST.get("name", "someone"))
+    seen = await Author.objects.filter(pk=author.pk).aexists()
+    return JsonResponse({"pk": author.pk, "seen": seen, **_routing()})
+
+
+async def async_show_author(request: HttpRequest, pk: int) -> JsonResponse:
+    found = await Author.objects.filter(pk=pk).aexists()
+    return JsonResponse({"found": found, **_routing()})
+
+
+@csrf_exempt
+def create_author_and_enqueue(request: HttpRequest) -> JsonResponse:
+    """Create an author and hand its id to a Celery task, which reports what it saw."""
+    from testapp.tasks import author_exists
+
+    author = Author.objects.create(name=request.POST.get("name", "someone"))
+    result = author_exists.delay(author.pk)
+    return JsonResponse({"pk": author.pk, "task": result.id})
