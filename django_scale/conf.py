@@ -64,6 +64,10 @@ def _negative(value: float) -> str | None:
     return "it must not be negative" if value < 0 else None
 
 
+def _not_a_fraction(value: float) -> str | None:
+    return "it must be between 0 and 1" if not 0 <= value <= 1 else None
+
+
 def _not_positive(value: float) -> str | None:
     return "it must be greater than zero" if value <= 0 else None
 
@@ -125,6 +129,13 @@ SETTINGS: dict[str, Setting] = {
         has_type=_is_number,
         problem=_not_positive,
         example="0.5",
+    ),
+    "PRIMARY_FALLBACK_CAP": Setting(
+        default=1.0,
+        expected="a fraction of reads between 0 and 1 (int or float)",
+        has_type=_is_number,
+        problem=_not_a_fraction,
+        example="0.25",
     ),
     "REPLICA_RETRY_AFTER": Setting(
         default=5.0,
@@ -221,6 +232,11 @@ class Conf:
     def HEALTH_CHECK_INTERVAL(self) -> float:
         """Seconds between two health probes of a replica, per process. Default: ``0.5``."""
         return float(self.get("HEALTH_CHECK_INTERVAL"))
+
+    @property
+    def PRIMARY_FALLBACK_CAP(self) -> float:
+        """Largest share of free reads that may fall back to the primary. Default: ``1.0`` (no cap)."""
+        return float(self.get("PRIMARY_FALLBACK_CAP"))
 
     @property
     def REPLICA_RETRY_AFTER(self) -> float:

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, cast, overload
 
 from django.core.cache import caches
 from django.db import DatabaseError, InterfaceError, InternalError, OperationalError, connections
@@ -37,6 +37,7 @@ from django.db import DatabaseError, InterfaceError, InternalError, OperationalE
 from django_scale.conf import conf
 
 __all__ = [
+    "FallbackWindow",
     "ReplicaGuard",
     "ReplicaMonitor",
     "RoutingState",
@@ -377,7 +378,9 @@ class ReplicaMonitor:
         params = wrapper.get_connection_params()
         # libpq's connect_timeout counts whole seconds and ignores values below 2.
         params.setdefault("connect_timeout", max(2, math.ceil(conf.REPLICA_DEADLINE)))
-        raw = wrapper.get_new_connection(params)
+        # A connection of the monitor's own, straight from the driver: never one of a
+        # connection pool (OPTIONS["pool"], Django 5.1+), which it would hold forever.
+        raw = cast(Any, wrapper).Database.connect(**params)
         raw.autocommit = True
         return raw
 
@@ -528,6 +531,60 @@ def wait_for_replicas(aliases: list[str], lsn: int, timeout: float) -> str | Non
     finally:
         for item in monitors:
             item._waiters -= 1
+
+
+class FallbackWindow:
+    """Counts, per second and per process, the free reads and those that fell back to the primary.
+
+    A free read has no read-your-writes requirement; the replicas serve it unless none is
+    available. When ``PRIMARY_FALLBACK_CAP`` is below 1, at most that share of a second's free
+    reads may go to the primary; the rest go to a replica that is reachable but lags, so
+    that lagging replicas cannot move the whole read load onto the primary at once.
+    """
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.reads = 0
+        self.fallbacks = 0
+        #: Free reads served by a lagging replica because of the cap (for tests and metrics).
+        self.capped = 0
+
+    def count_read(self, now: float) -> None:
+        second = int(now)
+        if second != self.second:
+            self.second, self.reads, self.fallbacks = second, 0, 0
+        self.reads += 1
+
+    def may_fall_back(self, cap: float) -> bool:
+        if cap >= 1.0 or self.fallbacks + 1 <= cap * self.reads:
+            self.fallbacks += 1
+            return True
+        return False
+
+
+#: The process's :class:`FallbackWindow`.
+fallback_window = FallbackWindow()
+
+
+def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str, now: float) -> str:
+    """Return where a free read goes, given the replica routing *chosen* (``None``: none)."""
+    window = fallback_window
+    window.count_read(now)
+    if chosen is not None:
+        return chosen
+    cap = conf.PRIMARY_FALLBACK_CAP
+    if window.may_fall_back(cap):
+        return primary
+    # Over the cap: a replica that answers but lags serves it, stale but without load on the primary.
+    reachable = [
+        alias for alias in replicas if not monitor(alias).is_unresponsive(now) and monitor(alias).checked_at
+    ]
+    alias = pick_usable(reachable)
+    if alias is None:
+        window.fallbacks += 1
+        return primary
+    window.capped += 1
+    return alias
 
 
 def pick_usable(aliases: list[str]) -> str | None:

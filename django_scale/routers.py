@@ -17,7 +17,16 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
 from django_scale.conf import conf
-from django_scale.replicas import RoutingState, _capture, _forced, _state, mark_write, monitor, pick_usable
+from django_scale.replicas import (
+    RoutingState,
+    _capture,
+    _forced,
+    _state,
+    free_read_alias,
+    mark_write,
+    monitor,
+    pick_usable,
+)
 
 __all__ = ["ReplicaRouter"]
 
@@ -72,10 +81,13 @@ class ReplicaRouter:
         elif state is None or forced == "replica":
             # Outside a request or task, or told to: any available replica.
             now = time.monotonic()
-            alias = pick_usable([name for name in replicas if monitor(name).is_available(now)])
+            chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)])
+            alias = free_read_alias(replicas, chosen, primary, now)
         elif not state.pinned:
             alias = state.choose_replica(replicas)
-            if alias is None and state.required_lsn is not None:
+            if state.required_lsn is None:
+                alias = free_read_alias(replicas, alias, primary, time.monotonic())
+            elif alias is None:
                 state.pin("no available replica has replayed the user's last write")
         alias = alias or primary
         if state is not None:

@@ -489,3 +489,65 @@ def test_a_task_published_inside_a_request_that_wrote_carries_the_position(caugh
     headers = {}
     add_position(headers=headers)
     assert headers == {}
+
+
+@REPLICA
+def test_the_fallback_cap_keeps_free_reads_on_a_lagging_replica(caught_up):
+    with override_scale_settings(MAX_REPLICA_LAG=0.3), caught_up_paused(caught_up):
+        Author.objects.create(name="lag maker")
+        eventually(lambda: not monitor("replica").is_available(), what="ejection for lag")
+        with capture_reads() as uncapped:
+            for _ in range(100):
+                list(Author.objects.all()[:1])
+        with override_scale_settings(PRIMARY_FALLBACK_CAP=0.25), capture_reads() as capped:
+            for _ in range(100):
+                list(Author.objects.all()[:1])
+            # A read that must see the user's own write is never capped.
+            with routing_state() as state:
+                Author.objects.create(name="writer")
+                assert Author.objects.filter(name="writer").exists()
+                assert state.reads == {"default": 1}
+    assert uncapped == {"default": 100}
+    assert capped["default"] <= 27  # 25% of the free reads, plus the writer's own read
+    assert capped["replica"] >= 74
+
+
+@REPLICA
+def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caught_up, readmit):
+    import threading
+
+    Author.objects.create(name="Barbara")
+    caught_up.wait_for_replay()
+    replica = connections["replica"]
+    with replica.cursor() as cursor:
+        cursor.execute("ALTER SYSTEM SET max_standby_streaming_delay = '100ms'")
+        cursor.execute("SELECT pg_reload_conf()")
+    result: dict[str, object] = {}
+
+    def read_slowly() -> None:
+        # The standby cancels this read (SQLSTATE 40001) when it replays the primary's lock.
+        with (
+            connections["replica"].execute_wrapper(ReplicaGuard("replica")),
+            routing_state() as state,
+            use_replica(),
+        ):
+            slow = Author.objects.raw("SELECT id, name FROM testapp_author WHERE pg_sleep(1.5) IS NOT NULL")
+            result["names"] = [author.name for author in slow]
+            result["reads"] = dict(state.reads)
+        connections.close_all()
+
+    try:
+        reader = threading.Thread(target=read_slowly)
+        reader.start()
+        time.sleep(0.3)
+        with transaction.atomic(), connections["default"].cursor() as cursor:
+            cursor.execute("LOCK TABLE testapp_author IN ACCESS EXCLUSIVE MODE")
+            time.sleep(0.5)
+        reader.join(30)
+    finally:
+        with replica.cursor() as cursor:
+            cursor.execute("ALTER SYSTEM RESET max_standby_streaming_delay")
+            cursor.execute("SELECT pg_reload_conf()")
+    assert result == {"names": ["Barbara"], "reads": {"default": 1}}
+    # A conflict is not a failure of the replica: it stays in rotation.
+    assert monitor("replica").is_available()
