@@ -243,10 +243,14 @@ def forced_route() -> Literal["primary", "replica"] | None:
 # The replay timestamp is the primary's commit time of the last replayed transaction.
 _PROBE_SQL = """
 SELECT pg_is_in_recovery(),
-       pg_last_wal_replay_lsn()::text,
+       CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+            ELSE pg_current_wal_insert_lsn() END::text,
        pg_last_wal_receive_lsn()::text,
-       EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8
+       EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp())::float8,
+       pg_postmaster_start_time()::text || ' ' || current_setting('port')
 """
+# The identity of a server: when it started, and its port.
+_IDENTITY_SQL = "SELECT pg_postmaster_start_time()::text || ' ' || current_setting('port')"
 
 _progress = threading.Condition()
 _monitors: dict[str, ReplicaMonitor] = {}
@@ -286,6 +290,7 @@ class ReplicaMonitor:
         self._start_lock = threading.Lock()
         self._logged: str = ""
         self._stopped = False
+        self._primary_id: str | None = None
 
     # The request path: reads only, no I/O.
 
@@ -373,8 +378,24 @@ class ReplicaMonitor:
             self._wake.wait(conf.HEALTH_CHECK_INTERVAL)
             self._wake.clear()
 
-    def _connect(self) -> Any:
-        wrapper = connections[self.alias]
+    def _primary_identity(self) -> str | None:
+        """Return the primary's identity (once per monitor), or ``None`` if it cannot be read."""
+        if self._primary_id is None:
+            try:
+                raw = self._connect(conf.PRIMARY)
+                try:
+                    cursor = raw.cursor()
+                    cursor.execute(_IDENTITY_SQL)
+                    self._primary_id = str(cursor.fetchone()[0])
+                finally:
+                    raw.close()
+            except Exception:
+                logger.warning("could not read the identity of the primary %r", conf.PRIMARY, exc_info=True)
+                return None
+        return self._primary_id
+
+    def _connect(self, alias: str | None = None) -> Any:
+        wrapper = connections[alias or self.alias]
         params = wrapper.get_connection_params()
         # libpq's connect_timeout counts whole seconds and ignores values below 2.
         params.setdefault("connect_timeout", max(2, math.ceil(conf.REPLICA_DEADLINE)))
@@ -394,7 +415,7 @@ class ReplicaMonitor:
             cursor = self._connection.cursor()
             try:
                 cursor.execute(_PROBE_SQL)
-                in_recovery, replay, receive, replay_age = cursor.fetchone()
+                in_recovery, replay, receive, replay_age, identity = cursor.fetchone()
             finally:
                 cursor.close()
         except Exception as exc:  # any failure makes the replica unavailable
@@ -402,8 +423,12 @@ class ReplicaMonitor:
             self._fail(f"{type(exc).__name__}: {str(exc).strip()}")
         else:
             now = time.monotonic()
-            if not in_recovery or replay is None:
-                self._fail("it is not a streaming standby (pg_is_in_recovery() is false)")
+            if not in_recovery and identity == self._primary_identity():
+                # The alias points at the primary itself (as TEST["MIRROR"] does in a test
+                # suite): it has every write the moment it is committed.
+                self._record(parse_lsn(replay), None, 0.0, now)
+            elif not in_recovery or replay is None:
+                self._fail("it is not a streaming standby of the primary (pg_is_in_recovery() is false)")
             else:
                 self._record(parse_lsn(replay), parse_lsn(receive) if receive else None, replay_age, now)
         finally:
@@ -628,6 +653,21 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 #: SQLSTATE of a query cancelled by a recovery conflict on a hot standby.
 RECOVERY_CONFLICT = "40001"
+#: SQLSTATEs of a server that is going away (class 57 "operator intervention", but not
+#: 57014, a query cancelled by statement_timeout or pg_cancel_backend()), and of failures
+#: to connect (class 08).
+_SERVER_GONE = ("57P", "08")
+
+
+def _is_broken(connection: Any, sqlstate: str | None) -> bool:
+    """Whether a failed query means the replica or the connection to it failed."""
+    if sqlstate is None:
+        # No answer from the server at all: the socket broke or the driver gave up.
+        return True
+    if sqlstate.startswith(_SERVER_GONE):
+        return True
+    raw = connection.connection
+    return raw is None or bool(getattr(raw, "closed", False)) or bool(getattr(raw, "broken", False))
 
 
 class ReplicaGuard:
@@ -659,13 +699,17 @@ class ReplicaGuard:
         try:
             return execute(sql, params, many, context)
         except (OperationalError, InterfaceError, InternalError) as exc:
-            conflict = _sqlstate(exc) == RECOVERY_CONFLICT
-            if not conflict:
+            sqlstate = _sqlstate(exc)
+            conflict = sqlstate == RECOVERY_CONFLICT
+            broken = not conflict and _is_broken(connection, sqlstate)
+            if broken:
                 monitor(self.alias).report_failure(exc)
-            if connection.in_atomic_block or not _is_read(sql):
+            if not (conflict or broken) or connection.in_atomic_block or not _is_read(sql):
+                # The replica answered with an error of the query's own (a statement timeout,
+                # say): that is the caller's to handle, and no reason to distrust the replica.
                 raise
-            if not conflict:
-                # The connection is broken; close it so that the next read opens a new one.
+            if broken:
+                # Close the broken connection so that the next read opens a new one.
                 with contextlib.suppress(Exception):
                     connection.close()
             logger.warning(

@@ -74,6 +74,8 @@ else:
             TEST={"MIRROR": "default"}, OPTIONS={"connect_timeout": 2}
         ),
     }
+    # An alias for the primary itself, as projects mirror "replicas" in their test settings.
+    DATABASES["mirror"] = _services.primary.database_settings(TEST={"MIRROR": "default"})
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",

@@ -551,3 +551,47 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
     assert result == {"names": ["Barbara"], "reads": {"default": 1}}
     # A conflict is not a failure of the replica: it stays in rotation.
     assert monitor("replica").is_available()
+
+
+@REPLICA
+def test_a_statement_timeout_on_the_replica_is_the_callers_error_not_an_ejection(caught_up):
+    from django.db import OperationalError
+
+    Author.objects.create(name="Leslie")  # a row for the slow query to sleep on
+    caught_up.wait_for_replay()
+    replica = connections["replica"]
+    with replica.execute_wrapper(ReplicaGuard("replica")), routing_state(), use_replica():
+        # Route once first: a connection opened before an earlier test's failure is replaced
+        # on first use, and the SET below must land on the one that will run the query.
+        assert Author.objects.filter(name="Leslie").exists()
+        with replica.cursor() as cursor:
+            cursor.execute("SET statement_timeout = '50ms'")
+        try:
+            with capture_reads() as reads, pytest.raises(OperationalError, match="statement timeout"):
+                list(
+                    Author.objects.raw("SELECT id, name FROM testapp_author WHERE pg_sleep(0.5) IS NOT NULL")
+                )
+            assert reads == {"replica": 1}
+        finally:
+            with replica.cursor() as cursor:
+                cursor.execute("RESET statement_timeout")
+    assert monitor("replica").is_available()
+    assert "statement timeout" not in monitor("replica").error
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "mirror"])
+def test_an_alias_that_is_the_primary_itself_is_always_caught_up():
+    from django_scale.middleware import current_wal_position
+    from django_scale.replicas import ReplicaMonitor
+
+    item = ReplicaMonitor("mirror")
+    try:
+        Author.objects.create(name="Edsger")
+        position = parse_lsn(str(current_wal_position("default")))
+        item.probe()
+        assert item.error == ""
+        assert item.lag == 0.0
+        assert item.is_available(None, position)
+    finally:
+        item.stop()
