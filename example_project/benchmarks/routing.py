@@ -94,6 +94,13 @@ def setups(replica: str) -> dict[str, dict[str, Any]]:
             "DATABASE_ROUTERS": ["django_scale.routers.ReplicaRouter"],
             "MIDDLEWARE": [SCALE_MIDDLEWARE, *base],
         },
+        # Past MAX_REPLICA_LAG the replica is ejected; with a cap, reads that need no recent
+        # write of their user stay on it (stale, but no writer's own write is missed).
+        "django-scale, PRIMARY_FALLBACK_CAP=0.1": {
+            "DATABASE_ROUTERS": ["django_scale.routers.ReplicaRouter"],
+            "MIDDLEWARE": [SCALE_MIDDLEWARE, *base],
+            "DJANGO_SCALE": {**settings.DJANGO_SCALE, "PRIMARY_FALLBACK_CAP": 0.1},
+        },
     }
 
 
