@@ -77,3 +77,93 @@ def test_a_post_loads_the_object_from_the_primary_and_keeps_newer_columns(admin_
         assert set(reads) == {"default"}
     finally:
         replica.resume()
+
+
+# -- The changelist of a big table -------------------------------------------------------------
+
+
+@pytest.fixture
+def superuser_client(db) -> Client:
+    client = Client()
+    client.force_login(User.objects.create_superuser("chief", "chief@example.com", "pw"))
+    return client
+
+
+def _analyze() -> None:
+    if connections["default"].vendor == "postgresql":
+        with connections["default"].cursor() as cursor:
+            cursor.execute("ANALYZE testapp_author")
+
+
+def _count_queries(queries: CaptureQueriesContext) -> list[str]:
+    return [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
+
+
+@pytest.mark.postgres
+def test_a_big_changelist_runs_no_count(superuser_client):
+    Author.objects.bulk_create(Author(name=f"writer {i}") for i in range(300))
+    _analyze()
+    with CaptureQueriesContext(connections["default"]) as queries:
+        response = superuser_client.get("/admin/testapp/author/")
+    assert response.status_code == 200
+    assert _count_queries(queries) == []
+    page_sql = [q["sql"] for q in queries.captured_queries if q["sql"].startswith('SELECT "testapp_author"')]
+    assert page_sql and all("LIMIT 21" in sql.upper() for sql in page_sql), page_sql
+    html = response.content.decode()
+    assert "≈ 300 authors" in html
+    assert html.count('class="action-checkbox"') == 20
+
+
+@pytest.mark.postgres
+def test_an_equality_filtered_changelist_runs_no_count(superuser_client):
+    Author.objects.bulk_create(Author(name="same") for _ in range(200))
+    _analyze()
+    with CaptureQueriesContext(connections["default"]) as queries:
+        response = superuser_client.get("/admin/testapp/author/?name=same")
+    assert response.status_code == 200
+    assert _count_queries(queries) == []
+
+
+def test_a_small_changelist_counts_exactly_once(superuser_client):
+    Author.objects.bulk_create(Author(name=f"writer {i}") for i in range(30))
+    _analyze()
+    with CaptureQueriesContext(connections["default"]) as queries:
+        response = superuser_client.get("/admin/testapp/author/")
+    assert response.status_code == 200
+    [count] = _count_queries(queries)
+    assert "LIMIT 51" in count.upper()
+    assert "30 authors" in response.content.decode()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("reltuples", [-1, 0])
+def test_a_wrong_estimate_never_drops_the_limit(superuser_client, reltuples):
+    Author.objects.bulk_create(Author(name=f"writer {i}") for i in range(300))
+    with connections["default"].cursor() as cursor:
+        # What a never-analysed (-1) or freshly truncated (0) table's statistics say.
+        cursor.execute(
+            "UPDATE pg_class SET reltuples = %s, relpages = 0 WHERE oid = 'testapp_author'::regclass",
+            [reltuples],
+        )
+    with CaptureQueriesContext(connections["default"]) as queries:
+        response = superuser_client.get("/admin/testapp/author/")
+    assert response.status_code == 200
+    page_sql = [q["sql"] for q in queries.captured_queries if q["sql"].startswith('SELECT "testapp_author"')]
+    assert all("LIMIT" in sql.upper() for sql in page_sql), page_sql
+    assert response.content.decode().count('class="action-checkbox"') == 20
+
+
+def test_following_next_in_the_admin_reaches_the_last_author(superuser_client):
+    Author.objects.bulk_create(Author(name=f"writer {i:03}") for i in range(65))
+    _analyze()
+    seen = 0
+    page = 1
+    while True:
+        html = superuser_client.get(f"/admin/testapp/author/?o=1&p={page}").content.decode()
+        rows = html.count('class="action-checkbox"')
+        assert rows > 0
+        seen += rows
+        if f"?o=1&amp;p={page + 1}" not in html:
+            break
+        page += 1
+    assert seen == 65

@@ -1,0 +1,237 @@
+"""``approx_count(queryset)``: how many rows, without ``COUNT(*)`` over a big table.
+
+The answer is a :class:`ApproxCount`: an ``int`` that also says how it was obtained.
+
+* Below ``threshold`` rows it is **exact**, found by counting at most ``threshold + 1`` rows,
+  so even a badly wrong estimate never leads to a full count.
+* Above it on PostgreSQL it is an **estimate**: unfiltered, from ``pg_class.reltuples`` scaled
+  by the relation's current size (the planner's own method), summed over the partitions of a
+  partitioned table; filtered, from the ``EXPLAIN`` row estimate of the query.
+* For filters the planner cannot estimate (substring searches such as ``icontains``) it is a
+  **capped** count: the rows up to ``cap + 1`` counted within a time budget; "10,000+".
+
+Everything runs on the queryset's own database alias: the replica an admin page reads from
+answers for the rows it shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from django.db import DatabaseError, connections, transaction
+from django.db.models import Model, QuerySet
+from django.db.models.lookups import Lookup
+from django.utils.formats import number_format
+from django.utils.translation import gettext, ngettext
+
+__all__ = ["ApproxCount", "approx_count"]
+
+#: Below this many rows a count is exact.
+DEFAULT_THRESHOLD = 10_000
+#: A capped count counts at most this many rows.
+DEFAULT_CAP = 10_000
+#: Seconds a capped count may take before the estimate is used instead.
+DEFAULT_BUDGET = 0.2
+
+#: Lookups whose selectivity PostgreSQL's planner guesses rather than estimates.
+UNPLANNABLE_LOOKUPS = frozenset(
+    {"contains", "icontains", "endswith", "iendswith", "regex", "iregex", "search", "trigram_similar"}
+)
+
+Method = Literal["exact", "estimate", "capped"]
+
+
+class ApproxCount(int):
+    """A row count that knows whether it is exact, estimated or a lower bound.
+
+    It is an ``int`` (so ``paginator.count`` arithmetic and ``{% if count == 1 %}`` work) whose
+    ``str()`` is what a page should show: ``"12,345"``, ``"≈ 12.3 million"`` or ``"10,000+"``.
+    """
+
+    method: Method
+
+    def __new__(cls, value: int, method: Method = "exact") -> ApproxCount:
+        count = super().__new__(cls, max(int(value), 0))
+        count.method = method
+        return count
+
+    @property
+    def is_exact(self) -> bool:
+        return self.method == "exact"
+
+    def __repr__(self) -> str:
+        return f"ApproxCount({int(self)}, {self.method!r})"
+
+    def __str__(self) -> str:
+        value = int(self)
+        if self.method == "exact":
+            return number_format(value, force_grouping=True)
+        if self.method == "capped":
+            # Translators: a count of at least this many rows, e.g. "10,000+".
+            return gettext("%(count)s+") % {"count": number_format(value, force_grouping=True)}
+        return gettext("≈ %(count)s") % {"count": _compact(value)}
+
+    def __format__(self, spec: str) -> str:
+        return str(self) if not spec else format(int(self), spec)
+
+
+def _compact(value: int) -> str:
+    """Return *value* rounded to three significant figures in words: ``"12.3 million"``."""
+    for size, singular, plural in (
+        (10**9, "%(value)s billion", "%(value)s billion"),
+        (10**6, "%(value)s million", "%(value)s million"),
+    ):
+        if value >= size:
+            scaled = value / size
+            shown = number_format(
+                round(scaled, 1 if scaled < 100 else 0), decimal_pos=1 if scaled < 100 else 0
+            )
+            return ngettext(singular, plural, math.ceil(scaled)) % {"value": shown}
+    significant = 10 ** max(len(str(value)) - 3, 0)
+    return number_format(round(value / significant) * significant, force_grouping=True)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    filtered: bool
+    plannable: bool
+
+
+def _shape(queryset: QuerySet[Any]) -> _Plan:
+    where = queryset.query.where
+    lookups: list[Lookup[Any]] = []
+
+    def walk(node: Any) -> None:
+        for child in getattr(node, "children", ()):
+            if isinstance(child, Lookup):
+                lookups.append(child)
+            else:
+                walk(child)
+
+    walk(where)
+    plannable = all(lookup.lookup_name not in UNPLANNABLE_LOOKUPS for lookup in lookups)
+    return _Plan(filtered=bool(where), plannable=plannable)
+
+
+def approx_count(
+    queryset: QuerySet[Any],
+    *,
+    threshold: int = DEFAULT_THRESHOLD,
+    cap: int = DEFAULT_CAP,
+    budget: float = DEFAULT_BUDGET,
+) -> ApproxCount:
+    """Return how many rows *queryset* has: exact when small, else an estimate or a lower bound."""
+    if threshold < 1 or cap < 1 or budget <= 0:
+        raise ValueError("approx_count() needs threshold >= 1, cap >= 1 and budget > 0")
+    queryset = queryset.order_by()
+    query = queryset.query
+    if query.is_sliced or query.distinct or query.group_by is not None or query.combinator:
+        # Shapes the estimators do not model: count them exactly, as Django would.
+        return ApproxCount(queryset.count(), "exact")
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql":
+        # No statistics to estimate from: count, but never past the threshold.
+        return _exact_or_bound(queryset, threshold, estimate=None)
+    shape = _shape(queryset)
+    if shape.filtered and not shape.plannable:
+        # The planner only guesses a substring filter's selectivity: count within a budget.
+        return _capped(queryset, max(cap, threshold), budget, fallback=_explain_estimate(queryset))
+    estimate = None if shape.filtered else _table_estimate(queryset.db, queryset.model)
+    if estimate is None:
+        estimate = _explain_estimate(queryset)
+    if estimate is not None and estimate > threshold:
+        return ApproxCount(estimate, "estimate")
+    # Small, or unknown: the exact number, counting no more than threshold + 1 rows, so an
+    # estimate that is far too low never turns into a count of the whole table.
+    return _exact_or_bound(queryset, threshold, estimate)
+
+
+def _exact_or_bound(queryset: QuerySet[Any], threshold: int, estimate: int | None) -> ApproxCount:
+    counted = _bounded_count(queryset, threshold + 1)
+    if counted <= threshold:
+        return ApproxCount(counted, "exact")
+    if estimate is not None and estimate > threshold:
+        return ApproxCount(estimate, "estimate")
+    return ApproxCount(threshold, "capped")
+
+
+def _bounded_count(queryset: QuerySet[Any], limit: int) -> int:
+    """Count the rows of *queryset*, stopping at *limit* (``SELECT COUNT(*) FROM (... LIMIT n)``)."""
+    return queryset.values("pk")[:limit].count()
+
+
+def _capped(queryset: QuerySet[Any], cap: int, budget: float, fallback: int | None) -> ApproxCount:
+    """Count up to *cap* + 1 rows within *budget* seconds; else fall back to the estimate."""
+    alias = queryset.db
+    connection = connections[alias]
+    try:
+        if connection.vendor == "postgresql":
+            with transaction.atomic(using=alias), connection.cursor() as cursor:
+                # SET LOCAL ends with this transaction (or savepoint, when it rolls back);
+                # the previous value is put back explicitly for a released savepoint.
+                cursor.execute("SHOW statement_timeout")
+                previous = cursor.fetchone()[0]
+                cursor.execute(
+                    "SELECT set_config('statement_timeout', %s, true)", [f"{max(int(budget * 1000), 1)}ms"]
+                )
+                counted = _bounded_count(queryset, cap + 1)
+                cursor.execute("SELECT set_config('statement_timeout', %s, true)", [previous])
+        else:
+            counted = _bounded_count(queryset, cap + 1)
+    except DatabaseError:
+        if fallback is None:
+            raise
+        return ApproxCount(max(fallback, 1), "estimate")
+    if counted > cap:
+        return ApproxCount(cap, "capped")
+    return ApproxCount(counted, "exact")
+
+
+def _table_estimate(alias: str, model: type[Model]) -> int | None:
+    """Rows of *model*'s table from the statistics, scaled to its current size; ``None`` if unknown."""
+    connection = connections[alias]
+    table = connection.ops.quote_name(model._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT c.reltuples, c.relpages,
+                   pg_relation_size(c.oid) / current_setting('block_size')::int
+              FROM pg_class c
+             WHERE c.oid IN (
+                   SELECT relid FROM pg_partition_tree(%s::regclass) WHERE isleaf
+                   UNION SELECT %s::regclass)
+               AND c.relkind IN ('r', 'm', 'f')
+            """,
+            [table, table],
+        )
+        rows = cursor.fetchall()
+    if not rows:
+        return None
+    total = 0.0
+    for reltuples, relpages, pages in rows:
+        if reltuples < 0:
+            # Never analysed (PostgreSQL 14+ says -1): no density to scale.
+            return None
+        if relpages > 0:
+            # The planner's own method: the density at the last ANALYZE times today's pages.
+            total += reltuples / relpages * pages
+        else:
+            total += reltuples
+    return int(total)
+
+
+def _explain_estimate(queryset: QuerySet[Any]) -> int | None:
+    """The planner's row estimate for *queryset*, from ``EXPLAIN (FORMAT JSON)``."""
+    alias = queryset.db
+    sql, params = queryset.values("pk").query.get_compiler(using=alias).as_sql()
+    try:
+        with connections[alias].cursor() as cursor:
+            cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+            raw = cursor.fetchone()[0]
+    except DatabaseError:
+        return None
+    plan = json.loads(raw) if isinstance(raw, str) else raw
+    return int(plan[0]["Plan"]["Plan Rows"])
