@@ -18,20 +18,213 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.contrib import admin
+from django.contrib.admin.checks import ModelAdminChecks
+from django.contrib.admin.filters import AllValuesFieldListFilter
 from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import NotRelationField, get_fields_from_path
 from django.contrib.admin.views.main import ChangeList
+from django.core import checks
+from django.core.checks import CheckMessage
+from django.core.exceptions import FieldDoesNotExist
 from django.core.paginator import InvalidPage
-from django.db import router, transaction
+from django.db import connections, models, router, transaction
+from django.db.models import Model, QuerySet
 from django.http import HttpRequest, HttpResponse
 
+from django_scale.checks import _message
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import use_primary
 
-__all__ = ["ScaleChangeList", "ScaleModelAdmin"]
+__all__ = [
+    "ScaleAllValuesFieldListFilter",
+    "ScaleChangeList",
+    "ScaleModelAdmin",
+    "ScaleModelAdminChecks",
+    "distinct_values",
+]
 
 #: Methods that never write, whose pages may be read from a replica.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+#: Most values a plain-field filter lists.
+MAX_FILTER_CHOICES = 100
+
+
+def distinct_values(queryset: QuerySet[Any], field_name: str, limit: int = MAX_FILTER_CHOICES) -> list[Any]:
+    """Return up to *limit* values of *field_name* for a filter, without scanning the table.
+
+    On PostgreSQL, the most common values from the statistics (``pg_stats``) of the
+    queryset's own alias; elsewhere, or before the table was analysed, a ``DISTINCT`` with a
+    ``LIMIT``.
+    """
+    alias = queryset.db
+    connection = connections[alias]
+    model = queryset.model
+    field = model._meta.get_field(field_name)
+    column = getattr(field, "column", None)
+    if connection.vendor == "postgresql" and column:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                SELECT s.null_frac > 0, v
+                  FROM pg_stats s
+                  LEFT JOIN LATERAL unnest(s.most_common_vals::text::text[]) AS v ON true
+                 WHERE s.schemaname = current_schema() AND s.tablename = %s AND s.attname = %s
+                 LIMIT %s
+                """,
+                [model._meta.db_table, column, limit],
+            )
+            rows = cursor.fetchall()
+        if rows:
+            values: list[Any] = sorted({value for _, value in rows if value is not None})
+            return [*values, None] if rows[0][0] else values
+    bounded = queryset.order_by(field_name).values_list(field_name, flat=True).distinct()[:limit]
+    return list(bounded)
+
+
+class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
+    """``AllValuesFieldListFilter`` whose choices come from statistics, not a full ``DISTINCT``."""
+
+    def __init__(
+        self,
+        field: Any,
+        request: HttpRequest,
+        params: dict[str, Any],
+        model: type[Model],
+        model_admin: admin.ModelAdmin,  # type: ignore[type-arg]
+        field_path: str,
+    ) -> None:
+        super().__init__(field, request, params, model, model_admin, field_path)
+        # Django's choices are a lazy SELECT DISTINCT over the whole table; the same rows'
+        # most common values come from the statistics of the database the page reads from.
+        source = self.lookup_choices
+        choices: Any = distinct_values(source.model._default_manager.using(source.db), field.name)
+        self.lookup_choices = choices
+
+
+def _uses_all_values_filter(model: type[Model], name: str) -> bool:
+    """Whether Django would give the list_filter entry *name* an ``AllValuesFieldListFilter``."""
+    try:
+        field = get_fields_from_path(model, name)[-1]
+    except (FieldDoesNotExist, NotRelationField):
+        return False
+    return not (
+        field.is_relation
+        or getattr(field, "flatchoices", None)
+        or isinstance(field, (models.BooleanField, models.DateField))
+    )
+
+
+# -- Checks (3xx) ---------------------------------------------------------------------------
+
+#: Filter classes that list their choices with a SELECT DISTINCT over the whole table.
+DISTINCT_FILTERS = (AllValuesFieldListFilter, admin.RelatedOnlyFieldListFilter)
+#: Search lookups a B-tree index cannot serve: they need a trigram (GIN/GiST) index.
+SUBSTRING_LOOKUPS = ("icontains", "contains", "iregex", "regex", "iendswith", "endswith")
+
+
+def _w301_full_result_count(obj: Any) -> CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W301",
+        f"{type(obj).__name__}.show_full_result_count is True: every filtered changelist also "
+        "runs COUNT(*) over the whole table.",
+        "Remove show_full_result_count (ScaleModelAdmin sets it to False).",
+    )
+
+
+def _w302_distinct_filter(obj: Any, entry: Any) -> CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W302",
+        f"{type(obj).__name__}.list_filter entry {entry!r} lists its choices with SELECT DISTINCT "
+        "over the whole table on every changelist load.",
+        "Give the field name alone (ScaleModelAdmin then takes the choices from the "
+        "statistics) or a SimpleListFilter with fixed choices.",
+    )
+
+
+def _w303_search_without_trigram_index(obj: Any, term: str, field: str) -> CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W303",
+        f"{type(obj).__name__}.search_fields entry {term!r} searches {field!r} by substring, "
+        "which scans the whole table: it has no trigram index.",
+        f"Add GinIndex(fields=[{field!r}], opclasses=['gin_trgm_ops'], name=...) to the model's "
+        "Meta.indexes (needs the pg_trgm extension), or search with '^' (startswith) or '=' (exact).",
+    )
+
+
+def _w304_unindexed_sortable(obj: Any, columns: list[str]) -> CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W304",
+        f"{type(obj).__name__} lets the changelist sort by {', '.join(repr(c) for c in columns)}, "
+        "which no index starts with: sorting a big table by them reads all of it.",
+        "Index those columns, or leave them out of sortable_by.",
+    )
+
+
+def _indexed_columns(model: type[Model]) -> tuple[set[str], set[str]]:
+    """Return the field names that lead a B-tree index, and those with a trigram index."""
+    btree: set[str] = {model._meta.pk.name} if model._meta.pk else set()
+    trigram: set[str] = set()
+    for field in model._meta.concrete_fields:
+        if getattr(field, "db_index", False) or field.unique or field.is_relation:
+            btree.add(field.name)
+    for index in model._meta.indexes:
+        names = [name.lstrip("-") for name in index.fields]
+        if "gin_trgm_ops" in (getattr(index, "opclasses", None) or ()) or "gist_trgm_ops" in (
+            getattr(index, "opclasses", None) or ()
+        ):
+            trigram.update(names)
+        elif names and type(index).__name__ in ("Index", "BTreeIndex"):
+            btree.add(names[0])
+    for constraint in model._meta.constraints:
+        fields = getattr(constraint, "fields", None)
+        if fields:
+            btree.add(fields[0])
+    for together in model._meta.unique_together:
+        if together:
+            btree.add(together[0])
+    return btree, trigram
+
+
+class ScaleModelAdminChecks(ModelAdminChecks):
+    """Django's ``ModelAdmin`` checks plus those for options that are slow on big tables."""
+
+    def check(self, admin_obj: Any, **kwargs: Any) -> list[CheckMessage]:
+        messages: list[CheckMessage] = list(super().check(admin_obj, **kwargs))
+        model = admin_obj.model
+        if admin_obj.show_full_result_count:
+            messages.append(_w301_full_result_count(admin_obj))
+        for entry in admin_obj.list_filter:
+            spec = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else entry
+            if (
+                isinstance(spec, type)
+                and issubclass(spec, DISTINCT_FILTERS)
+                and not issubclass(spec, ScaleAllValuesFieldListFilter)
+            ):
+                messages.append(_w302_distinct_filter(admin_obj, entry))
+        btree, trigram = _indexed_columns(model)
+        if any("postgresql" in db.get("ENGINE", "") for db in settings.DATABASES.values()):
+            for term in admin_obj.search_fields:
+                if term[:1] in "^=@":
+                    continue
+                name, _, lookup = term.partition("__")
+                if (not lookup or lookup.rsplit("__", 1)[-1] in SUBSTRING_LOOKUPS) and name not in trigram:
+                    messages.append(_w303_search_without_trigram_index(admin_obj, term, name))
+        sortable = admin_obj.sortable_by if admin_obj.sortable_by is not None else admin_obj.list_display
+        concrete = {field.name for field in model._meta.concrete_fields}
+        unindexed = [
+            name for name in sortable if isinstance(name, str) and name in concrete and name not in btree
+        ]
+        if unindexed:
+            messages.append(_w304_unindexed_sortable(admin_obj, unindexed))
+        return messages
 
 
 class ScaleChangeList(ChangeList):
@@ -84,8 +277,23 @@ class ScaleModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     #: Counting the unfiltered table for "N results (M total)" is what this class avoids.
     show_full_result_count = False
 
+    if hasattr(admin, "ShowFacets"):
+        # Django 5.0+: facets count every choice over the filtered table on every load.
+        show_facets = admin.ShowFacets.NEVER
+
+    checks_class = ScaleModelAdminChecks
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return ScaleChangeList
+
+    def get_list_filter(self, request: HttpRequest) -> Any:
+        """Give plain-field filters choices from statistics instead of a full ``DISTINCT``."""
+        return [
+            (entry, ScaleAllValuesFieldListFilter)
+            if isinstance(entry, str) and _uses_all_values_filter(self.model, entry)
+            else entry
+            for entry in super().get_list_filter(request)
+        ]
 
     def changeform_view(
         self,

@@ -167,3 +167,63 @@ def test_following_next_in_the_admin_reaches_the_last_author(superuser_client):
             break
         page += 1
     assert seen == 65
+
+
+# -- Filters and checks -----------------------------------------------------------------------
+
+
+def _admin(**options):
+    from django.contrib import admin as django_admin
+
+    from django_scale.admin import ScaleModelAdmin
+
+    cls = type("ProbeAuthorAdmin", (ScaleModelAdmin,), options)
+    return cls(Author, django_admin.site)
+
+
+def _ids(model_admin) -> list[str]:
+    return [message.id for message in model_admin.check() if message.id.startswith("django_scale.")]
+
+
+def test_w301_full_result_count():
+    assert "django_scale.W301" in _ids(_admin(show_full_result_count=True))
+    assert "django_scale.W301" not in _ids(_admin())
+
+
+def test_w302_distinct_filters():
+    from django.contrib.admin import AllValuesFieldListFilter
+
+    assert "django_scale.W302" in _ids(_admin(list_filter=[("name", AllValuesFieldListFilter)]))
+    assert "django_scale.W302" not in _ids(_admin(list_filter=["name"]))
+
+
+@pytest.mark.postgres
+def test_w303_substring_search_without_trigram_index():
+    assert "django_scale.W303" in _ids(_admin(search_fields=["name"]))
+    assert "django_scale.W303" in _ids(_admin(search_fields=["name__icontains"]))
+    assert "django_scale.W303" not in _ids(_admin(search_fields=["^name", "=name"]))
+
+
+def test_w304_unindexed_sortable_columns():
+    assert "django_scale.W304" in _ids(_admin(list_display=["id", "name"]))
+    assert "django_scale.W304" not in _ids(_admin(list_display=["id", "name"], sortable_by=["id"]))
+
+
+def test_plain_field_filter_takes_its_choices_without_a_full_distinct(superuser_client):
+    from django.test import RequestFactory
+
+    Author.objects.bulk_create(Author(name=name) for name in ["Ada"] * 150 + ["Grace"] * 100 + ["Hedy"] * 50)
+    _analyze()
+    model_admin = _admin(list_filter=["name"])
+    request = RequestFactory().get("/admin/testapp/author/")
+    request.user = User.objects.get(username="chief")
+    with CaptureQueriesContext(connections["default"]) as queries:
+        changelist = model_admin.get_changelist_instance(request)
+        [name_filter] = changelist.get_filters(request)[0]
+        shown = [choice["display"] for choice in name_filter.choices(changelist)]
+    assert shown == ["All", "Ada", "Grace", "Hedy"]
+    distinct = [q["sql"] for q in queries.captured_queries if "DISTINCT" in q["sql"].upper()]
+    if connections["default"].vendor == "postgresql":
+        assert distinct == []  # from pg_stats
+    else:
+        assert all("LIMIT" in sql.upper() for sql in distinct)
