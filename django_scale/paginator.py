@@ -17,7 +17,7 @@ from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db.models import QuerySet
 from django.utils.translation import gettext
 
-from django_scale.counting import ApproxCount, approx_count
+from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 
 __all__ = ["ApproxCountPaginator", "ApproxPage"]
 
@@ -64,7 +64,11 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
     """
 
     #: Passed to :func:`~django_scale.counting.approx_count`: exact below this many rows.
-    count_threshold = 10_000
+    count_threshold = DEFAULT_THRESHOLD
+    #: Passed to :func:`~django_scale.counting.approx_count`: a capped count stops here ("10,000+").
+    count_cap = DEFAULT_CAP
+    #: Passed to :func:`~django_scale.counting.approx_count`: seconds a capped count may take.
+    count_budget = DEFAULT_BUDGET
 
     def __init__(
         self,
@@ -83,7 +87,9 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
     def count(self) -> ApproxCount:
         """The number of rows: exact when small, else estimated (see ``approx_count()``)."""
         if isinstance(self.object_list, QuerySet):
-            return approx_count(self.object_list, threshold=self.count_threshold)
+            return approx_count(
+                self.object_list, threshold=self.count_threshold, cap=self.count_cap, budget=self.count_budget
+            )
         return ApproxCount(len(self.object_list), "exact")
 
     @property

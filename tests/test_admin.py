@@ -227,3 +227,28 @@ def test_plain_field_filter_takes_its_choices_without_a_full_distinct(superuser_
         assert distinct == []  # from pg_stats
     else:
         assert all("LIMIT" in sql.upper() for sql in distinct)
+
+
+@pytest.mark.postgres
+def test_a_search_count_out_of_time_under_atomic_requests_falls_back(superuser_client, monkeypatch):
+    from testapp.admin import SmallThresholdPaginator
+
+    Author.objects.bulk_create(Author(name=f"needle {i}") for i in range(20_000))
+    _analyze()
+    connection = connections["default"]
+    # A budget no count of 20,000 rows meets, and a request wrapped in a transaction.
+    monkeypatch.setattr(SmallThresholdPaginator, "count_budget", 0.0005)
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '7s'")
+    with CaptureQueriesContext(connection) as queries:
+        response = superuser_client.get("/admin/testapp/author/?q=eedl")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "≈" in html  # the estimate, because the count ran out of time
+    assert html.count('class="action-checkbox"') == 20
+    assert any("statement_timeout" in q["sql"] for q in queries.captured_queries)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone()[0] == "7s"
+        cursor.execute("RESET statement_timeout")
