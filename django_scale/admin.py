@@ -78,9 +78,10 @@ def distinct_values(queryset: QuerySet[Any], field_name: str, limit: int = MAX_F
                 [model._meta.db_table, column, limit],
             )
             rows = cursor.fetchall()
-        if rows:
-            values: list[Any] = sorted({value for _, value in rows if value is not None})
+        values: list[Any] = sorted({value for _, value in rows if value is not None})
+        if values:
             return [*values, None] if rows[0][0] else values
+        # Not analysed yet, or no value common enough to be listed: a bounded DISTINCT.
     bounded = queryset.order_by(field_name).values_list(field_name, flat=True).distinct()[:limit]
     return list(bounded)
 
@@ -100,8 +101,13 @@ class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
         super().__init__(field, request, params, model, model_admin, field_path)
         # Django's choices are a lazy SELECT DISTINCT over the whole table; the same rows'
         # most common values come from the statistics of the database the page reads from.
+        # Django's own: the admin's queryset (or the related model's), DISTINCT over the field.
         source = self.lookup_choices
-        choices: Any = distinct_values(source.model._default_manager.using(source.db), field.name)
+        base = source.model._base_manager.using(source.db).all()
+        base.query = source.query.chain()
+        base.query.clear_select_clause()
+        base.query.distinct = False
+        choices: Any = distinct_values(base, field.name)
         self.lookup_choices = choices
 
 

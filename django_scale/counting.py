@@ -128,7 +128,7 @@ def approx_count(
         raise ValueError("approx_count() needs threshold >= 1, cap >= 1 and budget > 0")
     queryset = queryset.order_by()
     query = queryset.query
-    if query.is_sliced or query.distinct or query.group_by is not None or query.combinator:
+    if query.is_sliced or query.group_by is not None or query.combinator:
         # Shapes the estimators do not model: count them exactly, as Django would.
         return ApproxCount(queryset.count(), "exact")
     connection = connections[queryset.db]
@@ -136,6 +136,10 @@ def approx_count(
         # No statistics to estimate from: count, but never past the threshold.
         return _exact_or_bound(queryset, threshold, estimate=None)
     shape = _shape(queryset)
+    if query.distinct:
+        # A search across a many-to-many relation makes the admin's queryset DISTINCT: the
+        # plan's estimate covers it, and the exact path counts no more than threshold + 1 rows.
+        shape = _Plan(filtered=True, plannable=shape.plannable)
     if shape.filtered and not shape.plannable:
         # The planner only guesses a substring filter's selectivity: count within a budget.
         return _capped(queryset, max(cap, threshold), budget, fallback=_explain_estimate(queryset))

@@ -252,3 +252,15 @@ def test_a_search_count_out_of_time_under_atomic_requests_falls_back(superuser_c
         cursor.execute("SHOW statement_timeout")
         assert cursor.fetchone()[0] == "7s"
         cursor.execute("RESET statement_timeout")
+
+
+def test_filter_choices_of_a_column_without_common_values_fall_back_to_a_bounded_distinct(db):
+    from django_scale.admin import distinct_values
+
+    Author.objects.bulk_create(Author(name=f"unique {i:04}") for i in range(400))
+    _analyze()  # every name differs: the statistics keep no most common values
+    with CaptureQueriesContext(connections["default"]) as queries:
+        values = distinct_values(Author.objects.all(), "name", limit=100)
+    assert values == [f"unique {i:04}" for i in range(100)]
+    distinct = [q["sql"] for q in queries.captured_queries if "DISTINCT" in q["sql"].upper()]
+    assert distinct and all("LIMIT 100" in sql.upper() for sql in distinct)

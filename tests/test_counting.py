@@ -152,3 +152,14 @@ def test_counts_run_on_the_querysets_own_alias(replica):
     ):
         assert approx_count(Author.objects.using("replica"), threshold=100) == 20
     assert on_replica.captured_queries and not on_primary.captured_queries
+
+
+@pytest.mark.postgres
+def test_a_distinct_queryset_is_never_counted_in_full():
+    # The admin makes a search across a many-to-many relation DISTINCT.
+    make_authors(600)
+    analyze()
+    with CaptureQueriesContext(connection) as queries:
+        result = approx_count(Author.objects.filter(name__startswith="author").distinct(), threshold=100)
+    assert result > 100
+    assert all("LIMIT" in sql.upper() for sql in counts(queries)), counts(queries)

@@ -6,6 +6,8 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from django_scale.querysets import ApproxCountQuerySetMixin
+
 
 class Section(models.Model):
     name = models.CharField(max_length=100)
@@ -41,7 +43,9 @@ class Tag(models.Model):
         return self.name
 
 
-class ArticleQuerySet(models.QuerySet["Article"]):
+class ArticleQuerySet(ApproxCountQuerySetMixin, models.QuerySet["Article"]):
+    """Article queries, with ``approx_count()`` (exact when small, else an estimate)."""
+
     def published(self) -> ArticleQuerySet:
         """Return the articles readers may see: published, newest first."""
         return self.filter(status=Article.Status.PUBLISHED, published_at__lte=timezone.now())
