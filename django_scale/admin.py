@@ -354,16 +354,18 @@ class ScaleChangeList(ChangeList):
         if not isinstance(paginator, ApproxCountPaginator):
             super().get_results(request)
             return
+        # The page first: when it is the last one, its rows give the exact count and no
+        # count runs at all (a search for a rare word would otherwise scan the table twice).
+        try:
+            page = paginator.page(self.page_num)
+        except InvalidPage as exc:
+            raise IncorrectLookupParameters from exc
         count = paginator.count
         can_show_all = count.is_exact and int(count) <= self.list_max_show_all
         if self.show_all and can_show_all:
             result_list: Any = self.queryset._clone()
             multi_page = int(count) > self.list_per_page
         else:
-            try:
-                page = paginator.page(self.page_num)
-            except InvalidPage as exc:
-                raise IncorrectLookupParameters from exc
             result_list = page.object_list
             multi_page = page.has_next() or page.number > 1
         # The page may have corrected an estimate that promised more rows than there are.

@@ -136,9 +136,12 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
         if not rows and not (number == 1 and self.allow_empty_first_page):
             raise EmptyPage(gettext("That page contains no results"))
         self._furthest = max(self._furthest, number + 1 if has_more else number)
-        if not has_more and self.count.is_exact is False and int(self.count) > bottom + len(rows):
-            # The estimate promised more rows than there are: this is the last page.
-            self.__dict__["count"] = ApproxCount(bottom + len(rows), "exact")
+        if not has_more and (rows or number == 1):
+            # The last page: the rows before it and on it are the exact count, whatever an
+            # estimate said, and no count query is needed at all if none ran yet.
+            known = self.__dict__.get("count")
+            if known is None or not known.is_exact:
+                self.__dict__["count"] = ApproxCount(bottom + len(rows), "exact")
         return ApproxPage(object_list, number, self, has_more)
 
     def get_elided_page_range(

@@ -310,3 +310,16 @@ def _admin_for(model, **options):
     from django_scale.admin import ScaleModelAdmin
 
     return type(f"Probe{model.__name__}Admin", (ScaleModelAdmin,), options)(model, django_admin.site)
+
+
+def test_a_search_whose_first_page_is_the_last_counts_nothing(superuser_client):
+    Author.objects.bulk_create(Author(name=f"writer {i}") for i in range(300))
+    Author.objects.bulk_create(Author(name=f"zebra {i}") for i in range(7))
+    _analyze()
+    with CaptureQueriesContext(connections["default"]) as queries:
+        response = superuser_client.get("/admin/testapp/author/?q=zebra")
+    assert response.status_code == 200
+    assert _count_queries(queries) == []
+    html = response.content.decode()
+    assert html.count('class="action-checkbox"') == 7
+    assert "7 results" in html

@@ -115,7 +115,9 @@ def run(out: TextIO, quick: bool = False, sizes: list[int] | None = None) -> Non
             )  # type: ignore[union-attr]
             for scenario, query in SCENARIOS.items():
                 for name in ("stock", "scale"):
-                    url = f"/{name}/news/article/" + query.format(section=section, year=year, middle=rows // 100 // 2)
+                    url = f"/{name}/news/article/" + query.format(
+                        section=section, year=year, middle=rows // 100 // 2
+                    )
                     client.get(url)  # warm caches
                     results.setdefault((scenario, name), {})[rows] = timed(
                         client, url, 1 if rows >= 1_000_000 and name == "stock" else 3
