@@ -271,6 +271,21 @@ class PeriodProbeQuerySetMixin:
     between, whether a row exists in it: at most a hundred cheap probes.
     """
 
+    def aggregate(self, *args: Any, **kwargs: Any) -> Any:
+        # The date hierarchy asks cl.queryset for the first and last dates, then for the
+        # periods: remember the bounds so that the probes do not ask the database again.
+        first, last = kwargs.get("first"), kwargs.get("last")
+        if (
+            args
+            or set(kwargs) != {"first", "last"}
+            or not (isinstance(first, models.Min) and isinstance(last, models.Max))
+        ):
+            return super().aggregate(*args, **kwargs)  # type: ignore[misc]
+        key = f"_django_scale_bounds_{getattr(first.source_expressions[0], 'name', '')}"
+        if key not in self.__dict__:
+            self.__dict__[key] = super().aggregate(*args, **kwargs)  # type: ignore[misc]
+        return dict(self.__dict__[key])
+
     def _probe_periods(self, field_name: str, kind: str, order: str, as_datetimes: bool) -> list[Any]:
         queryset: Any = self
         bounds = queryset.aggregate(first=models.Min(field_name), last=models.Max(field_name))
