@@ -41,6 +41,7 @@ from django_scale.replicas import use_primary
 
 __all__ = [
     "ScaleAllValuesFieldListFilter",
+    "ScaleRelatedFieldListFilter",
     "ScaleChangeList",
     "ScaleModelAdmin",
     "ScaleModelAdminChecks",
@@ -111,6 +112,42 @@ class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
         base.query.distinct = False
         choices: Any = distinct_values(base, field.name)
         self.lookup_choices = choices
+
+
+class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
+    """``RelatedFieldListFilter`` that lists at most ``MAX_FILTER_CHOICES`` related rows.
+
+    Django's lists every row of the related table (every author, to filter articles by
+    author); past a hundred choices a filter is for the search box anyway.
+    """
+
+    def field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
+        remote = getattr(field, "remote_field", None)
+        if remote is None or not hasattr(remote, "get_related_field") or field.auto_created:
+            return super().field_choices(field, request, model_admin)
+        ordering = self.field_admin_ordering(field, request, model_admin) or ()
+        attname = remote.get_related_field().attname
+        related = remote.model._default_manager.complex_filter(field.get_limit_choices_to())
+        rows = list(related.order_by(*ordering)[:MAX_FILTER_CHOICES])
+        choices: list[tuple[Any, str]] = [(getattr(row, attname), str(row)) for row in rows]
+        selected = self.lookup_val
+        shown = {str(value) for value, _ in choices}
+        for value in selected if isinstance(selected, list) else [selected] if selected else []:
+            # Keep the chosen row listed even when it is past the first hundred.
+            if str(value) not in shown:
+                row = related.filter(**{attname: value}).first()
+                if row is not None:
+                    choices.append((getattr(row, attname), str(row)))
+        return choices
+
+
+def _uses_related_filter(model: type[Model], name: str) -> bool:
+    """Whether Django would give the list_filter entry *name* a ``RelatedFieldListFilter``."""
+    try:
+        field = get_fields_from_path(model, name)[-1]
+    except (FieldDoesNotExist, NotRelationField):
+        return False
+    return bool(getattr(field, "remote_field", None)) and not field.auto_created
 
 
 def _uses_all_values_filter(model: type[Model], name: str) -> bool:
@@ -420,12 +457,14 @@ class ScaleModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     def get_list_filter(self, request: HttpRequest) -> Any:
         """Give plain-field filters choices from statistics instead of a full ``DISTINCT``."""
-        return [
-            (entry, ScaleAllValuesFieldListFilter)
-            if isinstance(entry, str) and _uses_all_values_filter(self.model, entry)
-            else entry
-            for entry in super().get_list_filter(request)
-        ]
+        filters = []
+        for entry in super().get_list_filter(request):
+            if isinstance(entry, str) and _uses_all_values_filter(self.model, entry):
+                entry = (entry, ScaleAllValuesFieldListFilter)
+            elif isinstance(entry, str) and _uses_related_filter(self.model, entry):
+                entry = (entry, ScaleRelatedFieldListFilter)
+            filters.append(entry)
+        return filters
 
     def changeform_view(
         self,

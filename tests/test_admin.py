@@ -326,3 +326,30 @@ def test_a_search_whose_first_page_is_the_last_counts_nothing(superuser_client):
     html = response.content.decode()
     assert html.count('class="action-checkbox"') == 7
     assert "7 results" in html
+
+
+def test_a_relation_filter_lists_at_most_a_hundred_rows_and_keeps_the_chosen_one(superuser_client):
+    from django.test import RequestFactory
+
+    authors = Author.objects.bulk_create(Author(name=f"writer {i:03}") for i in range(250))
+    chosen = authors[-1]
+    model_admin = _admin_for(Article, list_filter=["author"], list_display=["id"])
+    user = User.objects.get(username="chief")
+
+    def shown(query: str) -> tuple[list[str], list[str]]:
+        request = RequestFactory().get(f"/admin/testapp/article/{query}")
+        request.user = user
+        with CaptureQueriesContext(connections["default"]) as queries:
+            changelist = model_admin.get_changelist_instance(request)
+            [author_filter] = changelist.get_filters(request)[0]
+            labels = [choice["display"] for choice in author_filter.choices(changelist)]
+        author_sql = [
+            q["sql"] for q in queries.captured_queries if q["sql"].startswith('SELECT "testapp_author"')
+        ]
+        return labels, author_sql
+
+    labels, author_sql = shown("")
+    assert labels[0] == "All" and len(labels) == 101
+    assert author_sql and all("LIMIT 100" in sql.upper() for sql in author_sql)
+    labels, _ = shown(f"?author__id__exact={chosen.pk}")
+    assert "writer 249" in labels
