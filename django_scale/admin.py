@@ -17,6 +17,7 @@ never be saved back over newer ones.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from typing import Any
 
 from django.conf import settings
@@ -25,17 +26,19 @@ from django.contrib.admin.checks import ModelAdminChecks
 from django.contrib.admin.filters import AllValuesFieldListFilter
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.contrib.admin.utils import NotRelationField, get_fields_from_path
-from django.contrib.admin.views.main import ChangeList
-from django.core import checks
+from django.contrib.admin.views.main import PAGE_VAR, ChangeList
+from django.core import checks, signing
 from django.core.checks import CheckMessage
-from django.core.exceptions import FieldDoesNotExist
+from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.paginator import InvalidPage
 from django.db import connections, models, router, transaction
-from django.db.models import Model, QuerySet
+from django.db.models import Model, Q, QuerySet
+from django.db.models.expressions import RawSQL
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from django_scale.checks import _message
+from django_scale.conf import conf
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import use_primary
 
@@ -385,12 +388,107 @@ def _with_period_probes(queryset: QuerySet[Any]) -> QuerySet[Any]:
     return clone  # type: ignore[no-any-return]
 
 
+# -- Keyset pagination -------------------------------------------------------------------------
+
+#: The query parameter that carries a signed keyset cursor to the next page.
+CURSOR_VAR = "_after"
+_CURSOR_SALT = "django_scale.admin.cursor"
+
+
+def _keyset(queryset: QuerySet[Any]) -> list[tuple[str, bool, Any]] | None:
+    """The ordering of *queryset* as (field name, descending, field), when keyset can follow it.
+
+    Only plain, non-null columns of the model itself qualify: a NULL or an ordering through a
+    relation has no simple "after this row" condition.
+    """
+    keys = []
+    for item in queryset.query.order_by:
+        if not isinstance(item, str) or "__" in item or "?" in item:
+            return None
+        descending, name = item.startswith("-"), item.lstrip("-")
+        try:
+            field = queryset.model._meta.pk if name == "pk" else queryset.model._meta.get_field(name)
+        except FieldDoesNotExist:
+            return None
+        if field is None or not getattr(field, "concrete", False) or field.null or field.is_relation:
+            return None
+        keys.append((name, descending, field))
+    return keys or None
+
+
+def _after(keys: list[tuple[str, bool, Any]], values: list[Any], model: type[Model]) -> Any:
+    """The rows that come after *values* in the ordering *keys*.
+
+    With one direction throughout, a row comparison ``(a, b) < (x, y)``, which PostgreSQL
+    serves as one index range; otherwise the same condition spelled out with ``OR``.
+    """
+    values = [field.to_python(value) for (_, _, field), value in zip(keys, values, strict=True)]
+    directions = {descending for _, descending, _ in keys}
+    if len(keys) > 1 and len(directions) == 1:
+        # The primary and the replicas share a vendor (check E104), hence the quoting.
+        quote = connections[conf.PRIMARY].ops.quote_name
+        table = quote(model._meta.db_table)
+        columns = ", ".join(f"{table}.{quote(field.column)}" for _, _, field in keys)
+        placeholders = ", ".join(["%s"] * len(values))
+        operator = "<" if directions == {True} else ">"
+        return RawSQL(f"({columns}) {operator} ({placeholders})", values, output_field=models.BooleanField())
+    condition = Q()
+    for i, (name, descending, _) in enumerate(keys):
+        step = Q(**{f"{name}__{'lt' if descending else 'gt'}": values[i]})
+        for (earlier, _, _), value in zip(keys[:i], values[:i], strict=True):
+            step &= Q(**{earlier: value})
+        condition |= step
+    return condition
+
+
 class ScaleChangeList(ChangeList):
     """A ``ChangeList`` that counts approximately and always fetches a ``LIMIT``ed page.
 
     Django's own shows the whole queryset, with no ``LIMIT``, when the count says everything
     fits on one page; with an estimate that is too low that would load the whole table.
     """
+
+    #: The signed cursor that the link to the next page carries, if keyset can serve it.
+    _next_cursor: str | None = None
+
+    def _fingerprint(self, request: HttpRequest) -> str:
+        """What a cursor is valid for: the filters, search and ordering, not the page."""
+        kept = sorted((key, value) for key, value in request.GET.items() if key not in (PAGE_VAR, CURSOR_VAR))
+        return hashlib.sha256(repr(kept).encode()).hexdigest()[:16]
+
+    def _cursor_filter(self, request: HttpRequest, keys: Any, fingerprint: str) -> Any:
+        raw = request.GET.get(CURSOR_VAR)
+        if not raw or not keys:
+            return None
+        try:
+            data = signing.loads(raw, salt=_CURSOR_SALT)
+        except signing.BadSignature:
+            return None
+        if not isinstance(data, dict) or data.get("p") != self.page_num or data.get("f") != fingerprint:
+            return None  # for another page, filter or ordering: fall back to the OFFSET
+        values = data.get("k")
+        if not isinstance(values, list) or len(values) != len(keys):
+            return None
+        try:
+            return _after(keys, values, self.model)
+        except ValidationError:
+            return None
+
+    def get_filters_params(self, params: Any = None) -> Any:
+        lookup_params = super().get_filters_params(params)
+        lookup_params.pop(CURSOR_VAR, None)
+        return lookup_params
+
+    def get_query_string(self, new_params: Any = None, remove: Any = None) -> str:
+        """Links carry the keyset cursor only to the next page; every other link drops it."""
+        new_params = dict(new_params or {})
+        remove = list(remove or [])
+        page = new_params.get(PAGE_VAR)
+        if self._next_cursor and page is not None and str(page) == str(self.page_num + 1):
+            new_params[CURSOR_VAR] = self._next_cursor
+        else:
+            remove.append(CURSOR_VAR)
+        return super().get_query_string(new_params, remove)
 
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> Any:
         queryset = (
@@ -408,10 +506,19 @@ class ScaleChangeList(ChangeList):
             return
         # The page first: when it is the last one, its rows give the exact count and no
         # count runs at all (a search for a rare word would otherwise scan the table twice).
+        keys = _keyset(self.queryset)
+        fingerprint = self._fingerprint(request)
+        after = self._cursor_filter(request, keys, fingerprint)
         try:
-            page = paginator.page(self.page_num)
+            page = paginator.page(self.page_num, after=after)
         except InvalidPage as exc:
             raise IncorrectLookupParameters from exc
+        rows = list(page.object_list)
+        if keys and rows and page.has_next():
+            values = [field.value_to_string(rows[-1]) for _, _, field in keys]
+            self._next_cursor = signing.dumps(
+                {"p": self.page_num + 1, "k": values, "f": fingerprint}, salt=_CURSOR_SALT, compress=True
+            )
         count = paginator.count
         can_show_all = count.is_exact and int(count) <= self.list_max_show_all
         if self.show_all and can_show_all:

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils.translation import gettext
 
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
@@ -118,11 +118,18 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
             raise EmptyPage(gettext("That page number is less than 1"))
         return int(number)
 
-    def page(self, number: Any) -> ApproxPage:
-        """Return page *number*, fetched with ``LIMIT per_page + 1``; ``EmptyPage`` past the rows."""
+    def page(self, number: Any, after: Q | Any = None) -> ApproxPage:
+        """Return page *number*, fetched with ``LIMIT per_page + 1``; ``EmptyPage`` past the rows.
+
+        With *after*, a filter that keeps the rows past the previous page's last one in the
+        queryset's ordering (keyset pagination), the page is read from there instead of with an
+        ``OFFSET``, which reads and throws away every row before it.
+        """
         number = self.validate_number(number)
         bottom = (number - 1) * self.per_page
-        fetched = self.object_list[bottom : bottom + self.per_page + 1]
+        source: Any = self.object_list if after is None else self.object_list.filter(after)  # type: ignore[attr-defined]
+        start = bottom if after is None else 0
+        fetched = source[start : start + self.per_page + 1]
         rows = list(fetched)
         has_more = len(rows) > self.per_page
         rows = rows[: self.per_page]
@@ -130,7 +137,7 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
         if isinstance(self.object_list, QuerySet):
             # Hand out a queryset, as Django's Paginator does (the admin builds list_editable
             # formsets from it), already holding the rows fetched above: no second query.
-            object_list = self.object_list[bottom : bottom + self.per_page]
+            object_list = source[start : start + self.per_page]
             object_list._result_cache = rows
             object_list._prefetch_done = True
         if not rows and not (number == 1 and self.allow_empty_first_page):

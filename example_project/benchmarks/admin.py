@@ -8,6 +8,7 @@ same rows, through Django's test client. Rows are generated in the database with
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from typing import Any, TextIO
@@ -54,6 +55,8 @@ SCENARIOS = {
     "filtered (section)": "?section__id__exact={section}",
     "searched (rare word)": "?q=zebra",
     "deep page (half way)": "?p={middle}",
+    # What a user clicking "next" gets: django-scale's link carries a keyset cursor.
+    "deep page via next link": "",
     "date hierarchy (year)": "?published_at__year={year}",
 }
 
@@ -82,6 +85,14 @@ def fill(rows: int) -> None:
     for alias in conf.REPLICAS:
         if not monitor(alias).wait_for(position, 120):
             raise SystemExit(f"replica {alias!r} did not replay the generated rows within 120 s")
+
+
+def next_link(client: Client, name: str, page: int) -> str:
+    """The changelist's own link from page *page* - 1 to *page* (with its cursor, if any)."""
+    html = client.get(f"/{name}/news/article/?p={page - 1}").content.decode()
+    found = re.search(rf'href="(\?[^"]*\bp={page}\b[^"]*)"', html)
+    assert found, f"no link to page {page} on the {name} changelist"
+    return f"/{name}/news/article/" + found.group(1).replace("&amp;", "&")
 
 
 def timed(client: Client, url: str, repeats: int) -> float:
@@ -115,6 +126,10 @@ def run(out: TextIO, quick: bool = False, sizes: list[int] | None = None) -> Non
             )  # type: ignore[union-attr]
             for scenario, query in SCENARIOS.items():
                 for name in ("stock", "scale"):
+                    if scenario == "deep page via next link":
+                        url = next_link(client, name, rows // 100 // 2)
+                        results.setdefault((scenario, name), {})[rows] = timed(client, url, 3)
+                        continue
                     url = f"/{name}/news/article/" + query.format(
                         section=section, year=year, middle=rows // 100 // 2
                     )
