@@ -390,3 +390,31 @@ def test_a_forged_or_stale_cursor_falls_back_to_the_offset(superuser_client):
         response = superuser_client.get("/admin/testapp/author/" + query)
         assert response.status_code == 200, query
         assert response.content.decode().count('class="action-checkbox"') > 0, query
+
+
+@pytest.mark.parametrize(("ordering", "expect"), [(["-name"], ") < ("), (["name"], " OR ")])
+def test_keyset_pages_equal_offset_pages_for_any_ordering(superuser_client, ordering, expect):
+    from django.test import RequestFactory
+
+    # Duplicated names: the primary key the admin adds must break the ties.
+    Author.objects.bulk_create(Author(name=f"writer {i % 23:02}") for i in range(70))
+    model_admin = _admin_for(Author, ordering=ordering, list_per_page=20)
+    user = User.objects.get(username="chief")
+
+    def page(query: str):
+        request = RequestFactory().get(f"/admin/testapp/author/{query}")
+        request.user = user
+        with CaptureQueriesContext(connections["default"]) as queries:
+            changelist = model_admin.get_changelist_instance(request)
+        return changelist, [q["sql"] for q in queries.captured_queries]
+
+    first, _ = page("")
+    cursor = first._next_cursor
+    assert cursor
+    for number in (2, 3, 4):
+        by_offset, _ = page(f"?p={number}")
+        by_keyset, sql = page(f"?p={number}&_after={cursor}")
+        assert [a.pk for a in by_keyset.result_list] == [a.pk for a in by_offset.result_list]
+        assert any(expect in q for q in sql if q.startswith('SELECT "testapp_author"')), sql
+        cursor = by_keyset._next_cursor
+    assert cursor is None  # page 4 is the last
