@@ -67,6 +67,7 @@ def distinct_values(queryset: QuerySet[Any], field_name: str, limit: int = MAX_F
     ``LIMIT``.
     """
     alias = queryset.db
+    queryset = queryset.using(alias)  # the statistics and the fallback from the same database
     connection = connections[alias]
     model = queryset.model
     field = model._meta.get_field(field_name)
@@ -144,20 +145,24 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
         return choices
 
 
+def _filter_field(model: type[Model], name: str) -> Any:
+    """The field a list_filter entry *name* filters on, or ``None`` if it names none."""
+    try:
+        return get_fields_from_path(model, name)[-1]
+    except (FieldDoesNotExist, NotRelationField):
+        return None
+
+
 def _uses_related_filter(model: type[Model], name: str) -> bool:
     """Whether Django would give the list_filter entry *name* a ``RelatedFieldListFilter``."""
-    try:
-        field = get_fields_from_path(model, name)[-1]
-    except (FieldDoesNotExist, NotRelationField):
-        return False
-    return bool(getattr(field, "remote_field", None)) and not field.auto_created
+    field = _filter_field(model, name)
+    return field is not None and bool(getattr(field, "remote_field", None)) and not field.auto_created
 
 
 def _uses_all_values_filter(model: type[Model], name: str) -> bool:
     """Whether Django would give the list_filter entry *name* an ``AllValuesFieldListFilter``."""
-    try:
-        field = get_fields_from_path(model, name)[-1]
-    except (FieldDoesNotExist, NotRelationField):
+    field = _filter_field(model, name)
+    if field is None:
         return False
     return not (
         field.is_relation
@@ -225,9 +230,7 @@ def _indexed_columns(model: type[Model]) -> tuple[set[str], set[str]]:
             btree.add(field.name)
     for index in model._meta.indexes:
         names = [name.lstrip("-") for name in index.fields]
-        if "gin_trgm_ops" in (getattr(index, "opclasses", None) or ()) or "gist_trgm_ops" in (
-            getattr(index, "opclasses", None) or ()
-        ):
+        if {"gin_trgm_ops", "gist_trgm_ops"} & set(getattr(index, "opclasses", None) or ()):
             trigram.update(names)
         elif names and type(index).__name__ in ("Index", "BTreeIndex"):
             btree.add(names[0])

@@ -72,6 +72,17 @@ def _not_positive(value: float) -> str | None:
     return "it must be greater than zero" if value <= 0 else None
 
 
+def _seconds(default: float, *, zero_allowed: bool = False) -> Setting:
+    """A duration key: a number of seconds, greater than zero (or, if allowed, zero)."""
+    return Setting(
+        default=default,
+        expected="a number of seconds (int or float)",
+        has_type=_is_number,
+        problem=_negative if zero_allowed else _not_positive,
+        example=repr(default),
+    )
+
+
 #: Every key of ``DJANGO_SCALE`` with its default. ``docs/settings.md`` documents each one.
 SETTINGS: dict[str, Setting] = {
     "PRIMARY": Setting(
@@ -88,27 +99,9 @@ SETTINGS: dict[str, Setting] = {
         problem=_duplicate_aliases,
         example='["replica1", "replica2"]',
     ),
-    "MAX_REPLICA_LAG": Setting(
-        default=5.0,
-        expected="a number of seconds (int or float)",
-        has_type=_is_number,
-        problem=_not_positive,
-        example="5.0",
-    ),
-    "REPLICA_WAIT": Setting(
-        default=0.01,
-        expected="a number of seconds (int or float)",
-        has_type=_is_number,
-        problem=_negative,
-        example="0.01",
-    ),
-    "READ_YOUR_WRITES_MAX_AGE": Setting(
-        default=30.0,
-        expected="a number of seconds (int or float)",
-        has_type=_is_number,
-        problem=_not_positive,
-        example="30.0",
-    ),
+    "MAX_REPLICA_LAG": _seconds(5.0),
+    "REPLICA_WAIT": _seconds(0.01, zero_allowed=True),
+    "READ_YOUR_WRITES_MAX_AGE": _seconds(30.0),
     "READ_YOUR_WRITES_COOKIE": Setting(
         default="django_scale_lsn",
         expected="a cookie name (str)",
@@ -116,20 +109,8 @@ SETTINGS: dict[str, Setting] = {
         problem=_empty_alias,
         example='"django_scale_lsn"',
     ),
-    "REPLICA_DEADLINE": Setting(
-        default=1.0,
-        expected="a number of seconds (int or float)",
-        has_type=_is_number,
-        problem=_not_positive,
-        example="1.0",
-    ),
-    "HEALTH_CHECK_INTERVAL": Setting(
-        default=0.5,
-        expected="a number of seconds (int or float)",
-        has_type=_is_number,
-        problem=_not_positive,
-        example="0.5",
-    ),
+    "REPLICA_DEADLINE": _seconds(1.0),
+    "HEALTH_CHECK_INTERVAL": _seconds(0.5),
     "PRIMARY_FALLBACK_CAP": Setting(
         default=1.0,
         expected="a fraction of reads between 0 and 1 (int or float)",
@@ -137,13 +118,7 @@ SETTINGS: dict[str, Setting] = {
         problem=_not_a_fraction,
         example="0.25",
     ),
-    "REPLICA_RETRY_AFTER": Setting(
-        default=5.0,
-        expected="a number of seconds (int or float)",
-        has_type=_is_number,
-        problem=_not_positive,
-        example="5.0",
-    ),
+    "REPLICA_RETRY_AFTER": _seconds(5.0),
     "CACHE_ALIAS": Setting(
         default="default",
         expected="a cache alias (str)",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from django.db import DatabaseError, connections, transaction
@@ -94,14 +93,8 @@ def _compact(value: int) -> str:
     return number_format(round(value / significant) * significant, force_grouping=True)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    filtered: bool
-    plannable: bool
-
-
-def _shape(queryset: QuerySet[Any]) -> _Plan:
-    where = queryset.query.where
+def _shape(queryset: QuerySet[Any]) -> tuple[bool, bool]:
+    """Return whether *queryset* is filtered (or DISTINCT), and whether the planner can estimate it."""
     lookups: list[Lookup[Any]] = []
 
     def walk(node: Any) -> None:
@@ -111,9 +104,11 @@ def _shape(queryset: QuerySet[Any]) -> _Plan:
             else:
                 walk(child)
 
-    walk(where)
+    walk(queryset.query.where)
     plannable = all(lookup.lookup_name not in UNPLANNABLE_LOOKUPS for lookup in lookups)
-    return _Plan(filtered=bool(where), plannable=plannable)
+    # A search across a many-to-many relation makes the admin's queryset DISTINCT: the plan's
+    # estimate covers it, and the exact path counts no more than threshold + 1 rows.
+    return bool(queryset.query.where) or queryset.query.distinct, plannable
 
 
 def approx_count(
@@ -126,24 +121,21 @@ def approx_count(
     """Return how many rows *queryset* has: exact when small, else an estimate or a lower bound."""
     if threshold < 1 or cap < 1 or budget <= 0:
         raise ValueError("approx_count() needs threshold >= 1, cap >= 1 and budget > 0")
-    queryset = queryset.order_by()
+    # Route once: every query below runs on the same database (queryset.db asks the router).
+    alias = queryset.db
+    queryset = queryset.using(alias).order_by()
     query = queryset.query
     if query.is_sliced or query.group_by is not None or query.combinator:
         # Shapes the estimators do not model: count them exactly, as Django would.
         return ApproxCount(queryset.count(), "exact")
-    connection = connections[queryset.db]
-    if connection.vendor != "postgresql":
+    if connections[alias].vendor != "postgresql":
         # No statistics to estimate from: count, but never past the threshold.
         return _exact_or_bound(queryset, threshold, estimate=None)
-    shape = _shape(queryset)
-    if query.distinct:
-        # A search across a many-to-many relation makes the admin's queryset DISTINCT: the
-        # plan's estimate covers it, and the exact path counts no more than threshold + 1 rows.
-        shape = _Plan(filtered=True, plannable=shape.plannable)
-    if shape.filtered and not shape.plannable:
+    filtered, plannable = _shape(queryset)
+    if filtered and not plannable:
         # The planner only guesses a substring filter's selectivity: count within a budget.
         return _capped(queryset, max(cap, threshold), budget, fallback=_explain_estimate(queryset))
-    estimate = None if shape.filtered else _table_estimate(queryset.db, queryset.model)
+    estimate = None if filtered else _table_estimate(alias, queryset.model)
     if estimate is None:
         estimate = _explain_estimate(queryset)
     if estimate is not None and estimate > threshold:
@@ -168,23 +160,19 @@ def _bounded_count(queryset: QuerySet[Any], limit: int) -> int:
 
 
 def _capped(queryset: QuerySet[Any], cap: int, budget: float, fallback: int | None) -> ApproxCount:
-    """Count up to *cap* + 1 rows within *budget* seconds; else fall back to the estimate."""
-    alias = queryset.db
-    connection = connections[alias]
+    """Count up to *cap* + 1 rows within *budget* seconds (PostgreSQL); else use the estimate."""
+    alias = queryset.db  # pinned by approx_count(): no router call
     try:
-        if connection.vendor == "postgresql":
-            with transaction.atomic(using=alias), connection.cursor() as cursor:
-                # SET LOCAL ends with this transaction (or savepoint, when it rolls back);
-                # the previous value is put back explicitly for a released savepoint.
-                cursor.execute("SHOW statement_timeout")
-                previous = cursor.fetchone()[0]
-                cursor.execute(
-                    "SELECT set_config('statement_timeout', %s, true)", [f"{max(int(budget * 1000), 1)}ms"]
-                )
-                counted = _bounded_count(queryset, cap + 1)
-                cursor.execute("SELECT set_config('statement_timeout', %s, true)", [previous])
-        else:
+        with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+            # SET LOCAL ends with this transaction (or savepoint, when it rolls back); the
+            # previous value is put back explicitly for a released savepoint.
+            cursor.execute("SHOW statement_timeout")
+            previous = cursor.fetchone()[0]
+            cursor.execute(
+                "SELECT set_config('statement_timeout', %s, true)", [f"{max(int(budget * 1000), 1)}ms"]
+            )
             counted = _bounded_count(queryset, cap + 1)
+            cursor.execute("SELECT set_config('statement_timeout', %s, true)", [previous])
     except DatabaseError:
         if fallback is None:
             raise

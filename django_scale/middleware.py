@@ -14,8 +14,7 @@ primary. The cookie expires after ``READ_YOUR_WRITES_MAX_AGE`` seconds.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -27,12 +26,13 @@ from django.http import HttpRequest, HttpResponseBase
 
 from django_scale.conf import conf
 from django_scale.replicas import (
-    ReplicaGuard,
+    STICKY_PRIMARY,
     RoutingState,
+    await_replica,
+    decode_position,
+    guard_replicas,
     monitor,
-    parse_lsn,
     routing_state,
-    wait_for_replicas,
 )
 
 __all__ = ["ScaleMiddleware"]
@@ -41,14 +41,12 @@ logger = logging.getLogger("django_scale.middleware")
 
 #: The salt of the read-your-writes cookie's signature, so no other signed value can pass as it.
 COOKIE_SALT = "django_scale.read_your_writes"
-#: The cookie value that sends reads to the primary (a primary without WAL positions).
-STICKY_PRIMARY = "primary"
 
 
 def read_cookie(request: HttpRequest) -> tuple[int | None, bool]:
     """Return the WAL position the user's last write reached, and whether to stick to the primary.
 
-    A missing, expired, forged or malformed cookie counts as no recent write.
+    A missing, expired or forged cookie counts as no recent write.
     """
     try:
         value = request.get_signed_cookie(
@@ -58,14 +56,7 @@ def read_cookie(request: HttpRequest) -> tuple[int | None, bool]:
         )
     except (KeyError, BadSignature):
         return None, False
-    if value == STICKY_PRIMARY:
-        return None, True
-    if value is None:
-        return None, False
-    try:
-        return parse_lsn(value), False
-    except ValueError:
-        return None, False
+    return decode_position(value)
 
 
 def current_wal_position(alias: str) -> str | None:
@@ -84,16 +75,8 @@ def current_wal_position(alias: str) -> str | None:
     return str(row[0]) if row else None
 
 
-def _open(state: RoutingState) -> None:
-    """Before the view: find a replica that has replayed the user's last write, or pin."""
-    if state.required_lsn is None:
-        return
-    replicas = list(conf.REPLICAS)
-    alias = wait_for_replicas(replicas, state.required_lsn, conf.REPLICA_WAIT) if replicas else None
-    if alias is None:
-        state.pin("no replica replayed the user's last write within REPLICA_WAIT")
-    else:
-        state.replica = alias
+#: Why a request reads from the primary when no replica caught up in time.
+NOT_CAUGHT_UP = "no replica replayed the user's last write within REPLICA_WAIT"
 
 
 def _needs_wait(state: RoutingState) -> bool:
@@ -124,15 +107,6 @@ def _close(
         response.delete_cookie(name, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax")
 
 
-@contextmanager
-def _guard_replicas() -> Iterator[None]:
-    """Wrap the request's queries on each replica in a :class:`~django_scale.replicas.ReplicaGuard`."""
-    with ExitStack() as stack:
-        for alias in conf.REPLICAS:
-            stack.enter_context(connections[alias].execute_wrapper(ReplicaGuard(alias)))
-        yield
-
-
 class ScaleMiddleware:
     """Open a :class:`~django_scale.replicas.RoutingState` per request (sync and async)."""
 
@@ -153,8 +127,8 @@ class ScaleMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         required, sticky = read_cookie(request)
-        with routing_state(required, sticky_primary=sticky) as state, _guard_replicas():
-            _open(state)
+        with routing_state(required, sticky_primary=sticky) as state, guard_replicas():
+            await_replica(state, NOT_CAUGHT_UP)
             response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
             position = current_wal_position(conf.PRIMARY) if state.wrote else None
             _close(request, response, state, position)
@@ -162,12 +136,12 @@ class ScaleMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         required, sticky = read_cookie(request)
-        with routing_state(required, sticky_primary=sticky) as state, _guard_replicas():
+        with routing_state(required, sticky_primary=sticky) as state, guard_replicas():
             if _needs_wait(state):
                 # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
-                await sync_to_async(_open, thread_sensitive=False)(state)
+                await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
             else:
-                _open(state)
+                await_replica(state, NOT_CAUGHT_UP)
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
             position = None
             if state.wrote:

@@ -37,12 +37,16 @@ from django.db import DatabaseError, InterfaceError, InternalError, OperationalE
 from django_scale.conf import conf
 
 __all__ = [
+    "STICKY_PRIMARY",
     "FallbackWindow",
     "ReplicaGuard",
     "ReplicaMonitor",
     "RoutingState",
+    "await_replica",
     "current_state",
+    "decode_position",
     "format_lsn",
+    "guard_replicas",
     "mark_write",
     "monitor",
     "parse_lsn",
@@ -169,6 +173,51 @@ def mark_write(alias: str | None = None) -> None:
     if state is not None and (alias is None or alias == conf.PRIMARY):
         state.wrote = True
         state.pin("this request wrote")
+
+
+#: The value of a read-your-writes cookie or task header that means "read from the primary":
+#: the user wrote, but the primary has no WAL position to wait for.
+STICKY_PRIMARY = "primary"
+
+
+def decode_position(value: str | None) -> tuple[int | None, bool]:
+    """Decode a cookie or header value: the WAL position to wait for, and whether to stick to the primary.
+
+    ``None`` means no recent write; a malformed value sticks to the primary, which is slower
+    but never stale.
+    """
+    if value is None:
+        return None, False
+    if value == STICKY_PRIMARY:
+        return None, True
+    try:
+        return parse_lsn(value), False
+    except ValueError:
+        return None, True
+
+
+def await_replica(state: RoutingState, reason: str) -> None:
+    """Find a replica that has replayed *state*'s required position within ``REPLICA_WAIT``, or pin.
+
+    Called once when a request or task opens its state, so that its reads need no I/O later.
+    """
+    if state.required_lsn is None:
+        return
+    replicas = list(conf.REPLICAS)
+    alias = wait_for_replicas(replicas, state.required_lsn, conf.REPLICA_WAIT) if replicas else None
+    if alias is None:
+        state.pin(reason)
+    else:
+        state.replica = alias
+
+
+@contextmanager
+def guard_replicas() -> Iterator[None]:
+    """Wrap the queries on each replica inside the block in a :class:`ReplicaGuard`."""
+    with contextlib.ExitStack() as stack:
+        for alias in conf.REPLICAS:
+            stack.enter_context(connections[alias].execute_wrapper(ReplicaGuard(alias)))
+        yield
 
 
 # -- use_primary() / use_replica() ---------------------------------------------------------
@@ -310,10 +359,10 @@ class ReplicaMonitor:
         if not self._first.is_set():
             # The first use in this process waits for one probe, within the deadline.
             self._first.wait(conf.REPLICA_DEADLINE)
+        if self.is_unresponsive(now):
+            return False, now
         deadline = conf.REPLICA_DEADLINE
         busy_since = self._busy_since
-        if now < self.down_until or (busy_since is not None and now - busy_since > deadline):
-            return False, now
         # Without a fresh probe the replica may have frozen: trust the last one for so long.
         fresh_until = self.checked_at + conf.HEALTH_CHECK_INTERVAL + deadline
         if not self.checked_at or now > fresh_until:
@@ -519,17 +568,6 @@ def monitor(alias: str) -> ReplicaMonitor:
         if alias not in _monitors:
             _monitors[alias] = ReplicaMonitor(alias)
         return _monitors[alias]
-
-
-def _forget_after_fork() -> None:
-    # A forked worker (gunicorn, Celery's prefork pool) inherits the monitors but not their
-    # threads or locks: start afresh in the child.
-    global _monitors_lock
-    _monitors.clear()
-    _monitors_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def wait_for_replicas(aliases: list[str], lsn: int, timeout: float) -> str | None:
@@ -768,14 +806,12 @@ class Watchdog:
         self._lock = threading.Lock()
         self._has_work = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pid = 0
         #: How many queries it has cut off (for tests and metrics).
         self.cut_off = 0
 
     def watch(self, alias: str, connection: Any) -> int:
         with self._lock:
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="django-scale-watchdog", daemon=True)
                 self._thread.start()
             self._next += 1
@@ -822,6 +858,18 @@ class Watchdog:
 
 #: The process's :class:`Watchdog`.
 watchdog = Watchdog()
+
+
+def _forget_after_fork() -> None:
+    # A forked worker (gunicorn, Celery's prefork pool) inherits the monitors and the watchdog
+    # but not their threads or locks: start afresh in the child.
+    global _monitors_lock, watchdog
+    _monitors.clear()
+    _monitors_lock = threading.Lock()
+    watchdog = Watchdog()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def stop_monitors() -> None:

@@ -102,7 +102,7 @@ class ReplicaRouter:
         instance = hints.get("instance")
         if instance is not None and instance._state.db not in (None, primary, *replicas):
             return None
-        mark_write(primary)
+        mark_write()
         return primary
 
     def allow_relation(self, obj1: Model, obj2: Model, **hints: Any) -> bool | None:

@@ -17,27 +17,25 @@ from contextlib import ExitStack
 from typing import Any
 
 from celery import signals
-from django.db import connections
 
 from django_scale.conf import conf
 from django_scale.middleware import current_wal_position
 from django_scale.replicas import (
-    ReplicaGuard,
+    STICKY_PRIMARY,
+    await_replica,
     current_state,
+    decode_position,
     format_lsn,
-    parse_lsn,
+    guard_replicas,
     routing_state,
-    wait_for_replicas,
 )
 
-__all__ = ["HEADER", "STICKY_PRIMARY"]
+__all__ = ["HEADER"]
 
 logger = logging.getLogger("django_scale.tasks")
 
 #: The message header that carries the WAL position a task's reads must see.
 HEADER = "django_scale_lsn"
-#: The header value that sends a task's reads to the primary (no WAL position available).
-STICKY_PRIMARY = "primary"
 
 # The routing state of each running task, by task id, from task_prerun to task_postrun.
 _open_tasks: dict[str, ExitStack] = {}
@@ -86,26 +84,15 @@ def open_state(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
         # An eager task runs inside its caller's request and routing state.
         return
     value = _header(task)
-    required: int | None = None
-    sticky = value == STICKY_PRIMARY
-    if value is not None and not sticky:
-        try:
-            required = parse_lsn(value)
-        except ValueError:
-            logger.warning(
-                "task %s has a malformed %s header %r; reading from the primary", task_id, HEADER, value
-            )
-            sticky = True
+    required, sticky = decode_position(value)
+    if sticky and value != STICKY_PRIMARY:
+        logger.warning(
+            "task %s has a malformed %s header %r; reading from the primary", task_id, HEADER, value
+        )
     stack = ExitStack()
     state = stack.enter_context(routing_state(required, sticky_primary=sticky))
-    for alias in conf.REPLICAS:
-        stack.enter_context(connections[alias].execute_wrapper(ReplicaGuard(alias)))
-    if required is not None:
-        ready = wait_for_replicas(list(conf.REPLICAS), required, conf.REPLICA_WAIT) if conf.REPLICAS else None
-        if ready is None:
-            state.pin("no replica replayed the write of the request that enqueued the task")
-        else:
-            state.replica = ready
+    stack.enter_context(guard_replicas())
+    await_replica(state, "no replica replayed the write of the request that enqueued the task")
     _open_tasks[task_id] = stack
 
 

@@ -14,7 +14,14 @@ from django.test.utils import TestContextDecorator, override_settings
 from django_scale.conf import conf
 from django_scale.replicas import _capture
 
-__all__ = ["capture_reads", "override_scale_settings", "share_primary_connection", "simulate_lag"]
+__all__ = [
+    "capture_reads",
+    "override_scale_settings",
+    "pause_replay",
+    "resume_replay",
+    "share_primary_connection",
+    "simulate_lag",
+]
 
 
 class override_scale_settings(override_settings):  # noqa: N801 - named like override_settings
@@ -89,6 +96,29 @@ class share_primary_connection(TestContextDecorator):  # noqa: N801 - used like 
         self.saved = {}
 
 
+def pause_replay(alias: str, timeout: float = 10.0) -> None:
+    """Stop WAL replay on the real PostgreSQL standby *alias*, and wait until it has stopped.
+
+    Needs a superuser (or ``pg_wal_replay_pause`` granted) on the standby.
+    """
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_wal_replay_pause()")
+        deadline = time.monotonic() + timeout
+        while True:
+            cursor.execute("SELECT pg_get_wal_replay_pause_state()")
+            if cursor.fetchone()[0] == "paused":
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replay on {alias!r} did not pause within {timeout:g} s")
+            time.sleep(0.005)
+
+
+def resume_replay(alias: str) -> None:
+    """Resume WAL replay on the standby *alias* (it catches up on its own)."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_wal_replay_resume()")
+
+
 @contextmanager
 def simulate_lag(alias: str) -> Iterator[None]:
     """Pause WAL replay on the real PostgreSQL standby *alias* for the block: real replication lag.
@@ -96,19 +126,8 @@ def simulate_lag(alias: str) -> Iterator[None]:
     Writes made on the primary inside the block stay invisible on the standby until the block
     ends. Needs a superuser (or ``pg_wal_replay_pause`` granted) on the standby.
     """
-    connection = connections[alias]
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_wal_replay_pause()")
-        deadline = time.monotonic() + 10
-        while True:
-            cursor.execute("SELECT pg_get_wal_replay_pause_state()")
-            if cursor.fetchone()[0] == "paused":
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"replay on {alias!r} did not pause within 10 s")
-            time.sleep(0.005)
+    pause_replay(alias)
     try:
         yield
     finally:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_wal_replay_resume()")
+        resume_replay(alias)

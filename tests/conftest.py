@@ -11,6 +11,8 @@ from django.conf import settings
 from django.core.cache import BaseCache, caches
 from django.db import connections
 
+from django_scale.testing import pause_replay, resume_replay
+
 import harness
 
 #: Fixtures that need a service, and the marker (service) each one implies.
@@ -91,15 +93,10 @@ class Replica:
 
     def pause(self) -> None:
         """Stop replaying WAL on the standby, so writes on the primary stay invisible there."""
-        self._value(self.alias, "SELECT pg_wal_replay_pause()::text")
-        deadline = time.monotonic() + 10
-        while not self.is_paused():
-            if time.monotonic() > deadline:
-                raise AssertionError("the replica did not pause replay within 10 s")
-            time.sleep(0.005)
+        pause_replay(self.alias)
 
     def resume(self) -> None:
-        self._value(self.alias, "SELECT pg_wal_replay_resume()::text")
+        resume_replay(self.alias)
 
 
 @pytest.fixture

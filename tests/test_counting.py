@@ -120,12 +120,14 @@ def test_substring_search_is_a_capped_count():
 def test_never_analysed_table_never_gets_a_full_count():
     make_authors(700)
     with connection.cursor() as cursor:
-        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = 'testapp_author'::regclass")
-        reltuples = cursor.fetchone()[0]
+        # What the statistics of a table never analysed say (PostgreSQL 14+).
+        cursor.execute(
+            "UPDATE pg_class SET reltuples = -1, relpages = 0 WHERE oid = 'testapp_author'::regclass"
+        )
     with CaptureQueriesContext(connection) as queries:
         result = approx_count(Author.objects.all(), threshold=100)
     assert result > 100
-    assert all("LIMIT" in sql.upper() for sql in counts(queries)), (reltuples, counts(queries))
+    assert all("LIMIT" in sql.upper() for sql in counts(queries)), counts(queries)
 
 
 @pytest.mark.postgres

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -25,7 +26,7 @@ from django_scale.replicas import (
     watchdog,
 )
 from django_scale.routers import ReplicaRouter
-from django_scale.testing import capture_reads, override_scale_settings
+from django_scale.testing import capture_reads, override_scale_settings, simulate_lag
 
 import harness
 from testapp.models import Article, Author
@@ -263,7 +264,7 @@ def test_a_forged_cookie_counts_for_nothing(caught_up, paused_replica):
 @REPLICA
 def test_reads_return_to_the_replica_once_it_replayed_the_write(caught_up):
     client = Client()
-    with caught_up_paused(caught_up):
+    with simulate_lag("replica"):
         pk = client.post("/authors/", {"name": "Katherine"}).json()["pk"]
         assert client.get(f"/authors/{pk}/").json()["reads"] == {"default": 1}
     caught_up.wait_for_replay()
@@ -307,14 +308,20 @@ def test_async_views_read_their_writes_and_pins_do_not_leak(caught_up, paused_re
 # -- Health ----------------------------------------------------------------------------------
 
 
-@REPLICA
-def test_a_lagging_replica_is_ejected_and_readmitted(caught_up):
-    with override_scale_settings(MAX_REPLICA_LAG=0.3), caught_up_paused(caught_up):
+@contextmanager
+def lagging() -> Iterator[None]:
+    """Pause the replica behind a write until it is ejected for lag (MAX_REPLICA_LAG = 0.3 s)."""
+    with override_scale_settings(MAX_REPLICA_LAG=0.3), simulate_lag("replica"):
         Author.objects.create(name="lag maker")
         eventually(lambda: not monitor("replica").is_available(), what="ejection for lag")
-        with capture_reads() as reads:
-            list(Author.objects.all())
-        assert reads == {"default": 1}
+        yield
+
+
+@REPLICA
+def test_a_lagging_replica_is_ejected_and_readmitted(caught_up):
+    with lagging(), capture_reads() as reads:
+        list(Author.objects.all())
+    assert reads == {"default": 1}
     eventually(lambda: monitor("replica").is_available(), what="re-admission after replay resumed")
     with capture_reads() as reads:
         list(Author.objects.all())
@@ -433,19 +440,6 @@ def _primary_lsn() -> str:
         return str(cursor.fetchone()[0])
 
 
-class caught_up_paused:  # noqa: N801 - used like a function
-    """Pause replay on the harness replica for a block (resumed, not waited for, on exit)."""
-
-    def __init__(self, replica: object) -> None:
-        self.replica = replica
-
-    def __enter__(self) -> None:
-        self.replica.pause()  # type: ignore[attr-defined]
-
-    def __exit__(self, *exc: object) -> None:
-        self.replica.resume()  # type: ignore[attr-defined]
-
-
 # -- Celery --------------------------------------------------------------------------------
 
 
@@ -493,9 +487,7 @@ def test_a_task_published_inside_a_request_that_wrote_carries_the_position(caugh
 
 @REPLICA
 def test_the_fallback_cap_keeps_free_reads_on_a_lagging_replica(caught_up):
-    with override_scale_settings(MAX_REPLICA_LAG=0.3), caught_up_paused(caught_up):
-        Author.objects.create(name="lag maker")
-        eventually(lambda: not monitor("replica").is_available(), what="ejection for lag")
+    with lagging():
         with capture_reads() as uncapped:
             for _ in range(100):
                 list(Author.objects.all()[:1])
