@@ -12,4 +12,5 @@ urlpatterns = [
     path("authors/enqueue/", views.create_author_and_enqueue),
     path("async/authors/", views.async_create_author),
     path("async/authors/<int:pk>/", views.async_show_author),
+    path("async/statement-timeout/", views.async_statement_timeout),
 ]

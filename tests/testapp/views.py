@@ -50,3 +50,21 @@ def create_author_and_enqueue(request: HttpRequest) -> JsonResponse:
     author = Author.objects.create(name=request.POST.get("name", "someone"))
     result = author_exists.delay(author.pk)
     return JsonResponse({"pk": author.pk, "task": result.id})
+
+
+async def async_statement_timeout(request: HttpRequest) -> JsonResponse:
+    """Show the session's statement_timeout inside a limit from the query string, and after it."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    from django_scale.timeouts import statement_timeout
+
+    def show() -> str:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SHOW statement_timeout")
+            return str(cursor.fetchone()[0])
+
+    async with statement_timeout(int(request.GET["ms"]) / 1000, using="default"):
+        inside = await sync_to_async(show)()
+    after = await sync_to_async(show)()
+    return JsonResponse({"inside": inside, "after": after})

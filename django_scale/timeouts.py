@@ -1,0 +1,371 @@
+"""``statement_timeout()``: how long any one SQL statement may run, per database alias.
+
+A web request that times out does not cancel its query: the database goes on running it
+for nobody. :func:`statement_timeout` asks the database itself to cancel every statement that
+runs longer than the limit, on the aliases you name, for the duration of a block::
+
+    with statement_timeout(2.5, using="replica1"):
+        rows = list(Report.objects.using("replica1").filter(...))
+
+    @statement_timeout(5)          # every alias, sync or async view
+    def dashboard(request): ...
+
+How it is applied, on PostgreSQL:
+
+* **Outside a transaction** the limit is set lazily, with one ``set_config()`` just before
+  the first statement the block runs on that alias (an alias the block never uses costs
+  nothing, not even a connection), and the previous value is put back on exit, on every exit
+  path, so a persistent connection never keeps it.
+* **Inside a transaction** (``atomic()``, ``ATOMIC_REQUESTS``) the block runs in a savepoint
+  with ``SET LOCAL``: a statement cancelled by the limit rolls back to the savepoint only, so
+  the caller can catch the error and go on with the rest of its transaction (a plain
+  ``SET statement_timeout`` would leave the whole transaction aborted). The previous value is
+  restored before the savepoint is released.
+
+Blocks nest, on one alias or on several, and each restores what the enclosing block (or the
+connection) had: the limits live in a :mod:`contextvars` variable, so threads and concurrent
+async tasks never see each other's. On SQLite the limit interrupts a statement that runs
+past it before returning its first rows; on other databases the block changes nothing.
+
+A statement stopped by the limit raises Django's ``OperationalError``;
+:func:`is_statement_timeout` tells it from other errors.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from types import MappingProxyType
+from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import DatabaseError, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+__all__ = ["current_statement_timeout", "is_statement_timeout", "statement_timeout"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("django_scale.timeouts")
+
+#: SQLSTATE of a statement cancelled by ``statement_timeout`` (or ``pg_cancel_backend``).
+QUERY_CANCELED = "57014"
+
+
+class _Limit(NamedTuple):
+    """The limit a block put on one alias, and whether it is a ``SET LOCAL`` in a savepoint."""
+
+    milliseconds: int
+    local: bool
+
+
+#: The innermost block's limit on each alias, in the current context.
+_limits: contextvars.ContextVar[Mapping[str, _Limit]] = contextvars.ContextVar(
+    "django_scale_statement_timeouts", default=MappingProxyType({})
+)
+#: The lazy blocks that have just closed and whose sessions need their limits put back.
+_pending_restores: contextvars.ContextVar[list[tuple[BaseDatabaseWrapper, str]]] = contextvars.ContextVar(
+    "django_scale_statement_timeout_restores"
+)
+
+# Set the new value and return the old one in one round trip. The CTE is materialised
+# before set_config() runs, so `previous` is the value from before this statement.
+_SWAP = (
+    "WITH previous AS MATERIALIZED (SELECT current_setting('statement_timeout') AS value) "
+    "SELECT value, set_config('statement_timeout', %s, {local}) FROM previous"
+)
+_SET = "SELECT set_config('statement_timeout', %s, {local})"
+
+#: How many SQLite virtual machine instructions run between two looks at the clock.
+SQLITE_CHECK_EVERY = 10_000
+
+
+def current_statement_timeout(using: str) -> float | None:
+    """Return the limit, in seconds, that blocks in this context put on *using*, or ``None``."""
+    limit = _limits.get().get(using)
+    return None if limit is None else limit.milliseconds / 1000
+
+
+def is_statement_timeout(error: BaseException) -> bool:
+    """Return whether *error* is a statement cancelled by a time limit (or by a DBA)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "pgcode", None) or getattr(current, "sqlstate", None)
+        if code == QUERY_CANCELED:
+            return True
+        if isinstance(current, sqlite3.OperationalError) and str(current) == "interrupted":
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class _ConnectionState:
+    """What django-scale set on one database connection, so it can be put back exactly."""
+
+    __slots__ = ("applied", "baseline", "blocks", "raw")
+
+    def __init__(self) -> None:
+        #: How many lazy blocks, in any context, are open on the connection.
+        self.blocks = 0
+        #: The DB-API connection that ``baseline`` and ``applied`` describe.
+        self.raw: Any = None
+        #: The value the session had before django-scale first set it, if it did.
+        self.baseline: str | None = None
+        #: The value django-scale last set in the session (PostgreSQL), or the limit of the
+        #: statement running now (SQLite).
+        self.applied: str | None = None
+
+    def session(self, raw: Any) -> _ConnectionState:
+        """Forget what was set on a connection that has since been closed or replaced."""
+        if raw is not self.raw:
+            self.raw, self.baseline, self.applied = raw, None, None
+        return self
+
+
+def _state(connection: BaseDatabaseWrapper) -> _ConnectionState:
+    state: _ConnectionState | None = getattr(connection, "_django_scale_timeout", None)
+    if state is None:
+        state = _ConnectionState()
+        connection._django_scale_timeout = state  # type: ignore[attr-defined]
+    return state.session(connection.connection)
+
+
+def _value(milliseconds: int) -> str:
+    return f"{milliseconds}ms"
+
+
+def _postgresql_wrapper(alias: str) -> Callable[..., Any]:
+    """An execute wrapper that makes the session's limit match this context's before a statement."""
+
+    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        connection = context["connection"]
+        state = _state(connection)
+        limit = _limits.get().get(alias)
+        if limit is None or not limit.local:
+            # No limit in this context (another task's block left one in the session), or a
+            # session limit; a SET LOCAL block has set its own.
+            wanted = state.baseline if limit is None else _value(limit.milliseconds)
+            if wanted is not None and state.applied != wanted:
+                cursor = context["cursor"].cursor  # the DB-API cursor: no wrappers, no recursion
+                if state.baseline is None:
+                    cursor.execute(_SWAP.format(local="false"), [wanted])
+                    state.baseline = cursor.fetchone()[0]
+                else:
+                    cursor.execute(_SET.format(local="false"), [wanted])
+                state.applied = wanted
+        return execute(sql, params, many, context)
+
+    return wrapper
+
+
+def _sqlite_wrapper(alias: str) -> Callable[..., Any]:
+    """An execute wrapper that interrupts a statement past this context's limit (SQLite)."""
+
+    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        connection = context["connection"]
+        state = _state(connection)
+        limit = _limits.get().get(alias)
+        if limit is None or state.applied is not None:
+            return execute(sql, params, many, context)  # no limit here, or an outer wrapper set it
+        deadline = time.monotonic() + limit.milliseconds / 1000
+        raw = connection.connection
+        raw.set_progress_handler(lambda: int(time.monotonic() > deadline), SQLITE_CHECK_EVERY)
+        state.applied = _value(limit.milliseconds)
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            state.applied = None
+            raw.set_progress_handler(None, SQLITE_CHECK_EVERY)
+
+    return wrapper
+
+
+def _restore(connection: BaseDatabaseWrapper, alias: str) -> None:
+    """Put the session's limit back to what this context's enclosing block (or the connection) had."""
+    state = _state(connection)
+    state.blocks -= 1
+    if state.baseline is None or connection.connection is None:
+        return  # nothing was set, or the connection that had it is gone
+    limit = _limits.get().get(alias)
+    # Other tasks' blocks still open on this connection set their own limit again before
+    # their next statement; this context's statements get the enclosing limit or none.
+    wanted = state.baseline if limit is None or limit.local else _value(limit.milliseconds)
+    if state.applied != wanted:
+        try:
+            with connection.cursor() as cursor:
+                cursor.cursor.execute(_SET.format(local="false"), [wanted])
+        except DatabaseError:
+            # The session can no longer say what it runs with: make sure it is not reused.
+            logger.warning("Could not restore statement_timeout on %r; closing the connection.", alias)
+            if connection.in_atomic_block:
+                connection.close_at = 0  # closed at the end of the request, after its transaction
+            else:
+                connection.close()
+            return
+        state.applied = wanted
+    if state.blocks == 0:
+        state.baseline = state.applied = None
+
+
+@contextmanager
+def _in_savepoint(connection: BaseDatabaseWrapper, alias: str, milliseconds: int) -> Iterator[None]:
+    """Run the block in a savepoint with ``SET LOCAL`` (PostgreSQL, inside a transaction)."""
+    with transaction.atomic(using=alias):
+        with connection.cursor() as cursor:
+            cursor.cursor.execute(_SWAP.format(local="true"), [_value(milliseconds)])
+            previous = cursor.cursor.fetchone()[0]
+        yield
+        # Released, the savepoint would keep SET LOCAL to the end of the transaction.
+        # (Rolled back, by an exception, it undoes SET LOCAL by itself, and so does the
+        # rollback that a transaction marked for one is heading for.)
+        if not connection.needs_rollback:
+            with connection.cursor() as cursor:
+                cursor.cursor.execute(_SET.format(local="true"), [previous])
+
+
+@contextmanager
+def _lazily(connection: BaseDatabaseWrapper, alias: str) -> Iterator[None]:
+    """Set the limit just before the block's first statement on *alias*; restore it on exit."""
+    wrapper = (_sqlite_wrapper if connection.vendor == "sqlite" else _postgresql_wrapper)(alias)
+    _state(connection).blocks += 1
+    connection.execute_wrappers.append(wrapper)
+    try:
+        yield
+    finally:
+        connection.execute_wrappers.remove(wrapper)
+        # Put back once this block's limit has left the context (StatementTimeout._exit).
+        _pending_restores.get().append((connection, alias))
+
+
+class StatementTimeout:
+    """A context manager and decorator that limits each statement's run time on some aliases.
+
+    Create it with :func:`statement_timeout`. One instance may be entered once at a time;
+    as a decorator it enters a fresh one on every call.
+    """
+
+    def __init__(self, seconds: float | None, using: str | Iterable[str] | None) -> None:
+        if seconds is not None:
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+                raise TypeError(
+                    f"statement_timeout() takes a number of seconds or None, not {type(seconds).__name__}."
+                )
+            if not seconds > 0:
+                raise ValueError(
+                    f"statement_timeout({seconds!r}): the limit must be greater than zero "
+                    "(pass None for no limit)."
+                )
+        if isinstance(using, str):
+            using = [using]
+        aliases = list(settings.DATABASES) if using is None else list(using)
+        unknown = [alias for alias in aliases if alias not in settings.DATABASES]
+        if unknown:
+            raise ValueError(
+                f"statement_timeout(using=...) names {', '.join(map(repr, unknown))}, which "
+                f"DATABASES does not have (it has {', '.join(map(repr, settings.DATABASES))})."
+            )
+        self.seconds = seconds
+        self.aliases = aliases
+        self._stack: ExitStack | None = None
+        self._previous: Mapping[str, _Limit] | None = None
+
+    @property
+    def milliseconds(self) -> int | None:
+        # PostgreSQL's 0 means "no limit": a limit below a millisecond is one millisecond.
+        return None if self.seconds is None else max(round(self.seconds * 1000), 1)
+
+    def __enter__(self) -> StatementTimeout:
+        if self._stack is not None:
+            raise RuntimeError("This statement_timeout() block is already open; create another one.")
+        milliseconds = self.milliseconds
+        stack = ExitStack()
+        self._stack = stack
+        if milliseconds is None:
+            return self
+        self._previous = previous = _limits.get()
+        limits = dict(previous)
+        try:
+            for alias in self.aliases:
+                connection = connections[alias]
+                local = connection.vendor == "postgresql" and connection.in_atomic_block
+                limits[alias] = _Limit(milliseconds, local)
+                _limits.set(limits.copy())
+                if local:
+                    stack.enter_context(_in_savepoint(connection, alias, milliseconds))
+                elif connection.vendor in ("postgresql", "sqlite"):
+                    stack.enter_context(_lazily(connection, alias))
+        except BaseException:
+            self._exit(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._exit(*exc_info)
+
+    def _exit(self, *exc_info: Any) -> None:
+        stack, self._stack = self._stack, None
+        if stack is None or self._previous is None:
+            return
+        restores: list[tuple[BaseDatabaseWrapper, str]] = []
+        token = _pending_restores.set(restores)
+        try:
+            stack.__exit__(*exc_info)
+        finally:
+            _pending_restores.reset(token)
+            # The enclosing limits first, then the sessions set to match them.
+            _limits.set(self._previous)
+            self._previous = None
+            for connection, alias in restores:
+                _restore(connection, alias)
+
+    async def __aenter__(self) -> StatementTimeout:
+        # Django runs the ORM of async code in a worker thread: set things up on its connection.
+        return await sync_to_async(self.__enter__, thread_sensitive=True)()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await sync_to_async(self._exit, thread_sensitive=True)(*exc_info)
+
+    @overload
+    def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
+
+    def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
+        seconds, aliases = self.seconds, self.aliases
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                async with StatementTimeout(seconds, aliases):
+                    return await func(*args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with StatementTimeout(seconds, aliases):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+
+def statement_timeout(seconds: float | None, using: str | Iterable[str] | None = None) -> StatementTimeout:
+    """Cancel any statement that runs longer than *seconds* inside the block, on *using*.
+
+    *using* is an alias or a list of aliases; ``None`` means every alias in ``DATABASES``
+    (lazily: only those the block uses are touched). ``seconds=None`` sets no limit, so a
+    configurable limit can be switched off. Use it as ``with``, ``async with`` or a decorator
+    of sync and async functions.
+    """
+    return StatementTimeout(seconds, using)
