@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.contrib import admin
+from django.contrib import messages as user_messages
 from django.contrib.admin.checks import ModelAdminChecks
 from django.contrib.admin.filters import AllValuesFieldListFilter
 from django.contrib.admin.options import IncorrectLookupParameters
@@ -31,16 +34,20 @@ from django.core import checks, signing
 from django.core.checks import CheckMessage
 from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.paginator import InvalidPage
-from django.db import connections, models, router, transaction
+from django.db import DatabaseError, connections, models, router, transaction
 from django.db.models import Model, Q, QuerySet
 from django.db.models.expressions import RawSQL
 from django.http import HttpRequest, HttpResponse
+from django.template.response import SimpleTemplateResponse
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from django_scale.checks import _message
 from django_scale.conf import conf
+from django_scale.counting import ApproxCount
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import use_primary
+from django_scale.timeouts import current_statement_timeout, is_statement_timeout, statement_timeout
 
 __all__ = [
     "ScaleAllValuesFieldListFilter",
@@ -53,6 +60,29 @@ __all__ = [
 
 #: Methods that never write, whose pages may be read from a replica.
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+logger = logging.getLogger("django_scale.admin")
+T = TypeVar("T")
+
+
+def _or_fallback(alias: str, compute: Callable[[], T], fallback: Callable[[], T], what: str) -> T:
+    """Return ``compute()``, or ``fallback()`` if a statement of it ran out of time.
+
+    Under the page's :func:`~django_scale.timeouts.statement_timeout`, the statements run in
+    their own block: inside a transaction (``ATOMIC_REQUESTS``) that is a savepoint, so a
+    cancelled statement leaves the rest of the request's transaction usable.
+    """
+    seconds = current_statement_timeout(alias)
+    if seconds is None:
+        return compute()
+    try:
+        with statement_timeout(seconds, using=alias):
+            return compute()
+    except DatabaseError as error:
+        if not is_statement_timeout(error):
+            raise
+        logger.warning("The admin's %s ran out of time (%s s) on %r; falling back.", what, seconds, alias)
+        return fallback()
 
 
 #: Most values a plain-field filter lists.
@@ -114,7 +144,9 @@ class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
         base.query = source.query.chain()
         base.query.clear_select_clause()
         base.query.distinct = False
-        choices: Any = distinct_values(base, field.name)
+        choices: Any = _or_fallback(
+            base.db, lambda: distinct_values(base, field.name), list, f"choices of the {field.name!r} filter"
+        )
         self.lookup_choices = choices
 
 
@@ -126,6 +158,15 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
     """
 
     def field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
+        alias = router.db_for_read(field.related_model)
+        return _or_fallback(
+            alias,
+            lambda: self._field_choices(field, request, model_admin),
+            list,
+            f"choices of the {field.name!r} filter",
+        )
+
+    def _field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
         remote = getattr(field, "remote_field", None)
         if remote is None or not hasattr(remote, "get_related_field") or field.auto_created:
             return super().field_choices(field, request, model_admin)
@@ -326,7 +367,12 @@ class PeriodProbeQuerySetMixin:
             return super().aggregate(*args, **kwargs)  # type: ignore[misc]
         key = f"_django_scale_bounds_{getattr(first.source_expressions[0], 'name', '')}"
         if key not in self.__dict__:
-            self.__dict__[key] = super().aggregate(*args, **kwargs)  # type: ignore[misc]
+            self.__dict__[key] = _or_fallback(
+                self.db,  # type: ignore[attr-defined]
+                lambda: super(PeriodProbeQuerySetMixin, self).aggregate(*args, **kwargs),  # type: ignore[misc]
+                lambda: {"first": None, "last": None},
+                "date hierarchy",
+            )
         return dict(self.__dict__[key])
 
     def _probe_periods(self, field_name: str, kind: str, order: str, as_datetimes: bool) -> list[Any]:
@@ -360,17 +406,26 @@ class PeriodProbeQuerySetMixin:
                 found.append(bound(start))
         return found if order == "ASC" else found[::-1]
 
+    def _periods(self, field_name: str, kind: str, order: str, as_datetimes: bool) -> list[Any]:
+        alias = self.db  # type: ignore[attr-defined]
+        return _or_fallback(
+            alias,
+            lambda: self._probe_periods(field_name, kind, order, as_datetimes),
+            list,
+            "date hierarchy",
+        )
+
     def dates(self, field_name: str, kind: str, order: str = "ASC") -> Any:
         if kind not in ("year", "month", "day"):
             return super().dates(field_name, kind, order)  # type: ignore[misc]
-        return self._probe_periods(field_name, kind, order, as_datetimes=False)
+        return self._periods(field_name, kind, order, as_datetimes=False)
 
     def datetimes(
         self, field_name: str, kind: str, order: str = "ASC", tzinfo: Any = None, **kwargs: Any
     ) -> Any:
         if kind not in ("year", "month", "day") or tzinfo is not None or kwargs:
             return super().datetimes(field_name, kind, order, tzinfo, **kwargs)  # type: ignore[misc]
-        return self._probe_periods(field_name, kind, order, as_datetimes=True)
+        return self._periods(field_name, kind, order, as_datetimes=True)
 
 
 _probing_classes: dict[type, type] = {}
@@ -512,17 +567,30 @@ class ScaleChangeList(ChangeList):
         keys = _keyset(self.queryset)
         fingerprint = self._fingerprint(request)
         after = self._cursor_filter(request, keys, fingerprint)
+        alias = self.queryset.db
         try:
-            page = paginator.page(self.page_num, after=after)
+            page = _or_fallback(
+                alias, lambda: paginator.page(self.page_num, after=after), lambda: None, "changelist page"
+            )
         except InvalidPage as exc:
             raise IncorrectLookupParameters from exc
+        if page is None:
+            self._show_timed_out(request, paginator)
+            return
         rows = list(page.object_list)
         if keys and rows and page.has_next():
             values = [field.value_to_string(rows[-1]) for _, _, field in keys]
             self._next_cursor = signing.dumps(
                 {"p": self.page_num + 1, "k": values, "f": fingerprint}, salt=_CURSOR_SALT, compress=True
             )
-        count = paginator.count
+        count = _or_fallback(
+            alias,
+            lambda: paginator.count,
+            # At least the rows up to the end of this page, and one more on the next.
+            lambda: ApproxCount(self.page_num * self.list_per_page, "capped"),
+            "count",
+        )
+        paginator.__dict__["count"] = count
         can_show_all = count.is_exact and int(count) <= self.list_max_show_all
         if self.show_all and can_show_all:
             result_list: Any = self.queryset._clone()
@@ -539,6 +607,26 @@ class ScaleChangeList(ChangeList):
         self.result_list = result_list
         self.can_show_all = can_show_all
         self.multi_page = multi_page
+        self.paginator = paginator
+
+    def _show_timed_out(self, request: HttpRequest, paginator: ApproxCountPaginator) -> None:
+        """Show an empty page and say why: the rows took longer than the page's time limit."""
+        seconds = current_statement_timeout(self.queryset.db)
+        user_messages.warning(
+            request,
+            gettext(
+                "Listing these rows took longer than %(seconds)s seconds and was stopped. "
+                "Narrow the list with a filter or a search."
+            )
+            % {"seconds": f"{seconds:g}"},
+        )
+        paginator.__dict__["count"] = ApproxCount(0, "capped")
+        self.result_count = paginator.count
+        self.show_full_result_count = False
+        self.full_result_count = None
+        self.result_list = self.queryset.none()
+        self.can_show_all = False
+        self.multi_page = self.page_num > 1
         self.paginator = paginator
 
 
@@ -562,6 +650,14 @@ class ScaleModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     checks_class = ScaleModelAdminChecks
 
+    #: Seconds any one SQL statement of an admin page may run before the database cancels
+    #: it (``None``: no limit), on every database the page uses. The changelist falls back
+    #: when a statement runs out of time: no count, no choices for a filter, no date
+    #: hierarchy, or an empty list with a message; the rest of the page still renders. Under
+    #: ``ATOMIC_REQUESTS`` each of those statements runs in a savepoint, so the request's
+    #: transaction survives the cancelled statement.
+    statement_timeout: float | None = 10.0
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         return ScaleChangeList
 
@@ -576,6 +672,19 @@ class ScaleModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             filters.append(entry)
         return filters
 
+    def get_statement_timeout(self, request: HttpRequest) -> float | None:
+        """Return the :attr:`statement_timeout` for *request*'s page; override to vary it."""
+        return self.statement_timeout
+
+    def _limited(self, request: HttpRequest, view: Callable[[], HttpResponse]) -> HttpResponse:
+        """Run *view* and render its response under the page's statement timeout, on every alias."""
+        with statement_timeout(self.get_statement_timeout(request)):
+            response = view()
+            if isinstance(response, SimpleTemplateResponse):
+                # The template queries too (the date hierarchy, list_display callables).
+                response.render()
+        return response
+
     def changeform_view(
         self,
         request: HttpRequest,
@@ -586,23 +695,47 @@ class ScaleModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if request.method in SAFE_METHODS:
             # Django 4.2 opens a transaction on the primary even to show the form, which
             # would keep every read of the page off the replicas.
-            return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined, no-any-return]
-        with use_primary(), transaction.atomic(using=router.db_for_write(self.model)):
-            return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined, no-any-return]
+            return self._limited(
+                request,
+                lambda: self._changeform_view(request, object_id, form_url, extra_context),  # type: ignore[attr-defined]
+            )
+
+        def save() -> HttpResponse:
+            with use_primary(), transaction.atomic(using=router.db_for_write(self.model)):
+                return self._changeform_view(request, object_id, form_url, extra_context)  # type: ignore[attr-defined, no-any-return]
+
+        return self._limited(request, save)
 
     def delete_view(
         self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
         if request.method in SAFE_METHODS:
-            return self._delete_view(request, object_id, extra_context)  # type: ignore[attr-defined, no-any-return]
-        with use_primary(), transaction.atomic(using=router.db_for_write(self.model)):
-            return self._delete_view(request, object_id, extra_context)  # type: ignore[attr-defined, no-any-return]
+            return self._limited(request, lambda: self._delete_view(request, object_id, extra_context))  # type: ignore[attr-defined]
+
+        def delete() -> HttpResponse:
+            with use_primary(), transaction.atomic(using=router.db_for_write(self.model)):
+                return self._delete_view(request, object_id, extra_context)  # type: ignore[attr-defined, no-any-return]
+
+        return self._limited(request, delete)
+
+    def history_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        return self._limited(
+            request, lambda: super(ScaleModelAdmin, self).history_view(request, object_id, extra_context)
+        )
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
         if request.method in SAFE_METHODS:
-            return super().changelist_view(request, extra_context)
-        # Actions and list_editable saves act on rows as the primary has them.
-        with use_primary():
-            return super().changelist_view(request, extra_context)
+            return self._limited(
+                request, lambda: super(ScaleModelAdmin, self).changelist_view(request, extra_context)
+            )
+
+        def act() -> HttpResponse:
+            # Actions and list_editable saves act on rows as the primary has them.
+            with use_primary():
+                return super(ScaleModelAdmin, self).changelist_view(request, extra_context)
+
+        return self._limited(request, act)

@@ -39,7 +39,7 @@ import inspect
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from types import MappingProxyType
 from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
@@ -336,7 +336,7 @@ class StatementTimeout:
         await sync_to_async(self._exit, thread_sensitive=True)(*exc_info)
 
     @overload
-    def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]: ...
+    def __call__(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
 
     @overload
     def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...

@@ -404,3 +404,66 @@ def test_keyset_pages_equal_offset_pages_for_any_ordering(superuser_client, orde
         assert any(expect in q for q in sql if q.startswith('SELECT "testapp_author"')), sql
         cursor = by_keyset._next_cursor
     assert cursor is None  # page 4 is the last
+
+
+def _show_timeout(alias: str) -> str:
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        return str(cursor.fetchone()[0])
+
+
+def test_every_query_of_an_admin_page_runs_under_its_statement_timeout(superuser_client, monkeypatch):
+    from testapp.admin import AuthorAdmin
+
+    Author.objects.create(name="someone")
+    seen: list[tuple[str, str | None]] = []
+
+    def search(self, request, queryset, term):
+        from django_scale.timeouts import current_statement_timeout
+
+        alias = queryset.db
+        shown = _show_timeout(alias) if connections[alias].vendor == "postgresql" else None
+        seen.append((str(current_statement_timeout(alias)), shown))
+        return queryset, False
+
+    monkeypatch.setattr(AuthorAdmin, "statement_timeout", 2.5)
+    monkeypatch.setattr(AuthorAdmin, "get_search_results", search)
+    assert superuser_client.get("/admin/testapp/author/?q=some").status_code == 200
+    postgres = connections["default"].vendor == "postgresql"
+    assert seen and all(limit == "2.5" for limit, _ in seen)
+    assert all(shown == ("2500ms" if postgres else None) for _, shown in seen)
+    monkeypatch.setattr(AuthorAdmin, "statement_timeout", None)
+    seen.clear()
+    assert superuser_client.get("/admin/testapp/author/?q=some").status_code == 200
+    assert seen and all(limit == "None" for limit, _ in seen)
+
+
+@pytest.mark.postgres
+def test_a_page_out_of_time_under_atomic_requests_shows_a_message_and_the_request_succeeds(
+    superuser_client, monkeypatch
+):
+    from testapp.admin import AuthorAdmin
+
+    Author.objects.bulk_create(Author(name=f"author {i}") for i in range(30))
+    connection = connections["default"]
+    monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+    monkeypatch.setattr(AuthorAdmin, "statement_timeout", 0.1)
+
+    def slow_search(self, request, queryset, term):
+        # One sleep per statement (an InitPlan): every query of the list runs out of time.
+        return queryset.extra(where=["(SELECT pg_sleep(1)::text) = ''"]), False
+
+    monkeypatch.setattr(AuthorAdmin, "get_search_results", slow_search)
+    with connection.cursor() as cursor:
+        cursor.execute("SET statement_timeout = '7s'")
+    response = superuser_client.get("/admin/testapp/author/?q=author")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "took longer than 0.1 seconds and was stopped" in html
+    assert 'class="action-checkbox"' not in html
+    # The rest of the request's transaction was usable: the page rendered the user's name
+    # from the session, and the session is still there.
+    assert superuser_client.get("/admin/testapp/author/").status_code == 200
+    assert _show_timeout("default") == "7s"
+    with connection.cursor() as cursor:
+        cursor.execute("RESET statement_timeout")
