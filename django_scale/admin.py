@@ -36,7 +36,8 @@ from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.paginator import InvalidPage
 from django.db import DatabaseError, connections, models, router, transaction
 from django.db.models import Model, Q, QuerySet
-from django.db.models.expressions import RawSQL
+from django.db.models.expressions import F, RawSQL
+from django.db.models.functions import Cast, Upper
 from django.http import HttpRequest, HttpResponse
 from django.template.response import SimpleTemplateResponse
 from django.utils import timezone
@@ -45,6 +46,7 @@ from django.utils.translation import gettext
 from django_scale.checks import _message
 from django_scale.conf import conf
 from django_scale.counting import ApproxCount
+from django_scale.indexes import TrigramIndex
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import use_primary
 from django_scale.timeouts import current_statement_timeout, is_statement_timeout, statement_timeout
@@ -218,6 +220,8 @@ def _uses_all_values_filter(model: type[Model], name: str) -> bool:
 DISTINCT_FILTERS = (AllValuesFieldListFilter, admin.RelatedOnlyFieldListFilter)
 #: Search lookups a B-tree index cannot serve: they need a trigram (GIN/GiST) index.
 SUBSTRING_LOOKUPS = ("icontains", "contains", "iregex", "regex", "iendswith", "endswith")
+#: Lookups PostgreSQL runs as ``UPPER(column) LIKE UPPER(...)``.
+UPPER_LOOKUPS = ("icontains", "iendswith")
 
 
 def _w301_full_result_count(obj: Any) -> CheckMessage:
@@ -246,9 +250,10 @@ def _w303_search_without_trigram_index(obj: Any, term: str, field: str) -> Check
         checks.Warning,
         "django_scale.W303",
         f"{type(obj).__name__}.search_fields entry {term!r} searches {field!r} by substring, "
-        "which scans the whole table: it has no trigram index.",
-        f"Add GinIndex(fields=[{field!r}], opclasses=['gin_trgm_ops'], name=...) to the model's "
-        "Meta.indexes (needs the pg_trgm extension), or search with '^' (startswith) or '=' (exact).",
+        "which scans the whole table: no trigram index serves it.",
+        f"Add django_scale.indexes.TrigramIndex(fields=[{field!r}], name=...) to the model's "
+        "Meta.indexes (and TrigramExtension() to a migration before it), or search with '^' "
+        "(startswith) or '=' (exact).",
     )
 
 
@@ -262,19 +267,40 @@ def _w304_unindexed_sortable(obj: Any, columns: list[str]) -> CheckMessage:
     )
 
 
-def _indexed_columns(model: type[Model]) -> tuple[set[str], set[str]]:
-    """Return the field names that lead a B-tree index, and those with a trigram index."""
+def _trigram_expression_field(expression: Any) -> str | None:
+    """The field of ``OpClass(Upper(F(field)), "gin_trgm_ops")`` (or with a cast), else ``None``."""
+    if type(expression).__name__ != "OpClass" or "trgm" not in str(expression.extra.get("name", "")):
+        return None
+    inner = expression.source_expressions[0]
+    if not isinstance(inner, Upper):
+        return None
+    inner = inner.source_expressions[0]
+    if isinstance(inner, Cast):
+        inner = inner.source_expressions[0]
+    return inner.name if isinstance(inner, F) else None
+
+
+def _indexed_columns(model: type[Model]) -> tuple[set[str], set[str], set[str]]:
+    """Return the fields that lead a B-tree index, and those with a trigram index of the
+    plain column (``contains``, ``regex``) and of ``UPPER(column)`` (``icontains``)."""
     btree: set[str] = {model._meta.pk.name} if model._meta.pk else set()
-    trigram: set[str] = set()
+    plain_trigram: set[str] = set()
+    upper_trigram: set[str] = set()
     for field in model._meta.concrete_fields:
         if getattr(field, "db_index", False) or field.unique or field.is_relation:
             btree.add(field.name)
     for index in model._meta.indexes:
         names = [name.lstrip("-") for name in index.fields]
-        if {"gin_trgm_ops", "gist_trgm_ops"} & set(getattr(index, "opclasses", None) or ()):
-            trigram.update(names)
+        if isinstance(index, TrigramIndex):
+            upper_trigram.update(index.search_fields)
+        elif {"gin_trgm_ops", "gist_trgm_ops"} & set(getattr(index, "opclasses", None) or ()):
+            plain_trigram.update(names)
         elif names and type(index).__name__ in ("Index", "BTreeIndex"):
             btree.add(names[0])
+        for expression in index.expressions:
+            name = _trigram_expression_field(expression)
+            if name:
+                upper_trigram.add(name)
     for constraint in model._meta.constraints:
         fields = getattr(constraint, "fields", None)
         if fields:
@@ -282,7 +308,7 @@ def _indexed_columns(model: type[Model]) -> tuple[set[str], set[str]]:
     for together in model._meta.unique_together:
         if together:
             btree.add(together[0])
-    return btree, trigram
+    return btree, plain_trigram, upper_trigram
 
 
 class ScaleModelAdminChecks(ModelAdminChecks):
@@ -301,13 +327,19 @@ class ScaleModelAdminChecks(ModelAdminChecks):
                 and not issubclass(spec, ScaleAllValuesFieldListFilter)
             ):
                 messages.append(_w302_distinct_filter(admin_obj, entry))
-        btree, trigram = _indexed_columns(model)
+        btree, plain_trigram, upper_trigram = _indexed_columns(model)
         if any("postgresql" in db.get("ENGINE", "") for db in settings.DATABASES.values()):
             for term in admin_obj.search_fields:
                 if term[:1] in "^=@":
                     continue
                 name, _, lookup = term.partition("__")
-                if (not lookup or lookup.rsplit("__", 1)[-1] in SUBSTRING_LOOKUPS) and name not in trigram:
+                lookup = lookup.rsplit("__", 1)[-1] if lookup else "icontains"
+                if lookup not in SUBSTRING_LOOKUPS:
+                    continue
+                # Django compares UPPER(column) for the case-insensitive lookups but icontains'
+                # siblings iregex and the case-sensitive ones use the plain column.
+                served = upper_trigram if lookup in UPPER_LOOKUPS else plain_trigram
+                if name not in served:
                     messages.append(_w303_search_without_trigram_index(admin_obj, term, name))
         sortable = admin_obj.sortable_by if admin_obj.sortable_by is not None else admin_obj.list_display
         concrete = {field.name for field in model._meta.concrete_fields}

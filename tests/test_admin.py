@@ -467,3 +467,39 @@ def test_a_page_out_of_time_under_atomic_requests_shows_a_message_and_the_reques
     assert _show_timeout("default") == "7s"
     with connection.cursor() as cursor:
         cursor.execute("RESET statement_timeout")
+
+
+def test_w303_is_quiet_for_a_trigram_index_of_the_searched_expression():
+    from django.contrib.postgres.indexes import GinIndex, OpClass
+    from django.db.models.functions import Upper
+
+    from django_scale.indexes import TrigramIndex
+
+    assert "django_scale.W303" not in _ids(_admin_for(Article, search_fields=["title"]))  # TrigramIndex
+    # A trigram index of the plain column serves contains and regex, but not icontains,
+    # which PostgreSQL runs as UPPER(column) LIKE UPPER(...).
+    plain = GinIndex(fields=["name"], opclasses=["gin_trgm_ops"], name="plain_trgm")
+    upper = GinIndex(OpClass(Upper("name"), name="gin_trgm_ops"), name="upper_trgm")
+    indexes = Author._meta.indexes
+    try:
+        Author._meta.indexes = [plain]
+        assert "django_scale.W303" in _ids(_admin(search_fields=["name"]))
+        assert "django_scale.W303" not in _ids(_admin(search_fields=["name__contains"]))
+        Author._meta.indexes = [upper]
+        assert "django_scale.W303" not in _ids(_admin(search_fields=["name"]))
+    finally:
+        Author._meta.indexes = indexes
+    with pytest.raises(ValueError, match="list of field names"):
+        TrigramIndex(fields="title", name="x")
+
+
+@pytest.mark.postgres
+def test_the_trigram_index_serves_the_admins_icontains_search(db):
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'testapp_article_title_trgm'")
+        assert "gin_trgm_ops" in cursor.fetchone()[0]
+        sql, params = Article.objects.filter(title__icontains="needle").values("pk").query.sql_with_params()
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "testapp_article_title_trgm" in plan

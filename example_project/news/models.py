@@ -6,6 +6,7 @@ from django.db import models
 from django.urls import reverse
 from django.utils import timezone
 
+from django_scale.indexes import TrigramIndex
 from django_scale.querysets import ApproxCountQuerySetMixin
 
 
@@ -27,6 +28,8 @@ class Author(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # The admin searches authors by name: a trigram index serves "icontains".
+        indexes = [TrigramIndex(fields=["name"], name="news_author_name_trgm")]
 
     def __str__(self) -> str:
         return self.name
@@ -73,6 +76,8 @@ class Article(models.Model):
         indexes = [
             # The front page: the latest articles of one section.
             models.Index(fields=["section", "-published_at"], name="news_article_section_latest"),
+            # The admin's search by title, a substring: a trigram index of UPPER(title).
+            TrigramIndex(fields=["title"], name="news_article_title_trgm"),
         ]
 
     def __str__(self) -> str:
@@ -91,7 +96,10 @@ class Comment(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [models.Index(fields=["article", "created_at"], name="news_comment_article_created")]
+        indexes = [
+            models.Index(fields=["article", "created_at"], name="news_comment_article_created"),
+            TrigramIndex(fields=["author_name"], name="news_comment_author_trgm"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.author_name} on article {self.article_id}"

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import platform
 import sys
 from typing import Any
 
 import django
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
 from django_scale.conf import conf
@@ -24,8 +25,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("feature", choices=sorted(FEATURES), help="the feature to benchmark")
         parser.add_argument("--quick", action="store_true", help="fewer iterations, for a smoke run")
+        parser.add_argument(
+            "--rows",
+            type=lambda value: [int(n.replace("_", "")) for n in value.split(",")],
+            help="table sizes to measure, comma-separated (admin: e.g. 100000,1000000,10000000)",
+        )
 
-    def handle(self, *args: Any, feature: str, quick: bool, **options: Any) -> None:
+    def handle(self, *args: Any, feature: str, quick: bool, rows: list[int] | None, **options: Any) -> None:
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
@@ -41,5 +47,7 @@ class Command(BaseCommand):
             f"{primary.vendor} {server}, replicas: {', '.join(conf.REPLICAS) or 'none'}"
         )
         module = importlib.import_module(FEATURES[feature])
-        module.run(self.stdout, quick=quick)
+        if rows and "sizes" not in inspect.signature(module.run).parameters:
+            raise CommandError(f"bench {feature} has no --rows option")
+        module.run(self.stdout, quick=quick, **({"sizes": rows} if rows else {}))
         sys.stdout.flush()
