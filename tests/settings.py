@@ -18,6 +18,7 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 ALLOWED_HOSTS = ["testserver"]
 ROOT_URLCONF = "testapp.urls"
+STATIC_URL = "/static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 INSTALLED_APPS = [
@@ -26,6 +27,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # The browser test loads the admin's stylesheets and scripts from the live server.
+    "django.contrib.staticfiles",
     "django_scale",
     "testapp",
 ]

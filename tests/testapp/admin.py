@@ -24,6 +24,10 @@ class AuthorAdmin(ScaleModelAdmin):
 @admin.register(Article)
 class ArticleAdmin(ScaleModelAdmin):
     list_display = ["title", "author", "published"]
+    list_filter = ["author"]
+    search_fields = ["title"]
+    paginator = SmallThresholdPaginator
+    list_per_page = 20
     raw_id_fields = ["author"]
     # `published` is not on the form: a save must keep whatever the primary has for it.
     fields = ["title", "author"]
