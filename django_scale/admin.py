@@ -541,6 +541,13 @@ class ScaleChangeList(ChangeList):
     #: The signed cursor that the link to the next page carries, if keyset can serve it.
     _next_cursor: str | None = None
 
+    def __init__(self, request: HttpRequest, *args: Any, **kwargs: Any) -> None:
+        super().__init__(request, *args, **kwargs)
+        # Like the page number, the cursor is not a filter: the search form, which copies
+        # the parameters into hidden inputs, must not send one page's cursor with a search.
+        for params in (self.params, getattr(self, "filter_params", {})):
+            params.pop(CURSOR_VAR, None)
+
     def _fingerprint(self, request: HttpRequest) -> str:
         """What a cursor is valid for: the filters, search and ordering, not the page."""
         kept = sorted((key, value) for key, value in request.GET.items() if key not in (PAGE_VAR, CURSOR_VAR))

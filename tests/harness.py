@@ -243,6 +243,8 @@ class Launcher:
         self.stop_commands: list[list[str]] = []
         self.replica_control: ServerControl | None = None
         self.kill_pids: list[int] = []
+        #: Servers started here, kept so that their Popen objects outlive the start-up.
+        self.processes: list[subprocess.Popen[bytes]] = []
         self.watchdog = subprocess.Popen(
             [sys.executable, "-c", WATCHDOG, str(self.root)], stdin=subprocess.PIPE, start_new_session=True
         )
@@ -348,6 +350,8 @@ class Launcher:
             start_new_session=True,
         )  # fmt: skip
         self.kill_pids.append(process.pid)
+        # Keep the Popen: dropping it while the server runs is a ResourceWarning.
+        self.processes.append(process)
         self._write_plan()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
