@@ -219,9 +219,9 @@ def _uses_all_values_filter(model: type[Model], name: str) -> bool:
 #: Filter classes that list their choices with a SELECT DISTINCT over the whole table.
 DISTINCT_FILTERS = (AllValuesFieldListFilter, admin.RelatedOnlyFieldListFilter)
 #: Search lookups a B-tree index cannot serve: they need a trigram (GIN/GiST) index.
-SUBSTRING_LOOKUPS = ("icontains", "contains", "iregex", "regex", "iendswith", "endswith")
-#: Lookups PostgreSQL runs as ``UPPER(column) LIKE UPPER(...)``.
-UPPER_LOOKUPS = ("icontains", "iendswith")
+SUBSTRING_LOOKUPS = ("icontains", "contains", "iregex", "regex", "iendswith", "endswith", "iexact")
+#: Lookups PostgreSQL runs as ``UPPER(column) LIKE UPPER(...)`` (or ``=``).
+UPPER_LOOKUPS = ("icontains", "iendswith", "iexact")
 
 
 def _w301_full_result_count(obj: Any) -> CheckMessage:
@@ -330,10 +330,14 @@ class ScaleModelAdminChecks(ModelAdminChecks):
         btree, plain_trigram, upper_trigram = _indexed_columns(model)
         if any("postgresql" in db.get("ENGINE", "") for db in settings.DATABASES.values()):
             for term in admin_obj.search_fields:
-                if term[:1] in "^=@":
+                if term[:1] in "^@":
                     continue
-                name, _, lookup = term.partition("__")
-                lookup = lookup.rsplit("__", 1)[-1] if lookup else "icontains"
+                # "=title" is title__iexact: UPPER(title) = UPPER(...), which only an index of
+                # UPPER(title) serves (a trigram one does, on PostgreSQL 14 and later).
+                name, _, lookup = term.removeprefix("=").partition("__")
+                lookup = (
+                    "iexact" if term[:1] == "=" else lookup.rsplit("__", 1)[-1] if lookup else "icontains"
+                )
                 if lookup not in SUBSTRING_LOOKUPS:
                     continue
                 # Django compares UPPER(column) for the case-insensitive lookups but icontains'
