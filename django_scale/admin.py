@@ -271,13 +271,13 @@ def _trigram_expression_field(expression: Any) -> str | None:
     """The field of ``OpClass(Upper(F(field)), "gin_trgm_ops")`` (or with a cast), else ``None``."""
     if type(expression).__name__ != "OpClass" or "trgm" not in str(expression.extra.get("name", "")):
         return None
-    inner = expression.source_expressions[0]
+    inner: Any = expression.source_expressions[0]
     if not isinstance(inner, Upper):
         return None
     inner = inner.source_expressions[0]
     if isinstance(inner, Cast):
         inner = inner.source_expressions[0]
-    return inner.name if isinstance(inner, F) else None
+    return str(getattr(inner, "name", "")) or None if isinstance(inner, F) else None
 
 
 def _indexed_columns(model: type[Model]) -> tuple[set[str], set[str], set[str]]:

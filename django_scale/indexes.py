@@ -51,9 +51,9 @@ class TrigramIndex(Index):
         self, model: type[Model], schema_editor: BaseDatabaseSchemaEditor, using: str = "", **kwargs: Any
     ) -> Statement:
         if schema_editor.connection.vendor != "postgresql":
-            return super().create_sql(model, schema_editor, using=using, **kwargs)  # type: ignore[no-any-return]
+            return super().create_sql(model, schema_editor, using=using, **kwargs)
         quote = schema_editor.quote_name
-        columns = [model._meta.get_field(field).column for field in self.fields]  # type: ignore[union-attr]
+        columns = [str(model._meta.get_field(field).column) for field in self.fields]  # type: ignore[union-attr]
         # Exactly the expression Django's icontains compares, so that the planner matches it.
         # (Written out: an OpClass() index expression needs django.contrib.postgres installed.)
         return Statement(

@@ -136,16 +136,27 @@ class ScaleMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         required, sticky = read_cookie(request)
-        with routing_state(required, sticky_primary=sticky) as state, guard_replicas():
-            if _needs_wait(state):
-                # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
-                await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
-            else:
-                await_replica(state, NOT_CAUGHT_UP)
-            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-            position = None
-            if state.wrote:
-                # On the thread that ran the ORM calls, whose connection saw the write.
-                position = await sync_to_async(current_wal_position)(conf.PRIMARY)
-            _close(request, response, state, position)
+        with routing_state(required, sticky_primary=sticky) as state:
+            # Connections belong to threads: guard the replica connections of the thread
+            # that runs this request's ORM calls (sync_to_async's), not the event loop's.
+            guard = guard_replicas()
+            await sync_to_async(guard.__enter__)()
+            try:
+                return await self._respond(request, state)
+            finally:
+                # It only removes the wrappers: an exception of the view is not its business.
+                await sync_to_async(guard.__exit__)(None, None, None)
+
+    async def _respond(self, request: HttpRequest, state: RoutingState) -> HttpResponseBase:
+        if _needs_wait(state):
+            # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
+            await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
+        else:
+            await_replica(state, NOT_CAUGHT_UP)
+        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        position = None
+        if state.wrote:
+            # On the thread that ran the ORM calls, whose connection saw the write.
+            position = await sync_to_async(current_wal_position)(conf.PRIMARY)
+        _close(request, response, state, position)
         return response

@@ -434,6 +434,38 @@ def test_a_frozen_replica_holds_no_request(replica_server):
     replica_server.thaw()
 
 
+@REPLICA
+def test_a_frozen_replica_holds_no_async_request(replica_server):
+    pk = Author.objects.create(name="Joan").pk
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+
+    async def main() -> list[tuple[int, dict[str, Any]]]:
+        client = AsyncClient()
+        responses = []
+        try:
+            # Open the ORM thread's replica connection, then freeze the server under it.
+            first = await client.get(f"/async/authors/{pk}/")
+            responses.append((first.status_code, first.json()))
+            replica_server.freeze()
+            second = await client.get(f"/async/authors/{pk}/")
+            responses.append((second.status_code, second.json()))
+        finally:
+            await sync_to_async(connections.close_all)()
+        return responses
+
+    cut_before = watchdog.cut_off
+    try:
+        with override_scale_settings(REPLICA_DEADLINE=0.3):
+            first, second = asyncio.run(main())
+    finally:
+        replica_server.thaw()
+    assert first[0] == 200 and first[1]["reads"] == {"replica": 1}
+    # The guard wraps the connection of the thread that runs the async view's ORM calls.
+    assert second[0] == 200 and second[1]["found"] is True
+    assert second[1]["reads"] == {"default": 1}
+    assert watchdog.cut_off == cut_before + 1
+
+
 def _primary_lsn() -> str:
     with connections["default"].cursor() as cursor:
         cursor.execute("SELECT pg_current_wal_lsn()::text")
