@@ -439,7 +439,7 @@ def test_a_frozen_replica_holds_no_async_request(replica_server):
     pk = Author.objects.create(name="Joan").pk
     eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
 
-    async def main() -> list[tuple[int, dict[str, Any]]]:
+    async def main() -> list[tuple[int, dict[str, object]]]:
         client = AsyncClient()
         responses = []
         try:
