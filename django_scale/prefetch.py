@@ -89,6 +89,7 @@ class PeerGroup:
     __slots__ = (
         "alias",
         "batch",
+        "children",
         "counts",
         "eager",
         "ids",
@@ -114,6 +115,8 @@ class PeerGroup:
         self.alias = alias
         #: Whether lazy loads are batched (``False``: loaded one by one, and detected).
         self.batch = batch
+        #: The groups of rows loaded for these rows (released with them).
+        self.children: list[PeerGroup] = []
         #: Grouped ``count()`` answers: relation cache name -> {parent key: count}.
         self.counts: dict[str, dict[Any, int]] = {}
         #: Eager loads (select_related / prefetch_related) to check for use: name -> kind.
@@ -132,9 +135,13 @@ class PeerGroup:
         return (_no_group, ())
 
     def release(self) -> None:
-        """Forget the rows, so they are freed as soon as the caller drops them."""
+        """Forget the rows (and rows loaded for them), so they are freed once the caller drops them."""
         self.members = []
         self.counts = {}
+        self.ids = None
+        children, self.children = self.children, []
+        for child in children:
+            child.release()
 
     def __len__(self) -> int:
         return len(self.members)
@@ -316,15 +323,23 @@ def is_default_mode(mode: Any) -> bool:
 
 
 def attach_peers(
-    instances: list[Model], alias: str, *, batch: bool = True, eager: dict[str, str] | None = None
+    instances: list[Model],
+    alias: str,
+    *,
+    batch: bool = True,
+    eager: dict[str, str] | None = None,
+    parent: PeerGroup | None = None,
 ) -> PeerGroup | None:
     """Make *instances* (rows of one result set, from *alias*) peers of each other.
 
     Return their group, or ``None`` for fewer than two rows: a single object has no peers.
+    Rows loaded for the rows of a *parent* group are released with it.
     """
     if len(instances) < 2:
         return None
     group = PeerGroup(instances, alias, batch=batch)
+    if parent is not None:
+        parent.children.append(group)
     if eager:
         group.eager = eager
     # Django 4.2 to 6.0 only look in the field cache before a lazy load, so each row's field
@@ -350,7 +365,7 @@ def attach_peers(
 # -- Loading a relation for all peers -------------------------------------------------------
 
 
-class AnyArray(Lookup):  # type: ignore[type-arg]
+class AnyArray(Lookup):
     """``column = ANY(%s::type[])``: one statement shape for any number of values (PostgreSQL)."""
 
     lookup_name = "django_scale_any"
@@ -359,7 +374,7 @@ class AnyArray(Lookup):  # type: ignore[type-arg]
     def get_prep_lookup(self) -> Any:
         return self.rhs
 
-    def as_sql(self, compiler: Any, connection: BaseDatabaseWrapper) -> tuple[str, list[Any]]:
+    def as_sql(self, compiler: Any, connection: BaseDatabaseWrapper) -> Any:
         lhs_sql, lhs_params = self.process_lhs(compiler, connection)
         target = self.lhs.output_field
         values = [target.get_db_prep_value(value, connection, prepared=False) for value in self.rhs]
@@ -461,7 +476,7 @@ def _load_forward(group: PeerGroup, fk: Any, members: list[Model]) -> bool:
         fk.set_cached_value(row, obj)
         if one_to_one:
             fk.remote_field.set_cached_value(obj, row)
-    attach_peers(list(found.values()), group.alias)
+    attach_peers(list(found.values()), group.alias, parent=group)
     return True
 
 
@@ -483,7 +498,7 @@ def _load_reverse_one(group: PeerGroup, related: Any, members: list[Model]) -> b
         related.set_cached_value(row, obj)
         if obj is not None:
             fk.set_cached_value(obj, row)
-    attach_peers(list(found.values()), group.alias)
+    attach_peers(list(found.values()), group.alias, parent=group)
     return True
 
 
@@ -580,14 +595,14 @@ def load_many(manager: Any, group: PeerGroup) -> bool:
         if fk is not None:
             for obj in values:
                 fk.set_cached_value(obj, row)
-        queryset = manager_class(row)._apply_rel_filters(template._chain())
+        queryset = manager_class(row)._apply_rel_filters(template._chain())  # type: ignore[attr-defined]
         queryset._result_cache = values
         queryset._prefetch_done = True
         cache = row.__dict__.get("_prefetched_objects_cache")
         if cache is None:
             cache = row.__dict__["_prefetched_objects_cache"] = {}
         cache[relation.cache_name] = queryset
-    attach_peers(loaded, group.alias)
+    attach_peers(loaded, group.alias, parent=group)
     return True
 
 
@@ -708,7 +723,7 @@ def track_eager(queryset: QuerySet[Any]) -> dict[str, str] | None:
     select_related = queryset.query.select_related
     if isinstance(select_related, dict):
         eager.update(dict.fromkeys(select_related, "select_related"))
-    for lookup in queryset._prefetch_related_lookups:
+    for lookup in queryset._prefetch_related_lookups:  # type: ignore[attr-defined]
         if getattr(lookup, "to_attr", None):
             continue  # a plain attribute: its reads cannot be seen
         through = getattr(lookup, "prefetch_through", lookup)

@@ -58,7 +58,7 @@ class _PeerLoad:
         relation = prefetch.many_relation(self.manager)
         assert relation is not None
         cached = self.manager.instance.__dict__.get("_prefetched_objects_cache", {}).get(relation.cache_name)
-        return None if cached is None else cached._result_cache  # type: ignore[no-any-return]
+        return None if cached is None else cached._result_cache
 
     def count(self) -> int | None:
         return prefetch.count_many(self.manager, self.group)
@@ -91,7 +91,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
     @classmethod
     def as_manager(cls) -> Any:
         """Return a :class:`PrefetchAwareManager` with this queryset's methods."""
-        manager = PrefetchAwareManager.from_queryset(cls)()
+        manager: Any = PrefetchAwareManager.from_queryset(cls)()
         manager._built_with_as_manager = True
         return manager
 
@@ -103,12 +103,12 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         With ``False`` the rows behave as Django's, and :func:`~django_scale.prefetch.detect_n_plus_one`
         reports the N+1 queries they make.
         """
-        clone = self._chain()
+        clone: Any = self._chain()  # type: ignore[attr-defined]
         clone._django_scale_batch = bool(enabled)
         return clone
 
     def _clone(self) -> Any:
-        clone = super()._clone()
+        clone: Any = super()._clone()  # type: ignore[misc]
         values = self.__dict__
         if "_django_scale_batch" in values:
             clone._django_scale_batch = values["_django_scale_batch"]
@@ -135,7 +135,8 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         super()._fetch_all()
 
     def _django_scale_evaluate(self) -> None:
-        rows: list[Any] = list(self._iterable_class(self))
+        queryset: Any = self
+        rows: list[Any] = list(queryset._iterable_class(queryset))
         self._result_cache = rows
         self._django_scale_note_single()
         if len(rows) < 2 or not self._django_scale_tracks():
@@ -143,7 +144,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         eager = prefetch.track_eager(self)
         group = prefetch.attach_peers(rows, rows[0]._state.db, batch=self._django_scale_batch, eager=eager)
         if group is not None and eager:
-            if self._prefetch_related_lookups and not self._prefetch_done:
+            if queryset._prefetch_related_lookups and not queryset._prefetch_done:
                 for row in rows:
                     if "_prefetched_objects_cache" not in row.__dict__:
                         row._prefetched_objects_cache = prefetch._TrackingPrefetchCache(group)
@@ -153,7 +154,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         """Record a related manager's query for one row (N+1 detection)."""
         label = self.__dict__.get("_django_scale_related")
         if label is not None:
-            instance = self._hints.get("instance")
+            instance = self._hints.get("instance")  # type: ignore[attr-defined]
             if instance is not None:
                 prefetch.note_single(prefetch.peer_group(instance), label, instance)
 
@@ -161,14 +162,14 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         if not self._django_scale_tracks():
             yield from super()._iterator(use_chunked_fetch, chunk_size)  # type: ignore[misc]
             return
+        queryset: Any = self
         size = chunk_size or 2000
-        iterable = self._iterable_class(self, chunked_fetch=use_chunked_fetch, chunk_size=size)
-        iterator = iter(iterable)
+        iterator = iter(queryset._iterable_class(queryset, chunked_fetch=use_chunked_fetch, chunk_size=size))
         # Each chunk is a set of peers. Its group is released when the next chunk starts, so
         # rows the caller dropped are freed at once and memory stays flat.
         while results := list(islice(iterator, size)):
-            if self._prefetch_related_lookups and chunk_size is not None:
-                prefetch_related_objects(results, *self._prefetch_related_lookups)
+            if queryset._prefetch_related_lookups and chunk_size is not None:
+                prefetch_related_objects(results, *queryset._prefetch_related_lookups)
             group = prefetch.attach_peers(results, results[0]._state.db, batch=self._django_scale_batch)
             try:
                 yield from results
@@ -230,7 +231,8 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
     # -- prefetch bypassed -------------------------------------------------------------------
 
     def _django_scale_warn_bypass(self, method: str) -> None:
-        if self._prefetch_done and self._result_cache is not None and "instance" in self._hints:
+        queryset: Any = self
+        if queryset._prefetch_done and self._result_cache is not None and "instance" in queryset._hints:
             if prefetch.called_by_django():
                 return
             label = self._django_scale_related or self.model.__name__
