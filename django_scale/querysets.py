@@ -63,6 +63,13 @@ class _PeerLoad:
     def count(self) -> int | None:
         return prefetch.count_many(self.manager, self.group)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        # A copied queryset loads on its own: never copy the peers (the whole result set).
+        return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(None), ())
+
 
 class PrefetchAwareQuerySetMixin(_QuerySetBase):
     """Load a relation for all rows of a result set when one row first needs it.
