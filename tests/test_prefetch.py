@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import pickle
@@ -419,6 +420,31 @@ def test_a_pickled_row_carries_no_peers(data: None) -> None:
     assert peer_group(copy) is None
     assert len(pickle.dumps(posts[1])) < 2000
     assert copy.reporter.name == posts[1].reporter.name
+
+
+def test_assigning_none_to_a_relation_loads_nothing(data: None) -> None:
+    posts = list(Post.objects.all())
+    with count() as queries:
+        for post in posts:
+            post.editor = None
+    assert len(queries) == 0
+    assert all(post.editor is None for post in posts)
+
+
+def test_a_copied_related_queryset_does_not_copy_the_peers(data: None) -> None:
+    posts = list(Post.objects.all())
+    replies = posts[3].replies.all()
+    copied = copy.deepcopy(replies)
+    with count() as queries:
+        assert [reply.body for reply in copied] == ["reply 3.0", "reply 3.1", "reply 3.2"]
+    assert len(queries) == 1
+    assert "replies" not in posts[0].__dict__.get("_prefetched_objects_cache", {})
+
+
+def test_refreshed_row_still_loads_correctly(data: None) -> None:
+    posts = list(Post.objects.all())
+    posts[2].refresh_from_db()
+    assert [post.reporter.name for post in posts] == [f"reporter {i % 5}" for i in range(POSTS)]
 
 
 def test_peer_loading_can_be_turned_off(data: None) -> None:
