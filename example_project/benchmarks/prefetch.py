@@ -246,6 +246,49 @@ def per_row_overhead(section: Section, size: int) -> float:
     return (aware - plain) / size
 
 
+ITER_SECTION = "bench-prefetch-iterator"
+
+
+def fill_iterator(rows: int) -> Section:
+    """Make the iterator section hold *rows* bare articles (sharing the bench authors)."""
+    section, _ = Section.objects.get_or_create(slug=ITER_SECTION, defaults={"name": "Bench iterator"})
+    have = Article._base_manager.filter(section=section).count()
+    authors = list(Author._base_manager.filter(name__startswith="Bench author ").order_by("pk"))
+    now = timezone.now()
+    for start in range(have, rows, 20_000):
+        Article.objects.bulk_create(
+            Article(
+                section=section,
+                author=authors[i % len(authors)],
+                title=f"Iterated {i}",
+                slug=f"bench-iterator-{i}",
+                body="",
+                published_at=now,
+                status=Article.Status.PUBLISHED,
+            )
+            for i in range(start, min(rows, start + 20_000))
+        )
+    return section
+
+
+def iterator_peak(section: Section, rows: int) -> tuple[int, int]:
+    """Return (queries, peak bytes) of iterating *rows* articles and reading each one's author."""
+    queryset = Article.objects.filter(section=section).order_by("pk")[:rows]
+    connection.queries_log.clear()
+    with CaptureQueriesContext(connection) as queries:
+        for article in queryset.iterator(chunk_size=2000):
+            article.author  # noqa: B018 - read the relation, as an export would
+    count = len(queries)
+    with override_settings(DEBUG=False):
+        gc.collect()
+        tracemalloc.start()
+        for article in queryset.iterator(chunk_size=2000):
+            article.author  # noqa: B018
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return count, peak
+
+
 def run(out: TextIO, quick: bool = False) -> None:
     size = 200 if quick else 1000
     repeats = 2 if quick else 5
@@ -291,4 +334,16 @@ def run(out: TextIO, quick: bool = False) -> None:
             "Peer tracking cost (rows loaded, no relation read)",
             ["measure", "value", "goal"],
             [("bytes per row", f"{overhead:.1f}", "<= 64")],
+        )
+        sizes = [5_000, 20_000] if quick else [50_000, 200_000]
+        section = fill_iterator(sizes[-1])
+        measured = [(rows, *iterator_peak(section, rows)) for rows in sizes]
+        print_table(
+            out,
+            "iterator(chunk_size=2000) reading each row's author: peers per chunk",
+            ["rows", "queries", "peak KiB", "vs smallest"],
+            [
+                (f"{rows:,}", count, f"{peak / 1024:.0f}", f"{peak / measured[0][2]:.2f}x")
+                for rows, count, peak in measured
+            ],
         )
