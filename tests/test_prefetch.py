@@ -18,7 +18,7 @@ from django.db.models import Prefetch, QuerySet
 from django.test.utils import CaptureQueriesContext
 
 from django_scale.exceptions import NPlusOneError, NPlusOneWarning, PrefetchBypassedWarning
-from django_scale.prefetch import detect_n_plus_one, peer_group
+from django_scale.prefetch import HAS_FETCH_MODES, detect_n_plus_one, peer_group
 from django_scale.replicas import monitor, parse_lsn
 from django_scale.testing import forbid_n_plus_one
 
@@ -127,6 +127,15 @@ def test_a_single_object_loads_alone(data: None) -> None:
     with count() as queries:
         assert post.reporter.name == "reporter 1"
     assert len(queries) == 1
+
+
+def test_deferred_fields_load_for_all_peers_on_django_61(data: None) -> None:
+    posts = list(Post.objects.defer("title"))
+    with count() as queries:
+        titles = [post.title for post in posts]
+    # Django 6.1's fetch-mode hook covers deferred fields; before it, Django loads them alone.
+    assert len(queries) == (1 if HAS_FETCH_MODES else POSTS)
+    assert titles == [f"post {i}" for i in range(POSTS)]
 
 
 def test_select_related_is_respected(data: None) -> None:
