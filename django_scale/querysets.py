@@ -150,6 +150,13 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
             return
         eager = prefetch.track_eager(self)
         group = prefetch.attach_peers(rows, rows[0]._state.db, batch=self._django_scale_batch, eager=eager)
+        if group is not None and isinstance(self.query.select_related, dict):
+            # Rows joined in by select_related are peers too: author.profile loads for all authors.
+            for name in self.query.select_related:
+                joined = {
+                    id(obj): obj for row in rows if (obj := row._state.fields_cache.get(name)) is not None
+                }
+                prefetch.attach_peers(list(joined.values()), group.alias, batch=group.batch, parent=group)
         if group is not None and eager:
             if queryset._prefetch_related_lookups and not queryset._prefetch_done:
                 for row in rows:

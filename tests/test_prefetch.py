@@ -121,6 +121,14 @@ def test_loaded_rows_are_peers_too(data: None) -> None:
     assert bios == {"bio 0", "bio 1", "bio 2", "bio 3", ""}
 
 
+def test_rows_joined_by_select_related_are_peers_too(data: None) -> None:
+    posts = list(Post.objects.select_related("reporter"))
+    with count() as queries:
+        bios = {post.reporter.profile.bio for post in posts if post.reporter.name != "reporter 4"}
+    assert len(queries) == 1
+    assert bios == {"bio 0", "bio 1", "bio 2", "bio 3"}
+
+
 def test_a_single_object_loads_alone(data: None) -> None:
     post = Post.objects.get(title="post 1")
     assert peer_group(post) is None
