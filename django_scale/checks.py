@@ -11,13 +11,15 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
+from django.db.models import Model
 from django.utils.module_loading import import_string
 
 from django_scale.conf import SETTINGS, conf
 
-__all__ = ["check_routing", "check_settings", "register_checks"]
+__all__ = ["check_querysets", "check_routing", "check_settings", "register_checks"]
 
 DOCS = "https://django-scale.readthedocs.io/en/latest/checks.html"
 
@@ -159,6 +161,79 @@ def _w107_middleware_order(after: str) -> checks.CheckMessage:
     )
 
 
+def _w401_related_model_not_prefetch_aware(
+    model: type[Model], accessor: str, related: type[Model]
+) -> checks.CheckMessage:
+    label, related_label = model._meta.label, related._meta.label
+    return _message(
+        checks.Warning,
+        "django_scale.W401",
+        f"{label} uses a prefetch-aware queryset, but the default manager of {related_label} is not a "
+        f"PrefetchAwareManager: {model.__name__}.{accessor}.all(), .count() and .exists() load row by row.",
+        f"Give {related_label} a prefetch-aware default manager, e.g. objects = ScaleQuerySet.as_manager().",
+    )
+
+
+def _w402_raise_in_production() -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W402",
+        "DJANGO_SCALE['N_PLUS_ONE'] is 'raise' while DEBUG is False: a page with an N+1 query "
+        "fails in production instead of being reported.",
+        "Use 'log' (with N_PLUS_ONE_SAMPLE_RATE) in production, and raise in tests with "
+        "django_scale.testing.forbid_n_plus_one().",
+    )
+
+
+def _is_prefetch_aware(model: type[Model]) -> bool:
+    from django_scale.querysets import PrefetchAwareManager, PrefetchAwareQuerySetMixin
+
+    manager = model._meta.default_manager
+    queryset_class = getattr(manager, "_queryset_class", None)
+    return (
+        isinstance(manager, PrefetchAwareManager)
+        and isinstance(queryset_class, type)
+        and issubclass(queryset_class, PrefetchAwareQuerySetMixin)
+    )
+
+
+def check_querysets(
+    app_configs: Iterable[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Check that peer loading reaches every relation of prefetch-aware models, and the N+1 mode."""
+    messages: list[checks.CheckMessage] = []
+    models = (
+        [model for config in app_configs for model in config.get_models()]
+        if app_configs is not None
+        else apps.get_models()
+    )
+    for model in models:
+        if not _is_prefetch_aware(model):
+            continue
+        for relation in model._meta.get_fields():
+            # Reverse foreign keys and both sides of many-to-many relations load through a
+            # related manager, which Django builds from the related model's default manager.
+            if not (relation.one_to_many or relation.many_to_many) or getattr(relation, "hidden", False):
+                continue
+            related = relation.related_model
+            if not isinstance(related, type) or not issubclass(related, Model) or _is_prefetch_aware(related):
+                continue
+            if relation.auto_created and not relation.concrete:
+                accessor = relation.get_accessor_name()  # type: ignore[union-attr]
+            elif relation.many_to_many and relation.concrete:
+                accessor = relation.name
+            else:
+                continue  # e.g. a GenericRelation: its manager is not peer-loaded
+            messages.append(_w401_related_model_not_prefetch_aware(model, str(accessor), related))
+    try:
+        mode = conf.N_PLUS_ONE
+    except Exception:
+        return messages  # check_settings reports a malformed DJANGO_SCALE
+    if mode == "raise" and not settings.DEBUG:
+        messages.append(_w402_raise_in_production())
+    return messages
+
+
 ROUTER_PATH = "django_scale.routers.ReplicaRouter"
 MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
 #: Middleware that write to the database in their response phase.
@@ -265,3 +340,4 @@ def register_checks() -> None:
     """Register django-scale's system checks with Django (called from ``AppConfig.ready()``)."""
     checks.register(check_settings, "django_scale")
     checks.register(check_routing, "django_scale")
+    checks.register(check_querysets, "django_scale")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from django.conf import settings
 
@@ -66,6 +66,11 @@ def _negative(value: float) -> str | None:
 
 def _not_a_fraction(value: float) -> str | None:
     return "it must be between 0 and 1" if not 0 <= value <= 1 else None
+
+
+def _not_a_mode(value: str) -> str | None:
+    modes = ("off", "log", "warn", "raise")
+    return None if value in modes else f"it must be one of {', '.join(repr(mode) for mode in modes)}"
 
 
 def _not_positive(value: float) -> str | None:
@@ -125,6 +130,20 @@ SETTINGS: dict[str, Setting] = {
         has_type=_is_alias,
         problem=_empty_alias,
         example='"default"',
+    ),
+    "N_PLUS_ONE": Setting(
+        default="off",
+        expected='one of "off", "log", "warn", "raise" (str)',
+        has_type=lambda value: isinstance(value, str),
+        problem=_not_a_mode,
+        example='"log"',
+    ),
+    "N_PLUS_ONE_SAMPLE_RATE": Setting(
+        default=1.0,
+        expected="a fraction of findings between 0 and 1 (int or float)",
+        has_type=_is_number,
+        problem=_not_a_fraction,
+        example="0.01",
     ),
 }
 
@@ -222,6 +241,16 @@ class Conf:
     def CACHE_ALIAS(self) -> str:
         """The cache that holds django-scale's shared state. Default: ``"default"``."""
         return cast(str, self.get("CACHE_ALIAS"))
+
+    @property
+    def N_PLUS_ONE(self) -> Literal["off", "log", "warn", "raise"]:
+        """How N+1 queries are reported outside :func:`~django_scale.prefetch.detect_n_plus_one`. Default: ``"off"``."""
+        return cast(Literal["off", "log", "warn", "raise"], self.get("N_PLUS_ONE"))
+
+    @property
+    def N_PLUS_ONE_SAMPLE_RATE(self) -> float:
+        """The share of N+1 findings logged when ``N_PLUS_ONE`` is ``"log"``. Default: ``1.0``."""
+        return float(self.get("N_PLUS_ONE_SAMPLE_RATE"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from collections.abc import Iterator
+from itertools import islice
+from typing import TYPE_CHECKING, Any
 
 from django.db import models
+from django.db.models.query import ModelIterable, prefetch_related_objects
 
+from django_scale import prefetch
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
+from django_scale.exceptions import PrefetchBypassedWarning
 
-__all__ = ["ApproxCountQuerySetMixin", "ScaleQuerySet"]
+__all__ = [
+    "ApproxCountQuerySetMixin",
+    "PrefetchAwareManager",
+    "PrefetchAwareQuerySetMixin",
+    "ScaleQuerySet",
+]
+
+if TYPE_CHECKING:
+    _QuerySetBase = models.QuerySet[Any]
+    _ManagerBase = models.Manager[Any]
+else:
+    _QuerySetBase = object
+    _ManagerBase = models.Manager
 
 
 class ApproxCountQuerySetMixin:
@@ -25,6 +43,294 @@ class ApproxCountQuerySetMixin:
         return approx_count(queryset, threshold=threshold, cap=cap, budget=budget)
 
 
+class _PeerLoad:
+    """A related manager's ``all()`` that, when evaluated untouched, loads it for all peers."""
+
+    __slots__ = ("group", "manager")
+
+    def __init__(self, manager: Any, group: prefetch.PeerGroup) -> None:
+        self.manager = manager
+        self.group = group
+
+    def rows(self) -> list[Any] | None:
+        if not prefetch.load_many(self.manager, self.group):
+            return None
+        relation = prefetch.many_relation(self.manager)
+        assert relation is not None
+        cached = self.manager.instance.__dict__.get("_prefetched_objects_cache", {}).get(relation.cache_name)
+        return None if cached is None else cached._result_cache
+
+    def count(self) -> int | None:
+        return prefetch.count_many(self.manager, self.group)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        # A copied queryset loads on its own: never copy the peers (the whole result set).
+        return None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(None), ())
+
+
+class PrefetchAwareQuerySetMixin(_QuerySetBase):
+    """Load a relation for all rows of a result set when one row first needs it.
+
+    Mix it into a ``QuerySet`` subclass and build the model's manager with
+    :meth:`as_manager` (or :class:`PrefetchAwareManager` ``.from_queryset()``)::
+
+        class ArticleQuerySet(PrefetchAwareQuerySetMixin, models.QuerySet):
+            pass
+
+        class Article(models.Model):
+            objects = ArticleQuerySet.as_manager()
+
+    For the rows it returns, a forward foreign key or one-to-one field read on one row is
+    loaded for all of them in one query; so are reverse foreign keys and many-to-many
+    ``.all()``, ``.count()`` and ``.exists()`` of related managers whose model is
+    prefetch-aware too. ``iterator(chunk_size)`` makes each chunk a set of peers. A single
+    object (``get()``) has no peers, and a sliced or filtered relation is never batched.
+    """
+
+    #: Whether lazy loads of this queryset's rows are batched over their peers.
+    _django_scale_batch: bool = True
+    #: For a related manager's queryset: "Model.relation", for N+1 reports.
+    _django_scale_related: str | None = None
+
+    @classmethod
+    def as_manager(cls) -> Any:
+        """Return a :class:`PrefetchAwareManager` with this queryset's methods."""
+        manager: Any = PrefetchAwareManager.from_queryset(cls)()
+        manager._built_with_as_manager = True
+        return manager
+
+    as_manager.queryset_only = True  # type: ignore[attr-defined]
+
+    def peer_loading(self, enabled: bool = True) -> Any:
+        """Return a copy whose rows load relations together (``True``) or one by one.
+
+        With ``False`` the rows behave as Django's, and :func:`~django_scale.prefetch.detect_n_plus_one`
+        reports the N+1 queries they make.
+        """
+        clone: Any = self._chain()  # type: ignore[attr-defined]
+        clone._django_scale_batch = bool(enabled)
+        return clone
+
+    def _clone(self) -> Any:
+        clone: Any = super()._clone()  # type: ignore[misc]
+        values = self.__dict__
+        if "_django_scale_batch" in values:
+            clone._django_scale_batch = values["_django_scale_batch"]
+        if "_django_scale_related" in values:
+            clone._django_scale_related = values["_django_scale_related"]
+        return clone
+
+    def _django_scale_tracks(self) -> bool:
+        """Whether this queryset's rows get peers: model rows, in Django's default fetch mode."""
+        if not issubclass(self._iterable_class, ModelIterable):
+            return False
+        if prefetch.HAS_FETCH_MODES:
+            return prefetch.is_default_mode(self._fetch_mode)  # type: ignore[attr-defined,unused-ignore]
+        return True
+
+    def _fetch_all(self) -> None:
+        if self._result_cache is None:
+            load: _PeerLoad | None = self.__dict__.pop("_django_scale_peer_load", None)
+            rows = load.rows() if load is not None else None
+            if rows is not None:
+                self._result_cache = rows
+            else:
+                self._django_scale_evaluate()
+        super()._fetch_all()
+
+    def _django_scale_evaluate(self) -> None:
+        queryset: Any = self
+        rows: list[Any] = list(queryset._iterable_class(queryset))
+        self._result_cache = rows
+        self._django_scale_note_single()
+        if len(rows) < 2 or not self._django_scale_tracks():
+            return
+        eager = prefetch.track_eager(self)
+        group = prefetch.attach_peers(rows, rows[0]._state.db, batch=self._django_scale_batch, eager=eager)
+        if group is not None and isinstance(self.query.select_related, dict):
+            # Rows joined in by select_related are peers too: author.profile loads for all authors.
+            for name in self.query.select_related:
+                joined = {
+                    id(obj): obj for row in rows if (obj := row._state.fields_cache.get(name)) is not None
+                }
+                prefetch.attach_peers(list(joined.values()), group.alias, batch=group.batch, parent=group)
+        if group is not None and eager:
+            if queryset._prefetch_related_lookups and not queryset._prefetch_done:
+                for row in rows:
+                    if "_prefetched_objects_cache" not in row.__dict__:
+                        row._prefetched_objects_cache = prefetch._TrackingPrefetchCache(group)
+            prefetch.watch(group)
+
+    def _django_scale_note_single(self) -> None:
+        """Record a related manager's query for one row (N+1 detection)."""
+        label = self.__dict__.get("_django_scale_related")
+        if label is not None:
+            instance = self._hints.get("instance")  # type: ignore[attr-defined]
+            if instance is not None:
+                prefetch.note_single(prefetch.peer_group(instance), label, instance)
+
+    def _iterator(self, use_chunked_fetch: bool, chunk_size: int | None) -> Iterator[Any]:
+        if not self._django_scale_tracks():
+            yield from super()._iterator(use_chunked_fetch, chunk_size)  # type: ignore[misc]
+            return
+        queryset: Any = self
+        size = chunk_size or 2000
+        iterator = iter(queryset._iterable_class(queryset, chunked_fetch=use_chunked_fetch, chunk_size=size))
+        # Each chunk is a set of peers. Its group is released when the next chunk starts, so
+        # rows the caller dropped are freed at once and memory stays flat.
+        while results := list(islice(iterator, size)):
+            if queryset._prefetch_related_lookups and chunk_size is not None:
+                prefetch_related_objects(results, *queryset._prefetch_related_lookups)
+            group = prefetch.attach_peers(results, results[0]._state.db, batch=self._django_scale_batch)
+            try:
+                yield from results
+            finally:
+                if group is not None:
+                    group.release()
+            del results
+
+    # -- answers from the prefetch cache ------------------------------------------------------
+
+    def count(self) -> int:
+        load: _PeerLoad | None = self.__dict__.get("_django_scale_peer_load")
+        if load is not None and self._result_cache is None:
+            counted = load.count()
+            if counted is not None:
+                return counted
+        if self._result_cache is None:
+            self._django_scale_note_single()
+        return super().count()
+
+    def exists(self) -> bool:
+        load: _PeerLoad | None = self.__dict__.get("_django_scale_peer_load")
+        if load is not None and self._result_cache is None:
+            counted = load.count()
+            if counted is not None:
+                return counted > 0
+        if self._result_cache is None:
+            self._django_scale_note_single()
+        return super().exists()
+
+    def _django_scale_cached_rows(self) -> list[Any] | None:
+        """The rows already loaded, when ``first()``/``last()`` may answer from them."""
+        if self._result_cache is None or self.query.group_by is not None or self.query.is_sliced:
+            return None
+        return self._result_cache
+
+    def first(self) -> Any:
+        """Return the first row; from the loaded rows (no query) when they are loaded."""
+        rows = self._django_scale_cached_rows()
+        if rows is None:
+            return super().first()
+        if not rows:
+            return None
+        if self.ordered or not self.query.default_ordering:
+            return rows[0]
+        return min(rows, key=lambda row: row.pk)
+
+    def last(self) -> Any:
+        """Return the last row; from the loaded rows (no query) when they are loaded."""
+        rows = self._django_scale_cached_rows()
+        if rows is None:
+            return super().last()
+        if not rows:
+            return None
+        if self.ordered or not self.query.default_ordering:
+            return rows[-1]
+        return max(rows, key=lambda row: row.pk)
+
+    # -- prefetch bypassed -------------------------------------------------------------------
+
+    def _django_scale_warn_bypass(self, method: str) -> None:
+        queryset: Any = self
+        if queryset._prefetch_done and self._result_cache is not None and "instance" in queryset._hints:
+            if prefetch.called_by_django():
+                return
+            label = self._django_scale_related or self.model.__name__
+            warnings.warn(
+                f"{label}.{method}() on a prefetched relation ignores the prefetched rows and "
+                "queries the database again, once per row. Filter in memory, or prefetch the "
+                "filtered rows with Prefetch(queryset=..., to_attr=...).",
+                PrefetchBypassedWarning,
+                stacklevel=prefetch._user_stacklevel(),
+            )
+
+    def filter(self, *args: Any, **kwargs: Any) -> Any:
+        self._django_scale_warn_bypass("filter")
+        return super().filter(*args, **kwargs)
+
+    def exclude(self, *args: Any, **kwargs: Any) -> Any:
+        self._django_scale_warn_bypass("exclude")
+        return super().exclude(*args, **kwargs)
+
+    def order_by(self, *field_names: Any) -> Any:
+        self._django_scale_warn_bypass("order_by")
+        return super().order_by(*field_names)
+
+
+class PrefetchAwareManager(_ManagerBase):
+    """The manager of prefetch-aware querysets, and the base of their related managers.
+
+    Django builds ``article.comments`` and ``article.tags`` as subclasses of the related
+    model's default manager, so when that manager is a ``PrefetchAwareManager`` its
+    ``all()``, ``count()`` and ``exists()`` answer for all peers of ``article`` at once.
+    """
+
+    def _django_scale_group(self) -> prefetch.PeerGroup | None:
+        """The peers of the row this related manager belongs to, when they load together."""
+        instance = self.__dict__.get("instance")
+        if instance is None:
+            return None
+        group = prefetch.peer_group(instance)
+        if group is None or len(group.members) < 2 or not group.batch:
+            return None
+        relation = prefetch.many_relation(self)
+        if relation is None:
+            return None
+        if relation.cache_name in instance.__dict__.get("_prefetched_objects_cache", ()):
+            return None  # prefetched: Django answers from the cache
+        return group
+
+    def get_queryset(self) -> Any:
+        queryset = super().get_queryset()
+        if "instance" in self.__dict__ and isinstance(queryset, PrefetchAwareQuerySetMixin):
+            relation = prefetch.many_relation(self)
+            if relation is not None:
+                queryset._django_scale_related = relation.label
+        return queryset
+
+    def all(self) -> Any:
+        queryset = super().all()
+        if isinstance(queryset, PrefetchAwareQuerySetMixin) and queryset._result_cache is None:
+            group = self._django_scale_group()
+            if group is not None:
+                queryset._django_scale_peer_load = _PeerLoad(self, group)  # type: ignore[attr-defined]
+        return queryset
+
+    def count(self) -> int:
+        group = self._django_scale_group()
+        if group is not None:
+            counted = prefetch.count_many(self, group)
+            if counted is not None:
+                return counted
+        return int(self.get_queryset().count())
+
+    def exists(self) -> bool:
+        group = self._django_scale_group()
+        if group is not None:
+            counted = prefetch.count_many(self, group)
+            if counted is not None:
+                return counted > 0
+        return bool(self.get_queryset().exists())
+
+
 # QuerySet is generic only in django-stubs; subscripting it fails at run time.
-class ScaleQuerySet(ApproxCountQuerySetMixin, models.QuerySet):  # type: ignore[type-arg]
-    """The project-wide queryset for big tables: ``objects = ScaleQuerySet.as_manager()``."""
+class ScaleQuerySet(ApproxCountQuerySetMixin, PrefetchAwareQuerySetMixin, models.QuerySet):  # type: ignore[type-arg]
+    """The project-wide queryset for big tables: ``objects = ScaleQuerySet.as_manager()``.
+
+    It counts approximately (:meth:`approx_count`) and loads relations for all rows of a
+    result set at once (:class:`PrefetchAwareQuerySetMixin`).
+    """

@@ -12,10 +12,12 @@ from django.db import connections
 from django.test.utils import TestContextDecorator, override_settings
 
 from django_scale.conf import conf
+from django_scale.prefetch import Detector, detect_n_plus_one
 from django_scale.replicas import _capture
 
 __all__ = [
     "capture_reads",
+    "forbid_n_plus_one",
     "override_scale_settings",
     "pause_replay",
     "resume_replay",
@@ -94,6 +96,36 @@ class share_primary_connection(TestContextDecorator):  # noqa: N801 - used like 
         for alias, connection in self.saved.items():
             connections[alias] = connection
         self.saved = {}
+
+
+class forbid_n_plus_one(TestContextDecorator):  # noqa: N801 - used like override_settings
+    """Fail the block (or the decorated test) on an N+1 query or an unused eager load.
+
+    ::
+
+        def test_front_page(client):
+            with forbid_n_plus_one():
+                client.get("/")
+
+    It is :func:`django_scale.prefetch.detect_n_plus_one` with ``mode="raise"``: the
+    :exc:`~django_scale.exceptions.NPlusOneError` names the model, the relation and the line.
+    A single object never counts as an N+1. Pass ``unused_eager=False`` to allow eager loads
+    that no row reads.
+    """
+
+    def __init__(self, *, unused_eager: bool = True) -> None:
+        self.unused_eager = unused_eager
+        self._scopes: list[Any] = []
+        super().__init__()
+
+    def enable(self) -> Detector:
+        scope = detect_n_plus_one("raise", unused_eager=self.unused_eager)
+        detector = scope.__enter__()
+        self._scopes.append(scope)
+        return detector
+
+    def disable(self) -> None:
+        self._scopes.pop().__exit__(None, None, None)
 
 
 def pause_replay(alias: str, timeout: float = 10.0) -> None:

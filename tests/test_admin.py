@@ -473,6 +473,7 @@ def test_a_page_out_of_time_under_atomic_requests_shows_a_message_and_the_reques
         cursor.execute("RESET statement_timeout")
 
 
+@pytest.mark.postgres  # W303 is checked only when a database is PostgreSQL
 def test_w303_is_quiet_for_a_trigram_index_of_the_searched_expression():
     from django.contrib.postgres.indexes import GinIndex, OpClass
     from django.db.models.functions import Upper

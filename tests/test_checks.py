@@ -48,7 +48,8 @@ def test_w001_unknown_key_suggests_the_close_one():
 def test_w001_unknown_key_without_a_close_one_lists_the_keys():
     [message] = run(DJANGO_SCALE={"COLOUR": "blue"})
     assert (
-        "Known keys: CACHE_ALIAS, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, PRIMARY, PRIMARY_FALLBACK_CAP, "
+        "Known keys: CACHE_ALIAS, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, N_PLUS_ONE, "
+        "N_PLUS_ONE_SAMPLE_RATE, PRIMARY, PRIMARY_FALLBACK_CAP, "
         "READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, REPLICAS, REPLICA_DEADLINE, "
         "REPLICA_RETRY_AFTER, REPLICA_WAIT."
     ) in message.hint

@@ -42,6 +42,13 @@ detail = client.get(article.get_absolute_url())
 page = detail.content.decode()
 comment = article.comments.first()
 print("detail", detail.status_code, escape(article.title) in page, escape(comment.author_name) in page)
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django_scale.testing import forbid_n_plus_one
+with CaptureQueriesContext(connection) as queries, forbid_n_plus_one():
+    listing = client.get("/articles/")
+article_queries = [q for q in queries.captured_queries if "news_" in q["sql"]]
+print("list", listing.status_code, len(article_queries))
 """
 
 
@@ -129,6 +136,8 @@ def test_admin_changelist_and_public_pages_render(
     assert f"changelist 200 {ARTICLES}" in lines, explain(result)
     assert "front 200" in lines, explain(result)
     assert "detail 200 True True" in lines, explain(result)
+    # Articles, authors, tags and comment counts, with no lookups written in the view.
+    assert "list 200 4" in lines, explain(result)
 
 
 def test_demo_refuses_zero_articles(tmp_path: Path) -> None:

@@ -7,12 +7,14 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_scale.indexes import TrigramIndex
-from django_scale.querysets import ApproxCountQuerySetMixin
+from django_scale.querysets import ScaleQuerySet
 
 
 class Section(models.Model):
     name = models.CharField(max_length=100)
     slug = models.SlugField(max_length=100, unique=True)
+
+    objects = ScaleQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
@@ -25,6 +27,8 @@ class Author(models.Model):
     name = models.CharField(max_length=200)
     email = models.EmailField(blank=True)
     bio = models.TextField(blank=True)
+
+    objects = ScaleQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
@@ -39,6 +43,8 @@ class Tag(models.Model):
     name = models.CharField(max_length=60, unique=True)
     slug = models.SlugField(max_length=60, unique=True)
 
+    objects = ScaleQuerySet.as_manager()
+
     class Meta:
         ordering = ["name"]
 
@@ -46,8 +52,9 @@ class Tag(models.Model):
         return self.name
 
 
-class ArticleQuerySet(ApproxCountQuerySetMixin, models.QuerySet["Article"]):
-    """Article queries, with ``approx_count()`` (exact when small, else an estimate)."""
+class ArticleQuerySet(ScaleQuerySet):
+    """Article queries: ``approx_count()`` (exact when small, else an estimate), and relations
+    (author, tags, comments) loaded for a whole page of articles at once."""
 
     def published(self) -> ArticleQuerySet:
         """Return the articles readers may see: published, newest first."""
@@ -93,6 +100,8 @@ class Comment(models.Model):
     body = models.TextField()
     # A default rather than auto_now_add, so the demo's bulk_create can backdate comments.
     created_at = models.DateTimeField(default=timezone.now)
+
+    objects = ScaleQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at"]

@@ -9,6 +9,8 @@ from news.models import Article, Section
 
 #: How many articles the front page shows per section.
 LATEST_PER_SECTION = 5
+#: How many articles the article list shows.
+ARTICLE_LIST_SIZE = 100
 
 
 def front_page(request: HttpRequest) -> HttpResponse:
@@ -33,3 +35,13 @@ def article_detail(request: HttpRequest, slug: str) -> HttpResponse:
         slug=slug,
     )
     return render(request, "news/article_detail.html", {"article": article})
+
+
+def article_list(request: HttpRequest) -> HttpResponse:
+    """List the latest published articles with author, tags and comment count.
+
+    No ``select_related`` or ``prefetch_related``: ``Article.objects`` is prefetch-aware, so
+    the page takes four queries (articles, authors, tags, comment counts) for any length.
+    """
+    articles = Article.objects.published().order_by("-published_at")[:ARTICLE_LIST_SIZE]
+    return render(request, "news/article_list.html", {"articles": articles})

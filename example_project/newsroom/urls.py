@@ -10,5 +10,6 @@ from news import views
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("", views.front_page, name="front-page"),
+    path("articles/", views.article_list, name="article-list"),
     path("articles/<slug:slug>/", views.article_detail, name="article-detail"),
 ]

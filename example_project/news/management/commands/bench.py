@@ -16,7 +16,7 @@ from django.db import connections
 from django_scale.conf import conf
 
 #: Each feature's benchmark module; its ``run(out, quick)`` prints the tables.
-FEATURES = {"admin": "benchmarks.admin", "routing": "benchmarks.routing"}
+FEATURES = {"admin": "benchmarks.admin", "prefetch": "benchmarks.prefetch", "routing": "benchmarks.routing"}
 
 
 class Command(BaseCommand):
@@ -35,13 +35,8 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
-            server = (
-                ".".join(
-                    str(part)
-                    for part in getattr(primary, "pg_version", 0) and divmod(primary.pg_version, 10000)
-                )
-                or primary.vendor
-            )
+            pg_version = getattr(primary, "pg_version", 0)
+        server = ".".join(str(part) for part in divmod(pg_version, 10000)) if pg_version else primary.vendor
         self.stdout.write(
             f"bench {feature}: Django {django.get_version()}, Python {platform.python_version()}, "
             f"{primary.vendor} {server}, replicas: {', '.join(conf.REPLICAS) or 'none'}"

@@ -1,0 +1,123 @@
+"""ScaleQuerySet and its parts: the manager, the checks of prefetch-aware models, settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core import checks
+from django.db import models
+from django.test.utils import isolate_apps, override_settings
+
+from django_scale.checks import check_querysets
+from django_scale.querysets import (
+    ApproxCountQuerySetMixin,
+    PrefetchAwareManager,
+    PrefetchAwareQuerySetMixin,
+    ScaleQuerySet,
+)
+from django_scale.testing import override_scale_settings
+
+from testapp.models import Post, Tag
+
+
+def test_scale_queryset_combines_approximate_counts_and_peer_loading() -> None:
+    assert issubclass(ScaleQuerySet, ApproxCountQuerySetMixin)
+    assert issubclass(ScaleQuerySet, PrefetchAwareQuerySetMixin)
+    assert isinstance(Post.objects, PrefetchAwareManager)
+    assert isinstance(Post.objects.all(), ScaleQuerySet)
+
+
+def test_related_managers_are_prefetch_aware_managers(db: None) -> None:
+    post = Post(pk=1)
+    assert isinstance(post.tags, PrefetchAwareManager)
+    assert isinstance(post.replies, PrefetchAwareManager)
+
+
+@pytest.mark.django_db
+def test_approx_count_still_works() -> None:
+    Tag.objects.bulk_create(Tag(name=str(i)) for i in range(3))
+    assert Tag.objects.approx_count() == 3
+
+
+def test_check_is_registered() -> None:
+    assert check_querysets in checks.registry.registry.get_checks()
+
+
+def test_the_test_models_pass_the_queryset_checks() -> None:
+    assert check_querysets() == []
+
+
+def test_w401_related_model_without_a_prefetch_aware_manager() -> None:
+    with isolate_apps("testapp") as registry:
+
+        class Shelf(models.Model):  # noqa: DJ008 - a model for one check
+            objects = ScaleQuerySet.as_manager()
+
+            class Meta:
+                app_label = "testapp"
+
+        class Label(models.Model):  # noqa: DJ008 - a model for one check
+            class Meta:
+                app_label = "testapp"
+
+        class Book(models.Model):  # noqa: DJ008 - a model for one check
+            shelf = models.ForeignKey(Shelf, models.CASCADE, related_name="books")
+            labels = models.ManyToManyField(Label)
+
+            class Meta:
+                app_label = "testapp"
+
+        class Plank(models.Model):  # noqa: DJ008 - a model for one check
+            shelf = models.ForeignKey(Shelf, models.CASCADE, related_name="planks")
+            objects = ScaleQuerySet.as_manager()
+
+            class Meta:
+                app_label = "testapp"
+
+        messages = check_querysets(app_configs=[registry.get_app_config("testapp")])
+    assert [message.id for message in messages] == ["django_scale.W401"]
+    assert "Shelf.books.all()" in messages[0].msg
+    assert "testapp.Book" in messages[0].hint
+    assert messages[0].hint.endswith("#django-scale-w401")
+
+
+def test_w401_manager_built_from_a_plain_manager() -> None:
+    with isolate_apps("testapp") as registry:
+
+        class Box(models.Model):  # noqa: DJ008 - a model for one check
+            objects = ScaleQuerySet.as_manager()
+
+            class Meta:
+                app_label = "testapp"
+
+        class Item(models.Model):  # noqa: DJ008 - a model for one check
+            box = models.ForeignKey(Box, models.CASCADE, related_name="items")
+            objects = models.Manager.from_queryset(ScaleQuerySet)()
+
+            class Meta:
+                app_label = "testapp"
+
+        messages = check_querysets(app_configs=[registry.get_app_config("testapp")])
+    assert [message.id for message in messages] == ["django_scale.W401"]
+
+
+@pytest.mark.parametrize(("debug", "expected"), [(False, ["django_scale.W402"]), (True, [])])
+def test_w402_raise_mode_in_production(debug: bool, expected: list[str]) -> None:
+    with override_settings(DEBUG=debug), override_scale_settings(N_PLUS_ONE="raise"):
+        assert [message.id for message in check_querysets()] == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "check_id"),
+    [
+        ("N_PLUS_ONE", "loud", "django_scale.E003"),
+        ("N_PLUS_ONE", 1, "django_scale.E002"),
+        ("N_PLUS_ONE_SAMPLE_RATE", 2, "django_scale.E003"),
+    ],
+)
+def test_n_plus_one_settings_are_validated(key: str, value: Any, check_id: str) -> None:
+    from django_scale.checks import check_settings
+
+    with override_scale_settings(**{key: value}):
+        assert [message.id for message in check_settings()] == [check_id]
