@@ -27,6 +27,7 @@ import decimal
 import io
 import itertools
 import json
+import operator
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,6 +54,7 @@ _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _ARRAY_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
 _LINE = re.compile(r"\bline (\d+)")
 _COLUMN = re.compile(r"\bcolumn (\w+)")
+_QUOTED_COLUMN = re.compile(r'\bcolumn "([^"]+)"')
 _copy_tables = itertools.count()
 
 Converter = Callable[[Any], str]
@@ -207,7 +209,7 @@ def _converter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Conve
 
 
 class _Columns:
-    """How to turn each row into its values, and each value into COPY text.
+    """How to turn each row into its values, and each value into what the driver sends.
 
     *given* are the fields a tuple row lists, in order. With *fill*, every other concrete field
     that has a default or ``auto_now``/``auto_now_add`` is sent too, with the value a new
@@ -235,21 +237,25 @@ class _Columns:
         self.fields = self.given + extras
         self.names = [field.name for field in self.fields]
         self.columns = [cast(str, field.column) for field in self.fields]
+        self.field_by_column = dict(zip(self.columns, self.names, strict=True))
         self.converters = [_converter(field, connection) for field in self.fields]
-        self.nullable = [field.null for field in self.fields]
-        self._attnames = [field.attname for field in self.fields]
-        self._given_names = [(field.name, field.attname) for field in self.given]
-        # Instances: fields whose value is computed at save time (auto_now, auto_now_add, files).
-        self._pre_save = [
-            (n, field) for n, field in enumerate(self.fields) if type(field).pre_save is not Field.pre_save
+        self.adapters = [
+            (n, adapter)
+            for n, field in enumerate(self.fields)
+            if (adapter := _adapter(field, connection)) is not None
         ]
+        self.nullable = [field.null for field in self.fields]
+        self.attnames = [field.attname for field in self.fields]
+        self._read = operator.attrgetter(*self.attnames) if len(self.attnames) > 1 else None
+        self._given_names = [(field.name, field.attname) for field in self.given]
+        # Instances: fields whose value is computed at save time (auto_now(_add), files).
+        self._pre_save = [(n, field) for n, field in enumerate(self.fields) if _computed_at_save(field)]
         # Tuples and dicts: the other fields' values, computed once unless the default is callable.
         blank = model() if extras else None
         self._extras: list[Callable[[], Any]] = []
         for field in extras:
             if _is_auto_now(field):
-                value = field.pre_save(blank, True)  # type: ignore[arg-type]
-                self._extras.append(_returning(value))
+                self._extras.append(_returning(field.pre_save(blank, True)))  # type: ignore[arg-type]
             elif callable(field.default):
                 self._extras.append(field.get_default)
             else:
@@ -262,11 +268,19 @@ class _Columns:
         return self._constant_extras if self._constant else tuple(extra() for extra in self._extras)
 
     def values(self, row: Row) -> Sequence[Any]:
+        """Return *row*'s values for :attr:`fields`, in order; raise :class:`_RowError`."""
+        if isinstance(row, tuple) or isinstance(row, list):  # noqa: SIM101 - the common case first
+            if len(row) != len(self.given):
+                names = ", ".join(field.name for field in self.given)
+                raise _RowError("", f"has {len(row)} values for {len(self.given)} fields ({names})")
+            return (*row, *self._extra_values()) if self._extras else row
         if isinstance(row, self.model):
-            values = [getattr(row, attname) for attname in self._attnames]
-            for n, field in self._pre_save:
-                values[n] = field.pre_save(row, True)
-            return values
+            if self._pre_save:
+                values = [getattr(row, attname) for attname in self.attnames]
+                for n, field in self._pre_save:
+                    values[n] = field.pre_save(row, True)
+                return values
+            return self._read(row) if self._read is not None else (getattr(row, self.attnames[0]),)
         if isinstance(row, Mapping):
             known = {name for pair in self._given_names for name in pair}
             unknown = set(row) - known
@@ -281,30 +295,131 @@ class _Columns:
                 ),
                 *self._extra_values(),
             ]
-        if isinstance(row, (tuple, list)):
-            if len(row) != len(self.given):
-                names = ", ".join(field.name for field in self.given)
-                raise _RowError("", f"has {len(row)} values for {len(self.given)} fields ({names})")
-            return (*row, *self._extra_values()) if self._extras else row
         raise _RowError(
             "", f"is a {type(row).__name__}; pass {self.model.__name__} instances, tuples or dicts"
         )
 
+    def adapted(self, row: Row) -> Sequence[Any]:
+        """Return *row*'s values as psycopg 3 dumps them (JSON as text, related rows as keys)."""
+        values = self.values(row)
+        if not self.adapters:
+            return values
+        values = list(values)
+        for n, adapt in self.adapters:
+            value = values[n]
+            if value is not None:
+                try:
+                    values[n] = adapt(value)
+                except (TypeError, ValueError, AttributeError) as error:
+                    name = self.names[n]
+                    raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
+        return values
+
     def line(self, row: Row) -> str:
-        cells = []
-        for value, convert, nullable, name in zip(
-            self.values(row), self.converters, self.nullable, self.names, strict=True
+        """Return *row* as one line of COPY's text format (for psycopg2)."""
+        values = self.values(row)
+        try:
+            return (
+                "\t".join(
+                    [
+                        "\\N" if value is None else convert(value)
+                        for convert, value in zip(self.converters, values, strict=True)
+                    ]
+                )
+                + "\n"
+            )
+        except (TypeError, ValueError, AttributeError):
+            pass
+        # Find the value at fault, to name its field.
+        for convert, value, name in zip(self.converters, values, self.names, strict=True):
+            if value is None:
+                continue
+            try:
+                convert(value)
+            except (TypeError, ValueError, AttributeError) as error:
+                raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
+        raise AssertionError("unreachable: a value failed to convert once and not twice")
+
+    def check(self, row: Row) -> None:
+        """Check *row* as the database would, naming the field (for the ``bulk_create`` fallback)."""
+        for value, nullable, name, convert in zip(
+            self.values(row), self.nullable, self.names, self.converters, strict=True
         ):
             if value is None:
                 if not nullable:
                     raise _RowError(name, f"has None for {name!r}, which is NOT NULL")
-                cells.append("\\N")
                 continue
             try:
-                cells.append(convert(value))
+                convert(value)
             except (TypeError, ValueError, AttributeError) as error:
                 raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
-        return "\t".join(cells) + "\n"
+
+
+def _adapter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], Any] | None:
+    """Return how a value must change before psycopg 3 dumps it, or ``None`` when it need not."""
+    kind = field.get_internal_type()
+    if kind in {"ForeignKey", "OneToOneField"}:
+        return lambda value: value.pk if isinstance(value, Model) else value
+    if kind == "JSONField":
+        encoder = getattr(field, "encoder", None)
+        return lambda value: json.dumps(value, cls=encoder)
+    if kind == "DateTimeField":
+
+        def timestamp(value: Any) -> Any:
+            if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+                return value
+            # Naive datetimes get Django's own treatment (a warning and the default time zone).
+            return field.get_db_prep_save(value, connection)
+
+        return timestamp
+    if kind in {"BooleanField", "IntegerField", "BigIntegerField", "SmallIntegerField"}:
+        return _integer_or_bool(kind)
+    if kind == "ArrayField" or kind in _DUMPED_AS_IS:
+        return None
+    # Anything else (custom fields): what Django would send.
+    return lambda value: field.get_db_prep_save(value, connection)
+
+
+def _integer_or_bool(kind: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        # psycopg dumps complex numbers and other objects only to fail later, without a row.
+        if not isinstance(value, (int, str, decimal.Decimal, float)):
+            raise TypeError(
+                f"expected {'a boolean' if kind == 'BooleanField' else 'an integer'}, got {type(value).__name__} {value!r}"
+            )
+        return value
+
+    return check
+
+
+#: Field types whose Python values psycopg 3 dumps correctly for COPY as they are.
+_DUMPED_AS_IS = {
+    "AutoField",
+    "BigAutoField",
+    "SmallAutoField",
+    "PositiveIntegerField",
+    "PositiveBigIntegerField",
+    "PositiveSmallIntegerField",
+    "CharField",
+    "TextField",
+    "SlugField",
+    "EmailField",
+    "URLField",
+    "FilePathField",
+    "FloatField",
+    "DecimalField",
+    "UUIDField",
+    "DateField",
+    "TimeField",
+    "DurationField",
+    "BinaryField",
+}
+
+
+def _computed_at_save(field: Field[Any, Any]) -> bool:
+    if isinstance(field, models.DateField):
+        return _is_auto_now(field)
+    return type(field).pre_save is not Field.pre_save
 
 
 def key_field(model: type[Model], key: str) -> Field[Any, Any]:
@@ -384,33 +499,58 @@ def _is_psycopg3(connection: BaseDatabaseWrapper) -> bool:
 
 
 class _Counted:
-    """The rows of a batch as COPY text chunks, counting rows and remembering the last row number."""
+    """The rows of a batch on their way into COPY, counted, so an error can name its row."""
 
     def __init__(self, columns: _Columns, rows: Iterable[Row], offset: int) -> None:
         self.columns = columns
         self.rows = iter(rows)
         self.offset = offset
         self.count = 0
+        #: The error found in Python while the driver was reading rows (psycopg2 replaces it).
+        self.failure: BulkDataError | None = None
+
+    def _error(self, error: _RowError) -> BulkDataError:
+        number = self.offset + self.count + 1
+        self.failure = BulkDataError(
+            f"Row {number} {error}. Nothing of its batch was written.", row=number, field=error.field or None
+        )
+        return self.failure
 
     def chunks(self) -> Iterator[str]:
+        """Yield the rows in COPY's text format, a few thousand rows at a time (psycopg2)."""
         line = self.columns.line
         lines: list[str] = []
         for row in self.rows:
             try:
                 lines.append(line(row))
             except _RowError as error:
-                number = self.offset + self.count + 1
-                raise BulkDataError(
-                    f"Row {number} {error}. Nothing of its batch was written.",
-                    row=number,
-                    field=error.field or None,
-                ) from error
+                raise self._error(error) from error
             self.count += 1
             if len(lines) >= CHUNK_ROWS:
                 yield "".join(lines)
                 lines = []
         if lines:
             yield "".join(lines)
+
+    def write_rows(self, copy: Any) -> None:
+        """Hand the rows to psycopg 3's ``Copy.write_row``, which formats them in C."""
+        adapted = self.columns.adapted
+        write_row = copy.write_row
+        for row in self.rows:
+            try:
+                write_row(adapted(row))
+            except _RowError as error:
+                raise self._error(error) from error
+            except Exception as error:
+                if getattr(error, "diag", None) is not None and getattr(error.diag, "sqlstate", None):
+                    raise  # the server's error, with its line number
+                # psycopg could not dump a value: name the row and, when it shows, the value.
+                raise BulkDataError(
+                    f"Row {self.offset + self.count + 1} has a value the driver cannot send: {error}. "
+                    "Nothing of its batch was written.",
+                    row=self.offset + self.count + 1,
+                ) from error
+            self.count += 1
 
 
 class _Reader(io.RawIOBase):
@@ -442,33 +582,37 @@ def _copy_in(connection: BaseDatabaseWrapper, sql: str, stream: _Counted) -> Non
         cursor: Any = wrapper.cursor
         if _is_psycopg3(connection):
             with cursor.copy(sql) as copy:
-                for chunk in stream.chunks():
-                    copy.write(chunk)
+                stream.write_rows(copy)
         else:
-            cursor.copy_expert(sql, _Reader(stream.chunks()), size=1 << 16)
+            try:
+                cursor.copy_expert(sql, _Reader(stream.chunks()), size=1 << 16)
+            except Exception:
+                # psycopg2 ends the COPY with "error in .read() call" and raises its own error.
+                if stream.failure is not None:
+                    raise stream.failure from stream.failure.__cause__
+                raise
 
 
-def _data_error(error: Exception, offset: int, what: str) -> BulkDataError:
+def _data_error(error: Exception, offset: int, what: str, columns: _Columns) -> BulkDataError:
     """Turn the server's error on a COPY into one naming the row (1-based, over the whole call)."""
     diag = getattr(error, "diag", None)
     context = (getattr(diag, "context", None) or "") if diag is not None else ""
     primary = (getattr(diag, "message_primary", None) or str(error)).strip()
     line = _LINE.search(context)
-    column = _COLUMN.search(context)
+    found = _COLUMN.search(context) or _QUOTED_COLUMN.search(primary)
+    column = found.group(1) if found else None
+    field = columns.field_by_column.get(column or "")
     if line:
         row = offset + int(line.group(1))
         return BulkDataError(
-            f"Row {row}: {primary}{f' (column {column.group(1)})' if column else ''}. "
-            f"Nothing of its batch was written.",
+            f"Row {row}: {primary}{f' (field {field!r})' if field else ''}. Nothing of its batch was written.",
             row=row,
-            field=column.group(1) if column else None,
+            field=field,
         )
-    return BulkDataError(f"{what} failed: {primary}. Nothing of its batch was written.")
+    return BulkDataError(f"{what} failed: {primary}. Nothing of its batch was written.", field=field)
 
 
-def _run_batch(
-    connection: BaseDatabaseWrapper, alias: str, offset: int, work: Callable[[], int], what: str
-) -> int:
+def _run_batch(alias: str, offset: int, work: Callable[[], int], what: str, columns: _Columns) -> int:
     try:
         with transaction.atomic(using=alias):
             return work()
@@ -479,7 +623,7 @@ def _run_batch(
             raise
         # Django wraps the driver's error; the driver's has the server's diagnostics.
         cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
-        raise _data_error(cause, offset, what) from error
+        raise _data_error(cause, offset, what, columns) from error
 
 
 # -- Public API --------------------------------------------------------------------------
@@ -523,7 +667,7 @@ def copy_from(
             _copy_in(connection, sql, stream)
             return stream.count
 
-        total += _run_batch(connection, alias, offset, work, f"COPY into {model._meta.db_table}")
+        total += _run_batch(alias, offset, work, f"COPY into {model._meta.db_table}", columns)
     return total
 
 
@@ -531,7 +675,7 @@ def _instances(model: type[M], columns: _Columns, rows: Iterable[Row], offset: i
     for n, row in enumerate(rows, start=offset + 1):
         try:
             # The same checks as on the COPY path, so errors read the same on every database.
-            columns.line(row)
+            columns.check(row)
             if isinstance(row, model):
                 yield row
                 continue
@@ -539,7 +683,7 @@ def _instances(model: type[M], columns: _Columns, rows: Iterable[Row], offset: i
             yield model(
                 **{
                     attname: value.pk if isinstance(value, Model) and field.is_relation else value
-                    for attname, value, field in zip(columns._attnames, values, columns.fields, strict=True)
+                    for attname, value, field in zip(columns.attnames, values, columns.fields, strict=True)
                 }
             )
         except _RowError as error:
@@ -684,7 +828,7 @@ def _via_temp_table(
                 cursor.execute(f"DROP TABLE {temp}")
                 return written
 
-        total += _run_batch(connection, alias, offset, work, what)
+        total += _run_batch(alias, offset, work, what, columns)
     return total
 
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import django
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
 from django_scale.conf import conf
 
 #: Each feature's benchmark module; its ``run(out, quick)`` prints the tables.
-FEATURES = {"admin": "benchmarks.admin", "routing": "benchmarks.routing"}
+FEATURES = {"admin": "benchmarks.admin", "bulk": "benchmarks.bulk", "routing": "benchmarks.routing"}
 
 
 class Command(BaseCommand):
@@ -24,8 +24,16 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("feature", choices=sorted(FEATURES), help="the feature to benchmark")
         parser.add_argument("--quick", action="store_true", help="fewer iterations, for a smoke run")
+        parser.add_argument(
+            "--rows",
+            type=int,
+            default=None,
+            help="rows per method (bench bulk; default 100,000, --quick 10,000)",
+        )
 
-    def handle(self, *args: Any, feature: str, quick: bool, **options: Any) -> None:
+    def handle(self, *args: Any, feature: str, quick: bool, rows: int | None, **options: Any) -> None:
+        if rows is not None and (rows < 1 or feature != "bulk"):
+            raise CommandError("--rows is for bench bulk, and must be at least 1.")
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
@@ -41,5 +49,5 @@ class Command(BaseCommand):
             f"{primary.vendor} {server}, replicas: {', '.join(conf.REPLICAS) or 'none'}"
         )
         module = importlib.import_module(FEATURES[feature])
-        module.run(self.stdout, quick=quick)
+        module.run(self.stdout, quick=quick, **({"rows": rows} if rows else {}))
         sys.stdout.flush()
