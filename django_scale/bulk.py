@@ -24,12 +24,14 @@ import codecs
 import csv
 import datetime
 import decimal
+import functools
 import io
 import itertools
 import json
 import operator
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, TypeVar, cast
 
@@ -239,11 +241,8 @@ class _Columns:
         self.columns = [cast(str, field.column) for field in self.fields]
         self.field_by_column = dict(zip(self.columns, self.names, strict=True))
         self.converters = [_converter(field, connection) for field in self.fields]
-        self.adapters = [
-            (n, adapter)
-            for n, field in enumerate(self.fields)
-            if (adapter := _adapter(field, connection)) is not None
-        ]
+        self._connection = connection
+        self._adapters: list[tuple[int, Callable[[Any], Any]]] | None = None
         self.nullable = [field.null for field in self.fields]
         self.attnames = [field.attname for field in self.fields]
         self._read = operator.attrgetter(*self.attnames) if len(self.attnames) > 1 else None
@@ -301,11 +300,18 @@ class _Columns:
 
     def adapted(self, row: Row) -> Sequence[Any]:
         """Return *row*'s values as psycopg 3 dumps them (JSON as text, related rows as keys)."""
+        if self._adapters is None:
+            # Built on first use: only the psycopg 3 path needs them (and imports psycopg).
+            self._adapters = [
+                (n, adapter)
+                for n, field in enumerate(self.fields)
+                if (adapter := _adapter(field, self._connection)) is not None
+            ]
         values = self.values(row)
-        if not self.adapters:
+        if not self._adapters:
             return values
         values = list(values)
-        for n, adapt in self.adapters:
+        for n, adapt in self._adapters:
             value = values[n]
             if value is not None:
                 try:
@@ -356,13 +362,20 @@ class _Columns:
 
 
 def _adapter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], Any] | None:
-    """Return how a value must change before psycopg 3 dumps it, or ``None`` when it need not."""
+    """Return how a value must change before psycopg 3 dumps it in binary, or ``None`` when it need not.
+
+    Binary COPY sends each value as its column's type (``set_types``), so a value must be of the
+    Python type that type's dumper takes. Only what Django users commonly pass otherwise is
+    converted, so the common case costs nothing per value.
+    """
     kind = field.get_internal_type()
     if kind in {"ForeignKey", "OneToOneField"}:
         return lambda value: value.pk if isinstance(value, Model) else value
     if kind == "JSONField":
-        encoder = getattr(field, "encoder", None)
-        return lambda value: json.dumps(value, cls=encoder)
+        from psycopg.types.json import Jsonb
+
+        dumps = functools.partial(json.dumps, cls=getattr(field, "encoder", None))
+        return lambda value: Jsonb(value, dumps=dumps)
     if kind == "DateTimeField":
 
         def timestamp(value: Any) -> Any:
@@ -372,48 +385,54 @@ def _adapter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callabl
             return field.get_db_prep_save(value, connection)
 
         return timestamp
-    if kind in {"BooleanField", "IntegerField", "BigIntegerField", "SmallIntegerField"}:
-        return _integer_or_bool(kind)
-    if kind == "ArrayField" or kind in _DUMPED_AS_IS:
+    if kind == "UUIDField":
+        return lambda value: value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    if kind == "DecimalField":
+        return lambda value: value if type(value) is decimal.Decimal else decimal.Decimal(str(value))
+    if kind in _INTEGERS:
+        return _integer
+    if kind == "FloatField":
+        return lambda value: value if type(value) is float else float(value)
+    if kind in _TEXTS:
+        return lambda value: value if type(value) is str else str(value)
+    if kind in {"BooleanField", "DateField", "TimeField", "DurationField"}:
+        python_type = {
+            "BooleanField": bool,
+            "DateField": datetime.date,
+            "TimeField": datetime.time,
+            "DurationField": datetime.timedelta,
+        }[kind]
+        # Strings and the like, as Django's own to_python() reads them.
+        return lambda value: value if isinstance(value, python_type) else field.to_python(value)
+    if kind in {"ArrayField", "BinaryField"}:
         return None
     # Anything else (custom fields): what Django would send.
     return lambda value: field.get_db_prep_save(value, connection)
 
 
-def _integer_or_bool(kind: str) -> Callable[[Any], Any]:
-    def check(value: Any) -> Any:
-        # psycopg dumps complex numbers and other objects only to fail later, without a row.
-        if not isinstance(value, (int, str, decimal.Decimal, float)):
-            raise TypeError(
-                f"expected {'a boolean' if kind == 'BooleanField' else 'an integer'}, got {type(value).__name__} {value!r}"
-            )
-        return value
-
-    return check
-
-
-#: Field types whose Python values psycopg 3 dumps correctly for COPY as they are.
-_DUMPED_AS_IS = {
+_INTEGERS = {
     "AutoField",
     "BigAutoField",
     "SmallAutoField",
+    "IntegerField",
+    "BigIntegerField",
+    "SmallIntegerField",
     "PositiveIntegerField",
     "PositiveBigIntegerField",
     "PositiveSmallIntegerField",
-    "CharField",
-    "TextField",
-    "SlugField",
-    "EmailField",
-    "URLField",
-    "FilePathField",
-    "FloatField",
-    "DecimalField",
-    "UUIDField",
-    "DateField",
-    "TimeField",
-    "DurationField",
-    "BinaryField",
 }
+_TEXTS = {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}
+
+
+def _integer(value: Any) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, str):
+        return int(value)
+    if isinstance(value, (float, decimal.Decimal)) and value == int(value):
+        return int(value)
+    # Never truncate 1.5 to 1, nor take True for 1.
+    raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
 
 
 def _computed_at_save(field: Field[Any, Any]) -> bool:
@@ -544,7 +563,11 @@ class _Counted:
             except Exception as error:
                 if getattr(error, "diag", None) is not None and getattr(error.diag, "sqlstate", None):
                     raise  # the server's error, with its line number
-                # psycopg could not dump a value: name the row and, when it shows, the value.
+                # psycopg could not dump a value: find the field at fault if the checks can.
+                try:
+                    self.columns.check(row)
+                except _RowError as found:
+                    raise self._error(found) from error
                 raise BulkDataError(
                     f"Row {self.offset + self.count + 1} has a value the driver cannot send: {error}. "
                     "Nothing of its batch was written.",
@@ -576,12 +599,38 @@ class _Reader(io.RawIOBase):
         return data
 
 
-def _copy_in(connection: BaseDatabaseWrapper, sql: str, stream: _Counted) -> None:
-    """Send *stream* through ``COPY ... FROM STDIN`` on *connection*'s driver."""
+def _binary_types(cursor: Any, table: str, columns: str) -> list[int] | None:
+    """Return the type OIDs of *columns* of *table* if psycopg 3 can dump each in binary."""
+    from psycopg.pq import Format
+
+    cursor.execute(f"SELECT {columns} FROM {table} LIMIT 0")
+    oids = [int(column.type_code) for column in cursor.description]
+    try:
+        for oid in oids:
+            cursor.adapters.get_dumper_by_oid(oid, Format.BINARY)
+    except Exception:
+        return None  # a type without a binary dumper (an extension's): text COPY
+    return oids
+
+
+def _copy_in(connection: BaseDatabaseWrapper, table: str, columns: str, stream: _Counted) -> None:
+    """Send *stream* through ``COPY table (columns) FROM STDIN`` on *connection*'s driver.
+
+    psycopg 3 sends binary COPY, each value dumped in C as its column's type; psycopg2 sends
+    COPY's text format, formatted here.
+    """
+    sql = f"COPY {table} ({columns}) FROM STDIN"
     with connection.cursor() as wrapper:
         cursor: Any = wrapper.cursor
         if _is_psycopg3(connection):
-            with cursor.copy(sql) as copy:
+            oids = _binary_types(cursor, table, columns)
+            if oids is None:
+                with cursor.copy(sql) as copy:
+                    for chunk in stream.chunks():
+                        copy.write(chunk)
+                return
+            with cursor.copy(sql + " (FORMAT BINARY)") as copy:
+                copy.set_types(oids)
                 stream.write_rows(copy)
         else:
             try:
@@ -655,16 +704,14 @@ def copy_from(
     columns = _Columns(model, _fields(model, fields), connection)
     if connection.vendor != "postgresql":
         return _fallback_create(model, columns, rows, alias, batch_size)
-    sql = (
-        f"COPY {connection.ops.quote_name(model._meta.db_table)} ({_quote(connection, columns.columns)}) "
-        "FROM STDIN"
-    )
+    table = connection.ops.quote_name(model._meta.db_table)
+    cols = _quote(connection, columns.columns)
     total = 0
     for offset, batch in _batches(rows, batch_size):
         stream = _Counted(columns, batch, offset)
 
         def work(stream: _Counted = stream) -> int:
-            _copy_in(connection, sql, stream)
+            _copy_in(connection, table, cols, stream)
             return stream.count
 
         total += _run_batch(alias, offset, work, f"COPY into {model._meta.db_table}", columns)
@@ -821,7 +868,7 @@ def _via_temp_table(
             with connection.cursor() as cursor:
                 # Column types only: no constraints, defaults or sequences of the real table.
                 cursor.execute(f"CREATE TEMPORARY TABLE {temp} AS SELECT {cols} FROM {target} WITH NO DATA")
-                _copy_in(connection, f"COPY {temp} ({cols}) FROM STDIN", stream)
+                _copy_in(connection, temp, cols, stream)
                 cursor.execute(statement(temp, target))
                 written = int(cursor.rowcount)
                 # On an error the transaction's rollback removes the table.
