@@ -561,7 +561,7 @@ class _Counted:
             except _RowError as error:
                 raise self._error(error) from error
             except Exception as error:
-                if getattr(error, "diag", None) is not None and getattr(error.diag, "sqlstate", None):
+                if getattr(getattr(error, "diag", None), "sqlstate", None):
                     raise  # the server's error, with its line number
                 # psycopg could not dump a value: find the field at fault if the checks can.
                 try:
