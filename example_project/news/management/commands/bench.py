@@ -37,13 +37,8 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
-            server = (
-                ".".join(
-                    str(part)
-                    for part in getattr(primary, "pg_version", 0) and divmod(primary.pg_version, 10000)
-                )
-                or primary.vendor
-            )
+            version = getattr(primary, "pg_version", 0)
+            server = ".".join(str(part) for part in divmod(version, 10000)) if version else primary.vendor
         self.stdout.write(
             f"bench {feature}: Django {django.get_version()}, Python {platform.python_version()}, "
             f"{primary.vendor} {server}, replicas: {', '.join(conf.REPLICAS) or 'none'}"
