@@ -6,6 +6,7 @@ test) that run queries in threads; the sniper reads ``pg_stat_activity`` and sig
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -432,6 +433,8 @@ def test_cancels_on_the_read_only_standby(victims, replica):
 @DB
 @override_settings(ADMINS=[("DBA", "dba@example.com")])
 def test_every_kill_is_logged_signalled_counted_and_mailed(victims, caplog):
+    # The Celery test worker sets the root logger to ERROR for the rest of the session.
+    caplog.set_level(logging.WARNING, logger="django_scale.sniper")
     victim = victims().start("SELECT pg_sleep(30) /* report */")
     eventually(lambda: running(victim, "pg_sleep"))
     received: list[Kill] = []
