@@ -599,6 +599,31 @@ class _Reader(io.RawIOBase):
         return data
 
 
+def _binary_safe(field: Field[Any, Any]) -> bool:
+    """Whether *field*'s values reach psycopg 3 as the Python type its binary dumper takes."""
+    kind = field.get_internal_type()
+    if kind in {"ForeignKey", "OneToOneField"}:
+        return _binary_safe(cast("Field[Any, Any]", field.target_field))  # type: ignore[attr-defined]
+    if kind == "ArrayField":
+        return _binary_safe(field.base_field)  # type: ignore[attr-defined]
+    return kind in _INTEGERS or kind in _TEXTS or kind in _BINARY_AS_IS
+
+
+#: Field types besides integers and text whose values the binary path sends (after `_adapter`).
+_BINARY_AS_IS = {
+    "BooleanField",
+    "FloatField",
+    "DecimalField",
+    "DateField",
+    "DateTimeField",
+    "TimeField",
+    "DurationField",
+    "UUIDField",
+    "JSONField",
+    "BinaryField",
+}
+
+
 def _binary_types(cursor: Any, table: str, columns: str) -> list[int] | None:
     """Return the type OIDs of *columns* of *table* if psycopg 3 can dump each in binary."""
     from psycopg.pq import Format
@@ -623,7 +648,10 @@ def _copy_in(connection: BaseDatabaseWrapper, table: str, columns: str, stream: 
     with connection.cursor() as wrapper:
         cursor: Any = wrapper.cursor
         if _is_psycopg3(connection):
-            oids = _binary_types(cursor, table, columns)
+            # Fields of other types (custom ones, IP addresses, ranges) go as text, which the
+            # server parses from what Django would send.
+            safe = all(_binary_safe(field) for field in stream.columns.fields)
+            oids = _binary_types(cursor, table, columns) if safe else None
             if oids is None:
                 with cursor.copy(sql) as copy:
                     for chunk in stream.chunks():

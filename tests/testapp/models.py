@@ -78,3 +78,13 @@ class BackfillLog(models.Model):
 
     def __str__(self) -> str:
         return f"log of {self.source_id}"
+
+
+class AddressRecord(models.Model):
+    """A field type the binary COPY path does not send (an inet): its rows go as text."""
+
+    name = models.CharField(max_length=20)
+    address = models.GenericIPAddressField(null=True)
+
+    def __str__(self) -> str:
+        return self.name
