@@ -512,23 +512,26 @@ class Sniper:
         query_sniped.send(sender=Sniper, kill=kill)
         if self.mail_admins:
             backend = kill.backend
-            mail_admins(
-                f"Query sniper: {'would ' if kill.dry_run else ''}{kill.action} a query of "
-                f"{backend.duration:.0f} s on {kill.alias}",
-                "\n".join(
-                    [
-                        line,
-                        "",
-                        f"Fingerprint ({kill.fingerprint_id}):",
-                        kill.fingerprint,
-                        "",
-                        f"Duration: {backend.duration:.1f} s in state {backend.state!r}",
-                        f"Application: {backend.application_name!r}",
-                        f"User: {backend.user!r}, database: {backend.database!r}, pid: {backend.pid}",
-                    ]
-                ),
-                fail_silently=True,
-            )
+            try:
+                mail_admins(
+                    f"Query sniper: {'would ' if kill.dry_run else ''}{kill.action} a query of "
+                    f"{backend.duration:.0f} s on {kill.alias}",
+                    "\n".join(
+                        [
+                            line,
+                            "",
+                            f"Fingerprint ({kill.fingerprint_id}):",
+                            kill.fingerprint,
+                            "",
+                            f"Duration: {backend.duration:.1f} s in state {backend.state!r}",
+                            f"Application: {backend.application_name!r}",
+                            f"User: {backend.user!r}, database: {backend.database!r}, pid: {backend.pid}",
+                        ]
+                    ),
+                )
+            except Exception:
+                # A mail server that is down must not stop the sniper.
+                logger.exception("sniper: could not mail ADMINS about pid %s", backend.pid)
 
 
 def snipe(**options: Any) -> SnipeReport:

@@ -26,6 +26,8 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    # ArrayField (testapp.PostgresBulkRecord) needs it from Django 6.1 on (check postgres.E005).
+    "django.contrib.postgres",
     "django_scale",
     "testapp",
 ]
