@@ -25,6 +25,7 @@ import csv
 import datetime
 import decimal
 import functools
+import importlib
 import io
 import itertools
 import json
@@ -372,7 +373,8 @@ def _adapter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callabl
     if kind in {"ForeignKey", "OneToOneField"}:
         return lambda value: value.pk if isinstance(value, Model) else value
     if kind == "JSONField":
-        from psycopg.types.json import Jsonb
+        # psycopg 3 is optional: imported on its own path only.
+        Jsonb = importlib.import_module("psycopg.types.json").Jsonb
 
         dumps = functools.partial(json.dumps, cls=getattr(field, "encoder", None))
         return lambda value: Jsonb(value, dumps=dumps)
@@ -626,13 +628,13 @@ _BINARY_AS_IS = {
 
 def _binary_types(cursor: Any, table: str, columns: str) -> list[int] | None:
     """Return the type OIDs of *columns* of *table* if psycopg 3 can dump each in binary."""
-    from psycopg.pq import Format
+    binary = importlib.import_module("psycopg.pq").Format.BINARY
 
     cursor.execute(f"SELECT {columns} FROM {table} LIMIT 0")
     oids = [int(column.type_code) for column in cursor.description]
     try:
         for oid in oids:
-            cursor.adapters.get_dumper_by_oid(oid, Format.BINARY)
+            cursor.adapters.get_dumper_by_oid(oid, binary)
     except Exception:
         return None  # a type without a binary dumper (an extension's): text COPY
     return oids

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
@@ -520,3 +520,13 @@ def test_backfill_killed_with_sigkill_resumes_without_duplicates_or_gaps():
     with use_primary():
         assert_exactly_once(total)
         assert BackfillCheckpoint.objects.get().finished_at is not None
+
+
+@pytest.mark.django_db
+def test_scale_backfill_names_what_it_cannot_run():
+    with pytest.raises(CommandError, match="Cannot import 'testapp.backfills.Nothing'"):
+        call_command("scale_backfill", "run", "testapp.backfills.Nothing")
+    with pytest.raises(CommandError, match="'testapp.models.Author' is not a subclass"):
+        call_command("scale_backfill", "run", "testapp.models.Author")
+    with pytest.raises(CommandError, match="No backfill checkpoint is named 'nothing'"):
+        call_command("scale_backfill", "reset", "nothing")

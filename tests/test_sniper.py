@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from django.core import mail
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import OperationalError, connections
 from django.test import override_settings
 
@@ -493,3 +493,8 @@ def test_celery_beat_task_snipes(victims, celery_worker):
     ]
     victim.join()
     assert victim.cancelled
+
+
+def test_scale_snipe_refuses_a_loop_of_zero_seconds():
+    with pytest.raises(CommandError, match="--loop must be a number of seconds greater than zero, not 0.0"):
+        call_command("scale_snipe", "--loop", "0")
