@@ -6,16 +6,18 @@
   ``INSERT ... ON CONFLICT`` or ``UPDATE ... FROM`` it: linear in the number of rows.
 * :func:`iter_batches` walks a queryset in keyset-paginated batches on a unique key.
 
-On PostgreSQL the rows go through ``COPY`` with psycopg2 (``copy_expert``) or psycopg 3
-(``cursor.copy()``). On other databases (SQLite, the embedded default) the same calls fall back
-to ``bulk_create`` / ``bulk_update`` in batches, so code using them runs everywhere.
+On PostgreSQL the rows go through ``COPY``: with psycopg 3 as binary ``COPY``, each value
+dumped in C as its column's type (``Copy.set_types``), or as text for field types without a
+safe binary path; with psycopg2 in ``COPY``'s text format, formatted here and read by
+``copy_expert`` a chunk at a time. On other databases (SQLite, the embedded default) the same
+calls fall back to ``bulk_create`` / ``bulk_update`` in batches, so code using them runs
+everywhere.
 
-Values are converted once per column by the field's type, checked in Python for what the
-database would only report without a row number (``None`` in a ``NOT NULL`` column, a tuple of
-the wrong length), and formatted in ``COPY``'s text format. A row the database refuses raises
-:class:`~django_scale.exceptions.BulkDataError` with the row's number; its batch is rolled back
-whole. Nothing is truncated to fit (PostgreSQL refuses a too-long ``varchar``) and no index is
-dropped.
+A row the database refuses raises :class:`~django_scale.exceptions.BulkDataError` with the
+row's number (from ``COPY``'s line number, or found in Python: a tuple of the wrong length, a
+value of the wrong type) and its field when known; its batch is rolled back whole. Nothing is
+truncated to fit (PostgreSQL refuses a too-long ``varchar``; ``1.5`` is not taken for an
+integer) and no index is dropped.
 """
 
 from __future__ import annotations

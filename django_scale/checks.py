@@ -183,7 +183,7 @@ def _w503_mail_without_admins() -> checks.CheckMessage:
         checks.Warning,
         "django_scale.W503",
         "DJANGO_SCALE['SNIPER_MAIL_ADMINS'] is True but ADMINS is empty: nobody is mailed about kills.",
-        'Set ADMINS = [("Name", "dba@example.com")], or SNIPER_MAIL_ADMINS to False.',
+        "Set ADMINS to the people who should hear about kills, or SNIPER_MAIL_ADMINS to False.",
     )
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import django
 import pytest
 from django.core import mail
 from django.core.management import CommandError, call_command
@@ -37,6 +38,8 @@ import harness
 POSTGRES = pytest.mark.postgres
 DB = pytest.mark.django_db(transaction=True, databases=["default", "mirror"])
 VICTIM_APP = "django-scale-victim"
+# Django 6.0 takes addresses; (name, address) pairs are deprecated there.
+ADMINS: list[Any] = ["dba@example.com"] if django.VERSION >= (6, 0) else [("DBA", "dba@example.com")]
 #: A rule that matches every victim at once.
 VICTIMS = Rule(name="victims", max_duration=0, applications=(VICTIM_APP,))
 
@@ -431,7 +434,7 @@ def test_cancels_on_the_read_only_standby(victims, replica):
 
 @POSTGRES
 @DB
-@override_settings(ADMINS=[("DBA", "dba@example.com")])
+@override_settings(ADMINS=ADMINS)
 def test_every_kill_is_logged_signalled_counted_and_mailed(victims, caplog):
     # The Celery test worker sets the root logger to ERROR for the rest of the session.
     caplog.set_level(logging.WARNING, logger="django_scale.sniper")
