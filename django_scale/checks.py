@@ -19,7 +19,7 @@ from django.utils.module_loading import import_string
 
 from django_scale.conf import SETTINGS, conf
 
-__all__ = ["check_querysets", "check_routing", "check_settings", "register_checks"]
+__all__ = ["check_ops", "check_querysets", "check_routing", "check_settings", "register_checks"]
 
 DOCS = "https://django-scale.readthedocs.io/en/latest/checks.html"
 
@@ -234,6 +234,34 @@ def check_querysets(
     return messages
 
 
+def _e501_bad_sniper_rule(problem: str) -> checks.CheckMessage:
+    return _message(
+        checks.Error,
+        "django_scale.E501",
+        f"DJANGO_SCALE['SNIPER_RULES'] has a rule the query sniper cannot use: {problem}",
+        'Fix the rule, e.g. {"name": "long query", "max_duration": 30, "states": ["active"]}.',
+    )
+
+
+def _w502_sniper_not_postgresql(alias: str, vendor: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W502",
+        f"DJANGO_SCALE['SNIPER_DATABASES'] lists {alias!r}, a {vendor} database: the query sniper "
+        "reads pg_stat_activity and refuses to run on it.",
+        f"Remove {alias!r} from SNIPER_DATABASES; list only PostgreSQL aliases.",
+    )
+
+
+def _w503_mail_without_admins() -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W503",
+        "DJANGO_SCALE['SNIPER_MAIL_ADMINS'] is True but ADMINS is empty: nobody is mailed about kills.",
+        "Set ADMINS to the people who should hear about kills, or SNIPER_MAIL_ADMINS to False.",
+    )
+
+
 ROUTER_PATH = "django_scale.routers.ReplicaRouter"
 MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
 #: Middleware that write to the database in their response phase.
@@ -301,6 +329,33 @@ def check_routing(**kwargs: Any) -> list[checks.CheckMessage]:
     return messages
 
 
+def check_ops(**kwargs: Any) -> list[checks.CheckMessage]:
+    """Check the operations settings: the sniper's rules, databases and mail."""
+    from django_scale.exceptions import SniperError
+    from django_scale.sniper import Rule
+
+    user = getattr(settings, "DJANGO_SCALE", None) or {}
+    if not isinstance(user, dict):
+        return []  # check_settings reports it
+    messages: list[checks.CheckMessage] = []
+    rules = user.get("SNIPER_RULES", ())
+    if SETTINGS["SNIPER_RULES"].has_type(rules):
+        for position, rule in enumerate(rules):
+            try:
+                Rule.from_dict(rule, position=position)
+            except SniperError as error:
+                messages.append(_e501_bad_sniper_rule(str(error)))
+    aliases = user.get("SNIPER_DATABASES", ())
+    if SETTINGS["SNIPER_DATABASES"].has_type(aliases):
+        for alias in aliases:
+            engine = settings.DATABASES.get(alias, {}).get("ENGINE", "")
+            if engine and "postgresql" not in engine and "postgis" not in engine:
+                messages.append(_w502_sniper_not_postgresql(alias, engine.rsplit(".", 1)[-1]))
+    if user.get("SNIPER_MAIL_ADMINS") is True and not getattr(settings, "ADMINS", None):
+        messages.append(_w503_mail_without_admins())
+    return messages
+
+
 def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
     """Check the ``DJANGO_SCALE`` setting: its keys, their types and the aliases they name."""
     user = getattr(settings, "DJANGO_SCALE", None)
@@ -327,6 +382,10 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
     aliases: Iterable[tuple[str, str]] = [
         *([("PRIMARY", conf.PRIMARY)] if "PRIMARY" in valid else []),
         *(("REPLICAS", alias) for alias in (conf.REPLICAS if "REPLICAS" in valid else ())),
+        *(
+            ("SNIPER_DATABASES", alias)
+            for alias in (user.get("SNIPER_DATABASES", ()) if "SNIPER_DATABASES" in valid else ())
+        ),
     ]
     messages.extend(
         _e004_unknown_database(key, alias) for key, alias in aliases if alias not in settings.DATABASES
@@ -341,3 +400,4 @@ def register_checks() -> None:
     checks.register(check_settings, "django_scale")
     checks.register(check_routing, "django_scale")
     checks.register(check_querysets, "django_scale")
+    checks.register(check_ops, "django_scale")

@@ -47,6 +47,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_name_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+
+
+def _is_rule_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, Mapping) for item in value)
+
+
 def _empty_alias(value: str) -> str | None:
     return "it is empty" if not value else None
 
@@ -75,6 +91,10 @@ def _not_a_mode(value: str) -> str | None:
 
 def _not_positive(value: float) -> str | None:
     return "it must be greater than zero" if value <= 0 else None
+
+
+def _not_a_positive_count(value: int) -> str | None:
+    return "it must be at least 1" if value < 1 else None
 
 
 def _seconds(default: float, *, zero_allowed: bool = False) -> Setting:
@@ -144,6 +164,52 @@ SETTINGS: dict[str, Setting] = {
         has_type=_is_number,
         problem=_not_a_fraction,
         example="0.01",
+    ),
+    "SNIPER_RULES": Setting(
+        default=(
+            {"name": "long query", "max_duration": 30.0},
+            {
+                "name": "idle in transaction",
+                "states": ["idle in transaction", "idle in transaction (aborted)"],
+                "max_duration": 60.0,
+            },
+        ),
+        expected="a list of rule dicts",
+        has_type=_is_rule_list,
+        example='[{"name": "long query", "max_duration": 30}]',
+    ),
+    "SNIPER_DATABASES": Setting(
+        default=(),
+        expected="a list of database aliases",
+        has_type=_is_alias_list,
+        problem=_duplicate_aliases,
+        example='["default", "replica1"]',
+    ),
+    "SNIPER_GRACE": _seconds(10.0, zero_allowed=True),
+    "SNIPER_KILL_BUDGET": Setting(
+        default=10,
+        expected="a number of kills per run (int)",
+        has_type=_is_count,
+        problem=_not_a_positive_count,
+        example="10",
+    ),
+    "SNIPER_ALLOW_APPLICATIONS": Setting(
+        default=("pg_dump", "pg_restore", "pg_basebackup"),
+        expected="a list of application_name patterns (str)",
+        has_type=_is_name_list,
+        example='["pg_dump", "backup-*"]',
+    ),
+    "SNIPER_DRY_RUN": Setting(
+        default=False,
+        expected="True or False",
+        has_type=_is_bool,
+        example="True",
+    ),
+    "SNIPER_MAIL_ADMINS": Setting(
+        default=False,
+        expected="True or False",
+        has_type=_is_bool,
+        example="True",
     ),
 }
 
@@ -251,6 +317,41 @@ class Conf:
     def N_PLUS_ONE_SAMPLE_RATE(self) -> float:
         """The share of N+1 findings logged when ``N_PLUS_ONE`` is ``"log"``. Default: ``1.0``."""
         return float(self.get("N_PLUS_ONE_SAMPLE_RATE"))
+
+    @property
+    def SNIPER_RULES(self) -> tuple[Mapping[str, Any], ...]:
+        """The query sniper's rules, as dicts (see ``django_scale.sniper.Rule``)."""
+        return tuple(self.get("SNIPER_RULES"))
+
+    @property
+    def SNIPER_DATABASES(self) -> tuple[str, ...]:
+        """The aliases the sniper watches. Default: none set, meaning PRIMARY and REPLICAS."""
+        return tuple(self.get("SNIPER_DATABASES")) or (self.PRIMARY, *self.REPLICAS)
+
+    @property
+    def SNIPER_GRACE(self) -> float:
+        """Seconds after a cancel before the sniper terminates the backend. Default: ``10.0``."""
+        return float(self.get("SNIPER_GRACE"))
+
+    @property
+    def SNIPER_KILL_BUDGET(self) -> int:
+        """Most backends the sniper signals in one run, over all its databases. Default: ``10``."""
+        return int(self.get("SNIPER_KILL_BUDGET"))
+
+    @property
+    def SNIPER_ALLOW_APPLICATIONS(self) -> tuple[str, ...]:
+        """``application_name`` patterns the sniper never signals. Default: pg_dump, pg_restore, pg_basebackup."""
+        return tuple(self.get("SNIPER_ALLOW_APPLICATIONS"))
+
+    @property
+    def SNIPER_DRY_RUN(self) -> bool:
+        """Whether the sniper only reports what it would kill. Default: ``False``."""
+        return bool(self.get("SNIPER_DRY_RUN"))
+
+    @property
+    def SNIPER_MAIL_ADMINS(self) -> bool:
+        """Whether each kill is mailed to ``ADMINS``. Default: ``False``."""
+        return bool(self.get("SNIPER_MAIL_ADMINS"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

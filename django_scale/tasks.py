@@ -16,7 +16,7 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
-from celery import signals
+from celery import shared_task, signals
 
 from django_scale.conf import conf
 from django_scale.middleware import current_wal_position
@@ -30,7 +30,7 @@ from django_scale.replicas import (
     routing_state,
 )
 
-__all__ = ["HEADER"]
+__all__ = ["HEADER", "snipe"]
 
 logger = logging.getLogger("django_scale.tasks")
 
@@ -102,3 +102,15 @@ def close_state(task_id: str | None = None, **kwargs: Any) -> None:
     stack = _open_tasks.pop(task_id, None) if task_id is not None else None
     if stack is not None:
         stack.close()
+
+
+@shared_task(name="django_scale.snipe", ignore_result=False)
+def snipe(dry_run: bool | None = None) -> dict[str, Any]:
+    """Run the query sniper once (for Celery beat); return what it did, JSON-able.
+
+    Schedule it every few seconds, e.g. ``CELERY_BEAT_SCHEDULE = {"snipe": {"task":
+    "django_scale.snipe", "schedule": 10.0}}``. *dry_run* overrides ``SNIPER_DRY_RUN``.
+    """
+    from django_scale.sniper import snipe as run_sniper
+
+    return run_sniper(dry_run=dry_run).as_dict()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import django
+
 import harness
 
 SECRET_KEY = "django-scale-tests-not-secret"
@@ -29,6 +31,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     # The browser test loads the admin's stylesheets and scripts from the live server.
     "django.contrib.staticfiles",
+    # ArrayField (testapp.PostgresBulkRecord) needs it from Django 6.1 on (check postgres.E005).
+    "django.contrib.postgres",
     "django_scale",
     "testapp",
 ]
@@ -54,6 +58,10 @@ TEMPLATES = [
     }
 ]
 DATABASE_ROUTERS = ["django_scale.routers.ReplicaRouter"]
+# Django 6.1 sends mail through MAILERS and warns when it is not set (the sniper mails ADMINS);
+# the test runner replaces the backend with the local-memory one either way.
+if django.VERSION >= (6, 1):
+    MAILERS = {"default": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend"}}
 # Fast hashing: the suite logs users in, it does not test password storage.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

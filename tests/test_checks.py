@@ -5,6 +5,7 @@ import warnings
 from importlib.resources import files
 from pathlib import Path
 
+import django
 import pytest
 from django.core import checks
 from django.test import override_settings
@@ -51,7 +52,8 @@ def test_w001_unknown_key_without_a_close_one_lists_the_keys():
         "Known keys: CACHE_ALIAS, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, N_PLUS_ONE, "
         "N_PLUS_ONE_SAMPLE_RATE, PRIMARY, PRIMARY_FALLBACK_CAP, "
         "READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, REPLICAS, REPLICA_DEADLINE, "
-        "REPLICA_RETRY_AFTER, REPLICA_WAIT."
+        "REPLICA_RETRY_AFTER, REPLICA_WAIT, SNIPER_ALLOW_APPLICATIONS, SNIPER_DATABASES, "
+        "SNIPER_DRY_RUN, SNIPER_GRACE, SNIPER_KILL_BUDGET, SNIPER_MAIL_ADMINS, SNIPER_RULES."
     ) in message.hint
 
 
@@ -223,3 +225,68 @@ def test_w107_middleware_below_sessions():
     messages = routing(DATABASE_ROUTERS=[ROUTER], MIDDLEWARE=[SESSIONS, MIDDLEWARE])
     assert ids(messages) == ["django_scale.W107"]
     assert routing(DATABASE_ROUTERS=[ROUTER], MIDDLEWARE=[MIDDLEWARE, SESSIONS]) == []
+
+
+# -- Operations (5xx) ------------------------------------------------------------------------
+
+
+def ops(**setting):
+    from django_scale.checks import check_ops
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(**setting):
+            return check_ops()
+
+
+def test_ops_checks_are_registered_and_pass_on_the_defaults():
+    from django_scale.checks import check_ops
+
+    assert check_ops in checks.registry.registry.get_checks()
+    assert check_ops() == []
+    assert (
+        ops(DJANGO_SCALE={"SNIPER_RULES": [{"name": "slow", "max_duration": 10, "applications": ["web-*"]}]})
+        == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        ({"name": "slow"}, "'max_duration' must be a number of seconds >= 0"),
+        ({"max_duration": 5, "state": "idle"}, "'idle' is not a state the sniper acts on"),
+        ({"max_duration": 5, "user": "web"}, "unknown keys 'user'"),
+    ],
+)
+def test_e501_bad_sniper_rule(rule, problem):
+    [message] = ops(DJANGO_SCALE={"SNIPER_RULES": [rule]})
+    assert message.id == "django_scale.E501"
+    assert problem in message.msg
+
+
+def test_sniper_rules_of_the_wrong_type_are_e002():
+    [message] = run(DJANGO_SCALE={"SNIPER_RULES": "slow"})
+    assert message.id == "django_scale.E002"
+    assert ops(DJANGO_SCALE={"SNIPER_RULES": "slow"}) == []
+
+
+def test_w502_sniper_database_not_postgresql():
+    from django.conf import settings
+
+    databases = {**settings.DATABASES, "local": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    [message] = ops(DATABASES=databases, DJANGO_SCALE={"SNIPER_DATABASES": ["local"]})
+    assert message.id == "django_scale.W502"
+    assert "'local', a sqlite3 database" in message.msg
+
+
+def test_e004_sniper_database_not_in_databases():
+    [message] = run(DJANGO_SCALE={"SNIPER_DATABASES": ["nowhere"]})
+    assert message.id == "django_scale.E004"
+    assert "DJANGO_SCALE['SNIPER_DATABASES'] names the database alias 'nowhere'" in message.msg
+
+
+def test_w503_mail_admins_without_admins():
+    [message] = ops(ADMINS=[], DJANGO_SCALE={"SNIPER_MAIL_ADMINS": True})
+    assert message.id == "django_scale.W503"
+    admins = ["dba@example.com"] if django.VERSION >= (6, 0) else [("DBA", "dba@example.com")]
+    assert ops(ADMINS=admins, DJANGO_SCALE={"SNIPER_MAIL_ADMINS": True}) == []

@@ -144,3 +144,27 @@ def test_demo_refuses_zero_articles(tmp_path: Path) -> None:
     result = manage(example_env(tmp_path / "db.sqlite3"), "demo", "--articles", "0")
     assert result.returncode != 0, explain(result)
     assert "--articles must be at least 1, not 0." in result.stderr, explain(result)
+
+
+def test_bench_bulk_smoke_run(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "bench", "bulk", "--quick", "--rows", "300")
+    assert result.returncode == 0, explain(result)
+    for expected in (
+        "Inserts, 300 rows (sqlite)",
+        "django-scale copy_from(instances)",
+        "django-scale copy_from(tuples)",
+        "django-scale copy_update(tuples)",
+        "django-scale copy_to()",
+    ):
+        assert expected in result.stdout, explain(result)
+
+
+def test_demo_shows_the_bulk_import_and_export(
+    seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]],
+) -> None:
+    _, result = seeded
+    assert "copy_from(), through bulk_create in batches (the SQLite fallback)" in result.stdout, explain(
+        result
+    )
+    assert re.search(r"copy_to\(\): \d+ rows", result.stdout), explain(result)
+    assert "needs PostgreSQL (set DATABASE_URL); skipped" in result.stdout, explain(result)

@@ -165,6 +165,19 @@ if REDIS_URL:
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
+if DATABASE_URL:
+    # The query sniper (PostgreSQL only): cancel queries past 30 s, end sessions idle in a
+    # transaction for 60 s; run every 10 s by Celery beat (`celery -A newsroom beat`).
+    DJANGO_SCALE["SNIPER_RULES"] = [
+        {"name": "long query", "max_duration": 30},
+        {
+            "name": "idle in transaction",
+            "states": ["idle in transaction", "idle in transaction (aborted)"],
+            "max_duration": 60,
+        },
+    ]
+    CELERY_BEAT_SCHEDULE = {"django-scale-snipe": {"task": "django_scale.snipe", "schedule": 10.0}}
+
 # Without a broker, tasks run in the calling process as they are sent.
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "")
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL

@@ -16,7 +16,12 @@ from django.db import connections
 from django_scale.conf import conf
 
 #: Each feature's benchmark module; its ``run(out, quick)`` prints the tables.
-FEATURES = {"admin": "benchmarks.admin", "prefetch": "benchmarks.prefetch", "routing": "benchmarks.routing"}
+FEATURES = {
+    "admin": "benchmarks.admin",
+    "bulk": "benchmarks.bulk",
+    "prefetch": "benchmarks.prefetch",
+    "routing": "benchmarks.routing",
+}
 
 
 class Command(BaseCommand):
@@ -28,10 +33,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rows",
             type=lambda value: [int(n.replace("_", "")) for n in value.split(",")],
-            help="table sizes to measure, comma-separated (admin: e.g. 100000,1000000,10000000)",
+            help="table sizes, comma-separated (admin: e.g. 100000,1000000,10000000; bulk: one size, e.g. 1000000)",
         )
 
     def handle(self, *args: Any, feature: str, quick: bool, rows: list[int] | None, **options: Any) -> None:
+        if rows is not None and min(rows) < 1:
+            raise CommandError("--rows must be at least 1.")
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
@@ -42,7 +49,14 @@ class Command(BaseCommand):
             f"{primary.vendor} {server}, replicas: {', '.join(conf.REPLICAS) or 'none'}"
         )
         module = importlib.import_module(FEATURES[feature])
-        if rows and "sizes" not in inspect.signature(module.run).parameters:
-            raise CommandError(f"bench {feature} has no --rows option")
-        module.run(self.stdout, quick=quick, **({"sizes": rows} if rows else {}))
+        run = module.run
+        parameters = inspect.signature(run).parameters
+        if rows and "sizes" in parameters:
+            run(self.stdout, quick=quick, sizes=rows)
+        elif rows and "rows" in parameters and len(rows) == 1:
+            run(self.stdout, quick=quick, rows=rows[0])
+        elif rows:
+            raise CommandError(f"bench {feature} takes no --rows option, or only one size")
+        else:
+            run(self.stdout, quick=quick)
         sys.stdout.flush()

@@ -7,6 +7,7 @@ of the data and the services in use, then runs each feature's part of the demo.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
@@ -25,7 +26,10 @@ from django.db import connections, transaction
 from django.utils import timezone
 from django.utils.text import slugify
 
+from django_scale.bulk import copy_from, copy_to
 from django_scale.conf import conf
+from django_scale.exceptions import SniperError
+from django_scale.sniper import snipe
 
 from news.models import Article, Author, Comment, Section, Tag
 
@@ -92,10 +96,37 @@ WORDS = (
     "schools", "services", "trial", "study", "in", "on", "with", "for", "to", "of", "and", "but",
 )  # fmt: skip
 
+
+def show_operations(command: Command) -> None:
+    """Operations: the bulk import and export, and a dry run of the query sniper."""
+    db = conf.PRIMARY
+    command.heading("Operations")
+    vendor = connections[db].vendor
+    how = "COPY" if vendor == "postgresql" else "bulk_create in batches (the SQLite fallback)"
+    command.row("bulk import", f"django_scale.bulk.copy_from(), through {how}")
+    buffer = io.StringIO()
+    started = time.perf_counter()
+    exported = copy_to(Article.objects.using(db).published().values_list("id", "slug", "views"), buffer)
+    command.row(
+        "bulk export",
+        f"copy_to(): {exported} rows, {len(buffer.getvalue()):,} bytes of CSV in "
+        f"{(time.perf_counter() - started) * 1000:.0f} ms",
+    )
+    try:
+        report = snipe(dry_run=True, using=[db])
+    except SniperError:
+        command.row("query sniper", "needs PostgreSQL (set DATABASE_URL); skipped")
+        return
+    command.row(
+        "sniper dry run",
+        f"{len(report.kills)} queries over the rules; runs every 10 s as the beat task django_scale.snipe",
+    )
+
+
 #: Each feature's part of the demo, run in order after the summary. A section is a callable
 #: that takes the command (for its ``stdout`` and ``style``) and shows one django-scale feature
-#: at work on the data set. Add one here per feature; there is none yet.
-FEATURE_SECTIONS: tuple[Callable[[Command], None], ...] = ()
+#: at work on the data set. Add one here per feature.
+FEATURE_SECTIONS: tuple[Callable[[Command], None], ...] = (show_operations,)
 
 
 class ProgressBar:
@@ -223,15 +254,16 @@ def seed_articles(
             for article, chosen in zip(articles, article_tags, strict=True)
             for tag in chosen
         )
-        Comment.objects.using(db).bulk_create(
-            Comment(
-                article_id=article.pk,
-                author_name=author_name,
-                body=body,
-                created_at=min(article.published_at + timedelta(minutes=minutes), now),
-            )
-            for article, comments in zip(articles, article_comments, strict=True)
-            for author_name, body, minutes in comments
+        # A bulk import: COPY on PostgreSQL, bulk_create in batches on SQLite.
+        copy_from(
+            Comment,
+            (
+                (article.pk, author_name, body, min(article.published_at + timedelta(minutes=minutes), now))
+                for article, comments in zip(articles, article_comments, strict=True)
+                for author_name, body, minutes in comments
+            ),
+            fields=["article", "author_name", "body", "created_at"],
+            using=db,
         )
         progress.update(first + len(articles))
 

@@ -1,0 +1,1095 @@
+"""Bulk data movement at ``COPY`` speed, and keyset-batched iteration.
+
+* :func:`copy_from` loads model instances, tuples or dicts with ``COPY ... FROM STDIN``.
+* :func:`copy_to` streams a queryset out with ``COPY (SELECT ...) TO STDOUT``, in bounded memory.
+* :func:`copy_upsert` and :func:`copy_update` ``COPY`` into a temporary table, then
+  ``INSERT ... ON CONFLICT`` or ``UPDATE ... FROM`` it: linear in the number of rows.
+* :func:`iter_batches` walks a queryset in keyset-paginated batches on a unique key.
+
+On PostgreSQL the rows go through ``COPY``: with psycopg 3 as binary ``COPY``, each value
+dumped in C as its column's type (``Copy.set_types``), or as text for field types without a
+safe binary path; with psycopg2 in ``COPY``'s text format, formatted here and read by
+``copy_expert`` a chunk at a time. On other databases (SQLite, the embedded default) the same
+calls fall back to ``bulk_create`` / ``bulk_update`` in batches, so code using them runs
+everywhere.
+
+A row the database refuses raises :class:`~django_scale.exceptions.BulkDataError` with the
+row's number (from ``COPY``'s line number, or found in Python: a tuple of the wrong length, a
+value of the wrong type) and its field when known; its batch is rolled back whole. Nothing is
+truncated to fit (PostgreSQL refuses a too-long ``varchar``; ``1.5`` is not taken for an
+integer) and no index is dropped.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import datetime
+import decimal
+import functools
+import importlib
+import io
+import itertools
+import json
+import operator
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, TypeVar, cast
+
+from django.core.exceptions import FieldDoesNotExist
+from django.db import DatabaseError, connections, models, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field, Model, QuerySet
+
+from django_scale.exceptions import BulkDataError, BulkError
+
+__all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert", "iter_batches", "key_field"]
+
+M = TypeVar("M", bound=Model)
+Row = Any  # a model instance, a tuple (or list) in field order, or a dict by field name
+
+#: Rows formatted and sent to the server in one write.
+CHUNK_ROWS = 4096
+#: Batch size of the fallback (``bulk_create``) on databases without ``COPY``.
+FALLBACK_BATCH_SIZE = 1000
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_ARRAY_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
+_LINE = re.compile(r"\bline (\d+)")
+_COLUMN = re.compile(r"\bcolumn (\w+)")
+_QUOTED_COLUMN = re.compile(r'\bcolumn "([^"]+)"')
+_copy_tables = itertools.count()
+
+Converter = Callable[[Any], str]
+
+
+class _RowError(Exception):
+    """A value could not be converted; carries the field name until the row number is known."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# -- Formatting values in COPY's text format ---------------------------------------------
+
+
+def _text(value: Any) -> str:
+    text = value if type(value) is str else str(value)
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return text.translate(_ESCAPES)
+    return text
+
+
+def _plain(value: Any) -> str:
+    # int, Decimal, UUID: str() never contains a character COPY must escape.
+    return str(value)
+
+
+def _boolean(value: Any) -> str:
+    return "t" if value else "f"
+
+
+def _float(value: Any) -> str:
+    return repr(float(value))
+
+
+def _date_or_time(value: Any) -> str:
+    return cast(str, value.isoformat())
+
+
+def _duration(value: datetime.timedelta) -> str:
+    return f"{value.days} days {value.seconds} seconds {value.microseconds} microseconds"
+
+
+def _bytea(value: Any) -> str:
+    # bytea's hex input format, with COPY's backslash escaped.
+    return "\\\\x" + bytes(value).hex()
+
+
+def _array_literal(value: Any, element: Callable[[Any], str]) -> str:
+    parts = []
+    for item in value:
+        if item is None:
+            parts.append("NULL")
+        elif isinstance(item, (list, tuple)):
+            parts.append(_array_literal(item, element))
+        else:
+            parts.append('"' + element(item).translate(_ARRAY_ESCAPES) + '"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _unescaped(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], str]:
+    """Return a function giving a value's text form before COPY escaping (for array elements)."""
+    kind = field.get_internal_type()
+    if kind == "BooleanField":
+        return _boolean
+    if kind in {"DateField", "DateTimeField", "TimeField"}:
+        return _date_or_time
+    if kind == "DurationField":
+        return _duration
+    if kind == "BinaryField":
+        return lambda value: "\\x" + bytes(value).hex()
+    if kind == "JSONField":
+        encoder = getattr(field, "encoder", None)
+        return lambda value: json.dumps(value, cls=encoder)
+    if kind == "FloatField":
+        return _float
+    return str
+
+
+def _converter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Converter:
+    """Return a function turning a Python value of *field* into its COPY text."""
+    kind = field.get_internal_type()
+    if kind in {"ForeignKey", "OneToOneField"}:
+        # The column holds the related row's key; accept the related instance too.
+        related = _converter(cast("Field[Any, Any]", field.target_field), connection)  # type: ignore[attr-defined]
+        return lambda value: related(value.pk if isinstance(value, Model) else value)
+    target = field
+    if kind in {"AutoField", "BigAutoField", "SmallAutoField"}:
+        kind = "IntegerField"
+    if kind in {
+        "IntegerField",
+        "BigIntegerField",
+        "SmallIntegerField",
+        "PositiveIntegerField",
+        "PositiveBigIntegerField",
+        "PositiveSmallIntegerField",
+    }:
+
+        def integer(value: Any) -> str:
+            if type(value) is int:
+                return str(value)
+            if isinstance(value, bool) or not isinstance(value, (int, str, decimal.Decimal, float)):
+                raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+            return _text(value)
+
+        return integer
+    if kind in {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}:
+        return _text
+    if kind == "BooleanField":
+        return _boolean
+    if kind == "FloatField":
+        return _float
+    if kind in {"DecimalField", "UUIDField"}:
+        return _plain
+    if kind == "DateTimeField":
+
+        def timestamp(value: Any) -> str:
+            if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+                return value.isoformat()
+            # Naive datetimes get Django's own treatment (a warning and the default time zone).
+            return _text(target.get_db_prep_save(value, connection).isoformat())
+
+        return timestamp
+    if kind in {"DateField", "TimeField"}:
+        return _date_or_time
+    if kind == "DurationField":
+        return _duration
+    if kind == "BinaryField":
+        return _bytea
+    if kind == "JSONField":
+        encoder = getattr(target, "encoder", None)
+        return lambda value: _text(json.dumps(value, cls=encoder))
+    if kind == "ArrayField":
+        base = target.base_field  # type: ignore[attr-defined]
+        while base.get_internal_type() == "ArrayField":
+            base = base.base_field
+        element = _unescaped(base, connection)
+        return lambda value: _text(_array_literal(value, element))
+
+    def generic(value: Any) -> str:
+        prepared = target.get_db_prep_save(value, connection)
+        if isinstance(prepared, (bytes, memoryview)):
+            return _bytea(prepared)
+        if isinstance(prepared, (datetime.date, datetime.time)):
+            return prepared.isoformat()
+        if isinstance(prepared, bool):
+            return _boolean(prepared)
+        return _text(prepared)
+
+    return generic
+
+
+class _Columns:
+    """How to turn each row into its values, and each value into what the driver sends.
+
+    *given* are the fields a tuple row lists, in order. With *fill*, every other concrete field
+    that has a default or ``auto_now``/``auto_now_add`` is sent too, with the value a new
+    instance would get, as ``bulk_create`` does (Django's defaults live in Python, not in the
+    table). The auto-incremented primary key is left to the database unless given.
+    """
+
+    def __init__(
+        self,
+        model: type[Model],
+        given: Sequence[Field[Any, Any]],
+        connection: BaseDatabaseWrapper,
+        *,
+        fill: bool = True,
+    ):
+        self.model = model
+        self.given = list(given)
+        extras: list[Field[Any, Any]] = []
+        if fill:
+            for field in _fields(model, None):
+                if field in self.given or (hasattr(field, "has_db_default") and field.has_db_default()):
+                    continue
+                if _is_auto_now(field) or field.has_default():
+                    extras.append(field)
+        self.fields = self.given + extras
+        self.names = [field.name for field in self.fields]
+        self.columns = [cast(str, field.column) for field in self.fields]
+        self.field_by_column = dict(zip(self.columns, self.names, strict=True))
+        self.converters = [_converter(field, connection) for field in self.fields]
+        self._connection = connection
+        self._adapters: list[tuple[int, Callable[[Any], Any]]] | None = None
+        self.nullable = [field.null for field in self.fields]
+        self.attnames = [field.attname for field in self.fields]
+        self._read = operator.attrgetter(*self.attnames) if len(self.attnames) > 1 else None
+        self._given_names = [(field.name, field.attname) for field in self.given]
+        # Instances: fields whose value is computed at save time (auto_now(_add), files).
+        self._pre_save = [(n, field) for n, field in enumerate(self.fields) if _computed_at_save(field)]
+        # Tuples and dicts: the other fields' values, computed once unless the default is callable.
+        blank = model() if extras else None
+        self._extras: list[Callable[[], Any]] = []
+        for field in extras:
+            if _is_auto_now(field):
+                self._extras.append(_returning(field.pre_save(blank, True)))  # type: ignore[arg-type]
+            elif callable(field.default):
+                self._extras.append(field.get_default)
+            else:
+                self._extras.append(_returning(field.get_default()))
+        self._constant = not any(callable(field.default) for field in extras if not _is_auto_now(field))
+        self._constant_extras = tuple(extra() for extra in self._extras) if self._constant else ()
+        self._defaults = {field.name: field.get_default for field in self.given}
+
+    def _extra_values(self) -> tuple[Any, ...]:
+        return self._constant_extras if self._constant else tuple(extra() for extra in self._extras)
+
+    def values(self, row: Row) -> Sequence[Any]:
+        """Return *row*'s values for :attr:`fields`, in order; raise :class:`_RowError`."""
+        if isinstance(row, tuple) or isinstance(row, list):  # noqa: SIM101 - the common case first
+            if len(row) != len(self.given):
+                names = ", ".join(field.name for field in self.given)
+                raise _RowError("", f"has {len(row)} values for {len(self.given)} fields ({names})")
+            return (*row, *self._extra_values()) if self._extras else row
+        if isinstance(row, self.model):
+            if self._pre_save:
+                values = [getattr(row, attname) for attname in self.attnames]
+                for n, field in self._pre_save:
+                    values[n] = field.pre_save(row, True)
+                return values
+            return self._read(row) if self._read is not None else (getattr(row, self.attnames[0]),)
+        if isinstance(row, Mapping):
+            known = {name for pair in self._given_names for name in pair}
+            unknown = set(row) - known
+            if unknown:
+                raise _RowError(
+                    sorted(unknown)[0], f"has keys not among the fields: {', '.join(sorted(unknown))}"
+                )
+            return [
+                *(
+                    row[name] if name in row else row[attname] if attname in row else self._defaults[name]()
+                    for name, attname in self._given_names
+                ),
+                *self._extra_values(),
+            ]
+        raise _RowError(
+            "", f"is a {type(row).__name__}; pass {self.model.__name__} instances, tuples or dicts"
+        )
+
+    def adapted(self, row: Row) -> Sequence[Any]:
+        """Return *row*'s values as psycopg 3 dumps them (JSON as text, related rows as keys)."""
+        if self._adapters is None:
+            # Built on first use: only the psycopg 3 path needs them (and imports psycopg).
+            self._adapters = [
+                (n, adapter)
+                for n, field in enumerate(self.fields)
+                if (adapter := _adapter(field, self._connection)) is not None
+            ]
+        values = self.values(row)
+        if not self._adapters:
+            return values
+        values = list(values)
+        for n, adapt in self._adapters:
+            value = values[n]
+            if value is not None:
+                try:
+                    values[n] = adapt(value)
+                except (TypeError, ValueError, AttributeError) as error:
+                    name = self.names[n]
+                    raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
+        return values
+
+    def line(self, row: Row) -> str:
+        """Return *row* as one line of COPY's text format (for psycopg2)."""
+        values = self.values(row)
+        try:
+            return (
+                "\t".join(
+                    [
+                        "\\N" if value is None else convert(value)
+                        for convert, value in zip(self.converters, values, strict=True)
+                    ]
+                )
+                + "\n"
+            )
+        except (TypeError, ValueError, AttributeError):
+            pass
+        # Find the value at fault, to name its field.
+        for convert, value, name in zip(self.converters, values, self.names, strict=True):
+            if value is None:
+                continue
+            try:
+                convert(value)
+            except (TypeError, ValueError, AttributeError) as error:
+                raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
+        raise AssertionError("unreachable: a value failed to convert once and not twice")
+
+    def check(self, row: Row) -> None:
+        """Check *row* as the database would, naming the field (for the ``bulk_create`` fallback)."""
+        for value, nullable, name, convert in zip(
+            self.values(row), self.nullable, self.names, self.converters, strict=True
+        ):
+            if value is None:
+                if not nullable:
+                    raise _RowError(name, f"has None for {name!r}, which is NOT NULL")
+                continue
+            try:
+                convert(value)
+            except (TypeError, ValueError, AttributeError) as error:
+                raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
+
+
+def _adapter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], Any] | None:
+    """Return how a value must change before psycopg 3 dumps it in binary, or ``None`` when it need not.
+
+    Binary COPY sends each value as its column's type (``set_types``), so a value must be of the
+    Python type that type's dumper takes. Only what Django users commonly pass otherwise is
+    converted, so the common case costs nothing per value.
+    """
+    kind = field.get_internal_type()
+    if kind in {"ForeignKey", "OneToOneField"}:
+        return lambda value: value.pk if isinstance(value, Model) else value
+    if kind == "JSONField":
+        # psycopg 3 is optional: imported on its own path only.
+        Jsonb = importlib.import_module("psycopg.types.json").Jsonb
+
+        dumps = functools.partial(json.dumps, cls=getattr(field, "encoder", None))
+        return lambda value: Jsonb(value, dumps=dumps)
+    if kind == "DateTimeField":
+
+        def timestamp(value: Any) -> Any:
+            if isinstance(value, datetime.datetime) and value.tzinfo is not None:
+                return value
+            # Naive datetimes get Django's own treatment (a warning and the default time zone).
+            return field.get_db_prep_save(value, connection)
+
+        return timestamp
+    if kind == "UUIDField":
+        return lambda value: value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    if kind == "DecimalField":
+        return lambda value: value if type(value) is decimal.Decimal else decimal.Decimal(str(value))
+    if kind in _INTEGERS:
+        return _integer
+    if kind == "FloatField":
+        return lambda value: value if type(value) is float else float(value)
+    if kind in _TEXTS:
+        return lambda value: value if type(value) is str else str(value)
+    if kind in {"BooleanField", "DateField", "TimeField", "DurationField"}:
+        python_type = {
+            "BooleanField": bool,
+            "DateField": datetime.date,
+            "TimeField": datetime.time,
+            "DurationField": datetime.timedelta,
+        }[kind]
+        # Strings and the like, as Django's own to_python() reads them.
+        return lambda value: value if isinstance(value, python_type) else field.to_python(value)
+    if kind in {"ArrayField", "BinaryField"}:
+        return None
+    # Anything else (custom fields): what Django would send.
+    return lambda value: field.get_db_prep_save(value, connection)
+
+
+_INTEGERS = {
+    "AutoField",
+    "BigAutoField",
+    "SmallAutoField",
+    "IntegerField",
+    "BigIntegerField",
+    "SmallIntegerField",
+    "PositiveIntegerField",
+    "PositiveBigIntegerField",
+    "PositiveSmallIntegerField",
+}
+_TEXTS = {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}
+
+
+def _integer(value: Any) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, str):
+        return int(value)
+    if isinstance(value, (float, decimal.Decimal)) and value == int(value):
+        return int(value)
+    # Never truncate 1.5 to 1, nor take True for 1.
+    raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
+
+
+def _computed_at_save(field: Field[Any, Any]) -> bool:
+    if isinstance(field, models.DateField):
+        return _is_auto_now(field)
+    return type(field).pre_save is not Field.pre_save
+
+
+def key_field(model: type[Model], key: str) -> Field[Any, Any]:
+    """Return *model*'s concrete field named *key* (``"pk"``: the primary key)."""
+    try:
+        field = model._meta.pk if key == "pk" else model._meta.get_field(key)
+    except FieldDoesNotExist as error:
+        raise BulkError(f"{model.__name__} has no field {key!r} (the key).") from error
+    if not isinstance(field, Field) or not field.concrete:
+        raise BulkError(f"{model.__name__}.{key} is not a concrete column; it cannot be a key.")
+    return field
+
+
+def _returning(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _is_auto_now(field: Field[Any, Any]) -> bool:
+    return bool(getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False))
+
+
+def _fields(
+    model: type[Model], names: Sequence[str] | None, *, keep_auto_pk: bool = False
+) -> list[Field[Any, Any]]:
+    opts = model._meta
+    if names is None:
+        return [
+            field
+            for field in opts.concrete_fields
+            if keep_auto_pk or not (field.primary_key and isinstance(field, models.AutoField))
+            if not getattr(field, "generated", False)
+        ]
+    fields = []
+    for name in names:
+        try:
+            field = opts.pk if name == "pk" else opts.get_field(name)
+        except FieldDoesNotExist as error:
+            raise BulkError(f"{model.__name__} has no field {name!r} (in fields={list(names)!r}).") from error
+        if field is None or not getattr(field, "concrete", False) or field.many_to_many:
+            raise BulkError(f"{model.__name__}.{name} is not a concrete column; remove it from fields.")
+        fields.append(cast("Field[Any, Any]", field))
+    return fields
+
+
+def _check_batch_size(size: int | None) -> None:
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise BulkError(f"batch_size must be at least 1 or None, not {size!r}.")
+
+
+def _batches(rows: Iterable[Row], size: int | None) -> Iterator[tuple[int, list[Row] | Iterator[Row]]]:
+    """Yield ``(offset, rows)``: one lazy batch of everything, or lists of *size* rows."""
+    _check_batch_size(size)
+    if size is None:
+        yield 0, iter(rows)
+        return
+    iterator = iter(rows)
+    offset = 0
+    while batch := list(itertools.islice(iterator, size)):
+        yield offset, batch
+        offset += len(batch)
+
+
+def _alias(model: type[Model], using: str | None) -> str:
+    return using or router.db_for_write(model)
+
+
+def _quote(connection: BaseDatabaseWrapper, names: Iterable[str]) -> str:
+    return ", ".join(connection.ops.quote_name(name) for name in names)
+
+
+# -- The COPY wire, for both drivers -----------------------------------------------------
+
+
+def _is_psycopg3(connection: BaseDatabaseWrapper) -> bool:
+    # The backend's driver module: psycopg (3) or psycopg2.
+    return bool(getattr(getattr(connection, "Database", None), "__name__", "") == "psycopg")
+
+
+class _Counted:
+    """The rows of a batch on their way into COPY, counted, so an error can name its row."""
+
+    def __init__(self, columns: _Columns, rows: Iterable[Row], offset: int) -> None:
+        self.columns = columns
+        self.rows = iter(rows)
+        self.offset = offset
+        self.count = 0
+        #: The error found in Python while the driver was reading rows (psycopg2 replaces it).
+        self.failure: BulkDataError | None = None
+
+    def _error(self, error: _RowError) -> BulkDataError:
+        number = self.offset + self.count + 1
+        self.failure = BulkDataError(
+            f"Row {number} {error}. Nothing of its batch was written.", row=number, field=error.field or None
+        )
+        return self.failure
+
+    def chunks(self) -> Iterator[str]:
+        """Yield the rows in COPY's text format, a few thousand rows at a time (psycopg2)."""
+        line = self.columns.line
+        lines: list[str] = []
+        for row in self.rows:
+            try:
+                lines.append(line(row))
+            except _RowError as error:
+                raise self._error(error) from error
+            self.count += 1
+            if len(lines) >= CHUNK_ROWS:
+                yield "".join(lines)
+                lines = []
+        if lines:
+            yield "".join(lines)
+
+    def write_rows(self, copy: Any) -> None:
+        """Hand the rows to psycopg 3's ``Copy.write_row``, which formats them in C."""
+        adapted = self.columns.adapted
+        write_row = copy.write_row
+        for row in self.rows:
+            try:
+                write_row(adapted(row))
+            except _RowError as error:
+                raise self._error(error) from error
+            except Exception as error:
+                if getattr(getattr(error, "diag", None), "sqlstate", None):
+                    raise  # the server's error, with its line number
+                # psycopg could not dump a value: find the field at fault if the checks can.
+                try:
+                    self.columns.check(row)
+                except _RowError as found:
+                    raise self._error(found) from error
+                raise BulkDataError(
+                    f"Row {self.offset + self.count + 1} has a value the driver cannot send: {error}. "
+                    "Nothing of its batch was written.",
+                    row=self.offset + self.count + 1,
+                ) from error
+            self.count += 1
+
+
+class _Reader(io.RawIOBase):
+    """A file psycopg2's ``copy_expert`` reads COPY data from, generated lazily."""
+
+    def __init__(self, chunks: Iterator[str]) -> None:
+        self._chunks = chunks
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk.encode()
+        if size < 0:
+            data, self._buffer = self._buffer, b""
+        else:
+            data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+
+def _binary_safe(field: Field[Any, Any]) -> bool:
+    """Whether *field*'s values reach psycopg 3 as the Python type its binary dumper takes."""
+    kind = field.get_internal_type()
+    if kind in {"ForeignKey", "OneToOneField"}:
+        return _binary_safe(cast("Field[Any, Any]", field.target_field))  # type: ignore[attr-defined]
+    if kind == "ArrayField":
+        return _binary_safe(field.base_field)  # type: ignore[attr-defined]
+    return kind in _INTEGERS or kind in _TEXTS or kind in _BINARY_AS_IS
+
+
+#: Field types besides integers and text whose values the binary path sends (after `_adapter`).
+_BINARY_AS_IS = {
+    "BooleanField",
+    "FloatField",
+    "DecimalField",
+    "DateField",
+    "DateTimeField",
+    "TimeField",
+    "DurationField",
+    "UUIDField",
+    "JSONField",
+    "BinaryField",
+}
+
+
+def _binary_types(cursor: Any, table: str, columns: str) -> list[int] | None:
+    """Return the type OIDs of *columns* of *table* if psycopg 3 can dump each in binary."""
+    binary = importlib.import_module("psycopg.pq").Format.BINARY
+
+    cursor.execute(f"SELECT {columns} FROM {table} LIMIT 0")
+    oids = [int(column.type_code) for column in cursor.description]
+    try:
+        for oid in oids:
+            cursor.adapters.get_dumper_by_oid(oid, binary)
+    except Exception:
+        return None  # a type without a binary dumper (an extension's): text COPY
+    return oids
+
+
+def _copy_in(connection: BaseDatabaseWrapper, table: str, columns: str, stream: _Counted) -> None:
+    """Send *stream* through ``COPY table (columns) FROM STDIN`` on *connection*'s driver.
+
+    psycopg 3 sends binary COPY, each value dumped in C as its column's type; psycopg2 sends
+    COPY's text format, formatted here.
+    """
+    sql = f"COPY {table} ({columns}) FROM STDIN"
+    with connection.cursor() as wrapper:
+        cursor: Any = wrapper.cursor
+        if _is_psycopg3(connection):
+            # Fields of other types (custom ones, IP addresses, ranges) go as text, which the
+            # server parses from what Django would send.
+            safe = all(_binary_safe(field) for field in stream.columns.fields)
+            oids = _binary_types(cursor, table, columns) if safe else None
+            if oids is None:
+                with cursor.copy(sql) as copy:
+                    for chunk in stream.chunks():
+                        copy.write(chunk)
+                return
+            with cursor.copy(sql + " (FORMAT BINARY)") as copy:
+                copy.set_types(oids)
+                stream.write_rows(copy)
+        else:
+            try:
+                cursor.copy_expert(sql, _Reader(stream.chunks()), size=1 << 16)
+            except Exception:
+                # psycopg2 ends the COPY with "error in .read() call" and raises its own error.
+                if stream.failure is not None:
+                    raise stream.failure from stream.failure.__cause__
+                raise
+
+
+def _data_error(error: Exception, offset: int, what: str, columns: _Columns) -> BulkDataError:
+    """Turn the server's error on a COPY into one naming the row (1-based, over the whole call)."""
+    diag = getattr(error, "diag", None)
+    context = (getattr(diag, "context", None) or "") if diag is not None else ""
+    primary = (getattr(diag, "message_primary", None) or str(error)).strip()
+    line = _LINE.search(context)
+    found = _COLUMN.search(context) or _QUOTED_COLUMN.search(primary)
+    column = found.group(1) if found else None
+    field = columns.field_by_column.get(column or "")
+    if line:
+        row = offset + int(line.group(1))
+        return BulkDataError(
+            f"Row {row}: {primary}{f' (field {field!r})' if field else ''}. Nothing of its batch was written.",
+            row=row,
+            field=field,
+        )
+    return BulkDataError(f"{what} failed: {primary}. Nothing of its batch was written.", field=field)
+
+
+def _run_batch(alias: str, offset: int, work: Callable[[], int], what: str, columns: _Columns) -> int:
+    try:
+        with transaction.atomic(using=alias):
+            return work()
+    except BulkDataError:
+        raise
+    except Exception as error:
+        if getattr(error, "diag", None) is None and not isinstance(error, DatabaseError):
+            raise
+        # Django wraps the driver's error; the driver's has the server's diagnostics.
+        cause = error.__cause__ if isinstance(error.__cause__, Exception) else error
+        raise _data_error(cause, offset, what, columns) from error
+
+
+# -- Public API --------------------------------------------------------------------------
+
+
+def copy_from(
+    model: type[M],
+    rows: Iterable[Row],
+    *,
+    fields: Sequence[str] | None = None,
+    using: str | None = None,
+    batch_size: int | None = None,
+) -> int:
+    """Insert *rows* into *model*'s table with ``COPY``; return how many were inserted.
+
+    *rows* are *model* instances, tuples (or lists) of values in *fields* order, or dicts by
+    field name (missing keys take the field's default); an iterable of any length, consumed
+    once. *fields* default to every concrete field but an auto-incremented primary key, which
+    the database assigns (instances do not get their ``pk`` set; use ``bulk_create`` when you
+    need it). With *batch_size*, each batch is a ``COPY`` in its own transaction (a savepoint
+    inside ``atomic()``); without, all rows are one ``COPY``. Signals are not sent and
+    ``save()`` is not called, as with ``bulk_create``.
+
+    On databases without ``COPY``, rows go through ``bulk_create`` in batches.
+    """
+    _check_batch_size(batch_size)
+    alias = _alias(model, using)
+    connection = connections[alias]
+    columns = _Columns(model, _fields(model, fields), connection)
+    if connection.vendor != "postgresql":
+        return _fallback_create(model, columns, rows, alias, batch_size)
+    table = connection.ops.quote_name(model._meta.db_table)
+    cols = _quote(connection, columns.columns)
+    total = 0
+    for offset, batch in _batches(rows, batch_size):
+        stream = _Counted(columns, batch, offset)
+
+        def work(stream: _Counted = stream) -> int:
+            _copy_in(connection, table, cols, stream)
+            return stream.count
+
+        total += _run_batch(alias, offset, work, f"COPY into {model._meta.db_table}", columns)
+    return total
+
+
+def _instances(model: type[M], columns: _Columns, rows: Iterable[Row], offset: int) -> Iterator[M]:
+    for n, row in enumerate(rows, start=offset + 1):
+        try:
+            # The same checks as on the COPY path, so errors read the same on every database.
+            columns.check(row)
+            if isinstance(row, model):
+                yield row
+                continue
+            values = columns.values(row)
+            yield model(
+                **{
+                    attname: value.pk if isinstance(value, Model) and field.is_relation else value
+                    for attname, value, field in zip(columns.attnames, values, columns.fields, strict=True)
+                }
+            )
+        except _RowError as error:
+            raise BulkDataError(
+                f"Row {n} {error}. Nothing of its batch was written.", row=n, field=error.field or None
+            ) from error
+
+
+def _fallback_create(
+    model: type[M], columns: _Columns, rows: Iterable[Row], alias: str, batch_size: int | None
+) -> int:
+    total = 0
+    for offset, batch in _batches(rows, batch_size or FALLBACK_BATCH_SIZE):
+        instances = list(_instances(model, columns, batch, offset))
+        try:
+            with transaction.atomic(using=alias):
+                model._default_manager.using(alias).bulk_create(instances)
+        except DatabaseError as error:
+            raise BulkDataError(
+                f"Rows {offset + 1}-{offset + len(instances)}: {error}. Nothing of this batch was written."
+            ) from error
+        total += len(instances)
+    return total
+
+
+def copy_to(
+    queryset: QuerySet[Any],
+    file: IO[Any],
+    *,
+    format: str = "csv",
+    header: bool = True,
+) -> int:
+    """Write *queryset*'s rows to *file* with ``COPY (SELECT ...) TO STDOUT``; return the row count.
+
+    The rows stream from the server into *file* (text or binary) as they come, so memory stays
+    flat whatever the size. The columns are the queryset's: use ``.values_list(...)`` or
+    ``.only(...)`` to choose them. *format* is ``"csv"`` or ``"text"`` (COPY's own format).
+
+    On databases without ``COPY``, only ``"csv"`` is available; rows are read with
+    ``iterator()`` in chunks.
+    """
+    if format not in {"csv", "text"}:
+        raise BulkError(f'format must be "csv" or "text", not {format!r}.')
+    alias = queryset.db
+    connection = connections[alias]
+    compiler = queryset.query.get_compiler(using=alias)
+    if connection.vendor != "postgresql":
+        if format != "csv":
+            raise BulkError(f'copy_to on {connection.vendor} supports only format="csv".')
+        return _fallback_copy_to(queryset, file, header=header)
+    select, params = compiler.as_sql()
+    options = f"FORMAT {format}" + (", HEADER true" if header and format == "csv" else "")
+    # COPY takes no bind parameters: the backend's own client-side quoting inlines them.
+    inlined = connection.ops.compose_sql(select, params)  # type: ignore[attr-defined]
+    sql = f"COPY ({inlined}) TO STDOUT WITH ({options})"
+    text = isinstance(file, io.TextIOBase)
+    with connection.cursor() as wrapper:
+        cursor: Any = wrapper.cursor
+        if _is_psycopg3(connection):
+            # A chunk may end inside a multi-byte character: decode incrementally.
+            decoder = codecs.getincrementaldecoder("utf-8")() if text else None
+            with cursor.copy(sql) as copy:
+                for data in copy:
+                    file.write(decoder.decode(data) if decoder is not None else data)
+        else:
+            cursor.copy_expert(sql, file, size=1 << 16)
+        return int(cursor.rowcount)
+
+
+def _fallback_copy_to(queryset: QuerySet[Any], file: IO[Any], *, header: bool) -> int:
+    text = isinstance(file, io.TextIOBase)
+    target: IO[str] = file if text else io.TextIOWrapper(file, encoding="utf-8", newline="")
+    writer = csv.writer(target, lineterminator="\n")
+    query = queryset.query
+    if query.values_select or getattr(queryset, "_fields", None):
+        names = list(query.values_select or ())
+        rows = queryset.values_list(*names) if names else queryset
+    else:
+        names = [field.column for field in queryset.model._meta.concrete_fields]
+        rows = queryset.values_list(*[field.attname for field in queryset.model._meta.concrete_fields])
+    if header:
+        writer.writerow(names)
+    count = 0
+    for row in rows.iterator(chunk_size=2000):
+        writer.writerow(
+            [
+                "" if value is None else _csv_value(value)
+                for value in (
+                    row
+                    if isinstance(row, tuple)
+                    else tuple(row.values())
+                    if isinstance(row, dict)
+                    else (row,)
+                )
+            ]
+        )
+        count += 1
+    if not text:
+        target.flush()
+        target.detach()  # type: ignore[attr-defined]
+    return count
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if isinstance(value, (bytes, memoryview)):
+        return "\\x" + bytes(value).hex()
+    return value
+
+
+def _via_temp_table(
+    model: type[Model],
+    columns: _Columns,
+    rows: Iterable[Row],
+    alias: str,
+    batch_size: int | None,
+    statement: Callable[[str, str], str],
+    what: str,
+) -> int:
+    """COPY *rows* into a temporary table per batch, then run *statement(temp, target)*."""
+    connection = connections[alias]
+    target = connection.ops.quote_name(model._meta.db_table)
+    cols = _quote(connection, columns.columns)
+    total = 0
+    for offset, batch in _batches(rows, batch_size):
+        temp = connection.ops.quote_name(f"django_scale_copy_{next(_copy_tables)}")
+        stream = _Counted(columns, batch, offset)
+
+        def work(stream: _Counted = stream, temp: str = temp) -> int:
+            with connection.cursor() as cursor:
+                # Column types only: no constraints, defaults or sequences of the real table.
+                cursor.execute(f"CREATE TEMPORARY TABLE {temp} AS SELECT {cols} FROM {target} WITH NO DATA")
+                _copy_in(connection, temp, cols, stream)
+                cursor.execute(statement(temp, target))
+                written = int(cursor.rowcount)
+                # On an error the transaction's rollback removes the table.
+                cursor.execute(f"DROP TABLE {temp}")
+                return written
+
+        total += _run_batch(alias, offset, work, what, columns)
+    return total
+
+
+def copy_upsert(
+    model: type[M],
+    rows: Iterable[Row],
+    *,
+    unique_fields: Sequence[str],
+    update_fields: Sequence[str] | None = None,
+    fields: Sequence[str] | None = None,
+    using: str | None = None,
+    batch_size: int | None = None,
+) -> int:
+    """Insert *rows*, updating those whose *unique_fields* already exist; return rows written.
+
+    The rows are ``COPY``-ed into a temporary table, then ``INSERT ... SELECT ... ON CONFLICT
+    (unique_fields) DO UPDATE SET`` each of *update_fields* (default: every field copied but
+    the unique ones). The unique fields must have a unique constraint or index. Two rows with the
+    same unique values in one batch are an error (PostgreSQL cannot update a row twice).
+
+    On databases without ``COPY``: ``bulk_create(update_conflicts=True)`` in batches.
+    """
+    if not unique_fields:
+        raise BulkError("copy_upsert() needs unique_fields, e.g. unique_fields=['slug'].")
+    _check_batch_size(batch_size)
+    alias = _alias(model, using)
+    connection = connections[alias]
+    chosen = _fields(model, fields)
+    names = {field.name for field in chosen} | {field.attname for field in chosen}
+    missing = [name for name in unique_fields if name not in names and name != "pk"]
+    if missing:
+        raise BulkError(
+            f"unique_fields {missing!r} must be among the fields copied ({[f.name for f in chosen]})."
+        )
+    unique = _fields(model, unique_fields)
+    updates = (
+        _fields(model, update_fields)
+        if update_fields is not None
+        else [field for field in chosen if field not in unique]
+    )
+    columns = _Columns(model, chosen, connection)
+    if connection.vendor != "postgresql":
+        total = 0
+        for offset, batch in _batches(rows, batch_size or FALLBACK_BATCH_SIZE):
+            instances = list(_instances(model, columns, batch, offset))
+            with transaction.atomic(using=alias):
+                model._default_manager.using(alias).bulk_create(
+                    instances,
+                    update_conflicts=True,
+                    unique_fields=[field.name for field in unique],
+                    update_fields=[field.name for field in updates],
+                )
+            total += len(instances)
+        return total
+    cols = _quote(connection, columns.columns)
+    conflict = _quote(connection, [cast(str, field.column) for field in unique])
+    assignments = ", ".join(
+        f"{connection.ops.quote_name(cast(str, field.column))} = EXCLUDED.{connection.ops.quote_name(cast(str, field.column))}"
+        for field in updates
+    )
+    action = f"DO UPDATE SET {assignments}" if assignments else "DO NOTHING"
+
+    def statement(temp: str, target: str) -> str:
+        return f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {temp} ON CONFLICT ({conflict}) {action}"
+
+    return _via_temp_table(
+        model, columns, rows, alias, batch_size, statement, f"upsert into {model._meta.db_table}"
+    )
+
+
+def copy_update(
+    model: type[M],
+    rows: Iterable[Row],
+    *,
+    fields: Sequence[str],
+    key: str = "pk",
+    using: str | None = None,
+    batch_size: int | None = None,
+) -> int:
+    """Set *fields* on the rows matched by *key*; return how many rows were updated.
+
+    *rows* are instances (their *key* and *fields* are read), tuples ``(key, *fields)`` or
+    dicts. The rows are ``COPY``-ed into a temporary table and applied with one
+    ``UPDATE ... FROM``: linear in the number of rows, unlike ``bulk_update``'s ``CASE WHEN``.
+
+    On databases without ``COPY``: ``bulk_update`` in batches.
+    """
+    if not fields:
+        raise BulkError("copy_update() needs fields, the fields to set, e.g. fields=['title'].")
+    _check_batch_size(batch_size)
+    alias = _alias(model, using)
+    connection = connections[alias]
+    [key_field] = _fields(model, [key])
+    updates = _fields(model, fields)
+    if key_field in updates:
+        raise BulkError(f"key {key!r} cannot also be in fields; it selects the rows to update.")
+    if not (key_field.primary_key or key_field.unique):
+        raise BulkError(f"key {key!r} must be the primary key or a unique field of {model.__name__}.")
+    columns = _Columns(model, [key_field, *updates], connection, fill=False)
+    if connection.vendor != "postgresql":
+        total = 0
+        manager = model._default_manager.using(alias)
+        for offset, batch in _batches(rows, batch_size or FALLBACK_BATCH_SIZE):
+            instances = list(_instances(model, columns, batch, offset))
+            with transaction.atomic(using=alias):
+                if not key_field.primary_key:
+                    # bulk_update() matches on the primary key: look it up by the unique key.
+                    keys = [getattr(instance, key_field.attname) for instance in instances]
+                    pks = dict(
+                        manager.filter(**{f"{key_field.name}__in": keys}).values_list(key_field.attname, "pk")
+                    )
+                    instances = [
+                        instance for instance in instances if getattr(instance, key_field.attname) in pks
+                    ]
+                    for instance in instances:
+                        instance.pk = pks[getattr(instance, key_field.attname)]
+                total += manager.bulk_update(instances, [field.name for field in updates])
+        return total
+    quote = connection.ops.quote_name
+    key_column = quote(cast(str, key_field.column))
+    assignments = ", ".join(f"{quote(cast(str, f.column))} = s.{quote(cast(str, f.column))}" for f in updates)
+
+    def statement(temp: str, target: str) -> str:
+        return (
+            f"UPDATE {target} AS t SET {assignments} FROM {temp} AS s WHERE t.{key_column} = s.{key_column}"
+        )
+
+    return _via_temp_table(
+        model, columns, rows, alias, batch_size, statement, f"update of {model._meta.db_table}"
+    )
+
+
+def iter_batches(
+    queryset: QuerySet[M],
+    size: int = 1000,
+    *,
+    key: str = "pk",
+    start_after: Any = None,
+    target_seconds: float | None = None,
+    min_size: int = 10,
+    max_size: int = 100_000,
+) -> Iterator[list[M]]:
+    """Yield *queryset*'s rows in lists of about *size*, ordered by the unique field *key*.
+
+    Each batch is one query, ``WHERE key > <last key of the previous batch> ORDER BY key
+    LIMIT size``: an index range scan, whatever the depth, and outside ``atomic()`` each batch
+    is its own short transaction. Rows are never seen twice and none that exist throughout is
+    skipped, however rows are inserted, updated or deleted meanwhile (an ``OFFSET`` shifts).
+    The queryset's own ordering is replaced by *key*'s.
+
+    With *target_seconds*, the batch size adapts so that fetching and processing a batch (the
+    time until the next batch is asked for) takes about that long, between *min_size* and
+    *max_size*. *start_after* resumes after a key value.
+    """
+    if size < 1:
+        raise BulkError(f"size must be at least 1, not {size!r}.")
+    if target_seconds is not None and target_seconds <= 0:
+        raise BulkError(f"target_seconds must be greater than zero or None, not {target_seconds!r}.")
+    model = queryset.model
+    field = key_field(model, key)
+    if not (field.primary_key or field.unique):
+        raise BulkError(
+            f"iter_batches() needs a unique key; {model.__name__}.{key} is not unique. "
+            "Pass key= the primary key or a unique field."
+        )
+    name = field.name
+    attname = cast(str, getattr(field, "attname", name))
+    ordered = queryset.order_by(name)
+    last = start_after
+    while True:
+        page = ordered if last is None else ordered.filter(**{f"{name}__gt": last})
+        batch = list(page[:size])
+        if not batch:
+            return
+        started = time.monotonic()
+        yield batch
+        elapsed = time.monotonic() - started
+        tail = batch[-1]
+        last = tail[name] if isinstance(tail, dict) else getattr(tail, attname)
+        if len(batch) < size:
+            return
+        if target_seconds is not None:
+            # Multiplicative steps, at most doubling or halving, toward the time target.
+            factor = min(2.0, max(0.5, target_seconds / max(elapsed, 1e-6)))
+            size = max(min_size, min(max_size, int(size * factor)))
