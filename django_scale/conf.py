@@ -126,6 +126,9 @@ SETTINGS: dict[str, Setting] = {
         problem=_empty_alias,
         example='"default"',
     ),
+    "CACHE_RETRY_AFTER": _seconds(5.0),
+    "SWR_FRESH": _seconds(60.0),
+    "SWR_STALE": _seconds(3600.0),
 }
 
 
@@ -222,6 +225,21 @@ class Conf:
     def CACHE_ALIAS(self) -> str:
         """The cache that holds django-scale's shared state. Default: ``"default"``."""
         return cast(str, self.get("CACHE_ALIAS"))
+
+    @property
+    def CACHE_RETRY_AFTER(self) -> float:
+        """Seconds an unreachable cache or Celery broker is skipped before it is tried again. Default: ``5.0``."""
+        return float(self.get("CACHE_RETRY_AFTER"))
+
+    @property
+    def SWR_FRESH(self) -> float:
+        """Default ``fresh`` of ``stale_while_revalidate``, in seconds. Default: ``60.0``."""
+        return float(self.get("SWR_FRESH"))
+
+    @property
+    def SWR_STALE(self) -> float:
+        """Default ``stale`` of ``stale_while_revalidate``, in seconds. Default: ``3600.0``."""
+        return float(self.get("SWR_STALE"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

@@ -16,7 +16,7 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
-from celery import signals
+from celery import shared_task, signals
 
 from django_scale.conf import conf
 from django_scale.middleware import current_wal_position
@@ -30,7 +30,7 @@ from django_scale.replicas import (
     routing_state,
 )
 
-__all__ = ["HEADER"]
+__all__ = ["HEADER", "refresh"]
 
 logger = logging.getLogger("django_scale.tasks")
 
@@ -102,3 +102,20 @@ def close_state(task_id: str | None = None, **kwargs: Any) -> None:
     stack = _open_tasks.pop(task_id, None) if task_id is not None else None
     if stack is not None:
         stack.close()
+
+
+@shared_task(name="django_scale.refresh", ignore_result=True)
+def refresh(
+    path: str, alias: str, key: str, token: str, generation: int, arguments: Any, primary: bool
+) -> bool:
+    """Recompute one stale entry of a ``stale_while_revalidate`` function or ``swr_cache_page`` view.
+
+    *path* is the dotted path the function is registered under, *arguments* its JSON-able
+    arguments, *token* the claim the enqueuing caller won and *generation* the key's
+    generation then: the value is written only if the key was not invalidated since. With
+    *primary*, the enqueuing request had written, so the recomputation reads the primary.
+    Return whether the value was written.
+    """
+    from django_scale.cache import run_refill_task
+
+    return run_refill_task(path, alias, key, token, generation, arguments, primary)

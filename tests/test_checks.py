@@ -48,9 +48,9 @@ def test_w001_unknown_key_suggests_the_close_one():
 def test_w001_unknown_key_without_a_close_one_lists_the_keys():
     [message] = run(DJANGO_SCALE={"COLOUR": "blue"})
     assert (
-        "Known keys: CACHE_ALIAS, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, PRIMARY, PRIMARY_FALLBACK_CAP, "
-        "READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, REPLICAS, REPLICA_DEADLINE, "
-        "REPLICA_RETRY_AFTER, REPLICA_WAIT."
+        "Known keys: CACHE_ALIAS, CACHE_RETRY_AFTER, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, PRIMARY, "
+        "PRIMARY_FALLBACK_CAP, READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, REPLICAS, "
+        "REPLICA_DEADLINE, REPLICA_RETRY_AFTER, REPLICA_WAIT, SWR_FRESH, SWR_STALE."
     ) in message.hint
 
 
