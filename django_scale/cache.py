@@ -598,32 +598,36 @@ class Engine:
             metrics.increment("swr.refill.suppressed")
             return
         refill = _resolve(lazy_refill) if self.refill == "celery" else None
-        if refill is not None:
-            if not breakers.is_open("the Celery broker"):
-                job = functools.partial(self._enqueue, alias, store, key, token, generation, refill, compute)
-                connection = transaction.get_connection(conf.PRIMARY)
-                if connection.in_atomic_block:
-                    # The refill must read what this transaction writes: send it on commit.
-                    transaction.on_commit(job, using=conf.PRIMARY)
-                    return
-                if job():
-                    return
-            if self.on_broker_error == "serve_stale":
-                self._fail(alias, store, key, token)
-                return
-        metrics.increment("swr.refill.inline")
-        self.run_refill(alias, key, token, generation, compute, primary=False, swallow=True)
+        job = functools.partial(self._send_refill, alias, store, key, token, generation, refill, compute)
+        if refill is not None and transaction.get_connection(conf.PRIMARY).in_atomic_block:
+            # The refill must read what this transaction writes: send it on commit.
+            transaction.on_commit(job, using=conf.PRIMARY)
+            return
+        job()
 
-    def _enqueue(
+    def _send_refill(
         self,
         alias: str,
         store: Store,
         key: str,
         token: str,
         generation: int,
-        refill: _Refill,
+        refill: _Refill | None,
         compute: Callable[[], Any],
-    ) -> bool:
+    ) -> None:
+        """Enqueue the claimed refill; when it cannot be, refill inline or back off (by option)."""
+        if refill is not None:
+            if not breakers.is_open("the Celery broker") and self._enqueue(
+                refill, key, token, generation, alias
+            ):
+                return
+            if self.on_broker_error == "serve_stale":
+                self._fail(alias, store, key, token)
+                return
+        metrics.increment("swr.refill.inline")
+        self.run_refill(alias, key, token, generation, compute, primary=False, swallow=True)
+
+    def _enqueue(self, refill: _Refill, key: str, token: str, generation: int, alias: str) -> bool:
         """Send the refill to Celery; return whether it was sent."""
         from django_scale.tasks import refresh
 

@@ -54,7 +54,10 @@ def _clean() -> Iterator[None]:
 @pytest.fixture
 def locmem() -> Iterator[None]:
     """A ``locmem`` cache alias beside the suite's caches, empty before the test."""
-    with override_settings(CACHES={**_caches(), "locmem": LOCMEM}):
+    with (
+        override_settings(CACHES={**_caches(), "locmem": LOCMEM}),
+        override_scale_settings(CACHE_ALIAS="locmem"),
+    ):
         caches["locmem"].clear()
         yield
 
@@ -104,10 +107,17 @@ def concurrently(function: Callable[[], Any], callers: int = 50) -> list[Any]:
         return [future.result(timeout=60) for future in futures]
 
 
-def redis_commands(cache: Any) -> int:
-    """The number of commands the Redis server has run (INFO itself not counted)."""
+class CommandCounts(dict[str, int]):
+    def __sub__(self, other: dict[str, int]) -> dict[str, int]:
+        return {
+            name: calls - other.get(name, 0) for name, calls in self.items() if calls != other.get(name, 0)
+        }
+
+
+def redis_commands(cache: Any) -> CommandCounts:
+    """How many times the Redis server ran each command (INFO itself not counted)."""
     stats = cache.client.get_client().info("commandstats")
-    return sum(stat["calls"] for name, stat in stats.items() if name != "cmdstat_info")
+    return CommandCounts({name: stat["calls"] for name, stat in stats.items() if name != "cmdstat_info"})
 
 
 # -- keys -------------------------------------------------------------------------------------------
@@ -224,11 +234,10 @@ def test_without_parentheses_settings_give_the_lifetimes(locmem: None) -> None:
 
 def test_template_fragment_varies_and_is_computed_once(locmem: None) -> None:
     client = Client()
-    with override_scale_settings(CACHE_ALIAS="locmem"):
-        first = client.get("/swr/fragment/?section=a")
-        again = client.get("/swr/fragment/?section=a")
-        probe.data = "v2"
-        other = client.get("/swr/fragment/?section=b")
+    first = client.get("/swr/fragment/?section=a")
+    again = client.get("/swr/fragment/?section=a")
+    probe.data = "v2"
+    other = client.get("/swr/fragment/?section=b")
     assert first.content == again.content == b"<p>v1</p>"
     assert other.content == b"<p>v2</p>"
     assert probe.count("fragment") == 2
@@ -244,13 +253,20 @@ def test_template_tag_syntax_errors() -> None:
 # -- Redis: hits, stale windows, cold misses ------------------------------------------------------------
 
 
-def test_a_fresh_hit_is_one_redis_command(redis_cache: Any) -> None:
-    assert cached.headline("news") == {"section": "news", "page": 1, "data": "v1"}
-    before = redis_commands(redis_cache)
+def test_a_fresh_hit_is_one_redis_command(private_redis: Callable[[bool], None]) -> None:
+    # On a Redis server of the test's own, so no other thread's commands are counted.
+    @stale_while_revalidate(fresh=60, stale=3600, cache="swr-private")
+    def lookup(n: int) -> int:
+        probe.record("lookup", n)
+        return n
+
+    assert lookup(7) == 7
+    cache = caches["swr-private"]
+    before = redis_commands(cache)
     for _ in range(5):
-        assert cached.headline("news")["data"] == "v1"
-    assert redis_commands(redis_cache) - before == 5
-    assert probe.count("headline") == 1
+        assert lookup(7) == 7
+    assert redis_commands(cache) - before == {"cmdstat_get": 5}
+    assert probe.count("lookup") == 1
     assert counter("swr.hit") == 5
 
 
@@ -510,7 +526,10 @@ def private_redis() -> Iterator[Callable[[bool], None]]:
     }
     set_running(True)
     try:
-        with override_settings(CACHES={**_caches(), "swr-private": private}):
+        with (
+            override_settings(CACHES={**_caches(), "swr-private": private}),
+            override_scale_settings(CACHE_ALIAS="swr-private"),
+        ):
             yield set_running
             from django_redis import get_redis_connection
 
@@ -647,3 +666,97 @@ def test_posts_are_never_cached(redis_cache: Any) -> None:
     client.post("/swr/page/")
     client.post("/swr/page/")
     assert probe.count("page") == 2
+
+
+# -- system checks -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lazy_celery(celery_app: Any) -> Iterator[Any]:
+    """The suite's Celery app with eager execution switched off for the test."""
+    eager = celery_app.conf.task_always_eager
+    celery_app.conf.task_always_eager = False
+    try:
+        yield celery_app
+    finally:
+        celery_app.conf.task_always_eager = eager
+
+
+def check_ids() -> list[str]:
+    from django_scale.checks import check_cache
+
+    return [message.id for message in check_cache()]
+
+
+def test_check_cache_is_registered() -> None:
+    from django.core import checks
+
+    from django_scale.checks import check_cache
+
+    assert check_cache in checks.registry.registry.get_checks()
+
+
+def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    from django_scale.cache import Engine, registry
+
+    monkeypatch.setitem(registry, "somewhere.prices", Engine(path="somewhere.prices", cache="prices"))
+    from django_scale.checks import check_cache
+
+    [message] = [m for m in check_cache() if m.id == "django_scale.E201"]
+    assert "somewhere.prices is cached with stale_while_revalidate(cache='prices')" in message.msg
+    assert "Add 'prices' to CACHES" in message.hint
+
+
+def test_w202_process_local_cache_with_celery_refill(lazy_celery: Any) -> None:
+    with override_settings(CACHES={**_caches(), "default": LOCMEM}):
+        from django_scale.checks import check_cache
+
+        [message] = [m for m in check_cache() if m.id == "django_scale.W202"]
+    assert "The cache 'default' is a LocMemCache" in message.msg
+    assert "testapp.cached." in message.msg
+    lazy_celery.conf.task_always_eager = True
+    with override_settings(CACHES={**_caches(), "default": LOCMEM}):
+        assert "django_scale.W202" not in check_ids()
+
+
+def test_no_cache_warnings_with_a_shared_cache(lazy_celery: Any) -> None:
+    with override_settings(
+        CACHES={
+            **_caches(),
+            "default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"},
+        }
+    ):
+        assert [i for i in check_ids() if i in ("django_scale.W202", "django_scale.E201")] == []
+
+
+def test_e203_celery_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "celery", None)  # what an uninstalled package looks like to import
+    assert "django_scale.E203" in check_ids()
+
+
+def test_w204_refresh_task_not_registered() -> None:
+    """In a fresh process whose Celery app never imported django_scale.tasks, W204 fires."""
+    import os
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    code = (
+        "import django; django.setup()\n"
+        "from django_scale.checks import check_cache\n"
+        "print(sorted({m.id for m in check_cache()}))\n"
+        "from celery import current_app\n"
+        "current_app.loader.import_module('django_scale.tasks')\n"
+        "print(sorted({m.id for m in check_cache()}))\n"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "settings", "DJANGO_SCALE_TEST_BACKEND": "sqlite"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.splitlines()[-2:]
+    assert "django_scale.W204" in before
+    assert "django_scale.W204" not in after
