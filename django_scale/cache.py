@@ -38,6 +38,8 @@ import hashlib
 import inspect
 import json
 import logging
+import os
+import queue
 import random
 import secrets
 import threading
@@ -50,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol,
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.cache import BaseCache, caches
-from django.db import models, transaction
+from django.db import close_old_connections, models, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.cache import patch_cache_control, patch_vary_headers
 
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.commands.core import Script
 
-__all__ = ["SWRFunction", "stale_while_revalidate", "swr_cache_page"]
+__all__ = ["SWRFunction", "stale_while_revalidate", "swr_cache_page", "wait_for_refills"]
 
 logger = logging.getLogger("django_scale.cache")
 
@@ -384,8 +386,21 @@ def _log_undecodable(key: str, error: BaseException) -> None:
     logger.warning("cached value of %s cannot be decoded (%r); treating it as a miss", key, error)
 
 
+# Redis stores by alias, shared by all threads (django-redis clients are thread-safe), with
+# the CACHES settings they were made from: override_settings(CACHES=...) makes a new dict.
+_redis_stores: dict[str, tuple[object, Store]] = {}
+
+
 def store_for(alias: str) -> Store:
-    """Return the store for cache *alias*: :class:`RedisStore` on django-redis, else :class:`Store`."""
+    """Return the store for cache *alias*: :class:`RedisStore` on django-redis, else :class:`Store`.
+
+    A Redis store is shared by the threads of a process, which saves the hot path Django's
+    per-thread cache lookup; other backends get one store per thread's cache object.
+    """
+    current = caches.settings
+    shared = _redis_stores.get(alias)
+    if shared is not None and shared[0] is current:
+        return shared[1]
     cache = caches[alias]
     store: Store | None = getattr(cache, "_django_scale_swr_store", None)
     if store is None:
@@ -394,6 +409,7 @@ def store_for(alias: str) -> Store:
         # Sharded and Herd clients spread keys over servers: the scripts need one server.
         if is_redis and type(client).__name__ in ("DefaultClient", "SentinelClient"):
             store = RedisStore(cache)
+            _redis_stores[alias] = (current, store)
         else:
             store = Store(cache)
         cache._django_scale_swr_store = store  # type: ignore[attr-defined]
@@ -468,12 +484,94 @@ def _local_forget(alias: str, key: str | None = None) -> None:
                 del _local[entry]
 
 
+#: Seconds a process remembers that a key's refill is claimed, and does not try to claim it.
+CLAIM_MEMORY = 1.0
+_recent_claims: dict[tuple[str, str], float] = {}
+
+
+def _remember_claim(alias: str, key: str, seconds: float) -> None:
+    if len(_recent_claims) >= LOCAL_FALLBACK_SIZE:
+        _recent_claims.clear()
+    _recent_claims[(alias, key)] = time.monotonic() + seconds
+
+
 def reset_state() -> None:
-    """Close every circuit breaker and forget the per-process fallback (for tests)."""
+    """Close every circuit breaker and forget the per-process fallback and claims (for tests)."""
     breakers.reset()
+    _recent_claims.clear()
     with _local_lock:
         _local.clear()
     _pending_invalidations.clear()
+
+
+class Publisher:
+    """A daemon thread per process that sends claimed refills to Celery, off the request path.
+
+    The caller that wins a claim hands the refill over and returns the stale value at once: a
+    slow or dead broker (redis-py retries a refused connection for seconds) never delays a
+    request. When the broker cannot take the task, the refill is computed on this thread:
+    still one computation per stale window, and still outside the request. A refill queued
+    when the process exits is lost; its claim expires after ``refill_timeout`` and the next
+    stale read claims again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run *job* on the publisher thread, starting it if needed (also after a fork)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._pid != os.getpid():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()
+                    self._pid = os.getpid()
+                    self._thread = threading.Thread(
+                        target=self._run, args=(self._queue,), name="django-scale-refills", daemon=True
+                    )
+                    self._thread.start()
+        self._queue.put(job)
+
+    def _run(self, jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            try:
+                job()
+            except Exception:
+                logger.exception("sending a refill failed")
+            finally:
+                # An inline refill may have opened database connections on this thread.
+                close_old_connections()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the jobs submitted so far have run; return whether they did in time."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put(done.set)
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Run the queued jobs, then stop the thread."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+        self._thread = None
+
+
+#: The process's refill publisher.
+publisher = Publisher()
+
+
+def wait_for_refills(timeout: float = 10.0) -> bool:
+    """Wait until the refills this process claimed so far were sent (or computed, broker down).
+
+    For tests and benchmarks; a request never needs to.
+    """
+    return publisher.flush(timeout)
 
 
 # -- The engine: one policy, the protocol for one key -----------------------------------------
@@ -588,51 +686,60 @@ class Engine:
         compute: Callable[[], Any],
         lazy_refill: _Refill | _LazyRefill | None,
     ) -> None:
+        # A refill this process saw claimed moments ago is still running: skip the round trip.
+        seen = _recent_claims.get((alias, key))
+        if seen is not None and time.monotonic() < seen:
+            metrics.increment("swr.refill.suppressed")
+            return
         token = secrets.token_hex(8)
         try:
             generation = store.claim(key, token, self.refill_timeout, cold=False)
         except CacheDown as error:
             self._cache_down(alias, error)
             return
+        _remember_claim(alias, key, min(CLAIM_MEMORY, self.refill_timeout))
         if generation is None:
             metrics.increment("swr.refill.suppressed")
             return
         refill = _resolve(lazy_refill) if self.refill == "celery" else None
-        job = functools.partial(self._send_refill, alias, store, key, token, generation, refill, compute)
-        if refill is not None and transaction.get_connection(conf.PRIMARY).in_atomic_block:
-            # The refill must read what this transaction writes: send it on commit.
-            transaction.on_commit(job, using=conf.PRIMARY)
+        if refill is None:
+            # Inline by option, or arguments Celery cannot carry: the claim holder refills now.
+            metrics.increment("swr.refill.inline")
+            self.run_refill(alias, key, token, generation, compute, primary=False, swallow=True)
             return
-        job()
+        # Decided here, in the request: did it write (so the refill must read the primary)?
+        state = current_state()
+        primary = forced_route() == "primary" or (state is not None and bool(state.wrote or state.pinned))
+        job = functools.partial(self._send_refill, alias, key, token, generation, refill, primary)
+        if transaction.get_connection(conf.PRIMARY).in_atomic_block:
+            # The refill must read what this transaction writes: send it on commit.
+            transaction.on_commit(functools.partial(publisher.submit, job), using=conf.PRIMARY)
+            return
+        publisher.submit(job)
 
     def _send_refill(
-        self,
-        alias: str,
-        store: Store,
-        key: str,
-        token: str,
-        generation: int,
-        refill: _Refill | None,
-        compute: Callable[[], Any],
+        self, alias: str, key: str, token: str, generation: int, refill: _Refill, primary: bool
     ) -> None:
-        """Enqueue the claimed refill; when it cannot be, refill inline or back off (by option)."""
-        if refill is not None:
-            if not breakers.is_open("the Celery broker") and self._enqueue(
-                refill, key, token, generation, alias
-            ):
-                return
-            if self.on_broker_error == "serve_stale":
-                self._fail(alias, store, key, token)
-                return
+        """Enqueue the claimed refill (on the publisher thread); if the broker is down, refill here
+        or back off, by option."""
+        if not breakers.is_open("the Celery broker") and self._enqueue(
+            refill, key, token, generation, alias, primary
+        ):
+            return
+        if self.on_broker_error == "serve_stale" or self.rebuild is None:
+            self._fail(alias, store_for(alias), key, token)
+            return
         metrics.increment("swr.refill.inline")
-        self.run_refill(alias, key, token, generation, compute, primary=False, swallow=True)
+        # Rebuilt from the JSON arguments, as the worker would: the caller's objects stay its own.
+        compute = self.rebuild(refill.arguments)
+        self.run_refill(alias, key, token, generation, compute, primary=primary, swallow=True)
 
-    def _enqueue(self, refill: _Refill, key: str, token: str, generation: int, alias: str) -> bool:
+    def _enqueue(
+        self, refill: _Refill, key: str, token: str, generation: int, alias: str, primary: bool
+    ) -> bool:
         """Send the refill to Celery; return whether it was sent."""
         from django_scale.tasks import refresh
 
-        state = current_state()
-        primary = forced_route() == "primary" or (state is not None and bool(state.wrote or state.pinned))
         try:
             refresh.apply_async(
                 args=(refill.path, alias, key, token, generation, refill.arguments, primary), retry=False
@@ -686,6 +793,7 @@ class Engine:
             self._cache_down(alias, error)
             return False
         metrics.increment("swr.refill.succeeded" if written else "swr.refill.discarded")
+        _recent_claims.pop((alias, key), None)
         return written
 
     def _fail(self, alias: str, store: Store, key: str, token: str) -> None:
@@ -798,6 +906,7 @@ class Engine:
         """Drop *key* and bump its generation, so no refill already running can write it back."""
         alias = self.alias()
         _local_forget(alias, key)
+        _recent_claims.pop((alias, key), None)
         _, stale = self.lifetimes()
         keep_for = self._keep_for(stale)
         if not breakers.is_open(f"cache {alias!r}"):
@@ -870,6 +979,12 @@ class SWRFunction(Protocol[P, R_co]):
         """Recompute the entry of these arguments now, store and return it."""
 
 
+#: Argument types whose keys are memoized: immutable, hashable, and compared with their type.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+#: How many keys a function memoizes before it starts over.
+KEY_MEMO_SIZE = 4096
+
+
 class _Binder:
     """Binds call arguments to a signature, so ``f(1)`` and ``f(a=1)`` are one key."""
 
@@ -878,6 +993,7 @@ class _Binder:
         self.path = path
         self.version = version
         self.custom_key = key
+        self.memo: dict[tuple[tuple[type, Any], ...], str] = {}
         parameters = list(self.signature.parameters.values())
         self.names = tuple(p.name for p in parameters)
         # Plain positional parameters only: a full positional call binds without inspect.
@@ -896,6 +1012,17 @@ class _Binder:
                 )
             return build_key(self.path, self.version, text), None
         if self.simple and not kwargs and len(args) == len(self.names):
+            # Memoized for plain values, by value and exact type (1, 1.0 and True differ).
+            memo_key = tuple((type(arg), arg) for arg in args)
+            if all(type(arg) in _PLAIN for arg in args):
+                key = self.memo.get(memo_key)
+                if key is None:
+                    if len(self.memo) >= KEY_MEMO_SIZE:
+                        self.memo.clear()
+                    key = self.memo[memo_key] = build_key(
+                        self.path, self.version, encode_key_parts(dict(zip(self.names, args, strict=True)))
+                    )
+                return key, None
             return build_key(
                 self.path, self.version, encode_key_parts(dict(zip(self.names, args, strict=True)))
             ), None

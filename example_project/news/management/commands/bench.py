@@ -15,7 +15,7 @@ from django.db import connections
 from django_scale.conf import conf
 
 #: Each feature's benchmark module; its ``run(out, quick)`` prints the tables.
-FEATURES = {"admin": "benchmarks.admin", "routing": "benchmarks.routing"}
+FEATURES = {"admin": "benchmarks.admin", "cache": "benchmarks.cache", "routing": "benchmarks.routing"}
 
 
 class Command(BaseCommand):
