@@ -686,18 +686,21 @@ class Engine:
         compute: Callable[[], Any],
         lazy_refill: _Refill | _LazyRefill | None,
     ) -> None:
-        # A refill this process saw claimed moments ago is still running: skip the round trip.
+        # One claim attempt per process per stale window: the thread that marks the key first
+        # asks Redis (where SET NX picks one winner across processes); the process's other
+        # threads serve the stale value after their one GET.
+        now = time.monotonic()
         seen = _recent_claims.get((alias, key))
-        if seen is not None and time.monotonic() < seen:
+        if seen is not None and now < seen:
             metrics.increment("swr.refill.suppressed")
             return
+        _remember_claim(alias, key, min(CLAIM_MEMORY, self.refill_timeout))
         token = secrets.token_hex(8)
         try:
             generation = store.claim(key, token, self.refill_timeout, cold=False)
         except CacheDown as error:
             self._cache_down(alias, error)
             return
-        _remember_claim(alias, key, min(CLAIM_MEMORY, self.refill_timeout))
         if generation is None:
             metrics.increment("swr.refill.suppressed")
             return
