@@ -342,6 +342,10 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
             backend = configured.get(alias, {}).get("BACKEND", "")
             if backend in PROCESS_LOCAL_CACHES:
                 messages.append(_w202_process_local_cache(alias, backend, sorted(users)))
+    # Import the task modules as a worker does at start (autodiscover_tasks() is lazy and
+    # imports them then), so the question is whether a worker would know the task.
+    with contextlib.suppress(Exception):
+        app.loader.import_default_modules()
     if "django_scale.refresh" not in app.tasks:
         messages.append(_w204_task_not_registered(app.main or "default"))
     return messages
