@@ -279,15 +279,22 @@ class Store:
 
         self._call(invalidate)
 
-    def wait(self, key: str, timeout: float) -> None:
-        """Return when *key* has a value, its claim is gone, or *timeout* seconds passed."""
+    def wait(self, key: str, timeout: float) -> bool:
+        """Return when *key* has a value, its claim is gone, or *timeout* seconds passed.
+
+        Return whether the wait ended before the timeout.
+        """
         deadline = time.monotonic() + timeout
         delay = 0.005
         while (remaining := deadline - time.monotonic()) > 0:
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.05)
             if self.get(key) is not None or self._call(lambda: self.cache.get(_sub(key, "claim"))) is None:
-                return
+                return True
+        return False
+
+    def pass_on(self, key: str) -> None:
+        """Wake the next waiter of *key* (polling waiters need no wake-up)."""
 
 
 class RedisStore(Store):
@@ -334,7 +341,7 @@ class RedisStore(Store):
         return int(self._call(lambda: self._redis().get(gen_key)) or 0)
 
     def write(self, key: str, envelope: Envelope, timeout: float, generation: int, token: str) -> bool:
-        payload = self.client.encode(tuple(envelope), allow_int=False)
+        payload = self.client.encode(tuple(envelope))  # a tuple: always serialized
         keys = (key, _sub(key, "gen"), _sub(key, "claim"), _sub(key, "notify"), _sub(key, "fails"))
         args = (payload, _ms(timeout), generation, token, _ms(60))
         return bool(self._run(_WRITE, keys, args))
@@ -359,8 +366,13 @@ class RedisStore(Store):
         keys = (key, _sub(key, "gen"), _sub(key, "claim"), _sub(key, "fails"))
         self._run(_INVALIDATE, keys, (_ms(keep_for),))
 
-    def wait(self, key: str, timeout: float) -> None:
-        """Block on the key's notify list until the computing caller writes, or *timeout*."""
+    def wait(self, key: str, timeout: float) -> bool:
+        """Block on the key's notify list until a computing caller writes (or gives up), or *timeout*.
+
+        Return whether a wake-up came. The caller passes it on with :meth:`pass_on` once it has
+        found the value, so one write wakes every waiter in turn, and a wake-up left over from
+        an earlier write cannot make a waiter spin.
+        """
         redis = self._redis()
         notify = self.client.make_key(_sub(key, "notify"))
         # A BLPOP longer than the client's socket timeout would look like a dead server.
@@ -368,11 +380,22 @@ class RedisStore(Store):
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0.001:
             step = min(remaining, socket_timeout * 0.8) if socket_timeout else remaining
-            popped = self._call(functools.partial(redis.blpop, [notify], timeout=max(step, 0.01)))
-            if popped is not None:
-                # Pass the wake-up on to the next waiter.
-                self._call(lambda: redis.rpush(notify, b"1"))
-                return
+            if self._call(functools.partial(redis.blpop, [notify], timeout=max(step, 0.01))) is not None:
+                return True
+        return False
+
+    def pass_on(self, key: str) -> None:
+        """Wake the next waiter of *key*."""
+        notify = self.client.make_key(_sub(key, "notify"))
+
+        def push() -> None:
+            # BLPOP deleted the emptied list and its expiry with it: set one again.
+            pipeline = self._redis().pipeline(transaction=False)
+            pipeline.rpush(notify, b"1")
+            pipeline.pexpire(notify, _ms(60))
+            pipeline.execute()
+
+        self._call(push)
 
 
 def _as_envelope(value: Any) -> Envelope | None:
@@ -822,9 +845,11 @@ class Engine:
                 if remaining <= 0:
                     break
                 metrics.increment("swr.wait")
-                store.wait(key, remaining)
+                woken = store.wait(key, remaining)
                 envelope = store.get(key)
                 if envelope is not None and time.time() < envelope.stale_until:
+                    if woken:
+                        store.pass_on(key)
                     return _Result(envelope.value, envelope.fresh_until)
                 if time.monotonic() >= deadline:
                     break
@@ -924,11 +949,12 @@ class Engine:
 
     def _replay_invalidations(self, alias: str, store: Store) -> None:
         pending = _pending_invalidations.get(alias)
-        if not pending:
+        if pending is None:
             return
         for key, keep_for in list(pending.items()):
             store.invalidate(key, keep_for)
             pending.pop(key, None)
+        _pending_invalidations.pop(alias, None)
 
 
 def run_refill_task(

@@ -272,6 +272,25 @@ def test_a_fresh_hit_is_one_redis_command(private_redis: Callable[[bool], None])
     assert counter("swr.hit") == 5
 
 
+def test_a_leftover_wake_up_does_not_make_a_cold_waiter_spin(private_redis: Callable[[bool], None]) -> None:
+    @stale_while_revalidate(fresh=60, stale=3600, cache="swr-private", wait=0.3)
+    def lookup(n: int) -> int:
+        probe.record("lookup", n)
+        return n
+
+    cache = caches["swr-private"]
+    redis = cache.client.get_client()
+    key = lookup.key(1)
+    # A wake-up left by an earlier write, and a claim another process holds: the waiter wakes
+    # at once, finds no value, and must block again rather than poll Redis until its deadline.
+    redis.rpush(cache.client.make_key(f"{key}:notify"), b"1")
+    redis.set(cache.client.make_key(f"{key}:claim"), b"someone else", px=10_000)
+    before = redis_commands(cache)
+    assert lookup(1) == 1
+    assert (redis_commands(cache) - before).get("cmdstat_blpop") == 2
+    assert probe.count("lookup") == 1
+
+
 def test_different_arguments_never_share_an_entry(redis_cache: Any) -> None:
     assert cached.headline("news")["section"] == "news"
     assert cached.headline("sport")["section"] == "sport"
