@@ -135,3 +135,9 @@ def test_demo_refuses_zero_articles(tmp_path: Path) -> None:
     result = manage(example_env(tmp_path / "db.sqlite3"), "demo", "--articles", "0")
     assert result.returncode != 0, explain(result)
     assert "--articles must be at least 1, not 0." in result.stderr, explain(result)
+
+
+def test_bench_cache_explains_that_it_needs_redis(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "bench", "cache", "--quick")
+    assert result.returncode == 0, explain(result)
+    assert "bench cache needs Redis: set REDIS_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1." in result.stdout

@@ -29,12 +29,9 @@ class Command(BaseCommand):
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
+            pg_version = getattr(primary, "pg_version", None)
             server = (
-                ".".join(
-                    str(part)
-                    for part in getattr(primary, "pg_version", 0) and divmod(primary.pg_version, 10000)
-                )
-                or primary.vendor
+                ".".join(str(part) for part in divmod(pg_version, 10000)) if pg_version else primary.vendor
             )
         self.stdout.write(
             f"bench {feature}: Django {django.get_version()}, Python {platform.python_version()}, "
