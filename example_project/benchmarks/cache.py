@@ -100,10 +100,17 @@ def _memoize() -> Any:
     return memoize_fn
 
 
-cacheback_fn = _cacheback()
-# cacheback's task re-imports the function by "module:name".
-cacheback_fn.__name__ = "cacheback_fn"
-memoize_fn = _memoize()
+#: The comparison package that is not installed, if any (they are in the ``bench`` extra).
+MISSING: str | None = None
+cacheback_fn: Any = None
+memoize_fn: Any = None
+try:
+    cacheback_fn = _cacheback()
+    # cacheback's task re-imports the function by "module:name".
+    cacheback_fn.__name__ = "cacheback_fn"
+    memoize_fn = _memoize()
+except ImportError as error:
+    MISSING = error.name
 
 
 def get_or_set_fn(n: int) -> dict[str, Any]:
@@ -464,6 +471,11 @@ def run(out: TextIO, quick: bool = False) -> None:
     backend = settings.CACHES["default"]["BACKEND"]
     if "django_redis" not in backend or "REDIS_URL" not in os.environ:
         out.write("bench cache needs Redis: set REDIS_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1.\n")
+        return
+    if MISSING:
+        out.write(
+            f"bench cache compares with {MISSING}, which is not installed: pip install -e '.[bench]'.\n"
+        )
         return
     caches["default"].clear()
     rounds = 1 if quick else 3
