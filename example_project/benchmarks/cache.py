@@ -19,6 +19,7 @@ a slow query or API call would. Tables:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -224,8 +225,9 @@ def celery_worker() -> Iterator[Any]:
     app.conf.task_always_eager = False
     app.conf.task_default_queue = "bench-cache"
     app.conf.broker_connection_retry_on_startup = False
-    app.loader.import_module("django_scale.tasks")
-    app.loader.import_module("cacheback.tasks")
+    # The refill tasks are shared tasks: imported once, they register on every app.
+    importlib.import_module("django_scale.tasks")
+    importlib.import_module("cacheback.tasks")
 
     def on_publish(sender: str | None = None, **kwargs: Any) -> None:
         with _lock:
@@ -255,10 +257,9 @@ def dead_broker(live: Any) -> Iterator[None]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    # The shared tasks (already imported for the live app) register on this app as it finalizes.
     app = Celery("bench-dead", broker=f"redis://127.0.0.1:{port}/0", set_as_current=False)
     app.conf.broker_connection_retry = False
-    app.loader.import_module("django_scale.tasks")
-    app.loader.import_module("cacheback.tasks")
     app.set_current()
     app.set_default()
     try:
@@ -307,18 +308,24 @@ def hit_overhead(out: TextIO, quick: bool) -> None:
         for name, function in contenders:
             samples[name].append(time_per_call(function, calls=calls, repeats=1))
     medians = {name: statistics.median(values) for name, values in samples.items()}
-    raw = medians["django-redis cache.get (raw)"]
-    rows = [(name, us(value), f"{value / raw:.2f}x") for name, value in medians.items()]
+    bests = {name: min(values) for name, values in samples.items()}
+    raw, raw_best = medians["django-redis cache.get (raw)"], bests["django-redis cache.get (raw)"]
+    rows = [
+        (name, us(value), f"{value / raw:.2f}x", us(bests[name]), f"{bests[name] / raw_best:.2f}x")
+        for name, value in medians.items()
+    ]
     print_table(
         out,
-        "1. Fresh hit, median per call (goal: django-scale <= 1.10x raw get)",
-        ["", "time", "vs raw get"],
+        f"1. Fresh hit, per call over {repeats} runs of {calls} (goal: django-scale median <= 1.10x raw get)",
+        ["", "median", "vs raw get", "best run", "vs raw get"],
         rows,
     )
 
 
-def stale_window(out: TextIO, pool: ThreadPoolExecutor, rounds: int) -> list[tuple[str, list[float]]]:
-    """Table 2, and the latencies table 3 needs."""
+def stale_window(
+    out: TextIO, pool: ThreadPoolExecutor, rounds: int
+) -> tuple[list[tuple[str, list[float]]], list[float]]:
+    """Table 2, and the latencies table 3 needs: each case's, and raw hits' taken just before each round."""
     cases: list[tuple[str, Callable[[int], None], Callable[[int], object], str]] = [
         ("django-scale stale_while_revalidate", stale_scale, scale_fn, "django_scale.refresh"),
         ("django-cacheback", stale_cacheback, cacheback_fn, "cacheback.tasks.refresh_cache"),
@@ -327,12 +334,17 @@ def stale_window(out: TextIO, pool: ThreadPoolExecutor, rounds: int) -> list[tup
     ]
     rows = []
     latencies = []
+    hits: list[float] = []
+    cache = caches["default"]
+    cache.set("bench:raw", {"n": 1}, 600)
     for name, make, function, task in cases:
         enqueued, computed, all_samples = [], [], []
         for round_number in range(rounds):
             n = 1000 + round_number
             make(n)
             warm(pool)
+            # The baseline: 50 concurrent raw hits under the same conditions, just before.
+            hits += concurrent_latencies(pool, lambda: cache.get("bench:raw"), CALLERS)
             reset_counts()
             all_samples += concurrent_latencies(pool, lambda function=function, n=n: function(n), CALLERS)
             drain()
@@ -353,19 +365,16 @@ def stale_window(out: TextIO, pool: ThreadPoolExecutor, rounds: int) -> list[tup
         ["", "refill tasks enqueued", "computations"],
         rows,
     )
-    return latencies
+    return latencies, hits
 
 
 def latency_under_expiry(
-    out: TextIO, pool: ThreadPoolExecutor, latencies: list[tuple[str, list[float]]], rounds: int
+    out: TextIO, latencies: list[tuple[str, list[float]]], hits: list[float], rounds: int
 ) -> None:
-    cache = caches["default"]
-    cache.set("bench:raw", {"n": 1}, 600)
-    hits: list[float] = []
-    for _ in range(rounds):
-        hits += concurrent_latencies(pool, lambda: cache.get("bench:raw"), CALLERS)
     hit_p99 = percentile(hits, 0.99)
-    rows = [("raw cache.get hit (baseline)", ms(percentile(hits, 0.5)), ms(hit_p99), "1.00x")]
+    rows = [
+        (f"raw cache.get hit (baseline, {len(hits)} calls)", ms(percentile(hits, 0.5)), ms(hit_p99), "1.00x")
+    ]
     for name, samples in latencies:
         p99 = percentile(samples, 0.99)
         rows.append((name, ms(percentile(samples, 0.5)), ms(p99), f"{p99 / hit_p99:.2f}x"))
@@ -485,8 +494,8 @@ def run(out: TextIO, quick: bool = False) -> None:
     )
     hit_overhead(out, quick)
     with celery_worker() as app, ThreadPoolExecutor(CALLERS, thread_name_prefix=CALLER_THREADS) as pool:
-        latencies = stale_window(out, pool, rounds)
-        latency_under_expiry(out, pool, latencies, rounds)
+        latencies, hits = stale_window(out, pool, rounds)
+        latency_under_expiry(out, latencies, hits, rounds)
         cold_herd(out, pool)
         broker_down(out, pool, app)
     views(out, quick)
