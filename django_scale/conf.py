@@ -211,6 +211,9 @@ SETTINGS: dict[str, Setting] = {
         has_type=_is_bool,
         example="True",
     ),
+    "CACHE_RETRY_AFTER": _seconds(5.0),
+    "SWR_FRESH": _seconds(60.0),
+    "SWR_STALE": _seconds(3600.0),
 }
 
 
@@ -352,6 +355,21 @@ class Conf:
     def SNIPER_MAIL_ADMINS(self) -> bool:
         """Whether each kill is mailed to ``ADMINS``. Default: ``False``."""
         return bool(self.get("SNIPER_MAIL_ADMINS"))
+
+    @property
+    def CACHE_RETRY_AFTER(self) -> float:
+        """Seconds an unreachable cache or Celery broker is skipped before it is tried again. Default: ``5.0``."""
+        return float(self.get("CACHE_RETRY_AFTER"))
+
+    @property
+    def SWR_FRESH(self) -> float:
+        """Default ``fresh`` of ``stale_while_revalidate``, in seconds. Default: ``60.0``."""
+        return float(self.get("SWR_FRESH"))
+
+    @property
+    def SWR_STALE(self) -> float:
+        """Default ``stale`` of ``stale_while_revalidate``, in seconds. Default: ``3600.0``."""
+        return float(self.get("SWR_STALE"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

@@ -7,6 +7,8 @@ from django.core.exceptions import ImproperlyConfigured
 __all__ = [
     "BulkDataError",
     "BulkError",
+    "CacheArgumentError",
+    "CacheKeyError",
     "ConfigurationError",
     "DjangoScaleError",
     "DjangoScaleWarning",
@@ -76,3 +78,16 @@ class BulkDataError(BulkError):
         self.row = row
         #: The name of the offending field, when known.
         self.field = field
+
+
+class CacheArgumentError(DjangoScaleError, ValueError):
+    """An argument of :func:`~django_scale.cache.stale_while_revalidate` (or its view and
+    template forms) is out of range; the message names the argument and the fix."""
+
+
+class CacheKeyError(DjangoScaleError, TypeError):
+    """A call's arguments cannot be turned into a cache key that tells users apart.
+
+    Raised for arguments such as an ``HttpRequest`` or an unsaved model instance; the message
+    says what to pass instead.
+    """

@@ -30,7 +30,7 @@ from django_scale.replicas import (
     routing_state,
 )
 
-__all__ = ["HEADER", "snipe"]
+__all__ = ["HEADER", "refresh", "snipe"]
 
 logger = logging.getLogger("django_scale.tasks")
 
@@ -114,3 +114,20 @@ def snipe(dry_run: bool | None = None) -> dict[str, Any]:
     from django_scale.sniper import snipe as run_sniper
 
     return run_sniper(dry_run=dry_run).as_dict()
+
+
+@shared_task(name="django_scale.refresh", ignore_result=True)
+def refresh(
+    path: str, alias: str, key: str, token: str, generation: int, arguments: Any, primary: bool
+) -> bool:
+    """Recompute one stale entry of a ``stale_while_revalidate`` function or ``swr_cache_page`` view.
+
+    *path* is the dotted path the function is registered under, *arguments* its JSON-able
+    arguments, *token* the claim the enqueuing caller won and *generation* the key's
+    generation then: the value is written only if the key was not invalidated since. With
+    *primary*, the enqueuing request had written, so the recomputation reads the primary.
+    Return whether the value was written.
+    """
+    from django_scale.cache import run_refill_task
+
+    return run_refill_task(path, alias, key, token, generation, arguments, primary)

@@ -168,3 +168,9 @@ def test_demo_shows_the_bulk_import_and_export(
     )
     assert re.search(r"copy_to\(\): \d+ rows", result.stdout), explain(result)
     assert "needs PostgreSQL (set DATABASE_URL); skipped" in result.stdout, explain(result)
+
+
+def test_bench_cache_explains_that_it_needs_redis(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "bench", "cache", "--quick")
+    assert result.returncode == 0, explain(result)
+    assert "bench cache needs Redis: set REDIS_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1." in result.stdout

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-from testapp import views
+from testapp import cached, views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -13,4 +13,11 @@ urlpatterns = [
     path("async/authors/", views.async_create_author),
     path("async/authors/<int:pk>/", views.async_show_author),
     path("async/statement-timeout/", views.async_statement_timeout),
+    path("swr/page/", cached.page),
+    path("swr/cookie/", cached.page_with_cookie),
+    path("swr/user/", cached.page_for_user),
+    path("swr/per-user/", cached.page_per_user),
+    path("swr/language/", cached.page_by_language),
+    path("swr/async/", cached.async_page),
+    path("swr/fragment/", views.fragment),
 ]

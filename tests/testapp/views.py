@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from django_scale.replicas import current_state
@@ -68,3 +68,21 @@ async def async_statement_timeout(request: HttpRequest) -> JsonResponse:
         inside = await sync_to_async(show)()
     after = await sync_to_async(show)()
     return JsonResponse({"inside": inside, "after": after})
+
+
+def fragment(request: HttpRequest) -> HttpResponse:
+    """Render a template with a {% swrcache %} fragment that varies on ?section=."""
+    from django.template import engines
+
+    from testapp.cached import probe
+
+    template = engines["django"].from_string(
+        "{% load scale %}<p>{% swrcache 60 3600 'sidebar' section %}{{ probe_value }}{% endswrcache %}</p>"
+    )
+
+    class Lazy:
+        def __str__(self) -> str:
+            return probe.record("fragment", request.GET.get("section"))
+
+    context = {"section": request.GET.get("section", ""), "probe_value": Lazy()}
+    return HttpResponse(template.render(context, request))

@@ -19,6 +19,7 @@ from django_scale.conf import conf
 FEATURES = {
     "admin": "benchmarks.admin",
     "bulk": "benchmarks.bulk",
+    "cache": "benchmarks.cache",
     "prefetch": "benchmarks.prefetch",
     "routing": "benchmarks.routing",
 }

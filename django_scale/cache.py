@@ -1,0 +1,1480 @@
+"""Stale-while-revalidate caching: serve a value at once, refill it once, off the request path.
+
+:func:`stale_while_revalidate` wraps a function (sync or async); :func:`swr_cache_page` wraps
+a view; ``{% swrcache %}`` (in ``django_scale.templatetags.scale``) wraps a template fragment.
+All three store an *envelope* ``(marker, value, created, fresh_until, stale_until)`` and:
+
+* **fresh** (younger than ``fresh``): serve it. One cache read, nothing else.
+* **stale** (younger than ``stale``): serve it, and claim the refill with an atomic ``SET NX``
+  carrying a random token. Only the caller that wins the claim enqueues the Celery task
+  ``django_scale.refresh`` with the key, the token and the key's generation; everyone else
+  is counted as suppressed.
+* **missing** (or older than ``stale``): a cold miss. One caller claims and computes; the
+  others block on a per-key Redis list (``BLPOP``) until it is written or their ``wait``
+  deadline passes, then compute themselves.
+
+Writes are conditional on the key's *generation*: :meth:`SWRFunction.invalidate` increments
+it, so a refill that started before the invalidation is discarded instead of overwriting
+the newer state. On Redis (django-redis's default client) the claim, the conditional write,
+the re-arm after a failure and the invalidation are Lua scripts, atomic across processes.
+Other cache backends get the same logic through the Django cache API, which is atomic only
+where ``cache.add()`` is, and waiters poll with a bounded backoff instead of blocking.
+
+Failures degrade instead of failing: an unreachable cache opens a per-process circuit
+breaker for ``CACHE_RETRY_AFTER`` seconds, during which the function is called and its
+result kept in a small per-process map (one computation per process per key per ``fresh``);
+an unreachable broker makes the claim holder refill inline (or, by option, serve stale); a
+refill that raises re-arms the claim with exponential backoff and stale keeps being served;
+a value that cannot be unpickled (a class renamed by a deploy) is a miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import decimal
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import queue
+import random
+import secrets
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, cast, overload
+
+from asgiref.sync import async_to_sync, sync_to_async
+from django.core.cache import BaseCache, caches
+from django.db import close_old_connections, models, transaction
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils.cache import patch_cache_control, patch_vary_headers
+
+from django_scale import metrics
+from django_scale.conf import conf
+from django_scale.exceptions import CacheArgumentError, CacheKeyError
+from django_scale.replicas import current_state, forced_route, use_primary
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.commands.core import Script
+
+__all__ = ["SWRFunction", "stale_while_revalidate", "swr_cache_page", "wait_for_refills"]
+
+logger = logging.getLogger("django_scale.cache")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+T = TypeVar("T")
+
+#: First item of every envelope; a cached value without it is not ours and counts as a miss.
+MARKER = "django_scale.swr.1"
+
+RefillMode = Literal["celery", "inline"]
+BrokerFallback = Literal["recompute", "serve_stale"]
+
+#: How many keys the per-process fallback keeps while the cache is unreachable.
+LOCAL_FALLBACK_SIZE = 1024
+#: First and longest wait, in seconds, before a failed refill is tried again.
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 300.0
+
+
+# -- Keys ----------------------------------------------------------------------------------
+
+
+def _encode_argument(value: Any) -> Any:
+    """Turn an argument JSON cannot encode into an unambiguous JSON value, or refuse it."""
+    if isinstance(value, models.Model):
+        if value.pk is None:
+            raise CacheKeyError(
+                f"Cannot build a cache key from an unsaved {type(value).__name__}: it has no primary "
+                "key. Save it first or pass the values the function needs."
+            )
+        return {"\x00model": value._meta.label_lower, "pk": value.pk}
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return {"\x00" + type(value).__name__: value.isoformat()}
+    if isinstance(value, (decimal.Decimal, uuid.UUID)):
+        return {"\x00" + type(value).__name__: str(value)}
+    if isinstance(value, (set, frozenset)):
+        return {
+            "\x00set": sorted(json.dumps(item, default=_encode_argument, sort_keys=True) for item in value)
+        }
+    if isinstance(value, bytes):
+        return {"\x00bytes": value.hex()}
+    if isinstance(value, HttpRequest):
+        raise CacheKeyError(
+            "Cannot build a cache key from an HttpRequest: it would either share one entry "
+            "between users or never hit. Pass what the function needs from it (request.user.pk, "
+            "a query parameter) as arguments, or cache the view with swr_cache_page(vary_on=...)."
+        )
+    raise CacheKeyError(
+        f"Cannot build a cache key from an argument of type {type(value).__name__}: pass str, "
+        "int, float, bool, None, lists, dicts, dates, Decimals, UUIDs or saved model instances, "
+        "or give stale_while_revalidate a key= function that returns a str."
+    )
+
+
+def encode_key_parts(parts: object) -> str:
+    """Return the stable, unambiguous text of *parts* (JSON, dict keys sorted, types tagged)."""
+    return json.dumps(parts, default=_encode_argument, sort_keys=True, separators=(",", ":"))
+
+
+def build_key(path: str, version: object, text: str) -> str:
+    """Return the cache key of one entry: the function's path, its version and an argument digest.
+
+    The part in braces is a Redis Cluster hash tag, so an entry and its claim, generation and
+    notify keys live in one slot (the Lua scripts need that).
+    """
+    digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return f"swr:{{{path}:{version}:{digest}}}"
+
+
+# -- Stores: the cache operations, on Redis (atomic, blocking waits) or any Django cache --------
+
+
+class CacheDown(Exception):
+    """The cache could not be reached (internal: opens the circuit breaker)."""
+
+
+class Envelope(NamedTuple):
+    marker: str
+    value: Any
+    created: float
+    fresh_until: float
+    stale_until: float
+
+
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
+  return tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+return -1
+"""
+_WRITE = """
+local written = 0
+if tonumber(redis.call('GET', KEYS[2]) or '0') == tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('DEL', KEYS[5])
+  written = 1
+end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+redis.call('RPUSH', KEYS[4], '1')
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+return written
+"""
+_FAIL = """
+local failures = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+local backoff = math.floor(math.min(tonumber(ARGV[2]) * 2 ^ (failures - 1), tonumber(ARGV[3])))
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  if backoff > 0 then redis.call('PEXPIRE', KEYS[1], backoff) else redis.call('DEL', KEYS[1]) end
+end
+redis.call('RPUSH', KEYS[3], '1')
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return failures
+"""
+_INVALIDATE = """
+local generation = redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+return generation
+"""
+
+
+def _sub(key: str, name: str) -> str:
+    return f"{key}:{name}"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+class Store:
+    """Cache operations of the SWR protocol on any Django cache (the portable fallback).
+
+    Not atomic beyond what ``cache.add()`` guarantees (LocMem and Memcached: atomic; the
+    database cache: per row); waiters poll with a backoff from 5 ms to 50 ms.
+    """
+
+    def __init__(self, cache: BaseCache) -> None:
+        self.cache = cache
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        try:
+            return operation()
+        except (CacheKeyError, CacheArgumentError):
+            raise
+        except Exception as error:
+            raise CacheDown(str(error)) from error
+
+    def get(self, key: str) -> Envelope | None:
+        try:
+            value = self.cache.get(key)
+        except (AttributeError, EOFError, ImportError, IndexError, TypeError, ValueError) as error:
+            # Unpickling a value whose class moved or changed (a deploy) fails in get().
+            _log_undecodable(key, error)
+            return None
+        except Exception as error:
+            raise CacheDown(str(error)) from error
+        return _as_envelope(value)
+
+    def claim(self, key: str, token: str, timeout: float, cold: bool) -> int | None:
+        def claim() -> int | None:
+            if not self.cache.add(_sub(key, "claim"), token, timeout):
+                return None
+            return int(self.cache.get(_sub(key, "gen"), 0))
+
+        return self._call(claim)
+
+    def generation(self, key: str) -> int:
+        return self._call(lambda: int(self.cache.get(_sub(key, "gen"), 0)))
+
+    def write(self, key: str, envelope: Envelope, timeout: float, generation: int, token: str) -> bool:
+        def write() -> bool:
+            written = int(self.cache.get(_sub(key, "gen"), 0)) == generation
+            if written:
+                self.cache.set(key, tuple(envelope), timeout)
+                self.cache.delete(_sub(key, "fails"))
+            if token and self.cache.get(_sub(key, "claim")) == token:
+                self.cache.delete(_sub(key, "claim"))
+            return written
+
+        return self._call(write)
+
+    def fail(self, key: str, token: str, backoff_first: float, keep_for: float) -> float:
+        def fail() -> float:
+            failures = int(self.cache.get(_sub(key, "fails"), 0)) + 1
+            self.cache.set(_sub(key, "fails"), failures, keep_for)
+            backoff = min(backoff_first * 2 ** (failures - 1), BACKOFF_MAX)
+            if self.cache.get(_sub(key, "claim")) == token:
+                if backoff > 0:
+                    self.cache.touch(_sub(key, "claim"), backoff)
+                else:
+                    self.cache.delete(_sub(key, "claim"))
+            return float(backoff)
+
+        return self._call(fail)
+
+    def release(self, key: str, token: str) -> None:
+        def release() -> None:
+            if self.cache.get(_sub(key, "claim")) == token:
+                self.cache.delete(_sub(key, "claim"))
+
+        self._call(release)
+
+    def invalidate(self, key: str, keep_for: float) -> None:
+        def invalidate() -> None:
+            generation = int(self.cache.get(_sub(key, "gen"), 0)) + 1
+            self.cache.set(_sub(key, "gen"), generation, keep_for)
+            self.cache.delete_many([key, _sub(key, "claim"), _sub(key, "fails")])
+
+        self._call(invalidate)
+
+    def wait(self, key: str, timeout: float) -> bool:
+        """Return when *key* has a value, its claim is gone, or *timeout* seconds passed.
+
+        Return whether the wait ended before the timeout.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while (remaining := deadline - time.monotonic()) > 0:
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.05)
+            if self.get(key) is not None or self._call(lambda: self.cache.get(_sub(key, "claim"))) is None:
+                return True
+        return False
+
+    def pass_on(self, key: str) -> None:
+        """Wake the next waiter of *key* (polling waiters need no wake-up)."""
+
+
+class RedisStore(Store):
+    """The SWR protocol on django-redis's default client: Lua scripts and ``BLPOP`` waits."""
+
+    def __init__(self, cache: BaseCache) -> None:
+        super().__init__(cache)
+        self.client: Any = cache.client  # type: ignore[attr-defined]
+        self._scripts: dict[tuple[int, str], Script] = {}
+
+    def _redis(self, write: bool = True) -> Redis:
+        return cast("Redis", self.client.get_client(write=write))
+
+    def _run(self, source: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]) -> Any:
+        redis = self._redis()
+        script = self._scripts.get((id(redis), source))
+        if script is None:
+            script = self._scripts[(id(redis), source)] = redis.register_script(source)
+        return self._call(lambda: script(keys=[self.client.make_key(k) for k in keys], args=args))
+
+    def get(self, key: str) -> Envelope | None:
+        try:
+            raw = self._redis(write=False).get(self.client.make_key(key))
+        except Exception as error:
+            raise CacheDown(str(error)) from error
+        if raw is None:
+            return None
+        try:
+            value = self.client.decode(raw)
+        except Exception as error:
+            # Any exception can come out of unpickling (a class renamed or changed by a
+            # deploy, a corrupt value): the value is unusable, so it is a miss, never a 500.
+            _log_undecodable(key, error)
+            return None
+        return _as_envelope(value)
+
+    def claim(self, key: str, token: str, timeout: float, cold: bool) -> int | None:
+        keys = (_sub(key, "claim"), _sub(key, "gen"), _sub(key, "notify"))
+        generation = int(self._run(_CLAIM, keys, (token, _ms(timeout), "1" if cold else "0")))
+        return None if generation < 0 else generation
+
+    def generation(self, key: str) -> int:
+        gen_key = self.client.make_key(_sub(key, "gen"))
+        return int(self._call(lambda: self._redis().get(gen_key)) or 0)
+
+    def write(self, key: str, envelope: Envelope, timeout: float, generation: int, token: str) -> bool:
+        payload = self.client.encode(tuple(envelope))  # a tuple: always serialized
+        keys = (key, _sub(key, "gen"), _sub(key, "claim"), _sub(key, "notify"), _sub(key, "fails"))
+        args = (payload, _ms(timeout), generation, token, _ms(60))
+        return bool(self._run(_WRITE, keys, args))
+
+    def fail(self, key: str, token: str, backoff_first: float, keep_for: float) -> float:
+        keys = (_sub(key, "claim"), _sub(key, "fails"), _sub(key, "notify"))
+        args = (
+            token,
+            _ms(backoff_first) if backoff_first > 0 else 0,
+            _ms(BACKOFF_MAX),
+            _ms(keep_for),
+            _ms(60),
+        )
+        failures = int(self._run(_FAIL, keys, args))
+        return float(min(backoff_first * 2 ** (failures - 1), BACKOFF_MAX))
+
+    def release(self, key: str, token: str) -> None:
+        # A release is a failure without backoff: the claim goes, the waiters wake.
+        self.fail(key, token, 0, 60)
+
+    def invalidate(self, key: str, keep_for: float) -> None:
+        keys = (key, _sub(key, "gen"), _sub(key, "claim"), _sub(key, "fails"))
+        self._run(_INVALIDATE, keys, (_ms(keep_for),))
+
+    def wait(self, key: str, timeout: float) -> bool:
+        """Block on the key's notify list until a computing caller writes (or gives up), or *timeout*.
+
+        Return whether a wake-up came. The caller passes it on with :meth:`pass_on` once it has
+        found the value, so one write wakes every waiter in turn, and a wake-up left over from
+        an earlier write cannot make a waiter spin.
+        """
+        redis = self._redis()
+        notify = self.client.make_key(_sub(key, "notify"))
+        # A BLPOP longer than the client's socket timeout would look like a dead server.
+        socket_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0.001:
+            step = min(remaining, socket_timeout * 0.8) if socket_timeout else remaining
+            if self._call(functools.partial(redis.blpop, [notify], timeout=max(step, 0.01))) is not None:
+                return True
+        return False
+
+    def pass_on(self, key: str) -> None:
+        """Wake the next waiter of *key*."""
+        notify = self.client.make_key(_sub(key, "notify"))
+
+        def push() -> None:
+            # BLPOP deleted the emptied list and its expiry with it: set one again.
+            pipeline = self._redis().pipeline(transaction=False)
+            pipeline.rpush(notify, b"1")
+            pipeline.pexpire(notify, _ms(60))
+            pipeline.execute()
+
+        self._call(push)
+
+
+def _as_envelope(value: Any) -> Envelope | None:
+    if isinstance(value, tuple) and len(value) == 5 and value[0] == MARKER:
+        return Envelope(*value)
+    return None
+
+
+def _log_undecodable(key: str, error: BaseException) -> None:
+    metrics.increment("swr.undecodable")
+    logger.warning("cached value of %s cannot be decoded (%r); treating it as a miss", key, error)
+
+
+# Redis stores by alias, shared by all threads (django-redis clients are thread-safe), with
+# the CACHES settings they were made from: override_settings(CACHES=...) makes a new dict.
+_redis_stores: dict[str, tuple[object, Store]] = {}
+
+
+def store_for(alias: str) -> Store:
+    """Return the store for cache *alias*: :class:`RedisStore` on django-redis, else :class:`Store`.
+
+    A Redis store is shared by the threads of a process, which saves the hot path Django's
+    per-thread cache lookup; other backends get one store per thread's cache object.
+    """
+    current = caches.settings
+    shared = _redis_stores.get(alias)
+    if shared is not None and shared[0] is current:
+        return shared[1]
+    cache = caches[alias]
+    store: Store | None = getattr(cache, "_django_scale_swr_store", None)
+    if store is None:
+        client = getattr(cache, "client", None)
+        is_redis = type(cache).__module__.startswith("django_redis") and hasattr(client, "get_client")
+        # Sharded and Herd clients spread keys over servers: the scripts need one server.
+        if is_redis and type(client).__name__ in ("DefaultClient", "SentinelClient"):
+            store = RedisStore(cache)
+            _redis_stores[alias] = (current, store)
+        else:
+            store = Store(cache)
+        cache._django_scale_swr_store = store  # type: ignore[attr-defined]
+    return store
+
+
+# -- Degradation: circuit breakers and the per-process fallback ----------------------------
+
+
+class _Breaker:
+    """Per-process circuit breakers of caches and the broker: skip what just failed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open_until: dict[str, float] = {}
+
+    def is_open(self, name: str) -> bool:
+        until = self._open_until.get(name)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        with self._lock:
+            self._open_until.pop(name, None)
+        logger.info("retrying %s after an outage", name)
+        return False
+
+    def trip(self, name: str, error: BaseException | str, retry_after: float) -> None:
+        with self._lock:
+            first = name not in self._open_until
+            self._open_until[name] = time.monotonic() + retry_after
+        if first:
+            logger.warning("%s is unreachable (%s); not trying it for %.1f s", name, error, retry_after)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._open_until.clear()
+
+
+breakers = _Breaker()
+
+_local_lock = threading.Lock()
+_local: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()
+# Striped locks: one computation per key per process while the cache is down, without a
+# lock object per key.
+_stripes = [threading.Lock() for _ in range(64)]
+# Invalidations the cache could not take while it was down, replayed when it is back.
+_pending_invalidations: dict[str, dict[str, float]] = {}
+
+
+def _local_get(alias: str, key: str, now: float) -> tuple[bool, Any]:
+    entry = _local.get((alias, key))
+    if entry is not None and now < entry[1]:
+        return True, entry[0]
+    return False, None
+
+
+def _local_put(alias: str, key: str, value: Any, until: float) -> None:
+    with _local_lock:
+        _local[(alias, key)] = (value, until)
+        _local.move_to_end((alias, key))
+        while len(_local) > LOCAL_FALLBACK_SIZE:
+            _local.popitem(last=False)
+
+
+def _local_forget(alias: str, key: str | None = None) -> None:
+    with _local_lock:
+        if key is not None:
+            _local.pop((alias, key), None)
+        else:
+            for entry in [entry for entry in _local if entry[0] == alias]:
+                del _local[entry]
+
+
+#: Seconds a process remembers that a key's refill is claimed, and does not try to claim it.
+CLAIM_MEMORY = 1.0
+_recent_claims: dict[tuple[str, str], float] = {}
+
+
+def _remember_claim(alias: str, key: str, seconds: float) -> None:
+    if len(_recent_claims) >= LOCAL_FALLBACK_SIZE:
+        _recent_claims.clear()
+    _recent_claims[(alias, key)] = time.monotonic() + seconds
+
+
+def reset_state() -> None:
+    """Close every circuit breaker and forget the per-process fallback and claims (for tests)."""
+    breakers.reset()
+    _recent_claims.clear()
+    with _local_lock:
+        _local.clear()
+    _pending_invalidations.clear()
+
+
+class Publisher:
+    """A daemon thread per process that sends claimed refills to Celery, off the request path.
+
+    The caller that wins a claim hands the refill over and returns the stale value at once: a
+    slow or dead broker (redis-py retries a refused connection for seconds) never delays a
+    request. When the broker cannot take the task, the refill is computed on this thread:
+    still one computation per stale window, and still outside the request. A refill queued
+    when the process exits is lost; its claim expires after ``refill_timeout`` and the next
+    stale read claims again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run *job* on the publisher thread, starting it if needed (also after a fork)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._pid != os.getpid():
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()
+                    self._pid = os.getpid()
+                    self._thread = threading.Thread(
+                        target=self._run, args=(self._queue,), name="django-scale-refills", daemon=True
+                    )
+                    self._thread.start()
+        self._queue.put(job)
+
+    def _run(self, jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            try:
+                job()
+            except Exception:
+                logger.exception("sending a refill failed")
+            finally:
+                # An inline refill may have opened database connections on this thread.
+                close_old_connections()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the jobs submitted so far have run; return whether they did in time."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put(done.set)
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Run the queued jobs, then stop the thread."""
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self._queue.put(None)
+            thread.join(timeout)
+        self._thread = None
+
+
+#: The process's refill publisher.
+publisher = Publisher()
+
+
+def wait_for_refills(timeout: float = 10.0) -> bool:
+    """Wait until the refills this process claimed so far were sent (or computed, broker down).
+
+    For tests and benchmarks; a request never needs to.
+    """
+    return publisher.flush(timeout)
+
+
+# -- The engine: one policy, the protocol for one key -----------------------------------------
+
+
+class _Result(NamedTuple):
+    value: Any
+    #: Wall-clock time until which the value is fresh (for Cache-Control), 0 when unknown.
+    fresh_until: float
+
+
+class _Refill(NamedTuple):
+    """What the Celery task needs to recompute a key: a registered path and JSON-able arguments."""
+
+    path: str
+    arguments: Any
+
+
+class _LazyRefill:
+    """The refill of a call, worked out only when a stale value needs one (off the hit path)."""
+
+    __slots__ = ("args", "bound", "kwargs", "spec")
+
+    def __init__(self, spec: Callable[..., _Refill | None], args: Any, kwargs: Any, bound: Any) -> None:
+        self.spec, self.args, self.kwargs, self.bound = spec, args, kwargs, bound
+
+    def resolve(self) -> _Refill | None:
+        return self.spec(self.args, self.kwargs, self.bound)
+
+
+def _resolve(refill: _Refill | _LazyRefill | None) -> _Refill | None:
+    return refill.resolve() if isinstance(refill, _LazyRefill) else refill
+
+
+async def _await(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+#: Decorated functions and views by path, for the Celery task to find them.
+registry: dict[str, Engine] = {}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The stale-while-revalidate protocol with one set of options (see :func:`stale_while_revalidate`)."""
+
+    path: str
+    fresh: float | None = None
+    stale: float | None = None
+    stale_if_error: float = 0.0
+    cache: str | None = None
+    refill: RefillMode = "celery"
+    on_broker_error: BrokerFallback = "recompute"
+    wait: float = 5.0
+    jitter: float = 0.1
+    refill_timeout: float = 60.0
+    #: Turns the JSON-able arguments of a refill back into a computation (task side).
+    rebuild: Callable[[Any], Callable[[], Any]] | None = None
+
+    # Options read at call time, so settings overrides apply.
+    def alias(self) -> str:
+        return self.cache if self.cache is not None else conf.CACHE_ALIAS
+
+    def lifetimes(self) -> tuple[float, float]:
+        fresh = self.fresh if self.fresh is not None else conf.SWR_FRESH
+        stale = self.stale if self.stale is not None else conf.SWR_STALE
+        return fresh, max(stale, fresh)
+
+    def _keep_for(self, stale: float) -> float:
+        """How long the generation counter must outlive an entry: longer than any refill."""
+        return max(86400.0, stale + self.stale_if_error + 2 * self.refill_timeout)
+
+    def envelope(self, value: Any, now: float) -> tuple[Envelope, float]:
+        fresh, stale = self.lifetimes()
+        # Jitter spreads the refills of keys written together (a deploy, a cold start).
+        fresh_until = now + fresh * (1 - self.jitter * random.random())
+        timeout = stale + self.stale_if_error
+        return Envelope(MARKER, value, now, fresh_until, now + stale), timeout
+
+    # -- the read path ----------------------------------------------------------------------
+
+    def fetch(self, key: str, compute: Callable[[], Any], refill: _Refill | _LazyRefill | None) -> _Result:
+        """Return the value of *key*: cached (fresh or stale) or computed by *compute*."""
+        alias = self.alias()
+        if breakers.is_open(f"cache {alias!r}"):
+            return self._degraded(alias, key, compute)
+        store = store_for(alias)
+        try:
+            if _pending_invalidations:
+                self._replay_invalidations(alias, store)
+            envelope = store.get(key)
+        except CacheDown as error:
+            self._cache_down(alias, error)
+            return self._degraded(alias, key, compute)
+        now = time.time()
+        if envelope is not None:
+            if now < envelope.fresh_until:
+                metrics.increment("swr.hit")
+                return _Result(envelope.value, envelope.fresh_until)
+            if now < envelope.stale_until:
+                metrics.increment("swr.stale")
+                metrics.observe("swr.staleness", now - envelope.fresh_until)
+                self._revalidate(alias, store, key, compute, refill)
+                return _Result(envelope.value, 0.0)
+        return self._miss(alias, store, key, compute, envelope)
+
+    def _revalidate(
+        self,
+        alias: str,
+        store: Store,
+        key: str,
+        compute: Callable[[], Any],
+        lazy_refill: _Refill | _LazyRefill | None,
+    ) -> None:
+        # One claim attempt per process per stale window: the thread that marks the key first
+        # asks Redis (where SET NX picks one winner across processes); the process's other
+        # threads serve the stale value after their one GET.
+        now = time.monotonic()
+        seen = _recent_claims.get((alias, key))
+        if seen is not None and now < seen:
+            metrics.increment("swr.refill.suppressed")
+            return
+        _remember_claim(alias, key, min(CLAIM_MEMORY, self.refill_timeout))
+        token = secrets.token_hex(8)
+        try:
+            generation = store.claim(key, token, self.refill_timeout, cold=False)
+        except CacheDown as error:
+            self._cache_down(alias, error)
+            return
+        if generation is None:
+            metrics.increment("swr.refill.suppressed")
+            return
+        refill = _resolve(lazy_refill) if self.refill == "celery" else None
+        if refill is None:
+            # Inline by option, or arguments Celery cannot carry: the claim holder refills now.
+            metrics.increment("swr.refill.inline")
+            self.run_refill(alias, key, token, generation, compute, primary=False, swallow=True)
+            return
+        # Decided here, in the request: did it write (so the refill must read the primary)?
+        state = current_state()
+        primary = forced_route() == "primary" or (state is not None and bool(state.wrote or state.pinned))
+        job = functools.partial(self._send_refill, alias, key, token, generation, refill, primary)
+        if transaction.get_connection(conf.PRIMARY).in_atomic_block:
+            # The refill must read what this transaction writes: send it on commit.
+            transaction.on_commit(functools.partial(publisher.submit, job), using=conf.PRIMARY)
+            return
+        publisher.submit(job)
+
+    def _send_refill(
+        self, alias: str, key: str, token: str, generation: int, refill: _Refill, primary: bool
+    ) -> None:
+        """Enqueue the claimed refill (on the publisher thread); if the broker is down, refill here
+        or back off, by option."""
+        if not breakers.is_open("the Celery broker") and self._enqueue(
+            refill, key, token, generation, alias, primary
+        ):
+            return
+        if self.on_broker_error == "serve_stale" or self.rebuild is None:
+            self._fail(alias, store_for(alias), key, token)
+            return
+        metrics.increment("swr.refill.inline")
+        # Rebuilt from the JSON arguments, as the worker would: the caller's objects stay its own.
+        compute = self.rebuild(refill.arguments)
+        self.run_refill(alias, key, token, generation, compute, primary=primary, swallow=True)
+
+    def _enqueue(
+        self, refill: _Refill, key: str, token: str, generation: int, alias: str, primary: bool
+    ) -> bool:
+        """Send the refill to Celery; return whether it was sent."""
+        from django_scale.tasks import refresh
+
+        try:
+            refresh.apply_async(
+                args=(refill.path, alias, key, token, generation, refill.arguments, primary), retry=False
+            )
+        except Exception as error:
+            metrics.increment("swr.broker_down")
+            breakers.trip("the Celery broker", error, conf.CACHE_RETRY_AFTER)
+            return False
+        metrics.increment("swr.refill.enqueued")
+        return True
+
+    def run_refill(
+        self,
+        alias: str,
+        key: str,
+        token: str,
+        generation: int,
+        compute: Callable[[], Any],
+        *,
+        primary: bool,
+        swallow: bool,
+    ) -> bool:
+        """Recompute *key* under the claim *token*; write it if *generation* still holds.
+
+        A refill that raises re-arms the claim with exponential backoff (the stale value keeps
+        being served meanwhile). Return whether the value was written.
+        """
+        store = store_for(alias)
+        started = time.monotonic()
+        try:
+            if primary:
+                with use_primary():
+                    value = compute()
+            else:
+                value = compute()
+        except Exception:
+            metrics.increment("swr.refill.failed")
+            logger.exception("refill of %s raised; serving the stale value and retrying later", key)
+            self._fail(alias, store, key, token)
+            if swallow:
+                return False
+            raise
+        metrics.observe("swr.refill.seconds", time.monotonic() - started)
+        return self._write(alias, store, key, value, generation, token)
+
+    def _write(self, alias: str, store: Store, key: str, value: Any, generation: int, token: str) -> bool:
+        envelope, timeout = self.envelope(value, time.time())
+        try:
+            written = store.write(key, envelope, timeout, generation, token)
+        except CacheDown as error:
+            self._cache_down(alias, error)
+            return False
+        metrics.increment("swr.refill.succeeded" if written else "swr.refill.discarded")
+        _recent_claims.pop((alias, key), None)
+        return written
+
+    def _fail(self, alias: str, store: Store, key: str, token: str) -> None:
+        _, stale = self.lifetimes()
+        try:
+            store.fail(key, token, BACKOFF_FIRST, self._keep_for(stale))
+        except CacheDown as error:
+            self._cache_down(alias, error)
+
+    def _miss(
+        self, alias: str, store: Store, key: str, compute: Callable[[], Any], old: Envelope | None
+    ) -> _Result:
+        """Compute a missing value once: the claim holder computes, the others wait for it."""
+        metrics.increment("swr.miss")
+        deadline = time.monotonic() + self.wait
+        try:
+            while True:
+                token = secrets.token_hex(8)
+                generation = store.claim(key, token, self.refill_timeout, cold=True)
+                if generation is not None:
+                    return self._compute_and_write(alias, store, key, token, generation, compute, old)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                metrics.increment("swr.wait")
+                woken = store.wait(key, remaining)
+                envelope = store.get(key)
+                if envelope is not None and time.time() < envelope.stale_until:
+                    if woken:
+                        store.pass_on(key)
+                    return _Result(envelope.value, envelope.fresh_until)
+                if time.monotonic() >= deadline:
+                    break
+            # The computing caller took longer than our deadline: compute ourselves.
+            generation = store.generation(key)
+        except CacheDown as error:
+            self._cache_down(alias, error)
+            return self._degraded(alias, key, compute)
+        value = compute()
+        envelope, timeout = self.envelope(value, time.time())
+        with contextlib.suppress(CacheDown):
+            store.write(key, envelope, timeout, generation, "")
+        return _Result(value, envelope.fresh_until)
+
+    def _compute_and_write(
+        self,
+        alias: str,
+        store: Store,
+        key: str,
+        token: str,
+        generation: int,
+        compute: Callable[[], Any],
+        old: Envelope | None,
+    ) -> _Result:
+        try:
+            value = compute()
+        except Exception:
+            with contextlib.suppress(CacheDown):
+                store.release(key, token)
+            if old is not None and time.time() < old.stale_until + self.stale_if_error:
+                metrics.increment("swr.stale_if_error")
+                logger.exception("recomputing %s raised; serving the value past stale (stale_if_error)", key)
+                return _Result(old.value, 0.0)
+            raise
+        envelope, timeout = self.envelope(value, time.time())
+        try:
+            store.write(key, envelope, timeout, generation, token)
+        except CacheDown as error:
+            self._cache_down(alias, error)
+        return _Result(value, envelope.fresh_until)
+
+    # -- degradation ----------------------------------------------------------------------------
+
+    def _cache_down(self, alias: str, error: BaseException) -> None:
+        metrics.increment("swr.cache_down")
+        _local_forget(alias)
+        breakers.trip(f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER)
+
+    def _degraded(self, alias: str, key: str, compute: Callable[[], Any]) -> _Result:
+        """Serve without the cache: compute at most once per process per key per ``fresh``."""
+        found, value = _local_get(alias, key, time.time())
+        if found:
+            return _Result(value, 0.0)
+        with _stripes[hash(key) % len(_stripes)]:
+            found, value = _local_get(alias, key, time.time())
+            if found:
+                return _Result(value, 0.0)
+            metrics.increment("swr.miss")
+            value = compute()
+            fresh, _ = self.lifetimes()
+            _local_put(alias, key, value, time.time() + fresh)
+            return _Result(value, 0.0)
+
+    # -- writes from outside the read path ----------------------------------------------------
+
+    def refresh(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Recompute *key* now and store it (unless it is invalidated meanwhile); return the value."""
+        alias = self.alias()
+        if breakers.is_open(f"cache {alias!r}"):
+            return compute()
+        store = store_for(alias)
+        try:
+            generation = store.generation(key)
+        except CacheDown as error:
+            self._cache_down(alias, error)
+            return compute()
+        value = compute()
+        self._write(alias, store, key, value, generation, "")
+        return value
+
+    def invalidate(self, key: str) -> None:
+        """Drop *key* and bump its generation, so no refill already running can write it back."""
+        alias = self.alias()
+        _local_forget(alias, key)
+        _recent_claims.pop((alias, key), None)
+        _, stale = self.lifetimes()
+        keep_for = self._keep_for(stale)
+        if not breakers.is_open(f"cache {alias!r}"):
+            try:
+                store_for(alias).invalidate(key, keep_for)
+                return
+            except CacheDown as error:
+                self._cache_down(alias, error)
+        # The cache is down: replay the invalidation when it is back, so it is not lost.
+        _pending_invalidations.setdefault(alias, {})[key] = keep_for
+        logger.warning("cache %r is down; the invalidation of %s is kept and replayed", alias, key)
+
+    def _replay_invalidations(self, alias: str, store: Store) -> None:
+        pending = _pending_invalidations.get(alias)
+        if pending is None:
+            return
+        for key, keep_for in list(pending.items()):
+            store.invalidate(key, keep_for)
+            pending.pop(key, None)
+        _pending_invalidations.pop(alias, None)
+
+
+def run_refill_task(
+    path: str, alias: str, key: str, token: str, generation: int, arguments: Any, primary: bool
+) -> bool:
+    """Run one refill for the Celery task ``django_scale.refresh``; return whether it wrote."""
+    engine = registry.get(path)
+    if engine is None:
+        module, _, _ = path.rpartition(".")
+        # Importing the module registers its decorated functions; import_string may not work
+        # for methods, so the registry is the source of truth.
+        while module and engine is None:
+            with contextlib.suppress(ImportError):
+                __import__(module)
+            engine = registry.get(path)
+            module = module.rpartition(".")[0]
+    if engine is None or engine.rebuild is None:
+        logger.error("refill of %s: no stale_while_revalidate function is registered at %r", key, path)
+        return False
+    return engine.run_refill(
+        alias, key, token, generation, engine.rebuild(arguments), primary=primary, swallow=False
+    )
+
+
+def _json_roundtrips(value: Any) -> bool:
+    """Whether *value* survives JSON unchanged (tuples, sets, dates and models do not)."""
+    try:
+        return bool(json.loads(json.dumps(value)) == value)
+    except (TypeError, ValueError):
+        return False
+
+
+# -- @stale_while_revalidate ---------------------------------------------------------------------
+
+
+class SWRFunction(Protocol[P, R_co]):
+    """A function wrapped by :func:`stale_while_revalidate`, with its cache controls.
+
+    For an async function, calling it and :meth:`refresh` return awaitables.
+    """
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def key(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Return the cache key of these arguments (without the cache's ``KEY_PREFIX``)."""
+
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Drop the entry of these arguments; a refill already running cannot write it back."""
+
+    def refresh(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
+        """Recompute the entry of these arguments now, store and return it."""
+
+
+#: Argument types whose keys are memoized: immutable, hashable, and compared with their type.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+#: How many keys a function memoizes before it starts over.
+KEY_MEMO_SIZE = 4096
+
+
+class _Binder:
+    """Binds call arguments to a signature, so ``f(1)`` and ``f(a=1)`` are one key."""
+
+    def __init__(self, func: Callable[..., Any], path: str, version: object, key: Callable[..., str] | None):
+        self.signature = inspect.signature(func)
+        self.path = path
+        self.version = version
+        self.custom_key = key
+        self.memo: dict[tuple[tuple[type, Any], ...], str] = {}
+        parameters = list(self.signature.parameters.values())
+        self.names = tuple(p.name for p in parameters)
+        # Plain positional parameters only: a full positional call binds without inspect.
+        self.simple = all(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in parameters
+        ) and not any(p.name.startswith("\x00") for p in parameters)
+
+    def bind(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[str, inspect.BoundArguments | None]:
+        if self.custom_key is not None:
+            text = self.custom_key(*args, **kwargs)
+            if not isinstance(text, str):
+                raise CacheKeyError(
+                    f"The key= function of {self.path} returned {type(text).__name__}, not str."
+                )
+            return build_key(self.path, self.version, text), None
+        if self.simple and not kwargs and len(args) == len(self.names):
+            # Memoized for plain values, by value and exact type (1, 1.0 and True differ).
+            memo_key = tuple((type(arg), arg) for arg in args)
+            if all(type(arg) in _PLAIN for arg in args):
+                key = self.memo.get(memo_key)
+                if key is None:
+                    if len(self.memo) >= KEY_MEMO_SIZE:
+                        self.memo.clear()
+                    key = self.memo[memo_key] = build_key(
+                        self.path, self.version, encode_key_parts(dict(zip(self.names, args, strict=True)))
+                    )
+                return key, None
+            return build_key(
+                self.path, self.version, encode_key_parts(dict(zip(self.names, args, strict=True)))
+            ), None
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{self.path}(): {error}") from None
+        bound.apply_defaults()
+        return build_key(self.path, self.version, encode_key_parts(bound.arguments)), bound
+
+    def refill_arguments(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], bound: inspect.BoundArguments | None
+    ) -> Any:
+        """Return the JSON-able arguments a Celery refill calls the function with, or ``None``."""
+        if bound is not None:
+            args, kwargs = tuple(bound.args), dict(bound.kwargs)
+        arguments = {"args": list(args), "kwargs": kwargs}
+        if not _json_roundtrips(arguments):
+            return None
+        return arguments
+
+
+def _validate(
+    fresh: float | None,
+    stale: float | None,
+    stale_if_error: float,
+    refill: str,
+    on_broker_error: str,
+    wait: float,
+    jitter: float,
+    refill_timeout: float,
+) -> None:
+    def number(name: str, value: object, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CacheArgumentError(f"{name}= must be a number of seconds, not {value!r}.")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise CacheArgumentError(
+                f"{name}= must be {'zero or more' if allow_zero else 'greater than zero'}, not {value!r}."
+            )
+
+    number("fresh", fresh, allow_none=True)
+    number("stale", stale, allow_none=True)
+    number("stale_if_error", stale_if_error, allow_zero=True)
+    number("wait", wait, allow_zero=True)
+    number("refill_timeout", refill_timeout)
+    if fresh is not None and stale is not None and stale < fresh:
+        raise CacheArgumentError(
+            f"stale={stale!r} is less than fresh={fresh!r}: stale is the oldest age served at all, "
+            f"so it must be at least fresh. Did you mean stale={fresh + stale!r}?"
+        )
+    if not 0 <= jitter < 1:
+        raise CacheArgumentError(f"jitter= must be a fraction in [0, 1), not {jitter!r}.")
+    if refill not in ("celery", "inline"):
+        raise CacheArgumentError(f'refill= must be "celery" or "inline", not {refill!r}.')
+    if on_broker_error not in ("recompute", "serve_stale"):
+        raise CacheArgumentError(
+            f'on_broker_error= must be "recompute" or "serve_stale", not {on_broker_error!r}.'
+        )
+
+
+@overload
+def stale_while_revalidate(func: Callable[P, R], /) -> SWRFunction[P, R]: ...
+
+
+@overload
+def stale_while_revalidate(
+    *,
+    fresh: float | None = None,
+    stale: float | None = None,
+    stale_if_error: float = 0,
+    cache: str | None = None,
+    version: int | str = 1,
+    key: Callable[..., str] | None = None,
+    refill: RefillMode = "celery",
+    on_broker_error: BrokerFallback = "recompute",
+    wait: float = 5.0,
+    jitter: float = 0.1,
+    refill_timeout: float = 60.0,
+) -> Callable[[Callable[P, R]], SWRFunction[P, R]]: ...
+
+
+def stale_while_revalidate(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    fresh: float | None = None,
+    stale: float | None = None,
+    stale_if_error: float = 0,
+    cache: str | None = None,
+    version: int | str = 1,
+    key: Callable[..., str] | None = None,
+    refill: RefillMode = "celery",
+    on_broker_error: BrokerFallback = "recompute",
+    wait: float = 5.0,
+    jitter: float = 0.1,
+    refill_timeout: float = 60.0,
+) -> SWRFunction[P, R] | Callable[[Callable[P, R]], SWRFunction[P, R]]:
+    """Cache a function's results: serve fresh values, serve stale ones while Celery refills them.
+
+    :param fresh: seconds a value is served without a refill (default ``SWR_FRESH``).
+    :param stale: the oldest age, in seconds, a value is served at all (default ``SWR_STALE``);
+        between *fresh* and *stale* it is served while exactly one refill runs.
+    :param stale_if_error: seconds past *stale* a value is still served when recomputing it
+        raises (HTTP's ``stale-if-error``).
+    :param cache: the cache alias (default ``CACHE_ALIAS``).
+    :param version: part of every key; change it when the function's return value changes shape.
+    :param key: a function of the same arguments returning a ``str`` to use instead of the
+        arguments (the function's path and *version* are still part of the key).
+    :param refill: ``"celery"`` (the task ``django_scale.refresh``) or ``"inline"`` (the caller
+        that wins the claim recomputes before returning).
+    :param on_broker_error: when the task cannot be sent, ``"recompute"`` inline (the claim
+        holder only) or ``"serve_stale"`` and retry after a backoff.
+    :param wait: seconds a caller waits on a cold miss for another caller's computation
+        before computing itself.
+    :param jitter: the fraction of *fresh* taken off at random, so keys written together do
+        not go stale together.
+    :param refill_timeout: seconds a claim lasts: longer than the function can take.
+    """
+    _validate(fresh, stale, stale_if_error, refill, on_broker_error, wait, jitter, refill_timeout)
+
+    def decorate(function: Callable[P, R]) -> SWRFunction[P, R]:
+        path = f"{function.__module__}.{function.__qualname__}"
+        binder = _Binder(function, path, version, key)
+        is_async = inspect.iscoroutinefunction(function)
+        call: Callable[..., Any] = function
+
+        def run_sync(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+            """Call the function from sync code (an async one on the caller's event loop)."""
+            if is_async:
+                # The coroutine is created here, only when a computation is needed.
+                return async_to_sync(_await)(call(*args, **kwargs))
+            return call(*args, **kwargs)
+
+        def rebuild(arguments: Any) -> Callable[[], Any]:
+            return functools.partial(run_sync, arguments["args"], arguments["kwargs"])
+
+        engine = Engine(
+            path=path,
+            fresh=fresh,
+            stale=stale,
+            stale_if_error=stale_if_error,
+            cache=cache,
+            refill=refill,
+            on_broker_error=on_broker_error,
+            wait=wait,
+            jitter=jitter,
+            refill_timeout=refill_timeout,
+            rebuild=rebuild,
+        )
+        if "<locals>" not in path:
+            registry[path] = engine
+
+        def refill_spec(args: tuple[Any, ...], kwargs: dict[str, Any], bound: Any) -> _Refill | None:
+            if "<locals>" in path or refill != "celery":
+                return None  # the task could not find it: refill inline
+            arguments = binder.refill_arguments(args, kwargs, bound)
+            return None if arguments is None else _Refill(path, arguments)
+
+        wrapper: Any
+        if is_async:
+
+            @functools.wraps(function)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                key_text, bound = binder.bind(args, kwargs)
+                compute = functools.partial(run_sync, args, kwargs)
+                fetch = sync_to_async(engine.fetch, thread_sensitive=False)
+                result = await fetch(key_text, compute, _LazyRefill(refill_spec, args, kwargs, bound))
+                return result.value
+
+            async def arefresh(*args: P.args, **kwargs: P.kwargs) -> Any:
+                key_text, _ = binder.bind(args, kwargs)
+                compute = functools.partial(run_sync, args, kwargs)
+                return await sync_to_async(engine.refresh, thread_sensitive=False)(key_text, compute)
+
+            wrapper = async_wrapper
+            wrapper.refresh = arefresh
+        else:
+
+            @functools.wraps(function)
+            def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                key_text, bound = binder.bind(args, kwargs)
+                return engine.fetch(
+                    key_text,
+                    functools.partial(function, *args, **kwargs),
+                    _LazyRefill(refill_spec, args, kwargs, bound),
+                ).value
+
+            def refresh(*args: P.args, **kwargs: P.kwargs) -> Any:
+                key_text, _ = binder.bind(args, kwargs)
+                return engine.refresh(key_text, functools.partial(function, *args, **kwargs))
+
+            wrapper = sync_wrapper
+            wrapper.refresh = refresh
+
+        def key_of(*args: P.args, **kwargs: P.kwargs) -> str:
+            return binder.bind(args, kwargs)[0]
+
+        def invalidate(*args: P.args, **kwargs: P.kwargs) -> None:
+            engine.invalidate(binder.bind(args, kwargs)[0])
+
+        wrapper.key = key_of
+        wrapper.invalidate = invalidate
+        wrapper._django_scale_engine = engine
+        return cast("SWRFunction[P, R]", wrapper)
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+# -- swr_cache_page -------------------------------------------------------------------------------
+
+#: Response headers never stored with a cached page: they belong to one user or one response.
+_PRIVATE_HEADERS = frozenset({"set-cookie", "date", "expires", "cache-control", "age"})
+
+
+class UncacheableResponse(Exception):
+    """A response that must not be cached (internal: the view's own response is served)."""
+
+    def __init__(self, response: HttpResponseBase, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
+
+
+def _vary_values(request: HttpRequest, vary_on: Collection[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in vary_on:
+        if name == "user":
+            user = getattr(request, "user", None)
+            values["user"] = getattr(user, "pk", None) if user is not None else None
+        else:
+            values[name.lower()] = request.headers.get(name)
+    return values
+
+
+def _freeze_response(
+    response: HttpResponseBase, request: HttpRequest, vary_on: Collection[str], shared: bool
+) -> Any:
+    """Return the storable form of *response*, or raise :class:`UncacheableResponse`."""
+    render = getattr(response, "render", None)
+    if render is not None and not getattr(response, "is_rendered", True):
+        render()
+    if response.streaming or not isinstance(response, HttpResponse):
+        raise UncacheableResponse(response, "it is streaming")
+    if response.status_code != 200:
+        raise UncacheableResponse(response, f"its status is {response.status_code}")
+    if response.cookies:
+        raise UncacheableResponse(response, "it sets cookies")
+    control = response.get("Cache-Control", "").lower()
+    if "private" in control or "no-store" in control:
+        raise UncacheableResponse(response, "its Cache-Control is private or no-store")
+    allowed = {name.lower() for name in vary_on}
+    if not shared:
+        session = getattr(request, "session", None)
+        if session is not None and getattr(session, "accessed", False) and "user" not in allowed:
+            raise UncacheableResponse(response, "the view read the session (vary_on 'user' or shared=True)")
+        varies = {v.strip().lower() for v in response.get("Vary", "").split(",") if v.strip()}
+        unknown = varies - allowed - {"accept-encoding"}
+        if unknown:
+            raise UncacheableResponse(
+                response, f"it varies on {', '.join(sorted(unknown))} (add it to vary_on)"
+            )
+    headers = [(k, v) for k, v in response.items() if k.lower() not in _PRIVATE_HEADERS]
+    return (response.status_code, headers, response.content)
+
+
+def _thaw_response(frozen: Any) -> HttpResponse:
+    status, headers, content = frozen
+    response = HttpResponse(content, status=status)
+    for name, value in headers:
+        response[name] = value
+    return response
+
+
+def _rebuild_request(arguments: dict[str, Any]) -> HttpRequest:
+    """Build the GET request a Celery refill renders a cached page with."""
+    from django.test import RequestFactory
+
+    headers = {name: value for name, value in arguments["headers"].items() if value is not None}
+    request = RequestFactory().get(
+        arguments["path"],
+        data=None,
+        secure=arguments["secure"],
+        HTTP_HOST=arguments["host"],
+        QUERY_STRING=arguments["query"],
+        headers=headers,
+    )
+    from django.contrib.auth.models import AnonymousUser
+
+    request.user = AnonymousUser()
+    return request
+
+
+def swr_cache_page(
+    fresh: float | None = None,
+    stale: float | None = None,
+    *,
+    vary_on: Sequence[str] = (),
+    stale_if_error: float = 0,
+    cache: str | None = None,
+    shared: bool = False,
+    version: int | str = 1,
+    refill: RefillMode = "celery",
+    wait: float = 5.0,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Cache a view's GET responses with stale-while-revalidate, like ``cache_page``.
+
+    The key is the view, the host, the path and the query string, plus the request headers
+    named in *vary_on* (``"user"`` means the user's primary key; the response is then marked
+    ``private``). Only 200 responses are stored, and never one that sets a cookie, is
+    private, read the session or varies on a header *vary_on* does not list, unless
+    *shared* says one response fits every user. Responses get matching ``Cache-Control:
+    max-age, stale-while-revalidate, stale-if-error`` headers and ``Vary`` on *vary_on*.
+
+    Refills go to Celery, which renders the view on a request rebuilt from the path, query,
+    host and *vary_on* headers, with an anonymous user; a page that varies on ``"user"`` is
+    refilled inline by the one request that wins the claim.
+    """
+    _validate(fresh, stale, stale_if_error, refill, "recompute", wait, 0.1, 60.0)
+    headers_vary = [name for name in vary_on if name != "user"]
+    per_user = "user" in vary_on
+
+    def decorate(view: Callable[P, R]) -> Callable[P, R]:
+        path = f"{view.__module__}.{view.__qualname__}"
+        is_async = inspect.iscoroutinefunction(view)
+        call_view: Callable[..., Any] = view
+
+        def render(request: HttpRequest, args: Any, kwargs: Any) -> Any:
+            response = call_view(request, *args, **kwargs)
+            if is_async:
+                response = async_to_sync(_await)(response)
+            return _freeze_response(response, request, vary_on, shared)
+
+        def rebuild(arguments: Any) -> Callable[[], Any]:
+            request = _rebuild_request(arguments)
+            return lambda: render(request, arguments["args"], arguments["kwargs"])
+
+        engine = Engine(
+            path=path,
+            fresh=fresh,
+            stale=stale,
+            stale_if_error=stale_if_error,
+            cache=cache,
+            refill=refill,
+            wait=wait,
+            rebuild=rebuild,
+        )
+        if "<locals>" not in path:
+            registry[path] = engine
+
+        def respond(request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpResponseBase:
+            if request.method not in ("GET", "HEAD"):
+                response = call_view(request, *args, **kwargs)
+                if is_async:
+                    response = async_to_sync(_await)(response)
+                return cast(HttpResponseBase, response)
+            parts = {
+                "host": request.get_host(),
+                "path": request.path,
+                "query": request.META.get("QUERY_STRING", ""),
+                "secure": request.is_secure(),
+                "args": list(args),
+                "kwargs": kwargs,
+                "headers": {name: request.headers.get(name) for name in headers_vary},
+            }
+            key_parts = {**parts, **_vary_values(request, vary_on)}
+            key_text = build_key(path, version, encode_key_parts(key_parts))
+            spec = _Refill(path, parts) if not per_user and _json_roundtrips(parts) else None
+            try:
+                result = engine.fetch(key_text, lambda: render(request, args, kwargs), spec)
+            except UncacheableResponse as uncacheable:
+                logger.debug("not caching %s: %s", request.path, uncacheable)
+                return uncacheable.response
+            cached = _thaw_response(result.value)
+            fresh_seconds, stale_seconds = engine.lifetimes()
+            max_age = max(0, int(result.fresh_until - time.time())) if result.fresh_until else 0
+            control: dict[str, Any] = {
+                "max_age": max_age,
+                "stale_while_revalidate": int(stale_seconds - fresh_seconds),
+            }
+            if stale_if_error:
+                control["stale_if_error"] = int(stale_if_error)
+            if per_user:
+                control["private"] = True
+            else:
+                control["public"] = True
+            patch_cache_control(cached, **control)
+            if headers_vary or per_user:
+                patch_vary_headers(cached, [*headers_vary, *(["Cookie"] if per_user else [])])
+            return cached
+
+        if is_async:
+
+            @functools.wraps(view)
+            async def async_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+                return await sync_to_async(respond, thread_sensitive=True)(request, args, kwargs)
+
+            return cast("Callable[P, R]", async_view)
+
+        @functools.wraps(view)
+        def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            return respond(request, args, kwargs)
+
+        return cast("Callable[P, R]", sync_view)
+
+    return decorate
+
+
+def fragment_engine(fresh: float, stale: float, cache: str | None) -> Engine:
+    """Return the engine of ``{% swrcache %}`` fragments: refilled inline by the claim holder."""
+    return _fragment_engine(float(fresh), float(stale), cache)
+
+
+@functools.lru_cache(maxsize=64)
+def _fragment_engine(fresh: float, stale: float, cache: str | None) -> Engine:
+    _validate(fresh, stale, 0, "inline", "recompute", 5.0, 0.1, 60.0)
+    return Engine(
+        path="django_scale.templatetags.swrcache", fresh=fresh, stale=stale, cache=cache, refill="inline"
+    )
+
+
+def _iter_engines() -> Iterator[Engine]:
+    """Every registered engine (for the system checks)."""
+    yield from list(registry.values())

@@ -1,0 +1,87 @@
+"""Per-process counters and timings of django-scale's features.
+
+Counters are plain numbers kept in this process (a web worker, a Celery worker); export them
+with :func:`snapshot` to whatever collects your metrics. Names are dotted, by feature:
+
+``swr.hit``
+    a fresh value served from the cache
+``swr.stale``
+    a stale value served while a refill runs
+``swr.miss``
+    no usable value: the caller computed (or waited for another caller's computation)
+``swr.wait``
+    a cold-miss caller that waited for another caller's computation
+``swr.refill.enqueued`` / ``swr.refill.suppressed``
+    refills sent to Celery / stale serves that found a refill already claimed
+``swr.refill.inline``
+    refills computed in the request, because the broker was down or by option
+``swr.refill.succeeded`` / ``swr.refill.failed`` / ``swr.refill.discarded``
+    refills that wrote, raised, or were dropped because the key was invalidated meanwhile
+``swr.stale_if_error``
+    a value past ``stale`` served because recomputing it raised
+``swr.cache_down`` / ``swr.broker_down``
+    operations that found the cache or the Celery broker unreachable
+
+Timings (``observe``) keep a count, a sum and a maximum: ``swr.refill.seconds`` (how long a
+refill computed) and ``swr.staleness`` (how many seconds past fresh a served value was).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+__all__ = ["Timing", "increment", "observe", "reset", "snapshot"]
+
+
+@dataclass
+class Timing:
+    """Count, sum and maximum of the observed values of one timing."""
+
+    #: How many values were observed.
+    count: int = 0
+    #: Their sum.
+    total: float = 0.0
+    #: The largest.
+    maximum: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        """The mean observed value (``0.0`` before any)."""
+        return self.total / self.count if self.count else 0.0
+
+
+_lock = threading.Lock()
+_counters: Counter[str] = Counter()
+_timings: dict[str, Timing] = {}
+
+
+def increment(name: str, amount: int = 1) -> None:
+    """Add *amount* to counter *name*."""
+    with _lock:
+        _counters[name] += amount
+
+
+def observe(name: str, value: float) -> None:
+    """Record one *value* (seconds) of timing *name*."""
+    with _lock:
+        timing = _timings.setdefault(name, Timing())
+        timing.count += 1
+        timing.total += value
+        timing.maximum = max(timing.maximum, value)
+
+
+def snapshot() -> dict[str, int | Timing]:
+    """Return a copy of every counter and timing of this process."""
+    with _lock:
+        copy: dict[str, int | Timing] = dict(_counters)
+        copy.update({name: Timing(t.count, t.total, t.maximum) for name, t in _timings.items()})
+        return copy
+
+
+def reset() -> None:
+    """Set every counter and timing back to zero (for tests and benchmarks)."""
+    with _lock:
+        _counters.clear()
+        _timings.clear()

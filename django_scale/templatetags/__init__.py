@@ -1,0 +1,1 @@
+"""Template tags of django-scale: ``{% load scale %}``."""
