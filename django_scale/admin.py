@@ -389,7 +389,24 @@ class PeriodProbeQuerySetMixin:
     ``SELECT DISTINCT date_trunc(...)`` over every matching row. This finds the first and
     last value (two index lookups with an index on the field) and asks, for each period in
     between, whether a row exists in it: at most a hundred cheap probes.
+
+    When the changelist knows the rows are few (an exact count under the paginator's
+    threshold, such as a search for a rare word), it reads their values instead: on a big
+    table ``MIN()`` of a filter the planner cannot estimate walks the field's index until a row
+    matches, which for a rare word is the whole table.
     """
+
+    #: Set by :class:`ScaleChangeList` when the queryset is known to hold few rows.
+    _django_scale_few_rows = False
+
+    def _few_values(self, field_name: str) -> list[Any]:
+        key = f"_django_scale_values_{field_name}"
+        if key not in self.__dict__:
+            queryset: Any = self
+            # No ORDER BY and no LIMIT: nothing tempts the planner into walking an index.
+            values = queryset.order_by().values_list(field_name, flat=True)
+            self.__dict__[key] = [value for value in values if value is not None]
+        return list(self.__dict__[key])
 
     def aggregate(self, *args: Any, **kwargs: Any) -> Any:
         # The date hierarchy asks cl.queryset for the first and last dates, then for the
@@ -401,11 +418,19 @@ class PeriodProbeQuerySetMixin:
             or not (isinstance(first, models.Min) and isinstance(last, models.Max))
         ):
             return super().aggregate(*args, **kwargs)  # type: ignore[misc]
-        key = f"_django_scale_bounds_{getattr(first.source_expressions[0], 'name', '')}"
+        name = getattr(first.source_expressions[0], "name", "")
+        key = f"_django_scale_bounds_{name}"
         if key not in self.__dict__:
+
+            def bounds() -> dict[str, Any]:
+                if self._django_scale_few_rows and name:
+                    values = self._few_values(name)
+                    return {"first": min(values, default=None), "last": max(values, default=None)}
+                return super(PeriodProbeQuerySetMixin, self).aggregate(*args, **kwargs)  # type: ignore[misc, no-any-return]
+
             self.__dict__[key] = _or_fallback(
                 self.db,  # type: ignore[attr-defined]
-                lambda: super(PeriodProbeQuerySetMixin, self).aggregate(*args, **kwargs),  # type: ignore[misc]
+                bounds,
                 lambda: {"first": None, "last": None},
                 "date hierarchy",
             )
@@ -432,6 +457,20 @@ class PeriodProbeQuerySetMixin:
             moment = datetime.datetime(day.year, day.month, day.day)
             return timezone.make_aware(moment, zone) if zone else moment
 
+        if self._django_scale_few_rows:
+            seen = set()
+            for value in self._few_values(field_name):
+                local = timezone.localtime(value, zone) if as_datetimes and zone else value
+                day = local.date() if isinstance(local, datetime.datetime) else local
+                seen.add(
+                    datetime.date(day.year, 1, 1)
+                    if kind == "year"
+                    else datetime.date(day.year, day.month, 1)
+                    if kind == "month"
+                    else day
+                )
+            ordered = [bound(start) for start in sorted(seen)]
+            return ordered if order == "ASC" else ordered[::-1]
         found = []
         for start in starts:
             lookups = {
@@ -634,6 +673,9 @@ class ScaleChangeList(ChangeList):
             "count",
         )
         paginator.__dict__["count"] = count
+        if isinstance(self.queryset, PeriodProbeQuerySetMixin) and count.is_exact:
+            # Few rows: the date hierarchy reads their dates rather than probing the index.
+            self.queryset._django_scale_few_rows = int(count) <= paginator.count_threshold
         can_show_all = count.is_exact and int(count) <= self.list_max_show_all
         if self.show_all and can_show_all:
             result_list: Any = self.queryset._clone()

@@ -285,7 +285,18 @@ def test_date_hierarchy_lists_periods_by_probes_not_a_distinct_scan(superuser_cl
     Article.objects.bulk_create(
         Article(author=author, title=f"t{n}", published=m) for n, m in enumerate(moments)
     )
-    model_admin = _admin_for(Article, date_hierarchy="published", list_display=["title"])
+    from django_scale.paginator import ApproxCountPaginator
+
+    class TinyThresholdPaginator(ApproxCountPaginator):
+        count_threshold = 2  # more than two rows is "many": the probing path
+
+    model_admin = _admin_for(
+        Article,
+        date_hierarchy="published",
+        list_display=["title"],
+        paginator=TinyThresholdPaginator,
+        list_per_page=2,
+    )
 
     def hierarchy(query: str) -> tuple[list[str], list[str]]:
         with _changelist(model_admin, query) as (changelist, _, queries):
@@ -304,6 +315,34 @@ def test_date_hierarchy_lists_periods_by_probes_not_a_distinct_scan(superuser_cl
     # The same answer as Django's own DISTINCT.
     expected = [d.year for d in Article.objects.datetimes("published", "year")]
     assert [int(year) for year in years] == expected
+
+
+def test_date_hierarchy_of_few_rows_reads_their_dates_instead_of_min_max(superuser_client):
+    import datetime as dt
+
+    from django.contrib.admin.templatetags.admin_list import date_hierarchy
+
+    author = Author.objects.create(name="Chronicler")
+    moments = [
+        dt.datetime(2024, 3, 5, 10, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 1, 2, 3, tzinfo=dt.timezone.utc),
+    ]
+    Article.objects.bulk_create(
+        Article(author=author, title=f"zebra {n}", published=m) for n, m in enumerate(moments)
+    )
+    Article.objects.bulk_create(
+        Article(author=author, title=f"other {n}", published=moments[0]) for n in range(5)
+    )
+    model_admin = _admin_for(
+        Article, date_hierarchy="published", list_display=["title"], search_fields=["title"]
+    )
+    # A search for a rare word on a big table: MIN(published) WHERE title LIKE '%zebra%' walks
+    # the published index until a row matches, which for a rare word is the whole table.
+    with _changelist(model_admin, "?q=zebra") as (changelist, _, queries):
+        titles = [choice["title"] for choice in date_hierarchy(changelist)["choices"]]
+    assert titles == ["2024", "2026"]
+    sql = [q["sql"].upper() for q in queries.captured_queries]
+    assert not any("MIN(" in q or "EXISTS" in q or "SELECT 1 AS" in q for q in sql), sql
 
 
 def _admin_for(model, **options):
