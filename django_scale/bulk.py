@@ -148,16 +148,7 @@ def _converter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Conve
         related = _converter(cast("Field[Any, Any]", field.target_field), connection)  # type: ignore[attr-defined]
         return lambda value: related(value.pk if isinstance(value, Model) else value)
     target = field
-    if kind in {"AutoField", "BigAutoField", "SmallAutoField"}:
-        kind = "IntegerField"
-    if kind in {
-        "IntegerField",
-        "BigIntegerField",
-        "SmallIntegerField",
-        "PositiveIntegerField",
-        "PositiveBigIntegerField",
-        "PositiveSmallIntegerField",
-    }:
+    if kind in _INTEGERS:
 
         def integer(value: Any) -> str:
             if type(value) is int:
@@ -167,7 +158,7 @@ def _converter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Conve
             return _text(value)
 
         return integer
-    if kind in {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}:
+    if kind in _TEXTS:
         return _text
     if kind == "BooleanField":
         return _boolean

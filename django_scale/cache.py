@@ -637,6 +637,13 @@ async def _await(awaitable: Awaitable[T]) -> T:
 registry: dict[str, Engine] = {}
 
 
+def _registered(engine: Engine) -> Engine:
+    """Make *engine* findable by the refill task (a function defined in a function is not)."""
+    if "<locals>" not in engine.path:
+        registry[engine.path] = engine
+    return engine
+
+
 @dataclass(frozen=True)
 class Engine:
     """The stale-while-revalidate protocol with one set of options (see :func:`stale_while_revalidate`)."""
@@ -1190,21 +1197,21 @@ def stale_while_revalidate(
         def rebuild(arguments: Any) -> Callable[[], Any]:
             return functools.partial(run_sync, arguments["args"], arguments["kwargs"])
 
-        engine = Engine(
-            path=path,
-            fresh=fresh,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            cache=cache,
-            refill=refill,
-            on_broker_error=on_broker_error,
-            wait=wait,
-            jitter=jitter,
-            refill_timeout=refill_timeout,
-            rebuild=rebuild,
+        engine = _registered(
+            Engine(
+                path=path,
+                fresh=fresh,
+                stale=stale,
+                stale_if_error=stale_if_error,
+                cache=cache,
+                refill=refill,
+                on_broker_error=on_broker_error,
+                wait=wait,
+                jitter=jitter,
+                refill_timeout=refill_timeout,
+                rebuild=rebuild,
+            )
         )
-        if "<locals>" not in path:
-            registry[path] = engine
 
         def refill_spec(args: tuple[Any, ...], kwargs: dict[str, Any], bound: Any) -> _Refill | None:
             if "<locals>" in path or refill != "celery":
@@ -1391,18 +1398,18 @@ def swr_cache_page(
             request = _rebuild_request(arguments)
             return lambda: render(request, arguments["args"], arguments["kwargs"])
 
-        engine = Engine(
-            path=path,
-            fresh=fresh,
-            stale=stale,
-            stale_if_error=stale_if_error,
-            cache=cache,
-            refill=refill,
-            wait=wait,
-            rebuild=rebuild,
+        engine = _registered(
+            Engine(
+                path=path,
+                fresh=fresh,
+                stale=stale,
+                stale_if_error=stale_if_error,
+                cache=cache,
+                refill=refill,
+                wait=wait,
+                rebuild=rebuild,
+            )
         )
-        if "<locals>" not in path:
-            registry[path] = engine
 
         def respond(request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpResponseBase:
             if request.method not in ("GET", "HEAD"):

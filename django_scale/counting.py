@@ -20,11 +20,13 @@ import json
 import math
 from typing import Any, Literal
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, connections
 from django.db.models import Model, QuerySet
 from django.db.models.lookups import Lookup
 from django.utils.formats import number_format
 from django.utils.translation import gettext, ngettext
+
+from django_scale.timeouts import current_statement_timeout, is_statement_timeout, statement_timeout
 
 __all__ = ["ApproxCount", "approx_count"]
 
@@ -162,19 +164,13 @@ def _bounded_count(queryset: QuerySet[Any], limit: int) -> int:
 def _capped(queryset: QuerySet[Any], cap: int, budget: float, fallback: int | None) -> ApproxCount:
     """Count up to *cap* + 1 rows within *budget* seconds (PostgreSQL); else use the estimate."""
     alias = queryset.db  # pinned by approx_count(): no router call
+    # Never loosen a tighter limit that the caller (an admin page) already set.
+    limit = current_statement_timeout(alias)
     try:
-        with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
-            # SET LOCAL ends with this transaction (or savepoint, when it rolls back); the
-            # previous value is put back explicitly for a released savepoint.
-            cursor.execute("SHOW statement_timeout")
-            previous = cursor.fetchone()[0]
-            cursor.execute(
-                "SELECT set_config('statement_timeout', %s, true)", [f"{max(int(budget * 1000), 1)}ms"]
-            )
+        with statement_timeout(budget if limit is None else min(budget, limit), using=alias):
             counted = _bounded_count(queryset, cap + 1)
-            cursor.execute("SELECT set_config('statement_timeout', %s, true)", [previous])
-    except DatabaseError:
-        if fallback is None:
+    except DatabaseError as error:
+        if fallback is None or not is_statement_timeout(error):
             raise
         return ApproxCount(max(fallback, 1), "estimate")
     if counted > cap:

@@ -689,9 +689,17 @@ def pick_usable(aliases: list[str]) -> str | None:
     return None
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    cause = exc.__cause__
-    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+def error_sqlstate(exc: BaseException) -> str | None:
+    """Return the SQLSTATE of a database error: the driver's, which Django chains as the cause.
+
+    psycopg 3 calls it ``sqlstate``, psycopg2 ``pgcode``. An error raised by the driver
+    itself, unwrapped, is looked at directly.
+    """
+    for error in (exc.__cause__, exc):
+        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if code:
+            return str(code)
+    return None
 
 
 #: SQLSTATE of a query cancelled by a recovery conflict on a hot standby.
@@ -742,7 +750,7 @@ class ReplicaGuard:
         try:
             return execute(sql, params, many, context)
         except (OperationalError, InterfaceError, InternalError) as exc:
-            sqlstate = _sqlstate(exc)
+            sqlstate = error_sqlstate(exc)
             conflict = sqlstate == RECOVERY_CONFLICT
             broken = not conflict and _is_broken(connection, sqlstate)
             if broken:

@@ -49,6 +49,8 @@ from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from django_scale.replicas import error_sqlstate
+
 __all__ = ["current_statement_timeout", "is_statement_timeout", "statement_timeout"]
 
 P = ParamSpec("P")
@@ -71,11 +73,6 @@ class _Limit(NamedTuple):
 _limits: contextvars.ContextVar[Mapping[str, _Limit]] = contextvars.ContextVar(
     "django_scale_statement_timeouts", default=MappingProxyType({})
 )
-#: The lazy blocks that have just closed and whose sessions need their limits put back.
-_pending_restores: contextvars.ContextVar[list[tuple[BaseDatabaseWrapper, str]]] = contextvars.ContextVar(
-    "django_scale_statement_timeout_restores"
-)
-
 # Set the new value and return the old one in one round trip. The CTE is materialised
 # before set_config() runs, so `previous` is the value from before this statement.
 _SWAP = (
@@ -96,17 +93,10 @@ def current_statement_timeout(using: str) -> float | None:
 
 def is_statement_timeout(error: BaseException) -> bool:
     """Return whether *error* is a statement cancelled by a time limit (or by a DBA)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        code = getattr(current, "pgcode", None) or getattr(current, "sqlstate", None)
-        if code == QUERY_CANCELED:
-            return True
-        if isinstance(current, sqlite3.OperationalError) and str(current) == "interrupted":
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    if error_sqlstate(error) == QUERY_CANCELED:
+        return True
+    cause = error.__cause__ or error
+    return isinstance(cause, sqlite3.OperationalError) and str(cause) == "interrupted"
 
 
 class _ConnectionState:
@@ -190,13 +180,12 @@ def _sqlite_wrapper(alias: str) -> Callable[..., Any]:
     return wrapper
 
 
-def _restore(connection: BaseDatabaseWrapper, alias: str) -> None:
-    """Put the session's limit back to what this context's enclosing block (or the connection) had."""
+def _restore(connection: BaseDatabaseWrapper, alias: str, limit: _Limit | None) -> None:
+    """Put the session's limit back to *limit*, the enclosing block's (or the connection's)."""
     state = _state(connection)
     state.blocks -= 1
     if state.baseline is None or connection.connection is None:
         return  # nothing was set, or the connection that had it is gone
-    limit = _limits.get().get(alias)
     # Other tasks' blocks still open on this connection set their own limit again before
     # their next statement; this context's statements get the enclosing limit or none.
     wanted = state.baseline if limit is None or limit.local else _value(limit.milliseconds)
@@ -234,8 +223,8 @@ def _in_savepoint(connection: BaseDatabaseWrapper, alias: str, milliseconds: int
 
 
 @contextmanager
-def _lazily(connection: BaseDatabaseWrapper, alias: str) -> Iterator[None]:
-    """Set the limit just before the block's first statement on *alias*; restore it on exit."""
+def _lazily(connection: BaseDatabaseWrapper, alias: str, outer: _Limit | None) -> Iterator[None]:
+    """Set the limit just before the block's first statement on *alias*; restore *outer* on exit."""
     wrapper = (_sqlite_wrapper if connection.vendor == "sqlite" else _postgresql_wrapper)(alias)
     _state(connection).blocks += 1
     connection.execute_wrappers.append(wrapper)
@@ -243,8 +232,7 @@ def _lazily(connection: BaseDatabaseWrapper, alias: str) -> Iterator[None]:
         yield
     finally:
         connection.execute_wrappers.remove(wrapper)
-        # Put back once this block's limit has left the context (StatementTimeout._exit).
-        _pending_restores.get().append((connection, alias))
+        _restore(connection, alias, outer)
 
 
 class StatementTimeout:
@@ -303,7 +291,7 @@ class StatementTimeout:
                 if local:
                     stack.enter_context(_in_savepoint(connection, alias, milliseconds))
                 elif connection.vendor in ("postgresql", "sqlite"):
-                    stack.enter_context(_lazily(connection, alias))
+                    stack.enter_context(_lazily(connection, alias, previous.get(alias)))
         except BaseException:
             self._exit(None, None, None)
             raise
@@ -316,17 +304,11 @@ class StatementTimeout:
         stack, self._stack = self._stack, None
         if stack is None or self._previous is None:
             return
-        restores: list[tuple[BaseDatabaseWrapper, str]] = []
-        token = _pending_restores.set(restores)
         try:
             stack.__exit__(*exc_info)
         finally:
-            _pending_restores.reset(token)
-            # The enclosing limits first, then the sessions set to match them.
             _limits.set(self._previous)
             self._previous = None
-            for connection, alias in restores:
-                _restore(connection, alias)
 
     async def __aenter__(self) -> StatementTimeout:
         # Django runs the ORM of async code in a worker thread: set things up on its connection.

@@ -251,7 +251,8 @@ def test_a_search_count_out_of_time_under_atomic_requests_falls_back(superuser_c
     html = response.content.decode()
     assert "≈" in html  # the estimate, because the count ran out of time
     assert html.count('class="action-checkbox"') == 20
-    assert any("statement_timeout" in q["sql"] for q in queries.captured_queries)
+    # The capped count ran in a savepoint of its own, so the request's transaction survived it.
+    assert any(q["sql"].startswith("SAVEPOINT") for q in queries.captured_queries)
     with connection.cursor() as cursor:
         cursor.execute("SHOW statement_timeout")
         assert cursor.fetchone()[0] == "7s"
