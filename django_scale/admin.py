@@ -28,7 +28,7 @@ from django.contrib import messages as user_messages
 from django.contrib.admin.checks import ModelAdminChecks
 from django.contrib.admin.filters import AllValuesFieldListFilter
 from django.contrib.admin.options import IncorrectLookupParameters
-from django.contrib.admin.utils import NotRelationField, get_fields_from_path
+from django.contrib.admin.utils import NotRelationField, get_fields_from_path, reverse_field_path
 from django.contrib.admin.views.main import PAGE_VAR, ChangeList
 from django.core import checks, signing
 from django.core.checks import CheckMessage
@@ -36,8 +36,10 @@ from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.core.paginator import InvalidPage
 from django.db import DatabaseError, connections, models, router, transaction
 from django.db.models import Model, Q, QuerySet
+from django.db.models.constants import LOOKUP_SEP
 from django.db.models.expressions import F, RawSQL
 from django.db.models.functions import Cast, Upper
+from django.db.models.query import EmptyQuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import SimpleTemplateResponse
 from django.utils import timezone
@@ -58,6 +60,7 @@ __all__ = [
     "ScaleModelAdmin",
     "ScaleModelAdminChecks",
     "distinct_values",
+    "selects_whole_table",
 ]
 
 #: Methods that never write, whose pages may be read from a replica.
@@ -87,24 +90,59 @@ def _or_fallback(alias: str, compute: Callable[[], T], fallback: Callable[[], T]
         return fallback()
 
 
+def selects_whole_table(queryset: QuerySet[Any]) -> bool:
+    """Return whether *queryset* selects every row of its model's table.
+
+    Only then do the table's statistics (``pg_stats``, ``pg_class``, the planner's estimates)
+    describe the rows the queryset shows, and only then may the admin take filter choices and
+    counts from them. A filter of any kind (``filter()``, ``exclude()``, ``none()``, a
+    filtering default manager, ``extra(where=...)``, a ``HAVING``), a slice, a ``union()``,
+    ``DISTINCT ON`` or ``extra(tables=...)`` makes it "restricted"; ordering, ``distinct()``,
+    ``select_related()``, ``only()`` and annotations, aggregates included, do not.
+    """
+    if isinstance(queryset, EmptyQuerySet):
+        return False
+    query: Any = queryset.query
+    # Django has no public API for "this queryset has no conditions", so this reads Django's
+    # Query (django/db/models/sql/query.py, the same in 4.2 to 6.1): has_filters() is its
+    # WHERE, which holds the HAVING conditions too until compiled (Query.where, "split into
+    # WHERE and HAVING" in SQLCompiler.pre_sql_setup); is_sliced a LIMIT/OFFSET; combinator
+    # union/intersection/difference; distinct_fields DISTINCT ON; extra_tables the tables of
+    # extra(tables=...), a cross join. tests/test_admin_isolation.py pins each of them.
+    return not (
+        query.has_filters()
+        or query.is_sliced
+        or query.combinator
+        or query.distinct_fields
+        or query.extra_tables
+    )
+
+
 #: Most values a plain-field filter lists.
 MAX_FILTER_CHOICES = 100
 
 
 def distinct_values(queryset: QuerySet[Any], field_name: str, limit: int = MAX_FILTER_CHOICES) -> list[Any]:
-    """Return up to *limit* values of *field_name* for a filter, without scanning the table.
+    """Return up to *limit* values of *field_name* in *queryset*'s rows, for a filter.
 
-    On PostgreSQL, the most common values from the statistics (``pg_stats``) of the
-    queryset's own alias; elsewhere, or before the table was analysed, a ``DISTINCT`` with a
-    ``LIMIT``.
+    *field_name* is a field of the queryset's model or a path through relations
+    (``"author__name"``). The values are the column's most common values from the statistics
+    (``pg_stats``) of the queryset's own alias only when those describe exactly the
+    queryset's rows: on PostgreSQL, for a column of the model's own table, when the queryset
+    :func:`selects the whole table <selects_whole_table>`. Otherwise, or before the table was
+    analysed, they come from a ``DISTINCT`` with a ``LIMIT`` over the queryset itself, so a
+    restricted queryset never lists a value that only rows it hides have.
     """
     alias = queryset.db
     queryset = queryset.using(alias)  # the statistics and the fallback from the same database
     connection = connections[alias]
     model = queryset.model
-    field = model._meta.get_field(field_name)
+    field = None if LOOKUP_SEP in field_name else model._meta.get_field(field_name)
     column = getattr(field, "column", None)
-    if connection.vendor == "postgresql" and column:
+    # A field inherited from a parent model (multi-table inheritance) is a column of the
+    # parent's table, whose statistics cover the parent's other rows too.
+    own_table = field is not None and field.model._meta.db_table == model._meta.db_table
+    if connection.vendor == "postgresql" and column and own_table and selects_whole_table(queryset):
         with connection.cursor() as cursor:
             cursor.execute(
                 """
@@ -126,7 +164,11 @@ def distinct_values(queryset: QuerySet[Any], field_name: str, limit: int = MAX_F
 
 
 class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
-    """``AllValuesFieldListFilter`` whose choices come from statistics, not a full ``DISTINCT``."""
+    """``AllValuesFieldListFilter`` whose choices come from statistics, not a full ``DISTINCT``.
+
+    The statistics serve only an admin whose ``get_queryset()`` selects the whole table; a
+    restricted one lists the values of its own rows, with a bounded ``DISTINCT``.
+    """
 
     def __init__(
         self,
@@ -138,16 +180,20 @@ class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
         field_path: str,
     ) -> None:
         super().__init__(field, request, params, model, model_admin, field_path)
-        # Django's choices are a lazy SELECT DISTINCT over the whole table; the same rows'
-        # most common values come from the statistics of the database the page reads from.
-        # Django's own: the admin's queryset (or the related model's), DISTINCT over the field.
-        source = self.lookup_choices
-        base = source.model._base_manager.using(source.db).all()
-        base.query = source.query.chain()
-        base.query.clear_select_clause()
-        base.query.distinct = False
+        # Django's choices are a lazy SELECT DISTINCT over the whole table: the admin's
+        # queryset for a field of the model, the related model's for a field through a
+        # relation (author__name lists every author's name).
+        root = model_admin.get_queryset(request)
+        parent_model, _ = reverse_field_path(model, field_path)
+        if selects_whole_table(root):
+            source = root if parent_model == model else parent_model._default_manager.all()
+            name = field.name
+        else:
+            # The admin shows some rows only: the values of those rows, even through a
+            # relation, never a value that only rows it hides have.
+            source, name = root, field_path
         choices: Any = _or_fallback(
-            base.db, lambda: distinct_values(base, field.name), list, f"choices of the {field.name!r} filter"
+            source.db, lambda: distinct_values(source, name), list, f"choices of the {field.name!r} filter"
         )
         self.lookup_choices = choices
 
@@ -156,7 +202,9 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
     """``RelatedFieldListFilter`` that lists at most ``MAX_FILTER_CHOICES`` related rows.
 
     Django's lists every row of the related table (every author, to filter articles by
-    author); past a hundred choices a filter is for the search box anyway.
+    author); past a hundred choices a filter is for the search box anyway. When the admin's
+    ``get_queryset()`` is restricted, only related rows that its rows refer to are listed
+    (as ``RelatedOnlyFieldListFilter`` does), a row chosen in the URL included.
     """
 
     def field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
@@ -170,11 +218,21 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
 
     def _field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
         remote = getattr(field, "remote_field", None)
-        if remote is None or not hasattr(remote, "get_related_field") or field.auto_created:
+        forward = remote is not None and hasattr(remote, "get_related_field") and not field.auto_created
+        root = model_admin.get_queryset(request)
+        whole = selects_whole_table(root)
+        if whole and not forward:
             return super().field_choices(field, request, model_admin)
+        related = field.related_model._default_manager.all()
+        if forward:
+            related = related.complex_filter(field.get_limit_choices_to())
+        if not whole:
+            # Only the related rows that the admin's own rows refer to.
+            related = related.filter(pk__in=root.values(f"{self.field_path}{LOOKUP_SEP}pk"))
         ordering = self.field_admin_ordering(field, request, model_admin) or ()
-        attname = remote.get_related_field().attname
-        related = remote.model._default_manager.complex_filter(field.get_limit_choices_to())
+        # What the filter's lookup compares: the related field (to_field) of a foreign key,
+        # the primary key of a reverse relation.
+        attname = field.target_field.attname
         rows = list(related.order_by(*ordering)[:MAX_FILTER_CHOICES])
         choices: list[tuple[Any, str]] = [(getattr(row, attname), str(row)) for row in rows]
         selected = self.lookup_val
@@ -197,9 +255,13 @@ def _filter_field(model: type[Model], name: str) -> Any:
 
 
 def _uses_related_filter(model: type[Model], name: str) -> bool:
-    """Whether Django would give the list_filter entry *name* a ``RelatedFieldListFilter``."""
+    """Whether Django would give the list_filter entry *name* a ``RelatedFieldListFilter``.
+
+    Django gives it to reverse relations too (``FieldListFilter.create`` tests
+    ``field.remote_field``); a restricted admin must not list their hidden rows either.
+    """
     field = _filter_field(model, name)
-    return field is not None and bool(getattr(field, "remote_field", None)) and not field.auto_created
+    return field is not None and bool(getattr(field, "remote_field", None))
 
 
 def _uses_all_values_filter(model: type[Model], name: str) -> bool:
@@ -644,6 +706,10 @@ class ScaleChangeList(ChangeList):
         if not isinstance(paginator, ApproxCountPaginator):
             super().get_results(request)
             return
+        if not selects_whole_table(self.root_queryset):
+            # An estimate from the table's statistics would tell a restricted admin how many
+            # rows it does not show: count its rows instead (exact, or a lower bound).
+            paginator.count_statistics = False
         # The page first: when it is the last one, its rows give the exact count and no
         # count runs at all (a search for a rare word would otherwise scan the table twice).
         keys = _keyset(self.queryset)

@@ -9,6 +9,8 @@ The answer is a :class:`ApproxCount`: an ``int`` that also says how it was obtai
   partitioned table; filtered, from the ``EXPLAIN`` row estimate of the query.
 * For filters the planner cannot estimate (substring searches such as ``icontains``) it is a
   **capped** count: the rows up to ``cap + 1`` counted within a time budget; "10,000+".
+* With ``statistics=False`` (a queryset that hides rows of its table from its user) nothing
+  comes from statistics: exact below ``threshold``, a lower bound above it.
 
 Everything runs on the queryset's own database alias: the replica an admin page reads from
 answers for the rows it shows.
@@ -119,8 +121,17 @@ def approx_count(
     threshold: int = DEFAULT_THRESHOLD,
     cap: int = DEFAULT_CAP,
     budget: float = DEFAULT_BUDGET,
+    statistics: bool = True,
 ) -> ApproxCount:
-    """Return how many rows *queryset* has: exact when small, else an estimate or a lower bound."""
+    """Return how many rows *queryset* has: exact when small, else an estimate or a lower bound.
+
+    With ``statistics=False`` the count never comes from the table's statistics (``pg_class``,
+    the planner's estimate), which describe rows the queryset may hide from its user: it is
+    exact below *threshold* rows, else ``threshold`` as a lower bound; a filter the planner
+    cannot estimate is counted up to ``cap + 1`` rows within *budget*, and a count that runs
+    out of it raises the database's error (see :func:`~django_scale.timeouts.is_statement_timeout`),
+    since there is no estimate to fall back on.
+    """
     if threshold < 1 or cap < 1 or budget <= 0:
         raise ValueError("approx_count() needs threshold >= 1, cap >= 1 and budget > 0")
     # Route once: every query below runs on the same database (queryset.db asks the router).
@@ -134,6 +145,10 @@ def approx_count(
         # No statistics to estimate from: count, but never past the threshold.
         return _exact_or_bound(queryset, threshold, estimate=None)
     filtered, plannable = _shape(queryset)
+    if not statistics:
+        if filtered and not plannable:
+            return _capped(queryset, max(cap, threshold), budget, fallback=None)
+        return _exact_or_bound(queryset, threshold, estimate=None)
     if filtered and not plannable:
         # The planner only guesses a substring filter's selectivity: count within a budget.
         return _capped(queryset, max(cap, threshold), budget, fallback=_explain_estimate(queryset))

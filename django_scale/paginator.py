@@ -69,6 +69,10 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
     count_cap = DEFAULT_CAP
     #: Passed to :func:`~django_scale.counting.approx_count`: seconds a capped count may take.
     count_budget = DEFAULT_BUDGET
+    #: Passed to :func:`~django_scale.counting.approx_count` as ``statistics``: ``False`` for a
+    #: queryset that hides some of its table's rows (``ScaleChangeList`` sets it then), whose
+    #: count must not be estimated from statistics of the whole table.
+    count_statistics = True
 
     def __init__(
         self,
@@ -88,7 +92,11 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
         """The number of rows: exact when small, else estimated (see ``approx_count()``)."""
         if isinstance(self.object_list, QuerySet):
             return approx_count(
-                self.object_list, threshold=self.count_threshold, cap=self.count_cap, budget=self.count_budget
+                self.object_list,
+                threshold=self.count_threshold,
+                cap=self.count_cap,
+                budget=self.count_budget,
+                statistics=self.count_statistics,
             )
         return ApproxCount(len(self.object_list), "exact")
 

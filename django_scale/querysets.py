@@ -33,14 +33,19 @@ class ApproxCountQuerySetMixin:
     """Add ``approx_count()`` to a ``QuerySet`` subclass."""
 
     def approx_count(
-        self, *, threshold: int = DEFAULT_THRESHOLD, cap: int = DEFAULT_CAP, budget: float = DEFAULT_BUDGET
+        self,
+        *,
+        threshold: int = DEFAULT_THRESHOLD,
+        cap: int = DEFAULT_CAP,
+        budget: float = DEFAULT_BUDGET,
+        statistics: bool = True,
     ) -> ApproxCount:
         """Return the number of rows: exact below *threshold*, else estimated or capped.
 
         See :func:`django_scale.counting.approx_count`.
         """
         queryset: Any = self
-        return approx_count(queryset, threshold=threshold, cap=cap, budget=budget)
+        return approx_count(queryset, threshold=threshold, cap=cap, budget=budget, statistics=statistics)
 
 
 class _PeerLoad:
