@@ -208,7 +208,7 @@ def test_reads_stay_on_the_replica_while_the_shared_cache_hangs(readmit, hung_ca
     eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
     cut_before = watchdog.cut_off
 
-    reads_over_probes(pk)
+    assert reads_over_probes(pk)
 
     item = monitor("replica")
     assert not item.is_unresponsive() and item.is_available()
@@ -225,7 +225,7 @@ def test_reads_stay_on_the_replica_while_the_shared_cache_refuses_connections(re
     eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
     cut_before = watchdog.cut_off
 
-    reads_over_probes(pk)
+    assert reads_over_probes(pk)
 
     assert monitor("replica").is_available()
     assert watchdog.cut_off == cut_before
