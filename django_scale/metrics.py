@@ -21,6 +21,9 @@ with :func:`snapshot` to whatever collects your metrics. Names are dotted, by fe
     a value past ``stale`` served because recomputing it raised
 ``swr.cache_down`` / ``swr.broker_down``
     operations that found the cache or the Celery broker unreachable
+``replicas.cache_down``
+    outages of the cache where the replica monitors share their state (it failed, or did not
+    answer within its short timeout): each process then goes by its own view of the replicas
 
 Timings (``observe``) keep a count, a sum and a maximum: ``swr.refill.seconds`` (how long a
 refill computed) and ``swr.staleness`` (how many seconds past fresh a served value was).

@@ -1,6 +1,6 @@
 """Where reads may go: the routing state of a request, and the health of each replica.
 
-Two kinds of state live here:
+Three kinds of state live here:
 
 * :class:`RoutingState`, one per request (or Celery task), kept in a :mod:`contextvars`
   variable so that threads and async tasks never see each other's. It carries the WAL
@@ -10,6 +10,10 @@ Two kinds of state live here:
   position, the lag and whether the replica answered. The request path only reads what the
   monitors recorded: a routing decision does no I/O, and a frozen replica cannot hold a
   request for longer than ``REPLICA_DEADLINE``.
+* :class:`SharedHealth`, one per cache alias per process. Its thread tells the other
+  processes through the cache which replicas this one ejected, and learns theirs. A request
+  never waits on the cache, and a monitor only briefly, after its probe: a hung Redis leaves
+  routing as it was.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast, overload
 from django.core.cache import caches
 from django.db import DatabaseError, InterfaceError, InternalError, OperationalError, connections
 
+from django_scale import metrics
 from django_scale.conf import conf
 
 __all__ = [
@@ -42,6 +47,7 @@ __all__ = [
     "ReplicaGuard",
     "ReplicaMonitor",
     "RoutingState",
+    "SharedHealth",
     "await_replica",
     "current_state",
     "decode_position",
@@ -51,6 +57,7 @@ __all__ = [
     "monitor",
     "parse_lsn",
     "routing_state",
+    "shared_health",
     "use_primary",
     "use_replica",
 ]
@@ -329,6 +336,10 @@ class ReplicaMonitor:
         #: are not trusted.
         self.failures = 0
         self._caught_up_at = 0.0
+        # Until when (time.monotonic()) this process ejected the replica itself, and the end of
+        # that ejection (time.time()) as it told the other processes.
+        self._ejected_until = 0.0
+        self._published = 0.0
         self._busy_since: float | None = None
         self._waiters = 0
         self._wake = threading.Event()
@@ -382,7 +393,7 @@ class ReplicaMonitor:
         return now < self.down_until or (busy_since is not None and now - busy_since > conf.REPLICA_DEADLINE)
 
     def report_failure(self, error: BaseException | str) -> None:
-        """Take the replica out of rotation after a query or connection on it failed."""
+        """Take the replica out of rotation after a query or connection on it failed (no I/O)."""
         self._fail(error if isinstance(error, str) else f"{type(error).__name__}: {str(error).strip()}")
         self.version += 1
         self._wake.set()
@@ -455,9 +466,17 @@ class ReplicaMonitor:
         return raw
 
     def probe(self) -> None:
-        """Ask the replica for its replay position and lag, on this monitor's own connection."""
-        started = time.monotonic()
-        self._busy_since = started
+        """Ask the replica for its replay position and lag, on this monitor's own connection.
+
+        Only the queries count as the probe being busy (and so, past ``REPLICA_DEADLINE``, as
+        the replica being unresponsive). What other processes shared through the cache is read
+        alongside by :class:`SharedHealth`'s thread, and waited for only briefly afterwards.
+        """
+        sharing = shared_health()
+        ticket = sharing.request(self.alias)
+        measured: tuple[int, int | None, float | None] | None = None
+        failure = ""
+        self._busy_since = time.monotonic()
         try:
             if self._connection is None:
                 self._connection = self._connect()
@@ -467,27 +486,38 @@ class ReplicaMonitor:
                 in_recovery, replay, receive, replay_age, identity = cursor.fetchone()
             finally:
                 cursor.close()
-        except Exception as exc:  # any failure makes the replica unavailable
-            self._close()
-            self._fail(f"{type(exc).__name__}: {str(exc).strip()}")
-        else:
-            now = time.monotonic()
             if not in_recovery and identity == self._primary_identity():
                 # The alias points at the primary itself (as TEST["MIRROR"] does in a test
                 # suite): it has every write the moment it is committed.
-                self._record(parse_lsn(replay), None, 0.0, now)
+                measured = (parse_lsn(replay), None, 0.0)
             elif not in_recovery or replay is None:
-                self._fail("it is not a streaming standby of the primary (pg_is_in_recovery() is false)")
+                failure = "it is not a streaming standby of the primary (pg_is_in_recovery() is false)"
             else:
-                self._record(parse_lsn(replay), parse_lsn(receive) if receive else None, replay_age, now)
+                measured = (parse_lsn(replay), parse_lsn(receive) if receive else None, replay_age)
+        except Exception as exc:  # any failure makes the replica unavailable
+            self._close()
+            failure = f"{type(exc).__name__}: {str(exc).strip()}"
         finally:
+            answered = time.monotonic()
             self._busy_since = None
+        try:
+            if measured is None:
+                self._fail(failure)
+            else:
+                # Outside the probe's deadline: a slow or hung cache delays this by at most
+                # SharedHealth.timeout, and from then on is skipped for a while.
+                if ticket is not None:
+                    sharing.wait(ticket, sharing.timeout)
+                self._record(*measured, answered, sharing.down_until(self.alias))
+        finally:
             self.probes += 1
             self.version += 1
             with _progress:
                 _progress.notify_all()
 
-    def _record(self, replay: int, receive: int | None, replay_age: float | None, now: float) -> None:
+    def _record(
+        self, replay: int, receive: int | None, replay_age: float | None, now: float, shared: float
+    ) -> None:
         self.replay_lsn = max(self.replay_lsn, replay)
         if receive is None or replay >= receive:
             self._caught_up_at = now
@@ -497,12 +527,17 @@ class ReplicaMonitor:
         behind = now - self._caught_up_at
         self.lag = min(behind, replay_age) if replay_age is not None else behind
         self.checked_at = now
-        shared = self._shared_down_until()
-        self.down_until = shared if shared > now else 0.0
+        # This process's own ejection holds whatever the cache says (it may not have been told),
+        # and so does one another process shared (*shared*, in time.time() terms).
+        shared_until = time.monotonic() + (shared - time.time()) if shared else 0.0
+        until = max(self._ejected_until, shared_until)
+        self.down_until = until if until > now else 0.0
         if self.lag > conf.MAX_REPLICA_LAG:
             self._log_once("lagging", f"replica {self.alias!r} lags {self.lag:.1f} s; it takes no reads")
         elif self.down_until:
-            self._log_once("shared", f"replica {self.alias!r} was ejected by another process")
+            if shared > self._published and shared_until > now:
+                self._log_once("shared", f"replica {self.alias!r} was ejected by another process")
+            # Otherwise it is still ejected by this process, as logged when it failed.
         else:
             self._log_once("", f"replica {self.alias!r} takes reads again")
             self.error = ""
@@ -513,26 +548,12 @@ class ReplicaMonitor:
         self.failures += 1
         # Only a probe that answers after the failure lets the replica take reads again.
         self.checked_at = 0.0
-        self.down_until = time.monotonic() + retry_after
+        self._ejected_until = self.down_until = time.monotonic() + retry_after
         self._log_once("down", f"replica {self.alias!r} ejected for {retry_after:g} s: {error}")
-        # Tell the other processes, so they skip the replica without waiting for a probe.
-        try:
-            caches[conf.CACHE_ALIAS].set(self._cache_key(), time.time() + retry_after, math.ceil(retry_after))
-        except Exception:  # the cache being down must not stop routing
-            logger.warning("could not share the ejection of replica %r through the cache", self.alias)
-
-    def _shared_down_until(self) -> float:
-        """Return, in ``time.monotonic()`` terms, until when another process ejected this replica."""
-        try:
-            until = caches[conf.CACHE_ALIAS].get(self._cache_key())
-        except Exception:  # without the cache, each process decides alone
-            return 0.0
-        if not isinstance(until, (int, float)):
-            return 0.0
-        return time.monotonic() + (until - time.time())
-
-    def _cache_key(self) -> str:
-        return f"django_scale:replica-down:{self.alias}"
+        # Tell the other processes, so they skip the replica without waiting for a probe. Only
+        # queued here: SharedHealth's thread writes it, so a hung cache holds no request.
+        self._published = time.time() + retry_after
+        shared_health().publish(self.alias, self._published)
 
     def _close(self) -> None:
         connection, self._connection = self._connection, None
@@ -550,12 +571,9 @@ class ReplicaMonitor:
 
     def forget_ejection(self) -> None:
         """Let the replica take reads again at the next probe (tests and ``scale_status``)."""
-        self.down_until = 0.0
+        self._ejected_until = self.down_until = 0.0
         self.version += 1
-        try:
-            caches[conf.CACHE_ALIAS].delete(self._cache_key())
-        except Exception:
-            logger.warning("could not clear the ejection of replica %r in the cache", self.alias)
+        shared_health().clear(self.alias)
         self._wake.set()
 
 
@@ -594,6 +612,236 @@ def wait_for_replicas(aliases: list[str], lsn: int, timeout: float) -> str | Non
     finally:
         for item in monitors:
             item._waiters -= 1
+
+
+# -- Replica health shared between processes ------------------------------------------------
+
+
+def _shared_key(replica: str) -> str:
+    return f"django_scale:replica-down:{replica}"
+
+
+class SharedHealth:
+    """The replicas' ejections as the processes share them through one cache, kept off the probes.
+
+    One thread per cache alias and process makes every call on the cache, one at a time: it
+    writes this process's ejections (:meth:`publish`, :meth:`clear`) and reads the other
+    processes' (:meth:`request`). A monitor waits for a read it asked for at most
+    :attr:`timeout` seconds, after its probe; a request never waits. A cache that fails, or does
+    not answer within :attr:`timeout`, is skipped for ``CACHE_RETRY_AFTER`` seconds (a circuit
+    breaker): the monitors then go by what this process knows, and a call stuck on a hung
+    server is never joined by another.
+    """
+
+    #: The longest a monitor waits for the cache after a probe, in seconds. A quarter of
+    #: ``REPLICA_DEADLINE`` if that is shorter, so waiting never makes a replica look stale.
+    max_wait = 0.1
+
+    def __init__(self, alias: str) -> None:
+        #: The alias of the cache in ``CACHES``.
+        self.alias = alias
+        self._lock = threading.Condition(threading.Lock())
+        # Per replica: the ejection to write (its end in time.time() terms, or None to
+        # delete it), and until when (time.time()) the write still matters.
+        self._writes: dict[str, tuple[float | None, float]] = {}
+        self._reads: set[str] = set()
+        # The end (time.time()) of each replica's shared ejection as last known, 0.0 for none.
+        self._known: dict[str, float] = {}
+        # Bumped by each write of this process, so that a read sent before it cannot undo it.
+        self._writes_made: Counter[str] = Counter()
+        self._cycles_started = 0
+        self._cycles_done = 0
+        self._read_cycle = 0
+        self._call_since: float | None = None
+        self._skip_until = 0.0
+        self._outage = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def timeout(self) -> float:
+        """How long a monitor waits for a read it asked for, in seconds."""
+        return min(self.max_wait, conf.REPLICA_DEADLINE / 4)
+
+    # Called by the monitors and the request path: no I/O, and the lock is held only briefly.
+
+    def request(self, replica: str) -> int | None:
+        """Ask for a fresh read of *replica*'s shared ejection; return the ticket to :meth:`wait` for.
+
+        Return ``None``, asking nothing, while the cache is skipped.
+        """
+        with self._lock:
+            now = time.monotonic()
+            call_since = self._call_since
+            outage = call_since is not None and now - call_since > self.timeout and self._trip()
+            if now < self._skip_until:
+                ticket = None
+            else:
+                self._reads.add(replica)
+                self._wake()
+                ticket = self._cycles_started + 1
+        if outage:
+            self._report_outage(f"it has not answered for {self.timeout * 1000:.0f} ms")
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the read of *ticket*; return whether it succeeded.
+
+        A read that does not come in time trips the circuit breaker.
+        """
+        deadline = time.monotonic() + timeout
+        outage = False
+        with self._lock:
+            while self._cycles_done < ticket:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    outage = self._trip()
+                    break
+                self._lock.wait(remaining)
+            else:
+                return self._read_cycle >= ticket
+        if outage:
+            self._report_outage(f"it did not answer within {timeout * 1000:.0f} ms")
+        return False
+
+    def down_until(self, replica: str) -> float:
+        """Return the end (``time.time()``) of *replica*'s shared ejection as last known, or ``0.0``."""
+        return self._known.get(replica, 0.0)
+
+    def publish(self, replica: str, until: float) -> None:
+        """Tell the other processes that *replica* takes no reads until *until* (``time.time()``)."""
+        self._write(replica, until, until)
+
+    def clear(self, replica: str) -> None:
+        """Tell the other processes that *replica* may take reads again."""
+        # Past the longest an ejection is kept, there is nothing left to delete.
+        self._write(replica, None, time.time() + math.ceil(conf.REPLICA_RETRY_AFTER))
+
+    def _write(self, replica: str, until: float | None, matters_until: float) -> None:
+        with self._lock:
+            # One pending write per replica, the latest: a hung cache cannot pile them up.
+            self._writes[replica] = (until, matters_until)
+            self._known[replica] = until or 0.0
+            self._writes_made[replica] += 1
+            self._wake()
+
+    def in_flight(self) -> bool:
+        """Whether a call on the cache is under way (for tests)."""
+        return self._call_since is not None
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds until every write is done; return whether they are."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._writes or self._cycles_started != self._cycles_done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def _wake(self) -> None:
+        # Called with the lock held.
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"django-scale-shared-health-{self.alias}", daemon=True
+            )
+            self._thread.start()
+        self._lock.notify_all()
+
+    def _trip(self) -> bool:
+        """Skip the cache for ``CACHE_RETRY_AFTER``; return whether an outage starts (lock held)."""
+        self._skip_until = time.monotonic() + conf.CACHE_RETRY_AFTER
+        starts, self._outage = not self._outage, True
+        return starts
+
+    def _report_outage(self, reason: str) -> None:
+        metrics.increment("replicas.cache_down")
+        logger.warning(
+            "the cache %r, where the replica monitors share their state, failed (%s); "
+            "each process goes by its own view of the replicas, and tries again in %g s",
+            self.alias,
+            reason,
+            conf.CACHE_RETRY_AFTER,
+        )
+
+    # The thread.
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    pending = bool(self._writes or self._reads)
+                    left = self._skip_until - time.monotonic()
+                    if pending and left <= 0:
+                        break
+                    self._lock.wait(left if pending else None)
+                writes, self._writes = self._writes, {}
+                reads, self._reads = sorted(self._reads), set()
+                made = {replica: self._writes_made[replica] for replica in reads}
+                self._cycles_started += 1
+                cycle = self._cycles_started
+            found, error = self._exchange(writes, reads)
+            with self._lock:
+                outage = recovered = False
+                if error is not None:
+                    for replica, write in writes.items():
+                        # Written again after the outage, unless a newer write replaced it.
+                        self._writes.setdefault(replica, write)
+                    outage = self._trip()
+                else:
+                    for replica in reads:
+                        if self._writes_made[replica] == made[replica]:
+                            self._known[replica] = found.get(replica, 0.0)
+                    self._read_cycle = cycle
+                    recovered, self._outage = self._outage, False
+                self._cycles_done = cycle
+                self._lock.notify_all()
+            if outage:
+                self._report_outage(f"{type(error).__name__}: {str(error).strip()}")
+            elif recovered:
+                logger.info("the cache %r answers again; the replica monitors share their state", self.alias)
+
+    def _exchange(
+        self, writes: dict[str, tuple[float | None, float]], reads: list[str]
+    ) -> tuple[dict[str, float], BaseException | None]:
+        """Make this cycle's calls on the cache; return what was read, or the error."""
+        found: dict[str, float] = {}
+        try:
+            cache = caches[self.alias]
+            for replica, (until, matters_until) in writes.items():
+                wall = time.time()
+                if wall >= matters_until:
+                    continue
+                self._call_since = time.monotonic()
+                if until is None:
+                    cache.delete(_shared_key(replica))
+                else:
+                    cache.set(_shared_key(replica), until, math.ceil(until - wall))
+            if reads:
+                self._call_since = time.monotonic()
+                values = cache.get_many([_shared_key(replica) for replica in reads])
+                for replica in reads:
+                    value = values.get(_shared_key(replica))
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        found[replica] = float(value)
+        except Exception as error:  # any failure of the cache is an outage of it
+            return found, error
+        finally:
+            self._call_since = None
+        return found, None
+
+
+_sharing: dict[str, SharedHealth] = {}
+
+
+def shared_health(alias: str | None = None) -> SharedHealth:
+    """Return this process's :class:`SharedHealth` on cache *alias* (by default ``CACHE_ALIAS``)."""
+    alias = conf.CACHE_ALIAS if alias is None else alias
+    found = _sharing.get(alias)
+    if found is None:
+        with _monitors_lock:
+            found = _sharing.setdefault(alias, SharedHealth(alias))
+    return found
 
 
 class FallbackWindow:
@@ -855,6 +1103,11 @@ class Watchdog:
             return
         try:
             fd = raw.fileno()
+        except Exception:
+            # Closed meanwhile (the guard closes a broken connection): psycopg2 raises
+            # InterfaceError here, which must not end the watchdog's thread.
+            return
+        try:
             # shutdown() on a duplicate reaches the shared socket: the blocked recv() in the
             # query's thread returns, and the driver raises "server closed the connection".
             with socket.socket(fileno=os.dup(fd)) as sock:
@@ -869,10 +1122,11 @@ watchdog = Watchdog()
 
 
 def _forget_after_fork() -> None:
-    # A forked worker (gunicorn, Celery's prefork pool) inherits the monitors and the watchdog
-    # but not their threads or locks: start afresh in the child.
+    # A forked worker (gunicorn, Celery's prefork pool) inherits the monitors, the watchdog and
+    # the shared-health threads' state but not the threads or locks: start afresh in the child.
     global _monitors_lock, watchdog
     _monitors.clear()
+    _sharing.clear()
     _monitors_lock = threading.Lock()
     watchdog = Watchdog()
 

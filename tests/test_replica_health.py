@@ -1,0 +1,392 @@
+"""Replica health never waits on the cache where the monitors share it.
+
+Written from the attacker's side: a Redis that accepts connections and never answers (a tiny
+socket server in the test), and one that refuses them, as the cache named by ``CACHE_ALIAS``.
+Reads must keep going to the healthy replica, nothing may hang, and a replica ejected by one
+process must still be skipped by another while the cache is healthy.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import connections
+from django.test import Client
+from django.test.utils import CaptureQueriesContext, override_settings
+
+from django_scale import metrics
+from django_scale.replicas import ReplicaGuard, Watchdog, monitor, parse_lsn, routing_state, watchdog
+from django_scale.testing import capture_reads, override_scale_settings
+
+import harness
+from testapp.models import Author
+
+REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+TESTS = Path(__file__).resolve().parent
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    """Wait for *condition*, which the monitors reach on their own schedule."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.02)
+
+
+def counter(name: str) -> int:
+    value = metrics.snapshot().get(name, 0)
+    assert isinstance(value, int)
+    return value
+
+
+class SilentServer:
+    """A TCP server that accepts every connection and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        #: The connections it accepted (and never answered).
+        self.accepted: list[socket.socket] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="silent-redis", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        """Stop accepting and close every connection: the clients' reads fail at once."""
+        self._stopped.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+        self._listener.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+def _free_port() -> int:
+    """Return a port nothing listens on: connections to it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class HealthCache:
+    """The cache the replica monitors share their state in, for one test."""
+
+    #: Its alias in ``CACHES`` (a fresh one per test: each cache alias has its own breaker).
+    alias: str
+    #: ``replicas.cache_down`` before the test pointed ``CACHE_ALIAS`` at it.
+    down_before: int
+    #: The silent server behind it, if it hangs.
+    server: SilentServer | None = None
+
+    def outages(self) -> int:
+        """Return how many outages of the cache the monitors counted since the test began."""
+        return counter("replicas.cache_down") - self.down_before
+
+
+@contextmanager
+def health_cache_at(
+    port: int, server: SilentServer | None = None, *, monitors: bool = True
+) -> Iterator[HealthCache]:
+    """Add a django-redis cache at 127.0.0.1:*port* to ``CACHES``, as ``CACHE_ALIAS`` if *monitors*.
+
+    A call on a hung server blocks until ``SOCKET_TIMEOUT``: django-redis sets none by default,
+    and redis-py then blocks for good (before 8.0) or gives up after 5 s (8.0 on). The hour
+    here stands for "for good", on every redis-py.
+    """
+    alias = f"replica-health-{port}"
+    health = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": f"redis://127.0.0.1:{port}/0",
+        "OPTIONS": {"SOCKET_TIMEOUT": 3600},
+    }
+    handle = HealthCache(alias, counter("replicas.cache_down"), server)
+    scale = {"CACHE_ALIAS": alias} if monitors else {}
+    with (
+        override_settings(CACHES={**settings.CACHES, alias: health}),
+        override_scale_settings(CACHE_RETRY_AFTER=60, **scale),
+    ):
+        try:
+            yield handle
+        finally:
+            if server is not None and monitors:
+                # Let whatever waits on the silent server fail now, before the cache goes away.
+                server.close()
+                probes = monitor("replica").probes
+                eventually(lambda: monitor("replica").probes >= probes + 2, what="the monitor probing on")
+            # Every thread shares django-redis's pool for the location: close its sockets
+            # (the garbage collector would warn about them).
+            from django_redis import get_redis_connection
+
+            get_redis_connection(alias).connection_pool.disconnect()
+
+
+@pytest.fixture
+def hung_cache() -> Iterator[HealthCache]:
+    """A Redis that accepts connections and never answers, as ``CACHE_ALIAS``."""
+    server = SilentServer()
+    try:
+        with health_cache_at(server.port, server) as handle:
+            yield handle
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def refused_cache() -> Iterator[HealthCache]:
+    """A Redis address that refuses connections, as ``CACHE_ALIAS``."""
+    with health_cache_at(_free_port()) as handle:
+        yield handle
+
+
+@pytest.fixture
+def readmit(replica: Any) -> Iterator[Any]:
+    """The replica, caught up and in rotation; put back in rotation after the test."""
+    target = parse_lsn(replica.primary_lsn())
+    eventually(lambda: monitor("replica").is_available(None, target), what="the monitor seeing the replay")
+    yield replica
+    connections["replica"].close()
+    monitor("replica").forget_ejection()
+    eventually(lambda: monitor("replica").is_available(), what="the replica back in rotation")
+
+
+def reads_over_probes(pk: int, probes: int = 20, bound: float = 30.0) -> list[dict[str, int]]:
+    """Request an author page until the monitor has probed *probes* more times; return each page's reads.
+
+    A read that did not go to the replica fails at once. *bound* only keeps a broken monitor
+    (one that stopped probing) from looping for ever.
+    """
+    item = monitor("replica")
+    until = item.probes + probes
+    deadline = time.monotonic() + bound
+    client = Client()
+    seen = []
+    while item.probes < until:
+        assert time.monotonic() < deadline, f"the monitor probed {item.probes - until + probes} times"
+        with capture_reads() as captured, CaptureQueriesContext(connections["replica"]) as on_replica:
+            response = client.get(f"/authors/{pk}/")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["found"] is True
+        assert body["reads"] == {"replica": 1}, f"read on {body['reads']} after {len(seen)} pages"
+        assert captured == {"replica": 1} and len(on_replica) == 1
+        seen.append(body["reads"])
+        time.sleep(0.01)
+    return seen
+
+
+# -- From the attacker's side: the cache hangs or refuses --------------------------------------
+
+
+@REPLICA
+def test_reads_stay_on_the_replica_while_the_shared_cache_hangs(readmit, hung_cache):
+    pk = Author.objects.create(name="Barbara").pk
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
+    cut_before = watchdog.cut_off
+
+    assert reads_over_probes(pk)
+
+    item = monitor("replica")
+    assert not item.is_unresponsive() and item.is_available()
+    assert watchdog.cut_off == cut_before
+    # The monitors did ask the silent server, once: a stuck call is never joined by another.
+    assert hung_cache.server is not None and len(hung_cache.server.accepted) == 1
+    # Counted (and logged) once per outage, however many probes went by.
+    assert hung_cache.outages() == 1
+
+
+@REPLICA
+def test_reads_stay_on_the_replica_while_the_shared_cache_refuses_connections(readmit, refused_cache):
+    pk = Author.objects.create(name="Radia").pk
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
+    cut_before = watchdog.cut_off
+
+    assert reads_over_probes(pk)
+
+    assert monitor("replica").is_available()
+    assert watchdog.cut_off == cut_before
+    assert refused_cache.outages() == 1
+
+
+@REPLICA
+def test_a_replica_failure_while_the_cache_hangs_holds_no_request(readmit, hung_cache):
+    names = sorted(Author.objects.create(name=name).name for name in ("Ken", "Dennis"))
+    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
+    outcome: dict[str, Any] = {}
+
+    def request() -> None:
+        # A request of its own thread, with connections of its own: its replica connection
+        # breaks under it, and the guard reports the failure and retries on the primary.
+        try:
+            replica = connections["replica"]
+            with routing_state():
+                assert sorted(Author.objects.values_list("name", flat=True)) == names  # opens it
+            with replica.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                pid = cursor.fetchone()[0]
+            killer = replica.get_new_connection(replica.get_connection_params())
+            killer.autocommit = True
+            with killer.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+            killer.close()
+            with (
+                replica.execute_wrapper(ReplicaGuard("replica")),
+                routing_state() as state,
+                capture_reads() as reads,
+            ):
+                outcome["names"] = sorted(Author.objects.values_list("name", flat=True))
+            outcome["reads"], outcome["state"] = dict(reads), dict(state.reads)
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=request, name="request")
+    thread.start()
+    thread.join(20)
+    held = thread.is_alive()
+    if held:
+        assert hung_cache.server is not None
+        hung_cache.server.close()  # let the stuck request go, so that the test can end
+        thread.join(20)
+    assert not held, "the request waited on the hung cache"
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["names"] == names
+    assert outcome["reads"] == {"default": 1} and outcome["state"] == {"default": 1}
+    # Ejected in this process, even though the cache could not be told.
+    assert not monitor("replica").is_available()
+
+
+@REPLICA
+def test_the_watchdog_survives_a_connection_closed_under_it(replica):
+    # The guard closes a broken connection while the watchdog may be about to cut it off:
+    # psycopg2's fileno() then raises InterfaceError, which ended the watchdog's thread.
+    wrapper = connections["replica"]
+    wrapper.ensure_connection()
+    wrapper.connection.close()
+    try:
+        Watchdog()._cut_off(wrapper)
+    finally:
+        wrapper.close()
+
+
+# -- The shared state, with a healthy Redis ------------------------------------------------------
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a process that uses this test run's databases and Redis."""
+
+    def url(alias: str) -> str:
+        s = connections[alias].settings_dict
+        return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
+
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="settings",
+        PYTHONPATH=str(TESTS),
+        DJANGO_SCALE_TEST_PRIMARY_URL=url("default"),
+        DJANGO_SCALE_TEST_REPLICA_URL=url("replica"),
+        DJANGO_SCALE_TEST_REDIS_URL=harness.services().redis.url(),
+        PYTHONDEVMODE="1",
+    )
+    return env
+
+
+@REPLICA
+def test_a_replica_ejected_by_another_process_is_skipped_here(readmit, redis_cache):
+    code = (
+        "import django; django.setup()\n"
+        "from django_scale.replicas import monitor, shared_health\n"
+        "monitor('replica').report_failure('ejected by the other process')\n"
+        "assert shared_health().flush(10), 'the ejection was not written'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        env=subprocess_env(),
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    item = monitor("replica")
+    eventually(lambda: item.is_unresponsive(), what="the other process's ejection seen here")
+    assert not item.is_available()
+    with capture_reads() as reads:
+        list(Author.objects.all())
+    assert reads == {"default": 1}
+
+
+# -- SharedHealth on its own (both backends: the cache here is the test's socket server) ---------
+
+
+def test_a_hung_cache_is_waited_for_briefly_once_then_skipped():
+    from django_scale.replicas import SharedHealth
+
+    server = SilentServer()
+    try:
+        # A SharedHealth of the test's own: the monitors keep sharing through the suite's cache.
+        with health_cache_at(server.port, server, monitors=False) as health:
+            sharing = SharedHealth(health.alias)
+            ticket = sharing.request("replica")
+            assert ticket is not None
+            assert sharing.wait(ticket, 0.2) is False  # tripped: the cache did not answer
+            for _ in range(50):
+                # Skipped now: no wait, no new call, nothing known.
+                assert sharing.request("replica") is None
+            sharing.publish("replica", time.time() + 5)  # queued behind the stuck call, no wait
+            assert sharing.down_until("replica") > time.time()
+            eventually(lambda: len(server.accepted) == 1, what="the worker connecting")
+            assert health.outages() == 1
+            server.close()
+            # The stuck call fails once the server is gone; the cache stays skipped until
+            # CACHE_RETRY_AFTER, and nothing piled up meanwhile.
+            eventually(lambda: not sharing.in_flight(), what="the stuck call ending")
+            assert len(server.accepted) == 1
+            assert sharing.request("replica") is None
+    finally:
+        server.close()
+
+
+def test_shared_state_round_trips_through_a_healthy_cache():
+    from django_scale.replicas import SharedHealth, shared_health
+
+    sharing = shared_health()
+    until = time.time() + 30
+    sharing.publish("elsewhere", until)
+    assert sharing.flush(10)
+    # A fresh reader (as another process would be) sees the write, through the cache alone.
+    other = SharedHealth(sharing.alias)
+    ticket = other.request("elsewhere")
+    assert ticket is not None and other.wait(ticket, 10)
+    assert other.down_until("elsewhere") == pytest.approx(until)
+    sharing.clear("elsewhere")
+    assert sharing.flush(10)
+    ticket = other.request("elsewhere")
+    assert ticket is not None and other.wait(ticket, 10)
+    assert other.down_until("elsewhere") == 0.0
