@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import django
 import otherapp.models
 import pytest
 from django.conf import settings
@@ -115,6 +116,23 @@ def test_the_csrf_token_is_never_covered_by_the_user() -> None:
     assert renders("vary-user-csrf") == 2
     assert csrf_token(alices_page) not in main(bob.get("/fragment/vary-user-csrf/"))
     assert "alice" in again
+
+
+if django.VERSION >= (6, 0):  # Django 6.0 added CSP nonces; older versions have no such channel
+
+    def test_alices_csp_nonce_is_never_served_to_bob() -> None:
+        [templates] = settings.TEMPLATES
+        options = templates["OPTIONS"]
+        processors = [*options["context_processors"], "django.template.context_processors.csp"]
+        with override_settings(
+            TEMPLATES=[{**templates, "OPTIONS": {**options, "context_processors": processors}}],
+            MIDDLEWARE=[*settings.MIDDLEWARE, "django.middleware.csp.ContentSecurityPolicyMiddleware"],
+        ):
+            alices = re.search(r'nonce="([^"]+)"', main(Client().get("/fragment/csp/")))
+            bobs = re.search(r'nonce="([^"]+)"', main(Client().get("/fragment/csp/")))
+        assert alices and bobs
+        assert alices.group(1) != bobs.group(1)
+        assert renders("csp") == 2
 
 
 # -- flash messages ---------------------------------------------------------------------------------

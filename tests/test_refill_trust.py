@@ -267,6 +267,7 @@ def test_the_worker_rejects_a_forged_key(redis_cache: Any, celery_worker: Any) -
     run_on_worker(message(BALANCE, alices_key, of(BOB)))
     assert cached_value(userdata.balance, ALICE) == "alice's stale balance"
     assert probe.count("balance") == 0
+    assert counter("swr.refill.rejected") == 1
     assert userdata.balance(ALICE) == "alice's stale balance"
 
 
@@ -277,6 +278,7 @@ def test_the_worker_imports_nothing_for_a_forged_path(redis_cache: Any, celery_w
     assert "refill_trap" not in sys.modules
     assert "outsider.trap" not in sys.modules
     assert "DJANGO_SCALE_TEST_TRAP" not in os.environ
+    assert counter("swr.refill.rejected") == 3
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:

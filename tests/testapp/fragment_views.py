@@ -41,6 +41,7 @@ FRAGMENTS: dict[str, tuple[str, str]] = {
     "tag-session": ("", "{% load fragment_tags %}Cart: {% cart %}"),
     "include-user": ("", "{% include greeting %}"),
     "language": ("", "{% load i18n %}{% get_current_language as lang %}lang={{ lang }}"),
+    "csp": ("", '<script nonce="{{ csp_nonce }}"></script>'),
     "timezone": ("", "{% now 'T' %}"),
     "vary-user": ("user", "Hello {{ user.get_username }}"),
     "vary-request-user-pk": ("request.user.pk", "Hello {{ request.user.get_username }}"),
