@@ -1508,8 +1508,10 @@ def swr_cache_page(
 
         def key_of(arguments: Any) -> str:
             """Return the key of a refill's arguments: the read path's, on the rebuilt request."""
-            if per_user or not isinstance(arguments, dict):
+            if per_user:
                 raise CacheKeyError(f"{path}: a page that varies on the user is never refilled by Celery")
+            if not isinstance(arguments, dict):
+                raise CacheKeyError(f"{path}: refill arguments are not a dict")
             return page_key(arguments, _rebuild_request(arguments))
 
         engine = _registered(
