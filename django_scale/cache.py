@@ -35,6 +35,8 @@ import datetime
 import decimal
 import functools
 import hashlib
+import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -660,6 +662,10 @@ class Engine:
     refill_timeout: float = 60.0
     #: Turns the JSON-able arguments of a refill back into a computation (task side).
     rebuild: Callable[[Any], Callable[[], Any]] | None = None
+    #: Returns the cache key the JSON-able arguments of a refill map to, with the code the
+    #: read path builds keys with; the task writes only to that key (never to one a message
+    #: names). An engine without it is never refilled by the task.
+    key_of: Callable[[Any], str] | None = None
 
     # Options read at call time, so settings overrides apply.
     def alias(self) -> str:
@@ -964,25 +970,107 @@ class Engine:
         _pending_invalidations.pop(alias, None)
 
 
-def run_refill_task(
-    path: str, alias: str, key: str, token: str, generation: int, arguments: Any, primary: bool
-) -> bool:
-    """Run one refill for the Celery task ``django_scale.refresh``; return whether it wrote."""
+def _reject_refill(path: object, key: object, reason: str) -> bool:
+    metrics.increment("swr.refill.rejected")
+    logger.error("rejected a refill message for path %r, key %r: %s; nothing was written", path, key, reason)
+    return False
+
+
+def _importable_packages() -> list[str]:
+    """Return the packages whose modules the refill task may import: installed apps' and the
+    URLconf's."""
+    from django.apps import apps
+    from django.conf import settings
+
+    packages = [config.name for config in apps.get_app_configs()]
+    urlconf = getattr(settings, "ROOT_URLCONF", None)
+    if isinstance(urlconf, str) and "." in urlconf:
+        packages.append(urlconf.rpartition(".")[0])
+    return packages
+
+
+_urlconf_imported = False
+
+
+def _engine_for(path: str) -> Engine | None:
+    """Return the engine registered at *path*, importing only what may register it.
+
+    A path is ``module.qualname``, so the module is one of its prefixes. Only the longest
+    prefix that is an existing module inside the package of an installed app or of the
+    ``ROOT_URLCONF`` is imported, and never a top-level module (an app's own package is
+    imported by ``django.setup()``). Failing that, ``ROOT_URLCONF`` itself is imported once
+    per process, which imports the views and what they use. Nothing else is ever imported.
+    """
+    global _urlconf_imported
+
     engine = registry.get(path)
-    if engine is None:
-        module, _, _ = path.rpartition(".")
-        # Importing the module registers its decorated functions; import_string may not work
-        # for methods, so the registry is the source of truth.
-        while module and engine is None:
-            with contextlib.suppress(ImportError):
-                __import__(module)
-            engine = registry.get(path)
-            module = module.rpartition(".")[0]
+    if engine is not None:
+        return engine
+    names = path.split(".")
+    if len(names) < 2 or not all(name.isidentifier() for name in names):
+        return None
+    packages = _importable_packages()
+    for end in range(len(names) - 1, 1, -1):
+        module = ".".join(names[:end])
+        if not any(module == package or module.startswith(package + ".") for package in packages):
+            continue
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None  # a prefix that is a module, not a package: a shorter prefix is it
+        if spec is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception:
+            logger.exception("refill: importing %s, where %r should be registered, failed", module, path)
+            return None
+        return registry.get(path)
+    if not _urlconf_imported:
+        from django.conf import settings
+
+        _urlconf_imported = True
+        urlconf = getattr(settings, "ROOT_URLCONF", None)
+        if isinstance(urlconf, str):
+            try:
+                importlib.import_module(urlconf)
+            except Exception:
+                logger.exception("refill: importing ROOT_URLCONF %r failed", urlconf)
+        return registry.get(path)
+    return None
+
+
+def run_refill_task(
+    path: Any, alias: Any, key: Any, token: Any, generation: Any, arguments: Any, primary: Any
+) -> bool:
+    """Run one refill for the Celery task ``django_scale.refresh``; return whether it wrote.
+
+    Nothing in the message is trusted: the function is looked up in the registry (see
+    :func:`_engine_for` for what may be imported to find it), the key is recomputed from the
+    arguments with the engine's ``key_of`` and must equal the message's, and the cache must
+    be the engine's own. A message that fails any of these is logged and dropped.
+    """
+    if not isinstance(path, str):
+        return _reject_refill(path, key, "the path is not a string")
+    engine = _engine_for(path)
     if engine is None or engine.rebuild is None:
-        logger.error("refill of %s: no stale_while_revalidate function is registered at %r", key, path)
-        return False
+        return _reject_refill(
+            path, key, "no stale_while_revalidate function or swr_cache_page view is registered there"
+        )
+    if engine.key_of is None:
+        return _reject_refill(path, key, "its engine cannot recompute keys from arguments (no key_of)")
+    try:
+        expected = engine.key_of(arguments)
+    except Exception as error:
+        return _reject_refill(path, key, f"its arguments do not make a key ({error})")
+    if not isinstance(key, str) or key != expected:
+        return _reject_refill(path, key, f"its arguments map to the key {expected!r}, not to this one")
+    if alias != engine.alias():
+        return _reject_refill(path, key, f"the cache {alias!r} is not the function's ({engine.alias()!r})")
+    if not isinstance(token, str) or type(generation) is not int:
+        return _reject_refill(path, key, "its claim token or generation is malformed")
     return engine.run_refill(
-        alias, key, token, generation, engine.rebuild(arguments), primary=primary, swallow=False
+        alias, expected, token, generation, engine.rebuild(arguments), primary=bool(primary), swallow=False
     )
 
 
@@ -1068,6 +1156,22 @@ class _Binder:
             raise TypeError(f"{self.path}(): {error}") from None
         bound.apply_defaults()
         return build_key(self.path, self.version, encode_key_parts(bound.arguments)), bound
+
+    def key_of(self, arguments: Any) -> str:
+        """Return the key of a refill's JSON arguments: :meth:`bind`'s, as on the read path.
+
+        Raise :class:`~django_scale.exceptions.CacheKeyError` or ``TypeError`` for arguments
+        that are not ``{"args": [...], "kwargs": {...}}`` or do not bind to the signature.
+        """
+        if (
+            not isinstance(arguments, dict)
+            or set(arguments) != {"args", "kwargs"}
+            or not isinstance(arguments["args"], list)
+            or not isinstance(arguments["kwargs"], dict)
+            or not all(isinstance(name, str) for name in arguments["kwargs"])
+        ):
+            raise CacheKeyError(f"{self.path}: refill arguments are not {{'args': [...], 'kwargs': {{...}}}}")
+        return self.bind(tuple(arguments["args"]), dict(arguments["kwargs"]))[0]
 
     def refill_arguments(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], bound: inspect.BoundArguments | None
@@ -1210,6 +1314,7 @@ def stale_while_revalidate(
                 jitter=jitter,
                 refill_timeout=refill_timeout,
                 rebuild=rebuild,
+                key_of=binder.key_of,
             )
         )
 
@@ -1398,6 +1503,17 @@ def swr_cache_page(
             request = _rebuild_request(arguments)
             return lambda: render(request, arguments["args"], arguments["kwargs"])
 
+        def page_key(parts: dict[str, Any], request: HttpRequest) -> str:
+            return build_key(path, version, encode_key_parts({**parts, **_vary_values(request, vary_on)}))
+
+        def key_of(arguments: Any) -> str:
+            """Return the key of a refill's arguments: the read path's, on the rebuilt request."""
+            if per_user:
+                raise CacheKeyError(f"{path}: a page that varies on the user is never refilled by Celery")
+            if not isinstance(arguments, dict):
+                raise CacheKeyError(f"{path}: refill arguments are not a dict")
+            return page_key(arguments, _rebuild_request(arguments))
+
         engine = _registered(
             Engine(
                 path=path,
@@ -1408,6 +1524,7 @@ def swr_cache_page(
                 refill=refill,
                 wait=wait,
                 rebuild=rebuild,
+                key_of=key_of,
             )
         )
 
@@ -1426,8 +1543,7 @@ def swr_cache_page(
                 "kwargs": kwargs,
                 "headers": {name: request.headers.get(name) for name in headers_vary},
             }
-            key_parts = {**parts, **_vary_values(request, vary_on)}
-            key_text = build_key(path, version, encode_key_parts(key_parts))
+            key_text = page_key(parts, request)
             spec = _Refill(path, parts) if not per_user and _json_roundtrips(parts) else None
             try:
                 result = engine.fetch(key_text, lambda: render(request, args, kwargs), spec)

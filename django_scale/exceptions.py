@@ -12,8 +12,10 @@ __all__ = [
     "ConfigurationError",
     "DjangoScaleError",
     "DjangoScaleWarning",
+    "FragmentKeyError",
     "NPlusOneError",
     "NPlusOneWarning",
+    "PerUserFragmentError",
     "PrefetchBypassedWarning",
     "SniperError",
     "UnusedEagerLoadWarning",
@@ -90,4 +92,23 @@ class CacheKeyError(DjangoScaleError, TypeError):
 
     Raised for arguments such as an ``HttpRequest`` or an unsaved model instance; the message
     says what to pass instead.
+    """
+
+
+class FragmentKeyError(CacheKeyError):
+    """A vary value of a ``{% swrcache %}`` fragment has no stable key.
+
+    A queryset, an unsaved model instance or an arbitrary object would either share one
+    fragment between different values or never hit. Raised at render time when ``DEBUG`` is
+    on; otherwise the fragment is logged once and rendered uncached. The message names the
+    fragment, the value and what to pass instead.
+    """
+
+
+class PerUserFragmentError(DjangoScaleError):
+    """A ``{% swrcache %}`` fragment read something of one visitor that its key does not cover.
+
+    The CSRF token, flash messages, the session, cookies and headers, or the user when the
+    fragment does not vary on the user. Raised at render time when ``DEBUG`` is on; otherwise
+    the render is served to its visitor only, never stored, and logged once.
     """

@@ -127,6 +127,12 @@ def refresh(
     generation then: the value is written only if the key was not invalidated since. With
     *primary*, the enqueuing request had written, so the recomputation reads the primary.
     Return whether the value was written.
+
+    The message is not trusted (anyone who can write to the broker can send one): the
+    function must be registered (only modules of installed apps and the URLconf are imported
+    to find it), *key* must be the key the function's own key code makes of *arguments*, and
+    *alias* its cache; any other message is logged and dropped (see
+    :func:`django_scale.cache.run_refill_task`).
     """
     from django_scale.cache import run_refill_task
 

@@ -35,6 +35,8 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "django_scale",
     "testapp",
+    # Models named like testapp's: fragment keys must tell the apps apart.
+    "otherapp",
 ]
 MIDDLEWARE = [
     "django_scale.middleware.ScaleMiddleware",

@@ -1,0 +1,1 @@
+"""A package that is no installed app: the refill task must never import from it."""
