@@ -25,7 +25,9 @@ breaker for ``CACHE_RETRY_AFTER`` seconds, during which the function is called a
 result kept in a small per-process map (one computation per process per key per ``fresh``);
 an unreachable broker makes the claim holder refill inline (or, by option, serve stale); a
 refill that raises re-arms the claim with exponential backoff and stale keeps being served;
-a value that cannot be unpickled (a class renamed by a deploy) is a miss.
+a value that cannot be unpickled (a class renamed by a deploy) is a miss; an invalidation the
+cache cannot take is journaled on the primary and replayed before any process reads the cache
+again (:mod:`django_scale.invalidations`).
 """
 
 from __future__ import annotations

@@ -50,7 +50,19 @@ if TYPE_CHECKING:
 
     from django_scale.models import PendingInvalidation
 
-__all__ = ["CHECK_INTERVAL", "KEYS_IN_MEMORY", "KEYS_PER_GROUP", "due", "keep", "mark_due", "replay", "reset"]
+__all__ = [
+    "CHECK_INTERVAL",
+    "KEYS_IN_MEMORY",
+    "KEYS_PER_GROUP",
+    "Pending",
+    "due",
+    "group_of",
+    "keep",
+    "mark_due",
+    "pending_in_memory",
+    "replay",
+    "reset",
+]
 
 logger = logging.getLogger("django_scale.cache")
 
