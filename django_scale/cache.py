@@ -748,8 +748,9 @@ class Engine:
         store = store_for(alias)
         try:
             if invalidations.due(alias):
-                # A new process, one that saw the cache fail, or CHECK_INTERVAL passed.
-                invalidations.replay(alias, store)
+                # A new process, or one that saw the cache fail, replays the journal now;
+                # once per CHECK_INTERVAL, the publisher checks it off the request.
+                invalidations.replay_due(alias, store, publisher.submit)
             envelope = store.get(key)
         except CacheDown as error:
             self._cache_down(alias, error)

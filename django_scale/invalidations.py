@@ -10,8 +10,9 @@ caller's transaction when there is one. The journal outlives the process that wr
   answers again, and replays it before serving anything;
 * a process that starts checks the journal on its first cache read, so a recycled worker's
   invalidations are replayed by its successor;
-* every process checks it again at least every :data:`CHECK_INTERVAL` seconds, so one that
-  neither saw the outage nor started after it finds the journal too.
+* every process checks it again every :data:`CHECK_INTERVAL` seconds, off the request (on
+  the refill publisher's thread), so one that neither saw the outage nor started after it
+  finds the journal too, and a request never waits on that check.
 
 Replaying bumps each key's generation, as a live invalidation does, so it is idempotent and a
 refill that started before it cannot write the old value back. A replayed row is deleted.
@@ -26,7 +27,8 @@ only, and is lost if the process exits before the cache answers. A process-local
 memory, dummy) dies with its process, so its invalidations are never journaled.
 
 The journal is written only when the cache is down; on the healthy path the only cost is
-the check, one ``SELECT`` per process per :data:`CHECK_INTERVAL`.
+the check: one ``SELECT`` before a new process's first read, and one per process per
+:data:`CHECK_INTERVAL` off the request.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ __all__ = [
     "mark_due",
     "pending_in_memory",
     "replay",
+    "replay_due",
     "reset",
 ]
 
@@ -162,8 +165,31 @@ _replay_locks: dict[str, threading.Lock] = {}
 
 
 def due(alias: str) -> bool:
-    """Whether this process must replay pending invalidations of *alias* before reading it."""
+    """Whether this process must check the journal of *alias* (call :func:`replay_due` then)."""
     return time.monotonic() >= _next_check.get(alias, 0.0)
+
+
+def replay_due(alias: str, store: Invalidator, submit: Callable[[Callable[[], None]], None]) -> None:
+    """Check the journal of *alias*, which :func:`due` says is due, before reading or off the request.
+
+    Before the read when the process has not checked since it started or saw the cache fail
+    (see :func:`replay`); else the periodic check goes to *submit* (the refill publisher), so a
+    request never waits on it.
+    """
+    if alias not in _next_check:
+        replay(alias, store)
+        return
+    _next_check[alias] = time.monotonic() + CHECK_INTERVAL  # one request schedules it
+
+    def check() -> None:
+        try:
+            replay(alias, store, force=True)
+        except Exception:
+            # The cache failed (the database's failures are handled in replay): the next
+            # read replays before it serves.
+            mark_due(alias)
+
+    submit(check)
 
 
 def mark_due(alias: str) -> None:
@@ -317,7 +343,7 @@ def _replay_journal(alias: str, store: Invalidator) -> bool:
         after = rows[-1][0]
 
 
-def replay(alias: str, store: Invalidator) -> None:
+def replay(alias: str, store: Invalidator, *, force: bool = False) -> None:
     """Replay the invalidations of *alias* kept in memory and in the journal, then note the check.
 
     Called before a read when :func:`due`. The process's other threads wait for the one
@@ -328,7 +354,7 @@ def replay(alias: str, store: Invalidator) -> None:
     with _lock:
         lock = _replay_locks.setdefault(alias, threading.Lock())
     with lock:
-        if not due(alias):
+        if not force and not due(alias):
             return  # another thread replayed meanwhile
         _replay_memory(alias, store)
         complete = True

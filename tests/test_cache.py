@@ -698,7 +698,10 @@ def test_an_invalidation_outlives_the_process_that_made_it_while_redis_was_down(
     raw = caches["swr-private"].client.get_client()
     assert raw.exists(caches["swr-private"].client.make_key(cached.on_private_redis.key(5)))
     if process_b == "A's successor":
-        reset_state()  # B starts now: nothing in memory
+        reset_state()  # B starts now: nothing in memory, and it checks before its first read
+    else:
+        cached.on_private_redis(5)  # B's periodic check runs off the request
+        assert wait_for_refills()
     assert [cached.on_private_redis(5) for _ in range(3)] == ["v2:5"] * 3
     assert not PendingInvalidation.objects.exists()
 
