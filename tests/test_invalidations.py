@@ -19,10 +19,11 @@ import pytest
 from django.conf import settings
 from django.core.cache import caches
 from django.db import connection, connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test.utils import CaptureQueriesContext, override_settings
 
 from django_scale import invalidations, metrics
-from django_scale.cache import breakers, build_key, reset_state, wait_for_refills
+from django_scale.cache import breakers, build_key, publisher, reset_state, wait_for_refills
 from django_scale.invalidations import Pending, group_of, pending_in_memory
 from django_scale.models import PendingInvalidation
 from django_scale.testing import override_scale_settings
@@ -80,6 +81,18 @@ def journal() -> list[tuple[str, str]]:
     return list(PendingInvalidation.objects.order_by("pk").values_list("group", "key"))
 
 
+def close_the_publishers_connection() -> None:
+    """Close the connection the refill publisher's thread opened, so that none outlives the test.
+
+    The journal check closes a connection it opened, but SQLite's ``close()`` keeps an
+    in-memory database open; a later test that may not use the database would then find it on
+    that thread. ``BaseDatabaseWrapper.close`` closes the thread's own connection; the test
+    database lives on in the test thread's.
+    """
+    publisher.submit(lambda: BaseDatabaseWrapper.close(connections["default"]))
+    assert wait_for_refills()
+
+
 def refuse_writes() -> Callable[[], None]:
     """Make the current transaction (PostgreSQL) or connection (SQLite) refuse writes; return an undo."""
     with connection.cursor() as cursor:
@@ -134,6 +147,7 @@ def test_a_running_process_checks_the_journal_again_after_the_interval(
     assert journal_queries(request_thread) == []
     assert journal() == []
     assert cached.outage(1) == "v2:1"
+    close_the_publishers_connection()  # after the last read, which schedules a check too
 
 
 # -- the healthy path -----------------------------------------------------------------------------------------
