@@ -25,7 +25,9 @@ breaker for ``CACHE_RETRY_AFTER`` seconds, during which the function is called a
 result kept in a small per-process map (one computation per process per key per ``fresh``);
 an unreachable broker makes the claim holder refill inline (or, by option, serve stale); a
 refill that raises re-arms the claim with exponential backoff and stale keeps being served;
-a value that cannot be unpickled (a class renamed by a deploy) is a miss.
+a value that cannot be unpickled (a class renamed by a deploy) is a miss; an invalidation the
+cache cannot take is journaled on the primary and replayed before any process reads the cache
+again (:mod:`django_scale.invalidations`).
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol,
 
 from asgiref.sync import async_to_sync, sync_to_async
 from django.core.cache import BaseCache, caches
+from django.core.cache.backends.dummy import DummyCache
+from django.core.cache.backends.locmem import LocMemCache
 from django.db import close_old_connections, models, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.cache import patch_cache_control, patch_vary_headers
 
-from django_scale import metrics
+from django_scale import invalidations, metrics
 from django_scale.conf import conf
 from django_scale.exceptions import CacheArgumentError, CacheKeyError
 from django_scale.replicas import current_state, forced_route, use_primary
@@ -209,6 +213,8 @@ class Store:
 
     def __init__(self, cache: BaseCache) -> None:
         self.cache = cache
+        #: Whether the cache lives and dies with the process: its invalidations are not journaled.
+        self.process_local = isinstance(cache, (LocMemCache, DummyCache))
 
     def _call(self, operation: Callable[[], T]) -> T:
         try:
@@ -281,6 +287,17 @@ class Store:
 
         self._call(invalidate)
 
+    def invalidate_group(self, group: str, keep_for: float) -> None:
+        """Invalidate every key of *group* (``swr:{path:version``; ``""``: every SWR key).
+
+        The Django cache API cannot list keys, so this clears the whole cache.
+        """
+        logger.warning(
+            "invalidating every key of %s, which the cache cannot list: clearing the whole cache",
+            group or "every function",
+        )
+        self._call(self.cache.clear)
+
     def wait(self, key: str, timeout: float) -> bool:
         """Return when *key* has a value, its claim is gone, or *timeout* seconds passed.
 
@@ -310,11 +327,14 @@ class RedisStore(Store):
     def _redis(self, write: bool = True) -> Redis:
         return cast("Redis", self.client.get_client(write=write))
 
-    def _run(self, source: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]) -> Any:
-        redis = self._redis()
+    def _script(self, redis: Redis, source: str) -> Script:
         script = self._scripts.get((id(redis), source))
         if script is None:
             script = self._scripts[(id(redis), source)] = redis.register_script(source)
+        return script
+
+    def _run(self, source: str, keys: Sequence[str], args: Sequence[bytes | str | int | float]) -> Any:
+        script = self._script(self._redis(), source)
         return self._call(lambda: script(keys=[self.client.make_key(k) for k in keys], args=args))
 
     def get(self, key: str) -> Envelope | None:
@@ -368,6 +388,39 @@ class RedisStore(Store):
         keys = (key, _sub(key, "gen"), _sub(key, "claim"), _sub(key, "fails"))
         self._run(_INVALIDATE, keys, (_ms(keep_for),))
 
+    def invalidate_group(self, group: str, keep_for: float) -> None:
+        """Invalidate every key of *group* (``swr:{path:version``; ``""``: every SWR key).
+
+        ``SCAN`` finds the group's entries and the claims and generations of entries that
+        expired, so a refill still running cannot write one back; each is invalidated as
+        :meth:`invalidate` would, a ``SCAN`` batch per pipeline.
+        """
+        probe = str(self.client.make_key("\x00"))
+        if not probe.endswith("\x00"):
+            super().invalidate_group(group, keep_for)  # a KEY_FUNCTION that hides the key
+            return
+        prefix = probe[:-1]
+        pattern = _glob_escape(prefix + (group + ":" if group else "swr:{")) + "*"
+        redis = self._redis()
+        script = self._script(redis, _INVALIDATE)
+
+        def invalidate_all() -> None:
+            cursor = None
+            while cursor != 0:
+                cursor, found = redis.scan(cursor or 0, match=pattern, count=1000)
+                entries = set()
+                for raw in found:
+                    name = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    if "}" in name:
+                        entries.add(name[: name.rindex("}") + 1])
+                pipeline = redis.pipeline(transaction=False)
+                for entry in entries:
+                    subs = [_sub(entry, "gen"), _sub(entry, "claim"), _sub(entry, "fails")]
+                    script(keys=[entry, *subs], args=[_ms(keep_for)], client=pipeline)
+                pipeline.execute()
+
+        self._call(invalidate_all)
+
     def wait(self, key: str, timeout: float) -> bool:
         """Block on the key's notify list until a computing caller writes (or gives up), or *timeout*.
 
@@ -398,6 +451,11 @@ class RedisStore(Store):
             pipeline.execute()
 
         self._call(push)
+
+
+def _glob_escape(text: str) -> str:
+    """Escape the characters Redis glob patterns give a meaning to."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
 
 
 def _as_envelope(value: Any) -> Envelope | None:
@@ -481,8 +539,6 @@ _local: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()
 # Striped locks: one computation per key per process while the cache is down, without a
 # lock object per key.
 _stripes = [threading.Lock() for _ in range(64)]
-# Invalidations the cache could not take while it was down, replayed when it is back.
-_pending_invalidations: dict[str, dict[str, float]] = {}
 
 
 def _local_get(alias: str, key: str, now: float) -> tuple[bool, Any]:
@@ -521,12 +577,13 @@ def _remember_claim(alias: str, key: str, seconds: float) -> None:
 
 
 def reset_state() -> None:
-    """Close every circuit breaker and forget the per-process fallback and claims (for tests)."""
+    """Close every circuit breaker and forget the per-process fallback, claims and pending
+    invalidations, as a new process would start (for tests)."""
     breakers.reset()
     _recent_claims.clear()
     with _local_lock:
         _local.clear()
-    _pending_invalidations.clear()
+    invalidations.reset()
 
 
 class Publisher:
@@ -696,8 +753,10 @@ class Engine:
             return self._degraded(alias, key, compute)
         store = store_for(alias)
         try:
-            if _pending_invalidations:
-                self._replay_invalidations(alias, store)
+            if invalidations.due(alias):
+                # A new process, or one that saw the cache fail, replays the journal now;
+                # once per CHECK_INTERVAL, the publisher checks it off the request.
+                invalidations.replay_due(alias, store, publisher.submit)
             envelope = store.get(key)
         except CacheDown as error:
             self._cache_down(alias, error)
@@ -909,6 +968,8 @@ class Engine:
     def _cache_down(self, alias: str, error: BaseException) -> None:
         metrics.increment("swr.cache_down")
         _local_forget(alias)
+        # Other processes may journal invalidations meanwhile: replay them once it answers.
+        invalidations.mark_due(alias)
         breakers.trip(f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER)
 
     def _degraded(self, alias: str, key: str, compute: Callable[[], Any]) -> _Result:
@@ -944,30 +1005,26 @@ class Engine:
         return value
 
     def invalidate(self, key: str) -> None:
-        """Drop *key* and bump its generation, so no refill already running can write it back."""
+        """Drop *key* and bump its generation, so no refill already running can write it back.
+
+        When the cache is down, the invalidation is journaled on the primary (see
+        :mod:`django_scale.invalidations`) and replayed by whichever process reads the cache
+        first once it answers.
+        """
         alias = self.alias()
         _local_forget(alias, key)
         _recent_claims.pop((alias, key), None)
         _, stale = self.lifetimes()
         keep_for = self._keep_for(stale)
+        store = store_for(alias)
         if not breakers.is_open(f"cache {alias!r}"):
             try:
-                store_for(alias).invalidate(key, keep_for)
+                store.invalidate(key, keep_for)
                 return
             except CacheDown as error:
                 self._cache_down(alias, error)
-        # The cache is down: replay the invalidation when it is back, so it is not lost.
-        _pending_invalidations.setdefault(alias, {})[key] = keep_for
-        logger.warning("cache %r is down; the invalidation of %s is kept and replayed", alias, key)
-
-    def _replay_invalidations(self, alias: str, store: Store) -> None:
-        pending = _pending_invalidations.get(alias)
-        if pending is None:
-            return
-        for key, keep_for in list(pending.items()):
-            store.invalidate(key, keep_for)
-            pending.pop(key, None)
-        _pending_invalidations.pop(alias, None)
+        where = invalidations.keep(alias, key, keep_for, process_local=store.process_local)
+        logger.warning("cache %r is down; the invalidation of %s is kept in the %s", alias, key, where)
 
 
 def _reject_refill(path: object, key: object, reason: str) -> bool:

@@ -1,10 +1,16 @@
-"""django-scale's one table: the checkpoints of resumable backfills (``django_scale.backfill``)."""
+"""django-scale's tables: backfill checkpoints and the cache's journal of pending invalidations.
+
+* :class:`BackfillCheckpoint`: how far a resumable backfill (``django_scale.backfill``) got.
+* :class:`PendingInvalidation`: an invalidation the cache could not take while it was down,
+  kept on the primary so that any process replays it once the cache answers
+  (``django_scale.invalidations``).
+"""
 
 from __future__ import annotations
 
 from django.db import models
 
-__all__ = ["BackfillCheckpoint"]
+__all__ = ["BackfillCheckpoint", "PendingInvalidation"]
 
 
 class BackfillCheckpoint(models.Model):
@@ -31,3 +37,28 @@ class BackfillCheckpoint(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class PendingInvalidation(models.Model):
+    """An invalidation made while its cache was down, replayed by any process once the cache answers.
+
+    Written only when the cache cannot take the invalidation (never on the healthy path), in
+    the caller's transaction when there is one, and deleted once replayed.
+    """
+
+    #: The cache alias the invalidated key lives in.
+    alias = models.CharField(max_length=200)
+    #: The part of the key before its argument digest: the function's path and version.
+    group = models.TextField()
+    #: The key (without the cache's ``KEY_PREFIX``); empty for every key of *group*.
+    key = models.TextField(blank=True)
+    #: Seconds the key's generation must outlive the entry (see ``Engine.invalidate``).
+    keep_for = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "django_scale_pending_invalidation"
+        verbose_name = "pending invalidation"
+
+    def __str__(self) -> str:
+        return f"{self.alias}: {self.key or self.group + ':*'}"

@@ -7,21 +7,28 @@ the ones on the ``locmem`` alias (the portable store) run on both backends.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from django.conf import settings
 from django.core.cache import caches
+from django.db import connections
 from django.test import AsyncClient, Client
-from django.test.utils import override_settings
+from django.test.utils import CaptureQueriesContext, override_settings
 
-from django_scale import metrics
+from django_scale import invalidations, metrics
 from django_scale.cache import (
     MARKER,
     Envelope,
@@ -32,6 +39,7 @@ from django_scale.cache import (
     wait_for_refills,
 )
 from django_scale.exceptions import CacheArgumentError, CacheKeyError
+from django_scale.models import PendingInvalidation
 from django_scale.replicas import routing_state
 from django_scale.testing import override_scale_settings
 
@@ -556,13 +564,19 @@ def private_redis(redis_cache: Any, tmp_path: Any) -> Iterator[Callable[[bool], 
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)]
         command += ["--appendonly", "yes", "--appendfsync", "always"]
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import redis
+
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            # Up once it answers: while it loads its append-only file it refuses commands.
+            client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                client.ping()
                 return
-            except OSError:
+            except (redis.ConnectionError, redis.BusyLoadingError):
                 time.sleep(0.02)
+            finally:
+                client.close()
         raise AssertionError("the private redis-server did not start")
 
     private = {
@@ -618,6 +632,118 @@ def test_redis_back_after_an_outage_replays_invalidations(
         assert raw.exists(caches["swr-private"].client.make_key(cached.on_private_redis.key(5)))
         assert cached.on_private_redis(5) == "v2:5"
         assert breakers.is_open("cache 'swr-private'") is False
+
+
+#: Process A of the outage tests: with Redis down it invalidates, then exits.
+INVALIDATE_AND_EXIT = """
+import json, sys
+import django
+django.setup()
+from django.conf import settings
+from django.test.utils import override_settings
+from django_scale.testing import override_scale_settings
+private = json.loads(sys.argv[1])
+with override_settings(CACHES={**settings.CACHES, "swr-private": private}), override_scale_settings(
+    CACHE_ALIAS="swr-private"
+):
+    from testapp.cached import on_private_redis
+
+    for n in json.loads(sys.argv[2]):
+        on_private_redis.invalidate(n)
+"""
+
+
+def invalidate_in_another_process(*numbers: int) -> None:
+    """Run process A: a worker of the same project that invalidates *numbers*, then exits."""
+
+    def url(alias: str) -> str:
+        db = connections[alias].settings_dict  # the test database's name, as the suite uses it
+        credentials = f"{quote(db['USER'])}:{quote(db['PASSWORD'] or '')}"
+        return f"postgres://{credentials}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "settings",
+        "DJANGO_SCALE_TEST_PRIMARY_URL": url("default"),
+        "DJANGO_SCALE_TEST_REPLICA_URL": url("replica"),
+        "DJANGO_SCALE_TEST_REDIS_URL": settings.CACHES["default"]["LOCATION"],
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    private = json.dumps(settings.CACHES["swr-private"])
+    result = subprocess.run(
+        [sys.executable, "-c", INVALIDATE_AND_EXIT, private, json.dumps(numbers)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"process A failed:\n{result.stdout}\n{result.stderr}"
+
+
+@pytest.mark.parametrize("process_b", ["A's successor", "a process that never saw the outage"])
+@pytest.mark.django_db(transaction=True)
+def test_an_invalidation_outlives_the_process_that_made_it_while_redis_was_down(
+    cache_on_private_redis: Callable[[bool], None], monkeypatch: pytest.MonkeyPatch, process_b: str
+) -> None:
+    if process_b != "A's successor":
+        monkeypatch.setattr(invalidations, "CHECK_INTERVAL", 0.0)  # its next check is due
+    assert cached.on_private_redis(5) == "v1:5"  # this process (B) reads it, fresh
+    cache_on_private_redis(False)
+    probe.data = "v2"
+    invalidate_in_another_process(5)  # A changes the data, invalidates with Redis down, exits
+    assert PendingInvalidation.objects.filter(key=cached.on_private_redis.key(5)).exists()
+    cache_on_private_redis(True)
+    # The restarted server has the old "v1" entry back.
+    raw = caches["swr-private"].client.get_client()
+    assert raw.exists(caches["swr-private"].client.make_key(cached.on_private_redis.key(5)))
+    if process_b == "A's successor":
+        reset_state()  # B starts now: nothing in memory, and it checks before its first read
+    else:
+        cached.on_private_redis(5)  # B's periodic check runs off the request
+        assert wait_for_refills()
+    assert [cached.on_private_redis(5) for _ in range(3)] == ["v2:5"] * 3
+    assert not PendingInvalidation.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_many_invalidations_while_redis_is_down_collapse_into_their_function(
+    private_redis: Callable[[bool], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(invalidations, "KEYS_PER_GROUP", 5)
+    prefixed = {**settings.CACHES["swr-private"], "KEY_PREFIX": "a[site]*"}
+    with (
+        override_settings(CACHES={**settings.CACHES, "swr-private": prefixed}),
+        override_scale_settings(CACHE_ALIAS="swr-private"),
+    ):
+        assert [cached.outage(n) for n in range(12)] == [f"v1:{n}" for n in range(12)]
+        assert cached.bare(3) == 6  # another function, which nothing invalidates
+        # A refill of an entry that expired, still running, read the data before the change.
+        store = store_for("swr-private")
+        expired = cached.outage.key(99)
+        generation = store.claim(expired, "in flight", 60, cold=True)
+        assert generation is not None
+        private_redis(False)
+        for n in [*range(12), 99]:
+            cached.outage.invalidate(n)
+        # Thirteen keys of one function are one row: the function.
+        assert list(PendingInvalidation.objects.values_list("key", flat=True)) == [""]
+        assert invalidations.pending_in_memory("swr-private") == 0
+        private_redis(True)
+        reset_state()
+        probe.data = "v2"
+        assert [cached.outage(n) for n in range(12)] == [f"v2:{n}" for n in range(12)]
+        assert cached.bare(3) == 6
+        assert probe.count("bare") == 1
+        envelope = Envelope(MARKER, "v1:99", time.time(), time.time() + 60, time.time() + 3600)
+        assert store.write(expired, envelope, 3600, generation, "in flight") is False
+        assert not PendingInvalidation.objects.exists()
+        # Once replayed, a fresh hit is one GET again, and no query.
+        before = redis_commands(caches["swr-private"])
+        with CaptureQueriesContext(connections["default"]) as queries:
+            assert [cached.outage(0) for _ in range(5)] == ["v2:0"] * 5
+        assert redis_commands(caches["swr-private"]) - before == {"cmdstat_get": 5}
+        assert queries.captured_queries == []
 
 
 # -- views ------------------------------------------------------------------------------------------------

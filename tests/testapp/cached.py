@@ -106,6 +106,12 @@ def on_private_redis(n: int) -> str:
 
 
 @stale_while_revalidate(fresh=60, stale=3600, refill="inline")
+def outage(n: int) -> str:
+    """Cached in the CACHE_ALIAS a test sets, which it makes unreachable (tests/test_invalidations.py)."""
+    return f"{probe.record('outage', n)}:{n}"
+
+
+@stale_while_revalidate(fresh=60, stale=3600, refill="inline")
 def on_locmem(n: int) -> str:
     """Cached in the local-memory cache (the test sets CACHE_ALIAS): the portable store, inline refill."""
     return f"{probe.record('on_locmem', n)}:{n}"
