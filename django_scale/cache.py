@@ -874,9 +874,11 @@ class Engine:
             else:
                 value = compute()
         except Exception:
+            # Re-arm the claim before counting the failure: whoever sees the count (a test, a
+            # status page) then sees the backoff too.
+            self._fail(alias, store, key, token)
             metrics.increment("swr.refill.failed")
             logger.exception("refill of %s raised; serving the stale value and retrying later", key)
-            self._fail(alias, store, key, token)
             if swallow:
                 return False
             raise
