@@ -91,3 +91,12 @@ class CacheKeyError(DjangoScaleError, TypeError):
     Raised for arguments such as an ``HttpRequest`` or an unsaved model instance; the message
     says what to pass instead.
     """
+
+
+class PageRefillError(DjangoScaleError):
+    """A refill of a page cached with :func:`~django_scale.cache.swr_cache_page` stored nothing.
+
+    The page its GET rendered through the middleware may not be stored (it set a cookie,
+    read the session, ...) or did not map to the key being refilled. The refill counts as
+    failed: the stale page is served meanwhile and the refill is retried with backoff.
+    """
