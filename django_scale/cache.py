@@ -36,12 +36,14 @@ import decimal
 import functools
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
 import queue
 import random
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -51,9 +53,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, cast, overload
 
 from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
 from django.core.cache import BaseCache, caches
 from django.db import close_old_connections, models, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils import translation
 from django.utils.cache import patch_cache_control, patch_vary_headers
 
 from django_scale import metrics
@@ -1615,9 +1619,6 @@ class _PageView:
 
     def parts(self, request: HttpRequest, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Return what the key of *request* is made of; also a refill's JSON-able arguments."""
-        from django.conf import settings
-        from django.utils import translation
-
         parts: dict[str, Any] = {
             "host": request.get_host(),
             "path": request.path,
@@ -1664,8 +1665,6 @@ class _PageView:
         Every middleware has run: the cookies it sets, its ``Vary``, the session and the
         messages it touched are all visible. One list of reasons, in docs/caching.md.
         """
-        from django.conf import settings
-
         if response.streaming or response.status_code not in (200, 304):
             return f"the final response's status is {response.status_code}"
         if _csrf_token_used(request):
@@ -1744,14 +1743,12 @@ class _PageView:
             # Credentials: never served a shared page, never stored as one.
             return self.call(request, args, kwargs)
         parts = self.parts(request, args, kwargs)
-        if self.per_user and parts["user"] is None:
-            from django.conf import settings
-
-            if settings.SESSION_COOKIE_NAME in request.COOKIES:
-                # An anonymous session may hold the visitor's data: not the anonymous entry's.
-                return self.call(request, args, kwargs)
+        if self.per_user and parts["user"] is None and settings.SESSION_COOKIE_NAME in request.COOKIES:
+            # An anonymous session may hold the visitor's data: not the anonymous entry's.
+            return self.call(request, args, kwargs)
         key = self.key_of(parts)
-        spec = _Refill(self.path, parts) if self.celery and _json_roundtrips(parts) else None
+        # Worked out only when a stale page needs a refill, never on a hit.
+        spec = _LazyRefill(self.refill_spec, parts, None, None) if self.celery else None
         try:
             result = self.engine.fetch(key, functools.partial(self.render, request, args, kwargs), spec)
         except UncacheableResponse as uncacheable:
@@ -1783,6 +1780,10 @@ class _PageView:
         slot.page = _Page(self, key, frozen=frozen, holder=holder)
         return response
 
+    def refill_spec(self, parts: dict[str, Any], *_: Any) -> _Refill | None:
+        """Return the Celery refill of *parts*, or ``None`` when JSON cannot carry them (inline)."""
+        return _Refill(self.path, parts) if _json_roundtrips(parts) else None
+
     @property
     def celery(self) -> bool:
         """Whether stale entries refill through Celery (else the claim holder renders inline)."""
@@ -1801,8 +1802,6 @@ def _render_through_stack(view: _PageView, arguments: dict[str, Any]) -> Any:
     backoff) when the final response may not be stored or the request does not map to the
     key being refilled.
     """
-    from django.utils import translation
-
     holder = _RefillHolder(view.key_of(arguments))
     environ = _refill_environ(view, arguments, holder)
     language = arguments.get("language")
@@ -1831,11 +1830,6 @@ def _wsgi_str(text: str) -> str:
 
 def _refill_environ(view: _PageView, arguments: dict[str, Any], holder: _RefillHolder) -> dict[str, Any]:
     """Return the WSGI environ of a refill's GET: the key's parts, no cookies, no credentials."""
-    import io
-    import sys
-
-    from django.conf import settings
-
     secure = bool(arguments["secure"])
     host = str(arguments["host"])
     path, path_info = str(arguments["path"]), str(arguments["path_info"])
@@ -1884,7 +1878,6 @@ _applications: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
 def _wsgi_application() -> Callable[..., Any]:
-    from django.conf import settings
     from django.core.wsgi import get_wsgi_application
 
     middleware = tuple(settings.MIDDLEWARE or ())

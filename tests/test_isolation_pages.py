@@ -26,7 +26,7 @@ from django.test.utils import override_settings
 from django.utils import translation
 
 from django_scale import metrics
-from django_scale.cache import MARKER, Envelope, reset_state, store_for, wait_for_refills
+from django_scale.cache import MARKER, Envelope, breakers, reset_state, store_for, wait_for_refills
 
 from testapp import pages
 from testapp.cached import probe
@@ -291,6 +291,66 @@ def test_a_vary_added_by_a_middleware_outside_the_view_is_honoured(flavor: str) 
         for tenant in ("first", "second", "first", "second"):
             assert text(Visitor(flavor).get(url, X_Tenant=tenant)) == f"tenant={tenant} v1"
     assert probe.count("tenant") == 4
+
+
+# -- the final pass: headers, inline refills, the cache down -------------------------------------------------
+
+
+def test_a_page_served_from_the_cache_is_private_when_a_middleware_sets_a_cookie() -> None:
+    url = page("sync", "plain")
+    with override_settings(MIDDLEWARE=middleware("testapp.middleware.TrackingMiddleware")):
+        stored = Visitor("sync").get(url)
+        assert "public" in stored["Cache-Control"]
+        tracked = Visitor("sync").get(url, X_Track="someone")
+        assert text(tracked) == "plain v1"
+        assert tracked.cookies["tracked"].value == "someone"
+        assert "private" in tracked["Cache-Control"]
+        assert "public" in Visitor("sync").get(url)["Cache-Control"]
+    assert probe.count("plain") == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_the_claim_holder_of_a_stale_page_per_user_gets_its_own_fresh_rendering(
+    flavor: str, django_user_model: Any
+) -> None:
+    url = page(flavor, "per-user")
+    user = django_user_model.objects.create_user("alice")
+    alice = Visitor(flavor)
+    alice.client.force_login(user)
+    assert text(alice.get(url)) == "hello alice nick=None v1"
+    request = RequestFactory().get(url)
+    request.user = user
+    view = (pages.per_user if flavor == "sync" else pages.async_per_user)._django_scale_page
+    store = store_for("default")
+    key = view.key(request, (), {})
+    envelope = store.get(key)
+    assert envelope is not None
+    assert store.write(
+        key, envelope._replace(fresh_until=envelope.fresh_until - 3600), 3600, store.generation(key), ""
+    )
+    probe.data = "v2"
+    # The request that wins the refill renders the page through its own middleware, is served
+    # that, and stores it.
+    assert text(alice.get(url)) == "hello alice nick=None v2"
+    assert text(alice.get(url)) == "hello alice nick=None v2"
+    assert probe.count("per_user") == 2
+    assert counter("swr.refill.succeeded") == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_with_the_cache_down_pages_are_still_judged_on_the_final_response(flavor: str) -> None:
+    """The per-process fallback keeps only pages that pass the final test."""
+    breakers.trip("cache 'default'", "down for the test", 60)
+    first, second = Visitor(flavor, enforce_csrf_checks=True), Visitor(flavor, enforce_csrf_checks=True)
+    first_token = csrf_token(first.get(page(flavor, "form")))
+    second_token = csrf_token(second.get(page(flavor, "form")))
+    assert second_token != first_token
+    assert text(second.post(page(flavor, "form"), {"csrfmiddlewaretoken": second_token})) == "posted"
+    assert text(first.get(page(flavor, "plain"))) == "plain v1"
+    assert text(second.get(page(flavor, "plain"))) == "plain v1"
+    assert probe.count("plain") == 1  # kept in the process while the cache is down
 
 
 # -- refills render through the whole stack ------------------------------------------------------------------

@@ -36,3 +36,16 @@ class BoomMiddleware:
         if "X-Boom" in request.headers:
             raise RuntimeError("boom after the view")
         return response
+
+
+class TrackingMiddleware:
+    """Set a tracking cookie on responses to requests that carry X-Track (a cookie set on a hit)."""
+
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+        response: HttpResponseBase = self.get_response(request)
+        if "X-Track" in request.headers:
+            response.set_cookie("tracked", request.headers["X-Track"])
+        return response
