@@ -1406,6 +1406,8 @@ _PRIVATE_HEADERS = frozenset({"set-cookie", "date", "expires", "cache-control", 
 REFILL_ENVIRON_KEY = "django_scale.refill"
 #: The request attribute ScaleMiddleware opens for the cached page of the request.
 _SLOT_ATTRIBUTE = "_django_scale_page"
+#: Request headers that carry a visitor's credentials: never put in a refill's request.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 #: Paths of the views cached with swr_cache_page (for the system checks).
 page_paths: set[str] = set()
 #: (view, reason) pairs already logged: a page that cannot be cached is reported once per view.
@@ -1613,6 +1615,8 @@ class _PageView:
         #: Vary names the key covers whatever the response.
         self.covered = frozenset(name.lower() for name in self.vary)
         self.keyed_authorization = "authorization" in self.covered
+        #: Credentials in the key: never sent through the broker, so refilled inline.
+        self.credentials = bool(self.covered & _CREDENTIAL_HEADERS) or self.per_user
         self.engine: Engine
 
     # -- the key: one implementation, for requests and for refill messages --------------------
@@ -1787,7 +1791,7 @@ class _PageView:
     @property
     def celery(self) -> bool:
         """Whether stale entries refill through Celery (else the claim holder renders inline)."""
-        return self.engine.refill == "celery" and not self.per_user and "<locals>" not in self.path
+        return self.engine.refill == "celery" and not self.credentials and "<locals>" not in self.path
 
     # -- the refill: a GET through the project's own WSGI application ---------------------------------
 
@@ -1857,7 +1861,7 @@ def _refill_environ(view: _PageView, arguments: dict[str, Any], holder: _RefillH
         REFILL_ENVIRON_KEY: holder,
     }
     for header, value in dict(arguments["headers"]).items():
-        if value is not None:
+        if value is not None and str(header).lower() not in _CREDENTIAL_HEADERS:
             meta = str(header).upper().replace("-", "_")
             environ[meta if meta in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{meta}"] = str(value)
     language = arguments.get("language")
@@ -1919,9 +1923,10 @@ def swr_cache_page(
 
     Celery refills send a GET through the project's own WSGI application, every middleware
     included, with the key's host, path, query, language and *vary_on* headers and no cookies;
-    the result is stored only if it passes the same test and maps to the same key. Pages that
-    vary on ``"user"`` (and ``refill="inline"``) are refilled by the request that wins the
-    claim, which renders the page live through its own middleware.
+    the result is stored only if it passes the same test and maps to the same key. Pages whose
+    key holds credentials (*vary_on* with ``"user"``, ``"Authorization"`` or ``"Cookie"``) and
+    ``refill="inline"`` ones are refilled by the request that wins the claim, which renders
+    the page live through its own middleware.
     """
     _validate(fresh, stale, stale_if_error, refill, "recompute", wait, 0.1, 60.0)
 
@@ -1937,8 +1942,8 @@ def swr_cache_page(
                 cache=cache,
                 refill=refill,
                 wait=wait,
-                # A page per user is never refilled by Celery: a message for it is refused.
-                rebuild=None if page.per_user else page.rebuild,
+                # A page keyed by credentials is never refilled by Celery: a message is refused.
+                rebuild=None if page.credentials else page.rebuild,
                 key_of=page.key_of,
             )
         )

@@ -238,6 +238,25 @@ def test_a_page_that_varies_on_authorization_is_stored_per_credential(flavor: st
     assert probe.count("authorization") == 3
 
 
+def test_a_page_keyed_by_credentials_is_refilled_by_its_holder_never_through_the_broker() -> None:
+    url = page("sync", "by-token")
+    assert text(Visitor("sync").get(url, Authorization=f"Bearer {SECRET}")) == f"hello Bearer {SECRET} v1"
+    request = RequestFactory().get(url, HTTP_AUTHORIZATION=f"Bearer {SECRET}")
+    with translation.override(settings.LANGUAGE_CODE):
+        key = pages.by_token._django_scale_page.key(request, (), {})
+    store = store_for("default")
+    envelope = store.get(key)
+    assert envelope is not None
+    assert store.write(
+        key, envelope._replace(fresh_until=envelope.fresh_until - 3600), 3600, store.generation(key), ""
+    )
+    probe.data = "v2"
+    assert text(Visitor("sync").get(url, Authorization=f"Bearer {SECRET}")) == f"hello Bearer {SECRET} v2"
+    assert counter("swr.refill.inline") == 1
+    assert counter("swr.refill.enqueued") == 0
+    assert pages.by_token._django_scale_engine.rebuild is None  # a message for it is refused
+
+
 # -- the language -------------------------------------------------------------------------------------------
 
 
@@ -351,6 +370,25 @@ def test_with_the_cache_down_pages_are_still_judged_on_the_final_response(flavor
     assert text(first.get(page(flavor, "plain"))) == "plain v1"
     assert text(second.get(page(flavor, "plain"))) == "plain v1"
     assert probe.count("plain") == 1  # kept in the process while the cache is down
+
+
+def test_a_caller_that_did_not_wait_for_the_claim_stores_only_what_passes() -> None:
+    """The token-less write of a caller that gave up waiting is judged like the claim holder's."""
+    url = page("sync", "impatient-form")
+    probe.hold = True
+    with ThreadPoolExecutor(1) as thread:
+        holder = thread.submit(lambda: csrf_token(Visitor("sync").get(url)))
+        assert probe.holding.wait(10), "the claim holder never started rendering"
+        probe.hold = False
+        second = Visitor("sync", enforce_csrf_checks=True)
+        second_token = csrf_token(second.get(url))  # the claim is held: renders itself
+        probe.release.set()
+        first_token = holder.result(timeout=30)
+    third = Visitor("sync", enforce_csrf_checks=True)
+    third_token = csrf_token(third.get(url))
+    assert len({first_token, second_token, third_token}) == 3
+    assert text(third.post(url, {"csrfmiddlewaretoken": third_token})) == "posted"
+    assert probe.count("form") == 3
 
 
 # -- refills render through the whole stack ------------------------------------------------------------------

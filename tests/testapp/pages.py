@@ -205,6 +205,12 @@ async def async_plain(request: HttpRequest) -> HttpResponse:
     return await sync_to_async(_plain)(request)
 
 
+@swr_cache_page(60, 3600, wait=0)
+def impatient_form(request: HttpRequest) -> HttpResponse:
+    """A form whose cold-miss callers never wait for the claim holder: they render themselves."""
+    return _form(request)
+
+
 # -- set-up views (not cached) -------------------------------------------------------------------
 
 
@@ -235,6 +241,7 @@ PAGES: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 
 urlpatterns = [
     path("add-message/", add_message),
+    path("sync/impatient-form/", impatient_form),
     path("set-nick/", set_nick),
     *(path(f"sync/{name}/", views[0]) for name, views in PAGES.items()),
     *(path(f"async/{name}/", views[1]) for name, views in PAGES.items()),
