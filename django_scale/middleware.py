@@ -30,7 +30,7 @@ from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from django_scale.cache import abandon_page, finish_page, open_page_slot
+from django_scale.cache import PageSlot, abandon_page, finish_page, open_page_slot
 from django_scale.conf import conf
 from django_scale.replicas import (
     STICKY_PRIMARY,
@@ -159,31 +159,25 @@ class ScaleMiddleware:
                 response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
                 position = current_wal_position(conf.PRIMARY) if state.wrote else None
                 _close(request, response, state, position)
+                if slot is not None and slot.page is not None:
+                    # Last: the read-your-writes cookie counts as a cookie set.
+                    finish_page(slot, request, response)
         except BaseException:
             if slot is not None:
                 abandon_page(slot)
             raise
-        if slot is not None and slot.page is not None:
-            finish_page(slot, request, response)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         slot = open_page_slot(request) if self.outermost else None
         try:
-            response = await self._respond_in_state(request)
+            return await self._respond_in_state(request, slot)
         except BaseException:
             if slot is not None and slot.page is not None:
                 await sync_to_async(abandon_page)(slot)
             raise
-        if slot is not None and slot.page is not None:
-            if slot.needs_io:
-                # The verdict may read the session; the write goes to the cache.
-                await sync_to_async(finish_page)(slot, request, response)
-            else:
-                finish_page(slot, request, response)  # a page from the cache: headers only
-        return response
 
-    async def _respond_in_state(self, request: HttpRequest) -> HttpResponseBase:
+    async def _respond_in_state(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
         required, sticky = read_cookie(request)
         with routing_state(required, sticky_primary=sticky) as state:
             # Connections belong to threads: guard the replica connections of the thread
@@ -191,12 +185,14 @@ class ScaleMiddleware:
             guard = guard_replicas()
             await sync_to_async(guard.__enter__)()
             try:
-                return await self._respond(request, state)
+                return await self._respond(request, state, slot)
             finally:
                 # It only removes the wrappers: an exception of the view is not its business.
                 await sync_to_async(guard.__exit__)(None, None, None)
 
-    async def _respond(self, request: HttpRequest, state: RoutingState) -> HttpResponseBase:
+    async def _respond(
+        self, request: HttpRequest, state: RoutingState, slot: PageSlot | None
+    ) -> HttpResponseBase:
         if _needs_wait(state):
             # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
             await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
@@ -208,4 +204,11 @@ class ScaleMiddleware:
             # On the thread that ran the ORM calls, whose connection saw the write.
             position = await sync_to_async(current_wal_position)(conf.PRIMARY)
         _close(request, response, state, position)
+        if slot is not None and slot.page is not None:
+            # Last: the read-your-writes cookie counts as a cookie set.
+            if slot.needs_io:
+                # The verdict may read the session; the write goes to the cache.
+                await sync_to_async(finish_page)(slot, request, response)
+            else:
+                finish_page(slot, request, response)  # a page from the cache: headers only
         return response

@@ -444,20 +444,9 @@ def test_the_celery_refill_renders_the_language_of_the_entry(locale: None, celer
     languages_refilled(lambda: wait_until(lambda: counter("swr.refill.succeeded") == 2, "two refills"))
 
 
-@pytest.fixture
-def eager_celery(celery_app: Any) -> Iterator[Any]:
-    """Celery tasks run where they are sent: on the refill publisher's thread."""
-    eager = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = True
-    try:
-        yield celery_app
-    finally:
-        celery_app.conf.task_always_eager = eager
-
-
-def test_a_refill_outside_the_worker_renders_the_language_of_the_entry(
-    locale: None, eager_celery: Any
-) -> None:
+def test_with_the_broker_down_the_publisher_renders_the_language_of_the_entry(locale: None) -> None:
+    """The refill publisher's fallback renders through the same WSGI stack as the worker."""
+    breakers.trip("the Celery broker", "down for the test", 60)
     languages_refilled(lambda: wait_for_refills())
 
 
