@@ -1492,7 +1492,7 @@ def finish_page(slot: PageSlot, request: HttpRequest, response: HttpResponseBase
     view = page.view
     if page.frozen is None:
         if response.status_code in (200, 304) and not response.streaming:
-            view.patch_headers(response, page.fresh_until)
+            view.patch_headers(request, response, page.fresh_until)
         return
     reason = view.verdict(request, response, page.frozen)
     if page.holder is not None:
@@ -1509,7 +1509,7 @@ def finish_page(slot: PageSlot, request: HttpRequest, response: HttpResponseBase
         page.deferred.abandon()
         _log_page(view.path, reason, logging.WARNING)
         return
-    view.patch_headers(response, page.deferred.commit(page.frozen))
+    view.patch_headers(request, response, page.deferred.commit(page.frozen))
 
 
 def abandon_page(slot: PageSlot) -> None:
@@ -1701,7 +1701,7 @@ class _PageView:
             return "the request has flash messages"
         return None
 
-    def patch_headers(self, response: HttpResponseBase, fresh_until: float) -> None:
+    def patch_headers(self, request: HttpRequest, response: HttpResponseBase, fresh_until: float) -> None:
         """Set the caching headers of a page that is (or could have been) stored."""
         control = response.get("Cache-Control", "").lower()
         if "no-store" in control:
@@ -1717,8 +1717,12 @@ class _PageView:
         else:
             options["public"] = True
         patch_cache_control(response, **options)
-        if self.vary:
-            patch_vary_headers(response, self.vary)
+        vary = self.vary
+        if settings.USE_I18N and settings.LANGUAGE_COOKIE_NAME in request.COOKIES:
+            # The language may come from the cookie, which LocaleMiddleware's Vary does not say.
+            vary = [*vary, "Cookie"]
+        if vary:
+            patch_vary_headers(response, vary)
 
     # -- the request path ------------------------------------------------------------------------------
 
