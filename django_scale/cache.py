@@ -40,31 +40,35 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import os
 import queue
 import random
 import secrets
+import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, ParamSpec, Protocol, TypeVar, cast, overload
 
 from asgiref.sync import async_to_sync, sync_to_async
+from django.conf import settings
 from django.core.cache import BaseCache, caches
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.locmem import LocMemCache
 from django.db import close_old_connections, models, transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.utils import translation
 from django.utils.cache import patch_cache_control, patch_vary_headers
 
 from django_scale import invalidations, metrics
 from django_scale.conf import conf
-from django_scale.exceptions import CacheArgumentError, CacheKeyError
+from django_scale.exceptions import CacheArgumentError, CacheKeyError, PageRefillError
 from django_scale.replicas import current_state, forced_route, use_primary
 
 if TYPE_CHECKING:
@@ -584,6 +588,7 @@ def reset_state() -> None:
     with _local_lock:
         _local.clear()
     invalidations.reset()
+    _logged_pages.clear()
 
 
 class Publisher:
@@ -665,6 +670,50 @@ class _Result(NamedTuple):
     fresh_until: float
 
 
+class Deferred:
+    """A computed value whose storing waits for a verdict its owner gives later.
+
+    A computation returns ``Deferred(payload)`` instead of a value when whether the value may
+    be stored is only known afterwards (:func:`swr_cache_page` judges the final response, once
+    every middleware has run). The engine binds what storing it and giving it up mean where it
+    was computed (a write under the claim, the token-less write of a caller that waited too
+    long, the per-process fallback while the cache is down), and returns the ``Deferred`` as
+    the result's value. Its owner then calls :meth:`commit` or :meth:`abandon`; only the first
+    call counts. One never settled leaves its claim to expire after ``refill_timeout``.
+    """
+
+    __slots__ = ("_abandon", "_commit", "_lock", "payload")
+
+    def __init__(self, payload: Any) -> None:
+        #: What the computation hands its owner (the engine never looks at it).
+        self.payload = payload
+        self._commit: Callable[[Any], float] | None = None
+        self._abandon: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    def bind(self, commit: Callable[[Any], float], abandon: Callable[[], None]) -> Deferred:
+        """Say how to store a value and how to give the computation up (engine side)."""
+        self._commit, self._abandon = commit, abandon
+        return self
+
+    def _settle(self) -> tuple[Callable[[Any], float] | None, Callable[[], None] | None]:
+        with self._lock:
+            commit, abandon = self._commit, self._abandon
+            self._commit = self._abandon = None
+        return commit, abandon
+
+    def commit(self, value: Any) -> float:
+        """Store *value* as bound; return the wall-clock time until which it is fresh (0 if unknown)."""
+        commit, _ = self._settle()
+        return commit(value) if commit is not None else 0.0
+
+    def abandon(self) -> None:
+        """Store nothing and give the claim up, so the next caller computes at once."""
+        _, abandon = self._settle()
+        if abandon is not None:
+            abandon()
+
+
 class _Refill(NamedTuple):
     """What the Celery task needs to recompute a key: a registered path and JSON-able arguments."""
 
@@ -690,6 +739,10 @@ def _resolve(refill: _Refill | _LazyRefill | None) -> _Refill | None:
 
 async def _await(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+def _nothing() -> None:
+    """Give up nothing (a deferred value computed without a claim)."""
 
 
 #: Decorated functions and views by path, for the Celery task to find them.
@@ -769,8 +822,9 @@ class Engine:
             if now < envelope.stale_until:
                 metrics.increment("swr.stale")
                 metrics.observe("swr.staleness", now - envelope.fresh_until)
-                self._revalidate(alias, store, key, compute, refill)
-                return _Result(envelope.value, 0.0)
+                deferred = self._revalidate(alias, store, key, compute, refill)
+                # A deferred inline refill is the claim holder's own rendering: it gets that.
+                return _Result(envelope.value if deferred is None else deferred, 0.0)
         return self._miss(alias, store, key, compute, envelope)
 
     def _revalidate(
@@ -780,7 +834,7 @@ class Engine:
         key: str,
         compute: Callable[[], Any],
         lazy_refill: _Refill | _LazyRefill | None,
-    ) -> None:
+    ) -> Deferred | None:
         # One claim attempt per process per stale window: the thread that marks the key first
         # asks Redis (where SET NX picks one winner across processes); the process's other
         # threads serve the stale value after their one GET.
@@ -788,23 +842,23 @@ class Engine:
         seen = _recent_claims.get((alias, key))
         if seen is not None and now < seen:
             metrics.increment("swr.refill.suppressed")
-            return
+            return None
         _remember_claim(alias, key, min(CLAIM_MEMORY, self.refill_timeout))
         token = secrets.token_hex(8)
         try:
             generation = store.claim(key, token, self.refill_timeout, cold=False)
         except CacheDown as error:
             self._cache_down(alias, error)
-            return
+            return None
         if generation is None:
             metrics.increment("swr.refill.suppressed")
-            return
+            return None
         refill = _resolve(lazy_refill) if self.refill == "celery" else None
         if refill is None:
             # Inline by option, or arguments Celery cannot carry: the claim holder refills now.
             metrics.increment("swr.refill.inline")
-            self.run_refill(alias, key, token, generation, compute, primary=False, swallow=True)
-            return
+            outcome = self._refill(alias, key, token, generation, compute, primary=False, swallow=True)
+            return outcome if isinstance(outcome, Deferred) else None
         # Decided here, in the request: did it write (so the refill must read the primary)?
         state = current_state()
         primary = forced_route() == "primary" or (state is not None and bool(state.wrote or state.pinned))
@@ -812,8 +866,9 @@ class Engine:
         if transaction.get_connection(conf.PRIMARY).in_atomic_block:
             # The refill must read what this transaction writes: send it on commit.
             transaction.on_commit(functools.partial(publisher.submit, job), using=conf.PRIMARY)
-            return
+            return None
         publisher.submit(job)
+        return None
 
     def _send_refill(
         self, alias: str, key: str, token: str, generation: int, refill: _Refill, primary: bool
@@ -863,8 +918,22 @@ class Engine:
         """Recompute *key* under the claim *token*; write it if *generation* still holds.
 
         A refill that raises re-arms the claim with exponential backoff (the stale value keeps
-        being served meanwhile). Return whether the value was written.
+        being served meanwhile). Return whether the value was written (``False`` for a
+        :class:`Deferred` one, written or not when its owner settles it).
         """
+        return self._refill(alias, key, token, generation, compute, primary=primary, swallow=swallow) is True
+
+    def _refill(
+        self,
+        alias: str,
+        key: str,
+        token: str,
+        generation: int,
+        compute: Callable[[], Any],
+        *,
+        primary: bool,
+        swallow: bool,
+    ) -> bool | Deferred:
         store = store_for(alias)
         started = time.monotonic()
         try:
@@ -883,7 +952,39 @@ class Engine:
                 return False
             raise
         metrics.observe("swr.refill.seconds", time.monotonic() - started)
+        if isinstance(value, Deferred):
+            return value.bind(
+                self._committer(alias, store, key, generation, token, refill=True),
+                functools.partial(self._release, alias, store, key, token),
+            )
         return self._write(alias, store, key, value, generation, token)
+
+    def _committer(
+        self, alias: str, store: Store, key: str, generation: int, token: str, *, refill: bool
+    ) -> Callable[[Any], float]:
+        """Return how a :class:`Deferred` value computed under *token* and *generation* is written."""
+
+        def commit(value: Any) -> float:
+            envelope, timeout = self.envelope(value, time.time())
+            try:
+                written = store.write(key, envelope, timeout, generation, token)
+            except CacheDown as error:
+                self._cache_down(alias, error)
+                return envelope.fresh_until
+            if refill:
+                metrics.increment("swr.refill.succeeded" if written else "swr.refill.discarded")
+                _recent_claims.pop((alias, key), None)
+            return envelope.fresh_until
+
+        return commit
+
+    def _release(self, alias: str, store: Store, key: str, token: str) -> None:
+        """Give the claim *token* up and wake the waiters (a deferred value that was not stored)."""
+        _recent_claims.pop((alias, key), None)
+        try:
+            store.release(key, token)
+        except CacheDown as error:
+            self._cache_down(alias, error)
 
     def _write(self, alias: str, store: Store, key: str, value: Any, generation: int, token: str) -> bool:
         envelope, timeout = self.envelope(value, time.time())
@@ -933,6 +1034,10 @@ class Engine:
             self._cache_down(alias, error)
             return self._degraded(alias, key, compute)
         value = compute()
+        if isinstance(value, Deferred):
+            return _Result(
+                value.bind(self._committer(alias, store, key, generation, "", refill=False), _nothing), 0.0
+            )
         envelope, timeout = self.envelope(value, time.time())
         with contextlib.suppress(CacheDown):
             store.write(key, envelope, timeout, generation, "")
@@ -958,6 +1063,11 @@ class Engine:
                 logger.exception("recomputing %s raised; serving the value past stale (stale_if_error)", key)
                 return _Result(old.value, 0.0)
             raise
+        if isinstance(value, Deferred):
+            commit = self._committer(alias, store, key, generation, token, refill=False)
+            return _Result(
+                value.bind(commit, functools.partial(self._release, alias, store, key, token)), 0.0
+            )
         envelope, timeout = self.envelope(value, time.time())
         try:
             store.write(key, envelope, timeout, generation, token)
@@ -985,9 +1095,16 @@ class Engine:
                 return _Result(value, 0.0)
             metrics.increment("swr.miss")
             value = compute()
-            fresh, _ = self.lifetimes()
-            _local_put(alias, key, value, time.time() + fresh)
+            if isinstance(value, Deferred):
+                return _Result(value.bind(functools.partial(self._local_commit, alias, key), _nothing), 0.0)
+            self._local_commit(alias, key, value)
             return _Result(value, 0.0)
+
+    def _local_commit(self, alias: str, key: str, value: Any) -> float:
+        """Keep *value* in the per-process fallback for ``fresh`` seconds."""
+        fresh, _ = self.lifetimes()
+        _local_put(alias, key, value, time.time() + fresh)
+        return 0.0
 
     # -- writes from outside the read path ----------------------------------------------------
 
@@ -1436,9 +1553,27 @@ def stale_while_revalidate(
 
 
 # -- swr_cache_page -------------------------------------------------------------------------------
+#
+# The decorator renders the view and freezes the *view's* response (so on a hit every outer
+# middleware runs again for that request), but whether the page may be stored is decided on
+# the *final* response and request, after every middleware ran: ScaleMiddleware, the first
+# entry of MIDDLEWARE, calls finish_page() with them. On a miss the decorator leaves a
+# Deferred (the engine bound it to the claim) in the request's PageSlot; finish_page() judges
+# and commits or abandons it. Refills render through the project's whole WSGI stack.
 
 #: Response headers never stored with a cached page: they belong to one user or one response.
 _PRIVATE_HEADERS = frozenset({"set-cookie", "date", "expires", "cache-control", "age"})
+#: The WSGI environ key under which a refill hands its holder to the view it renders. It is not
+#: an ``HTTP_*`` key, so no request header can forge it.
+REFILL_ENVIRON_KEY = "django_scale.refill"
+#: The request attribute ScaleMiddleware opens for the cached page of the request.
+_SLOT_ATTRIBUTE = "_django_scale_page"
+#: Request headers that carry a visitor's credentials: never put in a refill's request.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+#: Paths of the views cached with swr_cache_page (for the system checks).
+page_paths: set[str] = set()
+#: (view, reason) pairs already logged: a page that cannot be cached is reported once per view.
+_logged_pages: set[tuple[str, str]] = set()
 
 
 class UncacheableResponse(Exception):
@@ -1449,21 +1584,155 @@ class UncacheableResponse(Exception):
         self.response = response
 
 
-def _vary_values(request: HttpRequest, vary_on: Collection[str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name in vary_on:
-        if name == "user":
-            user = getattr(request, "user", None)
-            values["user"] = getattr(user, "pk", None) if user is not None else None
+class _RefillHolder:
+    """Carries a refill's result out of the WSGI request that rendered it."""
+
+    __slots__ = ("key", "reason", "value")
+
+    def __init__(self, key: str) -> None:
+        #: The key being refilled: the rendered request must map to it.
+        self.key = key
+        self.value: Any = None
+        self.reason: str | None = None
+
+
+@dataclass
+class _Page:
+    """What the final pass needs to know about the cached page a request served or rendered."""
+
+    view: _PageView
+    key: str
+    #: The view's response in storable form (``None`` for a page served from the cache).
+    frozen: Any = None
+    #: This request won the claim: store the page through it, or give it up.
+    deferred: Deferred | None = None
+    #: This request is a refill's: hand the page to the holder.
+    holder: _RefillHolder | None = None
+    #: Until when the served copy is fresh (a page served from the cache).
+    fresh_until: float = 0.0
+
+
+class PageSlot:
+    """Room for the cached page of one request, opened by ScaleMiddleware as the request comes in.
+
+    The view decorator puts a :class:`_Page` in it; ScaleMiddleware hands it to
+    :func:`finish_page` with the final response.
+    """
+
+    __slots__ = ("entered", "page")
+
+    def __init__(self) -> None:
+        self.page: _Page | None = None
+        #: A cached view already ran for this request: another one nested in it renders live.
+        self.entered = False
+
+    @property
+    def needs_io(self) -> bool:
+        """Whether finishing reads the session or writes the cache (not just sets headers)."""
+        return self.page is not None and self.page.frozen is not None
+
+
+def open_page_slot(request: HttpRequest) -> PageSlot | None:
+    """Give *request* a page slot; return it, or ``None`` when an outer ScaleMiddleware gave one."""
+    if isinstance(getattr(request, _SLOT_ATTRIBUTE, None), PageSlot):
+        return None
+    slot = PageSlot()
+    setattr(request, _SLOT_ATTRIBUTE, slot)
+    return slot
+
+
+def finish_page(slot: PageSlot, request: HttpRequest, response: HttpResponseBase) -> None:
+    """Judge the final *response* to *request*, store or give up the page, set its caching headers.
+
+    ScaleMiddleware calls it once every other middleware has run. A page served from the cache
+    only gets its headers; one this request rendered is stored (under the claim it won) only
+    if :meth:`_PageView.verdict` finds nothing of the visitor's in the final response.
+    """
+    page, slot.page = slot.page, None
+    if page is None:
+        return
+    view = page.view
+    if page.frozen is None:
+        if response.status_code in (200, 304) and not response.streaming:
+            view.patch_headers(request, response, page.fresh_until)
+        return
+    reason = view.verdict(request, response, page.frozen)
+    if page.holder is not None:
+        if reason is None and page.key != page.holder.key:
+            reason = "its request did not reproduce the variant being refilled (it maps to another key)"
+        if reason is None:
+            page.holder.value = page.frozen
         else:
-            values[name.lower()] = request.headers.get(name)
-    return values
+            page.holder.reason = reason
+        return
+    if page.deferred is None:
+        return
+    if reason is not None:
+        page.deferred.abandon()
+        _log_page(view.path, reason, logging.WARNING)
+        return
+    view.patch_headers(request, response, page.deferred.commit(page.frozen))
 
 
-def _freeze_response(
-    response: HttpResponseBase, request: HttpRequest, vary_on: Collection[str], shared: bool
-) -> Any:
-    """Return the storable form of *response*, or raise :class:`UncacheableResponse`."""
+def abandon_page(slot: PageSlot) -> None:
+    """Give up the page of a request whose middleware raised: nothing is stored, the claim goes."""
+    page, slot.page = slot.page, None
+    if page is None:
+        return
+    if page.deferred is not None:
+        page.deferred.abandon()
+    if page.holder is not None:
+        page.holder.reason = "a middleware raised after the view"
+
+
+def _log_page(path: str, reason: str, level: int) -> None:
+    if (path, reason) in _logged_pages:
+        return
+    if len(_logged_pages) >= LOCAL_FALLBACK_SIZE:
+        _logged_pages.clear()
+    _logged_pages.add((path, reason))
+    logger.log(level, "not caching %s: %s (reported once per view)", path, reason)
+
+
+def _vary_names(headers: Any) -> set[str]:
+    return {name.strip().lower() for name in headers.get("Vary", "").split(",") if name.strip()}
+
+
+def _csrf_token_used(request: HttpRequest) -> bool:
+    # get_token() (what {% csrf_token %} calls) flags the request for CsrfViewMiddleware to
+    # send the cookie; the middleware resets the flag to False but leaves the key. Nothing
+    # public says the token was used, and with CSRF_USE_SESSIONS a token read back from the
+    # session sets no cookie. See django/middleware/csrf.py, get_token() and process_response()
+    # (4.2 to 6.1); pinned by tests/test_isolation_pages.py.
+    return "CSRF_COOKIE_NEEDS_UPDATE" in request.META
+
+
+def _csp_nonce_used(request: HttpRequest) -> bool:
+    """Whether the page used the Content-Security-Policy nonce of the request (Django 6.0+)."""
+    try:
+        from django.middleware.csp import get_nonce  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return False
+    # LazyNonce is true once generated (django/utils/csp.py), which build_policy() never does.
+    return bool(get_nonce(request))
+
+
+def _has_messages(request: HttpRequest) -> bool:
+    """Whether the request has flash messages, read or not (``{% if messages %}`` reads no flag)."""
+    from django.contrib.messages import get_messages
+
+    return len(get_messages(request)) > 0
+
+
+def _user_pk(request: HttpRequest) -> Any:
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return None
+    return user.pk
+
+
+def _freeze_response(response: HttpResponseBase) -> Any:
+    """Return the storable form of the view's *response*, or raise :class:`UncacheableResponse`."""
     render = getattr(response, "render", None)
     if render is not None and not getattr(response, "is_rendered", True):
         render()
@@ -1471,22 +1740,6 @@ def _freeze_response(
         raise UncacheableResponse(response, "it is streaming")
     if response.status_code != 200:
         raise UncacheableResponse(response, f"its status is {response.status_code}")
-    if response.cookies:
-        raise UncacheableResponse(response, "it sets cookies")
-    control = response.get("Cache-Control", "").lower()
-    if "private" in control or "no-store" in control:
-        raise UncacheableResponse(response, "its Cache-Control is private or no-store")
-    allowed = {name.lower() for name in vary_on}
-    if not shared:
-        session = getattr(request, "session", None)
-        if session is not None and getattr(session, "accessed", False) and "user" not in allowed:
-            raise UncacheableResponse(response, "the view read the session (vary_on 'user' or shared=True)")
-        varies = {v.strip().lower() for v in response.get("Vary", "").split(",") if v.strip()}
-        unknown = varies - allowed - {"accept-encoding"}
-        if unknown:
-            raise UncacheableResponse(
-                response, f"it varies on {', '.join(sorted(unknown))} (add it to vary_on)"
-            )
     headers = [(k, v) for k, v in response.items() if k.lower() not in _PRIVATE_HEADERS]
     return (response.status_code, headers, response.content)
 
@@ -1499,23 +1752,309 @@ def _thaw_response(frozen: Any) -> HttpResponse:
     return response
 
 
-def _rebuild_request(arguments: dict[str, Any]) -> HttpRequest:
-    """Build the GET request a Celery refill renders a cached page with."""
-    from django.test import RequestFactory
+class _PageView:
+    """A view cached with :func:`swr_cache_page`: its key, its verdict and its headers."""
 
-    headers = {name: value for name, value in arguments["headers"].items() if value is not None}
-    request = RequestFactory().get(
-        arguments["path"],
-        data=None,
-        secure=arguments["secure"],
-        HTTP_HOST=arguments["host"],
-        QUERY_STRING=arguments["query"],
-        headers=headers,
-    )
-    from django.contrib.auth.models import AnonymousUser
+    def __init__(
+        self,
+        view: Callable[..., Any],
+        path: str,
+        version: int | str,
+        vary_on: Sequence[str],
+        shared: bool,
+        stale_if_error: float,
+    ) -> None:
+        self.view = view
+        self.path = path
+        self.version = version
+        self.is_async = inspect.iscoroutinefunction(view)
+        self.headers = [name for name in vary_on if name != "user"]
+        self.per_user = "user" in vary_on
+        self.shared = shared
+        self.stale_if_error = stale_if_error
+        #: What the served response varies on (Cookie: the user comes from the session cookie).
+        self.vary = [*self.headers, *(["Cookie"] if self.per_user else [])]
+        #: Vary names the key covers whatever the response.
+        self.covered = frozenset(name.lower() for name in self.vary)
+        self.keyed_authorization = "authorization" in self.covered
+        #: Credentials in the key: never sent through the broker, so refilled inline.
+        self.credentials = bool(self.covered & _CREDENTIAL_HEADERS) or self.per_user
+        self.engine: Engine
 
-    request.user = AnonymousUser()
-    return request
+    # -- the key: one implementation, for requests and for refill messages --------------------
+
+    def parts(self, request: HttpRequest, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Return what the key of *request* is made of; also a refill's JSON-able arguments."""
+        parts: dict[str, Any] = {
+            "host": request.get_host(),
+            "path": request.path,
+            "path_info": request.path_info,
+            "query": request.META.get("QUERY_STRING", ""),
+            "secure": request.is_secure(),
+            "args": list(args),
+            "kwargs": kwargs,
+            "headers": {name: request.headers.get(name) for name in self.headers},
+        }
+        if settings.USE_I18N:
+            # The language LocaleMiddleware activated, from the URL, the cookie or the header.
+            parts["language"] = translation.get_language()
+        if self.per_user:
+            parts["user"] = _user_pk(request)
+        return parts
+
+    def key_of(self, parts: Any) -> str:
+        """Return the cache key of *parts* (a request's, or a refill message's arguments)."""
+        return build_key(self.path, self.version, encode_key_parts(parts))
+
+    def key(self, request: HttpRequest, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+        """Return the cache key of *request* (the active language included)."""
+        return self.key_of(self.parts(request, args, kwargs))
+
+    # -- rendering ---------------------------------------------------------------------------------
+
+    def call(self, request: HttpRequest, args: Sequence[Any], kwargs: dict[str, Any]) -> HttpResponseBase:
+        response = self.view(request, *args, **kwargs)
+        if self.is_async:
+            response = async_to_sync(_await)(response)
+        return cast(HttpResponseBase, response)
+
+    def render(self, request: HttpRequest, args: Sequence[Any], kwargs: dict[str, Any]) -> Deferred:
+        """Render the view for a caller that won the claim; the final pass stores it, or not."""
+        response = self.call(request, args, kwargs)
+        return Deferred((response, _freeze_response(response)))
+
+    # -- the final test ------------------------------------------------------------------------------
+
+    def verdict(self, request: HttpRequest, response: HttpResponseBase, frozen: Any) -> str | None:
+        """Return why the final *response* to *request* must not be stored, or ``None`` if it may be.
+
+        Every middleware has run: the cookies it sets, its ``Vary``, the session and the
+        messages it touched are all visible. One list of reasons, in docs/caching.md.
+        """
+        if response.streaming or response.status_code not in (200, 304):
+            return f"the final response's status is {response.status_code}"
+        if _csrf_token_used(request):
+            return "it used the CSRF token ({% csrf_token %} or get_token())"
+        if response.cookies:
+            return f"the final response sets cookies ({', '.join(sorted(response.cookies))})"
+        if _csp_nonce_used(request):
+            return "it used the Content-Security-Policy nonce"
+        control = response.get("Cache-Control", "").lower()
+        if "private" in control or "no-store" in control:
+            return "its Cache-Control is private or no-store"
+        if "HTTP_AUTHORIZATION" in request.META and not self.keyed_authorization:
+            return "the request carries an Authorization header (add it to vary_on)"
+        if not self.shared:
+            session = getattr(request, "session", None)
+            # SessionBase.accessed is what SessionMiddleware adds "Vary: Cookie" from.
+            if not self.per_user and session is not None and getattr(session, "accessed", False):
+                return "it read the session, which includes request.user (vary_on 'user', or shared=True)"
+            covered = set(self.covered)
+            if settings.USE_I18N:
+                covered.add("accept-language")  # the active language is part of the key
+            stored_vary = {"Vary": ", ".join(value for name, value in frozen[1] if name.lower() == "vary")}
+            if "accept-encoding" not in _vary_names(stored_vary):
+                # The stored body is the view's: GZipMiddleware compresses each hit anew.
+                covered.add("accept-encoding")
+            uncovered = _vary_names(response) - covered
+            if uncovered:
+                return f"it varies on {', '.join(sorted(uncovered))}, which vary_on does not list"
+        if _has_messages(request):
+            return "the request has flash messages"
+        return None
+
+    def patch_headers(self, request: HttpRequest, response: HttpResponseBase, fresh_until: float) -> None:
+        """Set the caching headers of a page that is (or could have been) stored."""
+        control = response.get("Cache-Control", "").lower()
+        if "no-store" in control:
+            return
+        fresh, stale = self.engine.lifetimes()
+        max_age = max(0, int(fresh_until - time.time())) if fresh_until else 0
+        options: dict[str, Any] = {"max_age": max_age, "stale_while_revalidate": int(stale - fresh)}
+        if self.stale_if_error:
+            options["stale_if_error"] = int(self.stale_if_error)
+        # Never public with a Set-Cookie (a middleware may set one on a hit).
+        if self.per_user or response.cookies or "private" in control:
+            options["private"] = True
+        else:
+            options["public"] = True
+        patch_cache_control(response, **options)
+        vary = self.vary
+        if settings.USE_I18N and settings.LANGUAGE_COOKIE_NAME in request.COOKIES:
+            # The language may come from the cookie, which LocaleMiddleware's Vary does not say.
+            vary = [*vary, "Cookie"]
+        if vary:
+            patch_vary_headers(response, vary)
+
+    # -- the request path ------------------------------------------------------------------------------
+
+    def respond(
+        self, request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> HttpResponseBase:
+        if request.method not in ("GET", "HEAD"):
+            return self.call(request, args, kwargs)
+        slot = getattr(request, _SLOT_ATTRIBUTE, None)
+        holder = request.META.get(REFILL_ENVIRON_KEY)
+        if not isinstance(slot, PageSlot):
+            reason = (
+                "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE, so "
+                "the final response cannot be judged; the page is served uncached"
+            )
+            if isinstance(holder, _RefillHolder):
+                holder.reason = reason
+            _log_page(self.path, reason, logging.WARNING)
+            return self.call(request, args, kwargs)
+        if slot.entered:
+            return self.call(request, args, kwargs)  # a cached view called by another one
+        slot.entered = True
+        if isinstance(holder, _RefillHolder):
+            return self.render_for_refill(slot, holder, request, args, kwargs)
+        if "HTTP_AUTHORIZATION" in request.META and not self.keyed_authorization:
+            # Credentials: never served a shared page, never stored as one.
+            return self.call(request, args, kwargs)
+        parts = self.parts(request, args, kwargs)
+        if self.per_user and parts["user"] is None and settings.SESSION_COOKIE_NAME in request.COOKIES:
+            # An anonymous session may hold the visitor's data: not the anonymous entry's.
+            return self.call(request, args, kwargs)
+        key = self.key_of(parts)
+        # Worked out only when a stale page needs a refill, never on a hit.
+        spec = _LazyRefill(self.refill_spec, parts, None, None) if self.celery else None
+        try:
+            result = self.engine.fetch(key, functools.partial(self.render, request, args, kwargs), spec)
+        except UncacheableResponse as uncacheable:
+            logger.debug("not caching %s: %s", request.path, uncacheable)
+            return uncacheable.response
+        if isinstance(result.value, Deferred):
+            response, frozen = result.value.payload
+            slot.page = _Page(self, key, frozen=frozen, deferred=result.value)
+            return cast(HttpResponseBase, response)
+        slot.page = _Page(self, key, fresh_until=result.fresh_until)
+        return _thaw_response(result.value)
+
+    def render_for_refill(
+        self,
+        slot: PageSlot,
+        holder: _RefillHolder,
+        request: HttpRequest,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> HttpResponseBase:
+        """Render live, without reading the cache, for a refill that dispatched this request."""
+        key = self.key(request, args, kwargs)
+        response = self.call(request, args, kwargs)
+        try:
+            frozen = _freeze_response(response)
+        except UncacheableResponse as uncacheable:
+            holder.reason = str(uncacheable)
+            return response
+        slot.page = _Page(self, key, frozen=frozen, holder=holder)
+        return response
+
+    def refill_spec(self, parts: dict[str, Any], *_: Any) -> _Refill | None:
+        """Return the Celery refill of *parts*, or ``None`` when JSON cannot carry them (inline)."""
+        return _Refill(self.path, parts) if _json_roundtrips(parts) else None
+
+    @property
+    def celery(self) -> bool:
+        """Whether stale entries refill through Celery (else the claim holder renders inline)."""
+        return self.engine.refill == "celery" and not self.credentials and "<locals>" not in self.path
+
+    # -- the refill: a GET through the project's own WSGI application ---------------------------------
+
+    def rebuild(self, arguments: Any) -> Callable[[], Any]:
+        return functools.partial(_render_through_stack, self, arguments)
+
+
+def _render_through_stack(view: _PageView, arguments: dict[str, Any]) -> Any:
+    """Render a stale page for a refill through every middleware; return its storable form.
+
+    Raise :class:`~django_scale.exceptions.PageRefillError` (a failed refill, retried with
+    backoff) when the final response may not be stored or the request does not map to the
+    key being refilled.
+    """
+    holder = _RefillHolder(view.key_of(arguments))
+    environ = _refill_environ(view, arguments, holder)
+    language = arguments.get("language")
+    override: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if isinstance(language, str) and translation.check_for_language(language):
+        # Without LocaleMiddleware the page renders in the active language, as it did when keyed.
+        override = translation.override(language)
+    with override:
+        response = _wsgi_application()(environ, _start_response)
+        status = getattr(response, "status_code", None)
+        close = getattr(response, "close", None)
+        if close is not None:
+            close()  # request_finished: Django closes the connections as after any request
+    if holder.value is None:
+        reason = holder.reason or f"the view was not reached (status {status})"
+        raise PageRefillError(
+            f"The refill of {view.path} for {arguments.get('path')!r} stored nothing: {reason}."
+        )
+    return holder.value
+
+
+def _wsgi_str(text: str) -> str:
+    """Return *text* as a WSGI environ string (UTF-8 bytes read as Latin-1, PEP 3333)."""
+    return text.encode("utf-8").decode("iso-8859-1")
+
+
+def _refill_environ(view: _PageView, arguments: dict[str, Any], holder: _RefillHolder) -> dict[str, Any]:
+    """Return the WSGI environ of a refill's GET: the key's parts, no cookies, no credentials."""
+    secure = bool(arguments["secure"])
+    host = str(arguments["host"])
+    path, path_info = str(arguments["path"]), str(arguments["path_info"])
+    script = path[: len(path) - len(path_info)] if path_info and path.endswith(path_info) else ""
+    name, colon, port = host.rpartition(":")
+    if not colon or "]" in port:
+        name, port = host, "443" if secure else "80"
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        "SCRIPT_NAME": _wsgi_str(script),
+        "PATH_INFO": _wsgi_str(path_info),
+        "QUERY_STRING": str(arguments["query"]),
+        "HTTP_HOST": host,
+        "SERVER_NAME": name,
+        "SERVER_PORT": port,
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "https" if secure else "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        REFILL_ENVIRON_KEY: holder,
+    }
+    for header, value in dict(arguments["headers"]).items():
+        if value is not None and str(header).lower() not in _CREDENTIAL_HEADERS:
+            meta = str(header).upper().replace("-", "_")
+            environ[meta if meta in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{meta}"] = str(value)
+    language = arguments.get("language")
+    if isinstance(language, str) and "HTTP_ACCEPT_LANGUAGE" not in environ:
+        environ["HTTP_ACCEPT_LANGUAGE"] = language
+    proxy_header = settings.SECURE_PROXY_SSL_HEADER
+    if secure and proxy_header:
+        environ[proxy_header[0]] = proxy_header[1]
+    return environ
+
+
+def _start_response(status: str, headers: Any, exc_info: Any = None) -> Callable[[bytes], None]:
+    return lambda data: None
+
+
+# The project's WSGI application per MIDDLEWARE list (override_settings in tests changes it).
+_applications: dict[tuple[Any, ...], Callable[..., Any]] = {}
+
+
+def _wsgi_application() -> Callable[..., Any]:
+    from django.core.wsgi import get_wsgi_application
+
+    middleware = tuple(settings.MIDDLEWARE or ())
+    application = _applications.get(middleware)
+    if application is None:
+        application = _applications[middleware] = get_wsgi_application()
+    return application
 
 
 def swr_cache_page(
@@ -1532,48 +2071,35 @@ def swr_cache_page(
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Cache a view's GET responses with stale-while-revalidate, like ``cache_page``.
 
-    The key is the view, the host, the path and the query string, plus the request headers
-    named in *vary_on* (``"user"`` means the user's primary key; the response is then marked
-    ``private``). Only 200 responses are stored, and never one that sets a cookie, is
-    private, read the session or varies on a header *vary_on* does not list, unless
-    *shared* says one response fits every user. Responses get matching ``Cache-Control:
-    max-age, stale-while-revalidate, stale-if-error`` headers and ``Vary`` on *vary_on*.
+    Needs ``django_scale.middleware.ScaleMiddleware`` as the first entry of ``MIDDLEWARE``:
+    the page is stored only if the *final* response, after every middleware, carries nothing
+    of the visitor's (no cookie set, no CSRF token, no session read, no flash message, no
+    ``Vary`` the key does not cover, no ``Authorization``; see docs/caching.md). Without it,
+    pages are served uncached (check W210).
 
-    Refills go to Celery, which renders the view on a request rebuilt from the path, query,
-    host and *vary_on* headers, with an anonymous user; a page that varies on ``"user"`` is
-    refilled inline by the one request that wins the claim.
+    The key is the view, the host, the path, the query string, the active language (with
+    ``USE_I18N``) and the request headers named in *vary_on* (``"user"`` means the user's
+    primary key; the response is then marked ``private``, and an anonymous visitor with a
+    session is never served the anonymous entry). A request with an ``Authorization`` header
+    is served uncached unless *vary_on* names it. *shared* says one response fits every user
+    even though it read the session or varies on an unlisted header (never: cookies, CSRF
+    token, messages). Stored pages go out with ``Cache-Control: max-age, stale-while-revalidate,
+    stale-if-error`` (``public``, or ``private`` when the final response sets a cookie or the
+    page varies on the user) and ``Vary`` on *vary_on*.
+
+    Celery refills send a GET through the project's own WSGI application, every middleware
+    included, with the key's host, path, query, language and *vary_on* headers and no cookies;
+    the result is stored only if it passes the same test and maps to the same key. Pages whose
+    key holds credentials (*vary_on* with ``"user"``, ``"Authorization"`` or ``"Cookie"``) and
+    ``refill="inline"`` ones are refilled by the request that wins the claim, which renders
+    the page live through its own middleware.
     """
     _validate(fresh, stale, stale_if_error, refill, "recompute", wait, 0.1, 60.0)
-    headers_vary = [name for name in vary_on if name != "user"]
-    per_user = "user" in vary_on
 
     def decorate(view: Callable[P, R]) -> Callable[P, R]:
         path = f"{view.__module__}.{view.__qualname__}"
-        is_async = inspect.iscoroutinefunction(view)
-        call_view: Callable[..., Any] = view
-
-        def render(request: HttpRequest, args: Any, kwargs: Any) -> Any:
-            response = call_view(request, *args, **kwargs)
-            if is_async:
-                response = async_to_sync(_await)(response)
-            return _freeze_response(response, request, vary_on, shared)
-
-        def rebuild(arguments: Any) -> Callable[[], Any]:
-            request = _rebuild_request(arguments)
-            return lambda: render(request, arguments["args"], arguments["kwargs"])
-
-        def page_key(parts: dict[str, Any], request: HttpRequest) -> str:
-            return build_key(path, version, encode_key_parts({**parts, **_vary_values(request, vary_on)}))
-
-        def key_of(arguments: Any) -> str:
-            """Return the key of a refill's arguments: the read path's, on the rebuilt request."""
-            if per_user:
-                raise CacheKeyError(f"{path}: a page that varies on the user is never refilled by Celery")
-            if not isinstance(arguments, dict):
-                raise CacheKeyError(f"{path}: refill arguments are not a dict")
-            return page_key(arguments, _rebuild_request(arguments))
-
-        engine = _registered(
+        page = _PageView(view, path, version, vary_on, shared, stale_if_error)
+        page.engine = _registered(
             Engine(
                 path=path,
                 fresh=fresh,
@@ -1582,64 +2108,31 @@ def swr_cache_page(
                 cache=cache,
                 refill=refill,
                 wait=wait,
-                rebuild=rebuild,
-                key_of=key_of,
+                # A page keyed by credentials is never refilled by Celery: a message is refused.
+                rebuild=None if page.credentials else page.rebuild,
+                key_of=page.key_of,
             )
         )
+        page_paths.add(path)
 
-        def respond(request: HttpRequest, args: tuple[Any, ...], kwargs: dict[str, Any]) -> HttpResponseBase:
-            if request.method not in ("GET", "HEAD"):
-                response = call_view(request, *args, **kwargs)
-                if is_async:
-                    response = async_to_sync(_await)(response)
-                return cast(HttpResponseBase, response)
-            parts = {
-                "host": request.get_host(),
-                "path": request.path,
-                "query": request.META.get("QUERY_STRING", ""),
-                "secure": request.is_secure(),
-                "args": list(args),
-                "kwargs": kwargs,
-                "headers": {name: request.headers.get(name) for name in headers_vary},
-            }
-            key_text = page_key(parts, request)
-            spec = _Refill(path, parts) if not per_user and _json_roundtrips(parts) else None
-            try:
-                result = engine.fetch(key_text, lambda: render(request, args, kwargs), spec)
-            except UncacheableResponse as uncacheable:
-                logger.debug("not caching %s: %s", request.path, uncacheable)
-                return uncacheable.response
-            cached = _thaw_response(result.value)
-            fresh_seconds, stale_seconds = engine.lifetimes()
-            max_age = max(0, int(result.fresh_until - time.time())) if result.fresh_until else 0
-            control: dict[str, Any] = {
-                "max_age": max_age,
-                "stale_while_revalidate": int(stale_seconds - fresh_seconds),
-            }
-            if stale_if_error:
-                control["stale_if_error"] = int(stale_if_error)
-            if per_user:
-                control["private"] = True
-            else:
-                control["public"] = True
-            patch_cache_control(cached, **control)
-            if headers_vary or per_user:
-                patch_vary_headers(cached, [*headers_vary, *(["Cookie"] if per_user else [])])
-            return cached
-
-        if is_async:
+        wrapper: Any
+        if page.is_async:
 
             @functools.wraps(view)
             async def async_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-                return await sync_to_async(respond, thread_sensitive=True)(request, args, kwargs)
+                return await sync_to_async(page.respond, thread_sensitive=True)(request, args, kwargs)
 
-            return cast("Callable[P, R]", async_view)
+            wrapper = async_view
+        else:
 
-        @functools.wraps(view)
-        def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
-            return respond(request, args, kwargs)
+            @functools.wraps(view)
+            def sync_view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+                return page.respond(request, args, kwargs)
 
-        return cast("Callable[P, R]", sync_view)
+            wrapper = sync_view
+        wrapper._django_scale_engine = page.engine
+        wrapper._django_scale_page = page
+        return cast("Callable[P, R]", wrapper)
 
     return decorate
 

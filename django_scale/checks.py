@@ -310,6 +310,18 @@ def _w204_task_not_registered(app_name: str) -> checks.CheckMessage:
     )
 
 
+def _w210_pages_without_outer_middleware(paths: list[str]) -> checks.CheckMessage:
+    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return _message(
+        checks.Warning,
+        "django_scale.W210",
+        f"{shown} {'is' if len(paths) == 1 else 'are'} cached with swr_cache_page, but "
+        "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE: the final "
+        "response cannot be judged, so these pages are served uncached.",
+        'Put "django_scale.middleware.ScaleMiddleware" first in MIDDLEWARE.',
+    )
+
+
 ROUTER_PATH = "django_scale.routers.ReplicaRouter"
 MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
 #: Middleware that write to the database in their response phase.
@@ -449,7 +461,7 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
     Only functions and views imported by the time checks run are seen; the URLconf is imported
     first so that cached views are.
     """
-    from django_scale.cache import registry
+    from django_scale.cache import page_paths, registry
 
     urlconf = getattr(settings, "ROOT_URLCONF", None)
     if urlconf:
@@ -465,6 +477,9 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
     for path, engine in sorted(registry.items()):
         if engine.cache is not None and engine.cache not in configured:
             messages.append(_e201_unknown_swr_cache(path, engine.cache))
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
+    if page_paths and not (middleware and _is_subclass_path(middleware[0], MIDDLEWARE_PATH)):
+        messages.append(_w210_pages_without_outer_middleware(sorted(page_paths)))
     celery_engines = [engine for engine in registry.values() if engine.refill == "celery"]
     if not celery_engines:
         return messages

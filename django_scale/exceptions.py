@@ -15,6 +15,7 @@ __all__ = [
     "FragmentKeyError",
     "NPlusOneError",
     "NPlusOneWarning",
+    "PageRefillError",
     "PerUserFragmentError",
     "PrefetchBypassedWarning",
     "SniperError",
@@ -111,4 +112,13 @@ class PerUserFragmentError(DjangoScaleError):
     The CSRF token, flash messages, the session, cookies and headers, or the user when the
     fragment does not vary on the user. Raised at render time when ``DEBUG`` is on; otherwise
     the render is served to its visitor only, never stored, and logged once.
+    """
+
+
+class PageRefillError(DjangoScaleError):
+    """A refill of a page cached with :func:`~django_scale.cache.swr_cache_page` stored nothing.
+
+    The page its GET rendered through the middleware may not be stored (it set a cookie,
+    read the session, ...) or did not map to the key being refilled. The refill counts as
+    failed: the stale page is served meanwhile and the refill is retried with backoff.
     """

@@ -9,6 +9,11 @@ After a request that wrote, it reads the primary's WAL position once and stores 
 signed cookie. On the user's next requests, reads go to a replica only once that replica
 has replayed past the position; otherwise, after waiting at most ``REPLICA_WAIT``, to the
 primary. The cookie expires after ``READ_YOUR_WRITES_MAX_AGE`` seconds.
+
+It is also the final pass of pages cached with :func:`~django_scale.cache.swr_cache_page`: as
+the first entry of ``MIDDLEWARE`` it sees the final response, after every other middleware,
+and decides there whether the page the view rendered may be stored and which caching headers
+the response gets (:func:`~django_scale.cache.finish_page`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from django.conf import settings
 from django.core.signing import BadSignature
 from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
+from django.utils.module_loading import import_string
 
+from django_scale.cache import PageSlot, abandon_page, finish_page, open_page_slot
 from django_scale.conf import conf
 from django_scale.replicas import (
     STICKY_PRIMARY,
@@ -107,8 +114,23 @@ def _close(
         response.delete_cookie(name, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax")
 
 
+def _is_first_middleware() -> bool:
+    """Whether the first entry of ``MIDDLEWARE`` is ScaleMiddleware (or a subclass)."""
+    entries = list(getattr(settings, "MIDDLEWARE", None) or ())
+    if not entries:
+        return False
+    try:
+        first = import_string(entries[0]) if isinstance(entries[0], str) else entries[0]
+    except ImportError:
+        return False
+    return isinstance(first, type) and issubclass(first, ScaleMiddleware)
+
+
 class ScaleMiddleware:
-    """Open a :class:`~django_scale.replicas.RoutingState` per request (sync and async)."""
+    """Open a :class:`~django_scale.replicas.RoutingState` per request (sync and async).
+
+    As the first entry of ``MIDDLEWARE`` it also judges the final response of cached pages.
+    """
 
     sync_capable = True
     async_capable = True
@@ -120,21 +142,42 @@ class ScaleMiddleware:
     ) -> None:
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
+        #: Whether it is the first entry of MIDDLEWARE, so it sees the final response of pages
+        #: cached with swr_cache_page (which are served uncached otherwise).
+        self.outermost = _is_first_middleware()
         if self.async_mode:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        required, sticky = read_cookie(request)
-        with routing_state(required, sticky_primary=sticky) as state, guard_replicas():
-            await_replica(state, NOT_CAUGHT_UP)
-            response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
-            position = current_wal_position(conf.PRIMARY) if state.wrote else None
-            _close(request, response, state, position)
+        slot = open_page_slot(request) if self.outermost else None
+        try:
+            required, sticky = read_cookie(request)
+            with routing_state(required, sticky_primary=sticky) as state, guard_replicas():
+                await_replica(state, NOT_CAUGHT_UP)
+                response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
+                position = current_wal_position(conf.PRIMARY) if state.wrote else None
+                _close(request, response, state, position)
+                if slot is not None and slot.page is not None:
+                    # Last: the read-your-writes cookie counts as a cookie set.
+                    finish_page(slot, request, response)
+        except BaseException:
+            if slot is not None:
+                abandon_page(slot)
+            raise
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        slot = open_page_slot(request) if self.outermost else None
+        try:
+            return await self._respond_in_state(request, slot)
+        except BaseException:
+            if slot is not None and slot.page is not None:
+                await sync_to_async(abandon_page)(slot)
+            raise
+
+    async def _respond_in_state(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
         required, sticky = read_cookie(request)
         with routing_state(required, sticky_primary=sticky) as state:
             # Connections belong to threads: guard the replica connections of the thread
@@ -142,12 +185,14 @@ class ScaleMiddleware:
             guard = guard_replicas()
             await sync_to_async(guard.__enter__)()
             try:
-                return await self._respond(request, state)
+                return await self._respond(request, state, slot)
             finally:
                 # It only removes the wrappers: an exception of the view is not its business.
                 await sync_to_async(guard.__exit__)(None, None, None)
 
-    async def _respond(self, request: HttpRequest, state: RoutingState) -> HttpResponseBase:
+    async def _respond(
+        self, request: HttpRequest, state: RoutingState, slot: PageSlot | None
+    ) -> HttpResponseBase:
         if _needs_wait(state):
             # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
             await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
@@ -159,4 +204,11 @@ class ScaleMiddleware:
             # On the thread that ran the ORM calls, whose connection saw the write.
             position = await sync_to_async(current_wal_position)(conf.PRIMARY)
         _close(request, response, state, position)
+        if slot is not None and slot.page is not None:
+            # Last: the read-your-writes cookie counts as a cookie set.
+            if slot.needs_io:
+                # The verdict may read the session; the write goes to the cache.
+                await sync_to_async(finish_page)(slot, request, response)
+            else:
+                finish_page(slot, request, response)  # a page from the cache: headers only
         return response

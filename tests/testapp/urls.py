@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from testapp import cached, views
 
@@ -20,4 +20,5 @@ urlpatterns = [
     path("swr/language/", cached.page_by_language),
     path("swr/async/", cached.async_page),
     path("swr/fragment/", views.fragment),
+    path("iso/", include("testapp.pages")),
 ]
