@@ -184,3 +184,21 @@ def celery_worker(celery_app: Any) -> Iterator[Any]:
     celery_app.loader.import_module("celery.contrib.testing.tasks")
     with start_worker(celery_app, pool="solo", perform_ping_check=True, shutdown_timeout=30) as worker:
         yield worker
+
+
+@pytest.fixture(autouse=True)
+def _fresh_language_and_time_zone() -> Iterator[None]:
+    """Start and leave each test with no language or time zone activated in the thread.
+
+    LocaleMiddleware and views that call ``timezone.activate()`` leave theirs active in the
+    thread after a test-client request (as in a real server, where the next request's
+    middleware activates its own). Cache keys include the active language, so a test that
+    computes a key by hand must not see the previous test's.
+    """
+    from django.utils import timezone, translation
+
+    translation.deactivate()
+    timezone.deactivate()
+    yield
+    translation.deactivate()
+    timezone.deactivate()

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.core.cache import caches
+from django.test import RequestFactory
 from django.test.utils import override_settings
 
 from django_scale import metrics
@@ -175,9 +176,10 @@ def test_a_forged_key_of_a_cached_page_is_rejected(cache_alias: str) -> None:
 
     engine = registry["testapp.cached.page"]
     assert Client().get("/swr/page/", {"q": "alice-secret"}).content == b"page v1 q=alice-secret"
-    arguments = {"host": "testserver", "path": "/swr/page/", "secure": False, "args": [], "kwargs": {}}
-    alices = {**arguments, "query": "q=alice-secret", "headers": {}}
-    bobs = {**arguments, "query": "q=bob", "headers": {}}
+    # The refill arguments the read path makes for each visitor's request (the page's own parts).
+    view = cached.page._django_scale_page  # type: ignore[attr-defined]
+    alices = view.parts(RequestFactory().get("/swr/page/", {"q": "alice-secret"}), (), {})
+    bobs = view.parts(RequestFactory().get("/swr/page/", {"q": "bob"}), (), {})
     alices_key = engine.key_of(alices)
     assert store_for(cache_alias).get(alices_key) is not None  # the key the read path wrote
     assert run_refill_task(*message("testapp.cached.page", alices_key, bobs)) is False
