@@ -589,6 +589,7 @@ def reset_state() -> None:
         _local.clear()
     invalidations.reset()
     _logged_pages.clear()
+    _unstorable.clear()
 
 
 class Publisher:
@@ -1574,6 +1575,36 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie
 page_paths: set[str] = set()
 #: (view, reason) pairs already logged: a page that cannot be cached is reported once per view.
 _logged_pages: set[tuple[str, str]] = set()
+#: Seconds at most a process renders a page live, without claiming its key, after a rendering
+#: of it was refused for a reason that holds for every visitor (see :class:`_Reason`).
+UNSTORABLE_MEMORY = 60.0
+# Page keys refused for every visitor, and until when (time.monotonic()) to render them live.
+_unstorable: dict[str, float] = {}
+
+
+class _Reason(NamedTuple):
+    """Why a page may not be stored."""
+
+    text: str
+    #: Whether it holds for every visitor (the page uses the CSRF token, varies on an unlisted
+    #: header, ...), not only for this one (their flash messages, their session being saved).
+    every_visitor: bool = False
+
+
+def _remember_unstorable(key: str, seconds: float) -> None:
+    if len(_unstorable) >= LOCAL_FALLBACK_SIZE:
+        _unstorable.clear()
+    _unstorable[key] = time.monotonic() + seconds
+
+
+def _is_unstorable(key: str) -> bool:
+    until = _unstorable.get(key)
+    if until is None:
+        return False
+    if time.monotonic() < until:
+        return True
+    _unstorable.pop(key, None)
+    return False
 
 
 class UncacheableResponse(Exception):
@@ -1659,17 +1690,24 @@ def finish_page(slot: PageSlot, request: HttpRequest, response: HttpResponseBase
     reason = view.verdict(request, response, page.frozen)
     if page.holder is not None:
         if reason is None and page.key != page.holder.key:
-            reason = "its request did not reproduce the variant being refilled (it maps to another key)"
+            reason = _Reason(
+                "its request did not reproduce the variant being refilled (it maps to another key)"
+            )
         if reason is None:
             page.holder.value = page.frozen
         else:
-            page.holder.reason = reason
+            page.holder.reason = reason.text
         return
     if page.deferred is None:
         return
     if reason is not None:
         page.deferred.abandon()
-        _log_page(view.path, reason, logging.WARNING)
+        if reason.every_visitor:
+            # Every visitor's rendering would be refused alike: render it live for a while
+            # instead of claiming, so concurrent requests do not queue behind each other's
+            # claims (each renders, is refused and hands the claim on to the next).
+            _remember_unstorable(page.key, min(view.engine.lifetimes()[0], UNSTORABLE_MEMORY))
+        _log_page(view.path, reason.text, logging.WARNING)
         return
     view.patch_headers(request, response, page.deferred.commit(page.frozen))
 
@@ -1825,30 +1863,33 @@ class _PageView:
 
     # -- the final test ------------------------------------------------------------------------------
 
-    def verdict(self, request: HttpRequest, response: HttpResponseBase, frozen: Any) -> str | None:
+    def verdict(self, request: HttpRequest, response: HttpResponseBase, frozen: Any) -> _Reason | None:
         """Return why the final *response* to *request* must not be stored, or ``None`` if it may be.
 
         Every middleware has run: the cookies it sets, its ``Vary``, the session and the
         messages it touched are all visible. One list of reasons, in docs/caching.md.
         """
         if response.streaming or response.status_code not in (200, 304):
-            return f"the final response's status is {response.status_code}"
+            return _Reason(f"the final response's status is {response.status_code}")
         if _csrf_token_used(request):
-            return "it used the CSRF token ({% csrf_token %} or get_token())"
+            return _Reason("it used the CSRF token ({% csrf_token %} or get_token())", every_visitor=True)
         if response.cookies:
-            return f"the final response sets cookies ({', '.join(sorted(response.cookies))})"
+            return _Reason(f"the final response sets cookies ({', '.join(sorted(response.cookies))})")
         if _csp_nonce_used(request):
-            return "it used the Content-Security-Policy nonce"
+            return _Reason("it used the Content-Security-Policy nonce", every_visitor=True)
         control = response.get("Cache-Control", "").lower()
         if "private" in control or "no-store" in control:
-            return "its Cache-Control is private or no-store"
+            return _Reason("its Cache-Control is private or no-store", every_visitor=True)
         if "HTTP_AUTHORIZATION" in request.META and not self.keyed_authorization:
-            return "the request carries an Authorization header (add it to vary_on)"
+            return _Reason("the request carries an Authorization header (add it to vary_on)")
         if not self.shared:
             session = getattr(request, "session", None)
             # SessionBase.accessed is what SessionMiddleware adds "Vary: Cookie" from.
             if not self.per_user and session is not None and getattr(session, "accessed", False):
-                return "it read the session, which includes request.user (vary_on 'user', or shared=True)"
+                return _Reason(
+                    "it read the session, which includes request.user (vary_on 'user', or shared=True)",
+                    every_visitor=True,
+                )
             covered = set(self.covered)
             if settings.USE_I18N:
                 covered.add("accept-language")  # the active language is part of the key
@@ -1858,9 +1899,12 @@ class _PageView:
                 covered.add("accept-encoding")
             uncovered = _vary_names(response) - covered
             if uncovered:
-                return f"it varies on {', '.join(sorted(uncovered))}, which vary_on does not list"
+                return _Reason(
+                    f"it varies on {', '.join(sorted(uncovered))}, which vary_on does not list",
+                    every_visitor=True,
+                )
         if _has_messages(request):
-            return "the request has flash messages"
+            return _Reason("the request has flash messages")
         return None
 
     def patch_headers(self, request: HttpRequest, response: HttpResponseBase, fresh_until: float) -> None:
@@ -1917,6 +1961,9 @@ class _PageView:
             # An anonymous session may hold the visitor's data: not the anonymous entry's.
             return self.call(request, args, kwargs)
         key = self.key_of(parts)
+        if _unstorable and _is_unstorable(key):
+            # Refused for every visitor moments ago: no claim, no cache, no caching headers.
+            return self.call(request, args, kwargs)
         # Worked out only when a stale page needs a refill, never on a hit.
         spec = _LazyRefill(self.refill_spec, parts, None, None) if self.celery else None
         try:

@@ -27,6 +27,7 @@ from django.core.cache import caches
 from django.db import connections
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext, override_settings
+from support import counter, wait_until
 
 from django_scale import invalidations, metrics
 from django_scale.cache import (
@@ -78,12 +79,6 @@ def _caches() -> dict[str, Any]:
     return dict(settings.CACHES)
 
 
-def counter(name: str) -> int:
-    value = metrics.snapshot().get(name, 0)
-    assert isinstance(value, int)
-    return value
-
-
 def make_stale(function: Any, *args: Any, value: Any, past_stale: bool = False) -> str:
     """Store *value* for *function(*args)* as a stale entry (or one past ``stale``); return its key."""
     engine = function._django_scale_engine
@@ -94,14 +89,6 @@ def make_stale(function: Any, *args: Any, value: Any, past_stale: bool = False) 
     envelope = Envelope(MARKER, value, now - 4000, now - 100, stale_until)
     assert store.write(key, envelope, 3600, store.generation(key), "")
     return key
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def concurrently(function: Callable[[], Any], callers: int = 50) -> list[Any]:

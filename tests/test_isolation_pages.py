@@ -24,6 +24,7 @@ from django.http import HttpResponse
 from django.test import AsyncClient, Client, RequestFactory
 from django.test.utils import override_settings
 from django.utils import translation
+from support import counter, wait_until
 
 from django_scale import metrics
 from django_scale.cache import MARKER, Envelope, breakers, reset_state, store_for, wait_for_refills
@@ -86,12 +87,6 @@ def page(flavor: str, name: str) -> str:
 def text(response: HttpResponse) -> str:
     assert response.status_code == 200, response
     return response.content.decode()
-
-
-def counter(name: str) -> int:
-    value = metrics.snapshot().get(name, 0)
-    assert isinstance(value, int)
-    return value
 
 
 def middleware(*extra: str, after: str = SCALE) -> list[str]:
@@ -168,6 +163,32 @@ def test_flash_messages_never_reach_another_visitor(flavor: str, storage: str) -
             # messages: their page is stored and served (rendered for the first visitor and
             # for the second only).
             assert probe.count("messages") == 2
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_page_refused_for_every_visitor_is_rendered_live_without_claims(flavor: str) -> None:
+    # A form with {% csrf_token %} can never be stored. After the first refusal the process
+    # renders it live, so concurrent visitors do not queue behind each other's claims.
+    url = page(flavor, "form")
+    tokens = {csrf_token(Visitor(flavor).get(url)) for _ in range(3)}
+    assert len(tokens) == 3
+    assert probe.count("form") == 3
+    assert counter("swr.miss") == 1  # only the first request claimed the key
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_a_page_refused_for_one_visitor_is_stored_for_the_next(flavor: str) -> None:
+    # Flash messages are the visitor's own: the next visitor's rendering is stored as usual.
+    url = page(flavor, "messages")
+    first = Visitor(flavor)
+    first.get(f"/iso/add-message/?text={SECRET}")
+    assert SECRET in text(first.get(url))
+    assert SECRET not in text(Visitor(flavor).get(url))
+    assert SECRET not in text(Visitor(flavor).get(url))
+    assert probe.count("messages") == 2  # the second visitor's page was stored and served
+    assert counter("swr.miss") == 2
 
 
 # -- session data and the user ---------------------------------------------------------------------------
@@ -431,16 +452,6 @@ def languages_refilled(refilled: Callable[[], None]) -> None:
         ("language", "fr"),
         ("language", "fr"),
     ]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_the_celery_refill_renders_the_language_of_the_entry(locale: None, celery_worker: Any) -> None:

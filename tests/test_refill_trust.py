@@ -25,6 +25,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.test import RequestFactory
 from django.test.utils import override_settings
+from support import counter, wait_until
 
 from django_scale import metrics
 from django_scale.cache import (
@@ -74,12 +75,6 @@ def cache_alias(request: pytest.FixtureRequest) -> Iterator[str]:
         caches["default"].clear()
         yield "default"
         caches["default"].clear()
-
-
-def counter(name: str) -> int:
-    value = metrics.snapshot().get(name, 0)
-    assert isinstance(value, int)
-    return value
 
 
 def make_stale(function: Any, *args: Any, value: Any) -> str:
@@ -281,14 +276,6 @@ def test_the_worker_imports_nothing_for_a_forged_path(redis_cache: Any, celery_w
     assert "outsider.trap" not in sys.modules
     assert "DJANGO_SCALE_TEST_TRAP" not in os.environ
     assert counter("swr.refill.rejected") == 3
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def test_two_users_never_get_each_others_values_through_a_celery_refill(

@@ -25,8 +25,8 @@ from django.conf import settings
 from django.db import connections
 from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
+from support import counter
 
-from django_scale import metrics
 from django_scale.replicas import ReplicaGuard, Watchdog, monitor, parse_lsn, routing_state, watchdog
 from django_scale.testing import capture_reads, override_scale_settings
 
@@ -44,12 +44,6 @@ def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout} s")
         time.sleep(0.02)
-
-
-def counter(name: str) -> int:
-    value = metrics.snapshot().get(name, 0)
-    assert isinstance(value, int)
-    return value
 
 
 class SilentServer:
