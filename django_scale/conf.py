@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 
 from django.conf import settings
 
-from django_scale.exceptions import ConfigurationError
+from django_scale.exceptions import ConfigurationError, UnknownSettingError
 
 __all__ = ["SETTINGS", "Setting", "conf"]
 
@@ -253,7 +253,9 @@ class Conf:
     def get(self, name: str) -> Any:
         """Return the value of key *name*: the project's, or the documented default."""
         if name not in SETTINGS:
-            raise KeyError(f"{name!r} is not a DJANGO_SCALE key")
+            raise UnknownSettingError(
+                f"{name!r} is not a DJANGO_SCALE key. Known keys: {', '.join(sorted(SETTINGS))}."
+            )
         return self.user_settings().get(name, SETTINGS[name].default)
 
     @property
