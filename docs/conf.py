@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _read_version() -> str:
     # The installed distribution is the truth (tox's docs env installs the wheel). Without it,
-    # read the source tree's __init__.py as text: importing django_scale or Django settings
-    # here would make the docs build depend on a configured Django project.
+    # read the source tree's __init__.py as text, before Django is configured below.
     try:
         return package_version("django-scale")
     except PackageNotFoundError:
@@ -60,9 +59,11 @@ autodoc_typehints = "description"
 autodoc_inherit_docstrings = False
 autodoc_default_options = {"members": True, "show-inheritance": True}
 
-# The build runs offline (CI has no network): the inventories are copies kept in
-# docs/_inventories/, from Debian's python3.11-doc and python-django-doc packages. The links
-# point at the online docs.
+# The build runs offline (CI has no network), so the inventories are files in
+# docs/_inventories/: python.inv from Debian's python3.11-doc package, django.inv from its
+# python-django-doc package (Django 3.2) with each page rewritten to the directory URL
+# docs.djangoproject.com serves ("ref/paginator.html#x" -> "ref/paginator/#x"). Links point at
+# the online docs; a name added to Django after 3.2 shows unlinked.
 intersphinx_mapping = {
     "python": ("https://docs.python.org/3/", str(ROOT / "docs" / "_inventories" / "python.inv")),
     "django": (
