@@ -109,6 +109,8 @@ def _seconds(default: float, *, zero_allowed: bool = False) -> Setting:
 
 
 #: Every key of ``DJANGO_SCALE`` with its default. ``docs/settings.md`` documents each one.
+#:
+#: :meta hide-value:
 SETTINGS: dict[str, Setting] = {
     "PRIMARY": Setting(
         default="default",
@@ -375,4 +377,6 @@ class Conf:
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.
+#:
+#: :meta hide-value:
 conf = Conf()
