@@ -35,12 +35,9 @@ PUBLIC_MODULES = [
 ]
 
 
-def _sources(module: ModuleType) -> str:
-    """Return the source of *module*, and of every module beside it when it is a package."""
-    path = Path(inspect.getfile(module))
-    if path.name == "__init__.py":
-        return "\n".join(part.read_text(encoding="utf-8") for part in sorted(path.parent.rglob("*.py")))
-    return path.read_text(encoding="utf-8")
+def _source(module: ModuleType) -> str:
+    """Return the source of *module* (a package's ``__init__.py``)."""
+    return Path(inspect.getfile(module)).read_text(encoding="utf-8")
 
 
 def _has_own_docstring(module: ModuleType, name: str, source: str) -> bool:
@@ -51,7 +48,8 @@ def _has_own_docstring(module: ModuleType, name: str, source: str) -> bool:
         return bool((vars(value).get("__doc__") if inspect.isclass(value) else value.__doc__) or "")
     if callable(value) and getattr(value, "__wrapped__", None) is not None:
         return bool(getattr(value, "__doc__", None))
-    # Data (constants, signals, the conf object): autodoc reads the "#:" comment above it.
+    # Data (constants, signals, the conf object): autodoc reads the "#:" comment above it in
+    # the module it documents, so a package re-exporting a constant comments it in __init__.py.
     comment = rf"^[ \t]*#:[^\n]*\n(?:[ \t]*#:[^\n]*\n)*[ \t]*{re.escape(name)}\b\s*(?::[^\n=]*)?="
     return re.search(comment, source, re.MULTILINE) is not None
 
@@ -72,7 +70,7 @@ def test_every_public_name_is_documented(module_name):
     module = importlib.import_module(module_name)
     assert module.__doc__, f"{module_name} has no module docstring"
     public = module.__all__
-    source = _sources(module)
+    source = _source(module)
     undocumented = [name for name in public if not _has_own_docstring(module, name, source)]
     assert not undocumented, f"{module_name}: no docstring (or '#:' comment) for {undocumented}"
 
