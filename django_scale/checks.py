@@ -33,12 +33,21 @@ DOCS = "https://django-scale.readthedocs.io/en/latest/checks.html"
 
 
 def _message(
-    level: type[checks.Error | checks.Warning], check_id: str, msg: str, fix: str
+    level: type[checks.Error | checks.Warning], check_id: str, msg: str, fix: str, *, obj: Any = None
 ) -> checks.CheckMessage:
-    """Build a check message whose hint gives the fix and links to the id's docs."""
+    """Build a check message whose hint gives the fix and links to the id's docs.
+
+    *obj* is what the message is about: a class, a model, or the setting's name as a string
+    (``"DJANGO_SCALE['REPLICAS']"``). ``manage.py check`` prints it before the message.
+    """
     # docs/checks.md labels each id as (django-scale-e001)=, which Sphinx renders as this id.
     anchor = check_id.lower().replace("_", "-").replace(".", "-")
-    return level(msg, hint=f"{fix} See {DOCS}#{anchor}", id=check_id)
+    return level(msg, hint=f"{fix} See {DOCS}#{anchor}", obj=obj, id=check_id)
+
+
+def _setting(key: str) -> str:
+    """Name the ``DJANGO_SCALE`` key *key* as a check message's ``obj``."""
+    return f"DJANGO_SCALE[{key!r}]"
 
 
 def _e001_not_a_dict(value: Any) -> checks.CheckMessage:
@@ -47,6 +56,7 @@ def _e001_not_a_dict(value: Any) -> checks.CheckMessage:
         "django_scale.E001",
         f"The DJANGO_SCALE setting must be a dict, not {type(value).__name__}.",
         'Set it to a dict, e.g. DJANGO_SCALE = {"REPLICAS": ["replica"]}.',
+        obj="DJANGO_SCALE",
     )
 
 
@@ -58,6 +68,7 @@ def _w001_unknown_key(key: str) -> checks.CheckMessage:
         "django_scale.W001",
         f"DJANGO_SCALE[{key!r}] is not a django-scale setting and is ignored.",
         fix,
+        obj=_setting(key),
     )
 
 
@@ -68,6 +79,7 @@ def _e002_wrong_type(key: str, value: Any) -> checks.CheckMessage:
         "django_scale.E002",
         f"DJANGO_SCALE[{key!r}] must be {spec.expected}, not {type(value).__name__} ({value!r}).",
         f"Set it to e.g. DJANGO_SCALE[{key!r}] = {spec.example}.",
+        obj=_setting(key),
     )
 
 
@@ -78,6 +90,7 @@ def _e003_invalid_value(key: str, value: Any, problem: str) -> checks.CheckMessa
         "django_scale.E003",
         f"DJANGO_SCALE[{key!r}] = {value!r} is not allowed: {problem}.",
         f"Set it to e.g. DJANGO_SCALE[{key!r}] = {spec.example}.",
+        obj=_setting(key),
     )
 
 
@@ -88,6 +101,7 @@ def _e004_unknown_database(key: str, alias: str) -> checks.CheckMessage:
         "django_scale.E004",
         f"DJANGO_SCALE[{key!r}] names the database alias {alias!r}, which is not in DATABASES.",
         f"Add {alias!r} to DATABASES or remove it from DJANGO_SCALE[{key!r}] (DATABASES has {known}).",
+        obj=_setting(key),
     )
 
 
@@ -98,6 +112,7 @@ def _e005_unknown_cache(alias: str) -> checks.CheckMessage:
         "django_scale.E005",
         f"DJANGO_SCALE['CACHE_ALIAS'] names the cache alias {alias!r}, which is not in CACHES.",
         f"Add {alias!r} to CACHES or set DJANGO_SCALE['CACHE_ALIAS'] to one of {known}.",
+        obj=_setting("CACHE_ALIAS"),
     )
 
 
@@ -107,6 +122,7 @@ def _e101_primary_is_a_replica(alias: str) -> checks.CheckMessage:
         "django_scale.E101",
         f"DJANGO_SCALE['REPLICAS'] lists {alias!r}, which is the primary (DJANGO_SCALE['PRIMARY']).",
         f"Remove {alias!r} from REPLICAS: reads that must see writes would go to it as if it lagged.",
+        obj=_setting("REPLICAS"),
     )
 
 
@@ -117,6 +133,7 @@ def _w102_router_without_middleware() -> checks.CheckMessage:
         "ReplicaRouter is in DATABASE_ROUTERS but ScaleMiddleware is not in MIDDLEWARE: a user's "
         "next request after a write may read from a replica that has not replayed it yet.",
         'Add "django_scale.middleware.ScaleMiddleware" at the top of MIDDLEWARE.',
+        obj="MIDDLEWARE",
     )
 
 
@@ -127,6 +144,7 @@ def _w103_replicas_without_router() -> checks.CheckMessage:
         "DJANGO_SCALE['REPLICAS'] is set but ReplicaRouter is not in DATABASE_ROUTERS: no read "
         "goes to the replicas.",
         'Add "django_scale.routers.ReplicaRouter" to DATABASE_ROUTERS.',
+        obj="DATABASE_ROUTERS",
     )
 
 
@@ -136,6 +154,7 @@ def _e104_engine_mismatch(alias: str, engine: str, primary_engine: str) -> check
         "django_scale.E104",
         f"The replica {alias!r} uses the ENGINE {engine!r} but the primary uses {primary_engine!r}.",
         "A replica must be a copy of the primary on the same database vendor; fix DATABASES.",
+        obj=f"DATABASES[{alias!r}]",
     )
 
 
@@ -146,6 +165,7 @@ def _w105_local_cache(alias: str, backend: str) -> checks.CheckMessage:
         f"DJANGO_SCALE['CACHE_ALIAS'] is {alias!r}, a {backend.rsplit('.', 1)[-1]}, which each "
         "process keeps to itself: a replica one process ejects keeps taking the others' reads.",
         "Point CACHE_ALIAS at a shared cache such as django_redis.cache.RedisCache.",
+        obj=_setting("CACHE_ALIAS"),
     )
 
 
@@ -156,6 +176,7 @@ def _w106_no_connect_timeout(alias: str) -> checks.CheckMessage:
         f"The replica {alias!r} has no OPTIONS['connect_timeout']: connecting to a replica whose "
         "host hangs waits for the operating system's TCP timeout, minutes.",
         f'Set DATABASES[{alias!r}]["OPTIONS"]["connect_timeout"] = 2 (whole seconds, 2 at least).',
+        obj=f"DATABASES[{alias!r}]",
     )
 
 
@@ -166,6 +187,7 @@ def _w107_middleware_order(after: str) -> checks.CheckMessage:
         f"ScaleMiddleware comes after {after} in MIDDLEWARE, so that middleware's writes (such as "
         "a session save) are not seen by read-your-writes.",
         "Move django_scale.middleware.ScaleMiddleware above it, to the top of MIDDLEWARE.",
+        obj="MIDDLEWARE",
     )
 
 
@@ -179,6 +201,7 @@ def _w401_related_model_not_prefetch_aware(
         f"{label} uses a prefetch-aware queryset, but the default manager of {related_label} is not a "
         f"PrefetchAwareManager: {model.__name__}.{accessor}.all(), .count() and .exists() load row by row.",
         f"Give {related_label} a prefetch-aware default manager, e.g. objects = ScaleQuerySet.as_manager().",
+        obj=model,
     )
 
 
@@ -190,6 +213,7 @@ def _w402_raise_in_production() -> checks.CheckMessage:
         "fails in production instead of being reported.",
         "Use 'log' (with N_PLUS_ONE_SAMPLE_RATE) in production, and raise in tests with "
         "django_scale.testing.forbid_n_plus_one().",
+        obj=_setting("N_PLUS_ONE"),
     )
 
 
@@ -248,6 +272,7 @@ def _e501_bad_sniper_rule(problem: str) -> checks.CheckMessage:
         "django_scale.E501",
         f"DJANGO_SCALE['SNIPER_RULES'] has a rule the query sniper cannot use: {problem}",
         'Fix the rule, e.g. {"name": "long query", "max_duration": 30, "states": ["active"]}.',
+        obj=_setting("SNIPER_RULES"),
     )
 
 
@@ -258,6 +283,7 @@ def _w502_sniper_not_postgresql(alias: str, vendor: str) -> checks.CheckMessage:
         f"DJANGO_SCALE['SNIPER_DATABASES'] lists {alias!r}, a {vendor} database: the query sniper "
         "reads pg_stat_activity and refuses to run on it.",
         f"Remove {alias!r} from SNIPER_DATABASES; list only PostgreSQL aliases.",
+        obj=_setting("SNIPER_DATABASES"),
     )
 
 
@@ -267,6 +293,7 @@ def _w503_mail_without_admins() -> checks.CheckMessage:
         "django_scale.W503",
         "DJANGO_SCALE['SNIPER_MAIL_ADMINS'] is True but ADMINS is empty: nobody is mailed about kills.",
         "Set ADMINS to the people who should hear about kills, or SNIPER_MAIL_ADMINS to False.",
+        obj=_setting("SNIPER_MAIL_ADMINS"),
     )
 
 
@@ -277,6 +304,7 @@ def _e201_unknown_swr_cache(path: str, alias: str) -> checks.CheckMessage:
         "django_scale.E201",
         f"{path} is cached with stale_while_revalidate(cache={alias!r}), which is not in CACHES.",
         f"Add {alias!r} to CACHES or pass one of {known}.",
+        obj=path,
     )
 
 
@@ -288,6 +316,7 @@ def _w202_process_local_cache(alias: str, backend: str, paths: list[str]) -> che
         f"but {', '.join(paths[:3])}{' and others' if len(paths) > 3 else ''} refill through Celery: "
         "a worker's refill never reaches the web processes, and each process computes on its own.",
         "Use a shared cache such as django_redis.cache.RedisCache, or refill='inline'.",
+        obj=f"CACHES[{alias!r}]",
     )
 
 
@@ -297,6 +326,7 @@ def _e203_celery_missing(paths: list[str]) -> checks.CheckMessage:
         "django_scale.E203",
         f"Celery is not installed, but {', '.join(paths[:3])} refill through Celery.",
         "Install Celery (pip install celery) and run a worker, or pass refill='inline'.",
+        obj=paths[0],
     )
 
 
@@ -307,6 +337,7 @@ def _w204_task_not_registered(app_name: str) -> checks.CheckMessage:
         f"The Celery app {app_name!r} has no task django_scale.refresh: workers configured like it "
         "reject stale_while_revalidate refills as unregistered tasks, and values stay stale.",
         "Call app.autodiscover_tasks() in your Celery module, or import django_scale.tasks there.",
+        obj=app_name,
     )
 
 
@@ -319,6 +350,7 @@ def _w210_pages_without_outer_middleware(paths: list[str]) -> checks.CheckMessag
         "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE: the final "
         "response cannot be judged, so these pages are served uncached.",
         'Put "django_scale.middleware.ScaleMiddleware" first in MIDDLEWARE.',
+        obj="MIDDLEWARE",
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 
 from django.conf import settings
 
-from django_scale.exceptions import ConfigurationError
+from django_scale.exceptions import ConfigurationError, UnknownSettingError
 
 __all__ = ["SETTINGS", "Setting", "conf"]
 
@@ -109,6 +109,8 @@ def _seconds(default: float, *, zero_allowed: bool = False) -> Setting:
 
 
 #: Every key of ``DJANGO_SCALE`` with its default. ``docs/settings.md`` documents each one.
+#:
+#: :meta hide-value:
 SETTINGS: dict[str, Setting] = {
     "PRIMARY": Setting(
         default="default",
@@ -253,7 +255,9 @@ class Conf:
     def get(self, name: str) -> Any:
         """Return the value of key *name*: the project's, or the documented default."""
         if name not in SETTINGS:
-            raise KeyError(f"{name!r} is not a DJANGO_SCALE key")
+            raise UnknownSettingError(
+                f"{name!r} is not a DJANGO_SCALE key. Known keys: {', '.join(sorted(SETTINGS))}."
+            )
         return self.user_settings().get(name, SETTINGS[name].default)
 
     @property
@@ -373,4 +377,6 @@ class Conf:
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.
+#:
+#: :meta hide-value:
 conf = Conf()

@@ -28,6 +28,7 @@ from django.db.models.lookups import Lookup
 from django.utils.formats import number_format
 from django.utils.translation import gettext, ngettext
 
+from django_scale.exceptions import ArgumentError
 from django_scale.timeouts import current_statement_timeout, is_statement_timeout, statement_timeout
 
 __all__ = ["ApproxCount", "approx_count"]
@@ -133,7 +134,10 @@ def approx_count(
     since there is no estimate to fall back on.
     """
     if threshold < 1 or cap < 1 or budget <= 0:
-        raise ValueError("approx_count() needs threshold >= 1, cap >= 1 and budget > 0")
+        raise ArgumentError(
+            f"approx_count() needs threshold >= 1, cap >= 1 and budget > 0, not threshold={threshold!r}, "
+            f"cap={cap!r}, budget={budget!r}."
+        )
     # Route once: every query below runs on the same database (queryset.db asks the router).
     alias = queryset.db
     queryset = queryset.using(alias).order_by()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
+    "ArgumentError",
     "BulkDataError",
     "BulkError",
     "CacheArgumentError",
@@ -19,6 +20,7 @@ __all__ = [
     "PerUserFragmentError",
     "PrefetchBypassedWarning",
     "SniperError",
+    "UnknownSettingError",
     "UnusedEagerLoadWarning",
 ]
 
@@ -33,6 +35,24 @@ class ConfigurationError(DjangoScaleError, ImproperlyConfigured):
     It is also an :class:`~django.core.exceptions.ImproperlyConfigured`, so code that already
     handles Django's configuration errors handles ours.
     """
+
+
+class ArgumentError(DjangoScaleError, ValueError):
+    """An argument has a value django-scale cannot use; the message names it and the fix.
+
+    It is also a :class:`ValueError`, what Python raises for such arguments.
+    """
+
+
+class UnknownSettingError(DjangoScaleError, KeyError):
+    """``conf.get(name)`` was asked for a *name* that is not a ``DJANGO_SCALE`` setting.
+
+    It is also a :class:`KeyError`.
+    """
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument; this one is a sentence.
+        return str(self.args[0]) if self.args else ""
 
 
 class NPlusOneError(DjangoScaleError):
@@ -83,7 +103,7 @@ class BulkDataError(BulkError):
         self.field = field
 
 
-class CacheArgumentError(DjangoScaleError, ValueError):
+class CacheArgumentError(ArgumentError):
     """An argument of :func:`~django_scale.cache.stale_while_revalidate` (or its view and
     template forms) is out of range; the message names the argument and the fix."""
 

@@ -29,6 +29,8 @@ from django.db.backends.base.schema import BaseDatabaseSchemaEditor
 from django.db.backends.ddl_references import Statement, Table
 from django.db.models import Index, Model
 
+from django_scale.exceptions import ArgumentError
+
 __all__ = ["TrigramIndex"]
 
 #: The operator class of ``pg_trgm``'s GIN indexes.
@@ -40,9 +42,11 @@ class TrigramIndex(Index):
 
     def __init__(self, *, fields: Sequence[str], name: str) -> None:
         if not fields or isinstance(fields, str) or not all(isinstance(f, str) and f for f in fields):
-            raise ValueError("TrigramIndex(fields=...) takes a list of field names, e.g. fields=['title'].")
+            raise ArgumentError(
+                "TrigramIndex(fields=...) takes a list of field names, e.g. fields=['title']."
+            )
         if any(field.startswith("-") for field in fields):
-            raise ValueError("TrigramIndex(fields=...) has no order: drop the '-' from the field names.")
+            raise ArgumentError("TrigramIndex(fields=...) has no order: drop the '-' from the field names.")
         super().__init__(fields=list(fields), name=name)
         #: The fields whose ``icontains`` (and ``iexact``, ``istartswith``, ``iendswith``) it serves.
         self.search_fields = tuple(fields)

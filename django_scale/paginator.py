@@ -56,7 +56,7 @@ class ApproxPage(Page):  # type: ignore[type-arg]
 
 
 class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
-    """A ``Paginator`` for big querysets: an approximate count and always-``LIMIT``ed pages.
+    """A ``Paginator`` for big querysets: an approximate count, and every page fetched with ``LIMIT``.
 
     ``count`` is an :class:`~django_scale.counting.ApproxCount` (an ``int`` that renders as
     ``"≈ 12.3 million"``); ``num_pages`` follows from it but never hides the page being shown

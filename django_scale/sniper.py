@@ -69,6 +69,8 @@ LOCK_KEY = 0x646A_7363_736E_7072
 
 #: Sent for every backend the sniper signals, or in dry-run mode would signal, with
 #: ``kill`` (a :class:`Kill`). Receivers run in the sniper's process; keep them fast.
+#:
+#: :meta hide-value:
 query_sniped = Signal()
 
 Action = Literal["cancel", "terminate"]

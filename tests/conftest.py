@@ -202,3 +202,17 @@ def _fresh_language_and_time_zone() -> Iterator[None]:
     yield
     translation.deactivate()
     timezone.deactivate()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_metrics() -> Iterator[None]:
+    """Start each test with every counter and timing of :mod:`django_scale.metrics` at zero.
+
+    A test reads counters as absolute numbers (``counter("swr.refill.succeeded") == 1``), so
+    none may carry over from the test before. Feature state kept per process (the caches'
+    breakers, the replica monitors) is reset by the fixtures of the tests that use it.
+    """
+    from django_scale import metrics
+
+    metrics.reset()
+    yield

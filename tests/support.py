@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from django_scale import metrics
+
+T = TypeVar("T")
 
 
 def counter(name: str) -> int:
@@ -15,10 +18,14 @@ def counter(name: str) -> int:
     return value
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll *condition* until it holds; fail with *what* after *timeout* seconds."""
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.01) -> T:
+    """Poll *condition* every *interval* seconds until it returns a true value, and return it.
+
+    Fail with *what* after *timeout* seconds.
+    """
     deadline = time.monotonic() + timeout
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(interval)
+    return value

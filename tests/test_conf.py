@@ -5,7 +5,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
 from django_scale.conf import SETTINGS, conf
-from django_scale.exceptions import ConfigurationError
+from django_scale.exceptions import ConfigurationError, DjangoScaleError, UnknownSettingError
 from django_scale.testing import override_scale_settings
 
 
@@ -45,8 +45,10 @@ def test_not_a_dict_is_a_configuration_error():
 
 
 def test_unknown_name_is_a_key_error():
-    with pytest.raises(KeyError, match="NOPE"):
+    with pytest.raises(UnknownSettingError, match="'NOPE' is not a DJANGO_SCALE key. Known keys: ") as raised:
         conf.get("NOPE")
+    assert isinstance(raised.value, KeyError)
+    assert isinstance(raised.value, DjangoScaleError)
 
 
 @override_settings(DJANGO_SCALE={"REPLICAS": ["r1"], "CACHE_ALIAS": "other"})

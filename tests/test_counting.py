@@ -9,6 +9,7 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
 from django_scale.counting import ApproxCount, _table_estimate, approx_count
+from django_scale.exceptions import ArgumentError
 
 from testapp.models import Author
 
@@ -39,8 +40,10 @@ def test_display():
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match="threshold >= 1"):
+    with pytest.raises(ArgumentError, match="threshold >= 1") as raised:
         approx_count(Author.objects.all(), threshold=0)
+    assert isinstance(raised.value, ValueError)
+    assert "threshold=0" in str(raised.value)
 
 
 def test_small_tables_are_counted_exactly_without_counting_past_the_threshold():

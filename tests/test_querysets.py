@@ -80,6 +80,7 @@ def test_w401_related_model_without_a_prefetch_aware_manager() -> None:
     assert "Shelf.books.all()" in messages[0].msg
     assert "testapp.Book" in messages[0].hint
     assert messages[0].hint.endswith("#django-scale-w401")
+    assert messages[0].obj is Shelf  # `manage.py check` prints "testapp.Shelf: ..."
 
 
 def test_w401_manager_built_from_a_plain_manager() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from django.core import mail
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connections
 from django.test import override_settings
+from support import wait_until
 
 from django_scale.exceptions import SniperError
 from django_scale.sniper import (
@@ -43,14 +43,8 @@ ADMINS: list[Any] = ["dba@example.com"] if django.VERSION >= (6, 0) else [("DBA"
 #: A rule that matches every victim at once.
 VICTIMS = Rule(name="victims", max_duration=0, applications=(VICTIM_APP,))
 
-
-def eventually(condition: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.0005)
-    return value
+#: Poll fast: the sniper races against queries that start and end.
+POLL = 0.0005
 
 
 class Victim:
@@ -131,9 +125,10 @@ def running(victim: Victim, marker: str, alias: str = "mirror") -> bool:
 
 
 def find(sniper: Sniper, victim: Victim, alias: str = "default") -> Kill:
-    return eventually(
+    return wait_until(
         lambda: next((kill for kill in sniper.candidates(alias) if kill.backend.pid == victim.pid), None),
-        what=f"pid {victim.pid} becoming a candidate",
+        f"pid {victim.pid} becoming a candidate",
+        interval=POLL,
     )
 
 
@@ -209,14 +204,14 @@ def innocent_runs(runs: int, kill: Callable[[Sniper, Kill, Victim], None], victi
         for run in range(runs):
             gate.execute("SELECT pg_advisory_lock(1, %s), pg_advisory_lock(2, %s)", [run, run])
             ready.release()
-            eventually(lambda: running(victim, "'long'"), what="the long query")
+            wait_until(lambda: running(victim, "'long'"), "the long query", interval=POLL)
             candidate = find(sniper, victim)
             assert "'long'" in candidate.backend.query
             gate.execute("SELECT pg_advisory_unlock(1, %s)", [run])
-            eventually(lambda: running(victim, "'innocent'"), what="the innocent query")
+            wait_until(lambda: running(victim, "'innocent'"), "the innocent query", interval=POLL)
             kill(sniper, candidate, victim)
             gate.execute("SELECT pg_advisory_unlock(2, %s)", [run])
-            eventually(lambda run=run: len(outcomes) > run, what="the innocent query's end")
+            wait_until(lambda run=run: len(outcomes) > run, "the innocent query's end", interval=POLL)
     finally:
         gate.execute("SELECT pg_advisory_unlock_all()")
         thread.join(30)
@@ -283,7 +278,7 @@ def test_recheck_without_clearing_the_snapshot_cancels_the_innocent_query(victim
 @DB
 def test_long_query_is_cancelled_within_threshold_plus_interval(victims):
     victim = victims().start("SELECT pg_sleep(60)")
-    eventually(lambda: running(victim, "pg_sleep"), what="the victim's query")
+    wait_until(lambda: running(victim, "pg_sleep"), "the victim's query", interval=POLL)
     kills: list[Kill] = []
     stop = threading.Event()
     threshold, interval = 0.3, 0.2
@@ -315,7 +310,9 @@ def test_long_query_is_cancelled_within_threshold_plus_interval(victims):
 def test_never_touches_itself_walsenders_autovacuum_or_allowed_applications(victims):
     allowed = victims(application_name="pg_dump").start("SELECT pg_sleep(30)")
     victim = victims().start("SELECT pg_sleep(30)")
-    eventually(lambda: running(allowed, "pg_sleep") and running(victim, "pg_sleep"))
+    wait_until(
+        lambda: running(allowed, "pg_sleep") and running(victim, "pg_sleep"), "both queries", interval=POLL
+    )
     everything = Rule("everything", 0, states=("active", "idle in transaction"), databases=("*",))
     sniper = Sniper(using="default", rules=[everything], dry_run=True)
     with connections["default"].cursor() as cursor:
@@ -359,7 +356,7 @@ def test_parallel_query_is_cancelled_through_its_leader_only(victims):
                 )
                 return {row[0] for row in cursor.fetchall()}
 
-        parallel = eventually(workers, what="parallel workers starting")
+        parallel = wait_until(workers, "parallel workers starting", interval=POLL)
         report = Sniper(using="default", rules=[VICTIMS]).run()
         assert [kill.backend.pid for kill in report.kills] == [victim.pid]
         assert not parallel & {kill.backend.pid for kill in report.kills + report.missed + report.over_budget}
@@ -376,16 +373,20 @@ def test_idle_in_transaction_escalates_to_terminate(victims):
     victim.execute("BEGIN; SELECT 1")
     rule = Rule("idle tx", 0.2, states=("idle in transaction",), applications=(VICTIM_APP,))
     sniper = Sniper(using="default", rules=[rule], grace=0.5)
-    eventually(lambda: state_of(victim.pid)[0] == "idle in transaction")
-    first = eventually(lambda: sniper.run().kills, what="the first kill")
+    wait_until(
+        lambda: state_of(victim.pid)[0] == "idle in transaction", "the open transaction", interval=POLL
+    )
+    first = wait_until(lambda: sniper.run().kills, "the first kill", interval=POLL)
     assert [(kill.backend.pid, kill.action) for kill in first] == [(victim.pid, "cancel")]
     # A cancel does nothing to an idle session: still there, still in its transaction.
     assert state_of(victim.pid)[0] == "idle in transaction"
-    second = eventually(
-        lambda: [kill for kill in sniper.run().kills if kill.action == "terminate"], what="the terminate"
+    second = wait_until(
+        lambda: [kill for kill in sniper.run().kills if kill.action == "terminate"],
+        "the terminate",
+        interval=POLL,
     )
     assert [kill.backend.pid for kill in second] == [victim.pid]
-    eventually(lambda: state_of(victim.pid) == (None, None), what="the backend exiting")
+    wait_until(lambda: state_of(victim.pid) == (None, None), "the backend exiting", interval=POLL)
     with pytest.raises(Exception):  # noqa: B017 - the driver's "connection closed" differs by version
         victim.execute("SELECT 1")
 
@@ -394,7 +395,7 @@ def test_idle_in_transaction_escalates_to_terminate(victims):
 @DB
 def test_kill_budget_leaves_the_rest_for_the_next_run(victims):
     three = [victims().start("SELECT pg_sleep(30)") for _ in range(3)]
-    eventually(lambda: all(running(victim, "pg_sleep") for victim in three))
+    wait_until(lambda: all(running(victim, "pg_sleep") for victim in three), "three queries", interval=POLL)
     before = kill_counts().get("over_budget", 0)
     report = Sniper(using="default", rules=[VICTIMS], budget=2).run()
     assert len(report.kills) == 2 and len(report.over_budget) == 1
@@ -411,7 +412,7 @@ def test_kill_budget_leaves_the_rest_for_the_next_run(victims):
 @DB
 def test_one_sniper_at_a_time(victims):
     victim = victims().start("SELECT pg_sleep(30)")
-    eventually(lambda: running(victim, "pg_sleep"))
+    wait_until(lambda: running(victim, "pg_sleep"), "the victim's query", interval=POLL)
     other = victims(application_name="other-sniper")
     other.execute("SELECT pg_advisory_lock(%s)", [LOCK_KEY])
     report = Sniper(using="default", rules=[VICTIMS]).run()
@@ -425,7 +426,9 @@ def test_one_sniper_at_a_time(victims):
 @pytest.mark.django_db(transaction=True, databases=["default", "replica", "mirror"])
 def test_cancels_on_the_read_only_standby(victims, replica):
     victim = victims("replica").start("SELECT pg_sleep(30)")
-    eventually(lambda: running(victim, "pg_sleep", alias="replica"))
+    wait_until(
+        lambda: running(victim, "pg_sleep", alias="replica"), "the query on the standby", interval=POLL
+    )
     report = Sniper(using="replica", rules=[VICTIMS]).run()
     assert [(kill.alias, kill.backend.pid) for kill in report.kills] == [("replica", victim.pid)]
     victim.join()
@@ -439,7 +442,7 @@ def test_every_kill_is_logged_signalled_counted_and_mailed(victims, caplog):
     # The Celery test worker sets the root logger to ERROR for the rest of the session.
     caplog.set_level(logging.WARNING, logger="django_scale.sniper")
     victim = victims().start("SELECT pg_sleep(30) /* report */")
-    eventually(lambda: running(victim, "pg_sleep"))
+    wait_until(lambda: running(victim, "pg_sleep"), "the victim's query", interval=POLL)
     received: list[Kill] = []
 
     def receiver(sender: Any, kill: Kill, **kwargs: Any) -> None:
@@ -469,7 +472,7 @@ def test_every_kill_is_logged_signalled_counted_and_mailed(victims, caplog):
 @DB
 def test_scale_snipe_command_dry_run(victims, capsys):
     victim = victims().start("SELECT pg_sleep(30)")
-    eventually(lambda: running(victim, "pg_sleep"))
+    wait_until(lambda: running(victim, "pg_sleep"), "the victim's query", interval=POLL)
     with override_scale_settings(
         SNIPER_RULES=[{"name": "victims", "max_duration": 0, "applications": [VICTIM_APP]}]
     ):
@@ -485,7 +488,7 @@ def test_celery_beat_task_snipes(victims, celery_worker):
     from django_scale.tasks import snipe
 
     victim = victims().start("SELECT pg_sleep(30)")
-    eventually(lambda: running(victim, "pg_sleep"))
+    wait_until(lambda: running(victim, "pg_sleep"), "the victim's query", interval=POLL)
     with override_scale_settings(
         SNIPER_DATABASES=["default"],
         SNIPER_RULES=[{"name": "victims", "max_duration": 0, "applications": [VICTIM_APP]}],
