@@ -464,6 +464,28 @@ def test_refreshed_row_still_loads_correctly(data: None) -> None:
     assert [post.reporter.name for post in posts] == [f"reporter {i % 5}" for i in range(POSTS)]
 
 
+def test_the_field_cache_keeps_the_group_through_django_loads(data: None) -> None:
+    """Pin what prefetch.peers.PeerFieldsCache relies on, on every Django of the matrix."""
+    posts = list(Post.objects.select_related("editor"))
+    cache = posts[1]._state.fields_cache
+    posts[1].reporter  # noqa: B018
+    posts[1].editor = None
+    posts[1].refresh_from_db()
+    # Django reads and writes relation caches in the row's own dict, never replacing it...
+    assert posts[1]._state.fields_cache is cache or HAS_FETCH_MODES
+    assert peer_group(posts[1]) is peer_group(posts[0]) is not None
+    field: Any = Post._meta.get_field("reporter")
+    assert field.get_cached_value(posts[2]) is posts[2]._state.fields_cache["reporter"]
+    # ...and copies or pickles of a row get a plain one: no peers.
+    assert peer_group(copy.copy(posts[1])) is None or HAS_FETCH_MODES
+    assert type(pickle.loads(pickle.dumps(posts[1]))._state.fields_cache) is dict
+
+
+def test_prefetch_aware_fields_migrate_as_djangos_own() -> None:
+    assert Post._meta.get_field("reporter").deconstruct()[1] == "django.db.models.ForeignKey"
+    assert Profile._meta.get_field("reporter").deconstruct()[1] == "django.db.models.OneToOneField"
+
+
 def test_peer_loading_can_be_turned_off(data: None) -> None:
     posts = list(Post.objects.peer_loading(False))
     with count() as queries:
