@@ -7,18 +7,17 @@ import gc
 import logging
 import pickle
 import sqlite3
-import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from django.db import connections
 from django.db.models import Prefetch, QuerySet
 from django.test.utils import CaptureQueriesContext
+from support import wait_until
 
 from django_scale.exceptions import NPlusOneError, NPlusOneWarning, PrefetchBypassedWarning
-from django_scale.prefetch import HAS_FETCH_MODES, detect_n_plus_one, peer_group
+from django_scale.prefetch import HAS_FETCH_MODES, detect_n_plus_one, detection, peer_group
 from django_scale.replicas import monitor, parse_lsn
 from django_scale.testing import forbid_n_plus_one
 
@@ -388,20 +387,12 @@ def test_huge_peer_sets_use_one_statement_shape_or_chunks() -> None:
 # -- Alias pinning ----------------------------------------------------------------------------
 
 
-def eventually(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition did not hold")
-        time.sleep(0.02)
-
-
 @pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 def test_follow_up_loads_use_the_alias_the_rows_came_from(replica: Any) -> None:
     build()
     target = parse_lsn(replica.primary_lsn())
     replica.wait_for_replay()
-    eventually(lambda: monitor("replica").is_available(None, target))
+    wait_until(lambda: monitor("replica").is_available(None, target), "the replica to be available")
     with count("replica") as on_replica, count("default") as on_primary:
         posts = list(Post.objects.all())
         assert {post._state.db for post in posts} == {"replica"}
@@ -581,6 +572,22 @@ def test_warn_mode_warns_with_the_calling_line(data: None) -> None:
         for post in posts:
             list(post.replies.all()[:2])
     assert caught[0].filename == __file__
+
+
+def test_warnings_name_the_calling_line_without_skip_file_prefixes(
+    data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacklevel fallback of Python 3.10 and 3.11, tried on every Python."""
+    monkeypatch.setattr(detection, "_HAS_SKIP_FILE_PREFIXES", False)
+    posts = list(Post.objects.all())
+    with pytest.warns(NPlusOneWarning) as caught, detect_n_plus_one("warn"):
+        for post in posts:
+            list(post.replies.all()[:2])
+    assert caught[0].filename == __file__
+    post = list(Post.objects.prefetch_related("replies"))[3]
+    with pytest.warns(PrefetchBypassedWarning) as bypassed:
+        post.replies.filter(approved=True)
+    assert bypassed[0].filename == __file__
 
 
 def test_log_mode_logs_a_sample(data: None, caplog: pytest.LogCaptureFixture) -> None:
