@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 from django.db.models.query import ModelIterable, prefetch_related_objects
 
@@ -159,7 +160,10 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         joined: list[list[Any]] = []
         if isinstance(self.query.select_related, dict):
             for name in self.query.select_related:
-                relation: Any = self.model._meta.get_field(name)
+                try:
+                    relation: Any = self.model._meta.get_field(name)
+                except FieldDoesNotExist:
+                    continue
                 found = {
                     id(obj): obj
                     for row in rows
