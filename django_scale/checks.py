@@ -19,6 +19,7 @@ from django.db.models import Model
 from django.utils.module_loading import import_string
 
 from django_scale.conf import SETTINGS, conf
+from django_scale.prefetch import HAS_FETCH_MODES, PrefetchAwareForeignKey, PrefetchAwareOneToOneField
 
 __all__ = [
     "check_cache",
@@ -217,6 +218,17 @@ def _w402_raise_in_production() -> checks.CheckMessage:
     )
 
 
+def _w403_plain_relation_field(model: type[Model], field: Any) -> checks.CheckMessage:
+    kind = "OneToOneField" if field.one_to_one else "ForeignKey"
+    return _message(
+        checks.Warning,
+        "django_scale.W403",
+        f"{model._meta.label} uses a prefetch-aware queryset, but {model.__name__}.{field.name} is a "
+        f"plain {kind}: on Django 4.2 to 6.0 it loads row by row.",
+        f"Declare it with django_scale.prefetch.PrefetchAware{kind} (no migration needed).",
+    )
+
+
 def _is_prefetch_aware(model: type[Model]) -> bool:
     from django_scale.querysets import PrefetchAwareManager, PrefetchAwareQuerySetMixin
 
@@ -242,6 +254,13 @@ def check_querysets(
     for model in models:
         if not _is_prefetch_aware(model):
             continue
+        if not HAS_FETCH_MODES:
+            # Before fetch modes, only the field's descriptor can load for all peers.
+            for field in model._meta.concrete_fields:
+                if (field.many_to_one or field.one_to_one) and not isinstance(
+                    field, (PrefetchAwareForeignKey, PrefetchAwareOneToOneField)
+                ):
+                    messages.append(_w403_plain_relation_field(model, field))
         for relation in model._meta.get_fields():
             # Reverse foreign keys and both sides of many-to-many relations load through a
             # related manager, which Django builds from the related model's default manager.

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 from django.db.models.query import ModelIterable, prefetch_related_objects
 
-from django_scale import prefetch
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 from django_scale.exceptions import PrefetchBypassedWarning
+from django_scale.prefetch import detection, hooks, loaders, peers
 
 __all__ = [
     "ApproxCountQuerySetMixin",
@@ -53,20 +53,22 @@ class _PeerLoad:
 
     __slots__ = ("group", "manager")
 
-    def __init__(self, manager: Any, group: prefetch.PeerGroup) -> None:
+    def __init__(self, manager: Any, group: peers.PeerGroup) -> None:
         self.manager = manager
         self.group = group
 
     def rows(self) -> list[Any] | None:
-        if not prefetch.load_many(self.manager, self.group):
+        loaded = loaders.load_many(self.manager, self.group)
+        if loaded is None:
             return None
-        relation = prefetch.many_relation(self.manager)
+        hooks.attach_peers(loaded, self.group.alias, parent=self.group)
+        relation = loaders.many_relation(self.manager)
         assert relation is not None
         cached = self.manager.instance.__dict__.get("_prefetched_objects_cache", {}).get(relation.cache_name)
         return None if cached is None else cached._result_cache
 
     def count(self) -> int | None:
-        return prefetch.count_many(self.manager, self.group)
+        return loaders.count_many(self.manager, self.group)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> None:
         # A copied queryset loads on its own: never copy the peers (the whole result set).
@@ -132,8 +134,8 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         """Whether this queryset's rows get peers: model rows, in Django's default fetch mode."""
         if not issubclass(self._iterable_class, ModelIterable):
             return False
-        if prefetch.HAS_FETCH_MODES:
-            return prefetch.is_default_mode(self._fetch_mode)  # type: ignore[attr-defined,unused-ignore]
+        if peers.HAS_FETCH_MODES:
+            return hooks.is_default_mode(self._fetch_mode)  # type: ignore[attr-defined,unused-ignore]
         return True
 
     def _fetch_all(self) -> None:
@@ -153,21 +155,32 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         self._django_scale_note_single()
         if len(rows) < 2 or not self._django_scale_tracks():
             return
-        eager = prefetch.track_eager(self)
-        group = prefetch.attach_peers(rows, rows[0]._state.db, batch=self._django_scale_batch, eager=eager)
-        if group is not None and isinstance(self.query.select_related, dict):
-            # Rows joined in by select_related are peers too: author.profile loads for all authors.
+        # Rows joined in by select_related are peers too: author.profile loads for all authors.
+        # They are read before the rows' field caches track reads (unused eager loads).
+        joined: list[list[Any]] = []
+        if isinstance(self.query.select_related, dict):
             for name in self.query.select_related:
-                joined = {
-                    id(obj): obj for row in rows if (obj := row._state.fields_cache.get(name)) is not None
+                try:
+                    relation: Any = self.model._meta.get_field(name)
+                except FieldDoesNotExist:
+                    continue
+                found = {
+                    id(obj): obj
+                    for row in rows
+                    if (obj := relation.get_cached_value(row, default=None)) is not None
                 }
-                prefetch.attach_peers(list(joined.values()), group.alias, batch=group.batch, parent=group)
+                joined.append(list(found.values()))
+        eager = detection.track_eager(self)
+        group = hooks.attach_peers(rows, rows[0]._state.db, batch=self._django_scale_batch, eager=eager)
+        if group is not None:
+            for objects in joined:
+                hooks.attach_peers(objects, group.alias, batch=group.batch, parent=group)
         if group is not None and eager:
             if queryset._prefetch_related_lookups and not queryset._prefetch_done:
                 for row in rows:
                     if "_prefetched_objects_cache" not in row.__dict__:
-                        row._prefetched_objects_cache = prefetch._TrackingPrefetchCache(group)
-            prefetch.watch(group)
+                        row._prefetched_objects_cache = hooks.TrackingPrefetchCache(group)
+            detection.watch(group)
 
     def _django_scale_note_single(self) -> None:
         """Record a related manager's query for one row (N+1 detection)."""
@@ -175,7 +188,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         if label is not None:
             instance = self._hints.get("instance")  # type: ignore[attr-defined]
             if instance is not None:
-                prefetch.note_single(prefetch.peer_group(instance), label, instance)
+                detection.note_single(peers.peer_group(instance), label, instance)
 
     def _iterator(self, use_chunked_fetch: bool, chunk_size: int | None) -> Iterator[Any]:
         if not self._django_scale_tracks():
@@ -189,7 +202,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         while results := list(islice(iterator, size)):
             if queryset._prefetch_related_lookups and chunk_size is not None:
                 prefetch_related_objects(results, *queryset._prefetch_related_lookups)
-            group = prefetch.attach_peers(results, results[0]._state.db, batch=self._django_scale_batch)
+            group = hooks.attach_peers(results, results[0]._state.db, batch=self._django_scale_batch)
             try:
                 yield from results
             finally:
@@ -252,15 +265,14 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
     def _django_scale_warn_bypass(self, method: str) -> None:
         queryset: Any = self
         if queryset._prefetch_done and self._result_cache is not None and "instance" in queryset._hints:
-            if prefetch.called_by_django():
+            if detection.called_by_django():
                 return
             label = self._django_scale_related or self.model.__name__
-            warnings.warn(
+            detection.warn_at_caller(
                 f"{label}.{method}() on a prefetched relation ignores the prefetched rows and "
                 "queries the database again, once per row. Filter in memory, or prefetch the "
                 "filtered rows with Prefetch(queryset=..., to_attr=...).",
                 PrefetchBypassedWarning,
-                stacklevel=prefetch._user_stacklevel(),
             )
 
     def filter(self, *args: Any, **kwargs: Any) -> Any:
@@ -284,15 +296,15 @@ class PrefetchAwareManager(_ManagerBase):
     ``all()``, ``count()`` and ``exists()`` answer for all peers of ``article`` at once.
     """
 
-    def _django_scale_group(self) -> prefetch.PeerGroup | None:
+    def _django_scale_group(self) -> peers.PeerGroup | None:
         """The peers of the row this related manager belongs to, when they load together."""
         instance = self.__dict__.get("instance")
         if instance is None:
             return None
-        group = prefetch.peer_group(instance)
+        group = peers.peer_group(instance)
         if group is None or len(group.members) < 2 or not group.batch:
             return None
-        relation = prefetch.many_relation(self)
+        relation = loaders.many_relation(self)
         if relation is None:
             return None
         if relation.cache_name in instance.__dict__.get("_prefetched_objects_cache", ()):
@@ -302,7 +314,7 @@ class PrefetchAwareManager(_ManagerBase):
     def get_queryset(self) -> Any:
         queryset = super().get_queryset()
         if "instance" in self.__dict__ and isinstance(queryset, PrefetchAwareQuerySetMixin):
-            relation = prefetch.many_relation(self)
+            relation = loaders.many_relation(self)
             if relation is not None:
                 queryset._django_scale_related = relation.label
         return queryset
@@ -318,7 +330,7 @@ class PrefetchAwareManager(_ManagerBase):
     def count(self) -> int:
         group = self._django_scale_group()
         if group is not None:
-            counted = prefetch.count_many(self, group)
+            counted = loaders.count_many(self, group)
             if counted is not None:
                 return counted
         return int(self.get_queryset().count())
@@ -326,7 +338,7 @@ class PrefetchAwareManager(_ManagerBase):
     def exists(self) -> bool:
         group = self._django_scale_group()
         if group is not None:
-            counted = prefetch.count_many(self, group)
+            counted = loaders.count_many(self, group)
             if counted is not None:
                 return counted > 0
         return bool(self.get_queryset().exists())

@@ -7,18 +7,17 @@ import gc
 import logging
 import pickle
 import sqlite3
-import time
 import tracemalloc
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 from django.db import connections
 from django.db.models import Prefetch, QuerySet
 from django.test.utils import CaptureQueriesContext
+from support import wait_until
 
 from django_scale.exceptions import NPlusOneError, NPlusOneWarning, PrefetchBypassedWarning
-from django_scale.prefetch import HAS_FETCH_MODES, detect_n_plus_one, peer_group
+from django_scale.prefetch import HAS_FETCH_MODES, detect_n_plus_one, detection, peer_group
 from django_scale.replicas import monitor, parse_lsn
 from django_scale.testing import forbid_n_plus_one
 
@@ -388,20 +387,12 @@ def test_huge_peer_sets_use_one_statement_shape_or_chunks() -> None:
 # -- Alias pinning ----------------------------------------------------------------------------
 
 
-def eventually(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition did not hold")
-        time.sleep(0.02)
-
-
 @pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 def test_follow_up_loads_use_the_alias_the_rows_came_from(replica: Any) -> None:
     build()
     target = parse_lsn(replica.primary_lsn())
     replica.wait_for_replay()
-    eventually(lambda: monitor("replica").is_available(None, target))
+    wait_until(lambda: monitor("replica").is_available(None, target), "the replica to be available")
     with count("replica") as on_replica, count("default") as on_primary:
         posts = list(Post.objects.all())
         assert {post._state.db for post in posts} == {"replica"}
@@ -462,6 +453,28 @@ def test_refreshed_row_still_loads_correctly(data: None) -> None:
     posts = list(Post.objects.all())
     posts[2].refresh_from_db()
     assert [post.reporter.name for post in posts] == [f"reporter {i % 5}" for i in range(POSTS)]
+
+
+def test_the_field_cache_keeps_the_group_through_django_loads(data: None) -> None:
+    """Pin what prefetch.peers.PeerFieldsCache relies on, on every Django of the matrix."""
+    posts = list(Post.objects.select_related("editor"))
+    cache = posts[1]._state.fields_cache
+    posts[1].reporter  # noqa: B018
+    posts[1].editor = None
+    posts[1].refresh_from_db()
+    # Django reads and writes relation caches in the row's own dict, never replacing it...
+    assert posts[1]._state.fields_cache is cache or HAS_FETCH_MODES
+    assert peer_group(posts[1]) is peer_group(posts[0]) is not None
+    field: Any = Post._meta.get_field("reporter")
+    assert field.get_cached_value(posts[2]) is posts[2]._state.fields_cache["reporter"]
+    # ...and copies or pickles of a row get a plain one: no peers.
+    assert peer_group(copy.copy(posts[1])) is None or HAS_FETCH_MODES
+    assert type(pickle.loads(pickle.dumps(posts[1]))._state.fields_cache) is dict
+
+
+def test_prefetch_aware_fields_migrate_as_djangos_own() -> None:
+    assert Post._meta.get_field("reporter").deconstruct()[1] == "django.db.models.ForeignKey"
+    assert Profile._meta.get_field("reporter").deconstruct()[1] == "django.db.models.OneToOneField"
 
 
 def test_peer_loading_can_be_turned_off(data: None) -> None:
@@ -559,6 +572,22 @@ def test_warn_mode_warns_with_the_calling_line(data: None) -> None:
         for post in posts:
             list(post.replies.all()[:2])
     assert caught[0].filename == __file__
+
+
+def test_warnings_name_the_calling_line_without_skip_file_prefixes(
+    data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacklevel fallback of Python 3.10 and 3.11, tried on every Python."""
+    monkeypatch.setattr(detection, "_HAS_SKIP_FILE_PREFIXES", False)
+    posts = list(Post.objects.all())
+    with pytest.warns(NPlusOneWarning) as caught, detect_n_plus_one("warn"):
+        for post in posts:
+            list(post.replies.all()[:2])
+    assert caught[0].filename == __file__
+    post = list(Post.objects.prefetch_related("replies"))[3]
+    with pytest.warns(PrefetchBypassedWarning) as bypassed:
+        post.replies.filter(approved=True)
+    assert bypassed[0].filename == __file__
 
 
 def test_log_mode_logs_a_sample(data: None, caplog: pytest.LogCaptureFixture) -> None:

@@ -10,6 +10,7 @@ from django.db import models
 from django.test.utils import isolate_apps, override_settings
 
 from django_scale.checks import check_querysets
+from django_scale.prefetch import HAS_FETCH_MODES, PrefetchAwareForeignKey
 from django_scale.querysets import (
     ApproxCountQuerySetMixin,
     PrefetchAwareManager,
@@ -69,7 +70,7 @@ def test_w401_related_model_without_a_prefetch_aware_manager() -> None:
                 app_label = "testapp"
 
         class Plank(models.Model):  # noqa: DJ008 - a model for one check
-            shelf = models.ForeignKey(Shelf, models.CASCADE, related_name="planks")
+            shelf = PrefetchAwareForeignKey(Shelf, models.CASCADE, related_name="planks")
             objects = ScaleQuerySet.as_manager()
 
             class Meta:
@@ -93,7 +94,7 @@ def test_w401_manager_built_from_a_plain_manager() -> None:
                 app_label = "testapp"
 
         class Item(models.Model):  # noqa: DJ008 - a model for one check
-            box = models.ForeignKey(Box, models.CASCADE, related_name="items")
+            box = PrefetchAwareForeignKey(Box, models.CASCADE, related_name="items")
             objects = models.Manager.from_queryset(ScaleQuerySet)()
 
             class Meta:
@@ -101,6 +102,31 @@ def test_w401_manager_built_from_a_plain_manager() -> None:
 
         messages = check_querysets(app_configs=[registry.get_app_config("testapp")])
     assert [message.id for message in messages] == ["django_scale.W401"]
+
+
+def test_w403_plain_foreign_key_before_django_61() -> None:
+    with isolate_apps("testapp") as registry:
+
+        class Crate(models.Model):  # noqa: DJ008 - a model for one check
+            objects = ScaleQuerySet.as_manager()
+
+            class Meta:
+                app_label = "testapp"
+
+        class Bottle(models.Model):  # noqa: DJ008 - a model for one check
+            crate = models.ForeignKey(Crate, models.CASCADE, related_name="bottles")
+            objects = ScaleQuerySet.as_manager()
+
+            class Meta:
+                app_label = "testapp"
+
+        messages = check_querysets(app_configs=[registry.get_app_config("testapp")])
+    if HAS_FETCH_MODES:
+        assert messages == []  # the fetch mode peer-loads a plain ForeignKey
+    else:
+        assert [message.id for message in messages] == ["django_scale.W403"]
+        assert "Bottle.crate is a plain ForeignKey" in messages[0].msg
+        assert "PrefetchAwareForeignKey" in messages[0].hint
 
 
 @pytest.mark.parametrize(("debug", "expected"), [(False, ["django_scale.W402"]), (True, [])])

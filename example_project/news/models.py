@@ -7,6 +7,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_scale.indexes import TrigramIndex
+from django_scale.prefetch import PrefetchAwareForeignKey
 from django_scale.querysets import ScaleQuerySet
 
 
@@ -66,8 +67,8 @@ class Article(models.Model):
         DRAFT = "draft", "Draft"
         PUBLISHED = "published", "Published"
 
-    section = models.ForeignKey(Section, on_delete=models.PROTECT, related_name="articles")
-    author = models.ForeignKey(Author, on_delete=models.PROTECT, related_name="articles")
+    section = PrefetchAwareForeignKey(Section, on_delete=models.PROTECT, related_name="articles")
+    author = PrefetchAwareForeignKey(Author, on_delete=models.PROTECT, related_name="articles")
     title = models.CharField(max_length=200)
     slug = models.SlugField(max_length=200, unique=True)
     body = models.TextField()
@@ -95,7 +96,7 @@ class Article(models.Model):
 
 
 class Comment(models.Model):
-    article = models.ForeignKey(Article, on_delete=models.CASCADE, related_name="comments")
+    article = PrefetchAwareForeignKey(Article, on_delete=models.CASCADE, related_name="comments")
     author_name = models.CharField(max_length=100)
     body = models.TextField()
     # A default rather than auto_now_add, so the demo's bulk_create can backdate comments.

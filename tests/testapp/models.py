@@ -4,6 +4,7 @@ from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
 from django_scale.indexes import TrigramIndex
+from django_scale.prefetch import PrefetchAwareForeignKey, PrefetchAwareOneToOneField
 from django_scale.querysets import ScaleQuerySet
 
 
@@ -42,7 +43,7 @@ class Reporter(models.Model):
 
 
 class Profile(models.Model):
-    reporter = models.OneToOneField(Reporter, on_delete=models.CASCADE, related_name="profile")
+    reporter = PrefetchAwareOneToOneField(Reporter, on_delete=models.CASCADE, related_name="profile")
     bio = models.CharField(max_length=200, blank=True)
 
     objects = ScaleQuerySet.as_manager()
@@ -64,8 +65,8 @@ class Tag(models.Model):
 
 
 class Post(models.Model):
-    reporter = models.ForeignKey(Reporter, on_delete=models.CASCADE, related_name="posts")
-    editor = models.ForeignKey(
+    reporter = PrefetchAwareForeignKey(Reporter, on_delete=models.CASCADE, related_name="posts")
+    editor = PrefetchAwareForeignKey(
         Reporter, on_delete=models.SET_NULL, null=True, blank=True, related_name="edited_posts"
     )
     title = models.CharField(max_length=200)
@@ -81,7 +82,7 @@ class Post(models.Model):
 
 
 class Reply(models.Model):
-    post = models.ForeignKey(Post, on_delete=models.CASCADE, related_name="replies")
+    post = PrefetchAwareForeignKey(Post, on_delete=models.CASCADE, related_name="replies")
     body = models.CharField(max_length=200)
     approved = models.BooleanField(default=True)
 
