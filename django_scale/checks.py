@@ -226,6 +226,7 @@ def _w403_plain_relation_field(model: type[Model], field: Any) -> checks.CheckMe
         f"{model._meta.label} uses a prefetch-aware queryset, but {model.__name__}.{field.name} is a "
         f"plain {kind}: on Django 4.2 to 6.0 it loads row by row.",
         f"Declare it with django_scale.prefetch.PrefetchAware{kind} (no migration needed).",
+        obj=field,
     )
 
 
