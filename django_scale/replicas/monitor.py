@@ -194,7 +194,7 @@ class ReplicaMonitor:
         It is a private instance of the alias's ``DatabaseWrapper``, never the one requests
         use in this thread, opened the way Django opens any connection: the backend's
         ``get_connection_params()``, ``get_new_connection()`` and ``init_connection_state()``
-        run (custom backends, IAM tokens, ``connection_created`` receivers). It never comes
+        run (custom backends, IAM tokens, poolers' settings). It never comes
         from a connection pool (``OPTIONS["pool"]``, Django 5.1+), which it would hold forever.
         """
         alias = alias or self.alias
@@ -208,9 +208,13 @@ class ReplicaMonitor:
         # stop() closes it from another thread than the monitor's.
         wrapper.inc_thread_sharing()
         try:
-            wrapper.ensure_connection()
-            if not wrapper.get_autocommit():
+            # What connect() does, but for connection_created: its receivers act on the alias's
+            # connection of the current thread (django.contrib.postgres opens connections[alias]
+            # to look up the hstore type), which would leave one open in the monitor's thread.
+            with wrapper.wrap_database_errors:
+                wrapper.connection = wrapper.get_new_connection(wrapper.get_connection_params())
                 wrapper.set_autocommit(True)
+                wrapper.init_connection_state()
         except BaseException:
             with contextlib.suppress(Exception):
                 wrapper.close()
