@@ -512,6 +512,7 @@ def test_a_cursor_wrapper_reads_its_rows_from_its_cursor_attribute():
     assert rows.closed
 
 
+@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True, databases=["default", "custom_backend"])
 def test_the_monitor_connects_through_the_backend_of_its_alias():
     from custom_backend.base import DatabaseWrapper

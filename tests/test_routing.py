@@ -570,7 +570,7 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
     try:
         reader = threading.Thread(target=read_slowly)
         reader.start()
-        time.sleep(0.3)
+        wait_until(_slow_read_runs_on_the_replica, "the slow read running on the replica")
         with transaction.atomic(), connections["default"].cursor() as cursor:
             cursor.execute("LOCK TABLE testapp_author IN ACCESS EXCLUSIVE MODE")
             time.sleep(0.5)
@@ -582,6 +582,16 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
     assert result == {"names": ["Barbara"], "reads": {"default": 1}}
     # A conflict is not a failure of the replica: it stays in rotation.
     assert monitor("replica").is_available()
+
+
+def _slow_read_runs_on_the_replica() -> bool:
+    with connections["replica"].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
+            "AND query LIKE %s",
+            ["%pg_sleep(1.5)%"],
+        )
+        return bool(cursor.fetchone()[0])
 
 
 @REPLICA
