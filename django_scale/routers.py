@@ -20,7 +20,7 @@ from django.db.models import Model
 
 from django_scale.conf import conf
 from django_scale.replicas.fallback import fallback_window
-from django_scale.replicas.monitor import monitor
+from django_scale.replicas.monitors import monitor
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
 __all__ = ["ReplicaRouter"]

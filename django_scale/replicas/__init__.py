@@ -6,7 +6,7 @@ The parts, one concept each:
   task), kept in a :mod:`contextvars` variable so that threads and async tasks never see each
   other's, and :func:`use_primary` / :func:`use_replica`.
 * :mod:`~django_scale.replicas.wal`: WAL positions and the read-your-writes cookie's value.
-* :mod:`~django_scale.replicas.monitor`: :class:`ReplicaMonitor`, one per replica per
+* :mod:`~django_scale.replicas.monitors`: :class:`ReplicaMonitor`, one per replica per
   process, whose thread probes its replica on a connection of its own. A routing decision
   only reads what the monitors recorded: it does no I/O.
 * :mod:`~django_scale.replicas.health`: :class:`SharedHealth`, which tells the other
@@ -26,7 +26,7 @@ from django_scale.replicas.errors import error_sqlstate
 from django_scale.replicas.fallback import FallbackWindow
 from django_scale.replicas.guard import ReplicaGuard, Watchdog, guard_replicas, watchdog
 from django_scale.replicas.health import SharedHealth, shared_health
-from django_scale.replicas.monitor import ReplicaMonitor, monitor, stop_monitors, wait_for_replicas
+from django_scale.replicas.monitors import ReplicaMonitor, monitor, stop_monitors, wait_for_replicas
 from django_scale.replicas.state import (
     RoutingState,
     await_replica,

@@ -16,7 +16,7 @@ from django.db import InterfaceError, InternalError, OperationalError, connectio
 
 from django_scale.conf import conf
 from django_scale.replicas.errors import RECOVERY_CONFLICT, error_sqlstate, is_broken, is_read
-from django_scale.replicas.monitor import monitor
+from django_scale.replicas.monitors import monitor
 from django_scale.replicas.state import _capture, _state
 
 __all__ = ["ReplicaGuard", "Watchdog", "guard_replicas", "watchdog"]

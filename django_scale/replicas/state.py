@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from django_scale.conf import conf
-from django_scale.replicas.monitor import wait_for_replicas
+from django_scale.replicas.monitors import wait_for_replicas
 
 __all__ = [
     "RoutingState",
