@@ -112,10 +112,12 @@ def _retry_on_primary(sql: str, params: Any, many: bool, context: dict[str, Any]
     # An execute wrapper returns what execute() returns, and the caller then reads the rows
     # from its CursorWrapper, which takes fetchone(), fetchmany(), fetchall(), iteration,
     # description and close() from its .cursor attribute (django/db/backends/utils.py,
-    # CursorWrapper.__init__, __getattr__ and __iter__, unchanged from Django 4.2 to 6.1;
-    # pinned by tests/test_replica_guard.py). Point it at the primary's CursorWrapper, so the
-    # caller reads the retried rows through the primary's error wrapping, and closing the
-    # caller's cursor closes the primary's. The broken replica cursor is closed quietly.
+    # CursorWrapper.__init__, __getattr__ and __iter__, the same from Django 4.2 to 6.1;
+    # pinned by test_a_cursor_wrapper_reads_its_rows_from_its_cursor_attribute). No public
+    # API hands an execute wrapper's caller other rows: point it at the primary's
+    # CursorWrapper, so the caller reads the retried rows through the primary's error
+    # wrapping, and closing the caller's cursor closes the primary's. The broken replica
+    # cursor is closed quietly.
     wrapper = context["cursor"]
     broken, wrapper.cursor = wrapper.cursor, retry
     with contextlib.suppress(Exception):
