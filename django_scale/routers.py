@@ -9,26 +9,105 @@ Add it to ``DATABASE_ROUTERS`` together with
 
 from __future__ import annotations
 
+import contextlib
+import random
 import time
 from typing import Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
 from django_scale.conf import conf
-from django_scale.replicas import (
-    RoutingState,
-    _capture,
-    _forced,
-    _state,
-    free_read_alias,
-    mark_write,
-    monitor,
-    pick_usable,
-)
+from django_scale.replicas.fallback import fallback_window
+from django_scale.replicas.monitors import monitor
+from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
 __all__ = ["ReplicaRouter"]
+
+
+# -- The routing policy: which replica, and the cap on falling back to the primary ----------
+
+
+def choose_replica(state: RoutingState, replicas: tuple[str, ...]) -> str | None:
+    """Return the replica *state*'s request may read from, or ``None`` for the primary (no I/O).
+
+    The replica chosen first is kept while it stays available, so that a request's reads agree.
+    """
+    now = time.monotonic()
+    if state.replica is not None:
+        item = monitor(state.replica)
+        if state._version == item.version and now < state._valid_until:
+            return state.replica
+        version = item.version
+        available, until = item.availability(now, state.required_lsn)
+        if available:
+            state._version, state._valid_until = version, until
+            return state.replica
+    candidates = [alias for alias in replicas if monitor(alias).is_available(now, state.required_lsn)]
+    state.replica = pick_usable(candidates)
+    state._version = -1
+    return state.replica
+
+
+def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str, now: float) -> str:
+    """Return where a free read goes, given the replica routing *chosen* (``None``: none)."""
+    window = fallback_window
+    window.count_read(now)
+    if chosen is not None:
+        return chosen
+    cap = conf.PRIMARY_FALLBACK_CAP
+    if window.may_fall_back(cap):
+        return primary
+    # Over the cap: a replica that answers but lags serves it, stale but without load on the primary.
+    reachable = [
+        alias for alias in replicas if not monitor(alias).is_unresponsive(now) and monitor(alias).checked_at
+    ]
+    alias = pick_usable(reachable)
+    if alias is None:
+        window.fallbacks += 1
+        return primary
+    window.capped += 1
+    return alias
+
+
+def pick_usable(aliases: list[str]) -> str | None:
+    """Return one of *aliases* at random whose connection opens, or ``None``.
+
+    A replica's connection in this thread opens here, before the router hands out its alias,
+    rather than in the middle of the caller's query: a refused connection takes the replica
+    out of rotation and the read goes elsewhere instead of failing. An open connection is
+    not tested again (that would cost a round trip per request).
+    """
+    aliases = list(aliases)
+    random.shuffle(aliases)
+    for alias in aliases:
+        connection = connections[alias]
+        item = monitor(alias)
+        if connection.connection is not None:
+            mark = getattr(connection, "_django_scale_epoch", None)
+            if connection.errors_occurred or (
+                item.failures and mark != (id(connection.connection), item.failures)
+            ):
+                # Opened before the replica last failed (say, it restarted since), or a query
+                # on it failed: it is likely broken, so open a new one rather than find out
+                # in the middle of the caller's query.
+                with contextlib.suppress(Exception):
+                    connection.close()
+        if connection.connection is None:
+            try:
+                connection.ensure_connection()
+            except DatabaseError as exc:
+                item.report_failure(exc)
+                continue
+            except AssertionError:
+                # Django's test cases forbid aliases a test did not declare in `databases`
+                # (DatabaseOperationForbidden is an AssertionError): read from the primary
+                # there, without holding it against the replica.
+                continue
+        connection._django_scale_epoch = (id(connection.connection), item.failures)  # type: ignore[attr-defined]
+        return alias
+    return None
 
 
 def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper, ...]) -> bool:
@@ -84,7 +163,7 @@ class ReplicaRouter:
             chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)])
             alias = free_read_alias(replicas, chosen, primary, now)
         elif not state.pinned:
-            alias = state.choose_replica(replicas)
+            alias = choose_replica(state, replicas)
             if state.required_lsn is None:
                 alias = free_read_alias(replicas, alias, primary, time.monotonic())
             elif alias is None:

@@ -13,7 +13,7 @@ from django.test.utils import TestContextDecorator, override_settings
 
 from django_scale.conf import conf
 from django_scale.prefetch import Detector, detect_n_plus_one
-from django_scale.replicas import _capture
+from django_scale.replicas.state import _capture
 
 __all__ = [
     "capture_reads",

@@ -197,7 +197,12 @@ def _restore(connection: BaseDatabaseWrapper, alias: str, limit: _Limit | None) 
             # The session can no longer say what it runs with: make sure it is not reused.
             logger.warning("Could not restore statement_timeout on %r; closing the connection.", alias)
             if connection.in_atomic_block:
-                connection.close_at = 0  # closed at the end of the request, after its transaction
+                # Closed at the end of the request, after its transaction: Django has no public
+                # way to ask for that, but close_if_unusable_or_obsolete(), which runs on
+                # request_started and request_finished, closes a connection whose close_at has
+                # passed (django/db/backends/base/base.py, unchanged from Django 4.2 to 6.1;
+                # pinned by test_timeouts.py::test_a_connection_marked_to_close_is_closed_at_request_end).
+                connection.close_at = 0
             else:
                 connection.close()
             return
@@ -227,11 +232,10 @@ def _lazily(connection: BaseDatabaseWrapper, alias: str, outer: _Limit | None) -
     """Set the limit just before the block's first statement on *alias*; restore *outer* on exit."""
     wrapper = (_sqlite_wrapper if connection.vendor == "sqlite" else _postgresql_wrapper)(alias)
     _state(connection).blocks += 1
-    connection.execute_wrappers.append(wrapper)
     try:
-        yield
+        with connection.execute_wrapper(wrapper):
+            yield
     finally:
-        connection.execute_wrappers.remove(wrapper)
         _restore(connection, alias, outer)
 
 

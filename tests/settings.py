@@ -89,6 +89,11 @@ else:
     }
     # An alias for the primary itself, as projects mirror "replicas" in their test settings.
     DATABASES["mirror"] = _services.primary.database_settings(TEST={"MIRROR": "default"})
+    # The standby again, through a backend of the suite's own (tests/custom_backend/): the
+    # replica monitor must connect through a project's backend, not around it.
+    DATABASES["custom_backend"] = _services.replica.database_settings(
+        ENGINE="custom_backend", TEST={"MIRROR": "default"}, OPTIONS={"connect_timeout": 2}
+    )
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",

@@ -22,28 +22,29 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connections
+from django.db import OperationalError, connections
+from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
-from support import counter
+from support import counter, wait_until
 
-from django_scale.replicas import ReplicaGuard, Watchdog, monitor, parse_lsn, routing_state, watchdog
+from django_scale.replicas import (
+    ReplicaGuard,
+    ReplicaMonitor,
+    Watchdog,
+    monitor,
+    parse_lsn,
+    routing_state,
+    watchdog,
+)
 from django_scale.testing import capture_reads, override_scale_settings
+from django_scale.timeouts import is_statement_timeout, statement_timeout
 
 import harness
 from testapp.models import Author
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 TESTS = Path(__file__).resolve().parent
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Wait for *condition*, which the monitors reach on their own schedule."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.02)
 
 
 class SilentServer:
@@ -131,7 +132,7 @@ def health_cache_at(
                 # Let whatever waits on the silent server fail now, before the cache goes away.
                 server.close()
                 probes = monitor("replica").probes
-                eventually(lambda: monitor("replica").probes >= probes + 2, what="the monitor probing on")
+                wait_until(lambda: monitor("replica").probes >= probes + 2, "the monitor probing on")
             # Every thread shares django-redis's pool for the location: close its sockets
             # (the garbage collector would warn about them).
             from django_redis import get_redis_connection
@@ -161,11 +162,11 @@ def refused_cache() -> Iterator[HealthCache]:
 def readmit(replica: Any) -> Iterator[Any]:
     """The replica, caught up and in rotation; put back in rotation after the test."""
     target = parse_lsn(replica.primary_lsn())
-    eventually(lambda: monitor("replica").is_available(None, target), what="the monitor seeing the replay")
+    wait_until(lambda: monitor("replica").is_available(None, target), "the monitor seeing the replay")
     yield replica
     connections["replica"].close()
     monitor("replica").forget_ejection()
-    eventually(lambda: monitor("replica").is_available(), what="the replica back in rotation")
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
 
 
 def reads_over_probes(pk: int, probes: int = 20, bound: float = 30.0) -> list[dict[str, int]]:
@@ -199,7 +200,10 @@ def reads_over_probes(pk: int, probes: int = 20, bound: float = 30.0) -> list[di
 @REPLICA
 def test_reads_stay_on_the_replica_while_the_shared_cache_hangs(readmit, hung_cache):
     pk = Author.objects.create(name="Barbara").pk
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
     cut_before = watchdog.cut_off
 
     assert reads_over_probes(pk)
@@ -216,7 +220,10 @@ def test_reads_stay_on_the_replica_while_the_shared_cache_hangs(readmit, hung_ca
 @REPLICA
 def test_reads_stay_on_the_replica_while_the_shared_cache_refuses_connections(readmit, refused_cache):
     pk = Author.objects.create(name="Radia").pk
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
     cut_before = watchdog.cut_off
 
     assert reads_over_probes(pk)
@@ -229,7 +236,10 @@ def test_reads_stay_on_the_replica_while_the_shared_cache_refuses_connections(re
 @REPLICA
 def test_a_replica_failure_while_the_cache_hangs_holds_no_request(readmit, hung_cache):
     names = sorted(Author.objects.create(name=name).name for name in ("Ken", "Dennis"))
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(readmit.primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
     outcome: dict[str, Any] = {}
 
     def request() -> None:
@@ -329,7 +339,7 @@ def test_a_replica_ejected_by_another_process_is_skipped_here(readmit, redis_cac
     )
     assert result.returncode == 0, result.stderr
     item = monitor("replica")
-    eventually(lambda: item.is_unresponsive(), what="the other process's ejection seen here")
+    wait_until(lambda: item.is_unresponsive(), "the other process's ejection seen here")
     assert not item.is_available()
     with capture_reads() as reads:
         list(Author.objects.all())
@@ -355,12 +365,12 @@ def test_a_hung_cache_is_waited_for_briefly_once_then_skipped():
                 assert sharing.request("replica") is None
             sharing.publish("replica", time.time() + 5)  # queued behind the stuck call, no wait
             assert sharing.down_until("replica") > time.time()
-            eventually(lambda: len(server.accepted) == 1, what="the worker connecting")
+            wait_until(lambda: len(server.accepted) == 1, "the worker connecting")
             assert health.outages() == 1
             server.close()
             # The stuck call fails once the server is gone; the cache stays skipped until
             # CACHE_RETRY_AFTER, and nothing piled up meanwhile.
-            eventually(lambda: not sharing.in_flight(), what="the stuck call ending")
+            wait_until(lambda: not sharing.in_flight(), "the stuck call ending")
             assert len(server.accepted) == 1
             assert sharing.request("replica") is None
     finally:
@@ -384,3 +394,148 @@ def test_shared_state_round_trips_through_a_healthy_cache():
     ticket = other.request("elsewhere")
     assert ticket is not None and other.wait(ticket, 10)
     assert other.down_until("elsewhere") == 0.0
+
+
+# -- The guard's retry and the monitor's connection go through Django's public hooks --------
+
+
+class _RecoveryConflict(Exception):
+    """A driver error as psycopg reports a query cancelled by a recovery conflict."""
+
+    sqlstate = "40001"
+
+
+def _conflict_once(failed: list[str]) -> Callable[..., Any]:
+    """Return an execute wrapper that fails the first query like a recovery conflict, into *failed*."""
+
+    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        if not failed:
+            failed.append(sql)
+            raise OperationalError(
+                "canceling statement due to conflict with recovery"
+            ) from _RecoveryConflict()
+        return execute(sql, params, many, context)
+
+    return wrapper
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_a_read_retried_on_the_primary_is_seen_by_its_query_capture_and_wrappers(readmit):
+    Author.objects.create(name="Grace")
+    readmit_target = parse_lsn(readmit.primary_lsn())
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= readmit_target, "the monitor seeing the primary's writes"
+    )
+    seen: list[str] = []
+    failed: list[str] = []
+
+    def on_primary(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    replica = connections["replica"]
+    with (
+        replica.execute_wrapper(ReplicaGuard("replica")),
+        replica.execute_wrapper(_conflict_once(failed)),
+        connections["default"].execute_wrapper(on_primary),
+        CaptureQueriesContext(connections["default"]) as captured,
+        capture_reads() as reads,
+    ):
+        names = list(Author.objects.using("replica").values_list("name", flat=True))
+    assert names == ["Grace"]
+    assert len(failed) == 1 and '"testapp_author"' in failed[0]
+    # The same SQL ran again on the primary, through its wrappers and into its query log.
+    assert seen == failed
+    assert [query["sql"] for query in captured.captured_queries] == failed
+    assert reads == {}  # .using() bypasses the router: nothing to move between aliases
+    # A recovery conflict is no failure of the replica: it stays in rotation.
+    assert monitor("replica").is_available()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_a_read_retried_on_the_primary_runs_under_the_primarys_statement_timeout(readmit):
+    Author.objects.create(name="Leslie")  # a row for the slow query to sleep on
+    target = parse_lsn(readmit.primary_lsn())
+    wait_until(lambda: monitor("replica").replay_lsn >= target, "the monitor seeing the primary's writes")
+    replica = connections["replica"]
+    with (
+        replica.execute_wrapper(ReplicaGuard("replica")),
+        replica.execute_wrapper(_conflict_once([])),
+        statement_timeout(0.05, using="default"),
+        pytest.raises(OperationalError) as raised,
+    ):
+        list(
+            Author.objects.using("replica").raw(
+                "SELECT id, name FROM testapp_author WHERE pg_sleep(1) IS NOT NULL"
+            )
+        )
+    assert is_statement_timeout(raised.value)
+
+
+def test_a_cursor_wrapper_reads_its_rows_from_its_cursor_attribute():
+    # ReplicaGuard hands the caller the retried rows by pointing the caller's CursorWrapper
+    # at the primary's cursor (django/db/backends/utils.py, CursorWrapper): pin that a
+    # CursorWrapper takes its rows, description and close() from its .cursor attribute.
+    class Rows:
+        description = (("name",),)
+
+        def __init__(self) -> None:
+            self.rows = [("Ada",), ("Grace",), ("Hedy",), ("Barbara",)]
+            self.closed = False
+
+        def fetchone(self) -> tuple[str] | None:
+            return self.rows.pop(0) if self.rows else None
+
+        def fetchmany(self, size: int = 1) -> list[tuple[str]]:
+            taken, self.rows = self.rows[:size], self.rows[size:]
+            return taken
+
+        def fetchall(self) -> list[tuple[str]]:
+            taken, self.rows = self.rows, []
+            return taken
+
+        def __iter__(self) -> Iterator[tuple[str]]:
+            return iter(self.fetchall())
+
+        def close(self) -> None:
+            self.closed = True
+
+    rows = Rows()
+    wrapper = CursorWrapper(Rows(), connections["default"])
+    wrapper.cursor = rows
+    assert wrapper.description == (("name",),)
+    assert wrapper.fetchone() == ("Ada",)
+    assert wrapper.fetchmany(1) == [("Grace",)]
+    assert list(wrapper) == [("Hedy",), ("Barbara",)]
+    assert wrapper.fetchall() == []
+    wrapper.close()
+    assert rows.closed
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "custom_backend"])
+def test_the_monitor_connects_through_the_backend_of_its_alias():
+    from custom_backend.base import DatabaseWrapper
+
+    opened = len(DatabaseWrapper.opened)
+    item = ReplicaMonitor("custom_backend")
+    try:
+        item.probe()
+        assert item.error == ""
+        assert item.lag is not None
+        # Its own connection, opened by the backend's get_new_connection() and set up by its
+        # init_connection_state(), with the monitor's connect timeout.
+        assert len(DatabaseWrapper.opened) == opened + 1
+        assert DatabaseWrapper.opened[-1]["connect_timeout"] == 2
+        assert isinstance(item._connection, DatabaseWrapper)
+        assert item._connection is not connections["custom_backend"]
+        with item._connection.connection.cursor() as cursor:
+            cursor.execute("SHOW application_name")
+            assert cursor.fetchone()[0] == "django-scale-custom-backend"
+        # Another thread may close it (stop() does, from the caller's).
+        closer = threading.Thread(target=item.stop)
+        closer.start()
+        closer.join(10)
+        assert item._connection is None
+    finally:
+        item.stop()

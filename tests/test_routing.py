@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -12,6 +12,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections, transaction
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
+from support import wait_until
 
 from django_scale.replicas import (
     ReplicaGuard,
@@ -35,21 +36,12 @@ REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica
 COOKIE = "django_scale_lsn"
 
 
-def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    """Wait for *condition*, which the monitors reach on their own schedule."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout} s")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def caught_up(replica):
     """The replica, with this process's monitor aware of everything the primary has written."""
     target = parse_lsn(replica.primary_lsn())
     replica.wait_for_replay()
-    eventually(lambda: monitor("replica").is_available(None, target), what="the monitor seeing the replay")
+    wait_until(lambda: monitor("replica").is_available(None, target), "the monitor seeing the replay")
     return replica
 
 
@@ -166,7 +158,10 @@ def test_without_replicas_everything_is_on_the_primary():
 def test_reads_go_to_the_replica_and_writes_to_the_primary(caught_up):
     author = Author.objects.create(name="Ada")
     caught_up.wait_for_replay()
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(caught_up.primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(caught_up.primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
     with (
         CaptureQueriesContext(connections["replica"]) as on_replica,
         CaptureQueriesContext(connections["default"]) as on_primary,
@@ -313,7 +308,7 @@ def lagging() -> Iterator[None]:
     """Pause the replica behind a write until it is ejected for lag (MAX_REPLICA_LAG = 0.3 s)."""
     with override_scale_settings(MAX_REPLICA_LAG=0.3), simulate_lag("replica"):
         Author.objects.create(name="lag maker")
-        eventually(lambda: not monitor("replica").is_available(), what="ejection for lag")
+        wait_until(lambda: not monitor("replica").is_available(), "ejection for lag")
         yield
 
 
@@ -322,7 +317,7 @@ def test_a_lagging_replica_is_ejected_and_readmitted(caught_up):
     with lagging(), capture_reads() as reads:
         list(Author.objects.all())
     assert reads == {"default": 1}
-    eventually(lambda: monitor("replica").is_available(), what="re-admission after replay resumed")
+    wait_until(lambda: monitor("replica").is_available(), "re-admission after replay resumed")
     with capture_reads() as reads:
         list(Author.objects.all())
     assert reads == {"replica": 1}
@@ -334,7 +329,7 @@ def readmit(caught_up) -> Iterator[None]:
     yield
     connections["replica"].close()
     monitor("replica").forget_ejection()
-    eventually(lambda: monitor("replica").is_available(), what="the replica back in rotation")
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
 
 
 @pytest.fixture
@@ -354,7 +349,10 @@ def replica_server(readmit) -> Iterator[harness.ServerControl]:
 def test_a_read_on_a_broken_replica_connection_is_retried_on_the_primary(readmit):
     names = sorted(Author.objects.create(name=name).name for name in ("Alan", "Alonzo"))
     with routing_state():
-        eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+        wait_until(
+            lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+            "the monitor seeing the primary's writes",
+        )
         assert sorted(Author.objects.values_list("name", flat=True)) == names  # opens the connection
     with connections["replica"].cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
@@ -391,7 +389,10 @@ def _accepts_connections() -> bool:
 def test_a_stopped_replica_fails_no_request_and_is_readmitted(replica_server):
     client = Client()
     pk = Author.objects.create(name="Hedy").pk
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
 
     replica_server.stop()
@@ -407,7 +408,7 @@ def test_a_stopped_replica_fails_no_request_and_is_readmitted(replica_server):
 
     replica_server.start()
     monitor("replica").forget_ejection()
-    eventually(lambda: monitor("replica").is_available(), what="re-admission after restart")
+    wait_until(lambda: monitor("replica").is_available(), "re-admission after restart")
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
 
 
@@ -415,7 +416,10 @@ def test_a_stopped_replica_fails_no_request_and_is_readmitted(replica_server):
 def test_a_frozen_replica_holds_no_request(replica_server):
     client = Client()
     pk = Author.objects.create(name="Joan").pk
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
     # Open the request thread's replica connection, then freeze the server under it.
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
     cut_before = watchdog.cut_off
@@ -429,7 +433,7 @@ def test_a_frozen_replica_holds_no_request(replica_server):
         # ran it again on the primary.
         assert response.json()["reads"] == {"default": 1}
         assert watchdog.cut_off == cut_before + 1
-        eventually(lambda: not monitor("replica").is_available(), what="the frozen replica ejected")
+        wait_until(lambda: not monitor("replica").is_available(), "the frozen replica ejected")
         assert client.get(f"/authors/{pk}/").json()["reads"] == {"default": 1}
     replica_server.thaw()
 
@@ -437,7 +441,10 @@ def test_a_frozen_replica_holds_no_request(replica_server):
 @REPLICA
 def test_a_frozen_replica_holds_no_async_request(replica_server):
     pk = Author.objects.create(name="Joan").pk
-    eventually(lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()))
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
 
     async def main() -> list[tuple[int, dict[str, object]]]:
         client = AsyncClient()
@@ -563,7 +570,7 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
     try:
         reader = threading.Thread(target=read_slowly)
         reader.start()
-        time.sleep(0.3)
+        wait_until(_slow_read_runs_on_the_replica, "the slow read running on the replica")
         with transaction.atomic(), connections["default"].cursor() as cursor:
             cursor.execute("LOCK TABLE testapp_author IN ACCESS EXCLUSIVE MODE")
             time.sleep(0.5)
@@ -575,6 +582,16 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
     assert result == {"names": ["Barbara"], "reads": {"default": 1}}
     # A conflict is not a failure of the replica: it stays in rotation.
     assert monitor("replica").is_available()
+
+
+def _slow_read_runs_on_the_replica() -> bool:
+    with connections["replica"].cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
+            "AND query LIKE %s",
+            ["%pg_sleep(1.5)%"],
+        )
+        return bool(cursor.fetchone()[0])
 
 
 @REPLICA

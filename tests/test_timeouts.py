@@ -208,3 +208,33 @@ def test_a_block_cannot_be_entered_twice():
     block = statement_timeout(1, using="default")
     with block, pytest.raises(RuntimeError, match="already open"), block:
         pass
+
+
+@postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_marked_to_close_is_closed_at_request_end():
+    # A session whose statement_timeout could not be restored inside a transaction is marked
+    # with close_at = 0 (no public API asks for a close after the transaction): pin that
+    # close_if_unusable_or_obsolete(), which request_started and request_finished call, closes it.
+    connection = connections.create_connection("default")
+    try:
+        connection.ensure_connection()
+        connection.close_at = None  # as CONN_MAX_AGE=None (persistent) sets it
+        connection.close_if_unusable_or_obsolete()
+        assert connection.connection is not None
+        connection.close_at = 0
+        connection.close_if_unusable_or_obsolete()
+        assert connection.connection is None
+    finally:
+        connection.close()
+
+
+@postgres
+@pytest.mark.django_db(transaction=True)
+def test_blocks_use_the_public_execute_wrapper_and_leave_none_behind():
+    connection = connections["default"]
+    before = list(connection.execute_wrappers)
+    with statement_timeout(1), statement_timeout(2, using="default"):
+        assert len(connection.execute_wrappers) == len(before) + 2
+        _sleep(0)
+    assert connection.execute_wrappers == before

@@ -1,0 +1,258 @@
+"""Replica health shared between the processes of a host, through the cache, off the probes."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter
+
+from django.core.cache import caches
+
+from django_scale import metrics
+from django_scale.conf import conf
+
+__all__ = ["SharedHealth", "shared_health"]
+
+logger = logging.getLogger("django_scale.replicas")
+
+
+def _shared_key(replica: str) -> str:
+    return f"django_scale:replica-down:{replica}"
+
+
+class SharedHealth:
+    """The replicas' ejections as the processes share them through one cache, kept off the probes.
+
+    One thread per cache alias and process makes every call on the cache, one at a time: it
+    writes this process's ejections (:meth:`publish`, :meth:`clear`) and reads the other
+    processes' (:meth:`request`). A monitor waits for a read it asked for at most
+    :attr:`timeout` seconds, after its probe; a request never waits. A cache that fails, or does
+    not answer within :attr:`timeout`, is skipped for ``CACHE_RETRY_AFTER`` seconds (a circuit
+    breaker): the monitors then go by what this process knows, and a call stuck on a hung
+    server is never joined by another.
+    """
+
+    #: The longest a monitor waits for the cache after a probe, in seconds. A quarter of
+    #: ``REPLICA_DEADLINE`` if that is shorter, so waiting never makes a replica look stale.
+    max_wait = 0.1
+
+    def __init__(self, alias: str) -> None:
+        #: The alias of the cache in ``CACHES``.
+        self.alias = alias
+        self._lock = threading.Condition(threading.Lock())
+        # Per replica: the ejection to write (its end in time.time() terms, or None to
+        # delete it), and until when (time.time()) the write still matters.
+        self._writes: dict[str, tuple[float | None, float]] = {}
+        self._reads: set[str] = set()
+        # The end (time.time()) of each replica's shared ejection as last known, 0.0 for none.
+        self._known: dict[str, float] = {}
+        # Bumped by each write of this process, so that a read sent before it cannot undo it.
+        self._writes_made: Counter[str] = Counter()
+        self._cycles_started = 0
+        self._cycles_done = 0
+        self._read_cycle = 0
+        self._call_since: float | None = None
+        self._skip_until = 0.0
+        self._outage = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def timeout(self) -> float:
+        """How long a monitor waits for a read it asked for, in seconds."""
+        return min(self.max_wait, conf.REPLICA_DEADLINE / 4)
+
+    # Called by the monitors and the request path: no I/O, and the lock is held only briefly.
+
+    def request(self, replica: str) -> int | None:
+        """Ask for a fresh read of *replica*'s shared ejection; return the ticket to :meth:`wait` for.
+
+        Return ``None``, asking nothing, while the cache is skipped.
+        """
+        with self._lock:
+            now = time.monotonic()
+            call_since = self._call_since
+            outage = call_since is not None and now - call_since > self.timeout and self._trip()
+            if now < self._skip_until:
+                ticket = None
+            else:
+                self._reads.add(replica)
+                self._wake()
+                ticket = self._cycles_started + 1
+        if outage:
+            self._report_outage(f"it has not answered for {self.timeout * 1000:.0f} ms")
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the read of *ticket*; return whether it succeeded.
+
+        A read that does not come in time trips the circuit breaker.
+        """
+        deadline = time.monotonic() + timeout
+        outage = False
+        with self._lock:
+            while self._cycles_done < ticket:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    outage = self._trip()
+                    break
+                self._lock.wait(remaining)
+            else:
+                return self._read_cycle >= ticket
+        if outage:
+            self._report_outage(f"it did not answer within {timeout * 1000:.0f} ms")
+        return False
+
+    def down_until(self, replica: str) -> float:
+        """Return the end (``time.time()``) of *replica*'s shared ejection as last known, or ``0.0``."""
+        return self._known.get(replica, 0.0)
+
+    def publish(self, replica: str, until: float) -> None:
+        """Tell the other processes that *replica* takes no reads until *until* (``time.time()``)."""
+        self._write(replica, until, until)
+
+    def clear(self, replica: str) -> None:
+        """Tell the other processes that *replica* may take reads again."""
+        # Past the longest an ejection is kept, there is nothing left to delete.
+        self._write(replica, None, time.time() + math.ceil(conf.REPLICA_RETRY_AFTER))
+
+    def _write(self, replica: str, until: float | None, matters_until: float) -> None:
+        with self._lock:
+            # One pending write per replica, the latest: a hung cache cannot pile them up.
+            self._writes[replica] = (until, matters_until)
+            self._known[replica] = until or 0.0
+            self._writes_made[replica] += 1
+            self._wake()
+
+    def in_flight(self) -> bool:
+        """Whether a call on the cache is under way (for tests)."""
+        return self._call_since is not None
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds until every write is done; return whether they are."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self._writes or self._cycles_started != self._cycles_done:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._lock.wait(remaining)
+        return True
+
+    def _wake(self) -> None:
+        # Called with the lock held.
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name=f"django-scale-shared-health-{self.alias}", daemon=True
+            )
+            self._thread.start()
+        self._lock.notify_all()
+
+    def _trip(self) -> bool:
+        """Skip the cache for ``CACHE_RETRY_AFTER``; return whether an outage starts (lock held)."""
+        self._skip_until = time.monotonic() + conf.CACHE_RETRY_AFTER
+        starts, self._outage = not self._outage, True
+        return starts
+
+    def _report_outage(self, reason: str) -> None:
+        metrics.increment("replicas.cache_down")
+        logger.warning(
+            "the cache %r, where the replica monitors share their state, failed (%s); "
+            "each process goes by its own view of the replicas, and tries again in %g s",
+            self.alias,
+            reason,
+            conf.CACHE_RETRY_AFTER,
+        )
+
+    # The thread.
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    pending = bool(self._writes or self._reads)
+                    left = self._skip_until - time.monotonic()
+                    if pending and left <= 0:
+                        break
+                    self._lock.wait(left if pending else None)
+                writes, self._writes = self._writes, {}
+                reads, self._reads = sorted(self._reads), set()
+                made = {replica: self._writes_made[replica] for replica in reads}
+                self._cycles_started += 1
+                cycle = self._cycles_started
+            found, error = self._exchange(writes, reads)
+            with self._lock:
+                outage = recovered = False
+                if error is not None:
+                    for replica, write in writes.items():
+                        # Written again after the outage, unless a newer write replaced it.
+                        self._writes.setdefault(replica, write)
+                    outage = self._trip()
+                else:
+                    for replica in reads:
+                        if self._writes_made[replica] == made[replica]:
+                            self._known[replica] = found.get(replica, 0.0)
+                    self._read_cycle = cycle
+                    recovered, self._outage = self._outage, False
+                self._cycles_done = cycle
+                self._lock.notify_all()
+            if outage:
+                self._report_outage(f"{type(error).__name__}: {str(error).strip()}")
+            elif recovered:
+                logger.info("the cache %r answers again; the replica monitors share their state", self.alias)
+
+    def _exchange(
+        self, writes: dict[str, tuple[float | None, float]], reads: list[str]
+    ) -> tuple[dict[str, float], BaseException | None]:
+        """Make this cycle's calls on the cache; return what was read, or the error."""
+        found: dict[str, float] = {}
+        try:
+            cache = caches[self.alias]
+            for replica, (until, matters_until) in writes.items():
+                wall = time.time()
+                if wall >= matters_until:
+                    continue
+                self._call_since = time.monotonic()
+                if until is None:
+                    cache.delete(_shared_key(replica))
+                else:
+                    cache.set(_shared_key(replica), until, math.ceil(until - wall))
+            if reads:
+                self._call_since = time.monotonic()
+                values = cache.get_many([_shared_key(replica) for replica in reads])
+                for replica in reads:
+                    value = values.get(_shared_key(replica))
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        found[replica] = float(value)
+        except Exception as error:  # any failure of the cache is an outage of it
+            return found, error
+        finally:
+            self._call_since = None
+        return found, None
+
+
+_sharing: dict[str, SharedHealth] = {}
+_sharing_lock = threading.Lock()
+
+
+def shared_health(alias: str | None = None) -> SharedHealth:
+    """Return this process's :class:`SharedHealth` on cache *alias* (by default ``CACHE_ALIAS``)."""
+    alias = conf.CACHE_ALIAS if alias is None else alias
+    found = _sharing.get(alias)
+    if found is None:
+        with _sharing_lock:
+            found = _sharing.setdefault(alias, SharedHealth(alias))
+    return found
+
+
+def _forget_after_fork() -> None:
+    # A forked worker (gunicorn, Celery's prefork pool) inherits the SharedHealth objects but
+    # not their threads or locks: start afresh in the child.
+    global _sharing_lock
+    _sharing.clear()
+    _sharing_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

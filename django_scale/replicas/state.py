@@ -1,0 +1,188 @@
+"""The routing state of one request or task, kept in :mod:`contextvars`, and ``use_primary()``."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, ParamSpec, TypeVar, overload
+
+from django_scale.conf import conf
+from django_scale.replicas.monitors import wait_for_replicas
+
+__all__ = [
+    "RoutingState",
+    "await_replica",
+    "current_state",
+    "forced_route",
+    "mark_write",
+    "routing_state",
+    "use_primary",
+    "use_replica",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class RoutingState:
+    """What routing needs to know about one request or task. Open it with :func:`routing_state`."""
+
+    #: The WAL position the user's last write reached; reads must see at least this much.
+    required_lsn: int | None = None
+    #: Whether the user's last write must be read from the primary because the primary
+    #: cannot tell a WAL position (a database other than PostgreSQL).
+    sticky_primary: bool = False
+    #: Whether this request has written; its later reads stay on the primary.
+    wrote: bool = False
+    #: Why reads of this request go to the primary, or ``""`` while they may use a replica.
+    pinned: str = ""
+    #: The replica this request reads from, chosen once so that its reads agree.
+    replica: str | None = None
+    #: How many read decisions went to each alias (for tests, metrics and benchmarks).
+    reads: Counter[str] = field(default_factory=Counter)
+
+    def pin(self, reason: str) -> None:
+        """Send the rest of this request's reads to the primary, for *reason*."""
+        if not self.pinned:
+            self.pinned = reason
+
+    #: Until when (``time.monotonic()``) the chosen replica's availability holds unless its
+    #: monitor learns something new (its version changes).
+    _valid_until: float = field(default=0.0, repr=False)
+    _connections: tuple[Any, ...] = field(default=(), repr=False)
+    _version: int = field(default=-1, repr=False)
+
+
+_state: contextvars.ContextVar[RoutingState | None] = contextvars.ContextVar(
+    "django_scale_routing_state", default=None
+)
+_forced: contextvars.ContextVar[Literal["primary", "replica"] | None] = contextvars.ContextVar(
+    "django_scale_forced_route", default=None
+)
+
+#: Counters that :func:`django_scale.testing.capture_reads` hands to tests.
+_capture: contextvars.ContextVar[Counter[str] | None] = contextvars.ContextVar(
+    "django_scale_capture_reads", default=None
+)
+
+
+def current_state() -> RoutingState | None:
+    """Return the routing state of the current request or task, or ``None`` outside one."""
+    return _state.get()
+
+
+@contextmanager
+def routing_state(required_lsn: int | None = None, *, sticky_primary: bool = False) -> Iterator[RoutingState]:
+    """Open a :class:`RoutingState` for the code inside the block, and close it after.
+
+    :class:`~django_scale.middleware.ScaleMiddleware` opens one per request and the Celery
+    integration one per task; open one yourself around any other unit of work that should
+    read its own writes.
+    """
+    state = RoutingState(required_lsn=required_lsn, sticky_primary=sticky_primary)
+    if sticky_primary:
+        state.pin("the user wrote recently and the primary has no WAL position to wait for")
+    token = _state.set(state)
+    try:
+        yield state
+    finally:
+        _state.reset(token)
+
+
+def mark_write(alias: str | None = None) -> None:
+    """Record that the current request wrote, so its later reads and the user's next ones see it.
+
+    :class:`~django_scale.routers.ReplicaRouter` calls this for every ORM write. Call it
+    yourself after writing with raw SQL through ``connection.cursor()``.
+    """
+    state = _state.get()
+    if state is not None and (alias is None or alias == conf.PRIMARY):
+        state.wrote = True
+        state.pin("this request wrote")
+
+
+def await_replica(state: RoutingState, reason: str) -> None:
+    """Find a replica that has replayed *state*'s required position within ``REPLICA_WAIT``, or pin.
+
+    Called once when a request or task opens its state, so that its reads need no I/O later.
+    """
+    if state.required_lsn is None:
+        return
+    replicas = list(conf.REPLICAS)
+    alias = wait_for_replicas(replicas, state.required_lsn, conf.REPLICA_WAIT) if replicas else None
+    if alias is None:
+        state.pin(reason)
+    else:
+        state.replica = alias
+
+
+# -- use_primary() / use_replica() ---------------------------------------------------------
+
+
+class _Route:
+    """A context manager and decorator that forces where reads go while it is active."""
+
+    def __init__(self, target: Literal["primary", "replica"]) -> None:
+        self.target = target
+        self._tokens: list[contextvars.Token[Literal["primary", "replica"] | None]] = []
+
+    def __enter__(self) -> None:
+        self._tokens.append(_forced.set(self.target))
+
+    def __exit__(self, *exc_info: object) -> None:
+        _forced.reset(self._tokens.pop())
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, R]) -> Callable[P, R]: ...
+
+    def __call__(self, func: Callable[P, Any]) -> Callable[P, Any]:
+        target = self.target
+        # Each call enters a fresh instance: the decorated function may run in many threads
+        # and tasks at once, and each must restore its own context.
+        if inspect.iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with _Route(target):
+                    return await func(*args, **kwargs)
+
+            return async_wrapper
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+            with _Route(target):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+
+def use_primary() -> _Route:
+    """Send every read inside the block (or decorated function) to the primary.
+
+    Use it for reads that must be exact, such as a check before a write. It nests with
+    :func:`use_replica`: the innermost block wins, and each restores the outer one on exit.
+    """
+    return _Route("primary")
+
+
+def use_replica() -> _Route:
+    """Send reads inside the block to a replica even if this request wrote.
+
+    For reads that may be a little stale, such as reports. Reads still go to the primary
+    inside ``atomic()`` and when no replica is available.
+    """
+    return _Route("replica")
+
+
+def forced_route() -> Literal["primary", "replica"] | None:
+    """Return the target of the innermost active :func:`use_primary` / :func:`use_replica`."""
+    return _forced.get()
