@@ -35,8 +35,8 @@ from django_scale.replicas import (
     monitor,
     parse_lsn,
     routing_state,
-    watchdog,
 )
+from django_scale.replicas.guard import watchdog
 from django_scale.testing import capture_reads, override_scale_settings
 from django_scale.timeouts import is_statement_timeout, statement_timeout
 

@@ -24,8 +24,8 @@ from django_scale.replicas import (
     routing_state,
     use_primary,
     use_replica,
-    watchdog,
 )
+from django_scale.replicas.guard import watchdog
 from django_scale.routers import ReplicaRouter
 from django_scale.testing import capture_reads, override_scale_settings, simulate_lag
 

@@ -22,9 +22,10 @@ Which replica a read goes to is :class:`~django_scale.routers.ReplicaRouter`'s p
 
 from __future__ import annotations
 
+from django_scale.replicas import wal
 from django_scale.replicas.errors import error_sqlstate
 from django_scale.replicas.fallback import FallbackWindow
-from django_scale.replicas.guard import ReplicaGuard, Watchdog, guard_replicas, watchdog
+from django_scale.replicas.guard import ReplicaGuard, Watchdog, guard_replicas
 from django_scale.replicas.health import SharedHealth, shared_health
 from django_scale.replicas.monitors import ReplicaMonitor, monitor, stop_monitors, wait_for_replicas
 from django_scale.replicas.state import (
@@ -37,7 +38,7 @@ from django_scale.replicas.state import (
     use_primary,
     use_replica,
 )
-from django_scale.replicas.wal import STICKY_PRIMARY, decode_position, format_lsn, parse_lsn
+from django_scale.replicas.wal import decode_position, format_lsn, parse_lsn
 
 __all__ = [
     "STICKY_PRIMARY",
@@ -63,5 +64,8 @@ __all__ = [
     "use_primary",
     "use_replica",
     "wait_for_replicas",
-    "watchdog",
 ]
+
+#: The value of a read-your-writes cookie or task header that means "read from the primary":
+#: the user wrote, but the primary has no WAL position to wait for.
+STICKY_PRIMARY = wal.STICKY_PRIMARY
