@@ -17,6 +17,7 @@ from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db.models import Q, QuerySet
 from django.utils.translation import gettext
 
+from django_scale import keyset
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 
 __all__ = ["ApproxCountPaginator", "ApproxPage"]
@@ -126,16 +127,25 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
             raise EmptyPage(gettext("That page number is less than 1"))
         return int(number)
 
-    def page(self, number: Any, after: Q | Any = None) -> ApproxPage:
+    def page(self, number: Any, after: Q | Sequence[Any] | Any = None) -> ApproxPage:
         """Return page *number*, fetched with ``LIMIT per_page + 1``; ``EmptyPage`` past the rows.
 
-        With *after*, a filter that keeps the rows past the previous page's last one in the
-        queryset's ordering (keyset pagination), the page is read from there instead of with an
-        ``OFFSET``, which reads and throws away every row before it.
+        With *after* (keyset pagination), the page is read from the row after the previous
+        page's last one instead of with an ``OFFSET``, which reads and throws away every row
+        before it. *after* is either that row's values of the queryset's ordering fields (a
+        list or tuple, see :func:`django_scale.keyset.ordering_keys`), or the condition
+        :func:`django_scale.keyset.after` built from them.
         """
         number = self.validate_number(number)
         bottom = (number - 1) * self.per_page
-        source: Any = self.object_list if after is None else self.object_list.filter(after)  # type: ignore[attr-defined]
+        source: Any = self.object_list
+        if isinstance(after, (list, tuple)):
+            keys = keyset.ordering_keys(source)
+            if keys is None:
+                raise ValueError("page(after=values) needs a queryset ordered by fields of its model.")
+            source = keyset.rows_after(source, keys, after)
+        elif after is not None:
+            source = source.filter(after)
         start = bottom if after is None else 0
         fetched = source[start : start + self.per_page + 1]
         rows = list(fetched)

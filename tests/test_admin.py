@@ -274,7 +274,7 @@ def test_filter_choices_of_a_column_without_common_values_fall_back_to_a_bounded
 def test_date_hierarchy_lists_periods_by_probes_not_a_distinct_scan(superuser_client):
     import datetime as dt
 
-    from django.contrib.admin.templatetags.admin_list import date_hierarchy
+    from django_scale.admin.date_hierarchy import date_hierarchy
 
     author = Author.objects.create(name="Chronicler")
     moments = [
@@ -321,7 +321,7 @@ def test_date_hierarchy_lists_periods_by_probes_not_a_distinct_scan(superuser_cl
 def test_date_hierarchy_of_few_rows_reads_their_dates_instead_of_min_max(superuser_client):
     import datetime as dt
 
-    from django.contrib.admin.templatetags.admin_list import date_hierarchy
+    from django_scale.admin.date_hierarchy import date_hierarchy
 
     author = Author.objects.create(name="Chronicler")
     moments = [

@@ -113,10 +113,15 @@ def test_hint_links_to_the_docs_anchor():
 
 
 def _ids_in_package() -> list[str]:
+    # Every module, those of the subpackages (django_scale/admin/, ...) included.
     found = []
-    for path in files("django_scale").iterdir():
-        if path.name.endswith(".py"):
-            found += re.findall(r'"(django_scale\.[EW]\d{3})"', path.read_text())
+    folders = [files("django_scale")]
+    while folders:
+        for path in folders.pop().iterdir():
+            if path.is_dir():
+                folders.append(path)
+            elif path.name.endswith(".py"):
+                found += re.findall(r'"(django_scale\.[EW]\d{3})"', path.read_text())
     return found
 
 
