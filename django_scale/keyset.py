@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from django.core.exceptions import FieldDoesNotExist
 from django.db import connections, models
 from django.db.models import Model, Q, QuerySet
 from django.db.models.expressions import RawSQL
@@ -67,7 +68,7 @@ def _key_of(model: type[Model], term: Any) -> Key | None:
     descending, name = term.startswith("-"), term.lstrip("-")
     try:
         field = model._meta.pk if name == "pk" else model._meta.get_field(name)
-    except models.FieldDoesNotExist:
+    except FieldDoesNotExist:
         return None
     if field is None or not getattr(field, "concrete", False) or field.is_relation:
         return None

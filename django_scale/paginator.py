@@ -156,6 +156,10 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
             # Hand out a queryset, as Django's Paginator does (the admin builds list_editable
             # formsets from it), already holding the rows fetched above: no second query.
             object_list = source[start : start + self.per_page]
+            # QuerySet._result_cache and _prefetch_done are the queryset's own cache of its
+            # rows (django/db/models/query.py, QuerySet.__init__ and _fetch_all, the same in
+            # 4.2 to 6.1); test_paginator's test_the_page_is_a_queryset_that_does_not_query_again
+            # pins that the page does not query again.
             object_list._result_cache = rows
             object_list._prefetch_done = True
         if not rows and not (number == 1 and self.allow_empty_first_page):

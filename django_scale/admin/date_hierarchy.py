@@ -118,7 +118,7 @@ class DateHierarchy:
     def _day(self, value: Any) -> datetime.date:
         if self.as_datetimes and self._zone:
             value = timezone.localtime(value, self._zone)
-        return value.date() if isinstance(value, datetime.datetime) else value  # type: ignore[no-any-return]
+        return value.date() if isinstance(value, datetime.datetime) else value
 
     def _probe(self, kind: str) -> list[Any]:
         first, last = self.bounds()

@@ -37,4 +37,4 @@ def scale_date_hierarchy(context: Context, cl: Any) -> str:
     csrf_token = context.get("csrf_token")
     if csrf_token is not None:
         inner["csrf_token"] = csrf_token
-    return chosen.render(inner)  # type: ignore[no-any-return]
+    return chosen.render(inner)
