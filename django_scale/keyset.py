@@ -126,11 +126,19 @@ def after(keys: Sequence[Key], values: Sequence[Any], *, using: str) -> Q | RawS
     directions = {key.descending for key in keys}
     if len(keys) > 1 and len(directions) == 1 and not any(key.field.null for key in keys):
         quote = connection.ops.quote_name
-        table = quote(keys[0].field.model._meta.db_table)
-        columns = ", ".join(f"{table}.{quote(key.field.column)}" for key in keys)
+        # Each column qualified by its own model's table: a field inherited from a parent
+        # model (multi-table inheritance) is a column of the parent's table.
+        columns = ", ".join(
+            f"{quote(key.field.model._meta.db_table)}.{quote(key.field.column)}" for key in keys
+        )
         placeholders = ", ".join(["%s"] * len(values))
         operator = "<" if directions == {True} else ">"
-        return RawSQL(f"({columns}) {operator} ({placeholders})", values, output_field=models.BooleanField())
+        # Raw SQL parameters skip the fields' own conversion: apply it (SQLite keeps
+        # datetimes as text in its own format, for one).
+        params = [
+            key.field.get_db_prep_value(value, connection) for key, value in zip(keys, values, strict=True)
+        ]
+        return RawSQL(f"({columns}) {operator} ({placeholders})", params, output_field=models.BooleanField())
     nulls_largest = bool(connection.features.nulls_order_largest)
     condition: Q | None = None
     equal = Q()

@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django_scale import keyset
 from django_scale.paginator import ApproxCountPaginator
 
-from testapp.models import Article, Author
+from testapp.models import Article, Author, BulkRecord
 
 pytestmark = pytest.mark.django_db
 
@@ -40,12 +40,13 @@ def walk(ordering: list[str], size: int = 3) -> list[int]:
     assert keys is not None
     seen: list[int] = []
     last = None
-    while True:
+    for _ in range(Article.objects.count() + 1):  # a wrong condition repeats rows: stop
         page = list(keyset.rows_after(queryset, keys, last)[:size])
         if not page:
             return seen
         seen += [row.pk for row in page]
         last = keyset.values_of(keys, page[-1])
+    raise AssertionError(f"the walk does not end: {seen}")
 
 
 @pytest.mark.parametrize(
@@ -124,3 +125,22 @@ def test_the_paginator_reads_a_page_after_the_last_row_of_the_previous(articles)
     assert [row.pk for row in second.object_list] == [row.pk for row in paginator.page(2).object_list]
     [sql] = [q["sql"].upper() for q in queries.captured_queries]
     assert "OFFSET" not in sql and "LIMIT 6" in sql
+
+
+@pytest.mark.parametrize("ordering", [["-created", "-id"], ["created", "id"]])
+def test_a_row_comparison_of_datetimes_converts_them_as_the_field_does(ordering):
+    BulkRecord.objects.bulk_create(BulkRecord(name=f"r{n}") for n in range(9))
+    for n, record in enumerate(BulkRecord.objects.order_by("pk")):
+        # Ties on created, broken by id.
+        BulkRecord.objects.filter(pk=record.pk).update(created=DAY + datetime.timedelta(hours=n % 4))
+    queryset = BulkRecord.objects.order_by(*ordering)
+    keys = keyset.ordering_keys(queryset)
+    seen: list[int] = []
+    last = None
+    for _ in range(10):  # a wrong condition repeats rows: stop
+        page = list(keyset.rows_after(queryset, keys, last)[:2])
+        if not page:
+            break
+        seen += [row.pk for row in page]
+        last = keyset.values_of(keys, page[-1])
+    assert seen == [row.pk for row in queryset]
