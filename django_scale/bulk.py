@@ -43,6 +43,7 @@ from django.db import DatabaseError, connections, models, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model, QuerySet
 
+from django_scale import keyset
 from django_scale.exceptions import BulkDataError, BulkError
 
 __all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert", "iter_batches", "key_field"]
@@ -1069,7 +1070,11 @@ def iter_batches(
     ordered = queryset.order_by(name)
     last = start_after
     while True:
-        page = ordered if last is None else ordered.filter(**{f"{name}__gt": last})
+        page = (
+            ordered
+            if last is None
+            else ordered.filter(keyset.after([keyset.Key(field)], [last], using=ordered.db))
+        )
         batch = list(page[:size])
         if not batch:
             return

@@ -17,6 +17,7 @@ from django.core.paginator import EmptyPage, Page, PageNotAnInteger, Paginator
 from django.db.models import Q, QuerySet
 from django.utils.translation import gettext
 
+from django_scale import keyset
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 
 __all__ = ["ApproxCountPaginator", "ApproxPage"]
@@ -126,16 +127,25 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
             raise EmptyPage(gettext("That page number is less than 1"))
         return int(number)
 
-    def page(self, number: Any, after: Q | Any = None) -> ApproxPage:
+    def page(self, number: Any, after: Q | Sequence[Any] | Any = None) -> ApproxPage:
         """Return page *number*, fetched with ``LIMIT per_page + 1``; ``EmptyPage`` past the rows.
 
-        With *after*, a filter that keeps the rows past the previous page's last one in the
-        queryset's ordering (keyset pagination), the page is read from there instead of with an
-        ``OFFSET``, which reads and throws away every row before it.
+        With *after* (keyset pagination), the page is read from the row after the previous
+        page's last one instead of with an ``OFFSET``, which reads and throws away every row
+        before it. *after* is either that row's values of the queryset's ordering fields (a
+        list or tuple, see :func:`django_scale.keyset.ordering_keys`), or the condition
+        :func:`django_scale.keyset.after` built from them.
         """
         number = self.validate_number(number)
         bottom = (number - 1) * self.per_page
-        source: Any = self.object_list if after is None else self.object_list.filter(after)  # type: ignore[attr-defined]
+        source: Any = self.object_list
+        if isinstance(after, (list, tuple)):
+            keys = keyset.ordering_keys(source)
+            if keys is None:
+                raise ValueError("page(after=values) needs a queryset ordered by fields of its model.")
+            source = keyset.rows_after(source, keys, after)
+        elif after is not None:
+            source = source.filter(after)
         start = bottom if after is None else 0
         fetched = source[start : start + self.per_page + 1]
         rows = list(fetched)
@@ -146,6 +156,10 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
             # Hand out a queryset, as Django's Paginator does (the admin builds list_editable
             # formsets from it), already holding the rows fetched above: no second query.
             object_list = source[start : start + self.per_page]
+            # QuerySet._result_cache and _prefetch_done are the queryset's own cache of its
+            # rows (django/db/models/query.py, QuerySet.__init__ and _fetch_all, the same in
+            # 4.2 to 6.1); test_paginator's test_the_page_is_a_queryset_that_does_not_query_again
+            # pins that the page does not query again.
             object_list._result_cache = rows
             object_list._prefetch_done = True
         if not rows and not (number == 1 and self.allow_empty_first_page):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -274,7 +275,7 @@ def test_filter_choices_of_a_column_without_common_values_fall_back_to_a_bounded
 def test_date_hierarchy_lists_periods_by_probes_not_a_distinct_scan(superuser_client):
     import datetime as dt
 
-    from django.contrib.admin.templatetags.admin_list import date_hierarchy
+    from django_scale.admin.date_hierarchy import date_hierarchy
 
     author = Author.objects.create(name="Chronicler")
     moments = [
@@ -321,7 +322,7 @@ def test_date_hierarchy_lists_periods_by_probes_not_a_distinct_scan(superuser_cl
 def test_date_hierarchy_of_few_rows_reads_their_dates_instead_of_min_max(superuser_client):
     import datetime as dt
 
-    from django.contrib.admin.templatetags.admin_list import date_hierarchy
+    from django_scale.admin.date_hierarchy import date_hierarchy
 
     author = Author.objects.create(name="Chronicler")
     moments = [
@@ -548,3 +549,50 @@ def test_the_trigram_index_serves_the_admins_icontains_search(db):
         cursor.execute(f"EXPLAIN {sql}", params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "testapp_article_title_trgm" in plan
+
+
+def _page_queries(client: Client, url: str) -> tuple[str, list[str], Any]:
+    with CaptureQueriesContext(connections["default"]) as queries:
+        response = client.get(url)
+    assert response.status_code == 200
+    return response.content.decode(), [q["sql"].upper() for q in queries.captured_queries], response
+
+
+@pytest.mark.urls("testapp.owned_admin")
+@pytest.mark.parametrize(
+    ("query", "rows", "choices", "expected"),
+    [
+        # Many rows: MIN/MAX once, then one EXISTS per year between them.
+        ("", 60, ["2024", "2026"], {"min": 1, "exists": 3, "distinct": 0}),
+        # Many rows in one year: the same bounds open that year's months.
+        ("?published__year=2024", 60, ["March 2024", "July 2024"], {"min": 1, "exists": 5, "distinct": 0}),
+        # Few rows (an exact count under the threshold): their dates are read, nothing probed.
+        ("", 10, ["2024", "2026"], {"min": 0, "exists": 0, "distinct": 0}),
+    ],
+)
+def test_the_changelist_page_renders_its_date_hierarchy_by_probes(
+    superuser_client, query, rows, choices, expected
+):
+    author = Author.objects.create(name="Chronicler")
+    moments = [
+        datetime.datetime(2024, 3, 5, 10, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2024, 7, 1, 12, tzinfo=datetime.timezone.utc),
+        datetime.datetime(2026, 1, 2, 3, tzinfo=datetime.timezone.utc),
+    ]
+    Article.objects.bulk_create(
+        Article(author=author, title=f"t{n}", published=moments[n % (2 if query else 3)]) for n in range(rows)
+    )
+    _analyze()
+    html, sql, response = _page_queries(superuser_client, f"/whole/testapp/article/{query}")
+    # The page is rendered by our changelist template, which extends Django's.
+    names = [template.name for template in response.templates]
+    assert names[:2] == ["django_scale/admin/change_list.html", "admin/change_list.html"], names
+    assert "admin/date_hierarchy.html" in names
+    nav = html[html.index('class="toplinks"') : html.index("</nav>", html.index('class="toplinks"'))]
+    assert [title.strip() for title in re.findall(r'<a href="[^"]*">([^<]+)</a>', nav)] == choices
+    counted = {
+        "min": sum("MIN(" in q for q in sql),
+        "exists": sum("LIMIT 1" in q and '"PUBLISHED" >=' in q for q in sql),
+        "distinct": sum("DISTINCT" in q and "PUBLISHED" in q for q in sql),
+    }
+    assert counted == expected, sql
