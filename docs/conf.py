@@ -8,7 +8,6 @@ import sys
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,16 +70,3 @@ intersphinx_mapping = {
         str(ROOT / "docs" / "_inventories" / "django.inv"),
     ),
 }
-
-
-def _escape_suffixed_literals(
-    app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]
-) -> None:
-    # TEMPORARY (issue 12): django_scale.admin's docstrings write ``LIMIT``ed, which
-    # reStructuredText reads as an unclosed literal. admin.py is being split into a package on
-    # another branch; once its docstrings say "a page fetched with ``LIMIT``", delete this hook.
-    lines[:] = [line.replace("``LIMIT``ed", "``LIMIT``\\ ed") for line in lines]
-
-
-def setup(app: Any) -> None:
-    app.connect("autodoc-process-docstring", _escape_suffixed_literals)

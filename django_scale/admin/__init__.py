@@ -4,7 +4,7 @@ The parts, one concept each:
 
 * :mod:`~django_scale.admin.options`: ``ScaleModelAdmin`` (replica GETs, primary POSTs,
   statement timeouts);
-* :mod:`~django_scale.admin.changelist`: ``ScaleChangeList`` (approximate counts, ``LIMIT``ed
+* :mod:`~django_scale.admin.changelist`: ``ScaleChangeList`` (approximate counts, ``LIMIT``-ed
   pages, keyset next links);
 * :mod:`~django_scale.admin.filters`: list filters that never scan a big table nor list a
   hidden row;

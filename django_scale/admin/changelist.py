@@ -1,4 +1,4 @@
-"""``ScaleChangeList``: approximate counts, ``LIMIT``ed pages and keyset next links."""
+"""``ScaleChangeList``: approximate counts, pages fetched with ``LIMIT`` and keyset next links."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ _CURSOR_SALT = "django_scale.admin.cursor"
 
 
 class ScaleChangeList(ChangeList):
-    """A ``ChangeList`` that counts approximately and always fetches a ``LIMIT``ed page.
+    """A ``ChangeList`` that counts approximately and always fetches its page with ``LIMIT``.
 
     Django's own shows the whole queryset, with no ``LIMIT``, when the count says everything
     fits on one page; with an estimate that is too low that would load the whole table.

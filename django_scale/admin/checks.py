@@ -47,6 +47,7 @@ def _w301_full_result_count(obj: Any) -> CheckMessage:
         f"{type(obj).__name__}.show_full_result_count is True: every filtered changelist also "
         "runs COUNT(*) over the whole table.",
         "Remove show_full_result_count (ScaleModelAdmin sets it to False).",
+        obj=type(obj),
     )
 
 
@@ -58,6 +59,7 @@ def _w302_distinct_filter(obj: Any, entry: Any) -> CheckMessage:
         "over the whole table on every changelist load.",
         "Give the field name alone (ScaleModelAdmin then takes the choices from the "
         "statistics) or a SimpleListFilter with fixed choices.",
+        obj=type(obj),
     )
 
 
@@ -70,6 +72,7 @@ def _w303_search_without_trigram_index(obj: Any, term: str, field: str) -> Check
         f"Add django_scale.indexes.TrigramIndex(fields=[{field!r}], name=...) to the model's "
         "Meta.indexes (and TrigramExtension() to a migration before it), or search with '^' "
         "(startswith) or '=' (exact).",
+        obj=type(obj),
     )
 
 
@@ -80,6 +83,7 @@ def _w304_unindexed_sortable(obj: Any, columns: list[str]) -> CheckMessage:
         f"{type(obj).__name__} lets the changelist sort by {', '.join(repr(c) for c in columns)}, "
         "which no index starts with: sorting a big table by them reads all of it.",
         "Index those columns, or leave them out of sortable_by.",
+        obj=type(obj),
     )
 
 

@@ -53,7 +53,7 @@ class ScaleModelAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     * The changelist counts with :func:`~django_scale.counting.approx_count` (no ``COUNT(*)``
       over a big table), shows counts as "≈ 12.3 million" or "10,000+", and always fetches a
-      ``LIMIT``ed page through :class:`~django_scale.paginator.ApproxCountPaginator`.
+      ``LIMIT``-ed page through :class:`~django_scale.paginator.ApproxCountPaginator`.
     * GET pages read from a replica; POSTs load and save on the primary.
     """
 
