@@ -28,10 +28,10 @@ from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
-from django_scale.backfill import run_backfill
 from django_scale.bulk import copy_from, copy_to, copy_update, copy_upsert, iter_batches
+from django_scale.contrib.backfill.models import BackfillCheckpoint
+from django_scale.contrib.backfill.runner import run_backfill
 from django_scale.exceptions import BulkDataError, BulkError
-from django_scale.models import BackfillCheckpoint
 from django_scale.replicas import use_primary
 
 import harness

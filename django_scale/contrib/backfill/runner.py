@@ -3,7 +3,7 @@
 Subclass :class:`Backfill`, give it a queryset and a ``process(batch)``, and run it with
 ``manage.py scale_backfill run dotted.path.ToTheClass`` (or :func:`run_backfill`). Every batch
 is processed in one transaction together with the update of the backfill's
-:class:`~django_scale.models.BackfillCheckpoint` row, so a backfill killed at any moment (even
+:class:`~django_scale.contrib.backfill.models.BackfillCheckpoint` row, so a backfill killed at any moment (even
 with ``SIGKILL``) resumes after the last committed batch: no row is processed twice and none is
 skipped. The checkpoint row is locked (``SELECT ... FOR UPDATE``) in each batch's transaction
 and must still hold the key this runner last wrote, so two runners of one backfill cannot both
@@ -18,16 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from django.core.management.base import OutputWrapper
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import router, transaction
 from django.db.models import F, Model, QuerySet
 from django.utils import timezone
 
 from django_scale.bulk import iter_batches, key_field
+from django_scale.contrib.backfill.models import BackfillCheckpoint
+from django_scale.counting import approx_count
 from django_scale.exceptions import BulkError
-from django_scale.models import BackfillCheckpoint
 
-__all__ = ["Backfill", "BackfillProgress", "run_backfill"]
+__all__ = ["Backfill", "BackfillProgress", "progress_bar", "run_backfill"]
 
 M = TypeVar("M", bound=Model)
 
@@ -103,8 +105,6 @@ def run_backfill(
     if checkpoint.finished_at is not None:
         return checkpoint
     if checkpoint.rows_total is None:
-        from django_scale.counting import approx_count
-
         checkpoint.rows_total = int(approx_count(queryset.using(alias)))
         checkpoints.filter(pk=checkpoint.pk).update(rows_total=checkpoint.rows_total)
     expected = checkpoint.last_key
@@ -160,10 +160,21 @@ def run_backfill(
 def progress_bar(stream: Any = None, width: int = 30) -> Callable[[BackfillProgress], None]:
     """Return a progress callback drawing a bar on *stream* (default: stderr).
 
-    On a terminal the bar redraws in place; otherwise a line is written at most once a second.
+    *stream* is a file or a management command's ``self.stdout``/``self.stderr``
+    (:class:`~django.core.management.base.OutputWrapper`, written unstyled and without its
+    added line ending). On a terminal the bar redraws in place; otherwise a line is written at
+    most once a second.
     """
     out = stream or sys.stderr
     interactive = bool(getattr(out, "isatty", lambda: False)())
+    if isinstance(out, OutputWrapper):
+        wrapper = out
+
+        def write(text: str) -> None:
+            wrapper.write(text, style_func=str, ending="")
+
+    else:
+        write = out.write
     last_line = [0.0]
 
     def draw(progress: BackfillProgress) -> None:
@@ -176,11 +187,11 @@ def progress_bar(stream: Any = None, width: int = 30) -> Callable[[BackfillProgr
             f"({fraction:.0%}), {progress.rows_per_second:,.0f} rows/s, batch {progress.batch_size:,}"
         )
         if interactive:
-            out.write("\r" + line)
+            write("\r" + line)
             out.flush()
         elif time.monotonic() - last_line[0] >= 1.0:
             last_line[0] = time.monotonic()
-            out.write(line + "\n")
+            write(line + "\n")
             out.flush()
 
     return draw
