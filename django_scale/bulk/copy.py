@@ -34,16 +34,10 @@ from typing import IO, Any, TypeVar, cast
 
 from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field, Model, QuerySet
+from django.db.models import Model, QuerySet
 
-from django_scale.bulk.formats import (
-    _INTEGERS,
-    _TEXTS,
-    Row,
-    _Columns,
-    _fields,
-    _RowError,
-)
+from django_scale.bulk.formats import binary_safe
+from django_scale.bulk.rows import Row, _Columns, _fields, _RowError
 from django_scale.exceptions import BulkDataError, BulkError
 
 __all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert"]
@@ -115,18 +109,21 @@ class _Counted:
 
     def chunks(self) -> Iterator[str]:
         """Yield the rows in COPY's text format, a few thousand rows at a time (psycopg2)."""
-        line = self.columns.line
-        lines: list[str] = []
-        for row in self.rows:
-            try:
-                lines.append(line(row))
-            except _RowError as error:
-                raise self._error(error) from error
-            self.count += 1
-            if len(lines) >= CHUNK_ROWS:
-                yield "".join(lines)
-                lines = []
-        if lines:
+        columns = self.columns
+        while rows := list(itertools.islice(self.rows, CHUNK_ROWS)):
+            text = columns.text(rows)
+            if text is not None:
+                self.count += len(rows)
+                yield text
+                continue
+            # Row by row, counted, so that an error names its row.
+            lines = []
+            for row in rows:
+                try:
+                    lines.append(columns.line(row))
+                except _RowError as error:
+                    raise self._error(error) from error
+                self.count += 1
             yield "".join(lines)
 
     def write_rows(self, copy: Any) -> None:
@@ -177,31 +174,6 @@ class _Reader(io.RawIOBase):
         return data
 
 
-def _binary_safe(field: Field[Any, Any]) -> bool:
-    """Whether *field*'s values reach psycopg 3 as the Python type its binary dumper takes."""
-    kind = field.get_internal_type()
-    if kind in {"ForeignKey", "OneToOneField"}:
-        return _binary_safe(cast("Field[Any, Any]", field.target_field))  # type: ignore[attr-defined]
-    if kind == "ArrayField":
-        return _binary_safe(field.base_field)  # type: ignore[attr-defined]
-    return kind in _INTEGERS or kind in _TEXTS or kind in _BINARY_AS_IS
-
-
-#: Field types besides integers and text whose values the binary path sends (after `_adapter`).
-_BINARY_AS_IS = {
-    "BooleanField",
-    "FloatField",
-    "DecimalField",
-    "DateField",
-    "DateTimeField",
-    "TimeField",
-    "DurationField",
-    "UUIDField",
-    "JSONField",
-    "BinaryField",
-}
-
-
 def _binary_types(cursor: Any, table: str, columns: str) -> list[int] | None:
     """Return the type OIDs of *columns* of *table* if psycopg 3 can dump each in binary."""
     binary = importlib.import_module("psycopg.pq").Format.BINARY
@@ -228,7 +200,7 @@ def _copy_in(connection: BaseDatabaseWrapper, table: str, columns: str, stream: 
         if _is_psycopg3(connection):
             # Fields of other types (custom ones, IP addresses, ranges) go as text, which the
             # server parses from what Django would send.
-            safe = all(_binary_safe(field) for field in stream.columns.fields)
+            safe = all(binary_safe(field) for field in stream.columns.fields)
             oids = _binary_types(cursor, table, columns) if safe else None
             if oids is None:
                 with cursor.copy(sql) as copy:
