@@ -172,9 +172,15 @@ class _Columns:
         """Return the columns of *rows* (instances, or tuples of the right length), or ``None``."""
         kinds = set(map(type, rows))
         if kinds == {self.model}:
-            columns: list[Sequence[Any]] = [
-                list(map(operator.attrgetter(name), rows)) for name in self.attnames
-            ]
+            try:
+                # A loaded field's value is in the instance's __dict__ under its attname, where
+                # its descriptor reads it (DeferredAttribute.__get__): read it there, in C.
+                dicts = list(map(vars, rows))
+                columns: list[Sequence[Any]] = [
+                    list(map(operator.itemgetter(name), dicts)) for name in self.attnames
+                ]
+            except KeyError:  # a deferred field: its descriptor loads it
+                columns = [list(map(operator.attrgetter(name), rows)) for name in self.attnames]
             for n, field in self._pre_save:
                 columns[n] = [field.pre_save(row, True) for row in rows]
             return columns
