@@ -159,7 +159,7 @@ def test_the_old_module_still_imports_with_a_deprecation_warning():
     assert old.run_backfill is run_backfill
 
 
-@pytest.mark.django_db
+@pytest.mark.django_db(databases="__all__")
 def test_models_and_migrations_agree():
     call_command("makemigrations", "--check", "--dry-run", verbosity=0)
 
