@@ -167,14 +167,13 @@ def progress_bar(stream: Any = None, width: int = 30) -> Callable[[BackfillProgr
     """
     out = stream or sys.stderr
     interactive = bool(getattr(out, "isatty", lambda: False)())
+    write: Callable[[str], object] = out.write
     if isinstance(out, OutputWrapper):
         wrapper = out
 
         def write(text: str) -> None:
             wrapper.write(text, style_func=str, ending="")
 
-    else:
-        write = out.write
     last_line = [0.0]
 
     def draw(progress: BackfillProgress) -> None:
