@@ -24,6 +24,7 @@ from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
 from django_scale.bulk import copy_from, copy_to, copy_update, copy_upsert, iter_batches
+from django_scale.bulk.rows import _Columns
 from django_scale.exceptions import BulkDataError, BulkError
 
 import harness
@@ -414,3 +415,24 @@ def test_iter_batches_adapts_the_size_toward_the_target():
 
 
 # -- Backfills ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["instances", "tuples"])
+def test_chunks_format_as_row_by_row_does(kind, author):
+    """The column-by-column text (psycopg2) is the row-by-row text, whatever the values."""
+    rows = [sample(n, author) for n in range(1, 31)]
+    rows[3]["note"] = "nul\x00inside"  # no column-wide escaping: one value at a time
+    payload: list[Any] = (
+        [BulkRecord(**row) for row in rows]
+        if kind == "instances"
+        else [tuple(row[field] for field in FIELDS) for row in rows]
+    )
+    model_fields = [BulkRecord._meta.get_field(name) for name in FIELDS]
+    columns = _Columns(BulkRecord, model_fields, connection)
+    text = columns.text(payload)
+    assert text is not None
+    assert text == "".join(map(columns.line, payload))
+    # A value no converter takes: the chunk goes row by row, which names the row.
+    bad = tuple("two" if field == "count" else rows[5][field] for field in FIELDS)
+    assert columns.text([*payload[:5], bad]) is None
