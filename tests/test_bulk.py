@@ -429,10 +429,11 @@ def test_chunks_format_as_row_by_row_does(kind, author):
         else [tuple(row[field] for field in FIELDS) for row in rows]
     )
     model_fields = [BulkRecord._meta.get_field(name) for name in FIELDS]
-    columns = _Columns(BulkRecord, model_fields, connection)
+    # Without the fields filled from defaults: a callable default differs between two calls.
+    columns = _Columns(BulkRecord, model_fields, connection, fill=False)
     text = columns.text(payload)
     assert text is not None
     assert text == "".join(map(columns.line, payload))
     # A value no converter takes: the chunk goes row by row, which names the row.
-    bad = tuple("two" if field == "count" else rows[5][field] for field in FIELDS)
+    bad = tuple(object() if field == "count" else rows[5][field] for field in FIELDS)
     assert columns.text([*payload[:5], bad]) is None
