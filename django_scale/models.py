@@ -1,6 +1,7 @@
-"""django-scale's tables: backfill checkpoints and the cache's journal of pending invalidations.
+"""django-scale's table: the cache's journal of pending invalidations.
 
-* :class:`BackfillCheckpoint`: how far a resumable backfill (``django_scale.backfill``) got.
+Backfill checkpoints live in their own app, :mod:`django_scale.contrib.backfill`.
+
 * :class:`PendingInvalidation`: an invalidation the cache could not take while it was down,
   kept on the primary so that any process replays it once the cache answers
   (``django_scale.invalidations``).
@@ -10,33 +11,7 @@ from __future__ import annotations
 
 from django.db import models
 
-__all__ = ["BackfillCheckpoint", "PendingInvalidation"]
-
-
-class BackfillCheckpoint(models.Model):
-    """How far a backfill has got: the key of the last row it processed, committed with its batch."""
-
-    #: The backfill's name (``Backfill.name``).
-    name = models.CharField(max_length=200, unique=True)
-    #: The unique key of the last row processed, as JSON; ``null`` before the first batch.
-    last_key = models.JSONField(null=True, blank=True)
-    #: Rows processed so far.
-    rows_done = models.BigIntegerField(default=0)
-    #: Batches committed so far.
-    batches_done = models.BigIntegerField(default=0)
-    #: An estimate of the rows to process, taken when the backfill started.
-    rows_total = models.BigIntegerField(null=True, blank=True)
-    started_at = models.DateTimeField(auto_now_add=True)
-    updated_at = models.DateTimeField(auto_now=True)
-    #: When the last batch was processed; ``null`` while the backfill is unfinished.
-    finished_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        db_table = "django_scale_backfill_checkpoint"
-        verbose_name = "backfill checkpoint"
-
-    def __str__(self) -> str:
-        return self.name
+__all__ = ["PendingInvalidation"]
 
 
 class PendingInvalidation(models.Model):

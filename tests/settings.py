@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     # ArrayField (testapp.PostgresBulkRecord) needs it from Django 6.1 on (check postgres.E005).
     "django.contrib.postgres",
     "django_scale",
+    "django_scale.contrib.backfill",
     "testapp",
     # Models named like testapp's: fragment keys must tell the apps apart.
     "otherapp",

@@ -1,4 +1,4 @@
-"""COPY in, out, upsert and update; keyset batches; resumable backfills.
+"""COPY in, out, upsert and update; keyset batches.
 
 The COPY paths run on the real PostgreSQL primary (with the driver under test: psycopg2, or
 psycopg 3 in the ``-psycopg3`` tox env); the same calls run on SQLite through the documented
@@ -11,11 +11,7 @@ import csv
 import datetime
 import decimal
 import io
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 import zoneinfo
@@ -24,19 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from django.test.utils import CaptureQueriesContext
 
-from django_scale.backfill import run_backfill
 from django_scale.bulk import copy_from, copy_to, copy_update, copy_upsert, iter_batches
+from django_scale.bulk.rows import _Columns
 from django_scale.exceptions import BulkDataError, BulkError
-from django_scale.models import BackfillCheckpoint
-from django_scale.replicas import use_primary
 
 import harness
-from testapp.backfills import DoubleValues
-from testapp.models import AddressRecord, Author, BackfillLog, BackfillSource, BulkRecord, PostgresBulkRecord
+from testapp.models import AddressRecord, Author, BulkRecord, PostgresBulkRecord
 
 POSTGRES = harness.BACKEND != "sqlite"
 ONLY_POSTGRES = pytest.mark.postgres
@@ -425,108 +417,23 @@ def test_iter_batches_adapts_the_size_toward_the_target():
 # -- Backfills ----------------------------------------------------------------------------
 
 
-def assert_exactly_once(total: int) -> None:
-    logged = Counter(BackfillLog.objects.values_list("source_id", flat=True))
-    sources = set(BackfillSource.objects.values_list("pk", flat=True))
-    assert set(logged) == sources, "a row was skipped (a gap)"
-    assert set(logged.values()) == {1}, "a row was processed twice"
-    assert len(sources) == total
-    assert not BackfillSource.objects.filter(doubled__isnull=True).exists()
-
-
 @pytest.mark.django_db
-def test_backfill_resumes_from_its_checkpoint(capsys):
-    copy_from(BackfillSource, [(n,) for n in range(203)], fields=["value"])
-    first = run_backfill(DoubleValues(), max_batches=3)
-    assert (first.rows_done, first.batches_done, first.finished_at) == (75, 3, None)
-    call_command("scale_backfill", "status")
-    assert "double-values: unfinished, 75 rows" in capsys.readouterr().out
-    done = run_backfill(DoubleValues())
-    assert done.rows_done == 203 and done.finished_at is not None
-    assert_exactly_once(203)
-    # Finished: running again does nothing; reset makes it start over.
-    assert run_backfill(DoubleValues()).rows_done == 203
-    call_command("scale_backfill", "reset", "double-values")
-    assert not BackfillCheckpoint.objects.exists()
-
-
-@pytest.mark.django_db
-def test_backfill_refuses_when_another_runner_moved_the_checkpoint():
-    copy_from(BackfillSource, [(n,) for n in range(100)], fields=["value"])
-    progressed = []
-
-    def other_runner(progress: Any) -> None:
-        progressed.append(progress.rows_done)
-        BackfillCheckpoint.objects.update(last_key=10**9)
-
-    with pytest.raises(BulkError, match="another runner is processing it"):
-        run_backfill(DoubleValues(), progress=other_runner)
-    assert progressed == [25]
-    assert BackfillLog.objects.count() == 25
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment for a process that uses this test run's databases and Redis."""
-
-    def url(alias: str) -> str:
-        s = connections[alias].settings_dict
-        return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
-
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="settings",
-        PYTHONPATH=str(TESTS),
-        DJANGO_SCALE_TEST_PRIMARY_URL=url("default"),
-        DJANGO_SCALE_TEST_REPLICA_URL=url("replica"),
-        DJANGO_SCALE_TEST_REDIS_URL=harness.services().redis.url(),
-        BACKFILL_BATCH_SLEEP="0.01",
-        PYTHONDEVMODE="1",
+@pytest.mark.parametrize("kind", ["instances", "tuples"])
+def test_chunks_format_as_row_by_row_does(kind, author):
+    """The column-by-column text (psycopg2) is the row-by-row text, whatever the values."""
+    rows = [sample(n, author) for n in range(1, 31)]
+    rows[3]["note"] = "nul\x00inside"  # no column-wide escaping: one value at a time
+    payload: list[Any] = (
+        [BulkRecord(**row) for row in rows]
+        if kind == "instances"
+        else [tuple(row[field] for field in FIELDS) for row in rows]
     )
-    return env
-
-
-@ONLY_POSTGRES
-@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
-def test_backfill_killed_with_sigkill_resumes_without_duplicates_or_gaps():
-    total = 2000
-    copy_from(BackfillSource, [(n,) for n in range(total)], fields=["value"])
-    command = [sys.executable, "-m", "django", "scale_backfill", "run", "testapp.backfills.DoubleValues"]
-    env = subprocess_env()
-    for kill_after in (300, 900):
-        process = subprocess.Popen(
-            command, env=env, cwd=TESTS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while not BackfillCheckpoint.objects.using("default").filter(rows_done__gte=kill_after).exists():
-                assert process.poll() is None, process.communicate()[1].decode()
-                assert time.monotonic() < deadline, "the backfill made no progress"
-                time.sleep(0.005)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            _, err = process.communicate(timeout=30)
-        assert process.returncode == -signal.SIGKILL
-        with use_primary():
-            checkpoint = BackfillCheckpoint.objects.get()
-            assert checkpoint.finished_at is None and kill_after <= checkpoint.rows_done < total
-            # Only whole batches were committed, each with its checkpoint.
-            assert BackfillLog.objects.count() == checkpoint.rows_done
-    env["BACKFILL_BATCH_SLEEP"] = "0"
-    result = subprocess.run(
-        command, env=env, cwd=TESTS, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    assert "double-values: finished, 2,000 rows" in result.stdout
-    with use_primary():
-        assert_exactly_once(total)
-        assert BackfillCheckpoint.objects.get().finished_at is not None
-
-
-@pytest.mark.django_db
-def test_scale_backfill_names_what_it_cannot_run():
-    with pytest.raises(CommandError, match="Cannot import 'testapp.backfills.Nothing'"):
-        call_command("scale_backfill", "run", "testapp.backfills.Nothing")
-    with pytest.raises(CommandError, match="'testapp.models.Author' is not a subclass"):
-        call_command("scale_backfill", "run", "testapp.models.Author")
-    with pytest.raises(CommandError, match="No backfill checkpoint is named 'nothing'"):
-        call_command("scale_backfill", "reset", "nothing")
+    model_fields = [BulkRecord._meta.get_field(name) for name in FIELDS]
+    # Without the fields filled from defaults: a callable default differs between two calls.
+    columns = _Columns(BulkRecord, model_fields, connection, fill=False)
+    text = columns.text(payload)
+    assert text is not None
+    assert text == "".join(map(columns.line, payload))
+    # A value no converter takes: the chunk goes row by row, which names the row.
+    bad = tuple(object() if field == "count" else rows[5][field] for field in FIELDS)
+    assert columns.text([*payload[:5], bad]) is None

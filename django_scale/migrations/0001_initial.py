@@ -10,28 +10,39 @@ class Migration(migrations.Migration):
 
     dependencies = []
 
+    # This migration used to create django_scale_backfill_checkpoint in the database. The model has
+    # moved to its own app, django_scale.contrib.backfill, which creates the table or adopts
+    # the one this migration made on installs that applied it before (its migration 0001), and
+    # 0003 removes the model from this app's state. So that an install that does not list the
+    # backfill app gets no table, this migration is now state only: databases that applied it
+    # already are unaffected (an applied migration never runs again).
     operations = [
-        migrations.CreateModel(
-            name="BackfillCheckpoint",
-            fields=[
-                (
-                    "id",
-                    models.BigAutoField(
-                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
-                    ),
+        migrations.SeparateDatabaseAndState(
+            state_operations=[
+                migrations.CreateModel(
+                    name="BackfillCheckpoint",
+                    fields=[
+                        (
+                            "id",
+                            models.BigAutoField(
+                                auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                            ),
+                        ),
+                        ("name", models.CharField(max_length=200, unique=True)),
+                        ("last_key", models.JSONField(blank=True, null=True)),
+                        ("rows_done", models.BigIntegerField(default=0)),
+                        ("batches_done", models.BigIntegerField(default=0)),
+                        ("rows_total", models.BigIntegerField(blank=True, null=True)),
+                        ("started_at", models.DateTimeField(auto_now_add=True)),
+                        ("updated_at", models.DateTimeField(auto_now=True)),
+                        ("finished_at", models.DateTimeField(blank=True, null=True)),
+                    ],
+                    options={
+                        "verbose_name": "backfill checkpoint",
+                        "db_table": "django_scale_backfill_checkpoint",
+                    },
                 ),
-                ("name", models.CharField(max_length=200, unique=True)),
-                ("last_key", models.JSONField(blank=True, null=True)),
-                ("rows_done", models.BigIntegerField(default=0)),
-                ("batches_done", models.BigIntegerField(default=0)),
-                ("rows_total", models.BigIntegerField(blank=True, null=True)),
-                ("started_at", models.DateTimeField(auto_now_add=True)),
-                ("updated_at", models.DateTimeField(auto_now=True)),
-                ("finished_at", models.DateTimeField(blank=True, null=True)),
             ],
-            options={
-                "verbose_name": "backfill checkpoint",
-                "db_table": "django_scale_backfill_checkpoint",
-            },
+            database_operations=[],
         ),
     ]

@@ -7,7 +7,7 @@ import time
 
 from django.db.models import QuerySet
 
-from django_scale.backfill import Backfill
+from django_scale.contrib.backfill.runner import Backfill
 
 from testapp.models import BackfillLog, BackfillSource
 

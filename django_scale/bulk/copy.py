@@ -1,17 +1,16 @@
-"""Bulk data movement at ``COPY`` speed, and keyset-batched iteration.
+"""``COPY`` in, out, upsert and update, for psycopg 3 and psycopg2, with a fallback elsewhere.
 
 * :func:`copy_from` loads model instances, tuples or dicts with ``COPY ... FROM STDIN``.
 * :func:`copy_to` streams a queryset out with ``COPY (SELECT ...) TO STDOUT``, in bounded memory.
 * :func:`copy_upsert` and :func:`copy_update` ``COPY`` into a temporary table, then
   ``INSERT ... ON CONFLICT`` or ``UPDATE ... FROM`` it: linear in the number of rows.
-* :func:`iter_batches` walks a queryset in keyset-paginated batches on a unique key.
 
 On PostgreSQL the rows go through ``COPY``: with psycopg 3 as binary ``COPY``, each value
 dumped in C as its column's type (``Copy.set_types``), or as text for field types without a
-safe binary path; with psycopg2 in ``COPY``'s text format, formatted here and read by
-``copy_expert`` a chunk at a time. On other databases (SQLite, the embedded default) the same
-calls fall back to ``bulk_create`` / ``bulk_update`` in batches, so code using them runs
-everywhere.
+safe binary path; with psycopg2 in ``COPY``'s text format, formatted by
+:mod:`django_scale.bulk.formats` and read by ``copy_expert`` a chunk at a time. On other
+databases (SQLite, the embedded default) the same calls fall back to ``bulk_create`` /
+``bulk_update`` in batches, so code using them runs everywhere.
 
 A row the database refuses raises :class:`~django_scale.exceptions.BulkDataError` with the
 row's number (from ``COPY``'s line number, or found in Python: a tuple of the wrong length, a
@@ -25,458 +24,35 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime
-import decimal
-import functools
 import importlib
 import io
 import itertools
 import json
-import operator
 import re
-import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar, cast
 
-from django.core.exceptions import FieldDoesNotExist
-from django.db import DatabaseError, connections, models, router, transaction
+from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field, Model, QuerySet
+from django.db.models import Model, QuerySet
 
-from django_scale import keyset
+from django_scale.bulk.formats import binary_safe
+from django_scale.bulk.rows import Row, _Columns, _fields, _RowError
 from django_scale.exceptions import BulkDataError, BulkError
 
-__all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert", "iter_batches", "key_field"]
+__all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert"]
 
 M = TypeVar("M", bound=Model)
-Row = Any  # a model instance, a tuple (or list) in field order, or a dict by field name
 
 #: Rows formatted and sent to the server in one write.
 CHUNK_ROWS = 4096
 #: Batch size of the fallback (``bulk_create``) on databases without ``COPY``.
 FALLBACK_BATCH_SIZE = 1000
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_ARRAY_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
 _LINE = re.compile(r"\bline (\d+)")
 _COLUMN = re.compile(r"\bcolumn (\w+)")
 _QUOTED_COLUMN = re.compile(r'\bcolumn "([^"]+)"')
 _copy_tables = itertools.count()
-
-Converter = Callable[[Any], str]
-
-
-class _RowError(Exception):
-    """A value could not be converted; carries the field name until the row number is known."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-# -- Formatting values in COPY's text format ---------------------------------------------
-
-
-def _text(value: Any) -> str:
-    text = value if type(value) is str else str(value)
-    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
-        return text.translate(_ESCAPES)
-    return text
-
-
-def _plain(value: Any) -> str:
-    # int, Decimal, UUID: str() never contains a character COPY must escape.
-    return str(value)
-
-
-def _boolean(value: Any) -> str:
-    return "t" if value else "f"
-
-
-def _float(value: Any) -> str:
-    return repr(float(value))
-
-
-def _date_or_time(value: Any) -> str:
-    return cast(str, value.isoformat())
-
-
-def _duration(value: datetime.timedelta) -> str:
-    return f"{value.days} days {value.seconds} seconds {value.microseconds} microseconds"
-
-
-def _bytea(value: Any) -> str:
-    # bytea's hex input format, with COPY's backslash escaped.
-    return "\\\\x" + bytes(value).hex()
-
-
-def _array_literal(value: Any, element: Callable[[Any], str]) -> str:
-    parts = []
-    for item in value:
-        if item is None:
-            parts.append("NULL")
-        elif isinstance(item, (list, tuple)):
-            parts.append(_array_literal(item, element))
-        else:
-            parts.append('"' + element(item).translate(_ARRAY_ESCAPES) + '"')
-    return "{" + ",".join(parts) + "}"
-
-
-def _unescaped(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], str]:
-    """Return a function giving a value's text form before COPY escaping (for array elements)."""
-    kind = field.get_internal_type()
-    if kind == "BooleanField":
-        return _boolean
-    if kind in {"DateField", "DateTimeField", "TimeField"}:
-        return _date_or_time
-    if kind == "DurationField":
-        return _duration
-    if kind == "BinaryField":
-        return lambda value: "\\x" + bytes(value).hex()
-    if kind == "JSONField":
-        encoder = getattr(field, "encoder", None)
-        return lambda value: json.dumps(value, cls=encoder)
-    if kind == "FloatField":
-        return _float
-    return str
-
-
-def _converter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Converter:
-    """Return a function turning a Python value of *field* into its COPY text."""
-    kind = field.get_internal_type()
-    if kind in {"ForeignKey", "OneToOneField"}:
-        # The column holds the related row's key; accept the related instance too.
-        related = _converter(cast("Field[Any, Any]", field.target_field), connection)  # type: ignore[attr-defined]
-        return lambda value: related(value.pk if isinstance(value, Model) else value)
-    target = field
-    if kind in _INTEGERS:
-
-        def integer(value: Any) -> str:
-            if type(value) is int:
-                return str(value)
-            if isinstance(value, bool) or not isinstance(value, (int, str, decimal.Decimal, float)):
-                raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
-            return _text(value)
-
-        return integer
-    if kind in _TEXTS:
-        return _text
-    if kind == "BooleanField":
-        return _boolean
-    if kind == "FloatField":
-        return _float
-    if kind in {"DecimalField", "UUIDField"}:
-        return _plain
-    if kind == "DateTimeField":
-
-        def timestamp(value: Any) -> str:
-            if isinstance(value, datetime.datetime) and value.tzinfo is not None:
-                return value.isoformat()
-            # Naive datetimes get Django's own treatment (a warning and the default time zone).
-            return _text(target.get_db_prep_save(value, connection).isoformat())
-
-        return timestamp
-    if kind in {"DateField", "TimeField"}:
-        return _date_or_time
-    if kind == "DurationField":
-        return _duration
-    if kind == "BinaryField":
-        return _bytea
-    if kind == "JSONField":
-        encoder = getattr(target, "encoder", None)
-        return lambda value: _text(json.dumps(value, cls=encoder))
-    if kind == "ArrayField":
-        base = target.base_field  # type: ignore[attr-defined]
-        while base.get_internal_type() == "ArrayField":
-            base = base.base_field
-        element = _unescaped(base, connection)
-        return lambda value: _text(_array_literal(value, element))
-
-    def generic(value: Any) -> str:
-        prepared = target.get_db_prep_save(value, connection)
-        if isinstance(prepared, (bytes, memoryview)):
-            return _bytea(prepared)
-        if isinstance(prepared, (datetime.date, datetime.time)):
-            return prepared.isoformat()
-        if isinstance(prepared, bool):
-            return _boolean(prepared)
-        return _text(prepared)
-
-    return generic
-
-
-class _Columns:
-    """How to turn each row into its values, and each value into what the driver sends.
-
-    *given* are the fields a tuple row lists, in order. With *fill*, every other concrete field
-    that has a default or ``auto_now``/``auto_now_add`` is sent too, with the value a new
-    instance would get, as ``bulk_create`` does (Django's defaults live in Python, not in the
-    table). The auto-incremented primary key is left to the database unless given.
-    """
-
-    def __init__(
-        self,
-        model: type[Model],
-        given: Sequence[Field[Any, Any]],
-        connection: BaseDatabaseWrapper,
-        *,
-        fill: bool = True,
-    ):
-        self.model = model
-        self.given = list(given)
-        extras: list[Field[Any, Any]] = []
-        if fill:
-            for field in _fields(model, None):
-                if field in self.given or (hasattr(field, "has_db_default") and field.has_db_default()):
-                    continue
-                if _is_auto_now(field) or field.has_default():
-                    extras.append(field)
-        self.fields = self.given + extras
-        self.names = [field.name for field in self.fields]
-        self.columns = [cast(str, field.column) for field in self.fields]
-        self.field_by_column = dict(zip(self.columns, self.names, strict=True))
-        self.converters = [_converter(field, connection) for field in self.fields]
-        self._connection = connection
-        self._adapters: list[tuple[int, Callable[[Any], Any]]] | None = None
-        self.nullable = [field.null for field in self.fields]
-        self.attnames = [field.attname for field in self.fields]
-        self._read = operator.attrgetter(*self.attnames) if len(self.attnames) > 1 else None
-        self._given_names = [(field.name, field.attname) for field in self.given]
-        # Instances: fields whose value is computed at save time (auto_now(_add), files).
-        self._pre_save = [(n, field) for n, field in enumerate(self.fields) if _computed_at_save(field)]
-        # Tuples and dicts: the other fields' values, computed once unless the default is callable.
-        blank = model() if extras else None
-        self._extras: list[Callable[[], Any]] = []
-        for field in extras:
-            if _is_auto_now(field):
-                self._extras.append(_returning(field.pre_save(blank, True)))  # type: ignore[arg-type]
-            elif callable(field.default):
-                self._extras.append(field.get_default)
-            else:
-                self._extras.append(_returning(field.get_default()))
-        self._constant = not any(callable(field.default) for field in extras if not _is_auto_now(field))
-        self._constant_extras = tuple(extra() for extra in self._extras) if self._constant else ()
-        self._defaults = {field.name: field.get_default for field in self.given}
-
-    def _extra_values(self) -> tuple[Any, ...]:
-        return self._constant_extras if self._constant else tuple(extra() for extra in self._extras)
-
-    def values(self, row: Row) -> Sequence[Any]:
-        """Return *row*'s values for :attr:`fields`, in order; raise :class:`_RowError`."""
-        if isinstance(row, tuple) or isinstance(row, list):  # noqa: SIM101 - the common case first
-            if len(row) != len(self.given):
-                names = ", ".join(field.name for field in self.given)
-                raise _RowError("", f"has {len(row)} values for {len(self.given)} fields ({names})")
-            return (*row, *self._extra_values()) if self._extras else row
-        if isinstance(row, self.model):
-            if self._pre_save:
-                values = [getattr(row, attname) for attname in self.attnames]
-                for n, field in self._pre_save:
-                    values[n] = field.pre_save(row, True)
-                return values
-            return self._read(row) if self._read is not None else (getattr(row, self.attnames[0]),)
-        if isinstance(row, Mapping):
-            known = {name for pair in self._given_names for name in pair}
-            unknown = set(row) - known
-            if unknown:
-                raise _RowError(
-                    sorted(unknown)[0], f"has keys not among the fields: {', '.join(sorted(unknown))}"
-                )
-            return [
-                *(
-                    row[name] if name in row else row[attname] if attname in row else self._defaults[name]()
-                    for name, attname in self._given_names
-                ),
-                *self._extra_values(),
-            ]
-        raise _RowError(
-            "", f"is a {type(row).__name__}; pass {self.model.__name__} instances, tuples or dicts"
-        )
-
-    def adapted(self, row: Row) -> Sequence[Any]:
-        """Return *row*'s values as psycopg 3 dumps them (JSON as text, related rows as keys)."""
-        if self._adapters is None:
-            # Built on first use: only the psycopg 3 path needs them (and imports psycopg).
-            self._adapters = [
-                (n, adapter)
-                for n, field in enumerate(self.fields)
-                if (adapter := _adapter(field, self._connection)) is not None
-            ]
-        values = self.values(row)
-        if not self._adapters:
-            return values
-        values = list(values)
-        for n, adapt in self._adapters:
-            value = values[n]
-            if value is not None:
-                try:
-                    values[n] = adapt(value)
-                except (TypeError, ValueError, AttributeError) as error:
-                    name = self.names[n]
-                    raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
-        return values
-
-    def line(self, row: Row) -> str:
-        """Return *row* as one line of COPY's text format (for psycopg2)."""
-        values = self.values(row)
-        try:
-            return (
-                "\t".join(
-                    [
-                        "\\N" if value is None else convert(value)
-                        for convert, value in zip(self.converters, values, strict=True)
-                    ]
-                )
-                + "\n"
-            )
-        except (TypeError, ValueError, AttributeError):
-            pass
-        # Find the value at fault, to name its field.
-        for convert, value, name in zip(self.converters, values, self.names, strict=True):
-            if value is None:
-                continue
-            try:
-                convert(value)
-            except (TypeError, ValueError, AttributeError) as error:
-                raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
-        raise AssertionError("unreachable: a value failed to convert once and not twice")
-
-    def check(self, row: Row) -> None:
-        """Check *row* as the database would, naming the field (for the ``bulk_create`` fallback)."""
-        for value, nullable, name, convert in zip(
-            self.values(row), self.nullable, self.names, self.converters, strict=True
-        ):
-            if value is None:
-                if not nullable:
-                    raise _RowError(name, f"has None for {name!r}, which is NOT NULL")
-                continue
-            try:
-                convert(value)
-            except (TypeError, ValueError, AttributeError) as error:
-                raise _RowError(name, f"has a bad value for {name!r}: {error}") from error
-
-
-def _adapter(field: Field[Any, Any], connection: BaseDatabaseWrapper) -> Callable[[Any], Any] | None:
-    """Return how a value must change before psycopg 3 dumps it in binary, or ``None`` when it need not.
-
-    Binary COPY sends each value as its column's type (``set_types``), so a value must be of the
-    Python type that type's dumper takes. Only what Django users commonly pass otherwise is
-    converted, so the common case costs nothing per value.
-    """
-    kind = field.get_internal_type()
-    if kind in {"ForeignKey", "OneToOneField"}:
-        return lambda value: value.pk if isinstance(value, Model) else value
-    if kind == "JSONField":
-        # psycopg 3 is optional: imported on its own path only.
-        Jsonb = importlib.import_module("psycopg.types.json").Jsonb
-
-        dumps = functools.partial(json.dumps, cls=getattr(field, "encoder", None))
-        return lambda value: Jsonb(value, dumps=dumps)
-    if kind == "DateTimeField":
-
-        def timestamp(value: Any) -> Any:
-            if isinstance(value, datetime.datetime) and value.tzinfo is not None:
-                return value
-            # Naive datetimes get Django's own treatment (a warning and the default time zone).
-            return field.get_db_prep_save(value, connection)
-
-        return timestamp
-    if kind == "UUIDField":
-        return lambda value: value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    if kind == "DecimalField":
-        return lambda value: value if type(value) is decimal.Decimal else decimal.Decimal(str(value))
-    if kind in _INTEGERS:
-        return _integer
-    if kind == "FloatField":
-        return lambda value: value if type(value) is float else float(value)
-    if kind in _TEXTS:
-        return lambda value: value if type(value) is str else str(value)
-    if kind in {"BooleanField", "DateField", "TimeField", "DurationField"}:
-        python_type = {
-            "BooleanField": bool,
-            "DateField": datetime.date,
-            "TimeField": datetime.time,
-            "DurationField": datetime.timedelta,
-        }[kind]
-        # Strings and the like, as Django's own to_python() reads them.
-        return lambda value: value if isinstance(value, python_type) else field.to_python(value)
-    if kind in {"ArrayField", "BinaryField"}:
-        return None
-    # Anything else (custom fields): what Django would send.
-    return lambda value: field.get_db_prep_save(value, connection)
-
-
-_INTEGERS = {
-    "AutoField",
-    "BigAutoField",
-    "SmallAutoField",
-    "IntegerField",
-    "BigIntegerField",
-    "SmallIntegerField",
-    "PositiveIntegerField",
-    "PositiveBigIntegerField",
-    "PositiveSmallIntegerField",
-}
-_TEXTS = {"CharField", "TextField", "SlugField", "EmailField", "URLField", "FilePathField"}
-
-
-def _integer(value: Any) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, str):
-        return int(value)
-    if isinstance(value, (float, decimal.Decimal)) and value == int(value):
-        return int(value)
-    # Never truncate 1.5 to 1, nor take True for 1.
-    raise TypeError(f"expected an integer, got {type(value).__name__} {value!r}")
-
-
-def _computed_at_save(field: Field[Any, Any]) -> bool:
-    if isinstance(field, models.DateField):
-        return _is_auto_now(field)
-    return type(field).pre_save is not Field.pre_save
-
-
-def key_field(model: type[Model], key: str) -> Field[Any, Any]:
-    """Return *model*'s concrete field named *key* (``"pk"``: the primary key)."""
-    try:
-        field = model._meta.pk if key == "pk" else model._meta.get_field(key)
-    except FieldDoesNotExist as error:
-        raise BulkError(f"{model.__name__} has no field {key!r} (the key).") from error
-    if not isinstance(field, Field) or not field.concrete:
-        raise BulkError(f"{model.__name__}.{key} is not a concrete column; it cannot be a key.")
-    return field
-
-
-def _returning(value: Any) -> Callable[[], Any]:
-    return lambda: value
-
-
-def _is_auto_now(field: Field[Any, Any]) -> bool:
-    return bool(getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False))
-
-
-def _fields(
-    model: type[Model], names: Sequence[str] | None, *, keep_auto_pk: bool = False
-) -> list[Field[Any, Any]]:
-    opts = model._meta
-    if names is None:
-        return [
-            field
-            for field in opts.concrete_fields
-            if keep_auto_pk or not (field.primary_key and isinstance(field, models.AutoField))
-            if not getattr(field, "generated", False)
-        ]
-    fields = []
-    for name in names:
-        try:
-            field = opts.pk if name == "pk" else opts.get_field(name)
-        except FieldDoesNotExist as error:
-            raise BulkError(f"{model.__name__} has no field {name!r} (in fields={list(names)!r}).") from error
-        if field is None or not getattr(field, "concrete", False) or field.many_to_many:
-            raise BulkError(f"{model.__name__}.{name} is not a concrete column; remove it from fields.")
-        fields.append(cast("Field[Any, Any]", field))
-    return fields
 
 
 def _check_batch_size(size: int | None) -> None:
@@ -533,18 +109,21 @@ class _Counted:
 
     def chunks(self) -> Iterator[str]:
         """Yield the rows in COPY's text format, a few thousand rows at a time (psycopg2)."""
-        line = self.columns.line
-        lines: list[str] = []
-        for row in self.rows:
-            try:
-                lines.append(line(row))
-            except _RowError as error:
-                raise self._error(error) from error
-            self.count += 1
-            if len(lines) >= CHUNK_ROWS:
-                yield "".join(lines)
-                lines = []
-        if lines:
+        columns = self.columns
+        while rows := list(itertools.islice(self.rows, CHUNK_ROWS)):
+            text = columns.text(rows)
+            if text is not None:
+                self.count += len(rows)
+                yield text
+                continue
+            # Row by row, counted, so that an error names its row.
+            lines = []
+            for row in rows:
+                try:
+                    lines.append(columns.line(row))
+                except _RowError as error:
+                    raise self._error(error) from error
+                self.count += 1
             yield "".join(lines)
 
     def write_rows(self, copy: Any) -> None:
@@ -595,31 +174,6 @@ class _Reader(io.RawIOBase):
         return data
 
 
-def _binary_safe(field: Field[Any, Any]) -> bool:
-    """Whether *field*'s values reach psycopg 3 as the Python type its binary dumper takes."""
-    kind = field.get_internal_type()
-    if kind in {"ForeignKey", "OneToOneField"}:
-        return _binary_safe(cast("Field[Any, Any]", field.target_field))  # type: ignore[attr-defined]
-    if kind == "ArrayField":
-        return _binary_safe(field.base_field)  # type: ignore[attr-defined]
-    return kind in _INTEGERS or kind in _TEXTS or kind in _BINARY_AS_IS
-
-
-#: Field types besides integers and text whose values the binary path sends (after `_adapter`).
-_BINARY_AS_IS = {
-    "BooleanField",
-    "FloatField",
-    "DecimalField",
-    "DateField",
-    "DateTimeField",
-    "TimeField",
-    "DurationField",
-    "UUIDField",
-    "JSONField",
-    "BinaryField",
-}
-
-
 def _binary_types(cursor: Any, table: str, columns: str) -> list[int] | None:
     """Return the type OIDs of *columns* of *table* if psycopg 3 can dump each in binary."""
     binary = importlib.import_module("psycopg.pq").Format.BINARY
@@ -646,7 +200,7 @@ def _copy_in(connection: BaseDatabaseWrapper, table: str, columns: str, stream: 
         if _is_psycopg3(connection):
             # Fields of other types (custom ones, IP addresses, ranges) go as text, which the
             # server parses from what Django would send.
-            safe = all(_binary_safe(field) for field in stream.columns.fields)
+            safe = all(binary_safe(field) for field in stream.columns.fields)
             oids = _binary_types(cursor, table, columns) if safe else None
             if oids is None:
                 with cursor.copy(sql) as copy:
@@ -1030,62 +584,3 @@ def copy_update(
     return _via_temp_table(
         model, columns, rows, alias, batch_size, statement, f"update of {model._meta.db_table}"
     )
-
-
-def iter_batches(
-    queryset: QuerySet[M],
-    size: int = 1000,
-    *,
-    key: str = "pk",
-    start_after: Any = None,
-    target_seconds: float | None = None,
-    min_size: int = 10,
-    max_size: int = 100_000,
-) -> Iterator[list[M]]:
-    """Yield *queryset*'s rows in lists of about *size*, ordered by the unique field *key*.
-
-    Each batch is one query, ``WHERE key > <last key of the previous batch> ORDER BY key
-    LIMIT size``: an index range scan, whatever the depth, and outside ``atomic()`` each batch
-    is its own short transaction. Rows are never seen twice and none that exist throughout is
-    skipped, however rows are inserted, updated or deleted meanwhile (an ``OFFSET`` shifts).
-    The queryset's own ordering is replaced by *key*'s.
-
-    With *target_seconds*, the batch size adapts so that fetching and processing a batch (the
-    time until the next batch is asked for) takes about that long, between *min_size* and
-    *max_size*. *start_after* resumes after a key value.
-    """
-    if size < 1:
-        raise BulkError(f"size must be at least 1, not {size!r}.")
-    if target_seconds is not None and target_seconds <= 0:
-        raise BulkError(f"target_seconds must be greater than zero or None, not {target_seconds!r}.")
-    model = queryset.model
-    field = key_field(model, key)
-    if not (field.primary_key or field.unique):
-        raise BulkError(
-            f"iter_batches() needs a unique key; {model.__name__}.{key} is not unique. "
-            "Pass key= the primary key or a unique field."
-        )
-    name = field.name
-    attname = cast(str, getattr(field, "attname", name))
-    ordered = queryset.order_by(name)
-    last = start_after
-    while True:
-        page = (
-            ordered
-            if last is None
-            else ordered.filter(keyset.after([keyset.Key(field)], [last], using=ordered.db))
-        )
-        batch = list(page[:size])
-        if not batch:
-            return
-        started = time.monotonic()
-        yield batch
-        elapsed = time.monotonic() - started
-        tail = batch[-1]
-        last = tail[name] if isinstance(tail, dict) else getattr(tail, attname)
-        if len(batch) < size:
-            return
-        if target_seconds is not None:
-            # Multiplicative steps, at most doubling or halving, toward the time target.
-            factor = min(2.0, max(0.5, target_seconds / max(elapsed, 1e-6)))
-            size = max(min_size, min(max_size, int(size * factor)))

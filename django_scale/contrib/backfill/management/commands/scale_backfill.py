@@ -7,9 +7,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.module_loading import import_string
 
-from django_scale.backfill import Backfill, progress_bar, run_backfill
+from django_scale.contrib.backfill.models import BackfillCheckpoint
+from django_scale.contrib.backfill.runner import Backfill, progress_bar, run_backfill
 from django_scale.exceptions import DjangoScaleError
-from django_scale.models import BackfillCheckpoint
 
 
 class Command(BaseCommand):
@@ -19,7 +19,9 @@ class Command(BaseCommand):
         parser.add_argument("--database", default=None, help="the database holding the checkpoints")
         actions = parser.add_subparsers(dest="action", required=True, metavar="{run,status,reset}")
         run = actions.add_parser("run", help="run a backfill from its checkpoint to the end")
-        run.add_argument("path", help="dotted path of a django_scale.backfill.Backfill subclass")
+        run.add_argument(
+            "path", help="dotted path of a django_scale.contrib.backfill.runner.Backfill subclass"
+        )
         run.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the class's)")
         run.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
         status = actions.add_parser("status", help="show the checkpoints")
@@ -46,10 +48,12 @@ class Command(BaseCommand):
         except ImportError as error:
             raise CommandError(f"Cannot import {path!r}: {error}") from error
         if not (isinstance(cls, type) and issubclass(cls, Backfill)):
-            raise CommandError(f"{path!r} is not a subclass of django_scale.backfill.Backfill.")
+            raise CommandError(
+                f"{path!r} is not a subclass of django_scale.contrib.backfill.runner.Backfill."
+            )
         try:
             checkpoint = run_backfill(
-                cls(), progress=progress_bar(self.stderr._out), batch_size=batch_size, max_batches=max_batches
+                cls(), progress=progress_bar(self.stderr), batch_size=batch_size, max_batches=max_batches
             )
         except DjangoScaleError as error:
             raise CommandError(str(error)) from error

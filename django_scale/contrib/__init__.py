@@ -1,0 +1,1 @@
+"""Optional apps of django-scale, each opted into by listing it in ``INSTALLED_APPS``."""
