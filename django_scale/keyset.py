@@ -32,6 +32,8 @@ from django.db import connections, models
 from django.db.models import Model, Q, QuerySet
 from django.db.models.expressions import RawSQL
 
+from django_scale.exceptions import ArgumentError
+
 __all__ = ["Key", "after", "order_by_keys", "ordering_keys", "rows_after", "values_of"]
 
 M = TypeVar("M", bound=Model)
@@ -118,7 +120,7 @@ def after(keys: Sequence[Key], values: Sequence[Any], *, using: str) -> Q | RawS
     quotes names.
     """
     if len(keys) != len(values):
-        raise ValueError(f"after() needs one value per key: {len(keys)} keys, {len(values)} values.")
+        raise ArgumentError(f"after() needs one value per key: {len(keys)} keys, {len(values)} values.")
     values = [
         None if value is None else key.field.to_python(value) for key, value in zip(keys, values, strict=True)
     ]

@@ -19,6 +19,7 @@ from django.utils.translation import gettext
 
 from django_scale import keyset
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
+from django_scale.exceptions import ArgumentError
 
 __all__ = ["ApproxCountPaginator", "ApproxPage"]
 
@@ -142,7 +143,7 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
         if isinstance(after, (list, tuple)):
             keys = keyset.ordering_keys(source)
             if keys is None:
-                raise ValueError("page(after=values) needs a queryset ordered by fields of its model.")
+                raise ArgumentError("page(after=values) needs a queryset ordered by fields of its model.")
             source = keyset.rows_after(source, keys, after)
         elif after is not None:
             source = source.filter(after)

@@ -24,6 +24,7 @@ from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 
 from django_scale.admin.fallback import or_fallback
+from django_scale.exceptions import ArgumentError
 
 __all__ = ["MAX_PERIOD_PROBES", "DateHierarchy", "date_hierarchy"]
 
@@ -101,7 +102,7 @@ class DateHierarchy:
         zone's midnight.
         """
         if kind not in ("year", "month", "day"):
-            raise ValueError(f"kind must be 'year', 'month' or 'day', not {kind!r}.")
+            raise ArgumentError(f"kind must be 'year', 'month' or 'day', not {kind!r}.")
         found = or_fallback(self.queryset.db, lambda: self._probe(kind), list, "date hierarchy")
         return found if order == "ASC" else found[::-1]
 
