@@ -3,7 +3,7 @@
 * :class:`BackfillCheckpoint`: how far a resumable backfill (``django_scale.backfill``) got.
 * :class:`PendingInvalidation`: an invalidation the cache could not take while it was down,
   kept on the primary so that any process replays it once the cache answers
-  (``django_scale.invalidations``).
+  (``django_scale.cache.invalidations``).
 """
 
 from __future__ import annotations

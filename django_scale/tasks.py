@@ -5,9 +5,11 @@ header ``django_scale_lsn``. The worker opens a :class:`~django_scale.replicas.R
 for the task with that position: the task's reads go to a replica only once it has replayed
 past it (after waiting at most ``REPLICA_WAIT``), otherwise to the primary.
 
-The signal handlers are connected when this module is imported, which Celery's
-``app.autodiscover_tasks()`` does for every app in ``INSTALLED_APPS``. A project that does
-not autodiscover imports ``django_scale.tasks`` in its Celery module.
+The signal handlers that do this are connected by :func:`connect_signals`, which a project
+that routes reads to replicas calls once in its Celery module (the web processes publish, the
+workers run, and both import it). Importing this module connects nothing: Celery's
+``app.autodiscover_tasks()`` imports it in every project that lists ``django_scale``, and the
+handlers would otherwise run on every task of every such project.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 
 from celery import shared_task, signals
 
+from django_scale.cache.engine import REFRESH_TASK
+from django_scale.cache.task import run_refill_task
 from django_scale.conf import conf
 from django_scale.middleware import current_wal_position
 from django_scale.replicas import (
@@ -30,7 +34,7 @@ from django_scale.replicas import (
     routing_state,
 )
 
-__all__ = ["HEADER", "refresh", "snipe"]
+__all__ = ["HEADER", "connect_signals", "disconnect_signals", "refresh", "snipe"]
 
 logger = logging.getLogger("django_scale.tasks")
 
@@ -59,7 +63,6 @@ def position_for_publish() -> str | None:
     return None
 
 
-@signals.before_task_publish.connect(dispatch_uid="django_scale.tasks.add_position")
 def add_position(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
     """Put the WAL position the task must see in its headers (publisher side)."""
     if headers is None or HEADER in headers or not conf.REPLICAS:
@@ -77,7 +80,6 @@ def _header(task: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-@signals.task_prerun.connect(dispatch_uid="django_scale.tasks.open_state")
 def open_state(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
     """Open the task's routing state from its header (worker side)."""
     if task_id is None or task is None or getattr(task.request, "is_eager", False):
@@ -96,12 +98,36 @@ def open_state(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
     _open_tasks[task_id] = stack
 
 
-@signals.task_postrun.connect(dispatch_uid="django_scale.tasks.close_state")
 def close_state(task_id: str | None = None, **kwargs: Any) -> None:
     """Close the task's routing state (worker side)."""
     stack = _open_tasks.pop(task_id, None) if task_id is not None else None
     if stack is not None:
         stack.close()
+
+
+# (signal, receiver, dispatch_uid) of every handler connect_signals() connects.
+_RECEIVERS = (
+    (signals.before_task_publish, add_position, "django_scale.tasks.add_position"),
+    (signals.task_prerun, open_state, "django_scale.tasks.open_state"),
+    (signals.task_postrun, close_state, "django_scale.tasks.close_state"),
+)
+
+
+def connect_signals() -> None:
+    """Make tasks read what the request that enqueued them wrote (connect the signal handlers).
+
+    Call it once in your Celery module, after creating the app: publishing processes then put
+    the WAL position a task must see in its headers, and workers open the task's routing state
+    from it. Connecting again does nothing.
+    """
+    for signal, receiver, uid in _RECEIVERS:
+        signal.connect(receiver, dispatch_uid=uid, weak=False)
+
+
+def disconnect_signals() -> None:
+    """Disconnect what :func:`connect_signals` connected (for tests)."""
+    for signal, receiver, uid in _RECEIVERS:
+        signal.disconnect(receiver, dispatch_uid=uid)
 
 
 @shared_task(name="django_scale.snipe", ignore_result=False)
@@ -116,7 +142,7 @@ def snipe(dry_run: bool | None = None) -> dict[str, Any]:
     return run_sniper(dry_run=dry_run).as_dict()
 
 
-@shared_task(name="django_scale.refresh", ignore_result=True)
+@shared_task(name=REFRESH_TASK, ignore_result=True)
 def refresh(
     path: str, alias: str, key: str, token: str, generation: int, arguments: Any, primary: bool
 ) -> bool:
@@ -132,8 +158,6 @@ def refresh(
     function must be registered (only modules of installed apps and the URLconf are imported
     to find it), *key* must be the key the function's own key code makes of *arguments*, and
     *alias* its cache; any other message is logged and dropped (see
-    :func:`django_scale.cache.run_refill_task`).
+    :func:`django_scale.cache.task.run_refill_task`).
     """
-    from django_scale.cache import run_refill_task
-
     return run_refill_task(path, alias, key, token, generation, arguments, primary)
