@@ -49,6 +49,7 @@ def test_without_close_on_expiry_only_a_success_ends_the_outage(caplog: pytest.L
     assert breakers.is_open("cache 'shared'") is False  # its time is up: try again
     # A second failure is the same outage: not logged again.
     assert breakers.trip("cache 'shared'", "timeout", 0.0) is False
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger=LOGGER.name):
         assert breakers.close("cache 'shared'") is True
         assert breakers.close("cache 'shared'") is False
