@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from django_scale.conf import SETTINGS, conf, seconds_problem
+from django_scale.conf import SETTINGS, conf, count_problem, seconds_problem
 from django_scale.exceptions import ConfigurationError
 from django_scale.testing import override_scale_settings
 
@@ -80,3 +80,17 @@ def test_override_scale_settings_as_decorator_stacks():
 )
 def test_seconds_problem_is_the_one_duration_validator(value, zero_allowed, problem):
     assert seconds_problem(value, zero_allowed=zero_allowed) == problem
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (1, None),
+        (500, None),
+        (0, "it must be at least 1"),
+        (True, "it must be a whole number (int)"),
+        (2.0, "it must be a whole number (int)"),
+    ],
+)
+def test_count_problem_is_the_one_count_validator(value, problem):
+    assert count_problem(value) == problem

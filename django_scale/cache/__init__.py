@@ -37,7 +37,9 @@ the fallback while the cache is down), :mod:`~django_scale.cache.invalidations` 
 :mod:`~django_scale.cache.engine` (the protocol for one key), :mod:`~django_scale.cache.task`
 (what the Celery task runs), :mod:`~django_scale.cache.functions`,
 :mod:`~django_scale.cache.pages` and :mod:`~django_scale.cache.fragments` (the three ways to
-cache).
+cache; :mod:`~django_scale.cache.page_refill` renders a page refill through the WSGI stack).
+Nothing in the package imports :mod:`django_scale.tasks`: the engine sends the task
+``django_scale.refresh`` by name, and the task calls :func:`django_scale.cache.task.run_refill_task`.
 """
 
 from __future__ import annotations

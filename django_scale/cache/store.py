@@ -12,7 +12,6 @@ from django.core.cache import BaseCache, caches
 from django.core.cache.backends.dummy import DummyCache
 from django.core.cache.backends.locmem import LocMemCache
 from django_redis.cache import RedisCache
-from django_redis.client import DefaultClient, HerdClient, ShardClient
 
 from django_scale import metrics
 from django_scale.exceptions import CacheArgumentError, CacheKeyError
@@ -370,6 +369,10 @@ def _on_one_redis_server(cache: BaseCache) -> bool:
     """
     if not isinstance(cache, RedisCache):
         return False
+    # Imported here: the clients import redis-py (0.2 s), which a process whose caches are
+    # not django-redis never needs; this cache's client has imported it already.
+    from django_redis.client import DefaultClient, HerdClient, ShardClient
+
     client = cache.client
     return isinstance(client, DefaultClient) and not isinstance(client, (HerdClient, ShardClient))
 
