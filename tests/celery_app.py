@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from django_scale.tasks import connect_signals
+from django_scale.task_routing import connect_signals
 
 app = Celery("django_scale_tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -1,4 +1,4 @@
-"""Tests of django_scale.tasks: importing it connects nothing; connect_signals() connects once."""
+"""Tests of django_scale.tasks and task_routing: importing connects nothing; connect_signals() connects once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from celery import signals
 
-from django_scale import tasks
+from django_scale import task_routing as tasks
 
 UIDS = {
     "before_task_publish": "django_scale.tasks.add_position",
@@ -45,6 +45,7 @@ from django.conf import settings
 settings.configure(INSTALLED_APPS=["django_scale"])
 django.setup()
 import django_scale.tasks
+import django_scale.task_routing
 from celery import signals
 print(sum(1 for name in ("before_task_publish", "task_prerun", "task_postrun")
           for key, _ in getattr(signals, name).receivers if str(key[0]).startswith("django_scale")))

@@ -6,7 +6,7 @@ import os
 
 from celery import Celery
 
-from django_scale.tasks import connect_signals
+from django_scale.task_routing import connect_signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "newsroom.settings")
 
