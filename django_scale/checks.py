@@ -513,7 +513,8 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
     Only functions and views imported by the time checks run are seen; the URLconf is imported
     first so that cached views are.
     """
-    from django_scale.cache import page_paths, registry
+    from django_scale.cache.engine import registry
+    from django_scale.cache.pages import page_paths
 
     urlconf = getattr(settings, "ROOT_URLCONF", None)
     if urlconf:

@@ -15,7 +15,7 @@ from django.conf import settings
 
 from django_scale.exceptions import ConfigurationError, UnknownSettingError
 
-__all__ = ["SETTINGS", "Setting", "conf"]
+__all__ = ["SETTINGS", "Setting", "conf", "count_problem", "seconds_problem"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,28 @@ def _not_positive(value: float) -> str | None:
 
 def _not_a_positive_count(value: int) -> str | None:
     return "it must be at least 1" if value < 1 else None
+
+
+def seconds_problem(value: Any, *, zero_allowed: bool = False) -> str | None:
+    """Return why *value* is not a valid number of seconds (``"it must be greater than zero"``).
+
+    Return ``None`` for a valid one: an ``int`` or ``float`` (not a ``bool``), greater than zero
+    or, if *zero_allowed*, not negative. The one validator of durations: settings, decorator
+    arguments and template tags all use it.
+    """
+    if not _is_number(value):
+        return "it must be a number of seconds (int or float)"
+    return _negative(value) if zero_allowed else _not_positive(value)
+
+
+def count_problem(value: Any) -> str | None:
+    """Return why *value* is not a valid count (``"it must be at least 1"``), or ``None``.
+
+    A valid count is an ``int`` (not a ``bool``) of at least 1: batch sizes, kills per run.
+    """
+    if not _is_count(value):
+        return "it must be a whole number (int)"
+    return _not_a_positive_count(value)
 
 
 def _seconds(default: float, *, zero_allowed: bool = False) -> Setting:

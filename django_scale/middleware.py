@@ -13,7 +13,7 @@ primary. The cookie expires after ``READ_YOUR_WRITES_MAX_AGE`` seconds.
 It is also the final pass of pages cached with :func:`~django_scale.cache.swr_cache_page`: as
 the first entry of ``MIDDLEWARE`` it sees the final response, after every other middleware,
 and decides there whether the page the view rendered may be stored and which caching headers
-the response gets (:func:`~django_scale.cache.finish_page`).
+the response gets (:func:`~django_scale.cache.pages.finish_page`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from django.db import connections
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from django_scale.cache import PageSlot, abandon_page, finish_page, open_page_slot
+from django_scale.cache.pages import PageSlot, abandon_page, finish_page, open_page_slot
 from django_scale.conf import conf
 from django_scale.replicas import (
     STICKY_PRIMARY,

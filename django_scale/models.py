@@ -4,7 +4,7 @@ Backfill checkpoints live in their own app, :mod:`django_scale.contrib.backfill`
 
 * :class:`PendingInvalidation`: an invalidation the cache could not take while it was down,
   kept on the primary so that any process replays it once the cache answers
-  (``django_scale.invalidations``).
+  (``django_scale.cache.invalidations``).
 """
 
 from __future__ import annotations

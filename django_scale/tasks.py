@@ -1,107 +1,21 @@
-"""Celery integration: tasks read what the request that enqueued them wrote.
+"""Celery tasks of django-scale, with fixed names: ``django_scale.refresh`` and ``django_scale.snipe``.
 
-A task published by a request that wrote carries the primary's WAL position in the message
-header ``django_scale_lsn``. The worker opens a :class:`~django_scale.replicas.RoutingState`
-for the task with that position: the task's reads go to a replica only once it has replayed
-past it (after waiting at most ``REPLICA_WAIT``), otherwise to the primary.
-
-The signal handlers are connected when this module is imported, which Celery's
-``app.autodiscover_tasks()`` does for every app in ``INSTALLED_APPS``. A project that does
-not autodiscover imports ``django_scale.tasks`` in its Celery module.
+Importing this module (as ``app.autodiscover_tasks()`` does) registers the tasks and connects
+no signal handler: tasks read what the request that enqueued them wrote once the project calls
+:func:`django_scale.task_routing.connect_signals` (re-exported here).
 """
 
 from __future__ import annotations
 
-import logging
-from contextlib import ExitStack
 from typing import Any
 
-from celery import shared_task, signals
+from celery import shared_task
 
-from django_scale.conf import conf
-from django_scale.middleware import current_wal_position
-from django_scale.replicas import (
-    STICKY_PRIMARY,
-    await_replica,
-    current_state,
-    decode_position,
-    format_lsn,
-    guard_replicas,
-    routing_state,
-)
+from django_scale.cache.engine import REFRESH_TASK
+from django_scale.cache.task import run_refill_task
+from django_scale.task_routing import HEADER, add_position, connect_signals, disconnect_signals
 
-__all__ = ["HEADER", "refresh", "snipe"]
-
-logger = logging.getLogger("django_scale.tasks")
-
-#: The message header that carries the WAL position a task's reads must see.
-HEADER = "django_scale_lsn"
-
-# The routing state of each running task, by task id, from task_prerun to task_postrun.
-_open_tasks: dict[str, ExitStack] = {}
-
-
-def position_for_publish() -> str | None:
-    """Return the header value a task published now must carry, or ``None`` for none."""
-    state = current_state()
-    if state is None:
-        return None
-    if state.wrote:
-        position = current_wal_position(conf.PRIMARY)
-        # Inside atomic() (or on a primary without WAL positions) there is no committed
-        # position to wait for: the task reads from the primary.
-        return position or STICKY_PRIMARY
-    if state.required_lsn is not None and state.pinned:
-        # The user's earlier write has not reached a replica yet: pass the requirement on.
-        return format_lsn(state.required_lsn)
-    if state.sticky_primary:
-        return STICKY_PRIMARY
-    return None
-
-
-@signals.before_task_publish.connect(dispatch_uid="django_scale.tasks.add_position")
-def add_position(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """Put the WAL position the task must see in its headers (publisher side)."""
-    if headers is None or HEADER in headers or not conf.REPLICAS:
-        return
-    position = position_for_publish()
-    if position is not None:
-        headers[HEADER] = position
-
-
-def _header(task: Any) -> str | None:
-    request = task.request
-    value = getattr(request, HEADER, None)
-    if value is None:
-        value = (getattr(request, "headers", None) or {}).get(HEADER)
-    return value if isinstance(value, str) else None
-
-
-@signals.task_prerun.connect(dispatch_uid="django_scale.tasks.open_state")
-def open_state(task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
-    """Open the task's routing state from its header (worker side)."""
-    if task_id is None or task is None or getattr(task.request, "is_eager", False):
-        # An eager task runs inside its caller's request and routing state.
-        return
-    value = _header(task)
-    required, sticky = decode_position(value)
-    if sticky and value != STICKY_PRIMARY:
-        logger.warning(
-            "task %s has a malformed %s header %r; reading from the primary", task_id, HEADER, value
-        )
-    stack = ExitStack()
-    state = stack.enter_context(routing_state(required, sticky_primary=sticky))
-    stack.enter_context(guard_replicas())
-    await_replica(state, "no replica replayed the write of the request that enqueued the task")
-    _open_tasks[task_id] = stack
-
-
-@signals.task_postrun.connect(dispatch_uid="django_scale.tasks.close_state")
-def close_state(task_id: str | None = None, **kwargs: Any) -> None:
-    """Close the task's routing state (worker side)."""
-    stack = _open_tasks.pop(task_id, None) if task_id is not None else None
-    if stack is not None:
-        stack.close()
+__all__ = ["HEADER", "add_position", "connect_signals", "disconnect_signals", "refresh", "snipe"]
 
 
 @shared_task(name="django_scale.snipe", ignore_result=False)
@@ -116,7 +30,7 @@ def snipe(dry_run: bool | None = None) -> dict[str, Any]:
     return run_sniper(dry_run=dry_run).as_dict()
 
 
-@shared_task(name="django_scale.refresh", ignore_result=True)
+@shared_task(name=REFRESH_TASK, ignore_result=True)
 def refresh(
     path: str, alias: str, key: str, token: str, generation: int, arguments: Any, primary: bool
 ) -> bool:
@@ -132,8 +46,6 @@ def refresh(
     function must be registered (only modules of installed apps and the URLconf are imported
     to find it), *key* must be the key the function's own key code makes of *arguments*, and
     *alias* its cache; any other message is logged and dropped (see
-    :func:`django_scale.cache.run_refill_task`).
+    :func:`django_scale.cache.task.run_refill_task`).
     """
-    from django_scale.cache import run_refill_task
-
     return run_refill_task(path, alias, key, token, generation, arguments, primary)

@@ -29,16 +29,10 @@ from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext, override_settings
 from support import counter, wait_until
 
-from django_scale import invalidations, metrics
-from django_scale.cache import (
-    MARKER,
-    Envelope,
-    breakers,
-    reset_state,
-    stale_while_revalidate,
-    store_for,
-    wait_for_refills,
-)
+from django_scale import metrics
+from django_scale.cache import invalidations, reset_state, stale_while_revalidate, wait_for_refills
+from django_scale.cache.degrade import breakers
+from django_scale.cache.store import MARKER, Envelope, RedisStore, Store, store_for
 from django_scale.exceptions import CacheArgumentError, CacheKeyError
 from django_scale.models import PendingInvalidation
 from django_scale.replicas import routing_state
@@ -613,7 +607,10 @@ def test_redis_back_after_an_outage_replays_invalidations(
         cached.on_private_redis.invalidate(5)  # Redis is down: kept for later
         assert cached.on_private_redis(5) == "v2:5"
         cache_on_private_redis(True)
-        time.sleep(0.06)  # the breaker's retry-after passes
+        wait_until(
+            lambda: breakers.open_until("cache 'swr-private'") <= time.monotonic(),
+            "the breaker's retry-after to pass",
+        )
         # The restarted server has the old "v1" entry back; the replayed invalidation drops it.
         raw = caches["swr-private"].client.get_client()
         assert raw.exists(caches["swr-private"].client.make_key(cached.on_private_redis.key(5)))
@@ -861,7 +858,7 @@ def test_check_cache_is_registered() -> None:
 
 
 def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
-    from django_scale.cache import Engine, registry
+    from django_scale.cache.engine import Engine, registry
 
     monkeypatch.setitem(registry, "somewhere.prices", Engine(path="somewhere.prices", cache="prices"))
     from django_scale.checks import check_cache
@@ -924,3 +921,26 @@ def test_w204_refresh_task_not_registered() -> None:
     before, after = result.stdout.splitlines()[-2:]
     assert "django_scale.W204" in before
     assert "django_scale.W204" not in after
+
+
+@pytest.mark.parametrize(
+    ("client_class", "store_class"),
+    [
+        ("django_redis.client.DefaultClient", RedisStore),
+        ("django_redis.client.SentinelClient", RedisStore),
+        ("django_redis.client.ShardClient", Store),
+        ("django_redis.client.HerdClient", Store),
+    ],
+)
+def test_the_lua_store_is_used_only_where_every_key_lives_on_one_server(
+    client_class: str, store_class: type[Store]
+) -> None:
+    location = "redis://127.0.0.1:1/0"  # never connected to: choosing a store does no I/O
+    options: dict[str, Any] = {"CLIENT_CLASS": client_class}
+    if client_class.endswith("SentinelClient"):
+        location = "redis://mymaster/0"
+        options["SENTINELS"] = [("127.0.0.1", 1)]
+        options["CONNECTION_POOL_CLASS"] = "redis.sentinel.SentinelConnectionPool"
+    backend = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": location, "OPTIONS": options}
+    with override_settings(CACHES={**settings.CACHES, "swr-kind": backend}):
+        assert type(store_for("swr-kind")) is store_class

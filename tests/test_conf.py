@@ -4,7 +4,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 
-from django_scale.conf import SETTINGS, conf
+from django_scale.conf import SETTINGS, conf, count_problem, seconds_problem
 from django_scale.exceptions import ConfigurationError, DjangoScaleError, UnknownSettingError
 from django_scale.testing import override_scale_settings
 
@@ -65,3 +65,34 @@ def test_override_scale_settings_merges():
 def test_override_scale_settings_as_decorator_stacks():
     assert conf.PRIMARY == "main"
     assert conf.REPLICAS == ("r1",)
+
+
+@pytest.mark.parametrize(
+    ("value", "zero_allowed", "problem"),
+    [
+        (1, False, None),
+        (0.5, False, None),
+        (0, True, None),
+        (0, False, "it must be greater than zero"),
+        (-1, True, "it must not be negative"),
+        (True, False, "it must be a number of seconds (int or float)"),
+        ("5", False, "it must be a number of seconds (int or float)"),
+        (None, True, "it must be a number of seconds (int or float)"),
+    ],
+)
+def test_seconds_problem_is_the_one_duration_validator(value, zero_allowed, problem):
+    assert seconds_problem(value, zero_allowed=zero_allowed) == problem
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (1, None),
+        (500, None),
+        (0, "it must be at least 1"),
+        (True, "it must be a whole number (int)"),
+        (2.0, "it must be a whole number (int)"),
+    ],
+)
+def test_count_problem_is_the_one_count_validator(value, problem):
+    assert count_problem(value) == problem

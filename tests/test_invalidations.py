@@ -22,9 +22,12 @@ from django.db import connection, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.test.utils import CaptureQueriesContext, override_settings
 
-from django_scale import invalidations, metrics
-from django_scale.cache import breakers, build_key, publisher, reset_state, wait_for_refills
-from django_scale.invalidations import Pending, group_of, pending_in_memory
+from django_scale import metrics
+from django_scale.cache import invalidations, reset_state, wait_for_refills
+from django_scale.cache.degrade import breakers
+from django_scale.cache.invalidations import Pending, group_of, pending_in_memory
+from django_scale.cache.keys import build_key
+from django_scale.cache.publisher import publisher
 from django_scale.models import PendingInvalidation
 from django_scale.testing import override_scale_settings
 

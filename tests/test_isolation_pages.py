@@ -27,7 +27,9 @@ from django.utils import translation
 from support import counter, wait_until
 
 from django_scale import metrics
-from django_scale.cache import MARKER, Envelope, breakers, reset_state, store_for, wait_for_refills
+from django_scale.cache import reset_state, wait_for_refills
+from django_scale.cache.degrade import breakers
+from django_scale.cache.store import MARKER, Envelope, store_for
 
 from testapp import pages
 from testapp.cached import probe
@@ -516,7 +518,7 @@ def test_a_middleware_that_fails_after_the_view_releases_the_claim() -> None:
 
 
 def test_w210_pages_need_scale_middleware_first() -> None:
-    from django_scale.cache import page_paths
+    from django_scale.cache.pages import page_paths
     from django_scale.checks import check_cache
 
     assert "django_scale.W210" not in [m.id for m in check_cache()]

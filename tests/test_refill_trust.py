@@ -28,18 +28,11 @@ from django.test.utils import override_settings
 from support import counter, wait_until
 
 from django_scale import metrics
-from django_scale.cache import (
-    MARKER,
-    Engine,
-    Envelope,
-    build_key,
-    encode_key_parts,
-    registry,
-    reset_state,
-    run_refill_task,
-    store_for,
-    wait_for_refills,
-)
+from django_scale.cache import reset_state, wait_for_refills
+from django_scale.cache.engine import Engine, registry
+from django_scale.cache.keys import build_key, encode_key_parts
+from django_scale.cache.store import MARKER, Envelope, store_for
+from django_scale.cache.task import run_refill_task
 from django_scale.testing import override_scale_settings
 
 from testapp import cached, userdata
@@ -197,7 +190,7 @@ def test_a_forged_key_of_a_cached_page_is_rejected(cache_alias: str) -> None:
         "",
         "testapp..balance",
         "testapp.userdata.<locals>.balance",
-        "django_scale.cache.registry.clear",
+        "django_scale.cache.engine.registry.clear",
     ],
 )
 def test_a_forged_path_imports_nothing_outside_installed_apps(

@@ -41,15 +41,8 @@ from django.urls import path
 from django.views.decorators.cache import cache_page
 
 from django_scale import metrics
-from django_scale.cache import (
-    MARKER,
-    Envelope,
-    reset_state,
-    stale_while_revalidate,
-    store_for,
-    swr_cache_page,
-    wait_for_refills,
-)
+from django_scale.cache import reset_state, stale_while_revalidate, swr_cache_page, wait_for_refills
+from django_scale.cache.store import MARKER, Envelope, store_for
 
 from benchmarks import print_table, time_per_call
 
