@@ -32,6 +32,7 @@ PUBLIC_MODULES = [
     "django_scale.replicas",
     "django_scale.routers",
     "django_scale.sniper",
+    "django_scale.task_routing",
     "django_scale.testing",
     "django_scale.timeouts",
 ]
