@@ -13,16 +13,8 @@ fragment. A trailing ``using="alias"`` picks the cache. A stale fragment is serv
 request that wins the claim re-renders it (a template context cannot be sent to Celery);
 a missing fragment is rendered once while concurrent requests wait for it.
 
-Two things keep one visitor's fragment from another:
-
-* **Keys**: a vary value must have a stable key (see :func:`key_value`); the active language
-  and time zone are part of every key.
-* **Per-visitor reads**: the fragment is rendered with the visitor's context variables
-  (``csrf_token``, ``messages``, ``user``, ``perms``, ``request``, ``csp_nonce``) and
-  ``context.request`` watched. A render that read one its key does not cover is served to
-  its visitor and never stored. The user is covered when a vary value is ``user``,
-  ``user.pk``, ``user.id``, ``request.user``, ``request.user.pk`` or ``request.user.id``;
-  the CSRF token, messages, the session, cookies and headers never are.
+What keeps one visitor's fragment from another (stable keys, per-visitor reads never
+stored) is described in :mod:`django_scale.cache.fragments`, where the node lives.
 """
 
 from __future__ import annotations
