@@ -262,7 +262,11 @@ def test_reads_return_to_the_replica_once_it_replayed_the_write(caught_up):
     with simulate_lag("replica"):
         pk = client.post("/authors/", {"name": "Katherine"}).json()["pk"]
         assert client.get(f"/authors/{pk}/").json()["reads"] == {"default": 1}
+    # The standby has replayed the write, and this process's monitor has seen it (the router
+    # only reads what the monitor recorded).
+    target = parse_lsn(caught_up.primary_lsn())
     caught_up.wait_for_replay()
+    wait_until(lambda: monitor("replica").is_available(None, target), "the monitor seeing the replay")
     response = client.get(f"/authors/{pk}/")
     assert response.json() == {"found": True, "reads": {"replica": 1}, "pinned": "", "wrote": False}
     # The replicas have the write now: the cookie is cleared.
