@@ -49,6 +49,7 @@ from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from django_scale.exceptions import ArgumentError, ArgumentTypeError, UsageError
 from django_scale.replicas import error_sqlstate
 
 __all__ = ["current_statement_timeout", "is_statement_timeout", "statement_timeout"]
@@ -249,11 +250,11 @@ class StatementTimeout:
     def __init__(self, seconds: float | None, using: str | Iterable[str] | None) -> None:
         if seconds is not None:
             if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"statement_timeout() takes a number of seconds or None, not {type(seconds).__name__}."
                 )
             if not seconds > 0:
-                raise ValueError(
+                raise ArgumentError(
                     f"statement_timeout({seconds!r}): the limit must be greater than zero "
                     "(pass None for no limit)."
                 )
@@ -262,7 +263,7 @@ class StatementTimeout:
         aliases = list(settings.DATABASES) if using is None else list(using)
         unknown = [alias for alias in aliases if alias not in settings.DATABASES]
         if unknown:
-            raise ValueError(
+            raise ArgumentError(
                 f"statement_timeout(using=...) names {', '.join(map(repr, unknown))}, which "
                 f"DATABASES does not have (it has {', '.join(map(repr, settings.DATABASES))})."
             )
@@ -278,7 +279,7 @@ class StatementTimeout:
 
     def __enter__(self) -> StatementTimeout:
         if self._stack is not None:
-            raise RuntimeError("This statement_timeout() block is already open; create another one.")
+            raise UsageError("This statement_timeout() block is already open; create another one.")
         milliseconds = self.milliseconds
         stack = ExitStack()
         self._stack = stack
