@@ -45,7 +45,7 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
-from django_scale.conf import conf
+from django_scale.conf import conf, count_problem, seconds_problem
 from django_scale.exceptions import SniperError
 
 __all__ = [
@@ -203,12 +203,7 @@ class Rule:
                 f"Known keys: {', '.join(RULE_KEYS)}."
             )
         duration = data.get("max_duration")
-        if (
-            not isinstance(duration, (int, float))
-            or isinstance(duration, bool)
-            or duration < 0
-            or duration != duration
-        ):
+        if seconds_problem(duration, zero_allowed=True) is not None:
             raise SniperError(
                 f"SNIPER_RULES rule {name!r}: 'max_duration' must be a number of seconds >= 0, not "
                 f"{duration!r}. Set it to e.g. 'max_duration': 30."
@@ -378,12 +373,12 @@ class Sniper:
             rule if isinstance(rule, Rule) else Rule.from_dict(rule, position=n)
             for n, rule in enumerate(raw_rules)
         )
-        self.grace = conf.SNIPER_GRACE if grace is None else float(grace)
-        if self.grace < 0:
+        if grace is not None and seconds_problem(grace, zero_allowed=True) is not None:
             raise SniperError(f"grace must be a number of seconds >= 0, not {grace!r}.")
+        self.grace = conf.SNIPER_GRACE if grace is None else float(grace)
+        if budget is not None and count_problem(budget) is not None:
+            raise SniperError(f"budget must be at least 1 kill per run (a whole number), not {budget!r}.")
         self.budget = conf.SNIPER_KILL_BUDGET if budget is None else budget
-        if self.budget < 1:
-            raise SniperError(f"budget must be at least 1 kill per run, not {budget!r}.")
         self.allow_applications = tuple(
             conf.SNIPER_ALLOW_APPLICATIONS if allow_applications is None else allow_applications
         )
@@ -552,7 +547,7 @@ def run_loop(
 
     The settings are read again for every run, so a changed ``DJANGO_SCALE`` takes effect.
     """
-    if interval <= 0:
+    if seconds_problem(interval) is not None:
         raise SniperError(f"interval must be a number of seconds > 0, not {interval!r}.")
     done = 0
     while stop is None or not stop.is_set():

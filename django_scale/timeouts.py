@@ -49,6 +49,7 @@ from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from django_scale.conf import seconds_problem
 from django_scale.exceptions import ArgumentError, ArgumentTypeError, UsageError
 from django_scale.replicas import error_sqlstate
 
@@ -248,16 +249,14 @@ class StatementTimeout:
     """
 
     def __init__(self, seconds: float | None, using: str | Iterable[str] | None) -> None:
-        if seconds is not None:
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise ArgumentTypeError(
-                    f"statement_timeout() takes a number of seconds or None, not {type(seconds).__name__}."
-                )
-            if not seconds > 0:
-                raise ArgumentError(
-                    f"statement_timeout({seconds!r}): the limit must be greater than zero "
-                    "(pass None for no limit)."
-                )
+        problem = None if seconds is None else seconds_problem(seconds)
+        if problem is not None:
+            # A limit of the wrong type is a TypeError too, as Python would raise.
+            wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            raise (ArgumentTypeError if wrong_type else ArgumentError)(
+                f"statement_timeout({seconds!r}): the limit {problem.removeprefix('it ')} "
+                "(pass None for no limit)."
+            )
         if isinstance(using, str):
             using = [using]
         aliases = list(settings.DATABASES) if using is None else list(using)
