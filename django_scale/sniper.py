@@ -34,7 +34,6 @@ import logging
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -45,6 +44,7 @@ from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
+from django_scale import metrics
 from django_scale.conf import conf, count_problem, seconds_problem
 from django_scale.exceptions import SniperError
 
@@ -114,13 +114,12 @@ SELECT pid, CASE WHEN %s THEN pg_terminate_backend(pid) ELSE pg_cancel_backend(p
    AND state_change IS NOT DISTINCT FROM %s
 """
 
-_counts: Counter[str] = Counter()
-_counts_lock = threading.Lock()
+# The sniper's counters are metrics named "sniper.<key>" (see django_scale.metrics).
+_METRIC_PREFIX = "sniper."
 
 
 def _count(key: str) -> None:
-    with _counts_lock:
-        _counts[key] += 1
+    metrics.increment(_METRIC_PREFIX + key)
 
 
 def kill_counts() -> dict[str, int]:
@@ -128,9 +127,14 @@ def kill_counts() -> dict[str, int]:
 
     Keys: ``cancel``, ``terminate``, ``dry_run``, ``missed`` (the query had ended or moved on
     by the time of the signal), ``over_budget``, ``lock_busy`` (a run skipped for another sniper).
+    They are the :mod:`django_scale.metrics` counters ``sniper.<key>``, so
+    :func:`django_scale.metrics.reset` sets them back to zero too.
     """
-    with _counts_lock:
-        return dict(_counts)
+    return {
+        name.removeprefix(_METRIC_PREFIX): value
+        for name, value in metrics.snapshot().items()
+        if name.startswith(_METRIC_PREFIX) and isinstance(value, int)
+    }
 
 
 _LITERAL = re.compile(r"'(?:[^']|'')*'|\$\d+|%s|\b\d+(?:\.\d+)?\b")
