@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from django.core.mail import mail_admins
 from django.db import connections
@@ -223,7 +223,7 @@ class Rule:
             )
         return cls(
             name=name,
-            max_duration=float(duration),
+            max_duration=float(cast(float, duration)),  # a number: seconds_problem checked it
             states=states,
             databases=_patterns(name, "databases", data.get("databases")),
             applications=_patterns(name, "applications", data.get("applications")),
