@@ -106,6 +106,8 @@ def seconds_problem(value: Any, *, zero_allowed: bool = False) -> str | None:
     """
     if not _is_number(value):
         return "it must be a number of seconds (int or float)"
+    if value != value:
+        return "it must be a number of seconds, not NaN"
     return _negative(value) if zero_allowed else _not_positive(value)
 
 

@@ -6,6 +6,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
     "ArgumentError",
+    "ArgumentTypeError",
     "BulkDataError",
     "BulkError",
     "CacheArgumentError",
@@ -22,6 +23,7 @@ __all__ = [
     "SniperError",
     "UnknownSettingError",
     "UnusedEagerLoadWarning",
+    "UsageError",
 ]
 
 
@@ -41,6 +43,21 @@ class ArgumentError(DjangoScaleError, ValueError):
     """An argument has a value django-scale cannot use; the message names it and the fix.
 
     It is also a :class:`ValueError`, what Python raises for such arguments.
+    """
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument has a type django-scale cannot use; the message names it and the fix.
+
+    It is an :class:`ArgumentError` (so a :class:`ValueError`) and also a :class:`TypeError`,
+    what Python raises for an argument of the wrong type.
+    """
+
+
+class UsageError(DjangoScaleError, RuntimeError):
+    """An object was used in a way it does not support, such as entering an open block again.
+
+    It is also a :class:`RuntimeError`, what Python raises for such misuse.
     """
 
 

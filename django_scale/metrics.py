@@ -24,6 +24,11 @@ with :func:`snapshot` to whatever collects your metrics. Names are dotted, by fe
 ``replicas.cache_down``
     outages of the cache where the replica monitors share their state (it failed, or did not
     answer within its short timeout): each process then goes by its own view of the replicas
+``sniper.cancel`` / ``sniper.terminate`` / ``sniper.dry_run``
+    backends the query sniper cancelled, terminated, or would have (``SNIPER_DRY_RUN``)
+``sniper.missed`` / ``sniper.over_budget`` / ``sniper.lock_busy``
+    kills the sniper missed (the query had ended or moved on), left alone past its kill
+    budget, and runs it skipped because another sniper held the lock
 
 Timings (``observe``) keep a count, a sum and a maximum: ``swr.refill.seconds`` (how long a
 refill computed) and ``swr.staleness`` (how many seconds past fresh a served value was).

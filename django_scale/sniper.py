@@ -34,18 +34,18 @@ import logging
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from django.core.mail import mail_admins
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
-from django_scale.conf import conf
+from django_scale import metrics
+from django_scale.conf import conf, count_problem, seconds_problem
 from django_scale.exceptions import SniperError
 
 __all__ = [
@@ -114,13 +114,12 @@ SELECT pid, CASE WHEN %s THEN pg_terminate_backend(pid) ELSE pg_cancel_backend(p
    AND state_change IS NOT DISTINCT FROM %s
 """
 
-_counts: Counter[str] = Counter()
-_counts_lock = threading.Lock()
+# The sniper's counters are metrics named "sniper.<key>" (see django_scale.metrics).
+_METRIC_PREFIX = "sniper."
 
 
 def _count(key: str) -> None:
-    with _counts_lock:
-        _counts[key] += 1
+    metrics.increment(_METRIC_PREFIX + key)
 
 
 def kill_counts() -> dict[str, int]:
@@ -128,9 +127,14 @@ def kill_counts() -> dict[str, int]:
 
     Keys: ``cancel``, ``terminate``, ``dry_run``, ``missed`` (the query had ended or moved on
     by the time of the signal), ``over_budget``, ``lock_busy`` (a run skipped for another sniper).
+    They are the :mod:`django_scale.metrics` counters ``sniper.<key>``, so
+    :func:`django_scale.metrics.reset` sets them back to zero too.
     """
-    with _counts_lock:
-        return dict(_counts)
+    return {
+        name.removeprefix(_METRIC_PREFIX): value
+        for name, value in metrics.snapshot().items()
+        if name.startswith(_METRIC_PREFIX) and isinstance(value, int)
+    }
 
 
 _LITERAL = re.compile(r"'(?:[^']|'')*'|\$\d+|%s|\b\d+(?:\.\d+)?\b")
@@ -203,12 +207,7 @@ class Rule:
                 f"Known keys: {', '.join(RULE_KEYS)}."
             )
         duration = data.get("max_duration")
-        if (
-            not isinstance(duration, (int, float))
-            or isinstance(duration, bool)
-            or duration < 0
-            or duration != duration
-        ):
+        if seconds_problem(duration, zero_allowed=True) is not None:
             raise SniperError(
                 f"SNIPER_RULES rule {name!r}: 'max_duration' must be a number of seconds >= 0, not "
                 f"{duration!r}. Set it to e.g. 'max_duration': 30."
@@ -224,7 +223,7 @@ class Rule:
             )
         return cls(
             name=name,
-            max_duration=float(duration),
+            max_duration=float(cast(float, duration)),  # a number: seconds_problem checked it
             states=states,
             databases=_patterns(name, "databases", data.get("databases")),
             applications=_patterns(name, "applications", data.get("applications")),
@@ -378,12 +377,12 @@ class Sniper:
             rule if isinstance(rule, Rule) else Rule.from_dict(rule, position=n)
             for n, rule in enumerate(raw_rules)
         )
-        self.grace = conf.SNIPER_GRACE if grace is None else float(grace)
-        if self.grace < 0:
+        if grace is not None and seconds_problem(grace, zero_allowed=True) is not None:
             raise SniperError(f"grace must be a number of seconds >= 0, not {grace!r}.")
+        self.grace = conf.SNIPER_GRACE if grace is None else float(grace)
+        if budget is not None and count_problem(budget) is not None:
+            raise SniperError(f"budget must be at least 1 kill per run (a whole number), not {budget!r}.")
         self.budget = conf.SNIPER_KILL_BUDGET if budget is None else budget
-        if self.budget < 1:
-            raise SniperError(f"budget must be at least 1 kill per run, not {budget!r}.")
         self.allow_applications = tuple(
             conf.SNIPER_ALLOW_APPLICATIONS if allow_applications is None else allow_applications
         )
@@ -552,7 +551,7 @@ def run_loop(
 
     The settings are read again for every run, so a changed ``DJANGO_SCALE`` takes effect.
     """
-    if interval <= 0:
+    if seconds_problem(interval) is not None:
         raise SniperError(f"interval must be a number of seconds > 0, not {interval!r}.")
     done = 0
     while stop is None or not stop.is_set():

@@ -49,6 +49,8 @@ from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
+from django_scale.conf import seconds_problem
+from django_scale.exceptions import ArgumentError, ArgumentTypeError, UsageError
 from django_scale.replicas import error_sqlstate
 
 __all__ = ["current_statement_timeout", "is_statement_timeout", "statement_timeout"]
@@ -247,22 +249,20 @@ class StatementTimeout:
     """
 
     def __init__(self, seconds: float | None, using: str | Iterable[str] | None) -> None:
-        if seconds is not None:
-            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-                raise TypeError(
-                    f"statement_timeout() takes a number of seconds or None, not {type(seconds).__name__}."
-                )
-            if not seconds > 0:
-                raise ValueError(
-                    f"statement_timeout({seconds!r}): the limit must be greater than zero "
-                    "(pass None for no limit)."
-                )
+        problem = None if seconds is None else seconds_problem(seconds)
+        if problem is not None:
+            # A limit of the wrong type is a TypeError too, as Python would raise.
+            wrong_type = isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+            raise (ArgumentTypeError if wrong_type else ArgumentError)(
+                f"statement_timeout({seconds!r}): the limit {problem.removeprefix('it ')} "
+                "(pass None for no limit)."
+            )
         if isinstance(using, str):
             using = [using]
         aliases = list(settings.DATABASES) if using is None else list(using)
         unknown = [alias for alias in aliases if alias not in settings.DATABASES]
         if unknown:
-            raise ValueError(
+            raise ArgumentError(
                 f"statement_timeout(using=...) names {', '.join(map(repr, unknown))}, which "
                 f"DATABASES does not have (it has {', '.join(map(repr, settings.DATABASES))})."
             )
@@ -278,7 +278,7 @@ class StatementTimeout:
 
     def __enter__(self) -> StatementTimeout:
         if self._stack is not None:
-            raise RuntimeError("This statement_timeout() block is already open; create another one.")
+            raise UsageError("This statement_timeout() block is already open; create another one.")
         milliseconds = self.milliseconds
         stack = ExitStack()
         self._stack = stack

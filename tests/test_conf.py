@@ -78,6 +78,7 @@ def test_override_scale_settings_as_decorator_stacks():
         (True, False, "it must be a number of seconds (int or float)"),
         ("5", False, "it must be a number of seconds (int or float)"),
         (None, True, "it must be a number of seconds (int or float)"),
+        (float("nan"), True, "it must be a number of seconds, not NaN"),
     ],
 )
 def test_seconds_problem_is_the_one_duration_validator(value, zero_allowed, problem):

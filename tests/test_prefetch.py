@@ -16,7 +16,7 @@ from django.db.models import Prefetch, QuerySet
 from django.test.utils import CaptureQueriesContext
 from support import wait_until
 
-from django_scale.exceptions import NPlusOneError, NPlusOneWarning, PrefetchBypassedWarning
+from django_scale.exceptions import ArgumentError, NPlusOneError, NPlusOneWarning, PrefetchBypassedWarning
 from django_scale.prefetch import HAS_FETCH_MODES, detect_n_plus_one, detection, peer_group
 from django_scale.replicas import monitor, parse_lsn
 from django_scale.testing import forbid_n_plus_one
@@ -625,5 +625,8 @@ def test_forbid_n_plus_one_decorates_a_function(data: None) -> None:
 
 
 def test_bad_mode_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"mode='loud'"), detect_n_plus_one("loud"):  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match=r"mode='loud'") as caught, detect_n_plus_one("loud"):  # type: ignore[arg-type]
+        pass
+    assert isinstance(caught.value, ValueError)
+    with pytest.raises(ArgumentError, match=r"sample_rate=2"), detect_n_plus_one("log", sample_rate=2):
         pass

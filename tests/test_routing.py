@@ -14,6 +14,7 @@ from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from support import wait_until
 
+from django_scale.exceptions import ArgumentError
 from django_scale.replicas import (
     ReplicaGuard,
     current_state,
@@ -52,8 +53,10 @@ def test_lsn_round_trip():
     for text in ("0/0", "0/16B3748", "16/B374D848", "FFFFFFFF/FFFFFFFF"):
         assert format_lsn(parse_lsn(text)) == text
     assert parse_lsn("1/0") > parse_lsn("0/FFFFFFFF")
-    with pytest.raises(ValueError, match="not a PostgreSQL LSN"):
-        parse_lsn("12345")
+    for text in ("12345", "zz/1", "1/"):
+        with pytest.raises(ArgumentError, match="not a PostgreSQL LSN") as caught:
+            parse_lsn(text)
+        assert isinstance(caught.value, ValueError)
 
 
 def test_use_primary_and_use_replica_nest_and_restore():

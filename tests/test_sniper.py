@@ -19,6 +19,7 @@ from django.db import OperationalError, connections
 from django.test import override_settings
 from support import wait_until
 
+from django_scale import metrics
 from django_scale.exceptions import SniperError
 from django_scale.sniper import (
     KILL_SQL,
@@ -400,6 +401,8 @@ def test_kill_budget_leaves_the_rest_for_the_next_run(victims):
     report = Sniper(using="default", rules=[VICTIMS], budget=2).run()
     assert len(report.kills) == 2 and len(report.over_budget) == 1
     assert kill_counts()["over_budget"] == before + 1
+    # The counts are django_scale.metrics counters, exported with the others.
+    assert metrics.snapshot()["sniper.over_budget"] == kill_counts()["over_budget"]
     for victim in three:
         if victim.pid in {kill.backend.pid for kill in report.kills}:
             victim.join()

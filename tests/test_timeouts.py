@@ -10,6 +10,7 @@ from django.db import OperationalError, connections, transaction
 from django.test import AsyncClient
 from django.test.utils import CaptureQueriesContext
 
+from django_scale.exceptions import ArgumentError, UsageError
 from django_scale.timeouts import current_statement_timeout, is_statement_timeout, statement_timeout
 
 from testapp.models import Author
@@ -189,13 +190,17 @@ def test_a_slow_statement_is_interrupted_on_either_database_and_the_next_one_is_
 
 @pytest.mark.parametrize("seconds", [0, -1, True, "5"])
 def test_bad_limits_are_refused(seconds):
-    with pytest.raises((ValueError, TypeError), match="statement_timeout"):
+    with pytest.raises(ArgumentError, match="statement_timeout") as caught:
         statement_timeout(seconds)
+    assert isinstance(caught.value, ValueError)
+    # A limit of the wrong type is a TypeError too, as it always was.
+    assert isinstance(caught.value, TypeError) == isinstance(seconds, (bool, str))
 
 
 def test_unknown_aliases_are_refused():
-    with pytest.raises(ValueError, match="'nope'"):
+    with pytest.raises(ArgumentError, match="'nope'") as caught:
         statement_timeout(1, using="nope")
+    assert isinstance(caught.value, ValueError)
 
 
 def test_none_sets_no_limit(db):
@@ -206,8 +211,9 @@ def test_none_sets_no_limit(db):
 
 def test_a_block_cannot_be_entered_twice():
     block = statement_timeout(1, using="default")
-    with block, pytest.raises(RuntimeError, match="already open"), block:
+    with block, pytest.raises(UsageError, match="already open") as caught, block:
         pass
+    assert isinstance(caught.value, RuntimeError)
 
 
 @postgres

@@ -10,6 +10,7 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db.models import Field, Model, QuerySet
 
 from django_scale import keyset
+from django_scale.conf import count_problem, seconds_problem
 from django_scale.exceptions import BulkError
 
 __all__ = ["iter_batches", "key_field"]
@@ -50,10 +51,12 @@ def iter_batches(
     time until the next batch is asked for) takes about that long, between *min_size* and
     *max_size*. *start_after* resumes after a key value.
     """
-    if size < 1:
-        raise BulkError(f"size must be at least 1, not {size!r}.")
-    if target_seconds is not None and target_seconds <= 0:
-        raise BulkError(f"target_seconds must be greater than zero or None, not {target_seconds!r}.")
+    problem = count_problem(size)
+    if problem is not None:
+        raise BulkError(f"size {problem.removeprefix('it ')}, not {size!r}.")
+    problem = None if target_seconds is None else seconds_problem(target_seconds)
+    if problem is not None:
+        raise BulkError(f"target_seconds {problem.removeprefix('it ')} (or None), not {target_seconds!r}.")
     model = queryset.model
     field = key_field(model, key)
     if not (field.primary_key or field.unique):

@@ -38,6 +38,7 @@ from django.db.models import Model, QuerySet
 
 from django_scale.bulk.formats import binary_safe
 from django_scale.bulk.rows import Row, _Columns, _fields, _RowError
+from django_scale.conf import count_problem
 from django_scale.exceptions import BulkDataError, BulkError
 
 __all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert"]
@@ -56,8 +57,9 @@ _copy_tables = itertools.count()
 
 
 def _check_batch_size(size: int | None) -> None:
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-        raise BulkError(f"batch_size must be at least 1 or None, not {size!r}.")
+    problem = None if size is None else count_problem(size)
+    if problem is not None:
+        raise BulkError(f"batch_size {problem.removeprefix('it ')} (or None), not {size!r}.")
 
 
 def _batches(rows: Iterable[Row], size: int | None) -> Iterator[tuple[int, list[Row] | Iterator[Row]]]:

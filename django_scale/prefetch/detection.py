@@ -20,7 +20,7 @@ import django
 from django.db.models import Model
 
 from django_scale.conf import conf
-from django_scale.exceptions import NPlusOneError, NPlusOneWarning, UnusedEagerLoadWarning
+from django_scale.exceptions import ArgumentError, NPlusOneError, NPlusOneWarning, UnusedEagerLoadWarning
 from django_scale.prefetch.peers import PeerGroup
 
 if TYPE_CHECKING:
@@ -93,9 +93,9 @@ def detect_n_plus_one(
     when the block ends.
     """
     if mode not in MODES:
-        raise ValueError(f"detect_n_plus_one(mode={mode!r}): mode must be one of {', '.join(MODES)}.")
+        raise ArgumentError(f"detect_n_plus_one(mode={mode!r}): mode must be one of {', '.join(MODES)}.")
     if not 0 <= sample_rate <= 1:
-        raise ValueError(f"detect_n_plus_one(sample_rate={sample_rate!r}): it must be between 0 and 1.")
+        raise ArgumentError(f"detect_n_plus_one(sample_rate={sample_rate!r}): it must be between 0 and 1.")
     detector = Detector(mode=mode, sample_rate=sample_rate, unused_eager=unused_eager)
     token = _detector.set(detector)
     try:

@@ -12,6 +12,7 @@ from collections import Counter
 from django.core.cache import caches
 
 from django_scale import metrics
+from django_scale.breakers import Breakers
 from django_scale.conf import conf
 
 __all__ = ["SharedHealth", "shared_health"]
@@ -55,8 +56,10 @@ class SharedHealth:
         self._cycles_done = 0
         self._read_cycle = 0
         self._call_since: float | None = None
-        self._skip_until = 0.0
-        self._outage = False
+        # The circuit breaker of the cache: only a call that succeeds ends an outage, so the
+        # thread waits out the breaker's time and then tries the cache again.
+        self._breakers = Breakers(logger, close_on_expiry=False)
+        self._name = f"the cache {alias!r}, where the replica monitors share their state,"
         self._thread: threading.Thread | None = None
 
     @property
@@ -71,19 +74,15 @@ class SharedHealth:
 
         Return ``None``, asking nothing, while the cache is skipped.
         """
+        call_since = self._call_since
+        if call_since is not None and time.monotonic() - call_since > self.timeout:
+            self._trip(f"it has not answered for {self.timeout * 1000:.0f} ms")
         with self._lock:
-            now = time.monotonic()
-            call_since = self._call_since
-            outage = call_since is not None and now - call_since > self.timeout and self._trip()
-            if now < self._skip_until:
-                ticket = None
-            else:
-                self._reads.add(replica)
-                self._wake()
-                ticket = self._cycles_started + 1
-        if outage:
-            self._report_outage(f"it has not answered for {self.timeout * 1000:.0f} ms")
-        return ticket
+            if self._breakers.is_open(self._name):
+                return None
+            self._reads.add(replica)
+            self._wake()
+            return self._cycles_started + 1
 
     def wait(self, ticket: int, timeout: float) -> bool:
         """Wait up to *timeout* seconds for the read of *ticket*; return whether it succeeded.
@@ -91,18 +90,15 @@ class SharedHealth:
         A read that does not come in time trips the circuit breaker.
         """
         deadline = time.monotonic() + timeout
-        outage = False
         with self._lock:
             while self._cycles_done < ticket:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    outage = self._trip()
                     break
                 self._lock.wait(remaining)
             else:
                 return self._read_cycle >= ticket
-        if outage:
-            self._report_outage(f"it did not answer within {timeout * 1000:.0f} ms")
+        self._trip(f"it did not answer within {timeout * 1000:.0f} ms")
         return False
 
     def down_until(self, replica: str) -> float:
@@ -150,21 +146,14 @@ class SharedHealth:
             self._thread.start()
         self._lock.notify_all()
 
-    def _trip(self) -> bool:
-        """Skip the cache for ``CACHE_RETRY_AFTER``; return whether an outage starts (lock held)."""
-        self._skip_until = time.monotonic() + conf.CACHE_RETRY_AFTER
-        starts, self._outage = not self._outage, True
-        return starts
+    def _trip(self, reason: str) -> None:
+        """Skip the cache for ``CACHE_RETRY_AFTER`` after *reason*; count each outage once.
 
-    def _report_outage(self, reason: str) -> None:
-        metrics.increment("replicas.cache_down")
-        logger.warning(
-            "the cache %r, where the replica monitors share their state, failed (%s); "
-            "each process goes by its own view of the replicas, and tries again in %g s",
-            self.alias,
-            reason,
-            conf.CACHE_RETRY_AFTER,
-        )
+        Called without the lock: an outage's start is logged. Meanwhile each process goes by
+        its own view of the replicas.
+        """
+        if self._breakers.trip(self._name, reason, conf.CACHE_RETRY_AFTER):
+            metrics.increment("replicas.cache_down")
 
     # The thread.
 
@@ -173,7 +162,7 @@ class SharedHealth:
             with self._lock:
                 while True:
                     pending = bool(self._writes or self._reads)
-                    left = self._skip_until - time.monotonic()
+                    left = self._breakers.open_until(self._name) - time.monotonic()
                     if pending and left <= 0:
                         break
                     self._lock.wait(left if pending else None)
@@ -183,25 +172,23 @@ class SharedHealth:
                 self._cycles_started += 1
                 cycle = self._cycles_started
             found, error = self._exchange(writes, reads)
+            # The breaker opens (or closes) before the waiters of this cycle wake.
+            if error is not None:
+                self._trip(f"{type(error).__name__}: {str(error).strip()}")
+            else:
+                self._breakers.close(self._name)
             with self._lock:
-                outage = recovered = False
                 if error is not None:
                     for replica, write in writes.items():
                         # Written again after the outage, unless a newer write replaced it.
                         self._writes.setdefault(replica, write)
-                    outage = self._trip()
                 else:
                     for replica in reads:
                         if self._writes_made[replica] == made[replica]:
                             self._known[replica] = found.get(replica, 0.0)
                     self._read_cycle = cycle
-                    recovered, self._outage = self._outage, False
                 self._cycles_done = cycle
                 self._lock.notify_all()
-            if outage:
-                self._report_outage(f"{type(error).__name__}: {str(error).strip()}")
-            elif recovered:
-                logger.info("the cache %r answers again; the replica monitors share their state", self.alias)
 
     def _exchange(
         self, writes: dict[str, tuple[float | None, float]], reads: list[str]

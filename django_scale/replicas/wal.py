@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from django_scale.exceptions import ArgumentError
+
 __all__ = ["STICKY_PRIMARY", "decode_position", "format_lsn", "parse_lsn"]
 
 
 def parse_lsn(text: str) -> int:
-    """Return the PostgreSQL WAL position ``"16/B374D848"`` as an integer."""
+    """Return the PostgreSQL WAL position ``"16/B374D848"`` as an integer.
+
+    Raise :class:`~django_scale.exceptions.ArgumentError` (a :class:`ValueError`) for any
+    other text.
+    """
     high, sep, low = text.partition("/")
-    if not sep:
-        raise ValueError(f"{text!r} is not a PostgreSQL LSN such as '16/B374D848'")
-    return (int(high, 16) << 32) + int(low, 16)
+    try:
+        if sep:
+            return (int(high, 16) << 32) + int(low, 16)
+    except ValueError:
+        pass
+    raise ArgumentError(f"{text!r} is not a PostgreSQL LSN such as '16/B374D848'")
 
 
 def format_lsn(value: int) -> str:

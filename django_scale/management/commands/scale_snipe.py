@@ -8,6 +8,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
+from django_scale.conf import seconds_problem
 from django_scale.exceptions import SniperError
 from django_scale.sniper import SnipeReport, snipe
 
@@ -41,7 +42,7 @@ class Command(BaseCommand):
     def handle(
         self, *args: Any, loop: float | None, dry_run: bool, databases: list[str] | None, **options: Any
     ) -> None:
-        if loop is not None and loop <= 0:
+        if loop is not None and seconds_problem(loop) is not None:
             raise CommandError(f"--loop must be a number of seconds greater than zero, not {loop}.")
         stop = threading.Event()
         try:

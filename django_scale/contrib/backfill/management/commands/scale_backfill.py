@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.module_loading import import_string
 
+from django_scale.conf import count_problem
 from django_scale.contrib.backfill.models import BackfillCheckpoint
 from django_scale.contrib.backfill.runner import Backfill, progress_bar, run_backfill
 from django_scale.exceptions import DjangoScaleError
@@ -41,8 +42,9 @@ class Command(BaseCommand):
             self.stdout.write(f"reset {options['name']}")
 
     def _run(self, path: str, batch_size: int | None, max_batches: int | None) -> None:
-        if batch_size is not None and batch_size < 1:
-            raise CommandError(f"--batch-size must be at least 1, not {batch_size}.")
+        problem = None if batch_size is None else count_problem(batch_size)
+        if problem is not None:
+            raise CommandError(f"--batch-size {problem.removeprefix('it ')}, not {batch_size}.")
         try:
             cls = import_string(path)
         except ImportError as error:
