@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +9,7 @@ import pytest
 from django.conf import settings
 from django.core.cache import BaseCache, caches
 from django.db import connections
+from support import wait_until
 
 from django_scale.testing import pause_replay, resume_replay
 
@@ -80,13 +80,9 @@ class Replica:
     def wait_for_replay(self, timeout: float = 10.0) -> None:
         """Wait until the standby has replayed everything the primary has written so far."""
         target = self.primary_lsn()
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while not self.has_replayed(target):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the replica did not replay {target} within {timeout} s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        wait_until(
+            lambda: self.has_replayed(target), f"the replica replaying {target}", timeout, interval=0.005
+        )
 
     def is_paused(self) -> bool:
         return self._value(self.alias, "SELECT pg_get_wal_replay_pause_state()") == "paused"
@@ -209,10 +205,74 @@ def _fresh_metrics() -> Iterator[None]:
     """Start each test with every counter and timing of :mod:`django_scale.metrics` at zero.
 
     A test reads counters as absolute numbers (``counter("swr.refill.succeeded") == 1``), so
-    none may carry over from the test before. Feature state kept per process (the caches'
-    breakers, the replica monitors) is reset by the fixtures of the tests that use it.
+    none may carry over from the test before. The replica monitors are not reset: they are
+    threads shared by the whole run (see ``readmit`` in test_routing.py for a test that
+    takes the replica out of rotation and puts it back).
     """
     from django_scale import metrics
 
     metrics.reset()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state() -> Iterator[None]:
+    """Start and leave each test with none of what django_scale keeps per process.
+
+    That is what a process that has just started has: the cache's (the invalidation journal's
+    view, the log-once messages, the breakers), the ``{% swrcache %}`` tag's (which fragments
+    rendered per user) and the per-second window that caps reads falling back to the primary.
+    """
+    from django_scale.cache import reset_state as reset_cache
+    from django_scale.replicas.fallback import fallback_window
+    from django_scale.templatetags.scale import reset_state as reset_fragments
+
+    def reset() -> None:
+        reset_cache()
+        reset_fragments()
+        fallback_window.second = fallback_window.reads = fallback_window.fallbacks = 0
+        fallback_window.capped = 0
+
+    reset()
+    yield
+    reset()
+
+
+@pytest.fixture(autouse=True)
+def _no_routing_left_set() -> Iterator[None]:
+    """Fail a test that leaves a routing override, state or read capture set in the thread.
+
+    They are context variables: one left set would route the next test's reads. The test
+    that left it is the one that fails, and the next starts without it.
+    """
+    from django_scale.replicas import state
+
+    variables = (state._state, state._forced, state._capture)
+    yield
+    left = [variable.name for variable in variables if variable.get() is not None]
+    for variable in variables:
+        variable.set(None)
+    assert not left, f"the test left {', '.join(left)} set"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Close this thread's replica connections before each test, before its fixtures run.
+
+    The router reads from a replica whose connection is already open without opening it
+    again (``pick_usable``), and opening it is the step where Django refuses an alias a test
+    did not declare in ``databases`` (the router then reads from the primary). A connection
+    left open by an earlier test that declared the replica (``TestCase`` does not close its
+    connections after a test; ``TransactionTestCase`` does) therefore sent a later test's
+    unpinned reads to the replica: ``Database queries to 'replica' are not allowed``, or
+    rows the standby had not replayed yet. Each test starts as a ``TransactionTestCase``
+    does, with the replica's connection closed.
+    """
+    if harness.BACKEND == "sqlite":
+        return
+    from django_scale.conf import conf
+
+    for alias in conf.aliases()[1]:
+        connection = connections[alias]
+        if connection.connection is not None and not connection.in_atomic_block:
+            connection.close()

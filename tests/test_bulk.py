@@ -408,7 +408,7 @@ def test_iter_batches_adapts_the_size_toward_the_target():
     slow = []
     for batch in iter_batches(BulkRecord.objects.all(), 80, target_seconds=0.001, min_size=10):
         slow.append(len(batch))
-        time.sleep(0.01)
+        time.sleep(0.01)  # the slow consumer under test, not a wait for anything
         if len(slow) == 5:
             break
     assert slow == [80, 40, 20, 10, 10]

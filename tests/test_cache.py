@@ -547,18 +547,17 @@ def private_redis(redis_cache: Any, tmp_path: Any) -> Iterator[Callable[[bool], 
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         import redis
 
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             # Up once it answers: while it loads its append-only file it refuses commands.
             client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
             try:
-                client.ping()
-                return
+                return bool(client.ping())
             except (redis.ConnectionError, redis.BusyLoadingError):
-                time.sleep(0.02)
+                return False
             finally:
                 client.close()
-        raise AssertionError("the private redis-server did not start")
+
+        wait_until(answers, "the private redis-server answering", timeout=10, interval=0.02)
 
     private = {
         "BACKEND": "django_redis.cache.RedisCache",

@@ -190,7 +190,7 @@ def reads_over_probes(pk: int, probes: int = 20, bound: float = 30.0) -> list[di
         assert body["reads"] == {"replica": 1}, f"read on {body['reads']} after {len(seen)} pages"
         assert captured == {"replica": 1} and len(on_replica) == 1
         seen.append(body["reads"])
-        time.sleep(0.01)
+        time.sleep(0.01)  # pace the pages between the monitor's probes (the loop waits on the probes)
     return seen
 
 
