@@ -84,7 +84,10 @@ def pick_usable(aliases: list[str]) -> str | None:
     for alias in aliases:
         connection = connections[alias]
         item = monitor(alias)
-        if connection.connection is not None:
+        # Never close a connection inside a transaction (the caller's atomic block, or the
+        # primary's connection shared by share_primary_connection() in a TestCase): closing it
+        # would break the transaction. A broken one fails its query and the guard retries it.
+        if connection.connection is not None and not connection.in_atomic_block:
             mark = getattr(connection, "_django_scale_epoch", None)
             if connection.errors_occurred or (
                 item.failures and mark != (id(connection.connection), item.failures)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.db import connections
 
-from django_scale.replicas import routing_state
+from django_scale.replicas import monitor, routing_state
 from django_scale.testing import capture_reads, share_primary_connection, simulate_lag
 
 from testapp.models import Author
@@ -26,6 +26,25 @@ def test_inside_testcase_reads_stay_on_the_primary_unless_the_replica_shares_its
         assert Author.objects.get(pk=author.pk).name == "Rosalind"
     assert reads == {"replica": 1}
     assert connections["replica"] is not connections["default"]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(databases=["default", "replica"])
+def test_a_shared_connection_is_never_closed_after_a_replica_failure():
+    # After the replica failed once, the router reopens a replica connection opened before the
+    # failure; the primary's connection, shared in a TestCase's transaction, must stay open.
+    author = Author.objects.create(name="Ada")
+    item = monitor("replica")
+    failures = item.failures
+    item.failures += 1
+    try:
+        with share_primary_connection(), routing_state(), capture_reads() as reads:
+            assert Author.objects.get(pk=author.pk).name == "Ada"
+            assert Author.objects.get(pk=author.pk).name == "Ada"
+        assert reads == {"replica": 2}
+    finally:
+        item.failures = failures
+    assert Author.objects.filter(pk=author.pk).exists()  # the transaction is intact
 
 
 @pytest.mark.postgres
