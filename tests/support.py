@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from django_scale import metrics
@@ -29,3 +30,53 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = 20.0, int
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
     return value
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that uses this test run's databases and Redis."""
+    import os
+    from pathlib import Path
+
+    from django.db import connections
+
+    import harness
+
+    def url(alias: str) -> str:
+        s = connections[alias].settings_dict
+        return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
+
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="settings",
+        PYTHONPATH=str(Path(__file__).resolve().parent),
+        DJANGO_SCALE_TEST_PRIMARY_URL=url("default"),
+        DJANGO_SCALE_TEST_REPLICA_URL=url("replica"),
+        DJANGO_SCALE_TEST_REDIS_URL=harness.services().redis.url(),
+        PYTHONDEVMODE="1",
+        **extra,
+    )
+    return env
+
+
+@contextlib.contextmanager
+def swr_cache(param: str, location: str) -> Iterator[str]:
+    """Use a fresh local-memory cache (*param* ``"locmem"``) or the suite's Redis (``"redis"``)
+    as django-scale's cache; yield its alias."""
+    from django.conf import settings
+    from django.core.cache import caches
+    from django.test.utils import override_settings
+
+    from django_scale.testing import override_scale_settings
+
+    if param == "locmem":
+        locmem = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": location}
+        with (
+            override_settings(CACHES={**settings.CACHES, "locmem": locmem}),
+            override_scale_settings(CACHE_ALIAS="locmem"),
+        ):
+            caches["locmem"].clear()
+            yield "locmem"
+    else:
+        caches["default"].clear()
+        yield "default"
+        caches["default"].clear()

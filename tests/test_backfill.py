@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import io
-import os
 import signal
 import subprocess
 import sys
@@ -15,11 +14,11 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 from django.core.management.base import OutputWrapper
-from django.db import connection, connections
+from django.db import connection
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.recorder import MigrationRecorder
 from django.db.migrations.state import ProjectState
-from support import wait_until
+from support import subprocess_env, wait_until
 
 from django_scale.bulk import copy_from
 from django_scale.contrib.backfill.models import BackfillCheckpoint
@@ -27,7 +26,6 @@ from django_scale.contrib.backfill.runner import BackfillProgress, progress_bar,
 from django_scale.exceptions import BulkError
 from django_scale.replicas import use_primary
 
-import harness
 from testapp.backfills import DoubleValues
 from testapp.models import BackfillLog, BackfillSource
 
@@ -76,33 +74,13 @@ def test_backfill_refuses_when_another_runner_moved_the_checkpoint():
     assert BackfillLog.objects.count() == 25
 
 
-def subprocess_env() -> dict[str, str]:
-    """The environment for a process that uses this test run's databases and Redis."""
-
-    def url(alias: str) -> str:
-        s = connections[alias].settings_dict
-        return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
-
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="settings",
-        PYTHONPATH=str(TESTS),
-        DJANGO_SCALE_TEST_PRIMARY_URL=url("default"),
-        DJANGO_SCALE_TEST_REPLICA_URL=url("replica"),
-        DJANGO_SCALE_TEST_REDIS_URL=harness.services().redis.url(),
-        BACKFILL_BATCH_SLEEP="0.01",
-        PYTHONDEVMODE="1",
-    )
-    return env
-
-
 @ONLY_POSTGRES
 @pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 def test_backfill_killed_with_sigkill_resumes_without_duplicates_or_gaps():
     total = 2000
     copy_from(BackfillSource, [(n,) for n in range(total)], fields=["value"])
     command = [sys.executable, "-m", "django", "scale_backfill", "run", "testapp.backfills.DoubleValues"]
-    env = subprocess_env()
+    env = subprocess_env(BACKFILL_BATCH_SLEEP="0.01")
     for kill_after in (300, 900):
         process = subprocess.Popen(
             command, env=env, cwd=TESTS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

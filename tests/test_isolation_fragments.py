@@ -20,24 +20,20 @@ import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
-from django.core.cache import caches
 from django.template import engines
 from django.test import Client
 from django.test.utils import override_settings
-from support import counter
+from support import counter, swr_cache
 
 from django_scale import metrics
 from django_scale.cache import reset_state
 from django_scale.exceptions import CacheKeyError, DjangoScaleError, FragmentKeyError, PerUserFragmentError
 from django_scale.templatetags import scale
-from django_scale.testing import override_scale_settings
 
 import testapp.models
 from testapp.cached import probe
 
 pytestmark = pytest.mark.urls("testapp.fragment_views")
-
-LOCMEM = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "fragment-tests"}
 
 
 @pytest.fixture(autouse=True, params=["locmem", pytest.param("redis", marks=pytest.mark.redis)])
@@ -47,17 +43,8 @@ def fragment_cache(request: pytest.FixtureRequest) -> Iterator[str]:
     metrics.reset()
     reset_state()
     scale.reset_state()  # each test sees its own log-once messages
-    if request.param == "locmem":
-        with (
-            override_settings(CACHES={**settings.CACHES, "locmem": LOCMEM}),
-            override_scale_settings(CACHE_ALIAS="locmem"),
-        ):
-            caches["locmem"].clear()
-            yield "locmem"
-    else:
-        caches["default"].clear()
-        yield "default"
-        caches["default"].clear()
+    with swr_cache(request.param, "fragment-tests") as alias:
+        yield alias
     reset_state()
 
 

@@ -25,7 +25,7 @@ from django.conf import settings
 from django.core.cache import caches
 from django.test import RequestFactory
 from django.test.utils import override_settings
-from support import counter, wait_until
+from support import counter, swr_cache, wait_until
 
 from django_scale import metrics
 from django_scale.cache import reset_state, wait_for_refills
@@ -33,7 +33,6 @@ from django_scale.cache.engine import Engine, registry
 from django_scale.cache.keys import build_key, encode_key_parts
 from django_scale.cache.store import MARKER, Envelope, store_for
 from django_scale.cache.task import run_refill_task
-from django_scale.testing import override_scale_settings
 
 from testapp import cached, userdata
 from testapp.cached import probe
@@ -57,17 +56,8 @@ def _clean() -> Iterator[None]:
 @pytest.fixture(params=["locmem", pytest.param("redis", marks=pytest.mark.redis)])
 def cache_alias(request: pytest.FixtureRequest) -> Iterator[str]:
     """Where the functions cache: local memory, and Redis on the services backend."""
-    if request.param == "locmem":
-        with (
-            override_settings(CACHES={**settings.CACHES, "locmem": LOCMEM}),
-            override_scale_settings(CACHE_ALIAS="locmem"),
-        ):
-            caches["locmem"].clear()
-            yield "locmem"
-    else:
-        caches["default"].clear()
-        yield "default"
-        caches["default"].clear()
+    with swr_cache(request.param, "refill-tests") as alias:
+        yield alias
 
 
 def make_stale(function: Any, *args: Any, value: Any) -> str:

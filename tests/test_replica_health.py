@@ -8,7 +8,6 @@ process must still be skipped by another while the cache is healthy.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from django.db import OperationalError, connections
 from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
-from support import counter, wait_until
+from support import counter, subprocess_env, wait_until
 
 from django_scale.replicas import (
     ReplicaGuard,
@@ -40,7 +39,6 @@ from django_scale.replicas.guard import watchdog
 from django_scale.testing import capture_reads, override_scale_settings
 from django_scale.timeouts import is_statement_timeout, statement_timeout
 
-import harness
 from testapp.models import Author
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
@@ -299,25 +297,6 @@ def test_the_watchdog_survives_a_connection_closed_under_it(replica):
 
 
 # -- The shared state, with a healthy Redis ------------------------------------------------------
-
-
-def subprocess_env() -> dict[str, str]:
-    """The environment of a process that uses this test run's databases and Redis."""
-
-    def url(alias: str) -> str:
-        s = connections[alias].settings_dict
-        return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
-
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE="settings",
-        PYTHONPATH=str(TESTS),
-        DJANGO_SCALE_TEST_PRIMARY_URL=url("default"),
-        DJANGO_SCALE_TEST_REPLICA_URL=url("replica"),
-        DJANGO_SCALE_TEST_REDIS_URL=harness.services().redis.url(),
-        PYTHONDEVMODE="1",
-    )
-    return env
 
 
 @REPLICA
