@@ -361,6 +361,34 @@ def _w204_task_not_registered(app_name: str) -> checks.CheckMessage:
     )
 
 
+def _w205_default_celery_app(paths: list[str]) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W205",
+        f"{', '.join(paths[:3])}{' and others' if len(paths) > 3 else ''} refill through Celery, but "
+        "the current Celery app is Celery's unconfigured default: this process has not loaded the "
+        "project's Celery app, so refills go to Celery's default broker (AMQP on localhost) and "
+        "values stay stale.",
+        "Load your Celery app when Django starts: in your project package's __init__.py, "
+        "`from .celery import app as celery_app` (Celery's 'First steps with Django').",
+        obj=paths[0],
+    )
+
+
+def _w206_broker_transport_missing(
+    app_name: str, transport: str, error: BaseException
+) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W206",
+        f"The Celery app {app_name!r} uses the {transport!r} broker transport, which cannot be "
+        f"imported ({error}): refills are never sent, and every stale value is recomputed in "
+        "the web process.",
+        f"Install the transport's libraries, e.g. pip install 'celery[{transport}]'.",
+        obj=app_name,
+    )
+
+
 def _w210_pages_without_outer_middleware(paths: list[str]) -> checks.CheckMessage:
     shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
     return _message(
@@ -542,6 +570,10 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
     except ImportError:
         return [*messages, _e203_celery_missing(paths)]
     app = celery.current_app
+    if app.main == "default" and not app.conf.task_always_eager:
+        # Celery's fallback app (celery/_state.py creates it as Celery("default") when no app
+        # was made current): the project's app was never loaded in this process.
+        return [*messages, _w205_default_celery_app(paths)]
     eager = bool(app.conf.task_always_eager)
     if not eager:
         by_alias: dict[str, list[str]] = {}
@@ -557,7 +589,27 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
         app.loader.import_default_modules()
     if "django_scale.refresh" not in app.tasks:
         messages.append(_w204_task_not_registered(app.main or "default"))
+    if not eager:
+        error = _transport_import_error(app)
+        if error is not None:
+            scheme = str(app.conf.broker_url or "amqp").partition("://")[0].partition("+")[0]
+            messages.append(_w206_broker_transport_missing(app.main or "default", scheme, error))
     return messages
+
+
+def _transport_import_error(app: Any) -> ImportError | None:
+    """The error importing *app*'s broker transport raises, if any; nothing connects to the broker."""
+    try:
+        # kombu imports the transport's module when the connection is made, and the driver
+        # library when the transport is (Transport.__init__); neither opens a socket.
+        connection = app.connection_for_write()
+        try:
+            connection.transport  # noqa: B018
+        finally:
+            connection.release()
+    except ImportError as error:
+        return error
+    return None
 
 
 def register_checks() -> None:
