@@ -200,6 +200,6 @@ _HAS_SKIP_FILE_PREFIXES: bool = sys.version_info >= (3, 12)
 def warn_at_caller(message: str, category: type[Warning]) -> None:
     """Issue a warning attributed to the innermost caller outside Django and django-scale."""
     if _HAS_SKIP_FILE_PREFIXES:
-        warnings.warn(message, category, skip_file_prefixes=_LIBRARY_PREFIXES)
+        warnings.warn(message, category, skip_file_prefixes=_LIBRARY_PREFIXES)  # type: ignore[call-overload,unused-ignore]
     else:
         warnings.warn(message, category, stacklevel=3)
