@@ -845,7 +845,7 @@ def lazy_celery(celery_app: Any) -> Iterator[Any]:
 
 
 def check_ids() -> list[str]:
-    from django_scale.checks import check_cache
+    from django_scale.cache.checks import check_cache
 
     return [message.id for message in check_cache()]
 
@@ -853,7 +853,7 @@ def check_ids() -> list[str]:
 def test_check_cache_is_registered() -> None:
     from django.core import checks
 
-    from django_scale.checks import check_cache
+    from django_scale.cache.checks import check_cache
 
     assert check_cache in checks.registry.registry.get_checks()
 
@@ -862,7 +862,7 @@ def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     from django_scale.cache.engine import Engine, registry
 
     monkeypatch.setitem(registry, "somewhere.prices", Engine(path="somewhere.prices", cache="prices"))
-    from django_scale.checks import check_cache
+    from django_scale.cache.checks import check_cache
 
     [message] = [m for m in check_cache() if m.id == "django_scale.E201"]
     assert "somewhere.prices is cached with stale_while_revalidate(cache='prices')" in message.msg
@@ -871,7 +871,7 @@ def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_w202_process_local_cache_with_celery_refill(lazy_celery: Any) -> None:
     with override_settings(CACHES={**_caches(), "default": LOCMEM}):
-        from django_scale.checks import check_cache
+        from django_scale.cache.checks import check_cache
 
         [message] = [m for m in check_cache() if m.id == "django_scale.W202"]
     assert "The cache 'default' is a LocMemCache" in message.msg
@@ -907,7 +907,7 @@ def _check_ids_in_a_fresh_process(code: str) -> list[str]:
     tests = Path(__file__).resolve().parent
     prelude = (
         "import django; django.setup()\n"
-        "from django_scale.checks import check_cache\n"
+        "from django_scale.cache.checks import check_cache\n"
         "def ids(): return sorted({m.id for m in check_cache()})\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "settings", "DJANGO_SCALE_TEST_BACKEND": "sqlite"}
