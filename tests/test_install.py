@@ -134,6 +134,11 @@ def test_a_celery_worker_with_a_redis_broker_runs_refills_from_a_plain_install(t
         web = _run(python, "-c", WEB, cwd=project, env=env, timeout=180)
         assert "checks: []" in web.stdout, web.stdout
         assert "refilled by another process" in web.stdout, web.stdout + "".join(log)
+        # No warning of Python's, Celery's or Django's, but Celery's about running as root (CI).
+        output = (web.stderr + "".join(log)).replace(
+            "SecurityWarning: You're running the worker with superuser", ""
+        )
+        assert "Warning" not in output, output
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
