@@ -36,9 +36,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for fixture, marker in SERVICE_FIXTURES.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
-    # The fresh-virtualenv install test runs in the one env of the matrix that asks for it.
-    markers = (*SERVICE_MARKERS, "install") if harness.BACKEND == "sqlite" else ("install",)
-    if os.environ.get("DJANGO_SCALE_TEST_INSTALL") == "1" and harness.BACKEND != "sqlite":
+    # Slow end-to-end tests (a fresh virtualenv, the demo on its own services) run in the one
+    # env of the matrix that asks for them.
+    markers = (*SERVICE_MARKERS, "once") if harness.BACKEND == "sqlite" else ("once",)
+    if os.environ.get("DJANGO_SCALE_TEST_ONCE") == "1" and harness.BACKEND != "sqlite":
         markers = ()
     keep, drop = [], []
     for item in items:

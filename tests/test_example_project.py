@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example_project" / "manage.py"
 #: Variables that would point the example project at real services.
@@ -202,3 +204,22 @@ def test_demo_shows_each_win_side_by_side(
     assert _figure(out, "stale_while_revalidate", "computations") == 1, explain(result)
     assert "N+1 query: Article.comments was loaded row by row" in out, explain(result)
     assert re.search(r"^\s+stopped\s+after \d+ ms", out, re.MULTILINE), explain(result)
+
+
+@pytest.mark.once
+@pytest.mark.postgres
+def test_demo_on_services_shows_the_replica_wins(tmp_path: Path) -> None:
+    """``demo --services``: its own PostgreSQL primary, replica and Redis, and the wins they show."""
+    env = example_env(tmp_path / "unused.sqlite3")
+    env["PG_BIN"] = str(harness.PG_BIN)
+    result = manage(env, "demo", "--services", "--articles", "300")
+    assert result.returncode == 0, explain(result)
+    out = result.stdout
+    replica_share = re.search(r"replica \(replica\)\s+\d+ queries\s+(\d+)%", out)
+    assert replica_share and int(replica_share.group(1)) >= 90, explain(result)
+    assert re.search(r"the writer\s+read from default: views=\d+, sees the write", out), explain(result)
+    assert re.search(r"another user\s+read from replica: .*older row", out), explain(result)
+    assert re.search(r"runaway query\s+\w+ after [\d.]+ s \(1 cancelled by the sniper\)", out), explain(
+        result
+    )
+    assert re.search(r"copy_from\(\)\s+[\d,]+ rows/s", out), explain(result)

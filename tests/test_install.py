@@ -24,7 +24,7 @@ import harness
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.redis, pytest.mark.install]
+pytestmark = [pytest.mark.redis, pytest.mark.once]
 
 SETTINGS = """
 SECRET_KEY = "install-test"
