@@ -66,7 +66,9 @@ class _PeerLoad:
         if loaded is None:
             return None
         if fresh:
-            hooks.attach_peers([obj for rows in loaded.values() for obj in rows], self.group.alias, parent=self.group)
+            hooks.attach_peers(
+                [obj for rows in loaded.values() for obj in rows], self.group.alias, parent=self.group
+            )
         return loaders.rows_for(self.manager, loaded)
 
     def count(self) -> int | None:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections
 from django.db.models import Count, F, Lookup, Model
 
-from django_scale.prefetch.detection import note_single
 from django_scale.prefetch import invalidation
+from django_scale.prefetch.detection import note_single
 from django_scale.prefetch.peers import PeerGroup, cache_name, remember
 
 if TYPE_CHECKING:
@@ -294,7 +294,9 @@ def load_many(manager: Any, group: PeerGroup) -> dict[Any, list[Model]] | None:
         return loaded
     model = type(manager.instance)
     members = [
-        row for row in group.members if type(row) is model and row.__dict__.get(relation.parent_attname) is not None
+        row
+        for row in group.members
+        if type(row) is model and row.__dict__.get(relation.parent_attname) is not None
     ]
     template = base_queryset(manager).using(group.alias)
     keyed = template.annotate(_django_scale_key=F(relation.key_lookup))
@@ -314,6 +316,8 @@ def load_many(manager: Any, group: PeerGroup) -> dict[Any, list[Model]] | None:
     group.many[relation.cache_name] = loaded
     _caches(group)
     return loaded
+
+
 def rows_for(manager: Any, loaded: dict[Any, list[Model]]) -> list[Model]:
     """Return the rows of ``manager.instance`` from *loaded*, pointing back at that instance.
 

@@ -127,7 +127,6 @@ class PeerGroup:
             self.ids = frozenset(map(id, self.members))
         return id(instance) in self.ids
 
-
     def forget(self, names: Iterable[str] | None = None) -> None:
         """Drop the cached rows and counts of the relations *names* (all when ``None``)."""
         if names is None:
