@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db.models import Model
+from django.db.models import ForeignObjectRel, Model
 from django.db.models.signals import m2m_changed, post_save
 
 from django_scale.prefetch.peers import any_caching, cache_name, caching_groups, forget
@@ -82,7 +82,7 @@ def _relations(model: type[Model]) -> list[tuple[Any, tuple[tuple[type[Model], s
             for relation in target[0]._meta.get_fields(include_hidden=True):
                 if not relation.many_to_many:
                     continue
-                m2m = relation if relation.concrete else relation.remote_field
+                m2m = relation.remote_field if isinstance(relation, ForeignObjectRel) else relation
                 if m2m.remote_field.through is model:
                     affected.append((m2m.model, m2m.name))
                     affected.append((m2m.related_model, m2m.related_query_name()))
