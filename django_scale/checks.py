@@ -261,7 +261,7 @@ def check_querysets(
             for field in model._meta.concrete_fields:
                 if (
                     (field.many_to_one or field.one_to_one)
-                    and not field.remote_field.parent_link
+                    and not getattr(field.remote_field, "parent_link", False)
                     and not isinstance(field, (PrefetchAwareForeignKey, PrefetchAwareOneToOneField))
                 ):
                     messages.append(_w403_plain_relation_field(model, field))

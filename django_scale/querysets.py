@@ -332,6 +332,11 @@ class PrefetchAwareManager(_ManagerBase):
     ``all()``, ``count()`` and ``exists()`` answer for all peers of ``article`` at once.
     """
 
+    def contribute_to_class(self, cls: Any, name: str) -> None:
+        # The feature is in use: writes must reach what peers cache.
+        invalidation.connect()
+        super().contribute_to_class(cls, name)
+
     def _django_scale_default(self) -> bool:
         """Whether this related manager is the relation's default one, on the row's database.
 
@@ -374,7 +379,7 @@ class PrefetchAwareManager(_ManagerBase):
         plain ``Manager``; a prefetch-aware manager that selects every row (no filter of
         its own) takes the same path.
         """
-        instance = self.__dict__.get("instance")
+        instance: Any = self.__dict__.get("instance")
         relation = loaders.many_relation(self) if instance is not None else None
         if (
             relation is not None

@@ -15,9 +15,13 @@ every live group that cached it:
 * a changed key through :class:`~django_scale.prefetch.PrefetchAwareForeignKey` (a reverse
   foreign key's bulk ``add()``, which writes with the model's base manager).
 
-The receivers connect when the first group caches a relation; a project that does not use
-peer loading runs none. ``post_delete`` is not used: a receiver would turn every cascade
-into a row-by-row delete (``Collector.can_fast_delete()``).
+The receivers connect when the first model gets a prefetch-aware manager (a project without
+one runs none), so every ``add()`` of the process behaves the same. Django skips its
+one-query many-to-many ``add()`` (``INSERT ... ON CONFLICT DO NOTHING``) when an
+``m2m_changed`` receiver is connected: ``add()`` first reads which rows exist, one more
+query. ``post_delete`` is not used: a receiver would turn every cascade into a row-by-row
+delete (``Collector.can_fast_delete()``); a row deleted with ``Model.delete()`` leaves the
+cached lists that hold another instance of it, and grouped counts, until they are re-read.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def _relations(model: type[Model]) -> list[tuple[Any, tuple[tuple[type[Model], s
             for relation in target[0]._meta.get_fields(include_hidden=True):
                 if not relation.many_to_many:
                     continue
-                m2m = relation.remote_field if isinstance(relation, ForeignObjectRel) else relation
+                m2m: Any = relation.remote_field if isinstance(relation, ForeignObjectRel) else relation
                 if m2m.remote_field.through is model:
                     affected.append((m2m.model, m2m.name))
                     affected.append((m2m.related_model, m2m.related_query_name()))
@@ -121,6 +125,6 @@ def _m2m_changed(sender: Any, action: str, **kwargs: Any) -> None:
 
 
 def connect() -> None:
-    """Connect the receivers (idempotent): done when the first group caches a relation."""
+    """Connect the receivers (idempotent): done when a model gets a prefetch-aware manager."""
     post_save.connect(_saved, dispatch_uid="django_scale.prefetch.invalidation.saved")
     m2m_changed.connect(_m2m_changed, dispatch_uid="django_scale.prefetch.invalidation.m2m_changed")

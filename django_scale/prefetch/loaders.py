@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 from django.db import connections
 from django.db.models import Count, F, Lookup, Model
 
-from django_scale.prefetch import invalidation
 from django_scale.prefetch.detection import note_single
 from django_scale.prefetch.peers import PeerGroup, cache_name, remember
 
@@ -89,7 +88,6 @@ def filter_in(queryset: QuerySet[Any], name: str, values: Sequence[Any]) -> list
 
 def _caches(group: PeerGroup) -> None:
     """Register *group* as holding cached relations, for :mod:`~django_scale.prefetch.invalidation`."""
-    invalidation.connect()
     remember(group)
 
 
@@ -105,7 +103,7 @@ def _single_relations(model: type[Model]) -> dict[str, Any]:
         for relation in model._meta.get_fields():
             if not relation.is_relation or not (relation.many_to_one or relation.one_to_one):
                 continue
-            if relation.concrete and relation.remote_field.parent_link:
+            if relation.concrete and getattr(relation.remote_field, "parent_link", False):
                 continue
             if relation.concrete or relation.one_to_one:
                 found[cache_name(relation)] = relation
