@@ -127,6 +127,19 @@ def test_first_and_last_of_peer_loaded_rows_follow_djangos_order(data: None) -> 
     assert answers == expected
 
 
+def test_first_in_iterator_chunks_answers_as_djangos(data: None) -> None:
+    with count() as queries:
+        firsts = [(post.tags.first(), post.replies.last()) for post in Post.objects.iterator(chunk_size=5)]
+    assert len(queries) == 1 + 2 * 3  # the rows, then tags and replies once per chunk of 5
+    assert firsts == [
+        (
+            stock(Tag).filter(posts=post).order_by("name").first(),
+            stock(Reply).filter(post=post).order_by("id").last(),
+        )
+        for post in stock(Post).order_by("id")
+    ]
+
+
 # -- 2. custom managers --------------------------------------------------------------------
 
 
