@@ -7,6 +7,7 @@ matrix; and pins of the Django behaviour the package relies on where it has no p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import django
@@ -485,3 +486,17 @@ def test_rows_point_at_their_group_through_the_fetch_mode_or_the_field_cache(dat
     else:
         assert not hasattr(posts[0]._state, "fetch_mode")
         assert posts[0]._state.fields_cache.group is group  # type: ignore[attr-defined]
+
+
+def test_the_docs_list_every_known_difference_of_the_orm_suites() -> None:
+    """docs/querysets.md's "Differences from Django" names each test of tests/compat/orm.txt."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "querysets.md").read_text()
+    section = text.split("## Differences from Django", 1)[1].split("\n## ", 1)[0]
+    listed = [
+        line.split()[0]
+        for line in (root / "tests" / "compat" / "orm.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert listed
+    assert [test for test in listed if f"`{test}`" not in section] == []
