@@ -86,11 +86,6 @@ def filter_in(queryset: QuerySet[Any], name: str, values: Sequence[Any]) -> list
 # -- Single-valued relations: forward foreign keys and one-to-one fields (both sides) --------
 
 
-def _caches(group: PeerGroup) -> None:
-    """Register *group* as holding cached relations, for :mod:`~django_scale.prefetch.invalidation`."""
-    remember(group)
-
-
 def _single_relations(model: type[Model]) -> dict[str, Any]:
     """Map each cache name of *model*'s single-valued relations to the relation.
 
@@ -207,7 +202,7 @@ def _load_reverse_one(group: PeerGroup, related: Any, members: list[Model]) -> l
         if obj is not None:
             fk.set_cached_value(obj, row)
     # A row created later for a peer cached as missing must be seen: see invalidation.
-    _caches(group)
+    remember(group)
     return list(found.values())
 
 
@@ -312,7 +307,7 @@ def load_many(manager: Any, group: PeerGroup) -> dict[Any, list[Model]] | None:
     loaded = dict(rows)
     group.record_states()
     group.many[relation.cache_name] = loaded
-    _caches(group)
+    remember(group)
     return loaded
 
 
@@ -399,5 +394,5 @@ def count_many(manager: Any, group: PeerGroup) -> int | None:
                     counts[item["_django_scale_key"]] = item["_django_scale_n"]
         group.record_states()
         group.counts[relation.cache_name] = counts
-        _caches(group)
+        remember(group)
     return counts.get(key, 0)
