@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -70,6 +72,18 @@ def run_profile(
     return record, elapsed
 
 
+def check_django_version() -> None:
+    """Refuse to run another Django than the tox env's name says (``compat-django42``: 4.2)."""
+    env = os.environ.get("DJANGO_SCALE_COMPAT_ENV", "")
+    match = re.search(r"django(\d)(\d+)", env)
+    if match:
+        expected = f"{match.group(1)}.{match.group(2)}"
+        if not django.get_version().startswith(expected + "."):
+            raise SystemExit(
+                f"compat: {env} must run Django {expected}, but Django {django.get_version()} is installed"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,6 +99,7 @@ def main() -> int:
     )
     options = parser.parse_args()
 
+    check_django_version()
     version = ".".join(django.get_version().split(".")[:2])
     tests = options.django_tests or django_tests_dir(options.cache)
     profiles = options.profile or sorted(PROFILES)
