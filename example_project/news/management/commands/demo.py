@@ -32,6 +32,7 @@ from django_scale.exceptions import SniperError
 from django_scale.sniper import snipe
 
 from news.models import Article, Author, Comment, Section, Tag
+from news.wins import WINS
 
 #: Articles written per batch, together with their tags and comments.
 BATCH_SIZE = 200
@@ -126,7 +127,7 @@ def show_operations(command: Command) -> None:
 #: Each feature's part of the demo, run in order after the summary. A section is a callable
 #: that takes the command (for its ``stdout`` and ``style``) and shows one django-scale feature
 #: at work on the data set. Add one here per feature.
-FEATURE_SECTIONS: tuple[Callable[[Command], None], ...] = (show_operations,)
+FEATURE_SECTIONS: tuple[Callable[[Command], None], ...] = (*WINS, show_operations)
 
 
 class ProgressBar:
