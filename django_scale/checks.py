@@ -255,10 +255,13 @@ def check_querysets(
         if not _is_prefetch_aware(model):
             continue
         if not HAS_FETCH_MODES:
-            # Before fetch modes, only the field's descriptor can load for all peers.
+            # Before fetch modes, only the field's descriptor can load for all peers. A
+            # multi-table inheritance parent link needs no query: Django builds the parent.
             for field in model._meta.concrete_fields:
-                if (field.many_to_one or field.one_to_one) and not isinstance(
-                    field, (PrefetchAwareForeignKey, PrefetchAwareOneToOneField)
+                if (
+                    (field.many_to_one or field.one_to_one)
+                    and not getattr(field.remote_field, "parent_link", False)
+                    and not isinstance(field, (PrefetchAwareForeignKey, PrefetchAwareOneToOneField))
                 ):
                     messages.append(_w403_plain_relation_field(model, field))
         for relation in model._meta.get_fields():

@@ -267,16 +267,18 @@ def test_prefetched_relation_answers_every_call_without_a_query(data: None) -> N
             len(post.replies.all()),
             bool(post.replies.all()),
             post.replies.first().body,
-            post.replies.last().body,
             post.tags.first().name,
-            post.tags.last().name,
             post.tags.count(),
         )
     assert len(queries) == 0
-    assert answers == (3, True, 3, True, "reply 3.0", "reply 3.2", "tag 0", "tag 3", 3)
+    assert answers == (3, True, 3, True, "reply 3.0", "tag 0", 3)
+    # last() of an explicit prefetch queries, as Django's does (reverse() drops the cache).
+    with count() as queries:
+        assert (post.replies.last().body, post.tags.last().name) == ("reply 3.2", "tag 3")
+    assert len(queries) == 2
     empty = posts[0]
     with count() as queries:
-        assert (empty.replies.first(), empty.replies.last(), empty.replies.exists()) == (None, None, False)
+        assert (empty.replies.first(), empty.replies.exists()) == (None, False)
     assert len(queries) == 0
 
 
