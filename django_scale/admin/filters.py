@@ -211,11 +211,11 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
 
     def has_output(self) -> bool:
         choices = self.lookup_choices
-        if isinstance(choices, LazyChoices) and not choices.evaluated:
-            if getattr(self, "_django_scale_method", "GET") not in SAFE_METHODS:
-                # Listed on a POST without its choices queried; a page that renders shows
-                # those choices then (an empty filter is then listed, where Django hides it).
-                return True
+        unsafe = getattr(self, "_django_scale_method", "GET") not in SAFE_METHODS
+        if unsafe and isinstance(choices, LazyChoices) and not choices.evaluated:
+            # Listed on a POST without its choices queried; a page that renders shows
+            # those choices then (an empty filter is then listed, where Django hides it).
+            return True
         return bool(super().has_output())
 
     def _chosen_values(self, field: Any) -> list[Any]:
