@@ -266,6 +266,8 @@ def _roll_back_to(connection: BaseDatabaseWrapper, alias: str, sid: str, marked:
     """Roll back to the block's savepoint; the transaction then goes on, unless it was marked."""
     if connection.connection is None:
         return  # closed in the block: nothing to roll back
+    # As atomic() does: clear the mark first, or Django refuses to run the rollback itself.
+    transaction.set_rollback(False, using=alias)
     try:
         transaction.savepoint_rollback(sid, using=alias)
     except DatabaseError:

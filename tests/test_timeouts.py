@@ -105,6 +105,48 @@ def test_inside_a_transaction_a_timeout_rolls_back_to_a_savepoint_and_the_transa
 
 
 @postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "mirror"])
+def test_in_transactions_a_block_opens_a_savepoint_only_on_the_aliases_it_uses():
+    # An admin page under ATOMIC_REQUESTS: every alias is in a transaction, the page reads one.
+    with transaction.atomic(using="default"), transaction.atomic(using="mirror"):
+        Author.objects.using("mirror").count()  # the mirror's transaction has begun
+        with (
+            CaptureQueriesContext(connections["default"]) as on_default,
+            CaptureQueriesContext(connections["mirror"]) as on_mirror,
+        ):
+            with statement_timeout(5):  # every alias
+                assert current_statement_timeout("mirror") == 5.0
+                assert Author.objects.using("default").count() == 0
+        assert on_mirror.captured_queries == []
+        default_sql = [q["sql"] for q in on_default.captured_queries]
+        assert default_sql[0].startswith("SAVEPOINT") and default_sql[-1].startswith("RELEASE SAVEPOINT")
+        # A block that runs no statement at all opens no savepoint either.
+        with CaptureQueriesContext(connections["default"]) as idle, statement_timeout(5):
+            pass
+        assert idle.captured_queries == []
+
+
+@postgres
+def test_an_error_caught_in_a_block_in_a_transaction_rolls_back_the_block_only(baseline):
+    from django.db import IntegrityError
+
+    with transaction.atomic():
+        kept = Author.objects.create(name="kept")
+        with statement_timeout(5, using="default"):
+            Author.objects.create(name="undone")
+            try:
+                # Model.save() marks the transaction for rollback on an error (Django's
+                # mark_for_rollback_on_error): the block's savepoint undoes the block only.
+                Author.objects.create(pk=kept.pk, name="duplicate")
+            except IntegrityError:
+                pass
+        assert not transaction.get_rollback()
+        assert _show() == baseline
+        Author.objects.create(name="after")
+    assert set(Author.objects.values_list("name", flat=True)) == {"kept", "after"}
+
+
+@postgres
 def test_a_block_that_succeeds_in_a_transaction_does_not_keep_set_local(baseline):
     with transaction.atomic():
         with statement_timeout(0.5, using="default"):
