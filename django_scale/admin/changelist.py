@@ -88,7 +88,8 @@ class ScaleChangeList(ChangeList):
         ``FieldListFilter.create()``.
         """
         written = self.list_filter
-        self.list_filter = [(entry, create_filter) if isinstance(entry, str) else entry for entry in written]
+        scaled: Any = [(entry, create_filter) if isinstance(entry, str) else entry for entry in written]
+        self.list_filter = scaled
         try:
             return super().get_filters(request)
         finally:

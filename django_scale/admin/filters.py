@@ -169,7 +169,8 @@ class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
             # relation, never a value that only rows it hides have.
             source, name = root, field_path
         # Queried when the page shows them: a POST (an action) that redirects lists none.
-        self.lookup_choices = LazyChoices(
+        # django-stubs types lookup_choices as a QuerySet; Django only iterates it.
+        self.lookup_choices = LazyChoices(  # type: ignore[assignment]
             lambda: or_fallback(
                 source.db,
                 lambda: distinct_values(source, name),
