@@ -264,14 +264,17 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
 
     def _django_scale_warn_bypass(self, method: str) -> None:
         queryset: Any = self
-        if queryset._prefetch_done and self._result_cache is not None and "instance" in queryset._hints:
-            if detection.called_by_django():
-                return
-            label = self._django_scale_related or self.model.__name__
+        if not (queryset._prefetch_done and self._result_cache is not None):
+            return
+        instance = queryset._hints.get("instance")
+        label = f"{self._django_scale_related or self.model.__name__}.{method}()"
+        # Warned at the second row of one result set doing it: a pattern that queries once per
+        # row. One row doing it (or Django's own remove() filtering a prefetched relation) is not.
+        if instance is not None and detection.repeated_by_peer(peers.peer_group(instance), label, instance):
             detection.warn_at_caller(
-                f"{label}.{method}() on a prefetched relation ignores the prefetched rows and "
-                "queries the database again, once per row. Filter in memory, or prefetch the "
-                "filtered rows with Prefetch(queryset=..., to_attr=...).",
+                f"{label} on a prefetched relation ignores the prefetched rows and queries the "
+                "database again, once per row. Filter in memory, or prefetch the filtered rows "
+                "with Prefetch(queryset=..., to_attr=...).",
                 PrefetchBypassedWarning,
             )
 

@@ -40,7 +40,6 @@ class PeerGroup:
         "members",
         "mode",
         "model",
-        "origin",
         "reported",
         "singles",
         "used",
@@ -71,8 +70,6 @@ class PeerGroup:
         self.singles: dict[str, int] = {}
         #: The relations already reported as N+1, so each is reported once per group.
         self.reported: set[str] = set()
-        #: Where the rows were loaded, for reports ("file:line").
-        self.origin = ""
 
     def __reduce__(self) -> Any:
         # A pickled or copied row carries no peers (and never the whole result set).
