@@ -139,6 +139,20 @@ def _value(milliseconds: int) -> str:
     return f"{milliseconds}ms"
 
 
+@contextmanager
+def _raw_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
+    """A DB-API cursor of *connection*'s open connection: no wrappers, no recursion.
+
+    Not the cursor of the statement being wrapped: that one may be a named (server-side)
+    cursor of ``QuerySet.iterator()``, which runs a single statement.
+    """
+    cursor = connection.connection.cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
 def _postgresql_wrapper(alias: str) -> Callable[..., Any]:
     """An execute wrapper that makes the session's limit match this context's before a statement."""
 
@@ -151,12 +165,12 @@ def _postgresql_wrapper(alias: str) -> Callable[..., Any]:
             # session limit; a SET LOCAL block has set its own.
             wanted = state.baseline if limit is None else _value(limit.milliseconds)
             if wanted is not None and state.applied != wanted:
-                cursor = context["cursor"].cursor  # the DB-API cursor: no wrappers, no recursion
-                if state.baseline is None:
-                    cursor.execute(_SWAP.format(local="false"), [wanted])
-                    state.baseline = cursor.fetchone()[0]
-                else:
-                    cursor.execute(_SET.format(local="false"), [wanted])
+                with _raw_cursor(connection) as cursor:
+                    if state.baseline is None:
+                        cursor.execute(_SWAP.format(local="false"), [wanted])
+                        state.baseline = cursor.fetchone()[0]
+                    else:
+                        cursor.execute(_SET.format(local="false"), [wanted])
                 state.applied = wanted
         return execute(sql, params, many, context)
 
@@ -234,9 +248,9 @@ def _in_savepoint(connection: BaseDatabaseWrapper, alias: str, milliseconds: int
             try:
                 marked = transaction.get_rollback(using=alias)
                 sid = transaction.savepoint(using=alias)
-                cursor = context["cursor"].cursor  # the DB-API cursor: no wrappers, no recursion
-                cursor.execute(_SWAP.format(local="true"), [_value(milliseconds)])
-                opened.update(sid=sid, previous=cursor.fetchone()[0], marked=marked)
+                with _raw_cursor(connection) as cursor:
+                    cursor.execute(_SWAP.format(local="true"), [_value(milliseconds)])
+                    opened.update(sid=sid, previous=cursor.fetchone()[0], marked=marked)
             finally:
                 state.internal = False
         return execute(sql, params, many, context)

@@ -284,3 +284,31 @@ def test_a_post_does_not_query_filter_choices(client):
     # The GET that follows lists them.
     page = client.get("/admin/testapp/article/").content.decode()
     assert "?author__id__exact=" in page
+
+
+@pytest.mark.parametrize("view", ["changeform_view", "delete_view", "history_view"])
+def test_the_other_get_views_return_unrendered_responses_too(chief, view):
+    article = Article.objects.create(author=Author.objects.create(name="Ann"), title="shown")
+    response = getattr(_admin_for(Article), view)(_request(chief), str(article.pk))
+    assert isinstance(response, TemplateResponse) and not response.is_rendered
+    response.context_data["title"] = "Changed after super"
+    assert "Changed after super" in response.render().content.decode()
+
+
+# -- Found by Django's own admin suites (tests/compat) ---------------------------------------
+
+
+def test_filter_choices_compare_as_the_list_django_holds(chief):
+    Author.objects.bulk_create([Author(name="Bob"), Author(name="Ann")])
+    with _changelist(_admin_for(Article, list_filter=["author"], ordering=None), chief) as (changelist, _):
+        [spec] = changelist.filter_specs
+    expected = [(author.pk, author.name) for author in Author.objects.order_by("pk")]
+    assert spec.lookup_choices == expected
+
+
+def test_get_queryset_may_return_a_manager(chief):
+    # Django's ChangeList accepts a manager (admin_views' AdminCustomQuerysetTest).
+    Author.objects.create(name="Ann")
+    model_admin = _admin_for(Author, get_queryset=lambda self, request: Author.objects, list_filter=["name"])
+    with _changelist(model_admin, chief) as (changelist, _):
+        assert [author.name for author in changelist.result_list] == ["Ann"]

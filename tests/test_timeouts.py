@@ -146,6 +146,20 @@ def test_an_error_caught_in_a_block_in_a_transaction_rolls_back_the_block_only(b
 
 
 @postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_first_statement_through_a_server_side_cursor_gets_the_limit(in_transaction):
+    # QuerySet.iterator() runs its one statement through a named cursor, which cannot run
+    # another: the limit is set through a cursor of its own.
+    Author.objects.bulk_create([Author(name="a"), Author(name="b")])
+    block = transaction.atomic() if in_transaction else contextlib.nullcontext()
+    with block, statement_timeout(3, using="default"):
+        assert sorted(author.name for author in Author.objects.iterator(chunk_size=1)) == ["a", "b"]
+        assert _show() == "3s"
+    assert _show() == "0"
+
+
+@postgres
 def test_a_block_that_succeeds_in_a_transaction_does_not_keep_set_local(baseline):
     with transaction.atomic():
         with statement_timeout(0.5, using="default"):

@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import connections, router
 from django.db.models import Model, QuerySet
 from django.db.models.constants import LOOKUP_SEP
+from django.db.models.manager import BaseManager
 from django.db.models.query import EmptyQuerySet
 from django.http import HttpRequest
 
@@ -42,6 +43,8 @@ def selects_whole_table(queryset: QuerySet[Any]) -> bool:
     ``DISTINCT ON`` or ``extra(tables=...)`` makes it "restricted"; ordering, ``distinct()``,
     ``select_related()``, ``only()`` and annotations, aggregates included, do not.
     """
+    if isinstance(queryset, BaseManager):
+        queryset = queryset.all()  # get_queryset() may return a manager; Django accepts one
     if isinstance(queryset, EmptyQuerySet):
         return False
     query: Any = queryset.query
@@ -137,6 +140,17 @@ class LazyChoices(Sequence[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        # Compares as the list Django's filters hold (tests compare lookup_choices to one).
+        if isinstance(other, LazyChoices):
+            other = other._get()
+        return self._get() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._get()) if self.evaluated else "<LazyChoices (not queried yet)>"
 
 
 class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
