@@ -33,7 +33,7 @@ __all__ = [
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
-def selects_whole_table(queryset: QuerySet[Any]) -> bool:
+def selects_whole_table(queryset: QuerySet[Any] | BaseManager[Any]) -> bool:
     """Return whether *queryset* selects every row of its model's table.
 
     Only then do the table's statistics (``pg_stats``, ``pg_class``, the planner's estimates)
