@@ -6,6 +6,7 @@ Each test is the regression test of an item of issue 20 ("ScaleModelAdmin", item
 from __future__ import annotations
 
 import datetime
+import pickle
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -238,6 +239,8 @@ def test_changes_after_super_changelist_view_apply_and_rendering_runs_under_the_
     assert "Changed after super" in html and "probed" in html
     assert seen == [4.5]
     assert current_statement_timeout(Author.objects.db) is None
+    # A rendered response pickles (a cache stores it) like Django's own.
+    assert "Changed after super" in pickle.loads(pickle.dumps(response)).content.decode()
 
 
 def test_a_date_hierarchy_changelist_keeps_djangos_template_name(chief):

@@ -37,6 +37,14 @@ class GuardedTemplateResponse(TemplateResponse):
     ``DISTINCT`` over every row.
     """
 
+    # Dropped when a rendered response is pickled (a cache), as Django drops its own.
+    rendering_attrs = [
+        *TemplateResponse.rendering_attrs,
+        "_django_scale_request",
+        "_django_scale_guard",
+        "_django_scale_date_hierarchy",
+    ]
+
     def __init__(
         self, request: HttpRequest, *args: Any, guard: Guard, date_hierarchy: bool = False, **kwargs: Any
     ) -> None:
