@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -56,18 +58,42 @@ def django_tests_dir(cache: Path) -> Path:
 def run_profile(
     profile: str, tests: Path, labels: list[str], parallel: int, stock: bool
 ) -> tuple[dict, float]:
+    """Run *profile* in a subprocess; Django's own output goes to a log, shown when the run breaks."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp, "result.json")
+        out, log = Path(tmp, "result.json"), Path(tmp, "output.log")
         command = [sys.executable, str(HERE / "compat_worker.py"), profile, str(tests), str(out)]
         started = time.monotonic()
-        completed = subprocess.run([*command, str(parallel), "1" if stock else "0", *labels])
+        with log.open("w") as output:
+            completed = subprocess.run(
+                [*command, str(parallel), "1" if stock else "0", *labels],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         elapsed = time.monotonic() - started
-        if not out.exists():
-            raise SystemExit(f"compat: the {profile} run ended (exit {completed.returncode}) without results")
+        if not out.exists() or json.loads(out.read_text())["problems"]:
+            print(log.read_text()[-20000:])
+            problems = json.loads(out.read_text())["problems"] if out.exists() else []
+            raise SystemExit(
+                f"compat: the {profile} run broke (exit {completed.returncode}): " + "; ".join(problems)
+            )
         record = json.loads(out.read_text())
-    if record["problems"]:
-        raise SystemExit(f"compat: {profile}: " + "; ".join(record["problems"]))
+        # The harness's own lines (what the swap covered) and Django's summary lines.
+        for line in log.read_text().splitlines():
+            if line.startswith(("compat:", "Ran ", "OK", "FAILED (", "Found ")):
+                print(line)
     return record, elapsed
+
+
+def check_django_version() -> None:
+    """Refuse to run another Django than the tox env's name says (``compat-django42``: 4.2)."""
+    env = os.environ.get("DJANGO_SCALE_COMPAT_ENV", "")
+    match = re.search(r"django(\d)(\d+)", env)
+    if match:
+        expected = f"{match.group(1)}.{match.group(2)}"
+        if not django.get_version().startswith(expected + "."):
+            raise SystemExit(
+                f"compat: {env} must run Django {expected}, but Django {django.get_version()} is installed"
+            )
 
 
 def main() -> int:
@@ -85,6 +111,7 @@ def main() -> int:
     )
     options = parser.parse_args()
 
+    check_django_version()
     version = ".".join(django.get_version().split(".")[:2])
     tests = options.django_tests or django_tests_dir(options.cache)
     profiles = options.profile or sorted(PROFILES)
@@ -114,6 +141,10 @@ def main() -> int:
         print(
             f"compat: {profile}.txt lists {len(known.expected(version))} known differences for Django {version}"
         )
+        for test in comparison.unexpected:
+            print(
+                f"\n{'=' * 70}\nFAILED, NOT LISTED: {test}\n{record['tracebacks'].get(test, failed[test])[-6000:]}"
+            )
         for test in comparison.unexpected:
             print(f"  FAILED, NOT LISTED: {test}  # {failed[test]}")
         for test in comparison.passing:
