@@ -17,7 +17,8 @@ How it is applied, on PostgreSQL:
   nothing, not even a connection), and the previous value is put back on exit, on every exit
   path, so a persistent connection never keeps it.
 * **Inside a transaction** (``atomic()``, ``ATOMIC_REQUESTS``) the block runs in a savepoint
-  with ``SET LOCAL``: a statement cancelled by the limit rolls back to the savepoint only, so
+  with ``SET LOCAL``, opened just before its first statement on the alias (an alias the
+  block never uses gets no savepoint): a statement cancelled by the limit rolls back to the savepoint only, so
   the caller can catch the error and go on with the rest of its transaction (a plain
   ``SET statement_timeout`` would leave the whole transaction aborted). The previous value is
   restored before the savepoint is released.
@@ -104,7 +105,7 @@ def is_statement_timeout(error: BaseException) -> bool:
 class _ConnectionState:
     """What django-scale set on one database connection, so it can be put back exactly."""
 
-    __slots__ = ("applied", "baseline", "blocks", "raw")
+    __slots__ = ("applied", "baseline", "blocks", "internal", "raw")
 
     def __init__(self) -> None:
         #: How many lazy blocks, in any context, are open on the connection.
@@ -116,6 +117,8 @@ class _ConnectionState:
         #: The value django-scale last set in the session (PostgreSQL), or the limit of the
         #: statement running now (SQLite).
         self.applied: str | None = None
+        #: Whether django-scale runs a statement of its own (a savepoint) on the connection.
+        self.internal = False
 
     def session(self, raw: Any) -> _ConnectionState:
         """Forget what was set on a connection that has since been closed or replaced."""
@@ -136,6 +139,20 @@ def _value(milliseconds: int) -> str:
     return f"{milliseconds}ms"
 
 
+@contextmanager
+def _raw_cursor(connection: BaseDatabaseWrapper) -> Iterator[Any]:
+    """A DB-API cursor of *connection*'s open connection: no wrappers, no recursion.
+
+    Not the cursor of the statement being wrapped: that one may be a named (server-side)
+    cursor of ``QuerySet.iterator()``, which runs a single statement.
+    """
+    cursor = connection.connection.cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
 def _postgresql_wrapper(alias: str) -> Callable[..., Any]:
     """An execute wrapper that makes the session's limit match this context's before a statement."""
 
@@ -148,12 +165,12 @@ def _postgresql_wrapper(alias: str) -> Callable[..., Any]:
             # session limit; a SET LOCAL block has set its own.
             wanted = state.baseline if limit is None else _value(limit.milliseconds)
             if wanted is not None and state.applied != wanted:
-                cursor = context["cursor"].cursor  # the DB-API cursor: no wrappers, no recursion
-                if state.baseline is None:
-                    cursor.execute(_SWAP.format(local="false"), [wanted])
-                    state.baseline = cursor.fetchone()[0]
-                else:
-                    cursor.execute(_SET.format(local="false"), [wanted])
+                with _raw_cursor(connection) as cursor:
+                    if state.baseline is None:
+                        cursor.execute(_SWAP.format(local="false"), [wanted])
+                        state.baseline = cursor.fetchone()[0]
+                    else:
+                        cursor.execute(_SET.format(local="false"), [wanted])
                 state.applied = wanted
         return execute(sql, params, many, context)
 
@@ -215,18 +232,62 @@ def _restore(connection: BaseDatabaseWrapper, alias: str, limit: _Limit | None) 
 
 @contextmanager
 def _in_savepoint(connection: BaseDatabaseWrapper, alias: str, milliseconds: int) -> Iterator[None]:
-    """Run the block in a savepoint with ``SET LOCAL`` (PostgreSQL, inside a transaction)."""
-    with transaction.atomic(using=alias):
-        with connection.cursor() as cursor:
-            cursor.cursor.execute(_SWAP.format(local="true"), [_value(milliseconds)])
-            previous = cursor.cursor.fetchone()[0]
-        yield
-        # Released, the savepoint would keep SET LOCAL to the end of the transaction.
-        # (Rolled back, by an exception, it undoes SET LOCAL by itself, and so does the
-        # rollback that a transaction marked for one is heading for.)
-        if not connection.needs_rollback:
-            with connection.cursor() as cursor:
-                cursor.cursor.execute(_SET.format(local="true"), [previous])
+    """Run the block in a savepoint with ``SET LOCAL`` (PostgreSQL, inside a transaction).
+
+    The savepoint is opened just before the block's first statement on *alias*: a block
+    that never uses the alias (an admin page and a database it does not read) costs it
+    nothing. On exit it is released, or rolled back to after an error, as ``atomic()``
+    does with its own savepoints.
+    """
+    state = _state(connection)
+    opened: dict[str, Any] = {}
+
+    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        if not opened and not state.internal and _limits.get().get(alias) is not None:
+            state.internal = True  # our own statements pass every block's wrapper untouched
+            try:
+                marked = transaction.get_rollback(using=alias)
+                sid = transaction.savepoint(using=alias)
+                with _raw_cursor(connection) as cursor:
+                    cursor.execute(_SWAP.format(local="true"), [_value(milliseconds)])
+                    opened.update(sid=sid, previous=cursor.fetchone()[0], marked=marked)
+            finally:
+                state.internal = False
+        return execute(sql, params, many, context)
+
+    try:
+        with connection.execute_wrapper(wrapper):
+            yield
+    except BaseException:
+        if opened:
+            _roll_back_to(connection, alias, opened["sid"], opened["marked"])
+        raise
+    if not opened:
+        return
+    if transaction.get_rollback(using=alias) and not opened["marked"]:
+        # Marked for rollback inside the block (an error caught in it): undo the block
+        # only, as atomic() does with a savepoint.
+        _roll_back_to(connection, alias, opened["sid"], opened["marked"])
+        return
+    # Released, the savepoint would keep SET LOCAL to the end of the transaction. (Rolled
+    # back, it undoes SET LOCAL by itself.)
+    with connection.cursor() as cursor:
+        cursor.cursor.execute(_SET.format(local="true"), [opened["previous"]])
+    transaction.savepoint_commit(opened["sid"], using=alias)
+
+
+def _roll_back_to(connection: BaseDatabaseWrapper, alias: str, sid: str, marked: bool) -> None:
+    """Roll back to the block's savepoint; the transaction then goes on, unless it was marked."""
+    if connection.connection is None:
+        return  # closed in the block: nothing to roll back
+    # As atomic() does: clear the mark first, or Django refuses to run the rollback itself.
+    transaction.set_rollback(False, using=alias)
+    try:
+        transaction.savepoint_rollback(sid, using=alias)
+    except DatabaseError:
+        transaction.set_rollback(True, using=alias)
+        raise
+    transaction.set_rollback(marked, using=alias)
 
 
 @contextmanager

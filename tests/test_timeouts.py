@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -102,6 +103,60 @@ def test_inside_a_transaction_a_timeout_rolls_back_to_a_savepoint_and_the_transa
         Author.objects.create(name="written after")
     names = set(Author.objects.values_list("name", flat=True))
     assert names == {kept.name, "written after"}
+
+
+@postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "mirror"])
+def test_in_transactions_a_block_opens_a_savepoint_only_on_the_aliases_it_uses():
+    # An admin page under ATOMIC_REQUESTS: every alias is in a transaction, the page reads one.
+    with transaction.atomic(using="default"), transaction.atomic(using="mirror"):
+        Author.objects.using("mirror").count()  # the mirror's transaction has begun
+        with (
+            CaptureQueriesContext(connections["default"]) as on_default,
+            CaptureQueriesContext(connections["mirror"]) as on_mirror,
+            statement_timeout(5),  # every alias
+        ):
+            assert current_statement_timeout("mirror") == 5.0
+            assert Author.objects.using("default").count() == 0
+        assert on_mirror.captured_queries == []
+        default_sql = [q["sql"] for q in on_default.captured_queries]
+        assert default_sql[0].startswith("SAVEPOINT") and default_sql[-1].startswith("RELEASE SAVEPOINT")
+        # A block that runs no statement at all opens no savepoint either.
+        with CaptureQueriesContext(connections["default"]) as idle, statement_timeout(5):
+            pass
+        assert idle.captured_queries == []
+
+
+@postgres
+def test_an_error_caught_in_a_block_in_a_transaction_rolls_back_the_block_only(baseline):
+    from django.db import IntegrityError
+
+    with transaction.atomic():
+        kept = Author.objects.create(name="kept")
+        with statement_timeout(5, using="default"):
+            Author.objects.create(name="undone")
+            # Model.save() marks the transaction for rollback on an error (Django's
+            # mark_for_rollback_on_error): the block's savepoint undoes the block only.
+            with contextlib.suppress(IntegrityError):
+                Author.objects.create(pk=kept.pk, name="duplicate")
+        assert not transaction.get_rollback()
+        assert _show() == baseline
+        Author.objects.create(name="after")
+    assert set(Author.objects.values_list("name", flat=True)) == {"kept", "after"}
+
+
+@postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_a_first_statement_through_a_server_side_cursor_gets_the_limit(in_transaction):
+    # QuerySet.iterator() runs its one statement through a named cursor, which cannot run
+    # another: the limit is set through a cursor of its own.
+    Author.objects.bulk_create([Author(name="a"), Author(name="b")])
+    block = transaction.atomic() if in_transaction else contextlib.nullcontext()
+    with block, statement_timeout(3, using="default"):
+        assert sorted(author.name for author in Author.objects.iterator(chunk_size=1)) == ["a", "b"]
+        assert _show() == "3s"
+    assert _show() == "0"
 
 
 @postgres

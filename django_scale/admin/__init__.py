@@ -10,7 +10,9 @@ The parts, one concept each:
   hidden row;
 * :mod:`~django_scale.admin.date_hierarchy`: the date hierarchy by index probes;
 * :mod:`~django_scale.admin.checks`: ``ScaleModelAdminChecks`` (``django_scale.W3xx``);
-* :mod:`~django_scale.admin.fallback`: a statement out of time falls back, the page renders.
+* :mod:`~django_scale.admin.fallback`: a statement out of time falls back, the page renders;
+* :mod:`~django_scale.admin.responses`: responses render lazily, as Django's, under the
+  page's time limit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from django_scale.admin.checks import ScaleModelAdminChecks
 from django_scale.admin.filters import (
     ScaleAllValuesFieldListFilter,
     ScaleRelatedFieldListFilter,
+    create_filter,
     distinct_values,
     selects_whole_table,
 )
@@ -31,6 +34,7 @@ __all__ = [
     "ScaleModelAdmin",
     "ScaleModelAdminChecks",
     "ScaleRelatedFieldListFilter",
+    "create_filter",
     "distinct_values",
     "selects_whole_table",
 ]

@@ -18,7 +18,7 @@ from django.utils.translation import gettext
 from django_scale import keyset
 from django_scale.admin.date_hierarchy import DateHierarchy
 from django_scale.admin.fallback import or_fallback
-from django_scale.admin.filters import selects_whole_table
+from django_scale.admin.filters import create_filter, selects_whole_table
 from django_scale.counting import ApproxCount
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.timeouts import current_statement_timeout
@@ -79,6 +79,21 @@ class ScaleChangeList(ChangeList):
             return keyset.after(keys, values, using=self.queryset.db)
         except ValidationError:
             return None
+
+    def get_filters(self, request: HttpRequest) -> Any:
+        """Django's filters, with a field name's filter created by :func:`create_filter`.
+
+        ``list_filter`` (``cl.list_filter``, ``get_list_filter()``) stays what the admin
+        wrote; only the class chosen for a bare field name differs, where Django calls
+        ``FieldListFilter.create()``.
+        """
+        written = self.list_filter
+        scaled: Any = [(entry, create_filter) if isinstance(entry, str) else entry for entry in written]
+        self.list_filter = scaled
+        try:
+            return super().get_filters(request)
+        finally:
+            self.list_filter = written
 
     def get_filters_params(self, params: Any = None) -> Any:
         lookup_params = super().get_filters_params(params)
@@ -146,14 +161,27 @@ class ScaleChangeList(ChangeList):
             multi_page = page.has_next() or page.number > 1
         # The page may have corrected an estimate that promised more rows than there are.
         self.result_count = paginator.count
-        # Never COUNT(*) the unfiltered table for "N results (M total)".
-        self.show_full_result_count = False
-        self.show_admin_actions = True
-        self.full_result_count = None
+        self._full_count()
         self.result_list = result_list
         self.can_show_all = can_show_all
         self.multi_page = multi_page
         self.paginator = paginator
+
+    def _full_count(self) -> None:
+        """The "N results (M total)" count, exact as Django's, if the admin asks for it.
+
+        ``ScaleModelAdmin`` does not (``show_full_result_count = False``); one that sets it
+        back to ``True`` gets Django's ``COUNT(*)`` of the unfiltered rows, under the page's
+        time limit (out of time: no total shown).
+        """
+        full: int | None = None
+        if self.model_admin.show_full_result_count:
+            root = self.root_queryset
+            full = or_fallback(root.db, root.count, lambda: None, "full result count")
+        self.show_full_result_count = full is not None
+        # As Django: actions show when the total is not counted or is not zero.
+        self.show_admin_actions = not self.show_full_result_count or bool(full)
+        self.full_result_count = full
 
     def _show_timed_out(self, request: HttpRequest, paginator: ApproxCountPaginator) -> None:
         """Show an empty page and say why: the rows took longer than the page's time limit."""
@@ -168,8 +196,7 @@ class ScaleChangeList(ChangeList):
         )
         paginator.__dict__["count"] = ApproxCount(0, "capped")
         self.result_count = paginator.count
-        self.show_full_result_count = False
-        self.full_result_count = None
+        self._full_count()
         self.result_list = self.queryset.none()
         self.can_show_all = False
         self.multi_page = self.page_num > 1

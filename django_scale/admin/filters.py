@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 from django.contrib import admin
-from django.contrib.admin.filters import AllValuesFieldListFilter
-from django.contrib.admin.utils import NotRelationField, get_fields_from_path, reverse_field_path
-from django.core.exceptions import FieldDoesNotExist
-from django.db import connections, models, router
+from django.contrib.admin.filters import AllValuesFieldListFilter, FieldListFilter
+from django.contrib.admin.options import IncorrectLookupParameters
+from django.contrib.admin.utils import reverse_field_path
+from django.core.exceptions import ValidationError
+from django.db import connections, router
 from django.db.models import Model, QuerySet
 from django.db.models.constants import LOOKUP_SEP
+from django.db.models.manager import BaseManager
 from django.db.models.query import EmptyQuerySet
 from django.http import HttpRequest
 
@@ -18,16 +21,19 @@ from django_scale.admin.fallback import or_fallback
 
 __all__ = [
     "MAX_FILTER_CHOICES",
+    "SAFE_METHODS",
     "ScaleAllValuesFieldListFilter",
     "ScaleRelatedFieldListFilter",
+    "create_filter",
     "distinct_values",
     "selects_whole_table",
-    "uses_all_values_filter",
-    "uses_related_filter",
 ]
 
+#: Methods that never write, whose pages may be read from a replica.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
-def selects_whole_table(queryset: QuerySet[Any]) -> bool:
+
+def selects_whole_table(queryset: QuerySet[Any] | BaseManager[Any]) -> bool:
     """Return whether *queryset* selects every row of its model's table.
 
     Only then do the table's statistics (``pg_stats``, ``pg_class``, the planner's estimates)
@@ -37,6 +43,8 @@ def selects_whole_table(queryset: QuerySet[Any]) -> bool:
     ``DISTINCT ON`` or ``extra(tables=...)`` makes it "restricted"; ordering, ``distinct()``,
     ``select_related()``, ``only()`` and annotations, aggregates included, do not.
     """
+    if isinstance(queryset, BaseManager):
+        queryset = queryset.all()  # get_queryset() may return a manager; Django accepts one
     if isinstance(queryset, EmptyQuerySet):
         return False
     query: Any = queryset.query
@@ -100,6 +108,51 @@ def distinct_values(queryset: QuerySet[Any], field_name: str, limit: int = MAX_F
     return list(bounded)
 
 
+class LazyChoices(Sequence[Any]):
+    """A filter's choices, queried the first time they are read (never, if not displayed)."""
+
+    def __init__(self, compute: Callable[[], Sequence[Any]]) -> None:
+        self._compute: Callable[[], Sequence[Any]] | None = compute
+        self._choices: list[Any] = []
+
+    @property
+    def evaluated(self) -> bool:
+        """Whether the choices have been queried."""
+        return self._compute is None
+
+    def _get(self) -> list[Any]:
+        if self._compute is not None:
+            self._choices = list(self._compute())
+            self._compute = None
+        return self._choices
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Any]: ...
+
+    def __getitem__(self, index: int | slice) -> Any:
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._get())
+
+    def __eq__(self, other: object) -> bool:
+        # Compares as the list Django's filters hold (tests compare lookup_choices to one).
+        if isinstance(other, LazyChoices):
+            other = other._get()
+        return self._get() == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(self._get()) if self.evaluated else "<LazyChoices (not queried yet)>"
+
+
 class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
     """``AllValuesFieldListFilter`` whose choices come from statistics, not a full ``DISTINCT``.
 
@@ -129,10 +182,16 @@ class ScaleAllValuesFieldListFilter(AllValuesFieldListFilter):
             # The admin shows some rows only: the values of those rows, even through a
             # relation, never a value that only rows it hides have.
             source, name = root, field_path
-        choices: Any = or_fallback(
-            source.db, lambda: distinct_values(source, name), list, f"choices of the {field.name!r} filter"
+        # Queried when the page shows them: a POST (an action) that redirects lists none.
+        # django-stubs types lookup_choices as a QuerySet; Django only iterates it.
+        self.lookup_choices = LazyChoices(  # type: ignore[assignment]
+            lambda: or_fallback(
+                source.db,
+                lambda: distinct_values(source, name),
+                list,
+                f"choices of the {field.name!r} filter",
+            )
         )
-        self.lookup_choices = choices
 
 
 class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
@@ -142,16 +201,48 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
     author); past a hundred choices a filter is for the search box anyway. When the admin's
     ``get_queryset()`` is restricted, only related rows that its rows refer to are listed
     (as ``RelatedOnlyFieldListFilter`` does), a row chosen in the URL included.
+
+    The choices are queried when the page shows them, or when a GET asks whether the filter
+    has any (``has_output()``); a POST, which Django answers with a redirect unless the form
+    has errors, does not query them.
     """
 
     def field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
+        self._django_scale_method = request.method
+        if request.method in SAFE_METHODS:
+            # A chosen value that is not one (?author__id__exact=abc) is Django's ?e=1
+            # redirect: check it while the filters are built, where Django turns the error
+            # into IncorrectLookupParameters, rather than when the page shows the choices.
+            self._chosen_values(field)
         alias = router.db_for_read(field.related_model)
-        return or_fallback(
-            alias,
-            lambda: self._field_choices(field, request, model_admin),
-            list,
-            f"choices of the {field.name!r} filter",
+        return LazyChoices(
+            lambda: or_fallback(
+                alias,
+                lambda: self._field_choices(field, request, model_admin),
+                list,
+                f"choices of the {field.name!r} filter",
+            )
         )
+
+    def has_output(self) -> bool:
+        choices = self.lookup_choices
+        unsafe = getattr(self, "_django_scale_method", "GET") not in SAFE_METHODS
+        if unsafe and isinstance(choices, LazyChoices) and not choices.evaluated:
+            # Listed on a POST without its choices queried; a page that renders shows
+            # those choices then (an empty filter is then listed, where Django hides it).
+            return True
+        return bool(super().has_output())
+
+    def _chosen_values(self, field: Any) -> list[Any]:
+        """The related field's values chosen in the URL, converted as the lookup converts them."""
+        selected = self.lookup_val
+        raw = selected if isinstance(selected, list) else [selected] if selected else []
+        target = field.target_field
+        try:
+            return [target.to_python(value) for value in raw]
+        except (ValueError, ValidationError) as error:
+            # What Django's FieldListFilter.queryset() raises for the same value.
+            raise IncorrectLookupParameters(error) from error
 
     def _field_choices(self, field: Any, request: HttpRequest, model_admin: Any) -> Any:
         remote = getattr(field, "remote_field", None)
@@ -166,15 +257,21 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
         if not whole:
             # Only the related rows that the admin's own rows refer to.
             related = related.filter(pk__in=root.values(f"{self.field_path}{LOOKUP_SEP}pk"))
-        ordering = self.field_admin_ordering(field, request, model_admin) or ()
+        # As Django's Field.get_choices(ordering=...): the related admin's ordering if it has
+        # one, else the related model's own (Meta.ordering); the primary key when neither
+        # orders it, so that "the first hundred" are the same rows on every load.
+        ordering = self.field_admin_ordering(field, request, model_admin)
+        if ordering:
+            related = related.order_by(*ordering)
+        elif not related.ordered:
+            related = related.order_by("pk")
         # What the filter's lookup compares: the related field (to_field) of a foreign key,
         # the primary key of a reverse relation.
         attname = field.target_field.attname
-        rows = list(related.order_by(*ordering)[:MAX_FILTER_CHOICES])
+        rows = list(related[:MAX_FILTER_CHOICES])
         choices: list[tuple[Any, str]] = [(getattr(row, attname), str(row)) for row in rows]
-        selected = self.lookup_val
         shown = {str(value) for value, _ in choices}
-        for value in selected if isinstance(selected, list) else [selected] if selected else []:
+        for value in self._chosen_values(field):
             # Keep the chosen row listed even when it is past the first hundred.
             if str(value) not in shown:
                 row = related.filter(**{attname: value}).first()
@@ -183,31 +280,38 @@ class ScaleRelatedFieldListFilter(admin.RelatedFieldListFilter):
         return choices
 
 
-def _filter_field(model: type[Model], name: str) -> Any:
-    """The field a list_filter entry *name* filters on, or ``None`` if it names none."""
-    try:
-        return get_fields_from_path(model, name)[-1]
-    except (FieldDoesNotExist, NotRelationField):
-        return None
+#: Django's filter classes and the ones :func:`create_filter` gives in their place.
+SCALED_FILTERS: dict[type[Any], type[Any]] = {
+    admin.RelatedFieldListFilter: ScaleRelatedFieldListFilter,
+    AllValuesFieldListFilter: ScaleAllValuesFieldListFilter,
+}
 
 
-def uses_related_filter(model: type[Model], name: str) -> bool:
-    """Whether Django would give the list_filter entry *name* a ``RelatedFieldListFilter``.
+def create_filter(
+    field: Any,
+    request: HttpRequest,
+    params: dict[str, Any],
+    model: type[Model],
+    model_admin: Any,
+    field_path: str,
+) -> FieldListFilter | None:
+    """Create the filter Django would create for a ``list_filter`` field name, scaled.
 
-    Django gives it to reverse relations too (``FieldListFilter.create`` tests
-    ``field.remote_field``); a restricted admin must not list their hidden rows either.
+    Django's ``FieldListFilter.create()`` picks the first registered class whose test accepts
+    the field (``FieldListFilter.register()``, a project's own ``take_priority`` classes
+    first). This picks the same class and gives :class:`ScaleRelatedFieldListFilter` in place
+    of ``RelatedFieldListFilter`` and :class:`ScaleAllValuesFieldListFilter` in place of
+    ``AllValuesFieldListFilter`` (exactly those classes, not subclasses of them).
+    ``ScaleChangeList`` uses it for each field name in ``list_filter``.
     """
-    field = _filter_field(model, name)
-    return field is not None and bool(getattr(field, "remote_field", None))
-
-
-def uses_all_values_filter(model: type[Model], name: str) -> bool:
-    """Whether Django would give the list_filter entry *name* an ``AllValuesFieldListFilter``."""
-    field = _filter_field(model, name)
-    if field is None:
-        return False
-    return not (
-        field.is_relation
-        or getattr(field, "flatchoices", None)
-        or isinstance(field, (models.BooleanField, models.DateField))
-    )
+    # FieldListFilter._field_list_filters is the registry that FieldListFilter.register()
+    # fills and create() walks, a list of (test, class) pairs (django/contrib/admin/filters.py,
+    # the same in Django 4.2 to 6.1); there is no public way to ask which class it picks
+    # without creating (and querying) Django's filter. tests/test_admin_dropin.py
+    # (test_create_filter_picks_the_class_django_picks) pins it on every Django.
+    registry: list[tuple[Callable[[Any], Any], type[Any]]] = FieldListFilter._field_list_filters  # type: ignore[attr-defined]
+    for test, filter_class in registry:
+        if test(field):
+            chosen = SCALED_FILTERS.get(filter_class, filter_class)
+            return chosen(field, request, params, model, model_admin, field_path=field_path)  # type: ignore[no-any-return]
+    return None

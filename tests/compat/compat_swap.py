@@ -121,28 +121,47 @@ def verify(profile: str) -> list[str]:
 def _verify_admin() -> list[str]:
     import sys
 
+    from django.contrib import admin
     from django.contrib.admin import AdminSite
+    from django.contrib.admin.options import BaseModelAdmin, InlineModelAdmin
 
     from django_scale.admin import ScaleModelAdmin
 
+    problems: list[str] = []
+    if not issubclass(admin.ModelAdmin, ScaleModelAdmin):
+        problems.append(f"django.contrib.admin.ModelAdmin is {admin.ModelAdmin!r}")
     labels = set(PROFILES["admin"])
     sites: dict[int, AdminSite] = {}
+    classes: set[type] = set()
     for name, module in list(sys.modules.items()):
         if module is None or name.split(".")[0] not in labels:
             continue
         for value in list(vars(module).values()):
             if isinstance(value, AdminSite):
                 sites[id(value)] = value
-    problems: list[str] = []
-    checked = 0
+            elif (
+                isinstance(value, type)
+                and issubclass(value, BaseModelAdmin)
+                and not issubclass(value, InlineModelAdmin)
+                and value.__module__.split(".")[0] in labels
+            ):
+                classes.add(value)
+    # Every ModelAdmin class the test apps define, and every one registered on their sites.
+    for cls in classes:
+        if not issubclass(cls, ScaleModelAdmin):
+            problems.append(f"{cls.__module__}.{cls.__qualname__} is not a ScaleModelAdmin")
+    registered = 0
     for site in sites.values():
         for model, model_admin in site._registry.items():
-            checked += 1
+            registered += 1
             if not isinstance(model_admin, ScaleModelAdmin):
                 problems.append(f"{site.name}: {model._meta.label} has {type(model_admin).__qualname__}")
-    if not checked:
-        problems.append("no ModelAdmin registered on any admin site of the test apps")
-    print(f"compat: {checked} registered ModelAdmins on {len(sites)} admin sites are ScaleModelAdmins")
+    if not classes and not registered:
+        problems.append("the test apps define and register no ModelAdmin")
+    print(
+        f"compat: {len(classes)} ModelAdmin classes of the test apps and {registered} registered "
+        f"ModelAdmins on {len(sites)} admin sites are ScaleModelAdmins"
+    )
     return problems
 
 

@@ -70,7 +70,7 @@ def main(argv: list[str]) -> int:
     import runtests  # Django's tests/runtests.py, from the sdist
     from django.test.utils import get_runner, iter_test_cases
 
-    record: dict[str, Any] = {"ran": [], "failed": {}, "problems": []}
+    record: dict[str, Any] = {"ran": [], "failed": {}, "tracebacks": {}, "problems": []}
     runtests.ALWAYS_INSTALLED_APPS.append("django_scale")
     original_setup = runtests.setup_collect_tests
 
@@ -95,8 +95,10 @@ def main(argv: list[str]) -> int:
                         raise SystemExit("compat: the swap did not happen:\n  " + "\n  ".join(problems))
                 result = super().run_suite(suite, **kwargs)
                 failed: dict[str, str] = {}
+                tracebacks: dict[str, str] = record["tracebacks"]
                 for test, text in [*result.errors, *result.failures]:
                     failed.setdefault(test_id(test), summary(text))
+                    tracebacks[test_id(test)] = tracebacks.get(test_id(test), "") + f"{test}\n{text}\n"
                 for test in result.unexpectedSuccesses:
                     failed.setdefault(test_id(test), "unexpected success")
                 record["failed"] = failed

@@ -58,17 +58,29 @@ def django_tests_dir(cache: Path) -> Path:
 def run_profile(
     profile: str, tests: Path, labels: list[str], parallel: int, stock: bool
 ) -> tuple[dict, float]:
+    """Run *profile* in a subprocess; Django's own output goes to a log, shown when the run breaks."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp, "result.json")
+        out, log = Path(tmp, "result.json"), Path(tmp, "output.log")
         command = [sys.executable, str(HERE / "compat_worker.py"), profile, str(tests), str(out)]
         started = time.monotonic()
-        completed = subprocess.run([*command, str(parallel), "1" if stock else "0", *labels])
+        with log.open("w") as output:
+            completed = subprocess.run(
+                [*command, str(parallel), "1" if stock else "0", *labels],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
         elapsed = time.monotonic() - started
-        if not out.exists():
-            raise SystemExit(f"compat: the {profile} run ended (exit {completed.returncode}) without results")
+        if not out.exists() or json.loads(out.read_text())["problems"]:
+            print(log.read_text()[-20000:])
+            problems = json.loads(out.read_text())["problems"] if out.exists() else []
+            raise SystemExit(
+                f"compat: the {profile} run broke (exit {completed.returncode}): " + "; ".join(problems)
+            )
         record = json.loads(out.read_text())
-    if record["problems"]:
-        raise SystemExit(f"compat: {profile}: " + "; ".join(record["problems"]))
+        # The harness's own lines (what the swap covered) and Django's summary lines.
+        for line in log.read_text().splitlines():
+            if line.startswith(("compat:", "Ran ", "OK", "FAILED (", "Found ")):
+                print(line)
     return record, elapsed
 
 
@@ -129,6 +141,10 @@ def main() -> int:
         print(
             f"compat: {profile}.txt lists {len(known.expected(version))} known differences for Django {version}"
         )
+        for test in comparison.unexpected:
+            print(
+                f"\n{'=' * 70}\nFAILED, NOT LISTED: {test}\n{record['tracebacks'].get(test, failed[test])[-6000:]}"
+            )
         for test in comparison.unexpected:
             print(f"  FAILED, NOT LISTED: {test}  # {failed[test]}")
         for test in comparison.passing:
