@@ -18,9 +18,11 @@ import logging
 import threading
 import time
 
+from django.core.exceptions import ImproperlyConfigured
+
 from django_scale import metrics
 
-__all__ = ["Breakers"]
+__all__ = ["Breakers", "is_configuration_error"]
 
 
 class Breakers:
@@ -69,7 +71,8 @@ class Breakers:
             self._outages.add(name)
             self._open_until[name] = time.monotonic() + retry_after
         if starts:
-            self.logger.warning("%s is unreachable (%s); not trying it for %.1f s", name, error, retry_after)
+            verdict = "misconfigured" if is_configuration_error(error) else "unreachable"
+            self.logger.warning("%s is %s (%s); not trying it for %.1f s", name, verdict, error, retry_after)
         return starts
 
     def close(self, name: str) -> bool:
@@ -89,3 +92,19 @@ class Breakers:
         with self._lock:
             self._open_until.clear()
             self._outages.clear()
+
+
+def is_configuration_error(error: BaseException | str) -> bool:
+    """Whether *error*, or an error it was raised from, is one of set-up, not of the network.
+
+    A missing module (a broker transport's library, say) or Django's ``ImproperlyConfigured``
+    does not heal by retrying: it is logged as "misconfigured", not "unreachable".
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error if isinstance(error, BaseException) else None
+    while current is not None and id(current) not in seen:
+        if isinstance(current, (ImportError, ImproperlyConfigured)):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

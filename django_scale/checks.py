@@ -1,13 +1,13 @@
 """System checks, with ids ``django_scale.E<NNN>`` / ``django_scale.W<NNN>``.
 
-Ids are numbered in ranges: 0xx settings, 1xx routing, 2xx cache and Celery, 3xx admin,
+Feature checks live with their feature (:mod:`django_scale.cache.checks`,
+:mod:`django_scale.admin.checks`). Ids are numbered in ranges: 0xx settings, 1xx routing, 2xx cache and Celery, 3xx admin,
 4xx querysets, 5xx operations. An id is never reused; each has an anchor in ``docs/checks.md``.
 One factory per message keeps every id in exactly one place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 from collections.abc import Iterable
 from typing import Any
@@ -22,7 +22,6 @@ from django_scale.conf import SETTINGS, conf
 from django_scale.prefetch import HAS_FETCH_MODES, PrefetchAwareForeignKey, PrefetchAwareOneToOneField
 
 __all__ = [
-    "check_cache",
     "check_ops",
     "check_querysets",
     "check_routing",
@@ -256,10 +255,13 @@ def check_querysets(
         if not _is_prefetch_aware(model):
             continue
         if not HAS_FETCH_MODES:
-            # Before fetch modes, only the field's descriptor can load for all peers.
+            # Before fetch modes, only the field's descriptor can load for all peers. A
+            # multi-table inheritance parent link needs no query: Django builds the parent.
             for field in model._meta.concrete_fields:
-                if (field.many_to_one or field.one_to_one) and not isinstance(
-                    field, (PrefetchAwareForeignKey, PrefetchAwareOneToOneField)
+                if (
+                    (field.many_to_one or field.one_to_one)
+                    and not getattr(field.remote_field, "parent_link", False)
+                    and not isinstance(field, (PrefetchAwareForeignKey, PrefetchAwareOneToOneField))
                 ):
                     messages.append(_w403_plain_relation_field(model, field))
         for relation in model._meta.get_fields():
@@ -317,73 +319,17 @@ def _w503_mail_without_admins() -> checks.CheckMessage:
     )
 
 
-def _e201_unknown_swr_cache(path: str, alias: str) -> checks.CheckMessage:
-    known = ", ".join(repr(name) for name in getattr(settings, "CACHES", {})) or "none"
-    return _message(
-        checks.Error,
-        "django_scale.E201",
-        f"{path} is cached with stale_while_revalidate(cache={alias!r}), which is not in CACHES.",
-        f"Add {alias!r} to CACHES or pass one of {known}.",
-        obj=path,
-    )
-
-
-def _w202_process_local_cache(alias: str, backend: str, paths: list[str]) -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W202",
-        f"The cache {alias!r} is a {backend.rsplit('.', 1)[-1]}, which each process keeps to itself, "
-        f"but {', '.join(paths[:3])}{' and others' if len(paths) > 3 else ''} refill through Celery: "
-        "a worker's refill never reaches the web processes, and each process computes on its own.",
-        "Use a shared cache such as django_redis.cache.RedisCache, or refill='inline'.",
-        obj=f"CACHES[{alias!r}]",
-    )
-
-
-def _e203_celery_missing(paths: list[str]) -> checks.CheckMessage:
-    return _message(
-        checks.Error,
-        "django_scale.E203",
-        f"Celery is not installed, but {', '.join(paths[:3])} refill through Celery.",
-        "Install Celery (pip install celery) and run a worker, or pass refill='inline'.",
-        obj=paths[0],
-    )
-
-
-def _w204_task_not_registered(app_name: str) -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W204",
-        f"The Celery app {app_name!r} has no task django_scale.refresh: workers configured like it "
-        "reject stale_while_revalidate refills as unregistered tasks, and values stay stale.",
-        "Call app.autodiscover_tasks() in your Celery module, or import django_scale.tasks there.",
-        obj=app_name,
-    )
-
-
-def _w210_pages_without_outer_middleware(paths: list[str]) -> checks.CheckMessage:
-    shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-    return _message(
-        checks.Warning,
-        "django_scale.W210",
-        f"{shown} {'is' if len(paths) == 1 else 'are'} cached with swr_cache_page, but "
-        "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE: the final "
-        "response cannot be judged, so these pages are served uncached.",
-        'Put "django_scale.middleware.ScaleMiddleware" first in MIDDLEWARE.',
-        obj="MIDDLEWARE",
-    )
-
-
 ROUTER_PATH = "django_scale.routers.ReplicaRouter"
 MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
+#: Cache backends each process keeps to itself.
+PROCESS_LOCAL_CACHES = (
+    "django.core.cache.backends.locmem.LocMemCache",
+    "django.core.cache.backends.dummy.DummyCache",
+)
 #: Middleware that write to the database in their response phase.
 WRITING_MIDDLEWARE = (
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-)
-PROCESS_LOCAL_CACHES = (
-    "django.core.cache.backends.locmem.LocMemCache",
-    "django.core.cache.backends.dummy.DummyCache",
 )
 
 
@@ -507,63 +453,13 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
     return messages
 
 
-def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
-    """Check the caches and the Celery setup that stale-while-revalidate functions and views use.
-
-    Only functions and views imported by the time checks run are seen; the URLconf is imported
-    first so that cached views are.
-    """
-    from django_scale.cache.engine import registry
-    from django_scale.cache.pages import page_paths
-
-    urlconf = getattr(settings, "ROOT_URLCONF", None)
-    if urlconf:
-        # Django's own URL checks report a broken URLconf.
-        with contextlib.suppress(Exception):
-            import_string(f"{urlconf}.urlpatterns")
-    try:
-        default_alias = conf.CACHE_ALIAS
-    except Exception:
-        return []  # check_settings reports a malformed DJANGO_SCALE
-    configured = getattr(settings, "CACHES", {})
-    messages: list[checks.CheckMessage] = []
-    for path, engine in sorted(registry.items()):
-        if engine.cache is not None and engine.cache not in configured:
-            messages.append(_e201_unknown_swr_cache(path, engine.cache))
-    middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
-    if page_paths and not (middleware and _is_subclass_path(middleware[0], MIDDLEWARE_PATH)):
-        messages.append(_w210_pages_without_outer_middleware(sorted(page_paths)))
-    celery_engines = [engine for engine in registry.values() if engine.refill == "celery"]
-    if not celery_engines:
-        return messages
-    paths = sorted(engine.path for engine in celery_engines)
-    try:
-        import celery
-    except ImportError:
-        return [*messages, _e203_celery_missing(paths)]
-    app = celery.current_app
-    eager = bool(app.conf.task_always_eager)
-    if not eager:
-        by_alias: dict[str, list[str]] = {}
-        for engine in celery_engines:
-            by_alias.setdefault(engine.cache or default_alias, []).append(engine.path)
-        for alias, users in sorted(by_alias.items()):
-            backend = configured.get(alias, {}).get("BACKEND", "")
-            if backend in PROCESS_LOCAL_CACHES:
-                messages.append(_w202_process_local_cache(alias, backend, sorted(users)))
-    # Import the task modules as a worker does at start (autodiscover_tasks() is lazy and
-    # imports them then), so the question is whether a worker would know the task.
-    with contextlib.suppress(Exception):
-        app.loader.import_default_modules()
-    if "django_scale.refresh" not in app.tasks:
-        messages.append(_w204_task_not_registered(app.main or "default"))
-    return messages
-
-
 def register_checks() -> None:
     """Register django-scale's system checks with Django (called from ``AppConfig.ready()``)."""
     checks.register(check_settings, "django_scale")
     checks.register(check_routing, "django_scale")
     checks.register(check_querysets, "django_scale")
     checks.register(check_ops, "django_scale")
+    # The cache's checks live with the cache (imported here: they import this module).
+    from django_scale.cache.checks import check_cache
+
     checks.register(check_cache, "django_scale", checks.Tags.caches)

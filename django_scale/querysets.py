@@ -12,7 +12,7 @@ from django.db.models.query import ModelIterable, prefetch_related_objects
 
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 from django_scale.exceptions import PrefetchBypassedWarning
-from django_scale.prefetch import detection, hooks, loaders, peers
+from django_scale.prefetch import detection, hooks, invalidation, loaders, peers
 
 __all__ = [
     "ApproxCountQuerySetMixin",
@@ -58,14 +58,18 @@ class _PeerLoad:
         self.group = group
 
     def rows(self) -> list[Any] | None:
+        relation = loaders.many_relation(self.manager)
+        if relation is None:
+            return None
+        fresh = relation.cache_name not in self.group.many
         loaded = loaders.load_many(self.manager, self.group)
         if loaded is None:
             return None
-        hooks.attach_peers(loaded, self.group.alias, parent=self.group)
-        relation = loaders.many_relation(self.manager)
-        assert relation is not None
-        cached = self.manager.instance.__dict__.get("_prefetched_objects_cache", {}).get(relation.cache_name)
-        return None if cached is None else cached._result_cache
+        if fresh:
+            hooks.attach_peers(
+                [obj for rows in loaded.values() for obj in rows], self.group.alias, parent=self.group
+            )
+        return loaders.rows_for(self.manager, loaded)
 
     def count(self) -> int | None:
         return loaders.count_many(self.manager, self.group)
@@ -144,6 +148,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
             rows = load.rows() if load is not None else None
             if rows is not None:
                 self._result_cache = rows
+                self._django_scale_peer_rows = True
             else:
                 self._django_scale_evaluate()
         super()._fetch_all()
@@ -232,46 +237,80 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
             self._django_scale_note_single()
         return super().exists()
 
-    def _django_scale_cached_rows(self) -> list[Any] | None:
-        """The rows already loaded, when ``first()``/``last()`` may answer from them."""
-        if self._result_cache is None or self.query.group_by is not None or self.query.is_sliced:
+    def _django_scale_loaded_by_peers(self) -> list[Any] | None:
+        """The rows of a related manager's ``all()`` that peer loading loaded (loading them now).
+
+        Only those answer ``first()`` and ``last()`` without a query: any other queryset,
+        evaluated or not, answers as Django's does.
+        """
+        if self._result_cache is None and "_django_scale_peer_load" in self.__dict__:
+            self._fetch_all()
+        if not self.__dict__.get("_django_scale_peer_rows"):
             return None
         return self._result_cache
 
+    def _django_scale_end(self, rows: list[Any], last: bool) -> Any:
+        """``first()`` (or ``last()``) of *rows*, as Django's query would order them."""
+        if not rows:
+            return None
+        backwards = last == self.query.standard_ordering
+        if self.ordered:
+            return rows[-1] if last else rows[0]
+        # Django orders an unordered queryset by the primary key ("-pk" for last(), and
+        # the other way round after reverse()).
+        return (max if backwards else min)(rows, key=lambda row: row.pk)
+
     def first(self) -> Any:
-        """Return the first row; from the loaded rows (no query) when they are loaded."""
-        rows = self._django_scale_cached_rows()
+        """Return the first row; from the rows peer loading loaded for a related manager."""
+        rows = self._django_scale_loaded_by_peers()
         if rows is None:
             return super().first()
-        if not rows:
-            return None
-        if self.ordered or not self.query.default_ordering:
-            return rows[0]
-        return min(rows, key=lambda row: row.pk)
+        return self._django_scale_end(rows, last=False)
 
     def last(self) -> Any:
-        """Return the last row; from the loaded rows (no query) when they are loaded."""
-        rows = self._django_scale_cached_rows()
+        """Return the last row; from the rows peer loading loaded for a related manager."""
+        rows = self._django_scale_loaded_by_peers()
         if rows is None:
             return super().last()
-        if not rows:
-            return None
-        if self.ordered or not self.query.default_ordering:
-            return rows[-1]
-        return max(rows, key=lambda row: row.pk)
+        return self._django_scale_end(rows, last=True)
+
+    # -- writes drop what peers cached ------------------------------------------------------
+
+    def update(self, **kwargs: Any) -> int:
+        updated = int(super().update(**kwargs))
+        invalidation.model_written(self.model)
+        return updated
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        deleted: tuple[int, dict[str, int]] = super().delete()
+        invalidation.model_written(self.model)
+        return deleted
+
+    def bulk_create(self, objs: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        created: list[Any] = super().bulk_create(objs, *args, **kwargs)
+        invalidation.model_written(self.model)
+        return created
+
+    def bulk_update(self, objs: Any, fields: Any, *args: Any, **kwargs: Any) -> int:
+        updated = int(super().bulk_update(objs, fields, *args, **kwargs))
+        invalidation.model_written(self.model)
+        return updated
 
     # -- prefetch bypassed -------------------------------------------------------------------
 
     def _django_scale_warn_bypass(self, method: str) -> None:
         queryset: Any = self
-        if queryset._prefetch_done and self._result_cache is not None and "instance" in queryset._hints:
-            if detection.called_by_django():
-                return
-            label = self._django_scale_related or self.model.__name__
+        if not (queryset._prefetch_done and self._result_cache is not None):
+            return
+        instance = queryset._hints.get("instance")
+        label = f"{self._django_scale_related or self.model.__name__}.{method}()"
+        # Warned at the second row of one result set doing it: a pattern that queries once per
+        # row. One row doing it (or Django's own remove() filtering a prefetched relation) is not.
+        if instance is not None and detection.repeated_by_peer(peers.peer_group(instance), label, instance):
             detection.warn_at_caller(
-                f"{label}.{method}() on a prefetched relation ignores the prefetched rows and "
-                "queries the database again, once per row. Filter in memory, or prefetch the "
-                "filtered rows with Prefetch(queryset=..., to_attr=...).",
+                f"{label} on a prefetched relation ignores the prefetched rows and queries the "
+                "database again, once per row. Filter in memory, or prefetch the filtered rows "
+                "with Prefetch(queryset=..., to_attr=...).",
                 PrefetchBypassedWarning,
             )
 
@@ -296,6 +335,23 @@ class PrefetchAwareManager(_ManagerBase):
     ``all()``, ``count()`` and ``exists()`` answer for all peers of ``article`` at once.
     """
 
+    def contribute_to_class(self, cls: Any, name: str) -> None:
+        # The feature is in use: writes must reach what peers cache.
+        invalidation.connect()
+        super().contribute_to_class(cls, name)
+
+    def _django_scale_default(self) -> bool:
+        """Whether this related manager is the relation's default one, on the row's database.
+
+        ``obj.rel(manager="name")`` builds it from another manager class, and
+        ``db_manager()`` / ``using()`` set the manager's ``_db`` (``BaseManager.db_manager()``,
+        django/db/models/manager.py, Django 4.2 to 6.1): those read on their own, never
+        from or into what peers share.
+        """
+        if self.__dict__.get("_db") is not None:
+            return False
+        return type(self).__bases__[0] is type(self.model._default_manager)
+
     def _django_scale_group(self) -> peers.PeerGroup | None:
         """The peers of the row this related manager belongs to, when they load together."""
         instance = self.__dict__.get("instance")
@@ -305,11 +361,40 @@ class PrefetchAwareManager(_ManagerBase):
         if group is None or len(group.members) < 2 or not group.batch:
             return None
         relation = loaders.many_relation(self)
-        if relation is None:
+        if relation is None or not self._django_scale_default():
             return None
         if relation.cache_name in instance.__dict__.get("_prefetched_objects_cache", ()):
-            return None  # prefetched: Django answers from the cache
+            return None  # prefetched: Django answers from its cache
+        if group.refreshed(instance):
+            group.forget()  # refresh_from_db(): read everything again
+        loaded = group.many.get(relation.cache_name)
+        if loaded is not None:
+            rows = loaded.get(instance.__dict__.get(relation.parent_attname), ())
+            if any(row.pk is None for row in rows):
+                group.forget((relation.cache_name,))  # a row was deleted
         return group
+
+    def _django_scale_single(self) -> Any:
+        """The queryset ``count()`` and ``exists()`` of one row run, as Django's would.
+
+        Django 5.0+ counts a many-to-many relation on its through table alone
+        (``ManyRelatedManager.constrained_target``) when the related model's manager is a
+        plain ``Manager``; a prefetch-aware manager that selects every row (no filter of
+        its own) takes the same path.
+        """
+        instance: Any = self.__dict__.get("instance")
+        relation = loaders.many_relation(self) if instance is not None else None
+        if (
+            relation is not None
+            and relation.reverse_fk is None
+            and relation.cache_name not in instance.__dict__.get("_prefetched_objects_cache", ())
+            and loaders.plain(loaders.base_queryset(self))
+        ):
+            target = getattr(self, "constrained_target", None)
+            if target is not None:
+                detection.note_single(peers.peer_group(instance), relation.label, instance)
+                return target
+        return self.get_queryset()
 
     def get_queryset(self) -> Any:
         queryset = super().get_queryset()
@@ -333,7 +418,7 @@ class PrefetchAwareManager(_ManagerBase):
             counted = loaders.count_many(self, group)
             if counted is not None:
                 return counted
-        return int(self.get_queryset().count())
+        return int(self._django_scale_single().count())
 
     def exists(self) -> bool:
         group = self._django_scale_group()
@@ -341,7 +426,13 @@ class PrefetchAwareManager(_ManagerBase):
             counted = loaders.count_many(self, group)
             if counted is not None:
                 return counted > 0
-        return bool(self.get_queryset().exists())
+        return bool(self._django_scale_single().exists())
+
+    def first(self) -> Any:
+        return self.all().first()
+
+    def last(self) -> Any:
+        return self.all().last()
 
 
 # QuerySet is generic only in django-stubs; subscripting it fails at run time.

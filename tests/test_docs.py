@@ -88,3 +88,19 @@ def test_docs_do_not_call_shipped_features_planned():
         if re.search(r"\b(planned|coming soon|not (yet )?written|not yet available)\b", line, re.IGNORECASE)
     ]
     assert not found, "\n".join(found)
+
+
+def test_every_python_example_in_the_docs_is_valid_python():
+    """A copied example must at least parse: ``...`` may stand for elided values, not syntax."""
+    pages = [*sorted(DOCS.glob("*.md")), README]
+    broken = []
+    blocks = 0
+    for page in pages:
+        for match in re.finditer(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL):
+            blocks += 1
+            try:
+                compile(match.group(1), page.name, "exec")
+            except SyntaxError as error:
+                broken.append(f"{page.name}: {error}")
+    assert blocks > 20
+    assert not broken, "\n".join(broken)

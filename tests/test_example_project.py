@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import harness
+
 ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example_project" / "manage.py"
 #: Variables that would point the example project at real services.
@@ -174,3 +176,50 @@ def test_bench_cache_explains_that_it_needs_redis(tmp_path: Path) -> None:
     result = manage(example_env(tmp_path / "db.sqlite3"), "bench", "cache", "--quick")
     assert result.returncode == 0, explain(result)
     assert "bench cache needs Redis: set REDIS_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1." in result.stdout
+
+
+def _figure(output: str, label: str, unit: str) -> int:
+    match = re.search(rf"^\s+{re.escape(label)}\s+(\d+) {unit}", output, re.MULTILINE)
+    assert match, f"no {label!r} figure in the demo's output:\n{output}"
+    return int(match.group(1))
+
+
+def test_demo_shows_each_win_side_by_side(
+    seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]],
+) -> None:
+    """The demo's numbers: what django-scale changes, against stock Django, on the same data."""
+    _, result = seeded
+    out = result.stdout
+    # The list page: the naive loop costs a query per row and relation; django-scale, with no
+    # lookups written, a handful.
+    naive = _figure(out, "naive loop (stock)", "queries")
+    scaled = _figure(out, "django-scale, no lookups", "queries")
+    assert naive > 100 and scaled <= 5, explain(result)
+    # The changelist: fewer COUNT(*) with ScaleModelAdmin.
+    stock_counts = int(re.search(r"ModelAdmin \(stock\)\s+\d+ queries\s+(\d+) COUNT", out).group(1))  # type: ignore[union-attr]
+    scale_counts = int(re.search(r"ScaleModelAdmin\s+\d+ queries\s+(\d+) COUNT", out).group(1))  # type: ignore[union-attr]
+    assert scale_counts < stock_counts, explain(result)
+    # An expired key read by 50 callers at once: computed 50 times against once.
+    assert _figure(out, "get_or_set (stock)", "computations") > 1, explain(result)
+    assert _figure(out, "stale_while_revalidate", "computations") == 1, explain(result)
+    assert "N+1 query: Article.comments was loaded row by row" in out, explain(result)
+    assert re.search(r"^\s+stopped\s+after \d+ ms", out, re.MULTILINE), explain(result)
+
+
+@pytest.mark.once
+@pytest.mark.postgres
+def test_demo_on_services_shows_the_replica_wins(tmp_path: Path) -> None:
+    """``demo --services``: its own PostgreSQL primary, replica and Redis, and the wins they show."""
+    env = example_env(tmp_path / "unused.sqlite3")
+    env["PG_BIN"] = str(harness.PG_BIN)
+    result = manage(env, "demo", "--services", "--articles", "300")
+    assert result.returncode == 0, explain(result)
+    out = result.stdout
+    replica_share = re.search(r"replica \(replica\)\s+\d+ queries\s+(\d+)%", out)
+    assert replica_share and int(replica_share.group(1)) >= 90, explain(result)
+    assert re.search(r"the writer\s+read from default: views=\d+, sees the write", out), explain(result)
+    assert re.search(r"another user\s+read from replica: .*older row", out), explain(result)
+    assert re.search(r"runaway query\s+\w+ after [\d.]+ s \(1 cancelled by the sniper\)", out), explain(
+        result
+    )
+    assert re.search(r"copy_from\(\)\s+[\d,]+ rows/s", out), explain(result)

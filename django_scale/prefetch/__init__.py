@@ -20,9 +20,14 @@ The package detects the N+1 patterns that are left (a relation filtered or slice
 relation whose model is not prefetch-aware, peer loading turned off) and eager loads that no
 row used; see :func:`detect_n_plus_one`.
 
+What peers loaded is dropped by the writes Django's lazy loading would see (``save()``,
+the related managers, many-to-many changes, ``update()`` and ``delete()`` of prefetch-aware
+querysets, ``refresh_from_db()``), so results equal Django's; fewer queries is the difference.
+
 Its parts: :mod:`~django_scale.prefetch.peers` (the groups),
 :mod:`~django_scale.prefetch.loaders` (one query per relation),
-:mod:`~django_scale.prefetch.hooks` (the seams of each Django version) and
+:mod:`~django_scale.prefetch.hooks` (the seams of each Django version),
+:mod:`~django_scale.prefetch.invalidation` (writes drop what peers cached) and
 :mod:`~django_scale.prefetch.detection` (N+1 detection).
 """
 

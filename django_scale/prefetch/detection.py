@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import sys
-import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,11 +29,10 @@ __all__ = [
     "MODES",
     "Detector",
     "Mode",
-    "called_by_django",
-    "caller_location",
     "current_detector",
     "detect_n_plus_one",
     "note_single",
+    "repeated_by_peer",
     "track_eager",
     "warn_at_caller",
     "watch",
@@ -109,7 +107,7 @@ def detect_n_plus_one(
                 model = type(group.members[0]).__name__ if group.members else "?"
                 _report(
                     detector,
-                    f"Unused eager load: {kind}({name!r}) on {model} rows loaded at {group.origin}, "
+                    f"Unused eager load: {kind}({name!r}) on {model} rows ({len(group.members)} loaded), "
                     f"and no row read {model}.{name}. Remove it from the queryset.",
                     UnusedEagerLoadWarning,
                 )
@@ -136,25 +134,34 @@ def watch(group: PeerGroup) -> None:
     """Register *group* with the current detection scope, to report its unused eager loads."""
     detector = _detector.get()
     if detector is not None:
-        group.origin = caller_location()
         detector.groups.append(group)
+
+
+def repeated_by_peer(group: PeerGroup | None, label: str, instance: Model) -> bool:
+    """Whether *instance* is the second row of *group* to do *label* on its own (once per label).
+
+    A single object doing something row by row is never a pattern: the second peer of one
+    result set doing it is.
+    """
+    if group is None or len(group.members) < 2 or label in group.reported:
+        return False
+    first = group.singles.setdefault(label, id(instance))
+    if first == id(instance):
+        return False
+    group.reported.add(label)
+    return True
 
 
 def note_single(group: PeerGroup | None, label: str, instance: Model) -> None:
     """Record that *instance* loaded *label* on its own; report an N+1 at the second peer doing so."""
-    if group is None or len(group.members) < 2 or label in group.reported:
-        return
-    first = group.singles.setdefault(label, id(instance))
-    if first == id(instance):
-        return
     detector = current_detector()
-    if detector is None:
+    if detector is None or not repeated_by_peer(group, label, instance):
         return
-    group.reported.add(label)
+    assert group is not None
     _report(
         detector,
         f"N+1 query: {label} was loaded row by row for the rows of one result set "
-        f"({len(group.members)} rows), at {caller_location()}. Let the whole set load it at once: "
+        f"({len(group.members)} rows). Let the whole set load it at once: "
         "use a prefetch-aware queryset for the related model, or prefetch_related() with a "
         "Prefetch() queryset instead of filtering or slicing per row.",
         NPlusOneWarning,
@@ -168,72 +175,31 @@ def _report(detector: Detector, message: str, category: type[Warning]) -> None:
     if detector.mode == "warn":
         warn_at_caller(message, category)
     elif detector.mode == "log" and (detector.sample_rate >= 1 or random.random() < detector.sample_rate):
-        logger.warning(message)
+        # The record carries the stack (logging's own stack_info), so the line is found there.
+        logger.warning(message, stack_info=True)
 
 
 # -- Where the caller is ---------------------------------------------------------------------
 #
-# A report names the user's line: the innermost caller outside Django, django-scale and the
-# standard library's decorator plumbing. Warnings get it from the warnings machinery itself
-# (``skip_file_prefixes``, Python 3.12+). The text of a report ("at file:line") needs it as a
-# value, which only the stack can give: it is read through the public ``traceback`` API, as
-# file names and line numbers only (no code objects, no locals, no source lines), and only
-# when something is reported or a result set is watched by a detection scope.
+# A warning names the user's line: the innermost caller outside Django, django-scale and the
+# standard library's decorator plumbing. The warnings machinery finds it itself
+# (``skip_file_prefixes``, Python 3.12+); django-scale never reads the stack. On Python 3.10
+# and 3.11, which have no ``skip_file_prefixes``, the warning points at the library's caller
+# one level up, which may be inside Django. An error (``"raise"`` mode) carries its traceback,
+# and a log record its stack (``stack_info``), so the line is there in every mode.
 
 _DJANGO_DIR = os.path.dirname(django.__file__) + os.sep
 _OWN_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
-_MANAGER_FILE = os.path.join(_DJANGO_DIR, "db", "models", "manager.py")
-#: The files a report never points at: Django, django-scale, and the decorator plumbing
+#: The files a warning never points at: Django, django-scale, and the decorator plumbing
 #: (``contextmanager``, ``wraps``) between a ``with`` block or decorated function and them.
 _LIBRARY_PREFIXES = (_DJANGO_DIR, _OWN_DIR, contextlib.__file__, functools.__file__)
-#: The stack, read through ``traceback``, starts with ``traceback``'s own calls.
-_READER_PREFIXES = (*_LIBRARY_PREFIXES, traceback.__file__)
 #: Python 3.12+ attributes warnings past the library by itself (``skip_file_prefixes``).
 _HAS_SKIP_FILE_PREFIXES: bool = sys.version_info >= (3, 12)
-
-
-def _stack() -> traceback.StackSummary:
-    """The current stack, innermost call first, as file names and line numbers."""
-    return traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)
-
-
-def caller_location() -> str:
-    """Return "file:line" of the innermost caller outside Django and django-scale."""
-    for summary in _stack():
-        if not summary.filename.startswith(_READER_PREFIXES):
-            return f"{summary.filename}:{summary.lineno}"
-    return "<unknown>"
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:
     """Issue a warning attributed to the innermost caller outside Django and django-scale."""
     if _HAS_SKIP_FILE_PREFIXES:
-        warnings.warn(message, category, skip_file_prefixes=_LIBRARY_PREFIXES)
-        return
-    # Python 3.10 and 3.11 only take a stacklevel: count the calls from this function (level
-    # 1) out to the caller's.
-    level = 0
-    for summary in _stack():
-        if level == 0:
-            if summary.filename == __file__ and summary.name == "warn_at_caller":
-                level = 1
-        elif summary.filename.startswith(_LIBRARY_PREFIXES):
-            level += 1
-        else:
-            level += 1
-            break
-    warnings.warn(message, category, stacklevel=max(level, 1))
-
-
-def called_by_django() -> bool:
-    """Whether the current queryset call comes from Django's own code (not the user's).
-
-    Calls of Django's manager proxies are skipped: ``article.comments.filter()`` is the
-    user's call even though ``Manager.filter`` forwards it.
-    """
-    for summary in _stack():
-        filename = summary.filename
-        if filename.startswith((_OWN_DIR, traceback.__file__)) or filename == _MANAGER_FILE:
-            continue
-        return filename.startswith(_DJANGO_DIR)
-    return False
+        warnings.warn(message, category, skip_file_prefixes=_LIBRARY_PREFIXES)  # type: ignore[call-overload,unused-ignore]
+    else:
+        warnings.warn(message, category, stacklevel=3)

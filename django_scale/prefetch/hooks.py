@@ -25,6 +25,7 @@ from django.db.models.fields.related_descriptors import (
     ReverseOneToOneDescriptor,
 )
 
+from django_scale.prefetch.invalidation import key_changed
 from django_scale.prefetch.loaders import load_single
 from django_scale.prefetch.peers import HAS_FETCH_MODES, PeerFieldsCache, PeerGroup, cache_name, peer_group
 
@@ -123,22 +124,48 @@ def is_default_mode(mode: Any) -> bool:
 # -- Django 4.2 to 6.0: the related descriptors ----------------------------------------------
 
 
+_MISSING = object()
+
+
+def _key_was_set(field: Any, instance: Any, before: Any) -> None:
+    """After Django's descriptor set a forward key: a changed key invalidates its parent's relation.
+
+    A reverse foreign key's bulk ``add()`` sets the key on each row this way, then writes with
+    the model's base manager, where no signal tells (django/db/models/fields/related_descriptors.py,
+    ``create_reverse_many_to_one_manager``, ``add()``'s ``check_and_update_obj``). A row being
+    built (no key yet) is in no cache.
+    """
+    after = instance.__dict__.get(field.attname, _MISSING)
+    if before is not _MISSING and before != after:
+        key_changed(field, None if after is _MISSING else after)
+
+
 class _PeerForwardManyToOneDescriptor(ForwardManyToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
     """``post.reporter``: loads the relation for all peers of the row, then reads it."""
 
     def __get__(self, instance: Any, cls: Any = None) -> Any:
-        if instance is not None:
+        if instance is not None and not HAS_FETCH_MODES:
             load_for_peers(instance, self.field)
         return super().__get__(instance, cls)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        before = instance.__dict__.get(self.field.attname, _MISSING)
+        super().__set__(instance, value)
+        _key_was_set(self.field, instance, before)
 
 
 class _PeerForwardOneToOneDescriptor(ForwardOneToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
     """``profile.reporter``: loads the relation for all peers of the row, then reads it."""
 
     def __get__(self, instance: Any, cls: Any = None) -> Any:
-        if instance is not None:
+        if instance is not None and not HAS_FETCH_MODES:
             load_for_peers(instance, self.field)
         return super().__get__(instance, cls)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        before = instance.__dict__.get(self.field.attname, _MISSING)
+        super().__set__(instance, value)
+        _key_was_set(self.field, instance, before)
 
 
 class _PeerReverseOneToOneDescriptor(ReverseOneToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
@@ -154,12 +181,13 @@ class PrefetchAwareForeignKey(_ForeignKeyBase):
     """A ``ForeignKey`` whose lazy loads load for all peers of the row on Django 4.2 to 6.0.
 
     Django 6.1's fetch modes give every foreign key of a prefetch-aware queryset's rows peer
-    loading; on older Django only this field's descriptor can. Migrations see Django's
-    ``ForeignKey``: switching a field to this one needs no migration.
+    loading; on older Django only this field's descriptor can. On every version, changing
+    the key of a row (a reverse foreign key's bulk ``add()`` does) drops what peers cached
+    of the parent's reverse relation. Migrations see Django's ``ForeignKey``: switching a
+    field to this one needs no migration.
     """
 
-    if not HAS_FETCH_MODES:
-        forward_related_accessor_class = _PeerForwardManyToOneDescriptor
+    forward_related_accessor_class = _PeerForwardManyToOneDescriptor
 
     def deconstruct(self) -> Any:
         name, _path, args, kwargs = super().deconstruct()
@@ -172,8 +200,8 @@ class PrefetchAwareOneToOneField(_OneToOneFieldBase):
     See :class:`PrefetchAwareForeignKey`. Migrations see Django's ``OneToOneField``.
     """
 
+    forward_related_accessor_class = _PeerForwardOneToOneDescriptor
     if not HAS_FETCH_MODES:
-        forward_related_accessor_class = _PeerForwardOneToOneDescriptor
         related_accessor_class = _PeerReverseOneToOneDescriptor
 
     def deconstruct(self) -> Any:

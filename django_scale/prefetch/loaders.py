@@ -6,6 +6,7 @@ caller makes those rows peers of each other (:func:`django_scale.prefetch.attach
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from django.db import connections
 from django.db.models import Count, F, Lookup, Model
 
 from django_scale.prefetch.detection import note_single
-from django_scale.prefetch.peers import PeerGroup, cache_name
+from django_scale.prefetch.peers import PeerGroup, cache_name, remember
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -30,6 +31,9 @@ __all__ = [
     "load_many",
     "load_single",
     "many_relation",
+    "on_ancestor",
+    "plain",
+    "rows_for",
 ]
 
 
@@ -83,12 +87,18 @@ def filter_in(queryset: QuerySet[Any], name: str, values: Sequence[Any]) -> list
 
 
 def _single_relations(model: type[Model]) -> dict[str, Any]:
-    """Map each cache name of *model*'s single-valued relations to the relation."""
+    """Map each cache name of *model*'s single-valued relations to the relation.
+
+    Multi-table inheritance parent links (``restaurant.place_ptr``) are left out: Django
+    builds the parent from the child's own values without a query.
+    """
     found = _SINGLE_RELATIONS.get(model)
     if found is None:
         found = {}
         for relation in model._meta.get_fields():
             if not relation.is_relation or not (relation.many_to_one or relation.one_to_one):
+                continue
+            if relation.concrete and getattr(relation.remote_field, "parent_link", False):
                 continue
             if relation.concrete or relation.one_to_one:
                 found[cache_name(relation)] = relation
@@ -97,6 +107,21 @@ def _single_relations(model: type[Model]) -> dict[str, Any]:
 
 
 _SINGLE_RELATIONS: dict[type[Model], dict[str, Any]] = {}
+
+
+def on_ancestor(instance: Model, fk: Any) -> bool:
+    """Whether the forward key *fk* of a parent model is already cached on *instance*'s parent.
+
+    Django's ``ForwardManyToOneDescriptor.__get__`` reads it from there without a query
+    (an instance reached through ``select_related`` down the inheritance chain).
+    """
+    if fk.model is type(instance) or not isinstance(instance, fk.model):
+        return False
+    link = instance._meta.get_ancestor_link(fk.model)
+    if link is None or not link.is_cached(instance):
+        return False
+    ancestor = link.get_cached_value(instance)
+    return ancestor is not None and fk.get_cached_value(ancestor, default=None) is not None
 
 
 def load_single(group: PeerGroup, instance: Model, name: str) -> list[Model] | None:
@@ -108,12 +133,16 @@ def load_single(group: PeerGroup, instance: Model, name: str) -> list[Model] | N
     model = type(instance)
     relation = _single_relations(model).get(name)
     label = f"{model.__name__}.{name}"
-    if relation is None or not group.batch:
+    if relation is None:
+        return None
+    if not group.batch:
         note_single(group, label, instance)
+        return None
+    if relation.concrete and on_ancestor(instance, relation):
         return None
     members = [row for row in group.members if type(row) is model and not relation.is_cached(row)]
     if relation.concrete:
-        return _load_forward(group, relation, members)
+        return _load_forward(group, relation, [row for row in members if not on_ancestor(row, relation)])
     return _load_reverse_one(group, relation, members)
 
 
@@ -161,12 +190,19 @@ def _load_reverse_one(group: PeerGroup, related: Any, members: list[Model]) -> l
     for part in filter_in(queryset, fk.attname, list(keys)):
         for obj in part:
             found[getattr(obj, fk.attname)] = obj
+    given: set[Any] = set()
     for row in members:
-        obj = found.get(row.__dict__.get(key))
+        value = row.__dict__.get(key)
+        obj = found.get(value)
+        if obj is not None and value in given:
+            obj = copy.copy(obj)  # another instance of the same row: its own back-reference
+        given.add(value)
         # None is cached as Django caches it: the descriptor raises RelatedObjectDoesNotExist.
         related.set_cached_value(row, obj)
         if obj is not None:
             fk.set_cached_value(obj, row)
+    # A row created later for a peer cached as missing must be seen: see invalidation.
+    remember(group)
     return list(found.values())
 
 
@@ -229,48 +265,94 @@ def base_queryset(manager: Any) -> QuerySet[Any]:
     return queryset
 
 
-def load_many(manager: Any, group: PeerGroup) -> list[Model] | None:
-    """Load ``manager.all()`` for every peer of ``manager.instance`` lacking it, in one query.
+def plain(queryset: QuerySet[Any]) -> bool:
+    """Whether *queryset* selects every row of its model, as a plain ``Manager``'s does."""
+    query = queryset.query
+    return not (query.where or query.distinct or query.is_sliced or query.combinator or query.extra)
 
-    Each peer gets the rows as if ``prefetch_related`` had loaded them. Return the rows
-    loaded, or ``None`` when the relation was not.
+
+def load_many(manager: Any, group: PeerGroup) -> dict[Any, list[Model]] | None:
+    """Load ``manager.all()`` for every peer of ``manager.instance``, in one query.
+
+    The rows are kept in the group (``group.many``), by the key of the peer they belong
+    to; each reverse foreign key row points back at its own peer, as Django's lazy
+    loading does. Return the rows by key, or ``None`` when the relation cannot be loaded
+    so.
     """
     relation = many_relation(manager)
     if relation is None:
         return None
-    instance = manager.instance
-    model = type(instance)
+    loaded = group.many.get(relation.cache_name)
+    if loaded is not None:
+        return loaded
+    model = type(manager.instance)
     members = [
         row
         for row in group.members
-        if type(row) is model
-        and relation.cache_name not in row.__dict__.get("_prefetched_objects_cache", ())
-        and row.__dict__.get(relation.parent_attname) is not None
+        if type(row) is model and row.__dict__.get(relation.parent_attname) is not None
     ]
     template = base_queryset(manager).using(group.alias)
     keyed = template.annotate(_django_scale_key=F(relation.key_lookup))
     rows: dict[Any, list[Model]] = defaultdict(list)
     keys = list({row.__dict__[relation.parent_attname] for row in members})
-    loaded: list[Model] = []
     for part in filter_in(keyed, "_django_scale_key", keys):
         for obj in part:
             rows[obj.__dict__.pop("_django_scale_key")].append(obj)
-            loaded.append(obj)
-    manager_class = type(manager)
     fk = relation.reverse_fk
-    for row in members:
-        values = rows.get(row.__dict__[relation.parent_attname], [])
-        if fk is not None:
-            for obj in values:
-                fk.set_cached_value(obj, row)
-        queryset = manager_class(row)._apply_rel_filters(template._chain())  # type: ignore[attr-defined]
-        queryset._result_cache = values
-        queryset._prefetch_done = True
-        cache = row.__dict__.get("_prefetched_objects_cache")
-        if cache is None:
-            cache = row.__dict__["_prefetched_objects_cache"] = {}
-        cache[relation.cache_name] = queryset
+    if fk is not None:
+        for row in members:
+            for obj in rows.get(row.__dict__[relation.parent_attname], ()):
+                if not fk.is_cached(obj):
+                    fk.set_cached_value(obj, row)
+    loaded = dict(rows)
+    group.record_states()
+    group.many[relation.cache_name] = loaded
+    remember(group)
     return loaded
+
+
+def rows_for(manager: Any, loaded: dict[Any, list[Model]]) -> list[Model]:
+    """Return the rows of ``manager.instance`` from *loaded*, pointing back at that instance.
+
+    Two instances of one row (``select_related`` joins one per row) each get rows of their
+    own, as Django's lazy loading gives them.
+    """
+    relation = many_relation(manager)
+    assert relation is not None
+    instance = manager.instance
+    rows = loaded.get(instance.__dict__.get(relation.parent_attname), [])
+    fk = relation.reverse_fk
+    if fk is not None and rows and fk.get_cached_value(rows[0], default=None) is not instance:
+        rows = [copy.copy(obj) for obj in rows]
+        for obj in rows:
+            fk.set_cached_value(obj, instance)
+    return rows
+
+
+def _through_counts(manager: Any, group: PeerGroup, keys: list[Any]) -> dict[Any, int] | None:
+    """Count a many-to-many relation on its through table alone, as Django 5.0+ does for one row.
+
+    ``ManyRelatedManager.count()`` skips the join to the target table when the through
+    table's key to it is enforced by the database (``constrained_target``); the grouped
+    count does the same, so it reads no more than Django's.
+    """
+    target = getattr(manager, "target_field", None)
+    if target is None or not target.db_constraint or not plain(base_queryset(manager)):
+        return None
+    if not connections[group.alias].features.supports_foreign_keys:
+        return None
+    source = manager.source_field
+    if len(source.foreign_related_fields) != 1:
+        return None
+    queryset = manager.through._base_manager.db_manager(group.alias).all()
+    if target.null:
+        queryset = queryset.filter(**{f"{manager.target_field_name}__isnull": False})
+    counts: dict[Any, int] = {}
+    for part in filter_in(queryset, source.attname, keys):
+        grouped = part.order_by().values(source.attname).annotate(_django_scale_n=Count("pk"))
+        for item in grouped:
+            counts[item[source.attname]] = item["_django_scale_n"]
+    return counts
 
 
 def count_many(manager: Any, group: PeerGroup) -> int | None:
@@ -285,6 +367,9 @@ def count_many(manager: Any, group: PeerGroup) -> int | None:
     key = manager.instance.__dict__.get(relation.parent_attname)
     if key is None:
         return None
+    loaded = group.many.get(relation.cache_name)
+    if loaded is not None:
+        return len(loaded.get(key, ()))
     counts = group.counts.get(relation.cache_name)
     if counts is None:
         template = base_queryset(manager)
@@ -299,11 +384,15 @@ def count_many(manager: Any, group: PeerGroup) -> int | None:
                 if type(row) is model and row.__dict__.get(relation.parent_attname) is not None
             }
         )
-        keyed = template.using(group.alias).annotate(_django_scale_key=F(relation.key_lookup))
-        counts = {}
-        for part in filter_in(keyed, "_django_scale_key", keys):
-            grouped = part.order_by().values("_django_scale_key").annotate(_django_scale_n=Count("pk"))
-            for item in grouped:
-                counts[item["_django_scale_key"]] = item["_django_scale_n"]
+        counts = _through_counts(manager, group, keys) if relation.reverse_fk is None else None
+        if counts is None:
+            keyed = template.using(group.alias).annotate(_django_scale_key=F(relation.key_lookup))
+            counts = {}
+            for part in filter_in(keyed, "_django_scale_key", keys):
+                grouped = part.order_by().values("_django_scale_key").annotate(_django_scale_n=Count("pk"))
+                for item in grouped:
+                    counts[item["_django_scale_key"]] = item["_django_scale_n"]
+        group.record_states()
         group.counts[relation.cache_name] = counts
+        remember(group)
     return counts.get(key, 0)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import django
 from django.db.models import Model
 
-__all__ = ["HAS_FETCH_MODES", "PeerFieldsCache", "PeerGroup", "cache_name", "peer_group"]
+__all__ = [
+    "HAS_FETCH_MODES",
+    "PeerFieldsCache",
+    "PeerGroup",
+    "any_caching",
+    "cache_name",
+    "caching_groups",
+    "forget",
+    "peer_group",
+    "remember",
+]
 
 #: Django 6.1 has fetch modes (``QuerySet.fetch_mode()``): peer loading builds on their hook.
 HAS_FETCH_MODES = django.VERSION >= (6, 1)
@@ -31,18 +43,20 @@ class PeerGroup:
     """
 
     __slots__ = (
+        "__weakref__",
         "alias",
         "batch",
         "children",
         "counts",
         "eager",
         "ids",
+        "many",
         "members",
         "mode",
         "model",
-        "origin",
         "reported",
         "singles",
+        "states",
         "used",
     )
 
@@ -63,6 +77,14 @@ class PeerGroup:
         self.children: list[PeerGroup] = []
         #: Grouped ``count()`` answers: relation cache name -> {parent key: count}.
         self.counts: dict[str, dict[Any, int]] = {}
+        #: Rows of reverse foreign keys and many-to-many relations loaded for the peers:
+        #: relation cache name -> {parent key: rows}. Held here, not in the rows'
+        #: ``_prefetched_objects_cache``, so Django's own prefetching, custom related
+        #: managers and ``db_manager()`` never see them.
+        self.many: dict[str, dict[Any, list[Model]]] = {}
+        #: Each row's ``_prefetched_objects_cache`` (or ``None``) when the group first
+        #: cached a relation: a row whose object changed was refreshed (``refresh_from_db()``).
+        self.states: dict[int, Any] | None = None
         #: Eager loads (select_related / prefetch_related) to check for use: name -> kind.
         self.eager: dict[str, str] = {}
         #: The eager loads some row used.
@@ -71,8 +93,6 @@ class PeerGroup:
         self.singles: dict[str, int] = {}
         #: The relations already reported as N+1, so each is reported once per group.
         self.reported: set[str] = set()
-        #: Where the rows were loaded, for reports ("file:line").
-        self.origin = ""
 
     def __reduce__(self) -> Any:
         # A pickled or copied row carries no peers (and never the whole result set).
@@ -82,6 +102,8 @@ class PeerGroup:
         """Forget the rows (and rows loaded for them), so they are freed once the caller drops them."""
         self.members = []
         self.counts = {}
+        self.many = {}
+        self.states = None
         self.ids = None
         children, self.children = self.children, []
         for child in children:
@@ -101,6 +123,70 @@ class PeerGroup:
         if self.ids is None:
             self.ids = frozenset(map(id, self.members))
         return id(instance) in self.ids
+
+    def forget(self, names: Iterable[str] | None = None) -> None:
+        """Drop the cached rows and counts of the relations *names* (all when ``None``)."""
+        if names is None:
+            self.many = {}
+            self.counts = {}
+            self.states = None
+            return
+        for name in names:
+            self.many.pop(name, None)
+            self.counts.pop(name, None)
+
+    def refreshed(self, instance: Model) -> bool:
+        """Whether *instance* was refreshed from the database since the group cached a relation.
+
+        ``Model.refresh_from_db()`` gives the row a new, empty ``_prefetched_objects_cache``
+        (``self._prefetched_objects_cache = {}``, django/db/models/base.py, Django 4.2 to
+        6.1) and nothing else public marks it;
+        ``test_prefetch.test_refresh_from_db_replaces_the_prefetch_cache`` pins this.
+        """
+        states = self.states
+        if states is None:
+            return False
+        return instance.__dict__.get("_prefetched_objects_cache") is not states.get(id(instance))
+
+    def record_states(self) -> None:
+        """Remember each row's ``_prefetched_objects_cache`` object (see :meth:`refreshed`)."""
+        if self.states is None:
+            self.states = {id(row): row.__dict__.get("_prefetched_objects_cache") for row in self.members}
+
+
+#: The live groups that cached relations, by the model of their rows: a write through
+#: Django's related managers, ``save()`` or a queryset's ``update()`` / ``delete()`` drops
+#: the affected relations from each (:func:`forget`).
+_CACHING: dict[type[Model], weakref.WeakSet[PeerGroup]] = {}
+
+
+def remember(group: PeerGroup) -> None:
+    """Register *group* as holding cached relations, so writes can invalidate them."""
+    groups = _CACHING.get(group.model)
+    if groups is None:
+        groups = _CACHING[group.model] = weakref.WeakSet()
+    groups.add(group)
+
+
+def any_caching() -> bool:
+    """Whether any group ever cached a relation (else a write has nothing to invalidate)."""
+    return bool(_CACHING)
+
+
+def caching_groups(model: type[Model]) -> list[PeerGroup]:
+    """Return the live groups whose rows are *model* (or a subclass or parent of it) with caches."""
+    found: list[PeerGroup] = []
+    for group_model, groups in list(_CACHING.items()):
+        if issubclass(group_model, model) or issubclass(model, group_model):
+            found.extend(groups)
+    return found
+
+
+def forget(model: type[Model], names: Iterable[str]) -> None:
+    """Drop the relations *names* of *model*'s rows from every live group that cached them."""
+    names = tuple(names)
+    for group in caching_groups(model):
+        group.forget(names)
 
 
 def _no_group() -> None:

@@ -5,7 +5,7 @@ from django.db import models
 
 from django_scale.indexes import TrigramIndex
 from django_scale.prefetch import PrefetchAwareForeignKey, PrefetchAwareOneToOneField
-from django_scale.querysets import ScaleQuerySet
+from django_scale.querysets import PrefetchAwareManager, ScaleQuerySet
 
 
 class Author(models.Model):
@@ -81,10 +81,33 @@ class Post(models.Model):
         return self.title
 
 
+class ApprovedReplyManager(PrefetchAwareManager["Reply"]):
+    """A second, filtered manager: ``post.replies(manager="approved_replies")``."""
+
+    def get_queryset(self) -> models.QuerySet[Reply]:
+        return super().get_queryset().filter(approved=True)
+
+
 class Reply(models.Model):
     post = PrefetchAwareForeignKey(Post, on_delete=models.CASCADE, related_name="replies")
     body = models.CharField(max_length=200)
     approved = models.BooleanField(default=True)
+
+    objects = ScaleQuerySet.as_manager()
+    approved_replies = ApprovedReplyManager()
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.body
+
+
+class Place(models.Model):
+    """A multi-table inheritance parent with a foreign key (``Restaurant`` inherits it)."""
+
+    owner = PrefetchAwareForeignKey(Reporter, on_delete=models.CASCADE, related_name="places")
+    name = models.CharField(max_length=60)
 
     objects = ScaleQuerySet.as_manager()
 
@@ -92,7 +115,16 @@ class Reply(models.Model):
         ordering = ["id"]
 
     def __str__(self) -> str:
-        return self.body
+        return self.name
+
+
+class Restaurant(Place):
+    serves_pizza = models.BooleanField(default=False)
+
+    objects = ScaleQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["id"]
 
 
 class BulkRecord(models.Model):

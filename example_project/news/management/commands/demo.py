@@ -11,6 +11,8 @@ import io
 import itertools
 import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -29,9 +31,12 @@ from django.utils.text import slugify
 from django_scale.bulk import copy_from, copy_to
 from django_scale.conf import conf
 from django_scale.exceptions import SniperError
+from django_scale.replicas import monitor
 from django_scale.sniper import snipe
 
 from news.models import Article, Author, Comment, Section, Tag
+from news.wins import WINS
+from news.wins_services import SERVICE_WINS
 
 #: Articles written per batch, together with their tags and comments.
 BATCH_SIZE = 200
@@ -126,7 +131,7 @@ def show_operations(command: Command) -> None:
 #: Each feature's part of the demo, run in order after the summary. A section is a callable
 #: that takes the command (for its ``stdout`` and ``style``) and shows one django-scale feature
 #: at work on the data set. Add one here per feature.
-FEATURE_SECTIONS: tuple[Callable[[Command], None], ...] = (show_operations,)
+FEATURE_SECTIONS: tuple[Callable[[Command], None], ...] = (*WINS, *SERVICE_WINS, show_operations)
 
 
 class ProgressBar:
@@ -298,12 +303,27 @@ class Command(BaseCommand):
         parser.add_argument(
             "--flush", action="store_true", help="Delete the news data first and seed it again."
         )
+        parser.add_argument(
+            "--services",
+            action="store_true",
+            help="Run on a throwaway PostgreSQL primary, streaming replica and Redis started for the "
+            "demo (needs the repository checkout and PostgreSQL's server programs, PG_BIN).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         articles: int = options["articles"]
         seed: int = options["seed"]
         if articles < 1:
             raise CommandError(f"--articles must be at least 1, not {articles}.")
+        if options["services"] and os.environ.get("DJANGO_SCALE_EXAMPLE_HARNESS") != "1":
+            # Settings pick the databases when they load: run the demo again in a process whose
+            # settings start the services (DJANGO_SCALE_EXAMPLE_HARNESS, see newsroom/settings.py).
+            manage = str(settings.BASE_DIR / "manage.py")
+            argv = [sys.executable, manage, "demo", "--articles", str(articles), "--seed", str(seed)]
+            if options["flush"]:
+                argv.append("--flush")
+            env = {**os.environ, "DJANGO_SCALE_EXAMPLE_HARNESS": "1"}
+            raise SystemExit(subprocess.run(argv, env=env, check=False).returncode)
 
         # The demo writes and counts on the primary: a replica may not have replayed its writes yet.
         db = conf.PRIMARY
@@ -317,6 +337,9 @@ class Command(BaseCommand):
             show_feature(self)
 
         self.show_next_steps(superuser)
+        # Stop the replica monitors before the services go away with the process (--services).
+        for alias in conf.REPLICAS:
+            monitor(alias).stop()
 
     def seed(self, db: str, *, articles: int, seed: int, flush: bool) -> None:
         """Seed the data set of *seed* in *db*, unless news data exists and *flush* is false."""
