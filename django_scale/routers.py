@@ -20,6 +20,7 @@ from django.db.models import Model
 
 from django_scale.conf import conf
 from django_scale.replicas.fallback import fallback_window
+from django_scale.replicas.guard import guard_connection, install_guards
 from django_scale.replicas.monitors import monitor
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
@@ -109,6 +110,9 @@ def pick_usable(aliases: list[str]) -> str | None:
                 # there, without holding it against the replica.
                 continue
         connection._django_scale_epoch = (id(connection.connection), item.failures)  # type: ignore[attr-defined]
+        # Guarded when it opened (connection_created), unless it opened inside an execute
+        # wrapper block of the caller's or before the router existed: guard it now.
+        guard_connection(connection)
         return alias
     return None
 
@@ -144,7 +148,14 @@ class ReplicaRouter:
     A read goes to the primary when it runs inside ``atomic()``, inside :func:`use_primary`,
     after the current request wrote, or when no replica is available that has replayed the
     user's last write. The decision reads in-memory state only; it does no I/O.
+
+    Creating it (Django does, once per process) puts a
+    :class:`~django_scale.replicas.ReplicaGuard` on every replica connection opened from then
+    on (:func:`~django_scale.replicas.install_guards`).
     """
+
+    def __init__(self) -> None:
+        install_guards()
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         primary, replicas = conf.aliases()
@@ -160,7 +171,7 @@ class ReplicaRouter:
         handles = _connections(state, primary, replicas)
         if forced == "primary" or _in_atomic(handles[0], handles[1:]):
             pass
-        elif state is None or forced == "replica":
+        elif state is None or (forced == "replica" and not state.rerun):
             # Outside a request or task, or told to: any available replica.
             now = time.monotonic()
             chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)])

@@ -46,6 +46,13 @@ class RoutingState:
     replica: str | None = None
     #: How many read decisions went to each alias (for tests, metrics and benchmarks).
     reads: Counter[str] = field(default_factory=Counter)
+    #: The replica a read of this request failed on (its connection broke, or the standby
+    #: cancelled it), or ``None``. :class:`~django_scale.middleware.ScaleMiddleware` runs a safe
+    #: request that has not written once more, on the primary, when it is set.
+    replica_failed: str | None = None
+    #: Whether this is that second run: every read goes to the primary, inside
+    #: :func:`use_replica` too.
+    rerun: bool = False
 
     def pin(self, reason: str) -> None:
         """Send the rest of this request's reads to the primary, for *reason*."""
