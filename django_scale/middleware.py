@@ -57,9 +57,13 @@ def read_cookie(request: HttpRequest) -> tuple[int | None, bool]:
 
     A missing, expired or forged cookie counts as no recent write.
     """
+    name = conf.READ_YOUR_WRITES_COOKIE
+    if name not in request.COOKIES:
+        # Most requests: no recent write, and no exception raised and caught to find out.
+        return None, False
     try:
         value = request.get_signed_cookie(
-            conf.READ_YOUR_WRITES_COOKIE,
+            name,
             salt=COOKIE_SALT,
             max_age=timedelta(seconds=conf.READ_YOUR_WRITES_MAX_AGE),
         )
@@ -97,10 +101,9 @@ def _close(
     request: HttpRequest, response: HttpResponseBase, state: RoutingState, position: str | None
 ) -> None:
     """After the view: leave the user's write position in the cookie, or clear a spent one."""
-    name = conf.READ_YOUR_WRITES_COOKIE
     if state.wrote:
         response.set_signed_cookie(
-            name,
+            conf.READ_YOUR_WRITES_COOKIE,
             position or STICKY_PRIMARY,
             salt=COOKIE_SALT,
             max_age=int(conf.READ_YOUR_WRITES_MAX_AGE),
@@ -113,7 +116,9 @@ def _close(
         monitor(alias).replay_lsn >= state.required_lsn for alias in conf.REPLICAS
     ):
         # Every replica has the write now: the cookie has done its job.
-        response.delete_cookie(name, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax")
+        response.delete_cookie(
+            conf.READ_YOUR_WRITES_COOKIE, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax"
+        )
 
 
 def _is_first_middleware() -> bool:

@@ -25,21 +25,23 @@ import asyncio
 import gc
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 from django.http import HttpRequest, HttpResponse
-from django.test import AsyncClient, Client
+from django.test import AsyncClient, Client, RequestFactory
 from django.test.utils import CaptureQueriesContext, override_settings
 from django.urls import path
+from django.utils.module_loading import import_string
 
 from django_scale.conf import conf
-from django_scale.replicas import monitor
+from django_scale.replicas import monitor, stop_monitors
 from django_scale.testing import override_scale_settings
 
-from benchmarks import print_table
+from benchmarks import print_table, time_per_call
 
 SCALE_MIDDLEWARE = "django_scale.middleware.ScaleMiddleware"
 MULTIDB_MIDDLEWARE = "multidb.middleware.PinningRouterMiddleware"
@@ -146,25 +148,28 @@ def _reset_multidb() -> None:
 
 # -- Timing -------------------------------------------------------------------------------------
 
+#: One sample: (wall-clock seconds, CPU seconds of this process) of one request.
+Sample = tuple[float, float]
 
-def _time_sync(client: Client, url: str, requests: int) -> list[float]:
+
+def _time_sync(client: Client, url: str, requests: int) -> list[Sample]:
     samples = []
     get = client.get
     for _ in range(requests):
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         response = get(url)
-        samples.append(time.perf_counter() - started)
+        samples.append((time.perf_counter() - wall, time.process_time() - cpu))
         assert response.status_code == 200, response
     return samples
 
 
-async def _time_async(client: AsyncClient, url: str, requests: int) -> list[float]:
+async def _time_async(client: AsyncClient, url: str, requests: int) -> list[Sample]:
     samples = []
     get = client.get
     for _ in range(requests):
-        started = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         response = await get(url)
-        samples.append(time.perf_counter() - started)
+        samples.append((time.perf_counter() - wall, time.process_time() - cpu))
         assert response.status_code == 200, response
     return samples
 
@@ -177,62 +182,192 @@ def _check_routing(name: str, client: Client, url: str, replica: str) -> None:
     assert len(captured) >= 1, f"{name}: its read did not run on {want!r}"
 
 
-def measure(replica: str, batches: int, per_batch: int) -> dict[tuple[str, str], list[float]]:
-    """Return every per-request time of each (view, setup), the setups taking turns per batch."""
+#: Per (view, setup): every sample, and the median of each round's batch.
+Results = dict[tuple[str, str], tuple[list[Sample], list[Sample]]]
+
+
+def measure(replica: str, rounds: int, per_batch: int) -> Results:
+    """Time each (view, setup), the setups taking turns in batches of *per_batch* requests.
+
+    Each round runs one batch of every setup on every view, in an order that rotates from
+    round to round, so that whatever else the machine does hits every setup alike.
+    """
     configs = setups(replica)
+    names = list(configs)
     sync_clients: dict[str, Client] = {}
     async_clients: dict[str, AsyncClient] = {}
-    samples: dict[tuple[str, str], list[float]] = {}
-    names = list(configs)
+    results: Results = {}
     loop = asyncio.new_event_loop()
     try:
-        for batch in range(batches):
-            # Rotate the order each batch, so that no setup always runs right after another.
-            order = names[batch % len(names) :] + names[: batch % len(names)]
-            for name in order:
-                _reset_multidb()
-                with override_settings(**configs[name]):
-                    client = sync_clients.setdefault(name, Client())
-                    aclient = async_clients.setdefault(name, AsyncClient())
-                    if batch == 0:
-                        _check_routing(name, client, "/sync/1/", replica)
-                    for label, url, is_async in VIEWS:
-                        # Warm up: the connection of this thread (or of the ORM's thread) open.
+        for name in names:
+            # Warm up: each setup's clients and middleware built, the connections open.
+            _reset_multidb()
+            with override_settings(**configs[name]):
+                client = sync_clients[name] = Client()
+                aclient = async_clients[name] = AsyncClient()
+                _check_routing(name, client, "/sync/1/", replica)
+                for _, url, is_async in VIEWS:
+                    if is_async:
+                        loop.run_until_complete(_time_async(aclient, url, 5))
+                    else:
+                        _time_sync(client, url, 5)
+        for batch in range(rounds):
+            for label, url, is_async in VIEWS:
+                shift = batch % len(names)
+                for name in names[shift:] + names[:shift]:
+                    _reset_multidb()
+                    with override_settings(**configs[name]):
                         if is_async:
-                            loop.run_until_complete(_time_async(aclient, url, 2))
+                            found = loop.run_until_complete(_time_async(async_clients[name], url, per_batch))
                         else:
-                            _time_sync(client, url, 2)
-                        gc.collect()
-                        if is_async:
-                            found = loop.run_until_complete(_time_async(aclient, url, per_batch))
-                        else:
-                            found = _time_sync(client, url, per_batch)
-                        samples.setdefault((label, name), []).extend(found)
+                            found = _time_sync(sync_clients[name], url, per_batch)
+                    every, medians = results.setdefault((label, name), ([], []))
+                    every.extend(found)
+                    medians.append(
+                        (statistics.median(s[0] for s in found), statistics.median(s[1] for s in found))
+                    )
+            gc.collect()
     finally:
         # The async views' queries ran in asgiref's thread for sync code: close its connections.
         loop.run_until_complete(sync_to_async(connections.close_all)())
         loop.close()
-    return samples
+    return results
 
 
-def report(out: TextIO, samples: dict[tuple[str, str], list[float]], names: list[str], title: str) -> None:
+def _paired_ratio(results: Results, label: str, name: str, against: str, part: int) -> float:
+    """The median over rounds of (this setup's batch median / the other setup's, same round)."""
+    mine, theirs = results[(label, name)][1], results[(label, against)][1]
+    return statistics.median(a[part] / b[part] for a, b in zip(mine, theirs, strict=True))
+
+
+def report(out: TextIO, results: Results, names: list[str], title: str) -> None:
     rows: list[list[object]] = []
     for label, _, _ in VIEWS:
-        medians = {name: statistics.median(samples[(label, name)]) for name in names}
-        stock, anchor = medians[STOCK], medians[MULTIDB]
         for name in names:
-            value = medians[name]
+            every = results[(label, name)][0]
+            wall = statistics.median(sample[0] for sample in every)
+            cpu = statistics.median(sample[1] for sample in every)
+            stock_cpu = statistics.median(sample[1] for sample in results[(label, STOCK)][0])
             rows.append(
                 [
                     label,
                     name,
-                    f"{value * 1e3:.3f}",
-                    f"{(value - stock) * 1e6:+.0f}",
-                    f"{value / stock:.3f}x",
-                    f"{value / anchor:.3f}x",
+                    f"{wall * 1e3:.3f}",
+                    f"{_paired_ratio(results, label, name, STOCK, 0):.3f}x",
+                    f"{_paired_ratio(results, label, name, MULTIDB, 0):.3f}x",
+                    f"{cpu * 1e3:.3f}",
+                    f"{(cpu - stock_cpu) * 1e6:+.0f}",
+                    f"{_paired_ratio(results, label, name, STOCK, 1):.3f}x",
+                    f"{_paired_ratio(results, label, name, MULTIDB, 1):.3f}x",
                 ]
             )
-    print_table(out, title, ["view", "setup", "ms/request", "µs vs stock", "vs stock", "vs multidb"], rows)
+    print_table(
+        out,
+        title,
+        [
+            "view",
+            "setup",
+            "wall ms",
+            "vs stock",
+            "vs multidb",
+            "CPU ms",
+            "CPU µs vs stock",
+            "vs stock",
+            "vs multidb",
+        ],
+        rows,
+    )
+
+
+# -- In isolation: the middleware and the routing decisions, without the database ------------
+
+
+def _decide(count: int) -> None:
+    from django.db import router
+
+    from news.models import Section
+
+    for _ in range(count):
+        router.db_for_read(Section)
+
+
+def _sync_view(count: int) -> Callable[[HttpRequest], HttpResponse]:
+    def view(request: HttpRequest) -> HttpResponse:
+        _decide(count)
+        return HttpResponse("")
+
+    return view
+
+
+def _async_view(count: int) -> Callable[[HttpRequest], Awaitable[HttpResponse]]:
+    async def view(request: HttpRequest) -> HttpResponse:
+        # As an async view's ORM call does: the decision in the ORM's thread.
+        await sync_to_async(_decide)(count)
+        return HttpResponse("")
+
+    return view
+
+
+def isolated(out: TextIO, replica: str, quick: bool) -> None:
+    """Time each setup's own middleware around a view that only makes routing decisions."""
+    calls = 1_000 if quick else 10_000
+    configs = setups(replica)
+    request = RequestFactory().get("/")
+    rows: list[list[object]] = []
+    loop = asyncio.new_event_loop()
+    try:
+        for label, count, is_async in (
+            ("sync, 1 decision", 1, False),
+            ("sync, 10 decisions", 10, False),
+            ("async, 1 decision", 1, True),
+            ("async, 10 decisions", 10, True),
+        ):
+            timings: dict[str, float] = {}
+            for name, options in configs.items():
+                _reset_multidb()
+                with override_settings(**options):
+                    # Only the setup's own middleware (ScaleMiddleware or multidb's), as the
+                    # outermost entry: the rest of the stack is the same for every setup.
+                    own = [
+                        entry
+                        for entry in options["MIDDLEWARE"]
+                        if entry in (SCALE_MIDDLEWARE, MULTIDB_MIDDLEWARE)
+                    ]
+                    handler: Any = _async_view(count) if is_async else _sync_view(count)
+                    for entry in reversed(own):
+                        handler = import_string(entry)(handler)
+                    if is_async:
+
+                        async def many(handler: Any = handler) -> None:
+                            for _ in range(calls // 10):
+                                await handler(request)
+
+                        timings[name] = time_per_call(
+                            lambda many=many: loop.run_until_complete(many()), calls=10
+                        ) / (calls // 10)
+                    else:
+                        timings[name] = time_per_call(lambda handler=handler: handler(request), calls=calls)
+            stock, anchor = timings[STOCK], timings[MULTIDB]
+            for name, seconds in timings.items():
+                rows.append(
+                    [
+                        label,
+                        name,
+                        f"{seconds * 1e6:.1f}",
+                        f"{(seconds - stock) * 1e6:+.1f}",
+                        f"{seconds / anchor:.2f}x",
+                    ]
+                )
+    finally:
+        loop.run_until_complete(sync_to_async(connections.close_all)())
+        loop.close()
+    print_table(
+        out,
+        "In isolation: the setup's own middleware around a view that only routes (no query, no test "
+        f"client); µs per request, median of 5 runs of {calls:,}",
+        ["view", "setup", "µs/request", "µs vs stock", "vs multidb"],
+        rows,
+    )
 
 
 def run(out: TextIO, quick: bool = False) -> None:
@@ -245,16 +380,21 @@ def run(out: TextIO, quick: bool = False) -> None:
         )
         raise SystemExit(2)
     replica = replicas[0]
-    batches, per_batch = (4, 25) if quick else (20, 50)
+    rounds, per_batch = (10, 10) if quick else (100, 10)
     with override_scale_settings(HEALTH_CHECK_INTERVAL=0.5):
         if not monitor(replica).is_available():
             raise SystemExit(f"the replica {replica!r} is not available: {monitor(replica).error}")
         names = list(setups(replica))
-        samples = measure(replica, batches, per_batch)
-    report(
-        out,
-        samples,
-        names,
-        f"Time per request through the test client: median of {batches * per_batch} requests per cell, "
-        f"setups in round-robin batches of {per_batch}",
-    )
+        try:
+            results = measure(replica, rounds, per_batch)
+            report(
+                out,
+                results,
+                names,
+                f"Time per request through the test client: {rounds} rounds of {per_batch} requests per cell. "
+                "Wall and CPU (this process's, all threads) medians; ratios are medians over rounds of "
+                "each round's batch medians",
+            )
+            isolated(out, replica, quick)
+        finally:
+            stop_monitors()
