@@ -45,9 +45,17 @@ def choose_replica(state: RoutingState, replicas: tuple[str, ...]) -> str | None
         if available:
             state._version, state._valid_until = version, until
             return state.replica
-    candidates = [alias for alias in replicas if monitor(alias).is_available(now, state.required_lsn)]
-    state.replica = pick_usable(candidates)
-    state._version = -1
+    # Each available replica, with how long its availability holds (the next decisions of the
+    # request take the fast path above until then).
+    candidates: dict[str, tuple[int, float]] = {}
+    for alias in replicas:
+        item = monitor(alias)
+        version = item.version
+        available, until = item.availability(now, state.required_lsn)
+        if available:
+            candidates[alias] = (version, until)
+    state.replica = pick_usable(list(candidates))
+    state._version, state._valid_until = candidates[state.replica] if state.replica else (-1, 0.0)
     return state.replica
 
 
@@ -80,8 +88,9 @@ def pick_usable(aliases: list[str]) -> str | None:
     out of rotation and the read goes elsewhere instead of failing. An open connection is
     not tested again (that would cost a round trip per request).
     """
-    aliases = list(aliases)
-    random.shuffle(aliases)
+    if len(aliases) > 1:
+        aliases = list(aliases)
+        random.shuffle(aliases)
     for alias in aliases:
         connection = connections[alias]
         item = monitor(alias)

@@ -39,16 +39,20 @@ _guarded: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
 def guard_connection(connection: BaseDatabaseWrapper) -> bool:
     """Wrap the queries of replica *connection* in a :class:`ReplicaGuard` for its whole life.
 
-    Return whether it is guarded. It goes through the public
+    Return whether it is guarded; a connection object of an alias not in ``REPLICAS`` never is. It goes through the public
     :meth:`~django.db.backends.base.base.BaseDatabaseWrapper.execute_wrapper`, entered once and
     never left. That context manager pops the *last* wrapper on exit, so it is only entered
     while no other wrapper is active on the connection: entered inside a block of the caller's,
     the caller's exit would remove the guard and leave its own wrapper behind. Such a
     connection is guarded later, when the router next hands out its alias
-    (:func:`django_scale.routers.pick_usable`).
+    (``ReplicaRouter``).
     """
     if connection in _guarded:
         return True
+    if connection.alias not in conf.REPLICAS:
+        # Say, the primary's connection object, which share_primary_connection() hands out
+        # for the replica aliases in tests: its queries are the primary's.
+        return False
     if connection.execute_wrappers:
         return False
     entered = connection.execute_wrapper(ReplicaGuard(connection.alias))
@@ -61,8 +65,7 @@ def guard_connection(connection: BaseDatabaseWrapper) -> bool:
 
 
 def _guard_new_connection(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
-    if connection.alias in conf.REPLICAS:
-        guard_connection(connection)
+    guard_connection(connection)
 
 
 def install_guards() -> None:
