@@ -30,7 +30,9 @@ __all__ = ["ReplicaRouter"]
 # -- The routing policy: which replica, and the cap on falling back to the primary ----------
 
 
-def choose_replica(state: RoutingState, replicas: tuple[str, ...]) -> str | None:
+def choose_replica(
+    state: RoutingState, replicas: tuple[str, ...], handles: dict[str, BaseDatabaseWrapper] | None = None
+) -> str | None:
     """Return the replica *state*'s request may read from, or ``None`` for the primary (no I/O).
 
     The replica chosen first is kept while it stays available, so that a request's reads agree.
@@ -54,7 +56,7 @@ def choose_replica(state: RoutingState, replicas: tuple[str, ...]) -> str | None
         available, until = item.availability(now, state.required_lsn)
         if available:
             candidates[alias] = (version, until)
-    state.replica = pick_usable(list(candidates))
+    state.replica = pick_usable(list(candidates), handles)
     state._version, state._valid_until = candidates[state.replica] if state.replica else (-1, 0.0)
     return state.replica
 
@@ -80,19 +82,20 @@ def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str,
     return alias
 
 
-def pick_usable(aliases: list[str]) -> str | None:
+def pick_usable(aliases: list[str], handles: dict[str, BaseDatabaseWrapper] | None = None) -> str | None:
     """Return one of *aliases* at random whose connection opens, or ``None``.
 
     A replica's connection in this thread opens here, before the router hands out its alias,
     rather than in the middle of the caller's query: a refused connection takes the replica
     out of rotation and the read goes elsewhere instead of failing. An open connection is
-    not tested again (that would cost a round trip per request).
+    not tested again (that would cost a round trip per request). *handles* are the aliases'
+    connection objects, when the caller has them.
     """
     if len(aliases) > 1:
         aliases = list(aliases)
         random.shuffle(aliases)
     for alias in aliases:
-        connection = connections[alias]
+        connection = handles[alias] if handles is not None else connections[alias]
         item = monitor(alias)
         # Never close a connection inside a transaction (the caller's atomic block, or the
         # primary's connection shared by share_primary_connection() in a TestCase): closing it
@@ -139,11 +142,16 @@ def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper
     return any(replica.in_atomic_block for replica in replicas)
 
 
-def _connections(state: RoutingState | None, primary: str, replicas: tuple[str, ...]) -> tuple[Any, ...]:
+#: The connection objects of the primary, of the replicas, and of the replicas by alias.
+Handles = tuple[BaseDatabaseWrapper, tuple[BaseDatabaseWrapper, ...], dict[str, BaseDatabaseWrapper]]
+
+
+def _connections(state: RoutingState | None, primary: str, replicas: tuple[str, ...]) -> Handles:
     """Return the connection objects of *primary* and *replicas*, cached for the request."""
     if state is not None and state._connections and state._connections[0] == (primary, replicas):
         return state._connections[1]  # type: ignore[no-any-return]
-    found = (connections[primary], *(connections[alias] for alias in replicas))
+    by_alias = {alias: connections[alias] for alias in replicas}
+    found = (connections[primary], tuple(by_alias.values()), by_alias)
     if state is not None:
         # A request's connection objects do not change while it runs (they are per thread,
         # or per context under ASGI), and looking them up costs more than the decision.
@@ -177,26 +185,27 @@ class ReplicaRouter:
         forced = _forced.get()
         state = _state.get()
         alias: str | None = None
-        handles = _connections(state, primary, replicas)
-        if forced == "primary" or _in_atomic(handles[0], handles[1:]):
+        primary_handle, replica_handles, handles = _connections(state, primary, replicas)
+        if forced == "primary" or _in_atomic(primary_handle, replica_handles):
             pass
         elif state is None or (forced == "replica" and not state.rerun):
             # Outside a request or task, or told to: any available replica.
             now = time.monotonic()
-            chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)])
+            chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)], handles)
             alias = free_read_alias(replicas, chosen, primary, now)
         elif not state.pinned:
-            alias = choose_replica(state, replicas)
+            alias = choose_replica(state, replicas, handles)
             if state.required_lsn is None:
                 alias = free_read_alias(replicas, alias, primary, time.monotonic())
             elif alias is None:
                 state.pin("no available replica has replayed the user's last write")
         alias = alias or primary
+        # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)
         if state is not None:
-            state.reads[alias] += 1
+            state.reads[alias] = state.reads.get(alias, 0) + 1
         captured = _capture.get()
         if captured is not None:
-            captured[alias] += 1
+            captured[alias] = captured.get(alias, 0) + 1
         return alias
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:

@@ -168,14 +168,16 @@ class Watchdog:
                 self._thread.start()
             self._next += 1
             self._inflight[self._next] = (alias, connection)
-            self._has_work.set()
+            # Setting an Event notifies its condition: only wake the thread when it sleeps.
+            if not self._has_work.is_set():
+                self._has_work.set()
             return self._next
 
     def unwatch(self, ticket: int) -> None:
+        # The thread clears _has_work itself once it finds nothing in flight: clearing it
+        # here, on every query, would cost more than the thread's one extra look.
         with self._lock:
             self._inflight.pop(ticket, None)
-            if not self._inflight:
-                self._has_work.clear()
 
     def _run(self) -> None:
         while True:
@@ -183,6 +185,11 @@ class Watchdog:
             time.sleep(self.tick)
             now = time.monotonic()
             with self._lock:
+                if not self._inflight:
+                    # Under the lock, so that a watch() now either came before (and is seen
+                    # here) or comes after and sets the event again.
+                    self._has_work.clear()
+                    continue
                 stuck = [
                     (ticket, connection)
                     for ticket, (alias, connection) in self._inflight.items()

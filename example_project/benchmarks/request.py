@@ -42,7 +42,7 @@ from django_scale.conf import conf
 from django_scale.replicas import monitor, stop_monitors
 from django_scale.testing import override_scale_settings
 
-from benchmarks import print_table, time_per_call
+from benchmarks import print_table
 
 SCALE_MIDDLEWARE = "django_scale.middleware.ScaleMiddleware"
 MULTIDB_MIDDLEWARE = "multidb.middleware.PinningRouterMiddleware"
@@ -337,6 +337,17 @@ def isolated(out: TextIO, replica: str, quick: bool) -> None:
     request = RequestFactory().get("/")
     rows: list[list[object]] = []
     loop = asyncio.new_event_loop()
+    sync_cpu = RequestCPU()
+    async_cpu = RequestCPU(loop.run_until_complete(sync_to_async(threading.get_ident)()))
+
+    def cpu_per_call(function: Callable[[], object], cpu_time: RequestCPU) -> float:
+        samples = []
+        for _ in range(5):
+            started = cpu_time()
+            function()
+            samples.append((cpu_time() - started) / calls)
+        return statistics.median(samples)
+
     try:
         for label, count, is_async in (
             ("sync, 1 decision", 1, False),
@@ -361,14 +372,19 @@ def isolated(out: TextIO, replica: str, quick: bool) -> None:
                     if is_async:
 
                         async def many(handler: Any = handler) -> None:
-                            for _ in range(calls // 10):
+                            for _ in range(calls):
                                 await handler(request)
 
-                        timings[name] = time_per_call(
-                            lambda many=many: loop.run_until_complete(many()), calls=10
-                        ) / (calls // 10)
+                        timings[name] = cpu_per_call(
+                            lambda many=many: loop.run_until_complete(many()), async_cpu
+                        )
                     else:
-                        timings[name] = time_per_call(lambda handler=handler: handler(request), calls=calls)
+
+                        def many_sync(handler: Any = handler) -> None:
+                            for _ in range(calls):
+                                handler(request)
+
+                        timings[name] = cpu_per_call(many_sync, sync_cpu)
             stock, anchor = timings[STOCK], timings[MULTIDB]
             for name, seconds in timings.items():
                 rows.append(
@@ -386,7 +402,7 @@ def isolated(out: TextIO, replica: str, quick: bool) -> None:
     print_table(
         out,
         "In isolation: the setup's own middleware around a view that only routes (no query, no test "
-        f"client); µs per request, median of 5 runs of {calls:,}",
+        f"client); CPU µs of the request's threads per request, median of 5 runs of {calls:,}",
         ["view", "setup", "µs/request", "µs vs stock", "vs multidb"],
         rows,
     )
