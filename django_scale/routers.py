@@ -142,21 +142,17 @@ def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper
     return any(replica.in_atomic_block for replica in replicas)
 
 
-#: The connection objects of the primary, of the replicas, and of the replicas by alias.
-Handles = tuple[BaseDatabaseWrapper, tuple[BaseDatabaseWrapper, ...], dict[str, BaseDatabaseWrapper]]
+#: What a request's decisions share: the primary's and the replicas' aliases, their
+#: connection objects, and the replicas' by alias.
+Route = tuple[
+    str, tuple[str, ...], BaseDatabaseWrapper, tuple[BaseDatabaseWrapper, ...], dict[str, BaseDatabaseWrapper]
+]
 
 
-def _connections(state: RoutingState | None, primary: str, replicas: tuple[str, ...]) -> Handles:
-    """Return the connection objects of *primary* and *replicas*, cached for the request."""
-    if state is not None and state._connections and state._connections[0] == (primary, replicas):
-        return state._connections[1]  # type: ignore[no-any-return]
+def _route(primary: str, replicas: tuple[str, ...]) -> Route:
+    """Look up the connection objects of *primary* and *replicas* (in this thread)."""
     by_alias = {alias: connections[alias] for alias in replicas}
-    found = (connections[primary], tuple(by_alias.values()), by_alias)
-    if state is not None:
-        # A request's connection objects do not change while it runs (they are per thread,
-        # or per context under ASGI), and looking them up costs more than the decision.
-        state._connections = ((primary, replicas), found)
-    return found
+    return (primary, replicas, connections[primary], tuple(by_alias.values()), by_alias)
 
 
 class ReplicaRouter:
@@ -175,17 +171,25 @@ class ReplicaRouter:
         install_guards()
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
-        primary, replicas = conf.aliases()
-        if not replicas:
-            return primary
+        state = _state.get()
+        route = state._route if state is not None else None
+        if route is None:
+            primary, replicas = conf.aliases()
+            if not replicas:
+                return primary
+            route = _route(primary, replicas)
+            if state is not None:
+                # The aliases, and the connection objects (per thread, or per context under
+                # ASGI), do not change while a request runs: looked up once per request,
+                # they cost more than the rest of a decision.
+                state._route = route
+        primary, replicas, primary_handle, replica_handles, handles = route
         instance = hints.get("instance")
         if instance is not None and instance._state.db not in (None, primary, *replicas):
             # The object came from a database this router does not manage: abstain.
             return None
         forced = _forced.get()
-        state = _state.get()
         alias: str | None = None
-        primary_handle, replica_handles, handles = _connections(state, primary, replicas)
         if forced == "primary" or _in_atomic(primary_handle, replica_handles):
             pass
         elif state is None or (forced == "replica" and not state.rerun):

@@ -61,7 +61,8 @@ class RoutingState:
     #: Until when (``time.monotonic()``) the chosen replica's availability holds unless its
     #: monitor learns something new (its version changes).
     _valid_until: float = field(default=0.0, repr=False)
-    _connections: tuple[Any, ...] = field(default=(), repr=False)
+    #: The request's routing lookups, made at its first read (routers.Route).
+    _route: tuple[Any, ...] | None = field(default=None, repr=False)
     _version: int = field(default=-1, repr=False)
 
 
