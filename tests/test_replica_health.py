@@ -469,7 +469,9 @@ def test_a_post_whose_replica_read_failed_is_never_run_again(caught_up_author):
         # The view only reads, but a POST is not safe to repeat: the error is the response.
         Client().post(f"/authors/{caught_up_author}/")
     assert raised.value.alias == "replica"
-    assert len(failed) == 1 and seen == []
+    # The view's query never ran on the primary. (Django 4.2's error report may run others
+    # there: it shows the frames' local querysets, which repr() evaluates.)
+    assert len(failed) == 1 and failed[0] not in seen
 
 
 @REPLICA
