@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -408,6 +409,60 @@ def isolated(out: TextIO, replica: str, quick: bool) -> None:
     )
 
 
+# -- Deterministic: function calls per request ---------------------------------------------------
+
+
+def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
+    """Count the Python and C function calls of a sync request in each setup (``sys.setprofile``).
+
+    Unlike time, the count does not depend on what else the machine does: it shows the work
+    each setup adds to a request, call for call (though not what each call costs).
+    """
+    requests = 20 if quick else 200
+    rows: list[list[object]] = []
+    for label, url, is_async in VIEWS:
+        if is_async:
+            continue  # the ORM's thread is not this one: sys.setprofile() would miss its calls
+        counts: dict[str, float] = {}
+        for name, options in setups(replica).items():
+            _reset_multidb()
+            with override_settings(**options):
+                client = Client()
+                for _ in range(5):
+                    client.get(url)
+                calls = 0
+
+                def profile(frame: Any, event: str, arg: Any) -> None:
+                    nonlocal calls
+                    if event in ("call", "c_call"):
+                        calls += 1
+
+                sys.setprofile(profile)
+                try:
+                    for _ in range(requests):
+                        client.get(url)
+                finally:
+                    sys.setprofile(None)
+                counts[name] = calls / requests
+        for name, value in counts.items():
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{value:.0f}",
+                    f"{value - counts[STOCK]:+.0f}",
+                    f"{value / counts[STOCK]:.3f}x",
+                    f"{value / counts[MULTIDB]:.3f}x",
+                ]
+            )
+    print_table(
+        out,
+        f"Function calls per request (Python and C, this thread; {requests} requests): the same on any machine",
+        ["view", "setup", "calls", "vs stock", "vs stock", "vs multidb"],
+        rows,
+    )
+
+
 def run(out: TextIO, quick: bool = False) -> None:
     replicas = conf.REPLICAS
     if not replicas or connections[replicas[0]].vendor != "postgresql":
@@ -434,5 +489,6 @@ def run(out: TextIO, quick: bool = False) -> None:
                 "each round's batch medians",
             )
             isolated(out, replica, quick)
+            calls_per_request(out, replica, quick)
         finally:
             stop_monitors()
