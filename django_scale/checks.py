@@ -15,7 +15,7 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
-from django.db.models import Model
+from django.db.models import ForeignObjectRel, Model
 from django.utils.module_loading import import_string
 
 from django_scale.conf import SETTINGS, conf
@@ -276,7 +276,7 @@ def check_querysets(
                 continue
             if relation.auto_created and not relation.concrete:
                 accessor = relation.get_accessor_name()  # type: ignore[union-attr]
-            elif relation.many_to_many and relation.concrete:
+            elif relation.many_to_many and not isinstance(relation, ForeignObjectRel):
                 accessor = relation.name
             else:
                 continue  # e.g. a GenericRelation: its manager is not peer-loaded

@@ -62,8 +62,8 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
 
     For the rows it returns, a forward foreign key or one-to-one field read on one row is
     loaded for all of them in one query; so are reverse foreign keys and many-to-many
-    ``.all()``, ``.count()`` and ``.exists()`` of related managers whose model is
-    prefetch-aware too. ``iterator(chunk_size)`` makes each chunk a set of peers. A single
+    ``.all()``, ``.count()`` and ``.exists()`` of related managers, whether the related
+    model's manager is prefetch-aware too or Django's (:mod:`~django_scale.prefetch.plain`). ``iterator(chunk_size)`` makes each chunk a set of peers. A single
     object (``get()``) has no peers, and a sliced or filtered relation is never batched.
     """
 

@@ -28,9 +28,7 @@ def build(orders: int = ORDERS) -> None:
     """Customers, labels, orders with 0-3 labels and 0-4 lines."""
     customers = Customer.objects.bulk_create(Customer(name=f"customer {i}") for i in range(20))
     labels = Label.objects.bulk_create(Label(name=f"label {i}") for i in range(5))
-    created = Order.objects.bulk_create(
-        Order(customer=customers[i % 20], number=i) for i in range(orders)
-    )
+    created = Order.objects.bulk_create(Order(customer=customers[i % 20], number=i) for i in range(orders))
     through = Order.labels.through
     through.objects.bulk_create(
         through(order_id=order.pk, label_id=labels[(i + k) % 5].pk)
@@ -152,7 +150,9 @@ def test_a_moved_or_deleted_row_is_seen(data: None) -> None:
     assert two.lines.count() == 2
     two.lines.add(line)  # a bulk UPDATE of Line: no signal, the related manager tells
     assert one.lines.count() == 0
-    assert [obj.pk for obj in two.lines.all()] == sorted(QuerySet(Line).filter(order=two).values_list("pk", flat=True))
+    assert [obj.pk for obj in two.lines.all()] == sorted(
+        QuerySet(Line).filter(order=two).values_list("pk", flat=True)
+    )
     gone = two.lines.all()[0]
     gone.delete()
     assert gone.pk not in [obj.pk for obj in two.lines.all()]
@@ -164,7 +164,9 @@ def test_a_moved_or_deleted_row_is_seen(data: None) -> None:
 def test_explicit_prefetches_win(data: None) -> None:
     with count() as queries:
         orders = list(
-            Order.objects.prefetch_related(Prefetch("lines", queryset=Line.objects.filter(quantity__gt=1)), "labels")
+            Order.objects.prefetch_related(
+                Prefetch("lines", queryset=Line.objects.filter(quantity__gt=1)), "labels"
+            )
         )
         big = [[line.quantity for line in order.lines.all()] for order in orders]
         labels = [len(order.labels.all()) for order in orders]

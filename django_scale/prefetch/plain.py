@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from django.db.models import Model
+from django.db.models import ForeignObjectRel, Model
 
 from django_scale.prefetch import hooks, loaders, peers
 
@@ -165,13 +165,14 @@ def plain_relations(model: type[Model]) -> dict[str, str]:
         for relation in model._meta.get_fields():
             if not relation.is_relation or not (relation.one_to_many or relation.many_to_many):
                 continue
-            if relation.one_to_many and relation.concrete:
-                continue  # a generic relation: its own manager
             related = relation.related_model
             if not isinstance(related, type) or not shares_cache(related):
                 continue
-            if relation.concrete:  # a many-to-many field: cached under its name
-                found[relation.name] = relation.name
+            if not isinstance(relation, ForeignObjectRel):
+                # A many-to-many field is cached under its name; a generic relation has its
+                # own manager. (Django 6.1 no longer calls a many-to-many field concrete.)
+                if relation.many_to_many:
+                    found[relation.name] = relation.name
                 continue
             accessor = relation.get_accessor_name()
             if accessor is None or relation.hidden:

@@ -36,7 +36,9 @@ class Migration(migrations.Migration):
                 (
                     "customer",
                     models.ForeignKey(
-                        on_delete=django.db.models.deletion.CASCADE, related_name="orders", to="testapp.customer"
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="orders",
+                        to="testapp.customer",
                     ),
                 ),
                 ("labels", models.ManyToManyField(blank=True, related_name="orders", to="testapp.label")),
