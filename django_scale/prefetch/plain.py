@@ -262,4 +262,4 @@ def install(group: peers.PeerGroup) -> None:
         # Django's own cache (a plain dict: rows prefetched before they got peers) keeps
         # what it holds.
         if type(row) is model and (current is None or type(current) is dict):
-            row._prefetched_objects_cache = PeerPrefetchCache(group, index, current or ())
+            row.__dict__["_prefetched_objects_cache"] = PeerPrefetchCache(group, index, current or ())
