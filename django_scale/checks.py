@@ -15,11 +15,12 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
-from django.db.models import Model
+from django.db.models import ForeignObjectRel, Model
 from django.utils.module_loading import import_string
 
 from django_scale.conf import SETTINGS, conf
 from django_scale.prefetch import HAS_FETCH_MODES, PrefetchAwareForeignKey, PrefetchAwareOneToOneField
+from django_scale.prefetch.plain import plain_relations
 
 __all__ = [
     "check_ops",
@@ -198,8 +199,9 @@ def _w401_related_model_not_prefetch_aware(
     return _message(
         checks.Warning,
         "django_scale.W401",
-        f"{label} uses a prefetch-aware queryset, but the default manager of {related_label} is not a "
-        f"PrefetchAwareManager: {model.__name__}.{accessor}.all(), .count() and .exists() load row by row.",
+        f"{label} uses a prefetch-aware queryset, but {related_label} has more than one manager and its "
+        f"default one is not a PrefetchAwareManager: {model.__name__}.{accessor}.all(), .count() and "
+        ".exists() load row by row.",
         f"Give {related_label} a prefetch-aware default manager, e.g. objects = ScaleQuerySet.as_manager().",
         obj=model,
     )
@@ -274,10 +276,12 @@ def check_querysets(
                 continue
             if relation.auto_created and not relation.concrete:
                 accessor = relation.get_accessor_name()  # type: ignore[union-attr]
-            elif relation.many_to_many and relation.concrete:
+            elif relation.many_to_many and not isinstance(relation, ForeignObjectRel):
                 accessor = relation.name
             else:
                 continue  # e.g. a GenericRelation: its manager is not peer-loaded
+            if accessor in plain_relations(model).values():
+                continue  # loaded for peers through the rows' prefetch cache
             messages.append(_w401_related_model_not_prefetch_aware(model, str(accessor), related))
     try:
         mode = conf.N_PLUS_ONE

@@ -12,7 +12,7 @@ from django.db.models.query import ModelIterable, prefetch_related_objects
 
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 from django_scale.exceptions import PrefetchBypassedWarning
-from django_scale.prefetch import detection, hooks, invalidation, loaders, peers
+from django_scale.prefetch import detection, hooks, invalidation, loaders, peers, plain
 
 __all__ = [
     "ApproxCountQuerySetMixin",
@@ -48,40 +48,6 @@ class ApproxCountQuerySetMixin:
         return approx_count(queryset, threshold=threshold, cap=cap, budget=budget, statistics=statistics)
 
 
-class _PeerLoad:
-    """A related manager's ``all()`` that, when evaluated untouched, loads it for all peers."""
-
-    __slots__ = ("group", "manager")
-
-    def __init__(self, manager: Any, group: peers.PeerGroup) -> None:
-        self.manager = manager
-        self.group = group
-
-    def rows(self) -> list[Any] | None:
-        relation = loaders.many_relation(self.manager)
-        if relation is None:
-            return None
-        fresh = relation.cache_name not in self.group.many
-        loaded = loaders.load_many(self.manager, self.group)
-        if loaded is None:
-            return None
-        if fresh:
-            hooks.attach_peers(
-                [obj for rows in loaded.values() for obj in rows], self.group.alias, parent=self.group
-            )
-        return loaders.rows_for(self.manager, loaded)
-
-    def count(self) -> int | None:
-        return loaders.count_many(self.manager, self.group)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> None:
-        # A copied queryset loads on its own: never copy the peers (the whole result set).
-        return None
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(None), ())
-
-
 class PrefetchAwareQuerySetMixin(_QuerySetBase):
     """Load a relation for all rows of a result set when one row first needs it.
 
@@ -96,8 +62,8 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
 
     For the rows it returns, a forward foreign key or one-to-one field read on one row is
     loaded for all of them in one query; so are reverse foreign keys and many-to-many
-    ``.all()``, ``.count()`` and ``.exists()`` of related managers whose model is
-    prefetch-aware too. ``iterator(chunk_size)`` makes each chunk a set of peers. A single
+    ``.all()``, ``.count()`` and ``.exists()`` of related managers, whether the related
+    model's manager is prefetch-aware too or Django's (:mod:`~django_scale.prefetch.plain`). ``iterator(chunk_size)`` makes each chunk a set of peers. A single
     object (``get()``) has no peers, and a sliced or filtered relation is never batched.
     """
 
@@ -144,7 +110,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
 
     def _fetch_all(self) -> None:
         if self._result_cache is None:
-            load: _PeerLoad | None = self.__dict__.pop("_django_scale_peer_load", None)
+            load: plain.PeerLoad | None = self.__dict__.pop("_django_scale_peer_load", None)
             rows = load.rows() if load is not None else None
             if rows is not None:
                 self._result_cache = rows
@@ -178,8 +144,11 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         eager = detection.track_eager(self)
         group = hooks.attach_peers(rows, rows[0]._state.db, batch=self._django_scale_batch, eager=eager)
         if group is not None:
+            plain.install(group)
             for objects in joined:
-                hooks.attach_peers(objects, group.alias, batch=group.batch, parent=group)
+                child = hooks.attach_peers(objects, group.alias, batch=group.batch, parent=group)
+                if child is not None:
+                    plain.install(child)
         if group is not None and eager:
             if queryset._prefetch_related_lookups and not queryset._prefetch_done:
                 for row in rows:
@@ -208,6 +177,8 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
             if queryset._prefetch_related_lookups and chunk_size is not None:
                 prefetch_related_objects(results, *queryset._prefetch_related_lookups)
             group = hooks.attach_peers(results, results[0]._state.db, batch=self._django_scale_batch)
+            if group is not None:
+                plain.install(group)
             try:
                 yield from results
             finally:
@@ -218,7 +189,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
     # -- answers from the prefetch cache ------------------------------------------------------
 
     def count(self) -> int:
-        load: _PeerLoad | None = self.__dict__.get("_django_scale_peer_load")
+        load: plain.PeerLoad | None = self.__dict__.get("_django_scale_peer_load")
         if load is not None and self._result_cache is None:
             counted = load.count()
             if counted is not None:
@@ -228,7 +199,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         return super().count()
 
     def exists(self) -> bool:
-        load: _PeerLoad | None = self.__dict__.get("_django_scale_peer_load")
+        load: plain.PeerLoad | None = self.__dict__.get("_django_scale_peer_load")
         if load is not None and self._result_cache is None:
             counted = load.count()
             if counted is not None:
@@ -327,7 +298,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         return super().order_by(*field_names)
 
 
-class PrefetchAwareManager(_ManagerBase):
+class PrefetchAwareManager(plain.LoadsForPeers, _ManagerBase):
     """The manager of prefetch-aware querysets, and the base of their related managers.
 
     Django builds ``article.comments`` and ``article.tags`` as subclasses of the related
@@ -409,7 +380,7 @@ class PrefetchAwareManager(_ManagerBase):
         if isinstance(queryset, PrefetchAwareQuerySetMixin) and queryset._result_cache is None:
             group = self._django_scale_group()
             if group is not None:
-                queryset._django_scale_peer_load = _PeerLoad(self, group)  # type: ignore[attr-defined]
+                queryset._django_scale_peer_load = plain.PeerLoad(self, group)  # type: ignore[attr-defined]
         return queryset
 
     def count(self) -> int:

@@ -13,11 +13,12 @@ caches:
 * reverse foreign keys and many-to-many ``.all()``, and ``.count()`` / ``.exists()`` of
   their related managers: through
   :class:`~django_scale.querysets.PrefetchAwareManager`, the manager whose subclasses Django
-  builds for related managers.
+  builds for related managers, or, when the related model keeps Django's manager, through
+  the rows' prefetch cache, which Django's related managers read before they query.
 
 Nothing of Django is patched: the behaviour belongs to the rows of prefetch-aware querysets.
 The package detects the N+1 patterns that are left (a relation filtered or sliced per row, a
-relation whose model is not prefetch-aware, peer loading turned off) and eager loads that no
+relation to a model with several managers, none prefetch-aware, peer loading turned off) and eager loads that no
 row used; see :func:`detect_n_plus_one`.
 
 What peers loaded is dropped by the writes Django's lazy loading would see (``save()``,
@@ -27,6 +28,7 @@ querysets, ``refresh_from_db()``), so results equal Django's; fewer queries is t
 Its parts: :mod:`~django_scale.prefetch.peers` (the groups),
 :mod:`~django_scale.prefetch.loaders` (one query per relation),
 :mod:`~django_scale.prefetch.hooks` (the seams of each Django version),
+:mod:`~django_scale.prefetch.plain` (relations to models with Django's managers),
 :mod:`~django_scale.prefetch.invalidation` (writes drop what peers cached) and
 :mod:`~django_scale.prefetch.detection` (N+1 detection).
 """

@@ -195,3 +195,52 @@ class AddressRecord(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+# The newcomer's shop (issue 13): only Order has a prefetch-aware manager; Customer, Label and
+# Line keep Django's default manager.
+
+
+class Customer(models.Model):
+    name = models.CharField(max_length=60)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Label(models.Model):
+    name = models.CharField(max_length=60)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Order(models.Model):
+    customer = PrefetchAwareForeignKey(Customer, on_delete=models.CASCADE, related_name="orders")
+    labels = models.ManyToManyField(Label, blank=True, related_name="orders")
+    number = models.IntegerField()
+
+    objects = ScaleQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["number"]
+
+    def __str__(self) -> str:
+        return f"order {self.number}"
+
+
+class Line(models.Model):
+    order = models.ForeignKey(Order, on_delete=models.CASCADE, related_name="lines")
+    quantity = models.IntegerField(default=1)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"line {self.pk}"
