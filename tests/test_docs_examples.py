@@ -32,12 +32,14 @@ from django.conf import settings
 from django.contrib.admin import AdminSite
 from django.contrib.auth.models import User
 from django.db import connections
-from django.test import RequestFactory, override_settings
+from django.test import Client, RequestFactory, override_settings
 from django.test.utils import CaptureQueriesContext
 
 from django_scale import metrics
 from django_scale.checks import check_ops, check_routing, check_settings
+from django_scale.exceptions import NPlusOneError
 from django_scale.paginator import ApproxCountPaginator
+from django_scale.replicas import routing_state, use_primary
 from django_scale.testing import capture_reads
 
 from news.models import Article, Author, Comment, Section, Tag
@@ -101,9 +103,11 @@ TESTED = {
     ("quickstart", "settings"),
     ("routing", "use-primary"),
     ("routing", "routing-state"),
+    ("routing", "mark-write"),
     ("admin", "use-it"),
     ("admin", "paginator"),
     ("querysets", "list-page"),
+    ("querysets", "forbid-n-plus-one"),
     ("caching", "use-it"),
     ("ops", "sniper-settings"),
     ("ops", "bulk"),
@@ -190,7 +194,8 @@ def test_routing_state_reads_its_own_write():
         namespace = run_example("routing", "routing-state", Article=Article)
     state = namespace["state"]
     assert state.wrote
-    assert Article.objects.filter(title="Breaking").count() == 1
+    with use_primary():  # a replica may not have replayed the insert yet
+        assert Article.objects.filter(title="Breaking").count() == 1
     # The insert and the count after it both ran on the primary; no replica saw a query.
     sql = [query["sql"] for query in queries["default"].captured_queries]
     assert [statement.split()[0] for statement in sql] == ["INSERT", "SELECT"]
@@ -198,6 +203,18 @@ def test_routing_state_reads_its_own_write():
     assert all(not queries[alias].captured_queries for alias in REPLICAS)
     if REPLICAS:
         assert state.pinned and state.reads == Counter({"default": 1})
+
+
+@COMMITTED
+def test_routing_mark_write_pins_the_reads_after_raw_sql():
+    article = Article.objects.create(title="Counted")
+    with routing_state() as state:
+        run_example("routing", "mark-write", pk=article.pk)
+        assert state.wrote
+        with queries_per_alias() as queries:
+            assert Article.objects.get(pk=article.pk).views == 1
+    assert len(queries["default"].captured_queries) == 1
+    assert all(not queries[alias].captured_queries for alias in REPLICAS)
 
 
 @pytest.fixture
@@ -236,21 +253,46 @@ def test_admin_paginator_example_tunes_the_counts(admin_request):
     assert changelist.result_count == 3
 
 
-@pytest.mark.django_db
-def test_querysets_list_page_takes_four_queries():
+def make_news(articles: int = 20) -> Section:
+    """Make a section of *articles* articles, each with an author, 1-3 tags and 0-3 comments."""
     section = Section.objects.create(name="News")
     tags = [Tag.objects.create(slug=f"t{i}", name=f"Tag {i}") for i in range(3)]
-    for i in range(20):
-        article = Article.objects.create(
-            title=f"Story {i}", section=section, author=Author.objects.create(name=f"A{i}")
-        )
+    for i in range(articles):
+        author = Author.objects.create(name=f"A{i}")
+        article = Article.objects.create(title=f"Story {i}", section=section, author=author)
         article.tags.set(tags[: i % 3 + 1])
         Comment.objects.bulk_create(Comment(article=article, author_name="r", body="b") for _ in range(i % 4))
+    return section
+
+
+@pytest.mark.django_db
+def test_querysets_list_page_takes_four_queries():
+    section = make_news()
     with CaptureQueriesContext(connections["default"]) as queries:
         namespace = run_example("querysets", "list-page", Article=Article, section=section)
     # The articles, their authors, their tags, one grouped COUNT of comments: 4, not 1 + 3 * 20.
     assert len(queries) == 4, [query["sql"] for query in queries.captured_queries]
     assert len(namespace["articles"]) == 20
+
+
+@pytest.mark.django_db
+def test_querysets_forbid_n_plus_one_passes_the_list_page():
+    make_news()
+    namespace = run_example("querysets", "forbid-n-plus-one")
+    with (
+        override_settings(ROOT_URLCONF="news.urls"),
+        CaptureQueriesContext(connections["default"]) as queries,
+    ):
+        namespace["test_article_list"](Client())
+    assert len(queries) == 4, [query["sql"] for query in queries.captured_queries]
+
+
+@pytest.mark.django_db
+def test_querysets_forbid_n_plus_one_fails_a_page_loading_row_by_row():
+    make_news()
+    namespace = run_example("querysets", "forbid-n-plus-one")
+    with override_settings(ROOT_URLCONF="news.urls_one_by_one"), pytest.raises(NPlusOneError):
+        namespace["test_article_list"](Client())
 
 
 @pytest.mark.django_db
