@@ -37,6 +37,7 @@ from django.test.utils import CaptureQueriesContext
 
 from django_scale import metrics
 from django_scale.checks import check_ops, check_routing, check_settings
+from django_scale.contrib.backfill.runner import run_backfill
 from django_scale.exceptions import NPlusOneError
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import routing_state, use_primary
@@ -111,6 +112,7 @@ TESTED = {
     ("caching", "use-it"),
     ("ops", "sniper-settings"),
     ("ops", "bulk"),
+    ("ops", "backfill"),
 }
 
 
@@ -342,6 +344,20 @@ def test_ops_bulk_example_loads_upserts_updates_and_exports(tmp_path, monkeypatc
         exported = list(csv.reader(file))
     assert exported[0] == ["id", "body"]
     assert sorted(body for _, body in exported[1:]) == ["first!", "second", "third"]
+
+
+@pytest.mark.django_db
+def test_ops_backfill_example_fills_every_row_once():
+    Article.objects.bulk_create(Article(title=f"Story {i}", body="word " * i) for i in range(2_500))
+    Article.objects.create(title="Counted already", body="one two", word_count=99)
+    backfill = run_example("ops", "backfill")["FillWordCounts"]()
+    checkpoint = run_backfill(backfill)
+    # 2,500 rows in batches of 1,000; the row counted already is not in the queryset.
+    assert (checkpoint.rows_done, checkpoint.batches_done) == (2_500, 3)
+    assert checkpoint.finished_at is not None
+    assert not Article.objects.filter(word_count__isnull=True).exists()
+    assert Article.objects.get(title="Story 7").word_count == 7
+    assert Article.objects.get(title="Counted already").word_count == 99
 
 
 def test_readme_links_every_page():

@@ -46,6 +46,7 @@ class Article(models.Model):
     status = models.CharField(max_length=10, default="draft")
     published_at = models.DateTimeField(default=timezone.now)
     views = models.PositiveIntegerField(default=0)
+    word_count = models.IntegerField(null=True, blank=True)
     tags = models.ManyToManyField(Tag, blank=True, related_name="articles")
 
     objects = ScaleQuerySet.as_manager()
