@@ -125,12 +125,13 @@ def test_every_feature_page_has_a_tested_example(page):
     assert any(marked_page == page for marked_page, _ in TESTED)
 
 
-def test_markers_render_as_comments():
-    # A marker is a MyST comment only when "%" starts the line; anything else would show.
+def test_every_marker_marks_a_python_block():
+    # A marker is a MyST comment (rendered as nothing) only when "%" starts the line, and it
+    # marks the fence right below it: a marker anywhere else would leave an example untested.
     for page in sorted(DOCS.glob("*.md")):
-        for line in page.read_text(encoding="utf-8").splitlines():
-            if "example:" in line and line.lstrip().startswith("%"):
-                assert re.fullmatch(r"% example: [\w-]+", line), f"{page.name}: {line!r}"
+        text = page.read_text(encoding="utf-8")
+        markers = re.findall(r"^.*% example:.*$", text, re.MULTILINE)
+        assert len(markers) == len(MARKED.findall(text)), f"{page.name}: {markers}"
 
 
 # -- Settings examples: django-scale's system checks find nothing -------------------------------
