@@ -247,22 +247,46 @@ class Conf:
     """Typed, lazy access to ``settings.DJANGO_SCALE`` with documented defaults."""
 
     def __init__(self) -> None:
-        self._aliases: tuple[object, tuple[str, tuple[str, ...]]] | None = None
+        # What the routing hot path reads, computed once per DJANGO_SCALE object.
+        self._hot: tuple[object, dict[str, Any]] = (object(), {})
 
-    def aliases(self) -> tuple[str, tuple[str, ...]]:
-        """Return ``(PRIMARY, REPLICAS)`` for the router's hot path.
+    def _per_settings_object(self, key: str, compute: Callable[[], Any]) -> Any:
+        """Return ``compute()``, computed once per ``DJANGO_SCALE`` object, for hot paths.
 
-        The pair is computed once per ``DJANGO_SCALE`` object: ``override_settings`` and
-        :func:`~django_scale.testing.override_scale_settings` install a new object, so they
-        take effect at once. (Mutating the dict in place is not noticed; override it.)
+        ``override_settings`` and :func:`~django_scale.testing.override_scale_settings` install
+        a new object, so they take effect at once. (Mutating the dict in place is not noticed;
+        override it.)
         """
         raw = getattr(settings, "DJANGO_SCALE", None)
-        cached = self._aliases
-        if cached is not None and cached[0] is raw:
-            return cached[1]
-        value = (self.PRIMARY, self.REPLICAS)
-        self._aliases = (raw, value)
-        return value
+        cached = self._hot
+        if cached[0] is not raw:
+            cached = self._hot = (raw, {})
+        values = cached[1]
+        try:
+            return values[key]
+        except KeyError:
+            value = values[key] = compute()
+            return value
+
+    def aliases(self) -> tuple[str, tuple[str, ...]]:
+        """Return ``(PRIMARY, REPLICAS)`` for the router's hot path (once per settings object)."""
+        return cast(
+            "tuple[str, tuple[str, ...]]",
+            self._per_settings_object("aliases", lambda: (self.PRIMARY, self.REPLICAS)),
+        )
+
+    def health_limits(self) -> tuple[float, float, float]:
+        """Return ``(REPLICA_DEADLINE, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG)`` for the hot path.
+
+        Computed once per settings object, as :meth:`aliases` is.
+        """
+        return cast(
+            "tuple[float, float, float]",
+            self._per_settings_object(
+                "health_limits",
+                lambda: (self.REPLICA_DEADLINE, self.HEALTH_CHECK_INTERVAL, self.MAX_REPLICA_LAG),
+            ),
+        )
 
     def user_settings(self) -> Mapping[str, Any]:
         """Return the ``DJANGO_SCALE`` dict as the project set it (empty when unset)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db.utils import OperationalError
 
 __all__ = [
     "ArgumentError",
@@ -20,6 +21,7 @@ __all__ = [
     "PageRefillError",
     "PerUserFragmentError",
     "PrefetchBypassedWarning",
+    "ReplicaReadError",
     "SniperError",
     "UnknownSettingError",
     "UnusedEagerLoadWarning",
@@ -95,6 +97,26 @@ class UnusedEagerLoadWarning(DjangoScaleWarning):
 
 class PrefetchBypassedWarning(DjangoScaleWarning):
     """A prefetched relation was filtered or reordered, so Django queried it again."""
+
+
+class ReplicaReadError(DjangoScaleError, OperationalError):
+    """A read on a replica failed: its connection broke, or the standby cancelled it.
+
+    Raised by :class:`~django_scale.replicas.ReplicaGuard` for a read outside a transaction
+    whose replica connection broke (the replica is taken out of rotation) or that the hot
+    standby cancelled for a recovery conflict (SQLSTATE ``40001``). ``alias`` names the
+    replica; the driver's error is chained as ``__cause__``. Inside a request that has not
+    written and uses a safe method, :class:`~django_scale.middleware.ScaleMiddleware` runs the
+    request once more with every read on the primary, so the user never sees it.
+
+    It is also a :class:`django.db.OperationalError`, so code that handles database errors
+    handles it.
+    """
+
+    def __init__(self, message: str, *, alias: str) -> None:
+        super().__init__(message)
+        #: The alias of the replica the read failed on.
+        self.alias = alias
 
 
 class SniperError(DjangoScaleError):

@@ -27,17 +27,19 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.conf import settings
 from django.core.signing import BadSignature
 from django.db import connections
-from django.http import HttpRequest, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from django_scale.cache.pages import PageSlot, abandon_page, finish_page, open_page_slot
+from django_scale.cache.pages import PageSlot, abandon_page, finish_page, open_page_slot, reopen_page_slot
 from django_scale.conf import conf
+from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
     STICKY_PRIMARY,
     RoutingState,
     await_replica,
+    current_state,
     decode_position,
-    guard_replicas,
+    install_guards,
     monitor,
     routing_state,
 )
@@ -55,9 +57,13 @@ def read_cookie(request: HttpRequest) -> tuple[int | None, bool]:
 
     A missing, expired or forged cookie counts as no recent write.
     """
+    name = conf.READ_YOUR_WRITES_COOKIE
+    if name not in request.COOKIES:
+        # Most requests: no recent write, and no exception raised and caught to find out.
+        return None, False
     try:
         value = request.get_signed_cookie(
-            conf.READ_YOUR_WRITES_COOKIE,
+            name,
             salt=COOKIE_SALT,
             max_age=timedelta(seconds=conf.READ_YOUR_WRITES_MAX_AGE),
         )
@@ -95,10 +101,9 @@ def _close(
     request: HttpRequest, response: HttpResponseBase, state: RoutingState, position: str | None
 ) -> None:
     """After the view: leave the user's write position in the cookie, or clear a spent one."""
-    name = conf.READ_YOUR_WRITES_COOKIE
     if state.wrote:
         response.set_signed_cookie(
-            name,
+            conf.READ_YOUR_WRITES_COOKIE,
             position or STICKY_PRIMARY,
             salt=COOKIE_SALT,
             max_age=int(conf.READ_YOUR_WRITES_MAX_AGE),
@@ -111,7 +116,9 @@ def _close(
         monitor(alias).replay_lsn >= state.required_lsn for alias in conf.REPLICAS
     ):
         # Every replica has the write now: the cookie has done its job.
-        response.delete_cookie(name, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax")
+        response.delete_cookie(
+            conf.READ_YOUR_WRITES_COOKIE, domain=settings.SESSION_COOKIE_DOMAIN, samesite="Lax"
+        )
 
 
 def _is_first_middleware() -> bool:
@@ -126,10 +133,70 @@ def _is_first_middleware() -> bool:
     return isinstance(first, type) and issubclass(first, ScaleMiddleware)
 
 
+#: Why the second run of a request whose read failed on a replica reads from the primary.
+RERUN = "the first run of this request failed on a replica"
+#: The methods of requests run again after a failed read: safe ones, as HTTP defines them
+#: (RFC 9110, 9.2.1), which a proxy such as nginx also retries.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _may_run_again(request: HttpRequest, state: RoutingState | None) -> bool:
+    """Whether *request* may run once more with every read on the primary.
+
+    Only when a read of it failed on a replica, it has not written (its session included:
+    saving one is a write), its method is safe, and it is not that second run already.
+    """
+    return (
+        state is not None
+        and state.replica_failed is not None
+        and not state.wrote
+        and not state.rerun
+        and request.method in SAFE_METHODS
+    )
+
+
+class _FailedRun(HttpResponse):
+    """What the view of a request to be run again responds (internal, never served).
+
+    ScaleMiddleware's ``process_exception`` returns it for a view that raised
+    :exc:`~django_scale.exceptions.ReplicaReadError`, so that Django does not log the first
+    run as a server error. Should the request not be run again after all (an inner
+    middleware wrote on the way out), the middleware raises the view's exception instead.
+    """
+
+    status_code = 503
+
+    def __init__(self, exception: Exception) -> None:
+        super().__init__()
+        self.exception = exception
+
+
+def _runs_again(request: HttpRequest, state: RoutingState, response: HttpResponseBase) -> bool:
+    """Whether to discard *response* and run *request* once more, every read on the primary.
+
+    Decided on the state, not on an exception: the view may have caught the error, and Django
+    turns an exception of the view into a response before it gets here.
+    """
+    if not _may_run_again(request, state) or response.streaming:
+        # A streaming response may be sent already, or be produced by a generator: serve it.
+        if isinstance(response, _FailedRun):
+            raise response.exception
+        return False
+    logger.warning(
+        "a read on replica %r failed; running %s %s again on the primary",
+        state.replica_failed,
+        request.method,
+        request.path,
+    )
+    return True
+
+
 class ScaleMiddleware:
     """Open a :class:`~django_scale.replicas.RoutingState` per request (sync and async).
 
     As the first entry of ``MIDDLEWARE`` it also judges the final response of cached pages.
+    A ``GET``, ``HEAD`` or ``OPTIONS`` request that has not written and whose read failed on
+    a replica runs once more, with every read on the primary (see :doc:`/routing`).
     """
 
     sync_capable = True
@@ -145,6 +212,9 @@ class ScaleMiddleware:
         #: Whether it is the first entry of MIDDLEWARE, so it sees the final response of pages
         #: cached with swr_cache_page (which are served uncached otherwise).
         self.outermost = _is_first_middleware()
+        # Once per process: every replica connection gets its guard when it opens, so that no
+        # request installs or removes one.
+        install_guards()
         if self.async_mode:
             markcoroutinefunction(self)
 
@@ -154,51 +224,64 @@ class ScaleMiddleware:
         slot = open_page_slot(request) if self.outermost else None
         try:
             required, sticky = read_cookie(request)
-            with routing_state(required, sticky_primary=sticky) as state, guard_replicas():
+            with routing_state(required, sticky_primary=sticky) as state:
                 await_replica(state, NOT_CAUGHT_UP)
                 response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
-                position = current_wal_position(conf.PRIMARY) if state.wrote else None
-                _close(request, response, state, position)
-                if slot is not None and slot.page is not None:
-                    # Last: the read-your-writes cookie counts as a cookie set.
-                    finish_page(slot, request, response)
+            if _runs_again(request, state, response):
+                if slot is not None:
+                    reopen_page_slot(slot)
+                with routing_state(required, sticky_primary=sticky) as state:
+                    state.rerun = True
+                    state.pin(RERUN)
+                    response = self.get_response(request)  # type: ignore[assignment]
+            position = current_wal_position(conf.PRIMARY) if state.wrote else None
+            _close(request, response, state, position)
+            if slot is not None and slot.page is not None:
+                # Last: the read-your-writes cookie counts as a cookie set.
+                finish_page(slot, request, response)
         except BaseException:
             if slot is not None:
                 abandon_page(slot)
             raise
         return response
 
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponseBase | None:
+        """Keep a view's failed replica read from becoming a logged 500 when the request runs again."""
+        if isinstance(exception, ReplicaReadError) and _may_run_again(request, current_state()):
+            return _FailedRun(exception)
+        return None
+
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         slot = open_page_slot(request) if self.outermost else None
         try:
-            return await self._respond_in_state(request, slot)
+            return await self._respond(request, slot)
         except BaseException:
             if slot is not None and slot.page is not None:
                 await sync_to_async(abandon_page)(slot)
             raise
 
-    async def _respond_in_state(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
+    async def _respond(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
+        # No thread hop here unless the request needs one: the replica connections of the
+        # thread that runs the ORM calls were guarded when they opened.
         required, sticky = read_cookie(request)
         with routing_state(required, sticky_primary=sticky) as state:
-            # Connections belong to threads: guard the replica connections of the thread
-            # that runs this request's ORM calls (sync_to_async's), not the event loop's.
-            guard = guard_replicas()
-            await sync_to_async(guard.__enter__)()
-            try:
-                return await self._respond(request, state, slot)
-            finally:
-                # It only removes the wrappers: an exception of the view is not its business.
-                await sync_to_async(guard.__exit__)(None, None, None)
-
-    async def _respond(
-        self, request: HttpRequest, state: RoutingState, slot: PageSlot | None
-    ) -> HttpResponseBase:
-        if _needs_wait(state):
-            # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
-            await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
-        else:
-            await_replica(state, NOT_CAUGHT_UP)
-        response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            if _needs_wait(state):
+                # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
+                await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
+            else:
+                await_replica(state, NOT_CAUGHT_UP)
+            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+        if _runs_again(request, state, response):
+            if slot is not None:
+                if slot.page is not None:
+                    # Gives up the failed run's claim on the cache.
+                    await sync_to_async(reopen_page_slot)(slot)
+                else:
+                    reopen_page_slot(slot)
+            with routing_state(required, sticky_primary=sticky) as state:
+                state.rerun = True
+                state.pin(RERUN)
+                response = await self.get_response(request)  # type: ignore[misc]
         position = None
         if state.wrote:
             # On the thread that ran the ORM calls, whose connection saw the write.

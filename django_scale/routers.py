@@ -20,6 +20,7 @@ from django.db.models import Model
 
 from django_scale.conf import conf
 from django_scale.replicas.fallback import fallback_window
+from django_scale.replicas.guard import guard_connection, install_guards
 from django_scale.replicas.monitors import monitor
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
@@ -29,7 +30,9 @@ __all__ = ["ReplicaRouter"]
 # -- The routing policy: which replica, and the cap on falling back to the primary ----------
 
 
-def choose_replica(state: RoutingState, replicas: tuple[str, ...]) -> str | None:
+def choose_replica(
+    state: RoutingState, replicas: tuple[str, ...], handles: dict[str, BaseDatabaseWrapper] | None = None
+) -> str | None:
     """Return the replica *state*'s request may read from, or ``None`` for the primary (no I/O).
 
     The replica chosen first is kept while it stays available, so that a request's reads agree.
@@ -44,9 +47,17 @@ def choose_replica(state: RoutingState, replicas: tuple[str, ...]) -> str | None
         if available:
             state._version, state._valid_until = version, until
             return state.replica
-    candidates = [alias for alias in replicas if monitor(alias).is_available(now, state.required_lsn)]
-    state.replica = pick_usable(candidates)
-    state._version = -1
+    # Each available replica, with how long its availability holds (the next decisions of the
+    # request take the fast path above until then).
+    candidates: dict[str, tuple[int, float]] = {}
+    for alias in replicas:
+        item = monitor(alias)
+        version = item.version
+        available, until = item.availability(now, state.required_lsn)
+        if available:
+            candidates[alias] = (version, until)
+    state.replica = pick_usable(list(candidates), handles)
+    state._version, state._valid_until = candidates[state.replica] if state.replica else (-1, 0.0)
     return state.replica
 
 
@@ -71,18 +82,20 @@ def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str,
     return alias
 
 
-def pick_usable(aliases: list[str]) -> str | None:
+def pick_usable(aliases: list[str], handles: dict[str, BaseDatabaseWrapper] | None = None) -> str | None:
     """Return one of *aliases* at random whose connection opens, or ``None``.
 
     A replica's connection in this thread opens here, before the router hands out its alias,
     rather than in the middle of the caller's query: a refused connection takes the replica
     out of rotation and the read goes elsewhere instead of failing. An open connection is
-    not tested again (that would cost a round trip per request).
+    not tested again (that would cost a round trip per request). *handles* are the aliases'
+    connection objects, when the caller has them.
     """
-    aliases = list(aliases)
-    random.shuffle(aliases)
+    if len(aliases) > 1:
+        aliases = list(aliases)
+        random.shuffle(aliases)
     for alias in aliases:
-        connection = connections[alias]
+        connection = handles[alias] if handles is not None else connections[alias]
         item = monitor(alias)
         # Never close a connection inside a transaction (the caller's atomic block, or the
         # primary's connection shared by share_primary_connection() in a TestCase): closing it
@@ -109,6 +122,9 @@ def pick_usable(aliases: list[str]) -> str | None:
                 # there, without holding it against the replica.
                 continue
         connection._django_scale_epoch = (id(connection.connection), item.failures)  # type: ignore[attr-defined]
+        # Guarded when it opened (connection_created), unless it opened inside an execute
+        # wrapper block of the caller's or before the router existed: guard it now.
+        guard_connection(connection)
         return alias
     return None
 
@@ -126,16 +142,17 @@ def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper
     return any(replica.in_atomic_block for replica in replicas)
 
 
-def _connections(state: RoutingState | None, primary: str, replicas: tuple[str, ...]) -> tuple[Any, ...]:
-    """Return the connection objects of *primary* and *replicas*, cached for the request."""
-    if state is not None and state._connections and state._connections[0] == (primary, replicas):
-        return state._connections[1]  # type: ignore[no-any-return]
-    found = (connections[primary], *(connections[alias] for alias in replicas))
-    if state is not None:
-        # A request's connection objects do not change while it runs (they are per thread,
-        # or per context under ASGI), and looking them up costs more than the decision.
-        state._connections = ((primary, replicas), found)
-    return found
+#: What a request's decisions share: the primary's and the replicas' aliases, their
+#: connection objects, and the replicas' by alias.
+Route = tuple[
+    str, tuple[str, ...], BaseDatabaseWrapper, tuple[BaseDatabaseWrapper, ...], dict[str, BaseDatabaseWrapper]
+]
+
+
+def _route(primary: str, replicas: tuple[str, ...]) -> Route:
+    """Look up the connection objects of *primary* and *replicas* (in this thread)."""
+    by_alias = {alias: connections[alias] for alias in replicas}
+    return (primary, replicas, connections[primary], tuple(by_alias.values()), by_alias)
 
 
 class ReplicaRouter:
@@ -144,39 +161,55 @@ class ReplicaRouter:
     A read goes to the primary when it runs inside ``atomic()``, inside :func:`use_primary`,
     after the current request wrote, or when no replica is available that has replayed the
     user's last write. The decision reads in-memory state only; it does no I/O.
+
+    Creating it (Django does, once per process) puts a
+    :class:`~django_scale.replicas.ReplicaGuard` on every replica connection opened from then
+    on (:func:`~django_scale.replicas.install_guards`).
     """
 
+    def __init__(self) -> None:
+        install_guards()
+
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
-        primary, replicas = conf.aliases()
-        if not replicas:
-            return primary
+        state = _state.get()
+        route = state._route if state is not None else None
+        if route is None:
+            primary, replicas = conf.aliases()
+            if not replicas:
+                return primary
+            route = _route(primary, replicas)
+            if state is not None:
+                # The aliases, and the connection objects (per thread, or per context under
+                # ASGI), do not change while a request runs: looked up once per request,
+                # they cost more than the rest of a decision.
+                state._route = route
+        primary, replicas, primary_handle, replica_handles, handles = route
         instance = hints.get("instance")
         if instance is not None and instance._state.db not in (None, primary, *replicas):
             # The object came from a database this router does not manage: abstain.
             return None
         forced = _forced.get()
-        state = _state.get()
         alias: str | None = None
-        handles = _connections(state, primary, replicas)
-        if forced == "primary" or _in_atomic(handles[0], handles[1:]):
+        if forced == "primary" or _in_atomic(primary_handle, replica_handles):
             pass
-        elif state is None or forced == "replica":
+        elif state is None or (forced == "replica" and not state.rerun):
             # Outside a request or task, or told to: any available replica.
             now = time.monotonic()
-            chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)])
+            chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)], handles)
             alias = free_read_alias(replicas, chosen, primary, now)
         elif not state.pinned:
-            alias = choose_replica(state, replicas)
+            alias = choose_replica(state, replicas, handles)
             if state.required_lsn is None:
                 alias = free_read_alias(replicas, alias, primary, time.monotonic())
             elif alias is None:
                 state.pin("no available replica has replayed the user's last write")
         alias = alias or primary
+        # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)
         if state is not None:
-            state.reads[alias] += 1
+            state.reads[alias] = state.reads.get(alias, 0) + 1
         captured = _capture.get()
         if captured is not None:
-            captured[alias] += 1
+            captured[alias] = captured.get(alias, 0) + 1
         return alias
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:

@@ -29,7 +29,7 @@ from django_scale.replicas import (
     current_state,
     decode_position,
     format_lsn,
-    guard_replicas,
+    install_guards,
     routing_state,
 )
 
@@ -92,7 +92,6 @@ def open_state(task_id: str | None = None, task: Any = None, **kwargs: Any) -> N
         )
     stack = ExitStack()
     state = stack.enter_context(routing_state(required, sticky_primary=sticky))
-    stack.enter_context(guard_replicas())
     await_replica(state, "no replica replayed the write of the request that enqueued the task")
     _open_tasks[task_id] = stack
 
@@ -117,8 +116,13 @@ def connect_signals() -> None:
 
     Call it once in your Celery module, after creating the app: publishing processes then put
     the WAL position a task must see in its headers, and workers open the task's routing state
-    from it. Connecting again does nothing.
+    from it. Connecting again does nothing. It also puts a
+    :class:`~django_scale.replicas.ReplicaGuard` on every replica connection opened from then
+    on (:func:`~django_scale.replicas.install_guards`). A task whose read fails on a replica
+    gets :exc:`~django_scale.exceptions.ReplicaReadError`; retry it with Celery's
+    ``autoretry_for``.
     """
+    install_guards()
     for signal, receiver, uid in _RECEIVERS:
         signal.connect(receiver, dispatch_uid=uid, weak=False)
 

@@ -22,20 +22,19 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import OperationalError, connections
-from django.db.backends.utils import CursorWrapper
 from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
 from support import counter, subprocess_env, wait_until
 
+from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
-    ReplicaGuard,
     ReplicaMonitor,
     Watchdog,
     monitor,
     parse_lsn,
     routing_state,
 )
-from django_scale.replicas.guard import watchdog
+from django_scale.replicas.guard import guard_connection, watchdog
 from django_scale.testing import capture_reads, override_scale_settings
 from django_scale.timeouts import is_statement_timeout, statement_timeout
 
@@ -241,8 +240,8 @@ def test_a_replica_failure_while_the_cache_hangs_holds_no_request(readmit, hung_
     outcome: dict[str, Any] = {}
 
     def request() -> None:
-        # A request of its own thread, with connections of its own: its replica connection
-        # breaks under it, and the guard reports the failure and retries on the primary.
+        # Work of its own thread, with connections of its own: its replica connection breaks
+        # under it, and the guard reports the failure, which must not wait on the cache.
         try:
             replica = connections["replica"]
             with routing_state():
@@ -255,11 +254,12 @@ def test_a_replica_failure_while_the_cache_hangs_holds_no_request(readmit, hung_
             with killer.cursor() as cursor:
                 cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
             killer.close()
-            with (
-                replica.execute_wrapper(ReplicaGuard("replica")),
-                routing_state() as state,
-                capture_reads() as reads,
-            ):
+            with routing_state() as state, capture_reads() as reads:
+                try:
+                    list(Author.objects.values_list("name", flat=True))
+                except ReplicaReadError as exc:
+                    outcome["raised"] = exc.alias
+                # Out of rotation in this process: the next read goes to the primary.
                 outcome["names"] = sorted(Author.objects.values_list("name", flat=True))
             outcome["reads"], outcome["state"] = dict(reads), dict(state.reads)
         except BaseException as exc:
@@ -277,8 +277,9 @@ def test_a_replica_failure_while_the_cache_hangs_holds_no_request(readmit, hung_
         thread.join(20)
     assert not held, "the request waited on the hung cache"
     assert "error" not in outcome, outcome.get("error")
+    assert outcome["raised"] == "replica"
     assert outcome["names"] == names
-    assert outcome["reads"] == {"default": 1} and outcome["state"] == {"default": 1}
+    assert outcome["reads"] == {"replica": 1, "default": 1} and outcome["state"] == outcome["reads"]
     # Ejected in this process, even though the cache could not be told.
     assert not monitor("replica").is_available()
 
@@ -375,7 +376,7 @@ def test_shared_state_round_trips_through_a_healthy_cache():
     assert other.down_until("elsewhere") == 0.0
 
 
-# -- The guard's retry and the monitor's connection go through Django's public hooks --------
+# -- A failed replica read runs the request again, through Django's public hooks -------------
 
 
 class _RecoveryConflict(Exception):
@@ -398,97 +399,115 @@ def _conflict_once(failed: list[str]) -> Callable[..., Any]:
     return wrapper
 
 
-@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
-def test_a_read_retried_on_the_primary_is_seen_by_its_query_capture_and_wrappers(readmit):
-    Author.objects.create(name="Grace")
-    readmit_target = parse_lsn(readmit.primary_lsn())
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= readmit_target, "the monitor seeing the primary's writes"
-    )
-    seen: list[str] = []
-    failed: list[str] = []
+@contextmanager
+def conflict_once_on_the_replica(failed: list[str]) -> Iterator[None]:
+    """Fail the next query on this thread's replica connection like a recovery conflict.
 
+    The replica connection is opened and guarded first, so that the simulated failure comes
+    from inside the guard, as the server's would.
+    """
+    replica = connections["replica"]
+    replica.ensure_connection()
+    assert guard_connection(replica)
+    with replica.execute_wrapper(_conflict_once(failed)):
+        yield
+
+
+def _recording(seen: list[str]) -> Callable[..., Any]:
     def on_primary(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
         seen.append(sql)
         return execute(sql, params, many, context)
 
-    replica = connections["replica"]
+    return on_primary
+
+
+@pytest.fixture
+def caught_up_author(readmit: Any) -> int:
+    """An author's pk, replayed on the replica and seen there by the monitor."""
+    pk = Author.objects.create(name="Grace").pk
+    target = parse_lsn(readmit.primary_lsn())
+    wait_until(lambda: monitor("replica").replay_lsn >= target, "the monitor seeing the primary's writes")
+    return pk
+
+
+@REPLICA
+def test_a_get_whose_replica_read_failed_runs_again_on_the_primary_in_its_capture_and_wrappers(
+    caught_up_author,
+):
+    seen: list[str] = []
+    failed: list[str] = []
     with (
-        replica.execute_wrapper(ReplicaGuard("replica")),
-        replica.execute_wrapper(_conflict_once(failed)),
-        connections["default"].execute_wrapper(on_primary),
+        conflict_once_on_the_replica(failed),
+        connections["default"].execute_wrapper(_recording(seen)),
         CaptureQueriesContext(connections["default"]) as captured,
         capture_reads() as reads,
     ):
-        names = list(Author.objects.using("replica").values_list("name", flat=True))
-    assert names == ["Grace"]
+        response = Client().get(f"/authors/{caught_up_author}/")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["found"] is True and body["reads"] == {"default": 1} and body["wrote"] is False
     assert len(failed) == 1 and '"testapp_author"' in failed[0]
-    # The same SQL ran again on the primary, through its wrappers and into its query log.
+    # The same SQL ran again on the primary, an ordinary query of its own: through the
+    # primary's execute wrappers and into its query log.
     assert seen == failed
-    assert [query["sql"] for query in captured.captured_queries] == failed
-    assert reads == {}  # .using() bypasses the router: nothing to move between aliases
+    assert len(captured) == 1
+    assert captured[0]["sql"].startswith('SELECT 1 AS "a" FROM "testapp_author"')
+    assert reads == {"replica": 1, "default": 1}
     # A recovery conflict is no failure of the replica: it stays in rotation.
     assert monitor("replica").is_available()
 
 
-@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
-def test_a_read_retried_on_the_primary_runs_under_the_primarys_statement_timeout(readmit):
-    Author.objects.create(name="Leslie")  # a row for the slow query to sleep on
-    target = parse_lsn(readmit.primary_lsn())
-    wait_until(lambda: monitor("replica").replay_lsn >= target, "the monitor seeing the primary's writes")
-    replica = connections["replica"]
+@REPLICA
+def test_a_post_whose_replica_read_failed_is_never_run_again(caught_up_author):
+    seen: list[str] = []
+    failed: list[str] = []
     with (
-        replica.execute_wrapper(ReplicaGuard("replica")),
-        replica.execute_wrapper(_conflict_once([])),
+        conflict_once_on_the_replica(failed),
+        connections["default"].execute_wrapper(_recording(seen)),
+        pytest.raises(ReplicaReadError) as raised,
+    ):
+        # The view only reads, but a POST is not safe to repeat: the error is the response.
+        Client().post(f"/authors/{caught_up_author}/")
+    assert raised.value.alias == "replica"
+    # The view's query never ran on the primary. (Django 4.2's error report may run others
+    # there: it shows the frames' local querysets, which repr() evaluates.)
+    assert len(failed) == 1 and failed[0] not in seen
+
+
+@REPLICA
+def test_a_second_run_reads_on_the_primary_under_the_primarys_statement_timeout(caught_up_author):
+    with (
+        conflict_once_on_the_replica([]),
         statement_timeout(0.05, using="default"),
         pytest.raises(OperationalError) as raised,
     ):
-        list(
-            Author.objects.using("replica").raw(
-                "SELECT id, name FROM testapp_author WHERE pg_sleep(1) IS NOT NULL"
-            )
-        )
+        Client().get("/authors/sleepy/?sleep=1")
     assert is_statement_timeout(raised.value)
+    assert not isinstance(raised.value, ReplicaReadError)
 
 
-def test_a_cursor_wrapper_reads_its_rows_from_its_cursor_attribute():
-    # ReplicaGuard hands the caller the retried rows by pointing the caller's CursorWrapper
-    # at the primary's cursor (django/db/backends/utils.py, CursorWrapper): pin that a
-    # CursorWrapper takes its rows, description and close() from its .cursor attribute.
-    class Rows:
-        description = (("name",),)
+@REPLICA
+def test_nothing_of_a_failed_run_is_cached(caught_up_author, redis_cache):
+    Author.objects.create(name="Paged")
+    target = parse_lsn(_primary_lsn())
+    wait_until(lambda: monitor("replica").replay_lsn >= target, "the monitor seeing the primary's writes")
+    client = Client()
+    with conflict_once_on_the_replica([]):
+        # The view swallows the failed read and renders a degraded page: the first run's
+        # page, which must neither be served nor stored.
+        first = client.get("/swr/replica/")
+    assert first.status_code == 200
+    assert first.json() == {"found": True, "reads": {"default": 1}}
+    with capture_reads() as reads:
+        second = client.get("/swr/replica/")
+    assert second.json() == {"found": True, "reads": {"default": 1}}  # the second run's page
+    assert reads == {}  # from the cache
 
-        def __init__(self) -> None:
-            self.rows = [("Ada",), ("Grace",), ("Hedy",), ("Barbara",)]
-            self.closed = False
 
-        def fetchone(self) -> tuple[str] | None:
-            return self.rows.pop(0) if self.rows else None
-
-        def fetchmany(self, size: int = 1) -> list[tuple[str]]:
-            taken, self.rows = self.rows[:size], self.rows[size:]
-            return taken
-
-        def fetchall(self) -> list[tuple[str]]:
-            taken, self.rows = self.rows, []
-            return taken
-
-        def __iter__(self) -> Iterator[tuple[str]]:
-            return iter(self.fetchall())
-
-        def close(self) -> None:
-            self.closed = True
-
-    rows = Rows()
-    wrapper = CursorWrapper(Rows(), connections["default"])
-    wrapper.cursor = rows
-    assert wrapper.description == (("name",),)
-    assert wrapper.fetchone() == ("Ada",)
-    assert wrapper.fetchmany(1) == [("Grace",)]
-    assert list(wrapper) == [("Hedy",), ("Barbara",)]
-    assert wrapper.fetchall() == []
-    wrapper.close()
-    assert rows.closed
+def _primary_lsn() -> str:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        return str(cursor.fetchone()[0])
 
 
 @pytest.mark.postgres

@@ -8,15 +8,16 @@ from contextlib import contextmanager
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connections, transaction
+from django.db import OperationalError, connections, transaction
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from support import wait_until
 
-from django_scale.exceptions import ArgumentError
+from django_scale.exceptions import ArgumentError, ReplicaReadError
 from django_scale.replicas import (
     ReplicaGuard,
     current_state,
+    error_sqlstate,
     forced_route,
     format_lsn,
     monitor,
@@ -351,8 +352,21 @@ def replica_server(readmit) -> Iterator[harness.ServerControl]:
             control.start()
 
 
+def _terminate_replica_connection() -> None:
+    """End this thread's replica connection from the server's side, as a failing replica does."""
+    replica = connections["replica"]
+    with replica.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    killer = replica.get_new_connection(replica.get_connection_params())
+    killer.autocommit = True
+    with killer.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    killer.close()
+
+
 @REPLICA
-def test_a_read_on_a_broken_replica_connection_is_retried_on_the_primary(readmit):
+def test_a_read_on_a_broken_replica_connection_raises_and_the_next_read_goes_to_the_primary(readmit):
     names = sorted(Author.objects.create(name=name).name for name in ("Alan", "Alonzo"))
     with routing_state():
         wait_until(
@@ -360,24 +374,109 @@ def test_a_read_on_a_broken_replica_connection_is_retried_on_the_primary(readmit
             "the monitor seeing the primary's writes",
         )
         assert sorted(Author.objects.values_list("name", flat=True)) == names  # opens the connection
-    with connections["replica"].cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        pid = cursor.fetchone()[0]
-    replica = connections["replica"]
-    killer = replica.get_new_connection(replica.get_connection_params())
-    killer.autocommit = True
-    with killer.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-    killer.close()
+    _terminate_replica_connection()
 
-    with (
-        replica.execute_wrapper(ReplicaGuard("replica")),
-        routing_state() as state,
-        capture_reads() as reads,
-    ):
+    # Outside a request (a command, a task) the failure surfaces, as a database error...
+    with routing_state() as state, capture_reads() as reads:
+        with pytest.raises(ReplicaReadError, match="'replica' failed") as raised:
+            list(Author.objects.values_list("name", flat=True))
+        assert isinstance(raised.value, OperationalError) and raised.value.alias == "replica"
+        assert state.replica_failed == "replica"
+        # ... and the replica is out of rotation: the next read goes to the primary.
+        assert not monitor("replica").is_available()
         assert sorted(Author.objects.values_list("name", flat=True)) == names
-    assert reads == {"default": 1} and state.reads == {"default": 1}
+    assert reads == {"replica": 1, "default": 1} and state.reads == reads
+
+
+@REPLICA
+def test_a_get_whose_replica_connection_broke_runs_again_on_the_primary(readmit):
+    client = Client()
+    pk = Author.objects.create(name="Hopper").pk
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}  # opens the connection
+    _terminate_replica_connection()
+    with capture_reads() as reads, CaptureQueriesContext(connections["default"]) as on_primary:
+        response = client.get(f"/authors/{pk}/")
+    assert response.status_code == 200
+    # The second run's state: every read on the primary.
+    assert response.json() == {
+        "found": True,
+        "reads": {"default": 1},
+        "pinned": response.json()["pinned"],
+        "wrote": False,
+    }
+    assert "failed on a replica" in response.json()["pinned"]
+    assert reads == {"replica": 1, "default": 1}
+    assert [query["sql"] for query in on_primary.captured_queries if '"testapp_author"' in query["sql"]]
     assert not monitor("replica").is_available()
+
+
+@REPLICA
+def test_the_guard_is_installed_once_per_connection_not_per_request(caught_up):
+    client = Client()
+    pk = Author.objects.create(name="Liskov").pk
+    caught_up.wait_for_replay()
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
+    replica = connections["replica"]
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+    wrappers = list(replica.execute_wrappers)
+    assert len(wrappers) == 1 and isinstance(wrappers[0], ReplicaGuard)
+    for _ in range(3):
+        assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+        # No request adds or removes a wrapper: the same guard stays.
+        assert replica.execute_wrappers == wrappers
+    # Reopened, the connection object keeps its one guard.
+    replica.close()
+    assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+    assert replica.execute_wrappers == wrappers
+
+
+@REPLICA
+def test_a_connection_opened_inside_a_callers_execute_wrapper_is_guarded_after_the_block(caught_up):
+    import threading
+
+    seen: list[str] = []
+    outcome: dict[str, object] = {}
+
+    def mine(execute, sql, params, many, context):  # type: ignore[no-untyped-def]
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    def thread() -> None:
+        # A thread of its own: connection objects that never had a guard.
+        try:
+            replica = connections["replica"]
+            with replica.execute_wrapper(mine), routing_state(), capture_reads() as reads:
+                # It opens inside the caller's block: a guard entered there would be popped by
+                # the block's exit, which would leave the caller's wrapper behind.
+                list(Author.objects.all())
+                outcome["inside"] = list(replica.execute_wrappers)
+            outcome["reads"], outcome["after"] = dict(reads), list(replica.execute_wrappers)
+            with routing_state():
+                list(Author.objects.all())  # the router hands out the alias again, and guards it
+            outcome["guarded"] = [type(wrapper) for wrapper in replica.execute_wrappers]
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join(30)
+    assert "error" not in outcome, outcome["error"]
+    assert outcome == {
+        "inside": [mine],
+        "reads": {"replica": 1},
+        "after": [],
+        "guarded": [ReplicaGuard],
+    }
+    assert len(seen) == 1
 
 
 def _accepts_connections() -> bool:
@@ -435,8 +534,8 @@ def test_a_frozen_replica_holds_no_request(replica_server):
         assert response.status_code == 200
         assert response.json()["found"] is True
         # The read started on the replica (the monitor had not yet seen the freeze); the
-        # watchdog cut it off once the monitor's probe hung past the deadline, and the guard
-        # ran it again on the primary.
+        # watchdog cut it off once the monitor's probe hung past the deadline, the guard
+        # raised, and ScaleMiddleware ran the GET again with its reads on the primary.
         assert response.json()["reads"] == {"default": 1}
         assert watchdog.cut_off == cut_before + 1
         wait_until(lambda: not monitor("replica").is_available(), "the frozen replica ejected")
@@ -473,7 +572,8 @@ def test_a_frozen_replica_holds_no_async_request(replica_server):
     finally:
         replica_server.thaw()
     assert first[0] == 200 and first[1]["reads"] == {"replica": 1}
-    # The guard wraps the connection of the thread that runs the async view's ORM calls.
+    # The guard wraps the connection of the thread that runs the async view's ORM calls, and
+    # ScaleMiddleware ran the GET again with its reads on the primary.
     assert second[0] == 200 and second[1]["found"] is True
     assert second[1]["reads"] == {"default": 1}
     assert watchdog.cut_off == cut_before + 1
@@ -550,7 +650,7 @@ def test_the_fallback_cap_keeps_free_reads_on_a_lagging_replica(caught_up):
 
 
 @REPLICA
-def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caught_up, readmit):
+def test_a_read_cancelled_by_a_recovery_conflict_raises_and_keeps_the_replica(caught_up, readmit):
     import threading
 
     Author.objects.create(name="Barbara")
@@ -563,14 +663,14 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
 
     def read_slowly() -> None:
         # The standby cancels this read (SQLSTATE 40001) when it replays the primary's lock.
-        with (
-            connections["replica"].execute_wrapper(ReplicaGuard("replica")),
-            routing_state() as state,
-            use_replica(),
-        ):
+        with routing_state() as state, use_replica():
             slow = Author.objects.raw("SELECT id, name FROM testapp_author WHERE pg_sleep(1.5) IS NOT NULL")
-            result["names"] = [author.name for author in slow]
-            result["reads"] = dict(state.reads)
+            try:
+                result["names"] = [author.name for author in slow]
+            except ReplicaReadError as exc:
+                result["sqlstate"] = error_sqlstate(exc.__cause__) if exc.__cause__ else None
+                result["database_error"] = isinstance(exc, OperationalError)
+            result["reads"], result["failed"] = dict(state.reads), state.replica_failed
         connections.close_all()
 
     try:
@@ -587,7 +687,14 @@ def test_a_read_cancelled_by_a_recovery_conflict_is_retried_on_the_primary(caugh
         with replica.cursor() as cursor:
             cursor.execute("ALTER SYSTEM RESET max_standby_streaming_delay")
             cursor.execute("SELECT pg_reload_conf()")
-    assert result == {"names": ["Barbara"], "reads": {"default": 1}}
+    # Raised as a database error, with the replica named on the state: ScaleMiddleware would
+    # run a GET again on the primary (test_replica_health.py), a task or command sees it.
+    assert result == {
+        "sqlstate": "40001",
+        "database_error": True,
+        "reads": {"replica": 1},
+        "failed": "replica",
+    }
     # A conflict is not a failure of the replica: it stays in rotation.
     assert monitor("replica").is_available()
 
@@ -609,7 +716,7 @@ def test_a_statement_timeout_on_the_replica_is_the_callers_error_not_an_ejection
     Author.objects.create(name="Leslie")  # a row for the slow query to sleep on
     caught_up.wait_for_replay()
     replica = connections["replica"]
-    with replica.execute_wrapper(ReplicaGuard("replica")), routing_state(), use_replica():
+    with routing_state(), use_replica():
         # Route once first: a connection opened before an earlier test's failure is replaced
         # on first use, and the SET below must land on the one that will run the query.
         assert Author.objects.filter(name="Leslie").exists()

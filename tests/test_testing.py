@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.db import connections
 
-from django_scale.replicas import monitor, routing_state
+from django_scale.replicas import ReplicaGuard, monitor, routing_state
 from django_scale.testing import capture_reads, share_primary_connection, simulate_lag
 
 from testapp.models import Author
@@ -26,6 +26,11 @@ def test_inside_testcase_reads_stay_on_the_primary_unless_the_replica_shares_its
         assert Author.objects.get(pk=author.pk).name == "Rosalind"
     assert reads == {"replica": 1}
     assert connections["replica"] is not connections["default"]
+    # The primary's connection object served the replica alias: it got no replica guard
+    # (whose errors would eject the "replica" and rerun requests on a primary failure).
+    assert not [
+        wrapper for wrapper in connections["default"].execute_wrappers if isinstance(wrapper, ReplicaGuard)
+    ]
 
 
 @pytest.mark.postgres

@@ -175,6 +175,18 @@ def abandon_page(slot: PageSlot) -> None:
         page.holder.reason = "a middleware raised after the view"
 
 
+def reopen_page_slot(slot: PageSlot) -> None:
+    """Empty *slot* for a second run of its request: nothing of the first run is stored.
+
+    ScaleMiddleware runs a request again on the primary when a read failed on a replica. The
+    first run's claim on the cache is given up, and the cached view may enter the slot again.
+    """
+    page, slot.page = slot.page, None
+    slot.entered = False
+    if page is not None and page.deferred is not None:
+        page.deferred.abandon()
+
+
 def _vary_names(headers: Any) -> set[str]:
     return {name.strip().lower() for name in headers.get("Vary", "").split(",") if name.strip()}
 

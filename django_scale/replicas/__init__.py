@@ -12,7 +12,7 @@ The parts, one concept each:
 * :mod:`~django_scale.replicas.health`: :class:`SharedHealth`, which tells the other
   processes through the cache which replicas this one ejected, and learns theirs.
 * :mod:`~django_scale.replicas.guard`: :class:`ReplicaGuard` and the watchdog: a deadline
-  for queries on a replica, and their retry on the primary.
+  for queries on a replica, and a clear error when a read on one fails.
 * :mod:`~django_scale.replicas.errors`: what a failed query's SQLSTATE says.
 * :mod:`~django_scale.replicas.fallback`: the window that caps reads falling back to the
   primary.
@@ -25,7 +25,7 @@ from __future__ import annotations
 from django_scale.replicas import wal
 from django_scale.replicas.errors import error_sqlstate
 from django_scale.replicas.fallback import FallbackWindow
-from django_scale.replicas.guard import ReplicaGuard, Watchdog, guard_replicas
+from django_scale.replicas.guard import ReplicaGuard, Watchdog, install_guards
 from django_scale.replicas.health import SharedHealth, shared_health
 from django_scale.replicas.monitors import ReplicaMonitor, monitor, stop_monitors, wait_for_replicas
 from django_scale.replicas.state import (
@@ -54,7 +54,7 @@ __all__ = [
     "error_sqlstate",
     "forced_route",
     "format_lsn",
-    "guard_replicas",
+    "install_guards",
     "mark_write",
     "monitor",
     "parse_lsn",

@@ -1,4 +1,9 @@
-"""``ReplicaGuard``: a deadline for queries on a replica, and their retry on the primary."""
+"""``ReplicaGuard``: a deadline for queries on a replica, and a clear error when a read fails.
+
+The guard is installed once per replica connection object (``DatabaseWrapper``), when its
+first connection opens, and stays for the object's life: requests, tasks and commands never
+install or remove it, so a request that never touches a replica pays nothing for it.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +13,84 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-from django.db import InterfaceError, InternalError, OperationalError, connections
+from django.db import InterfaceError, InternalError, OperationalError
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.signals import connection_created
 
 from django_scale.conf import conf
+from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas.errors import RECOVERY_CONFLICT, error_sqlstate, is_broken, is_read
 from django_scale.replicas.monitors import monitor
-from django_scale.replicas.state import _capture, _state
+from django_scale.replicas.state import _state
 
-__all__ = ["ReplicaGuard", "Watchdog", "guard_replicas", "watchdog"]
+__all__ = ["ReplicaGuard", "Watchdog", "guard_connection", "install_guards", "watchdog"]
 
 logger = logging.getLogger("django_scale.replicas")
 
+#: The replica connection objects that have their guard (a connection object lives as long as
+#: its thread, or its test's override of DATABASES; it opens and closes many connections).
+_guarded: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
 
-@contextmanager
-def guard_replicas() -> Iterator[None]:
-    """Wrap the queries on each replica inside the block in a :class:`ReplicaGuard`."""
-    with contextlib.ExitStack() as stack:
-        for alias in conf.REPLICAS:
-            stack.enter_context(connections[alias].execute_wrapper(ReplicaGuard(alias)))
-        yield
+
+def guard_connection(connection: BaseDatabaseWrapper) -> bool:
+    """Wrap the queries of replica *connection* in a :class:`ReplicaGuard` for its whole life.
+
+    Return whether it is guarded; a connection object of an alias not in ``REPLICAS`` never is. It goes through the public
+    :meth:`~django.db.backends.base.base.BaseDatabaseWrapper.execute_wrapper`, entered once and
+    never left. That context manager pops the *last* wrapper on exit, so it is only entered
+    while no other wrapper is active on the connection: entered inside a block of the caller's,
+    the caller's exit would remove the guard and leave its own wrapper behind. Such a
+    connection is guarded later, when the router next hands out its alias
+    (``ReplicaRouter``).
+    """
+    if connection in _guarded:
+        return True
+    if connection.alias not in conf.REPLICAS:
+        # Say, the primary's connection object, which share_primary_connection() hands out
+        # for the replica aliases in tests: its queries are the primary's.
+        return False
+    if connection.execute_wrappers:
+        return False
+    entered = connection.execute_wrapper(ReplicaGuard(connection.alias))
+    entered.__enter__()
+    # Keep the entered context manager alive with its connection object: collected, its
+    # generator would be closed and its ``finally`` would pop whatever wrapper is last.
+    connection._django_scale_guard = entered  # type: ignore[attr-defined]
+    _guarded.add(connection)
+    return True
+
+
+def _guard_new_connection(sender: Any, connection: BaseDatabaseWrapper, **kwargs: Any) -> None:
+    guard_connection(connection)
+
+
+def install_guards() -> None:
+    """Guard every replica connection opened from now on (``connection_created``).
+
+    :class:`~django_scale.routers.ReplicaRouter`, :class:`~django_scale.middleware.ScaleMiddleware`
+    and :func:`~django_scale.task_routing.connect_signals` call it when they are set up;
+    calling it again does nothing.
+    """
+    connection_created.connect(_guard_new_connection, dispatch_uid="django_scale.replicas.guard", weak=False)
 
 
 class ReplicaGuard:
-    """An ``execute_wrapper`` for a replica connection: deadline, and retry on the primary.
+    """An ``execute_wrapper`` for a replica connection: a deadline, and a clear error on failure.
 
     While a query runs on the replica, :data:`watchdog` shuts its socket down if the replica's
-    monitor finds the replica unresponsive (a frozen host ignores server-side timeouts). A
-    read that fails because the connection broke, or because the standby cancelled it for a
-    recovery conflict (SQLSTATE 40001), runs again on the primary when it is not part of a
-    transaction; the caller gets its rows as if nothing happened.
+    monitor finds the replica unresponsive (a frozen host ignores server-side timeouts). A read
+    outside a transaction that fails because the connection broke, or because the standby
+    cancelled it for a recovery conflict (SQLSTATE 40001), raises
+    :exc:`~django_scale.exceptions.ReplicaReadError`: a broken connection is reported to the
+    replica's monitor (which takes the replica out of rotation) and closed, and the routing
+    state of the request or task records the failure, so that
+    :class:`~django_scale.middleware.ScaleMiddleware` can run a safe request again on the
+    primary. No execute wrapper can hand its caller the rows of another connection's cursor,
+    so the guard does not retry the query itself.
     """
 
     def __init__(self, alias: str) -> None:
@@ -75,54 +125,22 @@ class ReplicaGuard:
                 # Close the broken connection so that the next read opens a new one.
                 with contextlib.suppress(Exception):
                     connection.close()
-            logger.warning(
-                "a read on replica %r failed (%s); retrying it on the primary", self.alias, str(exc).strip()
-            )
-            result = _retry_on_primary(sql, params, many, context)
-            _recount(self.alias, conf.PRIMARY)
-            return result
+            cause = str(exc).strip()
+            state = _state.get()
+            if state is not None:
+                state.replica_failed = self.alias
+                state.pin(f"a read on replica {self.alias!r} failed")
+            logger.warning("a read on replica %r failed: %s", self.alias, cause)
+            what = "cancelled by a recovery conflict" if conflict else "its connection broke"
+            raise ReplicaReadError(
+                f"a read on replica {self.alias!r} failed ({what}: {cause}). ScaleMiddleware runs a "
+                "GET, HEAD or OPTIONS request that has not written once more with its reads on the "
+                "primary; elsewhere, retry the work (the replica's monitor sends reads to the "
+                "primary while the replica is down).",
+                alias=self.alias,
+            ) from exc
         finally:
             watchdog.unwatch(ticket)
-
-
-def _recount(routed_to: str, served_by: str) -> None:
-    """Move one read from the alias the router chose to the alias that served it."""
-    for counter in (state.reads if (state := _state.get()) else None, _capture.get()):
-        if counter is not None and counter[routed_to] > 0:
-            counter[routed_to] -= 1
-            counter[served_by] += 1
-            if not counter[routed_to]:
-                del counter[routed_to]
-
-
-def _retry_on_primary(sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
-    """Run the read again through the primary's own cursor, and let the caller fetch its rows.
-
-    The retry is an ordinary query of the primary's: its execute wrappers (such as
-    :func:`~django_scale.timeouts.statement_timeout`) and its query log
-    (``CaptureQueriesContext``, ``DEBUG``) see it like any other.
-    """
-    retry = connections[conf.PRIMARY].cursor()
-    try:
-        result = retry.executemany(sql, params) if many else retry.execute(sql, params)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            retry.close()
-        raise
-    # An execute wrapper returns what execute() returns, and the caller then reads the rows
-    # from its CursorWrapper, which takes fetchone(), fetchmany(), fetchall(), iteration,
-    # description and close() from its .cursor attribute (django/db/backends/utils.py,
-    # CursorWrapper.__init__, __getattr__ and __iter__, the same from Django 4.2 to 6.1;
-    # pinned by test_a_cursor_wrapper_reads_its_rows_from_its_cursor_attribute). No public
-    # API hands an execute wrapper's caller other rows: point it at the primary's
-    # CursorWrapper, so the caller reads the retried rows through the primary's error
-    # wrapping, and closing the caller's cursor closes the primary's. The broken replica
-    # cursor is closed quietly.
-    wrapper = context["cursor"]
-    broken, wrapper.cursor = wrapper.cursor, retry
-    with contextlib.suppress(Exception):
-        broken.close()
-    return result
 
 
 class Watchdog:
@@ -150,14 +168,16 @@ class Watchdog:
                 self._thread.start()
             self._next += 1
             self._inflight[self._next] = (alias, connection)
-            self._has_work.set()
+            # Setting an Event notifies its condition: only wake the thread when it sleeps.
+            if not self._has_work.is_set():
+                self._has_work.set()
             return self._next
 
     def unwatch(self, ticket: int) -> None:
+        # The thread clears _has_work itself once it finds nothing in flight: clearing it
+        # here, on every query, would cost more than the thread's one extra look.
         with self._lock:
             self._inflight.pop(ticket, None)
-            if not self._inflight:
-                self._has_work.clear()
 
     def _run(self) -> None:
         while True:
@@ -165,6 +185,11 @@ class Watchdog:
             time.sleep(self.tick)
             now = time.monotonic()
             with self._lock:
+                if not self._inflight:
+                    # Under the lock, so that a watch() now either came before (and is seen
+                    # here) or comes after and sets the event again.
+                    self._has_work.clear()
+                    continue
                 stuck = [
                     (ticket, connection)
                     for ticket, (alias, connection) in self._inflight.items()

@@ -100,19 +100,21 @@ class ReplicaMonitor:
         if self._vendor != "postgresql":
             # Nothing to probe: a replica of another database is trusted as configured.
             return required_lsn is None, math.inf
-        self._ensure_started()
+        deadline, interval, max_lag = conf.health_limits()
+        if self._thread is None:
+            self._ensure_started()
         if not self._first.is_set():
             # The first use in this process waits for one probe, within the deadline.
-            self._first.wait(conf.REPLICA_DEADLINE)
-        if self.is_unresponsive(now):
-            return False, now
-        deadline = conf.REPLICA_DEADLINE
+            self._first.wait(deadline)
         busy_since = self._busy_since
+        if now < self.down_until or (busy_since is not None and now - busy_since > deadline):
+            return False, now  # unresponsive (is_unresponsive(), inlined for the hot path)
         # Without a fresh probe the replica may have frozen: trust the last one for so long.
-        fresh_until = self.checked_at + conf.HEALTH_CHECK_INTERVAL + deadline
+        fresh_until = self.checked_at + interval + deadline
         if not self.checked_at or now > fresh_until:
             return False, now
-        if self.lag is None or self.lag > conf.MAX_REPLICA_LAG:
+        lag = self.lag
+        if lag is None or lag > max_lag:
             return False, now
         if required_lsn is not None and self.replay_lsn < required_lsn:
             return False, now

@@ -6,8 +6,7 @@ import contextvars
 import functools
 import inspect
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
@@ -45,7 +44,14 @@ class RoutingState:
     #: The replica this request reads from, chosen once so that its reads agree.
     replica: str | None = None
     #: How many read decisions went to each alias (for tests, metrics and benchmarks).
-    reads: Counter[str] = field(default_factory=Counter)
+    reads: Counter[str] = field(default_factory=lambda: _new_counter())
+    #: The replica a read of this request failed on (its connection broke, or the standby
+    #: cancelled it), or ``None``. :class:`~django_scale.middleware.ScaleMiddleware` runs a safe
+    #: request that has not written once more, on the primary, when it is set.
+    replica_failed: str | None = None
+    #: Whether this is that second run: every read goes to the primary, inside
+    #: :func:`use_replica` too.
+    rerun: bool = False
 
     def pin(self, reason: str) -> None:
         """Send the rest of this request's reads to the primary, for *reason*."""
@@ -55,8 +61,16 @@ class RoutingState:
     #: Until when (``time.monotonic()``) the chosen replica's availability holds unless its
     #: monitor learns something new (its version changes).
     _valid_until: float = field(default=0.0, repr=False)
-    _connections: tuple[Any, ...] = field(default=(), repr=False)
+    #: The request's routing lookups, made at its first read (routers.Route).
+    _route: tuple[Any, ...] | None = field(default=None, repr=False)
     _version: int = field(default=-1, repr=False)
+
+
+def _new_counter() -> Counter[str]:
+    # An empty Counter without running Counter.__init__ (super().__init__() and update(), in
+    # Python): a request opens a state, and so a Counter, on every request. Counter adds no
+    # state of its own to dict's (Lib/collections/__init__.py, 3.10 to 3.13).
+    return Counter.__new__(Counter)
 
 
 _state: contextvars.ContextVar[RoutingState | None] = contextvars.ContextVar(
@@ -77,22 +91,28 @@ def current_state() -> RoutingState | None:
     return _state.get()
 
 
-@contextmanager
-def routing_state(required_lsn: int | None = None, *, sticky_primary: bool = False) -> Iterator[RoutingState]:
+class routing_state:  # noqa: N801 - a context manager used like a function
     """Open a :class:`RoutingState` for the code inside the block, and close it after.
 
     :class:`~django_scale.middleware.ScaleMiddleware` opens one per request and the Celery
     integration one per task; open one yourself around any other unit of work that should
-    read its own writes.
+    read its own writes. ``with routing_state() as state:`` binds the state.
     """
-    state = RoutingState(required_lsn=required_lsn, sticky_primary=sticky_primary)
-    if sticky_primary:
-        state.pin("the user wrote recently and the primary has no WAL position to wait for")
-    token = _state.set(state)
-    try:
-        yield state
-    finally:
-        _state.reset(token)
+
+    __slots__ = ("state", "_token")
+
+    def __init__(self, required_lsn: int | None = None, *, sticky_primary: bool = False) -> None:
+        # A class, not a generator-based context manager: one is opened per request.
+        self.state = RoutingState(required_lsn=required_lsn, sticky_primary=sticky_primary)
+        if sticky_primary:
+            self.state.pin("the user wrote recently and the primary has no WAL position to wait for")
+
+    def __enter__(self) -> RoutingState:
+        self._token = _state.set(self.state)
+        return self.state
+
+    def __exit__(self, *exc_info: object) -> None:
+        _state.reset(self._token)
 
 
 def mark_write(alias: str | None = None) -> None:

@@ -157,3 +157,17 @@ def page_by_language(request: HttpRequest) -> JsonResponse:
 async def async_page(request: HttpRequest) -> HttpResponse:
     data = probe.record("async_page", None)
     return HttpResponse(f"async page {data}")
+
+
+@swr_cache_page(60, 3600, refill="inline")
+def replica_page(request: HttpRequest) -> HttpResponse:
+    """Read on a replica; a view that swallows a failed replica read renders a degraded page."""
+    from django_scale.exceptions import ReplicaReadError
+    from django_scale.replicas import current_state
+
+    try:
+        found = Author.objects.filter(name="Paged").exists()
+    except ReplicaReadError:
+        return JsonResponse({"degraded": True})
+    state = current_state()
+    return JsonResponse({"found": found, "reads": dict(state.reads) if state else None})

@@ -10,6 +10,7 @@ urlpatterns = [
     path("authors/", views.create_author),
     path("authors/<int:pk>/", views.show_author),
     path("authors/enqueue/", views.create_author_and_enqueue),
+    path("authors/sleepy/", views.sleepy_authors),
     path("async/authors/", views.async_create_author),
     path("async/authors/<int:pk>/", views.async_show_author),
     path("async/statement-timeout/", views.async_statement_timeout),
@@ -19,6 +20,7 @@ urlpatterns = [
     path("swr/per-user/", cached.page_per_user),
     path("swr/language/", cached.page_by_language),
     path("swr/async/", cached.async_page),
+    path("swr/replica/", cached.replica_page),
     path("swr/fragment/", views.fragment),
     path("iso/", include("testapp.pages")),
 ]

@@ -29,6 +29,14 @@ def show_author(request: HttpRequest, pk: int) -> JsonResponse:
     return JsonResponse({"found": found, **_routing()})
 
 
+def sleepy_authors(request: HttpRequest) -> JsonResponse:
+    """Read the authors' names with a query that sleeps ``?sleep=`` seconds first."""
+    seconds = float(request.GET.get("sleep", "0"))
+    sql = "SELECT id, name FROM testapp_author WHERE pg_sleep(%s) IS NOT NULL ORDER BY id"
+    names = [author.name for author in Author.objects.raw(sql, [seconds])]
+    return JsonResponse({"names": names, **_routing()})
+
+
 # No csrf_exempt: on Django 4.2 it cannot wrap an async view, and the test client does not
 # enforce CSRF checks anyway.
 async def async_create_author(request: HttpRequest) -> JsonResponse:

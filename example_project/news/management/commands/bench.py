@@ -21,6 +21,7 @@ FEATURES = {
     "bulk": "benchmarks.bulk",
     "cache": "benchmarks.cache",
     "prefetch": "benchmarks.prefetch",
+    "request": "benchmarks.request",
     "routing": "benchmarks.routing",
 }
 
