@@ -38,6 +38,8 @@ INSTALLED_APPS = [
     "testapp",
     # Models named like testapp's: fragment keys must tell the apps apart.
     "otherapp",
+    # The docs' news site: tests/test_docs_examples.py runs the pages' examples on it.
+    "news",
 ]
 MIDDLEWARE = [
     "django_scale.middleware.ScaleMiddleware",
