@@ -280,3 +280,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         connection = connections[alias]
         if connection.connection is not None and not connection.in_atomic_block:
             connection.close()
+
+
+@pytest.fixture
+def data(db: None) -> None:
+    """The posts, replies, tags and reporters the prefetch tests share (tests/prefetch_data.py)."""
+    from prefetch_data import build
+
+    build()

@@ -140,32 +140,29 @@ def _key_was_set(field: Any, instance: Any, before: Any) -> None:
         key_changed(field, None if after is _MISSING else after)
 
 
-class _PeerForwardManyToOneDescriptor(ForwardManyToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
+class _PeerForwardMixin:
+    """A forward descriptor that loads the relation for all peers of the row, then reads it,
+    and notes a changed key (so the groups that cached the old one drop it)."""
+
+    field: Any
+
+    def __get__(self, instance: Any, cls: Any = None) -> Any:
+        if instance is not None and not HAS_FETCH_MODES:
+            load_for_peers(instance, self.field)
+        return super().__get__(instance, cls)  # type: ignore[misc]
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        before = instance.__dict__.get(self.field.attname, _MISSING)
+        super().__set__(instance, value)  # type: ignore[misc]
+        _key_was_set(self.field, instance, before)
+
+
+class _PeerForwardManyToOneDescriptor(_PeerForwardMixin, ForwardManyToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
     """``post.reporter``: loads the relation for all peers of the row, then reads it."""
 
-    def __get__(self, instance: Any, cls: Any = None) -> Any:
-        if instance is not None and not HAS_FETCH_MODES:
-            load_for_peers(instance, self.field)
-        return super().__get__(instance, cls)
 
-    def __set__(self, instance: Any, value: Any) -> None:
-        before = instance.__dict__.get(self.field.attname, _MISSING)
-        super().__set__(instance, value)
-        _key_was_set(self.field, instance, before)
-
-
-class _PeerForwardOneToOneDescriptor(ForwardOneToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
+class _PeerForwardOneToOneDescriptor(_PeerForwardMixin, ForwardOneToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
     """``profile.reporter``: loads the relation for all peers of the row, then reads it."""
-
-    def __get__(self, instance: Any, cls: Any = None) -> Any:
-        if instance is not None and not HAS_FETCH_MODES:
-            load_for_peers(instance, self.field)
-        return super().__get__(instance, cls)
-
-    def __set__(self, instance: Any, value: Any) -> None:
-        before = instance.__dict__.get(self.field.attname, _MISSING)
-        super().__set__(instance, value)
-        _key_was_set(self.field, instance, before)
 
 
 class _PeerReverseOneToOneDescriptor(ReverseOneToOneDescriptor):  # type: ignore[type-arg,unused-ignore]
