@@ -940,6 +940,17 @@ def test_w205_the_default_celery_app_then_w204_refresh_task_not_registered() -> 
     assert "django_scale.W205" not in with_task and "django_scale.W204" not in with_task
 
 
+def test_functions_cached_in_task_modules_are_checked() -> None:
+    """A cached function only Celery's autodiscovery imports is checked all the same."""
+    [ids] = _check_ids_in_a_fresh_process(
+        "from celery import Celery\n"
+        "app = Celery('proj', broker='memory://')\n"
+        "app.autodiscover_tasks(['taskonly'])\n"
+        "print(ids())\n"
+    )[-1:]
+    assert "django_scale.E201" in ids
+
+
 def test_w206_broker_transport_cannot_be_imported_and_the_log_says_misconfigured() -> None:
     """kombu's Redis transport imports packaging: without it a worker dies and refills never leave."""
     blocked, error_kind, installed = _check_ids_in_a_fresh_process(

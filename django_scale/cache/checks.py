@@ -7,6 +7,7 @@ first so that cached views are.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any
 
 from django.conf import settings
@@ -119,6 +120,13 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
         with contextlib.suppress(Exception):
             import_string(f"{urlconf}.urlpatterns")
     try:
+        from celery import current_app
+    except ImportError:
+        pass
+    else:
+        if current_app.main != "default":
+            _import_task_modules(current_app)
+    try:
         default_alias = conf.CACHE_ALIAS
     except Exception:
         return []  # check_settings reports a malformed DJANGO_SCALE
@@ -154,8 +162,7 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
                 messages.append(_w202_process_local_cache(alias, backend, sorted(users)))
     # Import the task modules as a worker does at start (autodiscover_tasks() is lazy and
     # imports them then), so the question is whether a worker would know the task.
-    with contextlib.suppress(Exception):
-        app.loader.import_default_modules()
+    _import_task_modules(app)
     if "django_scale.refresh" not in app.tasks:
         messages.append(_w204_task_not_registered(app.main or "default"))
     if not eager:
@@ -164,6 +171,25 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
             scheme = str(app.conf.broker_url or "amqp").partition("://")[0].partition("+")[0]
             messages.append(_w206_broker_transport_missing(app.main or "default", scheme, error))
     return messages
+
+
+#: Whether this thread is importing task modules for the checks: Celery's Django fixup runs
+#: every system check when task modules are imported (celery/fixups/django.py,
+#: ``on_import_modules`` -> ``validate_models`` -> ``run_checks``), which would import them again.
+_importing = threading.local()
+
+
+def _import_task_modules(app: Any) -> None:
+    """Import *app*'s task modules as a worker does at start, so that functions cached in them
+    are registered before they are checked (a fresh process has not imported them yet)."""
+    if getattr(_importing, "active", False):
+        return
+    _importing.active = True
+    try:
+        with contextlib.suppress(Exception):
+            app.loader.import_default_modules()
+    finally:
+        _importing.active = False
 
 
 def _transport_import_error(app: Any) -> ImportError | None:
