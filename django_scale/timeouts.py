@@ -230,6 +230,12 @@ def _restore(connection: BaseDatabaseWrapper, alias: str, limit: _Limit | None) 
         state.baseline = state.applied = None
 
 
+#: Django 6.1 renamed ``transaction.savepoint()`` to ``savepoint_create()`` (the old name warns).
+_savepoint_create: Callable[..., Any] = (
+    getattr(transaction, "savepoint_create", None) or transaction.savepoint
+)
+
+
 @contextmanager
 def _in_savepoint(connection: BaseDatabaseWrapper, alias: str, milliseconds: int) -> Iterator[None]:
     """Run the block in a savepoint with ``SET LOCAL`` (PostgreSQL, inside a transaction).
@@ -247,7 +253,7 @@ def _in_savepoint(connection: BaseDatabaseWrapper, alias: str, milliseconds: int
             state.internal = True  # our own statements pass every block's wrapper untouched
             try:
                 marked = transaction.get_rollback(using=alias)
-                sid = transaction.savepoint(using=alias)
+                sid = _savepoint_create(using=alias)
                 with _raw_cursor(connection) as cursor:
                     cursor.execute(_SWAP.format(local="true"), [_value(milliseconds)])
                     opened.update(sid=sid, previous=cursor.fetchone()[0], marked=marked)

@@ -113,7 +113,8 @@ if env_flag("DJANGO_SCALE_EXAMPLE_HARNESS", "0"):
     # are stopped and removed when the process exits.
     import sys
 
-    sys.path.insert(0, str(BASE_DIR.parent / "tests"))
+    # Appended, not inserted first: the suite's own test apps (tests/news) must not shadow ours.
+    sys.path.append(str(BASE_DIR.parent / "tests"))
     import harness
 
     _services = harness.services()
