@@ -528,7 +528,10 @@ def test_a_frozen_replica_holds_no_request(replica_server):
     # Open the request thread's replica connection, then freeze the server under it.
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
     cut_before = watchdog.cut_off
-    with override_scale_settings(REPLICA_DEADLINE=0.3):
+    # A deadline long enough that the request's read starts on the replica before the monitor
+    # can have declared the frozen replica unresponsive (else the router sends the read to
+    # the primary and there is nothing to cut off: correct too, but not the path tested here).
+    with override_scale_settings(REPLICA_DEADLINE=1.0):
         replica_server.freeze()
         response = client.get(f"/authors/{pk}/")
         assert response.status_code == 200
@@ -567,7 +570,8 @@ def test_a_frozen_replica_holds_no_async_request(replica_server):
 
     cut_before = watchdog.cut_off
     try:
-        with override_scale_settings(REPLICA_DEADLINE=0.3):
+        # Long enough for the read to start on the replica first (see the sync test above).
+        with override_scale_settings(REPLICA_DEADLINE=1.0):
             first, second = asyncio.run(main())
     finally:
         replica_server.thaw()
