@@ -223,3 +223,24 @@ def test_demo_on_services_shows_the_replica_wins(tmp_path: Path) -> None:
         result
     )
     assert re.search(r"copy_from\(\)\s+[\d,]+ rows/s", out), explain(result)
+
+
+def test_the_demo_runs_without_a_postgresql_driver(tmp_path: Path) -> None:
+    """README's first command installs no driver (``pip install -e .``): the SQLite demo needs none."""
+    blocked = (
+        "import runpy, sys\n"
+        "sys.modules['psycopg'] = sys.modules['psycopg2'] = None  # what an uninstalled package looks like\n"
+        f"sys.argv = [{str(MANAGE)!r}, 'demo', '--articles', '40']\n"
+        f"runpy.run_path({str(MANAGE)!r}, run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked],
+        cwd=ROOT,
+        env=example_env(tmp_path / "db.sqlite3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, explain(result)
+    assert "django-scale, no lookups" in result.stdout, explain(result)
