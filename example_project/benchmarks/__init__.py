@@ -11,7 +11,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
-__all__ = ["print_table", "time_per_call"]
+from django.db import connections
+
+from django_scale.conf import conf
+
+__all__ = ["print_table", "require_replica", "time_per_call"]
 
 
 def time_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
@@ -40,3 +44,16 @@ def print_table(out: TextIO, title: str, header: Sequence[str], rows: Sequence[S
         )
         if n == 0:
             out.write("  ".join("-" * width for width in widths) + "\n")
+
+
+def require_replica(out: TextIO, feature: str) -> str:
+    """Return the first replica alias, or explain what *feature*'s benchmark needs and exit."""
+    replicas = conf.REPLICAS
+    if not replicas or connections[replicas[0]].vendor != "postgresql":
+        out.write(
+            f"bench {feature} needs PostgreSQL with a streaming replica. Set DATABASE_URL and "
+            "REPLICA_URL, or run with DJANGO_SCALE_EXAMPLE_HARNESS=1 to start a throwaway primary "
+            "and replica with the test harness.\n"
+        )
+        raise SystemExit(2)
+    return replicas[0]

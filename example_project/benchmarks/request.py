@@ -43,7 +43,7 @@ from django_scale.conf import conf
 from django_scale.replicas import monitor, stop_monitors
 from django_scale.testing import override_scale_settings
 
-from benchmarks import print_table
+from benchmarks import print_table, require_replica
 
 SCALE_MIDDLEWARE = "django_scale.middleware.ScaleMiddleware"
 MULTIDB_MIDDLEWARE = "multidb.middleware.PinningRouterMiddleware"
@@ -464,15 +464,7 @@ def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
 
 
 def run(out: TextIO, quick: bool = False) -> None:
-    replicas = conf.REPLICAS
-    if not replicas or connections[replicas[0]].vendor != "postgresql":
-        out.write(
-            "bench request needs PostgreSQL with a streaming replica. Set DATABASE_URL and "
-            "REPLICA_URL, or run with DJANGO_SCALE_EXAMPLE_HARNESS=1 to start a throwaway primary "
-            "and replica with the test harness.\n"
-        )
-        raise SystemExit(2)
-    replica = replicas[0]
+    replica = require_replica(out, "request")
     rounds, per_batch = (10, 10) if quick else (100, 10)
     with override_scale_settings(HEALTH_CHECK_INTERVAL=0.5):
         if not monitor(replica).is_available():

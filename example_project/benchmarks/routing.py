@@ -33,12 +33,11 @@ from django.test.utils import override_settings
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
-from django_scale.conf import conf
 from django_scale.replicas import monitor, routing_state
 from django_scale.routers import ReplicaRouter
 from django_scale.testing import override_scale_settings
 
-from benchmarks import print_table, time_per_call
+from benchmarks import print_table, require_replica, time_per_call
 
 USERS_ROW_PREFIX = "bench-routing-user-"
 
@@ -274,15 +273,7 @@ def mixed_workload(out: TextIO, replica: str, quick: bool) -> None:
 
 
 def run(out: TextIO, quick: bool = False) -> None:
-    replicas = conf.REPLICAS
-    if not replicas or connections[replicas[0]].vendor != "postgresql":
-        out.write(
-            "bench routing needs PostgreSQL with a streaming replica. Set DATABASE_URL and "
-            "REPLICA_URL, or run with DJANGO_SCALE_EXAMPLE_HARNESS=1 to start a throwaway primary "
-            "and replica with the test harness.\n"
-        )
-        raise SystemExit(2)
-    replica = replicas[0]
+    replica = require_replica(out, "routing")
     with override_scale_settings(HEALTH_CHECK_INTERVAL=0.1):
         monitor(replica).is_available()
         decision_overhead(out, replica, quick)
