@@ -99,7 +99,8 @@ def pick_usable(aliases: list[str], handles: dict[str, BaseDatabaseWrapper] | No
         item = monitor(alias)
         # Never close a connection inside a transaction (the caller's atomic block, or the
         # primary's connection shared by share_primary_connection() in a TestCase): closing it
-        # would break the transaction. A broken one fails its query and the guard retries it.
+        # would break the transaction. A broken one fails its query: the guard raises
+        # ReplicaReadError and ScaleMiddleware runs a safe request again on the primary.
         if connection.connection is not None and not connection.in_atomic_block:
             mark = getattr(connection, "_django_scale_epoch", None)
             if connection.errors_occurred or (
