@@ -243,15 +243,29 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class HotSettings:
+    """The values of ``DJANGO_SCALE`` that every request reads, in one object (:meth:`Conf.hot`)."""
+
+    primary: str
+    replicas: tuple[str, ...]
+    #: REPLICA_DEADLINE, HEALTH_CHECK_INTERVAL and MAX_REPLICA_LAG.
+    deadline: float
+    interval: float
+    max_lag: float
+    #: READ_YOUR_WRITES_COOKIE.
+    cookie: str
+
+
 class Conf:
     """Typed, lazy access to ``settings.DJANGO_SCALE`` with documented defaults."""
 
     def __init__(self) -> None:
-        # What the routing hot path reads, computed once per DJANGO_SCALE object.
-        self._hot: tuple[object, dict[str, Any]] = (object(), {})
+        # What the request path reads, computed once per DJANGO_SCALE object.
+        self._hot: tuple[object, HotSettings | None] = (object(), None)
 
-    def _per_settings_object(self, key: str, compute: Callable[[], Any]) -> Any:
-        """Return ``compute()``, computed once per ``DJANGO_SCALE`` object, for hot paths.
+    def hot(self) -> HotSettings:
+        """Return the settings the request path reads, computed once per ``DJANGO_SCALE`` object.
 
         ``override_settings`` and :func:`~django_scale.testing.override_scale_settings` install
         a new object, so they take effect at once. (Mutating the dict in place is not noticed;
@@ -259,34 +273,28 @@ class Conf:
         """
         raw = getattr(settings, "DJANGO_SCALE", None)
         cached = self._hot
-        if cached[0] is not raw:
-            cached = self._hot = (raw, {})
-        values = cached[1]
-        try:
-            return values[key]
-        except KeyError:
-            value = values[key] = compute()
-            return value
+        if cached[0] is raw and cached[1] is not None:
+            return cached[1]
+        value = HotSettings(
+            primary=self.PRIMARY,
+            replicas=self.REPLICAS,
+            deadline=self.REPLICA_DEADLINE,
+            interval=self.HEALTH_CHECK_INTERVAL,
+            max_lag=self.MAX_REPLICA_LAG,
+            cookie=self.READ_YOUR_WRITES_COOKIE,
+        )
+        self._hot = (raw, value)
+        return value
 
     def aliases(self) -> tuple[str, tuple[str, ...]]:
-        """Return ``(PRIMARY, REPLICAS)`` for the router's hot path (once per settings object)."""
-        return cast(
-            "tuple[str, tuple[str, ...]]",
-            self._per_settings_object("aliases", lambda: (self.PRIMARY, self.REPLICAS)),
-        )
+        """Return ``(PRIMARY, REPLICAS)`` (once per settings object, as :meth:`hot` is)."""
+        hot = self.hot()
+        return hot.primary, hot.replicas
 
     def health_limits(self) -> tuple[float, float, float]:
-        """Return ``(REPLICA_DEADLINE, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG)`` for the hot path.
-
-        Computed once per settings object, as :meth:`aliases` is.
-        """
-        return cast(
-            "tuple[float, float, float]",
-            self._per_settings_object(
-                "health_limits",
-                lambda: (self.REPLICA_DEADLINE, self.HEALTH_CHECK_INTERVAL, self.MAX_REPLICA_LAG),
-            ),
-        )
+        """Return ``(REPLICA_DEADLINE, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG)`` (as :meth:`hot` is)."""
+        hot = self.hot()
+        return hot.deadline, hot.interval, hot.max_lag
 
     def user_settings(self) -> Mapping[str, Any]:
         """Return the ``DJANGO_SCALE`` dict as the project set it (empty when unset)."""

@@ -43,6 +43,7 @@ from django_scale.replicas import (
     monitor,
     routing_state,
 )
+from django_scale.replicas.state import STICKY, _state
 
 __all__ = ["ScaleMiddleware"]
 
@@ -52,12 +53,14 @@ logger = logging.getLogger("django_scale.middleware")
 COOKIE_SALT = "django_scale.read_your_writes"
 
 
-def read_cookie(request: HttpRequest) -> tuple[int | None, bool]:
+def read_cookie(request: HttpRequest, name: str | None = None) -> tuple[int | None, bool]:
     """Return the WAL position the user's last write reached, and whether to stick to the primary.
 
-    A missing, expired or forged cookie counts as no recent write.
+    A missing, expired or forged cookie counts as no recent write. *name* is the cookie's
+    (``READ_YOUR_WRITES_COOKIE``), when the caller has it.
     """
-    name = conf.READ_YOUR_WRITES_COOKIE
+    if name is None:
+        name = conf.hot().cookie
     if name not in request.COOKIES:
         # Most requests: no recent write, and no exception raised and caught to find out.
         return None, False
@@ -223,19 +226,30 @@ class ScaleMiddleware:
             return self.__acall__(request)
         slot = open_page_slot(request) if self.outermost else None
         try:
-            required, sticky = read_cookie(request)
-            with routing_state(required, sticky_primary=sticky) as state:
-                await_replica(state, NOT_CAUGHT_UP)
+            hot = conf.hot()
+            required, sticky = read_cookie(request, hot.cookie)
+            # routing_state(), inlined: this runs on every request.
+            state = RoutingState(required, sticky)
+            state._hot = hot
+            if sticky:
+                state.pin(STICKY)
+            token = _state.set(state)
+            try:
+                if required is not None or sticky:
+                    await_replica(state, NOT_CAUGHT_UP)
                 response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
-            if _runs_again(request, state, response):
+            finally:
+                _state.reset(token)
+            if state.replica_failed is not None and _runs_again(request, state, response):
                 if slot is not None:
                     reopen_page_slot(slot)
                 with routing_state(required, sticky_primary=sticky) as state:
                     state.rerun = True
                     state.pin(RERUN)
                     response = self.get_response(request)  # type: ignore[assignment]
-            position = current_wal_position(conf.PRIMARY) if state.wrote else None
-            _close(request, response, state, position)
+            if state.wrote or state.required_lsn is not None:
+                position = current_wal_position(conf.PRIMARY) if state.wrote else None
+                _close(request, response, state, position)
             if slot is not None and slot.page is not None:
                 # Last: the read-your-writes cookie counts as a cookie set.
                 finish_page(slot, request, response)
@@ -263,15 +277,26 @@ class ScaleMiddleware:
     async def _respond(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
         # No thread hop here unless the request needs one: the replica connections of the
         # thread that runs the ORM calls were guarded when they opened.
-        required, sticky = read_cookie(request)
-        with routing_state(required, sticky_primary=sticky) as state:
-            if _needs_wait(state):
+        hot = conf.hot()
+        required, sticky = read_cookie(request, hot.cookie)
+        # routing_state(), inlined: this runs on every request.
+        state = RoutingState(required, sticky)
+        state._hot = hot
+        if sticky:
+            state.pin(STICKY)
+        token = _state.set(state)
+        try:
+            if required is None and not sticky:
+                pass
+            elif _needs_wait(state):
                 # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
                 await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
             else:
                 await_replica(state, NOT_CAUGHT_UP)
             response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-        if _runs_again(request, state, response):
+        finally:
+            _state.reset(token)
+        if state.replica_failed is not None and _runs_again(request, state, response):
             if slot is not None:
                 if slot.page is not None:
                     # Gives up the failed run's claim on the cache.
@@ -282,11 +307,12 @@ class ScaleMiddleware:
                 state.rerun = True
                 state.pin(RERUN)
                 response = await self.get_response(request)  # type: ignore[misc]
-        position = None
         if state.wrote:
             # On the thread that ran the ORM calls, whose connection saw the write.
             position = await sync_to_async(current_wal_position)(conf.PRIMARY)
-        _close(request, response, state, position)
+            _close(request, response, state, position)
+        elif state.required_lsn is not None:
+            _close(request, response, state, None)
         if slot is not None and slot.page is not None:
             # Last: the read-your-writes cookie counts as a cookie set.
             if slot.needs_io:

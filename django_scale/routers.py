@@ -18,10 +18,10 @@ from django.db import DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model
 
-from django_scale.conf import conf
+from django_scale.conf import HotSettings, conf
 from django_scale.replicas.fallback import fallback_window
-from django_scale.replicas.guard import guard_connection, install_guards
-from django_scale.replicas.monitors import monitor
+from django_scale.replicas.guard import GUARD_ATTRIBUTE, guard_connection, install_guards
+from django_scale.replicas.monitors import ReplicaMonitor, monitor
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
 __all__ = ["ReplicaRouter"]
@@ -30,41 +30,42 @@ __all__ = ["ReplicaRouter"]
 # -- The routing policy: which replica, and the cap on falling back to the primary ----------
 
 
-def choose_replica(
-    state: RoutingState, replicas: tuple[str, ...], handles: dict[str, BaseDatabaseWrapper] | None = None
-) -> str | None:
+def choose_replica(state: RoutingState, route: Route, now: float) -> str | None:
     """Return the replica *state*'s request may read from, or ``None`` for the primary (no I/O).
 
     The replica chosen first is kept while it stays available, so that a request's reads agree.
     """
-    now = time.monotonic()
-    if state.replica is not None:
-        item = monitor(state.replica)
+    chosen = state.replica
+    if chosen is not None:
+        item = route[5][chosen]
         if state._version == item.version and now < state._valid_until:
-            return state.replica
+            return chosen
         version = item.version
-        available, until = item.availability(now, state.required_lsn)
+        available, until = item.availability(now, state.required_lsn, route[6])
         if available:
             state._version, state._valid_until = version, until
-            return state.replica
+            return chosen
     # Each available replica, with how long its availability holds (the next decisions of the
     # request take the fast path above until then).
     candidates: dict[str, tuple[int, float]] = {}
-    for alias in replicas:
-        item = monitor(alias)
+    for alias, item in route[5].items():
         version = item.version
-        available, until = item.availability(now, state.required_lsn)
+        available, until = item.availability(now, state.required_lsn, route[6])
         if available:
             candidates[alias] = (version, until)
-    state.replica = pick_usable(list(candidates), handles)
-    state._version, state._valid_until = candidates[state.replica] if state.replica else (-1, 0.0)
-    return state.replica
+    chosen = state.replica = pick_usable(list(candidates), route[4], route[5]) if candidates else None
+    state._version, state._valid_until = candidates[chosen] if chosen else (-1, 0.0)
+    return chosen
 
 
 def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str, now: float) -> str:
     """Return where a free read goes, given the replica routing *chosen* (``None``: none)."""
     window = fallback_window
-    window.count_read(now)
+    # FallbackWindow.count_read(), inlined: this runs on every free read.
+    second = int(now)
+    if second != window.second:
+        window.second, window.reads, window.fallbacks = second, 0, 0
+    window.reads += 1
     if chosen is not None:
         return chosen
     cap = conf.PRIMARY_FALLBACK_CAP
@@ -82,21 +83,25 @@ def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str,
     return alias
 
 
-def pick_usable(aliases: list[str], handles: dict[str, BaseDatabaseWrapper] | None = None) -> str | None:
+def pick_usable(
+    aliases: list[str],
+    handles: dict[str, BaseDatabaseWrapper] | None = None,
+    monitors: dict[str, ReplicaMonitor] | None = None,
+) -> str | None:
     """Return one of *aliases* at random whose connection opens, or ``None``.
 
     A replica's connection in this thread opens here, before the router hands out its alias,
     rather than in the middle of the caller's query: a refused connection takes the replica
     out of rotation and the read goes elsewhere instead of failing. An open connection is
     not tested again (that would cost a round trip per request). *handles* are the aliases'
-    connection objects, when the caller has them.
+    connection objects and *monitors* their monitors, when the caller has them.
     """
     if len(aliases) > 1:
         aliases = list(aliases)
         random.shuffle(aliases)
     for alias in aliases:
         connection = handles[alias] if handles is not None else connections[alias]
-        item = monitor(alias)
+        item = monitors[alias] if monitors is not None else monitor(alias)
         # Never close a connection inside a transaction (the caller's atomic block, or the
         # primary's connection shared by share_primary_connection() in a TestCase): closing it
         # would break the transaction. A broken one fails its query: the guard raises
@@ -122,10 +127,13 @@ def pick_usable(aliases: list[str], handles: dict[str, BaseDatabaseWrapper] | No
                 # (DatabaseOperationForbidden is an AssertionError): read from the primary
                 # there, without holding it against the replica.
                 continue
-        connection._django_scale_epoch = (id(connection.connection), item.failures)  # type: ignore[attr-defined]
+        epoch = (id(connection.connection), item.failures)
+        if getattr(connection, "_django_scale_epoch", None) != epoch:
+            connection._django_scale_epoch = epoch  # type: ignore[attr-defined]
         # Guarded when it opened (connection_created), unless it opened inside an execute
         # wrapper block of the caller's or before the router existed: guard it now.
-        guard_connection(connection)
+        if getattr(connection, GUARD_ATTRIBUTE, None) is None:
+            guard_connection(connection)
         return alias
     return None
 
@@ -144,16 +152,35 @@ def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper
 
 
 #: What a request's decisions share: the primary's and the replicas' aliases, their
-#: connection objects, and the replicas' by alias.
+#: connection objects, the replicas' by alias, the replicas' monitors by alias, and the
+#: settings they were read with.
 Route = tuple[
-    str, tuple[str, ...], BaseDatabaseWrapper, tuple[BaseDatabaseWrapper, ...], dict[str, BaseDatabaseWrapper]
+    str,
+    tuple[str, ...],
+    BaseDatabaseWrapper,
+    tuple[BaseDatabaseWrapper, ...],
+    dict[str, BaseDatabaseWrapper],
+    dict[str, ReplicaMonitor],
+    HotSettings,
 ]
 
 
-def _route(primary: str, replicas: tuple[str, ...]) -> Route:
-    """Look up the connection objects of *primary* and *replicas* (in this thread)."""
-    by_alias = {alias: connections[alias] for alias in replicas}
-    return (primary, replicas, connections[primary], tuple(by_alias.values()), by_alias)
+def _route(hot: HotSettings) -> Route:
+    """Look up the connection objects of the primary and the replicas (in this thread)."""
+    by_alias = {}
+    monitors = {}
+    for alias in hot.replicas:
+        by_alias[alias] = connections[alias]
+        monitors[alias] = monitor(alias)
+    return (
+        hot.primary,
+        hot.replicas,
+        connections[hot.primary],
+        tuple(by_alias.values()),
+        by_alias,
+        monitors,
+        hot,
+    )
 
 
 class ReplicaRouter:
@@ -175,39 +202,60 @@ class ReplicaRouter:
         state = _state.get()
         route = state._route if state is not None else None
         if route is None:
-            primary, replicas = conf.aliases()
-            if not replicas:
-                return primary
-            route = _route(primary, replicas)
+            hot = state._hot if state is not None and state._hot is not None else conf.hot()
+            if not hot.replicas:
+                return hot.primary
+            route = _route(hot)
             if state is not None:
                 # The aliases, and the connection objects (per thread, or per context under
                 # ASGI), do not change while a request runs: looked up once per request,
                 # they cost more than the rest of a decision.
                 state._route = route
-        primary, replicas, primary_handle, replica_handles, handles = route
+        primary = route[0]
         instance = hints.get("instance")
-        if instance is not None and instance._state.db not in (None, primary, *replicas):
+        if instance is not None and instance._state.db not in (None, primary, *route[1]):
             # The object came from a database this router does not manage: abstain.
             return None
         forced = _forced.get()
         alias: str | None = None
-        if forced == "primary" or _in_atomic(primary_handle, replica_handles):
+        # _in_atomic() is asked only when a connection is in a transaction (a loop, not any():
+        # no generator to create on every read).
+        in_atomic = route[2].in_atomic_block
+        if not in_atomic:
+            for handle in route[3]:
+                if handle.in_atomic_block:
+                    in_atomic = True
+                    break
+        if forced == "primary" or (in_atomic and _in_atomic(route[2], route[3])):
             pass
         elif state is None or (forced == "replica" and not state.rerun):
             # Outside a request or task, or told to: any available replica.
             now = time.monotonic()
-            chosen = pick_usable([name for name in replicas if monitor(name).is_available(now)], handles)
-            alias = free_read_alias(replicas, chosen, primary, now)
+            usable = [name for name, item in route[5].items() if item.is_available(now)]
+            alias = free_read_alias(route[1], pick_usable(usable, route[4], route[5]), primary, now)
         elif not state.pinned:
-            alias = choose_replica(state, replicas, handles)
+            now = time.monotonic()
+            alias = state.replica
+            # choose_replica()'s fast path, inlined: the request's later reads take it.
+            if alias is None or state._version != route[5][alias].version or now >= state._valid_until:
+                alias = choose_replica(state, route, now)
             if state.required_lsn is None:
-                alias = free_read_alias(replicas, alias, primary, time.monotonic())
+                if alias is None:
+                    alias = free_read_alias(route[1], alias, primary, now)
+                else:
+                    # FallbackWindow.count_read(), inlined: free_read_alias() does it otherwise.
+                    window = fallback_window
+                    second = int(now)
+                    if second != window.second:
+                        window.second, window.reads, window.fallbacks = second, 0, 0
+                    window.reads += 1
             elif alias is None:
                 state.pin("no available replica has replayed the user's last write")
         alias = alias or primary
         # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)
         if state is not None:
-            state.reads[alias] = state.reads.get(alias, 0) + 1
+            reads = state.reads
+            reads[alias] = reads.get(alias, 0) + 1
         captured = _capture.get()
         if captured is not None:
             captured[alias] = captured.get(alias, 0) + 1

@@ -102,12 +102,11 @@ class PageSlot:
     :func:`finish_page` with the final response.
     """
 
-    __slots__ = ("entered", "page")
-
-    def __init__(self) -> None:
-        self.page: _Page | None = None
-        #: A cached view already ran for this request: another one nested in it renders live.
-        self.entered = False
+    # Class-level defaults and no __init__: one slot is opened per request, and creating it
+    # then runs no Python code. Assignments shadow them on the instance.
+    page: _Page | None = None
+    #: A cached view already ran for this request: another one nested in it renders live.
+    entered: bool = False
 
     @property
     def needs_io(self) -> bool:

@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +26,19 @@ from django_scale.replicas.errors import RECOVERY_CONFLICT, error_sqlstate, is_b
 from django_scale.replicas.monitors import monitor
 from django_scale.replicas.state import _state
 
-__all__ = ["ReplicaGuard", "Watchdog", "guard_connection", "install_guards", "watchdog"]
+__all__ = ["ReplicaGuard", "Watchdog", "guard_connection", "install_guards", "is_guarded", "watchdog"]
 
 logger = logging.getLogger("django_scale.replicas")
 
-#: The replica connection objects that have their guard (a connection object lives as long as
-#: its thread, or its test's override of DATABASES; it opens and closes many connections).
-_guarded: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
+#: The attribute that holds a guarded connection object's entered guard (a connection object
+#: lives as long as its thread, or its test's override of DATABASES; it opens and closes many
+#: connections). The router reads it on a request's first read: ``is_guarded()``, inlined.
+GUARD_ATTRIBUTE = "_django_scale_guard"
+
+
+def is_guarded(connection: BaseDatabaseWrapper) -> bool:
+    """Whether replica *connection* has its :class:`ReplicaGuard`."""
+    return getattr(connection, GUARD_ATTRIBUTE, None) is not None
 
 
 def guard_connection(connection: BaseDatabaseWrapper) -> bool:
@@ -47,7 +52,7 @@ def guard_connection(connection: BaseDatabaseWrapper) -> bool:
     connection is guarded later, when the router next hands out its alias
     (``ReplicaRouter``).
     """
-    if connection in _guarded:
+    if getattr(connection, GUARD_ATTRIBUTE, None) is not None:
         return True
     if connection.alias not in conf.REPLICAS:
         # Say, the primary's connection object, which share_primary_connection() hands out
@@ -59,8 +64,7 @@ def guard_connection(connection: BaseDatabaseWrapper) -> bool:
     entered.__enter__()
     # Keep the entered context manager alive with its connection object: collected, its
     # generator would be closed and its ``finally`` would pop whatever wrapper is last.
-    connection._django_scale_guard = entered  # type: ignore[attr-defined]
-    _guarded.add(connection)
+    setattr(connection, GUARD_ATTRIBUTE, entered)
     return True
 
 
@@ -157,6 +161,8 @@ class Watchdog:
         self._next = 0
         self._lock = threading.Lock()
         self._has_work = threading.Event()
+        #: Whether ``_has_work`` is set, kept under the lock (Event.is_set() is a call per query).
+        self._awake = False
         self._thread: threading.Thread | None = None
         #: How many queries it has cut off (for tests and metrics).
         self.cut_off = 0
@@ -169,7 +175,8 @@ class Watchdog:
             self._next += 1
             self._inflight[self._next] = (alias, connection)
             # Setting an Event notifies its condition: only wake the thread when it sleeps.
-            if not self._has_work.is_set():
+            if not self._awake:
+                self._awake = True
                 self._has_work.set()
             return self._next
 
@@ -189,6 +196,7 @@ class Watchdog:
                     # Under the lock, so that a watch() now either came before (and is seen
                     # here) or comes after and sets the event again.
                     self._has_work.clear()
+                    self._awake = False
                     continue
                 stuck = [
                     (ticket, connection)

@@ -21,7 +21,7 @@ import time
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from django_scale.conf import conf
+from django_scale.conf import HotSettings, conf
 from django_scale.replicas.health import shared_health
 from django_scale.replicas.wal import parse_lsn
 
@@ -78,6 +78,8 @@ class ReplicaMonitor:
         self._waiters = 0
         self._wake = threading.Event()
         self._first = threading.Event()
+        #: Whether ``_first`` is set (a plain attribute: Event.is_set() is a call per read).
+        self._probed = False
         self._connection: BaseDatabaseWrapper | None = None
         self._vendor = connections[alias].vendor
         self._thread: threading.Thread | None = None
@@ -92,29 +94,34 @@ class ReplicaMonitor:
         """Whether this replica may take a read now (and has replayed *required_lsn*)."""
         return self.availability(time.monotonic() if now is None else now, required_lsn)[0]
 
-    def availability(self, now: float, required_lsn: int | None = None) -> tuple[bool, float]:
+    def availability(
+        self, now: float, required_lsn: int | None = None, hot: HotSettings | None = None
+    ) -> tuple[bool, float]:
         """Return whether the replica may take a read, and until when that holds at the latest.
 
         The answer stays true until the returned time unless :attr:`version` changes first.
+        *hot* is ``conf.hot()``, when the caller has it.
         """
         if self._vendor != "postgresql":
             # Nothing to probe: a replica of another database is trusted as configured.
             return required_lsn is None, math.inf
-        deadline, interval, max_lag = conf.health_limits()
-        if self._thread is None:
-            self._ensure_started()
-        if not self._first.is_set():
+        if hot is None:
+            hot = conf.hot()
+        deadline = hot.deadline
+        if not self._probed:
+            if self._thread is None:
+                self._ensure_started()
             # The first use in this process waits for one probe, within the deadline.
             self._first.wait(deadline)
         busy_since = self._busy_since
         if now < self.down_until or (busy_since is not None and now - busy_since > deadline):
             return False, now  # unresponsive (is_unresponsive(), inlined for the hot path)
         # Without a fresh probe the replica may have frozen: trust the last one for so long.
-        fresh_until = self.checked_at + interval + deadline
+        fresh_until = self.checked_at + hot.interval + deadline
         if not self.checked_at or now > fresh_until:
             return False, now
         lag = self.lag
-        if lag is None or lag > max_lag:
+        if lag is None or lag > hot.max_lag:
             return False, now
         if required_lsn is not None and self.replay_lsn < required_lsn:
             return False, now
@@ -167,6 +174,7 @@ class ReplicaMonitor:
         while not self._stopped:
             self.probe()
             self._first.set()
+            self._probed = True
             if self._waiters:
                 # A request waits for this replica to replay its user's write: look again soon.
                 time.sleep(0.001)

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar, overload
 
-from django_scale.conf import conf
+from django_scale.conf import HotSettings, conf
 from django_scale.replicas.monitors import wait_for_replicas
 
 __all__ = [
@@ -26,6 +26,12 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+#: An empty Counter without running Counter.__init__ (super().__init__() and update(), in
+#: Python), by a call of C functions only: a request opens a state, and so a Counter, on every
+#: request. Counter adds no state of its own to dict's (Lib/collections/__init__.py, 3.10 to 3.13).
+_NEW_COUNTER: Callable[[], Counter[str]] = functools.partial(Counter.__new__, Counter)
 
 
 @dataclass
@@ -44,7 +50,7 @@ class RoutingState:
     #: The replica this request reads from, chosen once so that its reads agree.
     replica: str | None = None
     #: How many read decisions went to each alias (for tests, metrics and benchmarks).
-    reads: Counter[str] = field(default_factory=lambda: _new_counter())
+    reads: Counter[str] = field(default_factory=_NEW_COUNTER)
     #: The replica a read of this request failed on (its connection broke, or the standby
     #: cancelled it), or ``None``. :class:`~django_scale.middleware.ScaleMiddleware` runs a safe
     #: request that has not written once more, on the primary, when it is set.
@@ -64,13 +70,8 @@ class RoutingState:
     #: The request's routing lookups, made at its first read (routers.Route).
     _route: tuple[Any, ...] | None = field(default=None, repr=False)
     _version: int = field(default=-1, repr=False)
-
-
-def _new_counter() -> Counter[str]:
-    # An empty Counter without running Counter.__init__ (super().__init__() and update(), in
-    # Python): a request opens a state, and so a Counter, on every request. Counter adds no
-    # state of its own to dict's (Lib/collections/__init__.py, 3.10 to 3.13).
-    return Counter.__new__(Counter)
+    #: ``conf.hot()`` as the request's middleware read it, so the router need not read it again.
+    _hot: HotSettings | None = field(default=None, repr=False)
 
 
 _state: contextvars.ContextVar[RoutingState | None] = contextvars.ContextVar(
@@ -105,7 +106,7 @@ class routing_state:  # noqa: N801 - a context manager used like a function
         # A class, not a generator-based context manager: one is opened per request.
         self.state = RoutingState(required_lsn=required_lsn, sticky_primary=sticky_primary)
         if sticky_primary:
-            self.state.pin("the user wrote recently and the primary has no WAL position to wait for")
+            self.state.pin(STICKY)
 
     def __enter__(self) -> RoutingState:
         self._token = _state.set(self.state)
@@ -115,6 +116,10 @@ class routing_state:  # noqa: N801 - a context manager used like a function
         _state.reset(self._token)
 
 
+#: Why a request reads from the primary after its user wrote to a database without WAL positions.
+STICKY = "the user wrote recently and the primary has no WAL position to wait for"
+
+
 def mark_write(alias: str | None = None) -> None:
     """Record that the current request wrote, so its later reads and the user's next ones see it.
 
@@ -122,7 +127,7 @@ def mark_write(alias: str | None = None) -> None:
     yourself after writing with raw SQL through ``connection.cursor()``.
     """
     state = _state.get()
-    if state is not None and (alias is None or alias == conf.PRIMARY):
+    if state is not None and (alias is None or alias == conf.hot().primary):
         state.wrote = True
         state.pin("this request wrote")
 
