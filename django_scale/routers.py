@@ -26,6 +26,8 @@ from django_scale.replicas.state import RoutingState, _capture, _forced, _state,
 
 __all__ = ["ReplicaRouter"]
 
+_monotonic = time.monotonic
+
 
 # -- The routing policy: which replica, and the cap on falling back to the primary ----------
 
@@ -212,7 +214,7 @@ class ReplicaRouter:
                 # they cost more than the rest of a decision.
                 state._route = route
         primary = route[0]
-        instance = hints.get("instance")
+        instance = hints.get("instance") if hints else None
         if instance is not None and instance._state.db not in (None, primary, *route[1]):
             # The object came from a database this router does not manage: abstain.
             return None
@@ -234,7 +236,7 @@ class ReplicaRouter:
             usable = [name for name, item in route[5].items() if item.is_available(now)]
             alias = free_read_alias(route[1], pick_usable(usable, route[4], route[5]), primary, now)
         elif not state.pinned:
-            now = time.monotonic()
+            now = _monotonic()
             alias = state.replica
             # choose_replica()'s fast path, inlined: the request's later reads take it.
             if alias is None or state._version != route[5][alias].version or now >= state._valid_until:

@@ -52,7 +52,7 @@ def guard_connection(connection: BaseDatabaseWrapper) -> bool:
     connection is guarded later, when the router next hands out its alias
     (``ReplicaRouter``).
     """
-    if getattr(connection, GUARD_ATTRIBUTE, None) is not None:
+    if is_guarded(connection):
         return True
     if connection.alias not in conf.REPLICAS:
         # Say, the primary's connection object, which share_primary_connection() hands out
@@ -112,7 +112,12 @@ class ReplicaGuard:
         if connection.alias != self.alias:
             # In tests the replica alias may share the primary's connection object.
             return execute(sql, params, many, context)
-        ticket = watchdog.watch(self.alias, connection)
+        # Watchdog.watch(), inlined: this runs on every query on a replica.
+        inflight = watchdog._inflight
+        key = id(connection)
+        inflight[key] = (self.alias, connection)
+        if not watchdog._awake:
+            watchdog.wake()
         try:
             return execute(sql, params, many, context)
         except (OperationalError, InterfaceError, InternalError) as exc:
@@ -144,7 +149,7 @@ class ReplicaGuard:
                 alias=self.alias,
             ) from exc
         finally:
-            watchdog.unwatch(ticket)
+            inflight.pop(key, None)
 
 
 class Watchdog:
@@ -157,56 +162,58 @@ class Watchdog:
         self._reset()
 
     def _reset(self) -> None:
+        #: The queries in flight on replicas: (alias, connection object) by the connection
+        #: object's id (a connection runs one query at a time). Written without a lock: one
+        #: dict operation each, atomic in CPython; the thread reads a copy.
         self._inflight: dict[int, tuple[str, Any]] = {}
-        self._next = 0
         self._lock = threading.Lock()
         self._has_work = threading.Event()
-        #: Whether ``_has_work`` is set, kept under the lock (Event.is_set() is a call per query).
+        #: Whether the thread is awake or about to look (Event.is_set() is a call per query).
         self._awake = False
         self._thread: threading.Thread | None = None
         #: How many queries it has cut off (for tests and metrics).
         self.cut_off = 0
 
     def watch(self, alias: str, connection: Any) -> int:
+        """Watch the query *connection* runs now; return the ticket for :meth:`unwatch`."""
+        key = id(connection)
+        self._inflight[key] = (alias, connection)
+        if not self._awake:
+            self.wake()
+        return key
+
+    def unwatch(self, ticket: int) -> None:
+        self._inflight.pop(ticket, None)
+
+    def wake(self) -> None:
+        """Have the thread look at the queries in flight (start it on first use)."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="django-scale-watchdog", daemon=True)
                 self._thread.start()
-            self._next += 1
-            self._inflight[self._next] = (alias, connection)
-            # Setting an Event notifies its condition: only wake the thread when it sleeps.
-            if not self._awake:
-                self._awake = True
-                self._has_work.set()
-            return self._next
-
-    def unwatch(self, ticket: int) -> None:
-        # The thread clears _has_work itself once it finds nothing in flight: clearing it
-        # here, on every query, would cost more than the thread's one extra look.
-        with self._lock:
-            self._inflight.pop(ticket, None)
+        self._awake = True
+        # Setting an Event notifies its condition: only the first query of a busy spell does.
+        self._has_work.set()
 
     def _run(self) -> None:
         while True:
             self._has_work.wait()
             time.sleep(self.tick)
+            inflight = self._inflight.copy()
+            if not inflight:
+                # Going to sleep: a query that starts now either sees _awake false and wakes the
+                # thread, or saw it true before, and then its entry is in flight for the second
+                # look below.
+                self._awake = False
+                self._has_work.clear()
+                if self._inflight:
+                    self._awake = True
+                    self._has_work.set()
+                continue
             now = time.monotonic()
-            with self._lock:
-                if not self._inflight:
-                    # Under the lock, so that a watch() now either came before (and is seen
-                    # here) or comes after and sets the event again.
-                    self._has_work.clear()
-                    self._awake = False
-                    continue
-                stuck = [
-                    (ticket, connection)
-                    for ticket, (alias, connection) in self._inflight.items()
-                    if monitor(alias).is_unresponsive(now)
-                ]
-                for ticket, _ in stuck:
-                    self._inflight.pop(ticket, None)
-            for _, connection in stuck:
-                self._cut_off(connection)
+            for key, (alias, connection) in inflight.items():
+                if monitor(alias).is_unresponsive(now) and self._inflight.pop(key, None) is not None:
+                    self._cut_off(connection)
 
     def _cut_off(self, connection: Any) -> None:
         raw = connection.connection

@@ -34,7 +34,7 @@ R = TypeVar("R")
 _NEW_COUNTER: Callable[[], Counter[str]] = functools.partial(Counter.__new__, Counter)
 
 
-@dataclass
+@dataclass(slots=True)
 class RoutingState:
     """What routing needs to know about one request or task. Open it with :func:`routing_state`."""
 

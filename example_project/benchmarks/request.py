@@ -11,6 +11,9 @@ Five setups, side by side in one run, against the configured primary and streami
 * django-multidb-router (``multidb.PinningReplicaRouter`` + ``PinningRouterMiddleware``),
   the existing package that does the same job (reads on the replica).
 
+The one-line router and django-multidb-router read the standby through a second alias of it
+that django-scale does not manage, so their connection carries no django-scale guard.
+
 Each runs a one-query and a ten-query view (``count()`` on a small table), sync and async,
 through Django's test clients (``Client`` / ``AsyncClient``: the whole middleware stack of the
 example project, the URL resolver and the response, without a socket). The setups take turns
@@ -23,11 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from asgiref.sync import sync_to_async
@@ -103,11 +112,17 @@ VIEWS = [
 ]
 
 
+#: The example project's alias of the same standby that django-scale does not manage (not in
+#: REPLICAS, so its connection has no ReplicaGuard): the setups that are not django-scale's
+#: read through it, so that their figures carry none of django-scale's per-query work.
+PLAIN_REPLICA = "replica_plain"
+
+
 class FixedReplicaRouter:
     """Send every read to the replica, with no decision at all: the floor of replica routing."""
 
     def db_for_read(self, model: Any, **hints: Any) -> str:
-        return conf.REPLICAS[0]
+        return PLAIN_REPLICA
 
 
 # -- The setups -------------------------------------------------------------------------------
@@ -131,13 +146,15 @@ def setups(replica: str) -> dict[str, dict[str, Any]]:
             **common,
             "DATABASE_ROUTERS": [MULTIDB_ROUTER],
             "MIDDLEWARE": [MULTIDB_MIDDLEWARE, *base],
-            "REPLICA_DATABASES": [replica],
+            "REPLICA_DATABASES": [PLAIN_REPLICA],
         },
     }
 
 
 #: Where each setup's reads must go (checked before timing, on the sync views).
 def expected_alias(name: str, replica: str) -> str:
+    if name in (FLOOR, MULTIDB):
+        return PLAIN_REPLICA
     return conf.PRIMARY if name in (STOCK, "ScaleMiddleware only") else replica
 
 
@@ -463,8 +480,110 @@ def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
     )
 
 
+#: Set in the environment of the process that ``instructions()`` runs under callgrind.
+CHILD = "DJANGO_SCALE_BENCH_INSTRUCTIONS_CHILD"
+
+
+def _instruction_segments(replica: str, requests: int) -> None:
+    """(Under callgrind) run *requests* sync requests per view and setup between two boundaries.
+
+    A boundary is a call of ``getppid()``, before which callgrind dumps its counters
+    (``--dump-before=getppid``): each even-numbered dump holds one measured segment. Before each
+    segment a full collection and ``gc.freeze()`` leave the collector nothing older to scan, so
+    that no setup pays for a collection of the heap the others built.
+    """
+    for _label, url, is_async in VIEWS:
+        if is_async:
+            continue
+        for name, options in setups(replica).items():
+            _reset_multidb()
+            with override_settings(**options):
+                client = Client()
+                _check_routing(name, client, url, replica)
+                for _ in range(20):
+                    client.get(url)
+                gc.collect()
+                gc.freeze()
+                os.getppid()
+                for _ in range(requests):
+                    client.get(url)
+                os.getppid()
+            gc.unfreeze()
+
+
+def instructions(out: TextIO, replica: str, quick: bool) -> None:
+    """Count the CPU instructions of a sync request in each setup, under callgrind.
+
+    Unlike time, the count does not move with what else the machine does (the database servers
+    are other processes and are not counted): it measures the CPU cost each setup adds to a
+    request in this process, which the time tables on a shared machine blur by several percent.
+    """
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        out.write("\n(Instructions per request: valgrind is not installed; apt-get install valgrind.)\n")
+        return
+    requests = 100 if quick else 300
+    with tempfile.TemporaryDirectory() as directory:
+        command = [
+            valgrind,
+            "--tool=callgrind",
+            "--separate-threads=yes",
+            "--dump-before=getppid",
+            f"--callgrind-out-file={directory}/cg.%p",
+            sys.executable,
+            *sys.argv,
+        ]
+        # The child uses the services of this process (the settings left their URLs in the
+        # environment), rather than start its own.
+        # A fixed hash seed: dict layouts, and so the instructions, repeat from run to run.
+        env = {**os.environ, CHILD: str(requests), "PYTHONHASHSEED": "0"}
+        env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
+        dumps: dict[int, int] = {}
+        for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
+            number = int(re.search(r"\.(\d+)-01$", file.name).group(1))  # type: ignore[union-attr]
+            summary = re.search(r"^(?:summary|totals): (\d+)", file.read_text(), re.MULTILINE)
+            assert summary is not None, file
+            dumps[number] = int(summary.group(1))
+    names = list(setups(replica))
+    segments = [dumps[number] / requests for number in sorted(dumps) if number % 2 == 0]
+    rows: list[list[object]] = []
+    views = [label for label, _, is_async in VIEWS if not is_async]
+    for index, label in enumerate(views):
+        counts = dict(zip(names, segments[index * len(names) : (index + 1) * len(names)], strict=True))
+        for name, value in counts.items():
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{value / 1000:,.0f}k",
+                    f"{(value - counts[STOCK]) / 1000:+,.1f}k",
+                    f"{value / counts[STOCK]:.3f}x",
+                    f"{value / counts[MULTIDB]:.3f}x",
+                ]
+            )
+    print_table(
+        out,
+        f"CPU instructions per sync request in this process (callgrind, main thread; {requests} requests "
+        "per cell): the same on a busy machine",
+        ["view", "setup", "instructions", "vs stock", "vs stock", "vs multidb"],
+        rows,
+    )
+
+
 def run(out: TextIO, quick: bool = False) -> None:
+    child = os.environ.get(CHILD)
+    if child:
+        # A slow probe under callgrind must not leave the replica unavailable mid-segment.
+        with override_scale_settings(HEALTH_CHECK_INTERVAL=5.0):
+            _instruction_segments(require_replica(out, "request"), int(child))
+        return
     replica = require_replica(out, "request")
+    if PLAIN_REPLICA not in settings.DATABASES:
+        raise SystemExit(
+            f"bench request reads through a second alias of the standby, {PLAIN_REPLICA!r}, which "
+            "the example project's settings define when REPLICA_URL is set."
+        )
     rounds, per_batch = (10, 10) if quick else (100, 10)
     with override_scale_settings(HEALTH_CHECK_INTERVAL=0.5):
         if not monitor(replica).is_available():
@@ -484,3 +603,4 @@ def run(out: TextIO, quick: bool = False) -> None:
             calls_per_request(out, replica, quick)
         finally:
             stop_monitors()
+    instructions(out, replica, quick)

@@ -139,6 +139,12 @@ if DATABASE_URL:
             REPLICA_URL, options={"connect_timeout": 2}, TEST={"MIRROR": "default"}
         )
         DJANGO_SCALE["REPLICAS"] = ["replica"]
+        # The same standby through a connection django-scale does not manage (it is not in
+        # REPLICAS): `bench request` reads through it for its django-multidb-router and
+        # one-line-router setups, so that they carry none of django-scale's per-query guard.
+        DATABASES["replica_plain"] = database_from_url(
+            REPLICA_URL, options={"connect_timeout": 2}, TEST={"MIRROR": "default"}
+        )
         # Reads go to the replica when it has what the user wrote; the middleware goes first
         # so that every write of a request, the session's included, is seen.
         DATABASE_ROUTERS.append("django_scale.routers.ReplicaRouter")
