@@ -149,6 +149,20 @@ def _close_redis_connections() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _release_pooled_connections(django_db_setup: None) -> Iterator[None]:
+    """Through PgBouncer, close its server connections before the test database is dropped.
+
+    The pooler keeps server connections to the test database after the suite's clients have
+    gone; DROP DATABASE refuses a database with sessions (DJANGO_SCALE_TEST_POOLER only).
+    """
+    yield
+    if harness.BACKEND == "sqlite" or harness.services().pooler is None:
+        return
+    connections.close_all()
+    harness.services().pooler.release(connections["default"].settings_dict["NAME"])
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _stop_replica_monitors(django_db_setup: None) -> Iterator[None]:
     """Stop the replica monitors before the test database is dropped (they are connected to it)."""
     yield
