@@ -41,6 +41,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     markers = (*SERVICE_MARKERS, "once") if harness.BACKEND == "sqlite" else ("once",)
     if os.environ.get("DJANGO_SCALE_TEST_ONCE") == "1" and harness.BACKEND != "sqlite":
         markers = ()
+    # Tests of what goes through a transaction pooler run where the harness starts PgBouncer.
+    if harness.BACKEND == "sqlite" or harness.POOLER != "pgbouncer":
+        markers = (*markers, "pgbouncer")
     keep, drop = [], []
     for item in items:
         (drop if any(item.get_closest_marker(m) for m in markers) else keep).append(item)

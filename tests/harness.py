@@ -429,7 +429,6 @@ class Launcher:
                 time.sleep(0.02)
         raise HarnessError(f"redis-server did not answer on port {port} within 30 s")
 
-
     def start_pgbouncer(self, server: Postgres, name: str) -> int:
         """Start a PgBouncer in transaction pooling mode in front of *server*; return its port.
 
@@ -519,7 +518,9 @@ def pgbouncer_admin(port: int, command: str, user: str = "postgres") -> list[tup
         ) as connection:  # fmt: skip
             cursor = connection.execute(command)
             return list(cursor.fetchall()) if cursor.description else []
-    connection = psycopg2.connect(host="127.0.0.1", port=port, user=user, dbname="pgbouncer", connect_timeout=2)
+    connection = psycopg2.connect(
+        host="127.0.0.1", port=port, user=user, dbname="pgbouncer", connect_timeout=2
+    )
     try:
         connection.autocommit = True
         with connection.cursor() as cursor:
@@ -576,8 +577,12 @@ def services() -> Services:
         if POOLER == "pgbouncer":
             assert launcher is not None
             pooler = start_pooler(launcher, primary, replica)
-            primary = Postgres(primary.host, pooler.primary_port, primary.user, primary.password, primary.name)
-            replica = Postgres(replica.host, pooler.replica_port, replica.user, replica.password, replica.name)
+            primary = Postgres(
+                primary.host, pooler.primary_port, primary.user, primary.password, primary.name
+            )
+            replica = Postgres(
+                replica.host, pooler.replica_port, replica.user, replica.password, replica.name
+            )
     except BaseException:
         if launcher is not None:
             assert launcher.watchdog.stdin is not None
