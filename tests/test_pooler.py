@@ -116,9 +116,11 @@ def test_a_limit_applies_to_its_statement_and_never_reaches_another_client(other
     try:
         with POOLED, statement_timeout(0.2, using="default"):
             assert _scalar(connection, "SHOW statement_timeout") == "200ms"
-            with connection.execute_wrapper(_before_statement(0, another_client_comes)):
-                with pytest.raises(OperationalError) as caught:
-                    _scalar(connection, "SELECT 1 FROM pg_sleep(1)")
+            with (
+                connection.execute_wrapper(_before_statement(0, another_client_comes)),
+                pytest.raises(OperationalError) as caught,
+            ):
+                _scalar(connection, "SELECT 1 FROM pg_sleep(1)")
         assert is_statement_timeout(caught.value)
         # The next statement, outside the block, has no limit wherever it runs.
         assert _scalar(connection, "SHOW statement_timeout") == default

@@ -58,7 +58,9 @@ class Victim:
             # A victim is a session (its pid, application_name, session advisory locks), which a
             # transaction pooler does not keep: victims connect to the server itself. The
             # sniper under test still goes through PgBouncer.
-            server = pooler.direct_replica if alias in ("replica", "custom_backend") else pooler.direct_primary
+            server = (
+                pooler.direct_replica if alias in ("replica", "custom_backend") else pooler.direct_primary
+            )
             self.connection.settings_dict = {**self.connection.settings_dict, "PORT": str(server.port)}
         self.connection.inc_thread_sharing()
         with self.connection.cursor() as cursor:
