@@ -193,9 +193,11 @@ def _pooled_wrapper(alias: str) -> Callable[..., Any]:
     """An execute wrapper that gives each statement a ``SET LOCAL`` in its own transaction.
 
     For transaction-pooled aliases: the limit lives and dies with the transaction that runs the
-    statement, on the server connection that runs it. Outside a transaction the statement is
-    wrapped in ``atomic()``, so its effects commit as in autocommit; in a transaction opened
-    inside the block (or with autocommit off) ``SET LOCAL`` goes before the statement.
+    statement, on the server connection that runs it. In autocommit the statement runs between
+    ``BEGIN; SET LOCAL ...`` (one round trip: no parameters, so both drivers send it as one
+    simple query) and ``COMMIT`` (``ROLLBACK`` if it fails), so its effects commit as they
+    would have alone; in a transaction opened inside the block (or with autocommit off)
+    ``SET LOCAL`` goes before the statement.
     """
 
     def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
@@ -206,18 +208,44 @@ def _pooled_wrapper(alias: str) -> Callable[..., Any]:
             # No limit in this context, a SET LOCAL block's savepoint has set it, or an
             # enclosing block's wrapper already did.
             return execute(sql, params, many, context)
+        # An int from _Limit, so the value can be part of the statement's text.
+        set_local = f"SET LOCAL statement_timeout = {int(limit.milliseconds)}"
+        if not connection.get_autocommit():
+            with _raw_cursor(connection) as cursor:
+                cursor.execute(set_local)
+            return execute(sql, params, many, context)
         state.pooled_statement = True
         try:
-            with ExitStack() as stack:
-                if connection.get_autocommit():
-                    stack.enter_context(transaction.atomic(using=alias))
-                with _raw_cursor(connection) as cursor:
-                    cursor.execute(_SET.format(local="true"), [_value(limit.milliseconds)])
-                return execute(sql, params, many, context)
+            with connection.wrap_database_errors, _raw_cursor(connection) as cursor:
+                cursor.execute(f"BEGIN; {set_local}")
+            try:
+                result = execute(sql, params, many, context)
+            except BaseException:
+                _end_transaction(connection, "ROLLBACK")
+                raise
+            # A COMMIT can fail too (a deferred constraint): Django's error, as for the statement.
+            with connection.wrap_database_errors, _raw_cursor(connection) as cursor:
+                cursor.execute("COMMIT")
+            return result
         finally:
             state.pooled_statement = False
 
     return wrapper
+
+
+def _end_transaction(connection: BaseDatabaseWrapper, command: str) -> None:
+    """End the statement's transaction after it failed, unless the connection itself is gone.
+
+    The statement's error is what the caller must see; a connection that cannot even roll
+    back is broken, and Django closes it (``errors_occurred``) at the end of the request.
+    """
+    if connection.connection is None:
+        return
+    try:
+        with _raw_cursor(connection) as cursor:
+            cursor.execute(command)
+    except Exception:
+        connection.errors_occurred = True
 
 
 def _sqlite_wrapper(alias: str) -> Callable[..., Any]:
