@@ -210,6 +210,27 @@ def test_the_sniper_lock_is_free_after_a_run_whatever_client_came_between(other_
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
+def test_the_transaction_form_commits_each_statement_and_leaves_the_session_alone(other_client):
+    """The POOLER form on any connection (both drivers): a transaction per statement, nothing kept."""
+    from testapp.models import Author
+
+    connection = connections["default"]
+    with POOLED, statement_timeout(0.2, using="default"):
+        assert _scalar(connection, "SHOW statement_timeout") == "200ms"
+        Author.objects.create(name="committed at once")
+        # Another client sees the row while the block is still open: it was committed.
+        assert _scalar(other_client, "SELECT count(*) FROM testapp_author") == 1
+        with pytest.raises(OperationalError) as caught:
+            _scalar(connection, "SELECT 1 FROM pg_sleep(1)")
+        assert is_statement_timeout(caught.value)
+        # The failed statement's transaction was rolled back: the connection goes on.
+        assert _scalar(connection, "SHOW statement_timeout") == "200ms"
+        assert connection.get_autocommit() and not connection.in_atomic_block
+    assert _scalar(connection, "SHOW statement_timeout") == "0"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
 def test_a_sniper_run_holds_the_lock_for_its_run_only():
     """Another sniper finds the lock busy while a run holds it, and free once it is over."""
     seen = []
