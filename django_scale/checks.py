@@ -9,7 +9,7 @@ One factory per message keeps every id in exactly one place.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from django.apps import AppConfig, apps
@@ -323,6 +323,79 @@ def _w503_mail_without_admins() -> checks.CheckMessage:
     )
 
 
+def _w504_server_side_cursors(alias: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W504",
+        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) but uses "
+        "server-side cursors: QuerySet.iterator() outside a transaction declares a WITH HOLD "
+        "cursor that later fetches look for on another server connection.",
+        f"Set DATABASES[{alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True.",
+        obj=f"DATABASES[{alias!r}]",
+    )
+
+
+def _w505_prepared_statements(alias: str, threshold: Any) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W505",
+        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) and psycopg 3 "
+        f"prepares statements (OPTIONS['prepare_threshold'] = {threshold!r}): a prepared "
+        "statement exists on one server connection only, so PgBouncer before 1.21 (Debian 12 "
+        "ships 1.18), or without max_prepared_statements, fails with 'prepared statement "
+        "does not exist'.",
+        "Remove OPTIONS['prepare_threshold'] (Django then prepares nothing), or run PgBouncer "
+        "1.21+ with max_prepared_statements > 0 and silence this check.",
+        obj=f"DATABASES[{alias!r}]",
+    )
+
+
+def _w506_session_options(alias: str, options: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W506",
+        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) but sets session "
+        f"settings at connect (OPTIONS['options'] = {options!r}): PgBouncer refuses the startup "
+        "parameter, or drops it when told to ignore it, and the server connections run "
+        "without them.",
+        "Set these on the database role or database instead (ALTER ROLE ... SET ...), or in "
+        "PgBouncer's connect_query.",
+        obj=f"DATABASES[{alias!r}]",
+    )
+
+
+def _w507_assume_role(alias: str, role: Any) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W507",
+        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) but assumes "
+        f"the role {role!r} with a session SET ROLE when it connects: the role stays on the "
+        "server connection that got it, for other clients, and this client's later "
+        "transactions run on server connections that never got it.",
+        f"Connect as {role!r} (USER), or remove OPTIONS['assume_role'].",
+        obj=f"DATABASES[{alias!r}]",
+    )
+
+
+def _pooler_messages(pooler: Mapping[str, Any]) -> list[checks.CheckMessage]:
+    """What in ``DATABASES`` cannot work through a transaction pooler, for each such alias."""
+    messages: list[checks.CheckMessage] = []
+    for alias, mode in pooler.items():
+        database = settings.DATABASES.get(alias)
+        if mode != "transaction" or not database or "postgresql" not in database.get("ENGINE", ""):
+            continue
+        options = database.get("OPTIONS") or {}
+        if not database.get("DISABLE_SERVER_SIDE_CURSORS"):
+            messages.append(_w504_server_side_cursors(alias))
+        if options.get("prepare_threshold") is not None:
+            messages.append(_w505_prepared_statements(alias, options["prepare_threshold"]))
+        if isinstance(options.get("options"), str) and options["options"].strip():
+            messages.append(_w506_session_options(alias, options["options"]))
+        if options.get("assume_role"):
+            messages.append(_w507_assume_role(alias, options["assume_role"]))
+    return messages
+
+
 ROUTER_PATH = "django_scale.routers.ReplicaRouter"
 MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
 #: Cache backends each process keeps to itself.
@@ -392,7 +465,7 @@ def check_routing(**kwargs: Any) -> list[checks.CheckMessage]:
 
 
 def check_ops(**kwargs: Any) -> list[checks.CheckMessage]:
-    """Check the operations settings: the sniper's rules, databases and mail."""
+    """Check the operations settings: the sniper's rules, databases and mail, and the pooler."""
     from django_scale.exceptions import SniperError
     from django_scale.sniper import Rule
 
@@ -415,6 +488,9 @@ def check_ops(**kwargs: Any) -> list[checks.CheckMessage]:
                 messages.append(_w502_sniper_not_postgresql(alias, engine.rsplit(".", 1)[-1]))
     if user.get("SNIPER_MAIL_ADMINS") is True and not getattr(settings, "ADMINS", None):
         messages.append(_w503_mail_without_admins())
+    pooler = user.get("POOLER", {})
+    if SETTINGS["POOLER"].has_type(pooler):
+        messages.extend(_pooler_messages(pooler))
     return messages
 
 
@@ -448,6 +524,7 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
             ("SNIPER_DATABASES", alias)
             for alias in (user.get("SNIPER_DATABASES", ()) if "SNIPER_DATABASES" in valid else ())
         ),
+        *(("POOLER", alias) for alias in (user.get("POOLER", {}) if "POOLER" in valid else ())),
     ]
     messages.extend(
         _e004_unknown_database(key, alias) for key, alias in aliases if alias not in settings.DATABASES

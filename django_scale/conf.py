@@ -63,6 +63,22 @@ def _is_rule_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, Mapping) for item in value)
 
 
+def _is_pooler_map(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(key, str) for key in value)
+
+
+#: What ``DJANGO_SCALE["POOLER"]`` may say of an alias's connections.
+POOL_MODES = ("transaction", "session")
+
+
+def _not_pool_modes(value: Mapping[str, Any]) -> str | None:
+    wrong = {alias: mode for alias, mode in value.items() if mode not in POOL_MODES}
+    if wrong:
+        alias, mode = next(iter(wrong.items()))
+        return f"the mode of {alias!r} is {mode!r}; it must be one of {', '.join(map(repr, POOL_MODES))}"
+    return None
+
+
 def _empty_alias(value: str) -> str | None:
     return "it is empty" if not value else None
 
@@ -238,6 +254,13 @@ SETTINGS: dict[str, Setting] = {
         example="True",
     ),
     "CACHE_RETRY_AFTER": _seconds(5.0),
+    "POOLER": Setting(
+        default={},
+        expected='a dict of database alias to "transaction" or "session"',
+        has_type=_is_pooler_map,
+        problem=_not_pool_modes,
+        example='{"default": "transaction", "replica": "transaction"}',
+    ),
     "SWR_FRESH": _seconds(60.0),
     "SWR_STALE": _seconds(3600.0),
 }
@@ -420,6 +443,17 @@ class Conf:
     def CACHE_RETRY_AFTER(self) -> float:
         """Seconds an unreachable cache or Celery broker is skipped before it is tried again. Default: ``5.0``."""
         return float(self.get("CACHE_RETRY_AFTER"))
+
+    @property
+    def POOLER(self) -> Mapping[str, str]:
+        """How each alias is pooled: ``"transaction"`` (PgBouncer's transaction mode) or
+        ``"session"`` (a direct connection or session pooling, the default for every alias).
+        """
+        return cast("Mapping[str, str]", self.get("POOLER"))
+
+    def transaction_pooled(self, alias: str) -> bool:
+        """Return whether *alias* reaches PostgreSQL through a transaction pooler (``POOLER``)."""
+        return self.POOLER.get(alias) == "transaction"
 
     @property
     def SWR_FRESH(self) -> float:

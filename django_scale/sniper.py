@@ -22,7 +22,12 @@ PostgreSQL.
 walsenders, background and parallel workers: a parallel query is cancelled through its
 leader), idle sessions, or backends whose ``application_name`` matches
 ``SNIPER_ALLOW_APPLICATIONS``. One sniper runs at a time across all processes and servers: a
-run holds a session advisory lock on the primary and skips when another holds it.
+run holds a transaction-scoped advisory lock (``pg_try_advisory_xact_lock``) in a transaction
+on the primary that lasts the run, and skips when another holds it. The lock ends with that
+transaction, whichever way the run ends, so it cannot leak: a session lock and its unlock
+would be two statements that a transaction pooler (PgBouncer in transaction mode) may send to
+two server connections, leaving the lock held for good. (Run inside an ``atomic()`` block on
+the primary, the lock is held until that block's transaction ends.)
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from datetime import datetime
 from typing import Any, Literal, cast
 
 from django.core.mail import mail_admins
-from django.db import connections
+from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.dispatch import Signal
 
@@ -459,15 +464,13 @@ class Sniper:
     @contextlib.contextmanager
     def _lock(self) -> Iterator[bool]:
         connection = _require_postgresql(conf.PRIMARY)
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
-            acquired = bool(cursor.fetchone()[0])
-        try:
+        # One transaction for the whole run: the lock is the transaction's, released by its
+        # end on every path, on the server connection that took it (see the module docstring).
+        with transaction.atomic(using=conf.PRIMARY):
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_try_advisory_xact_lock(%s)", [LOCK_KEY])
+                acquired = bool(cursor.fetchone()[0])
             yield acquired
-        finally:
-            if acquired:
-                with connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_unlock(%s)", [LOCK_KEY])
 
     def run(self) -> SnipeReport:
         """Snipe once on every alias, holding the one-sniper lock; return what was done."""

@@ -23,6 +23,14 @@ How it is applied, on PostgreSQL:
   ``SET statement_timeout`` would leave the whole transaction aborted). The previous value is
   restored before the savepoint is released.
 
+* **Through a transaction pooler** (an alias that ``DJANGO_SCALE["POOLER"]`` marks
+  ``"transaction"``, such as PgBouncer in transaction mode), a session setting would stay on
+  whichever server connection got it, for the next client there, and the statements of the
+  block could run on another one with no limit. Outside a transaction each statement of the
+  block therefore runs in a transaction of its own that starts with ``SET LOCAL``; the limit
+  ends with that transaction, on every path, and nothing is left to restore. (In a
+  transaction, the savepoint form above is already transaction-scoped.)
+
 Blocks nest, on one alias or on several, and each restores what the enclosing block (or the
 connection) had: the limits live in a :mod:`contextvars` variable, so threads and concurrent
 async tasks never see each other's. On SQLite the limit interrupts a statement that runs
@@ -50,7 +58,7 @@ from django.conf import settings
 from django.db import DatabaseError, connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from django_scale.conf import seconds_problem
+from django_scale.conf import conf, seconds_problem
 from django_scale.exceptions import ArgumentError, ArgumentTypeError, UsageError
 from django_scale.replicas import error_sqlstate
 
@@ -70,6 +78,8 @@ class _Limit(NamedTuple):
 
     milliseconds: int
     local: bool
+    #: Whether the alias is transaction pooled: each statement gets a ``SET LOCAL`` of its own.
+    pooled: bool = False
 
 
 #: The innermost block's limit on each alias, in the current context.
@@ -105,7 +115,7 @@ def is_statement_timeout(error: BaseException) -> bool:
 class _ConnectionState:
     """What django-scale set on one database connection, so it can be put back exactly."""
 
-    __slots__ = ("applied", "baseline", "blocks", "internal", "raw")
+    __slots__ = ("applied", "baseline", "blocks", "internal", "pooled_statement", "raw")
 
     def __init__(self) -> None:
         #: How many lazy blocks, in any context, are open on the connection.
@@ -119,6 +129,8 @@ class _ConnectionState:
         self.applied: str | None = None
         #: Whether django-scale runs a statement of its own (a savepoint) on the connection.
         self.internal = False
+        #: Whether a pooled block's wrapper has already limited the statement running now.
+        self.pooled_statement = False
 
     def session(self, raw: Any) -> _ConnectionState:
         """Forget what was set on a connection that has since been closed or replaced."""
@@ -175,6 +187,65 @@ def _postgresql_wrapper(alias: str) -> Callable[..., Any]:
         return execute(sql, params, many, context)
 
     return wrapper
+
+
+def _pooled_wrapper(alias: str) -> Callable[..., Any]:
+    """An execute wrapper that gives each statement a ``SET LOCAL`` in its own transaction.
+
+    For transaction-pooled aliases: the limit lives and dies with the transaction that runs the
+    statement, on the server connection that runs it. In autocommit the statement runs between
+    ``BEGIN; SET LOCAL ...`` (one round trip: no parameters, so both drivers send it as one
+    simple query) and ``COMMIT`` (``ROLLBACK`` if it fails), so its effects commit as they
+    would have alone; in a transaction opened inside the block (or with autocommit off)
+    ``SET LOCAL`` goes before the statement.
+    """
+
+    def wrapper(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        connection = context["connection"]
+        state = _state(connection)
+        limit = _limits.get().get(alias)
+        if limit is None or limit.local or state.pooled_statement:
+            # No limit in this context, a SET LOCAL block's savepoint has set it, or an
+            # enclosing block's wrapper already did.
+            return execute(sql, params, many, context)
+        # An int from _Limit, so the value can be part of the statement's text.
+        set_local = f"SET LOCAL statement_timeout = {int(limit.milliseconds)}"
+        if not connection.get_autocommit():
+            with _raw_cursor(connection) as cursor:
+                cursor.execute(set_local)
+            return execute(sql, params, many, context)
+        state.pooled_statement = True
+        try:
+            with connection.wrap_database_errors, _raw_cursor(connection) as cursor:
+                cursor.execute(f"BEGIN; {set_local}")
+            try:
+                result = execute(sql, params, many, context)
+            except BaseException:
+                _end_transaction(connection, "ROLLBACK")
+                raise
+            # A COMMIT can fail too (a deferred constraint): Django's error, as for the statement.
+            with connection.wrap_database_errors, _raw_cursor(connection) as cursor:
+                cursor.execute("COMMIT")
+            return result
+        finally:
+            state.pooled_statement = False
+
+    return wrapper
+
+
+def _end_transaction(connection: BaseDatabaseWrapper, command: str) -> None:
+    """End the statement's transaction after it failed, unless the connection itself is gone.
+
+    The statement's error is what the caller must see; a connection that cannot even roll
+    back is broken, and Django closes it (``errors_occurred``) at the end of the request.
+    """
+    if connection.connection is None:
+        return
+    try:
+        with _raw_cursor(connection) as cursor:
+            cursor.execute(command)
+    except Exception:
+        connection.errors_occurred = True
 
 
 def _sqlite_wrapper(alias: str) -> Callable[..., Any]:
@@ -297,6 +368,13 @@ def _roll_back_to(connection: BaseDatabaseWrapper, alias: str, sid: str, marked:
 
 
 @contextmanager
+def _per_statement(connection: BaseDatabaseWrapper, alias: str) -> Iterator[None]:
+    """Limit each statement of the block in its own transaction (transaction-pooled aliases)."""
+    with connection.execute_wrapper(_pooled_wrapper(alias)):
+        yield
+
+
+@contextmanager
 def _lazily(connection: BaseDatabaseWrapper, alias: str, outer: _Limit | None) -> Iterator[None]:
     """Set the limit just before the block's first statement on *alias*; restore *outer* on exit."""
     wrapper = (_sqlite_wrapper if connection.vendor == "sqlite" else _postgresql_wrapper)(alias)
@@ -356,11 +434,15 @@ class StatementTimeout:
         try:
             for alias in self.aliases:
                 connection = connections[alias]
-                local = connection.vendor == "postgresql" and connection.in_atomic_block
-                limits[alias] = _Limit(milliseconds, local)
+                postgresql = connection.vendor == "postgresql"
+                local = postgresql and connection.in_atomic_block
+                pooled = postgresql and not local and conf.transaction_pooled(alias)
+                limits[alias] = _Limit(milliseconds, local, pooled)
                 _limits.set(limits.copy())
                 if local:
                     stack.enter_context(_in_savepoint(connection, alias, milliseconds))
+                elif pooled:
+                    stack.enter_context(_per_statement(connection, alias))
                 elif connection.vendor in ("postgresql", "sqlite"):
                     stack.enter_context(_lazily(connection, alias, previous.get(alias)))
         except BaseException:

@@ -41,6 +41,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     markers = (*SERVICE_MARKERS, "once") if harness.BACKEND == "sqlite" else ("once",)
     if os.environ.get("DJANGO_SCALE_TEST_ONCE") == "1" and harness.BACKEND != "sqlite":
         markers = ()
+    # Tests of what goes through a transaction pooler run where the harness starts PgBouncer.
+    if harness.BACKEND == "sqlite" or harness.POOLER != "pgbouncer":
+        markers = (*markers, "pgbouncer")
     keep, drop = [], []
     for item in items:
         (drop if any(item.get_closest_marker(m) for m in markers) else keep).append(item)
@@ -146,6 +149,20 @@ def _close_redis_connections() -> Iterator[None]:
 
     for alias in settings.CACHES:
         get_redis_connection(alias).connection_pool.disconnect()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_pooled_connections(django_db_setup: None) -> Iterator[None]:
+    """Through PgBouncer, close its server connections before the test database is dropped.
+
+    The pooler keeps server connections to the test database after the suite's clients have
+    gone; DROP DATABASE refuses a database with sessions (DJANGO_SCALE_TEST_POOLER only).
+    """
+    yield
+    if harness.BACKEND == "sqlite" or harness.services().pooler is None:
+        return
+    connections.close_all()
+    harness.services().pooler.release(connections["default"].settings_dict["NAME"])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,6 +14,10 @@ instead:
     The embedded default: SQLite and the local-memory cache, no services at all.
 ``PG_BIN``
     Where the PostgreSQL server binaries are (default ``/usr/lib/postgresql/15/bin``).
+``DJANGO_SCALE_TEST_POOLER=pgbouncer``
+    Put a PgBouncer in transaction pooling mode in front of the primary and in front of the
+    replica (one PgBouncer each, see :func:`start_pgbouncer`): the suite's aliases then reach
+    PostgreSQL only through a transaction pooler, as behind a production PgBouncer.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from urllib.parse import unquote, urlsplit
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 BACKEND = os.environ.get("DJANGO_SCALE_TEST_BACKEND", "postgres")
 BACKENDS = ("postgres", "sqlite")
+POOLER = os.environ.get("DJANGO_SCALE_TEST_POOLER", "")
+POOLERS = ("", "pgbouncer")
 INSTALL_HINT = (
     "Install the servers the test suite starts for itself: "
     "`apt-get install postgresql-15 redis-server` (Debian/Ubuntu), or point the suite at "
@@ -136,6 +142,33 @@ class ServerControl:
                 os.kill(pid, number)
 
 
+@dataclass(frozen=True)
+class Pooler:
+    """PgBouncers (transaction pooling) in front of the primary and the replica."""
+
+    #: The servers themselves, reached without the pooler (for what a pooler cannot carry).
+    direct_primary: Postgres
+    direct_replica: Postgres
+    #: The PgBouncer ports in front of each (``primary``/``replica`` of :class:`Services`).
+    primary_port: int
+    replica_port: int
+    #: ``SHOW VERSION`` of the PgBouncer, e.g. ``PgBouncer 1.18.0``.
+    version: str
+
+    def admin(self, port: int, command: str) -> list[tuple[Any, ...]]:
+        """Run *command* on the admin console of the PgBouncer on *port* (simple query protocol)."""
+        return pgbouncer_admin(port, command)
+
+    def release(self, database: str) -> None:
+        """Drop every server connection the PgBouncers keep to *database*, so it can be dropped.
+
+        ``KILL`` closes them (and pauses the database); ``RESUME`` lets new clients in again.
+        """
+        for port in (self.primary_port, self.replica_port):
+            self.admin(port, f"KILL {database}")
+            self.admin(port, f"RESUME {database}")
+
+
 @dataclass
 class Services:
     primary: Postgres
@@ -145,6 +178,8 @@ class Services:
     replica_control: ServerControl | None = None
     #: Seconds it took to start the services this process owns (0 for external servers).
     startup_seconds: float = 0.0
+    #: The PgBouncers in front of primary and replica (DJANGO_SCALE_TEST_POOLER=pgbouncer).
+    pooler: Pooler | None = None
     _watchdog: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def stop(self) -> None:
@@ -394,6 +429,114 @@ class Launcher:
                 time.sleep(0.02)
         raise HarnessError(f"redis-server did not answer on port {port} within 30 s")
 
+    def start_pgbouncer(self, server: Postgres, name: str) -> int:
+        """Start a PgBouncer in transaction pooling mode in front of *server*; return its port.
+
+        Every database name reaches the same name on *server* (the ``*`` entry), so the test
+        runner's ``test_...`` database and ``postgres`` work through it. Trust authentication
+        for the one user of the suite; ``postgres`` is also an admin of its console. Run as
+        the postgres user when the harness runs as root (PgBouncer refuses root).
+        """
+        binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        if not Path(binary).exists():
+            raise HarnessError(
+                "DJANGO_SCALE_TEST_POOLER=pgbouncer needs PgBouncer: `apt-get install pgbouncer`."
+            )
+        port = free_port()
+        directory = self.root / f"pgbouncer-{name}"
+        directory.mkdir()
+        (directory / "userlist.txt").write_text(f'"{server.user}" ""\n')
+        settings = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": str(port),
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(directory / "userlist.txt"),
+            "admin_users": server.user,
+            "pool_mode": "transaction",
+            # Several connections per alias and thread, as many app-server workers would have:
+            # few enough server connections that clients do share them.
+            "default_pool_size": "8",
+            "max_client_conn": "400",
+            # Answer at once when the server is down (the suite stops and freezes servers).
+            "server_connect_timeout": "2",
+            "server_login_retry": "0",
+            "query_wait_timeout": "10",
+            # Sent at connect by some clients; harmless to ignore. ("options", which carries
+            # session settings, is not ignored: it cannot work through a transaction pooler.)
+            "ignore_startup_parameters": "extra_float_digits",
+            "logfile": str(directory / "pgbouncer.log"),
+            "pidfile": str(directory / "pgbouncer.pid"),
+        }
+        ini = directory / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = host={server.host} port={server.port}\n"
+            "[pgbouncer]\n" + "".join(f"{key} = {value}\n" for key, value in settings.items())
+        )
+        extra: dict[str, Any] = {}
+        if self.as_postgres:
+            account = pwd.getpwnam("postgres")
+            for path in (directory, *directory.iterdir()):
+                os.chown(path, account.pw_uid, account.pw_gid)
+            extra = {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+        process = subprocess.Popen(
+            [binary, "-q", str(ini)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            **extra,
+        )
+        self.kill_pids.append(process.pid)
+        self.processes.append(process)
+        self._write_plan()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise HarnessError(f"pgbouncer exited at start; see {directory / 'pgbouncer.log'}")
+            try:
+                pgbouncer_admin(port, "SHOW VERSION")
+                return port
+            except Exception:
+                time.sleep(0.05)
+        raise HarnessError(f"pgbouncer did not answer on port {port} within 30 s")
+
+
+def pgbouncer_admin(port: int, command: str, user: str = "postgres") -> list[tuple[Any, ...]]:
+    """Run *command* on the console of the PgBouncer on *port*; return the rows.
+
+    The console speaks the simple query protocol only, outside transactions.
+    """
+    try:
+        import psycopg2
+    except ImportError:
+        import psycopg
+
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user=user, dbname="pgbouncer", autocommit=True,
+            cursor_factory=psycopg.ClientCursor, connect_timeout=2,
+        ) as connection:  # fmt: skip
+            cursor = connection.execute(command)
+            return list(cursor.fetchall()) if cursor.description else []
+    connection = psycopg2.connect(
+        host="127.0.0.1", port=port, user=user, dbname="pgbouncer", connect_timeout=2
+    )
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(command)
+            return list(cursor.fetchall()) if cursor.description else []
+    finally:
+        connection.close()
+
+
+def start_pooler(launcher: Launcher, primary: Postgres, replica: Postgres) -> Pooler:
+    """Start a PgBouncer in front of *primary* and one in front of *replica*."""
+    primary_port = launcher.start_pgbouncer(primary, "primary")
+    replica_port = launcher.start_pgbouncer(replica, "replica")
+    version = str(pgbouncer_admin(primary_port, "SHOW VERSION")[0][0])
+    return Pooler(primary, replica, primary_port, replica_port, version)
+
 
 _services: Services | None = None
 
@@ -414,8 +557,11 @@ def services() -> Services:
             "Set both DJANGO_SCALE_TEST_PRIMARY_URL and DJANGO_SCALE_TEST_REPLICA_URL, or neither."
         )
 
+    if POOLER not in POOLERS:
+        raise HarnessError(f"DJANGO_SCALE_TEST_POOLER={POOLER!r}; use pgbouncer or leave it unset.")
+
     started = time.monotonic()
-    launcher = Launcher() if not (primary_url and redis_url) else None
+    launcher = Launcher() if not (primary_url and redis_url) or POOLER else None
     try:
         if primary_url and replica_url:
             primary, replica = parse_postgres_url(primary_url), parse_postgres_url(replica_url)
@@ -427,6 +573,16 @@ def services() -> Services:
         else:
             assert launcher is not None
             redis = launcher.start_redis()
+        pooler = None
+        if POOLER == "pgbouncer":
+            assert launcher is not None
+            pooler = start_pooler(launcher, primary, replica)
+            primary = Postgres(
+                primary.host, pooler.primary_port, primary.user, primary.password, primary.name
+            )
+            replica = Postgres(
+                replica.host, pooler.replica_port, replica.user, replica.password, replica.name
+            )
     except BaseException:
         if launcher is not None:
             assert launcher.watchdog.stdin is not None
@@ -439,6 +595,7 @@ def services() -> Services:
         redis,
         replica_control=launcher.replica_control if launcher and not replica_url else None,
         startup_seconds=time.monotonic() - started if launcher else 0.0,
+        pooler=pooler,
         _watchdog=launcher.watchdog if launcher else None,
     )
     atexit.register(_services.stop)

@@ -105,6 +105,12 @@ else:
         }
     }
     DJANGO_SCALE = {"REPLICAS": ["replica"], "HEALTH_CHECK_INTERVAL": 0.1}
+    if _services.pooler is not None:
+        # Every alias goes through PgBouncer in transaction mode (DJANGO_SCALE_TEST_POOLER):
+        # configured as the deployment guide says, with no server-side cursors.
+        DJANGO_SCALE["POOLER"] = dict.fromkeys(DATABASES, "transaction")
+        for _database in DATABASES.values():
+            _database["DISABLE_SERVER_SIDE_CURSORS"] = True
     CELERY_BROKER_URL = _services.redis.url(1)
     CELERY_RESULT_BACKEND = _services.redis.url(2)
 

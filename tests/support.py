@@ -7,9 +7,22 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import pytest
+
 from django_scale import metrics
 
+import harness
+
 T = TypeVar("T")
+
+#: For tests that end a replica backend from the server's side to break the client's connection.
+#: Through PgBouncer (DJANGO_SCALE_TEST_POOLER=pgbouncer) that does not break anything: the
+#: pooler drops the dead server connection and serves the client's next query on another one,
+#: so there is no broken replica connection to route around.
+POOLER_ABSORBS_TERMINATION = pytest.mark.skipif(
+    harness.POOLER == "pgbouncer",
+    reason="PgBouncer absorbs a terminated server backend: the client's connection to it does not break",
+)
 
 
 def counter(name: str) -> int:

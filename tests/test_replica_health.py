@@ -24,7 +24,7 @@ from django.conf import settings
 from django.db import OperationalError, connections
 from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
-from support import counter, subprocess_env, wait_until
+from support import POOLER_ABSORBS_TERMINATION, counter, subprocess_env, wait_until
 
 from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
@@ -231,6 +231,7 @@ def test_reads_stay_on_the_replica_while_the_shared_cache_refuses_connections(re
 
 
 @REPLICA
+@POOLER_ABSORBS_TERMINATION
 def test_a_replica_failure_while_the_cache_hangs_holds_no_request(readmit, hung_cache):
     names = sorted(Author.objects.create(name=name).name for name in ("Ken", "Dennis"))
     wait_until(

@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, connections, transaction
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
-from support import wait_until
+from support import POOLER_ABSORBS_TERMINATION, wait_until
 
 from django_scale.exceptions import ArgumentError, ReplicaReadError
 from django_scale.replicas import (
@@ -366,6 +366,7 @@ def _terminate_replica_connection() -> None:
 
 
 @REPLICA
+@POOLER_ABSORBS_TERMINATION
 def test_a_read_on_a_broken_replica_connection_raises_and_the_next_read_goes_to_the_primary(readmit):
     names = sorted(Author.objects.create(name=name).name for name in ("Alan", "Alonzo"))
     with routing_state():
@@ -389,6 +390,7 @@ def test_a_read_on_a_broken_replica_connection_raises_and_the_next_read_goes_to_
 
 
 @REPLICA
+@POOLER_ABSORBS_TERMINATION
 def test_a_get_whose_replica_connection_broke_runs_again_on_the_primary(readmit):
     client = Client()
     pk = Author.objects.create(name="Hopper").pk

@@ -53,6 +53,15 @@ class Victim:
 
     def __init__(self, alias: str = "default", application_name: str = VICTIM_APP) -> None:
         self.connection = connections.create_connection(alias)
+        pooler = harness.services().pooler if harness.BACKEND != "sqlite" else None
+        if pooler is not None:
+            # A victim is a session (its pid, application_name, session advisory locks), which a
+            # transaction pooler does not keep: victims connect to the server itself. The
+            # sniper under test still goes through PgBouncer.
+            server = (
+                pooler.direct_replica if alias in ("replica", "custom_backend") else pooler.direct_primary
+            )
+            self.connection.settings_dict = {**self.connection.settings_dict, "PORT": str(server.port)}
         self.connection.inc_thread_sharing()
         with self.connection.cursor() as cursor:
             cursor.execute(

@@ -15,6 +15,10 @@ local-memory cache and eager Celery tasks. Environment variables switch on the r
 ``DJANGO_SCALE_EXAMPLE_HARNESS=1``
     Start a throwaway PostgreSQL primary, streaming replica and Redis with the test suite's
     harness and use them (for ``manage.py bench``; needs the repository checkout).
+``DJANGO_SCALE_EXAMPLE_POOLER=transaction``
+    The PostgreSQL aliases reach the server through PgBouncer in transaction mode: sets
+    ``DJANGO_SCALE["POOLER"]`` and ``DISABLE_SERVER_SIDE_CURSORS`` for them (with the harness,
+    ``DJANGO_SCALE_TEST_POOLER=pgbouncer`` puts a real PgBouncer in front).
 ``DJANGO_SCALE_EXAMPLE_SQLITE``
     The SQLite file used without ``DATABASE_URL`` (default: ``db.sqlite3`` next to ``manage.py``).
 ``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``DJANGO_ALLOWED_HOSTS``
@@ -171,6 +175,12 @@ if REDIS_URL:
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+if DATABASE_URL and os.environ.get("DJANGO_SCALE_EXAMPLE_POOLER") == "transaction":
+    # Behind PgBouncer in transaction mode, as docs/deployment.md describes.
+    DJANGO_SCALE["POOLER"] = dict.fromkeys(DATABASES, "transaction")
+    for _database in DATABASES.values():
+        _database["DISABLE_SERVER_SIDE_CURSORS"] = True
 
 if DATABASE_URL:
     # The query sniper (PostgreSQL only): cancel queries past 30 s, end sessions idle in a

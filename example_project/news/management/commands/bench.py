@@ -23,6 +23,7 @@ FEATURES = {
     "prefetch": "benchmarks.prefetch",
     "request": "benchmarks.request",
     "routing": "benchmarks.routing",
+    "timeouts": "benchmarks.timeouts",
 }
 
 
