@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import pytest
 
 from django_scale import metrics
 
@@ -15,14 +16,29 @@ import harness
 
 T = TypeVar("T")
 
-#: For tests that end a replica backend from the server's side to break the client's connection.
-#: Through PgBouncer (DJANGO_SCALE_TEST_POOLER=pgbouncer) that does not break anything: the
-#: pooler drops the dead server connection and serves the client's next query on another one,
-#: so there is no broken replica connection to route around.
-POOLER_ABSORBS_TERMINATION = pytest.mark.skipif(
-    harness.POOLER == "pgbouncer",
-    reason="PgBouncer absorbs a terminated server backend: the client's connection to it does not break",
-)
+
+def break_replica_connection(connection: Any) -> None:
+    """Break this thread's open replica *connection*, as a failing replica does.
+
+    Directly connected, its server backend is terminated (``pg_terminate_backend``). Through
+    PgBouncer that would break nothing the client sees (the pooler drops the dead server
+    connection and serves the client's next query on another one), so there the client's own
+    socket is shut down instead, as the replica guard's watchdog does: either way the next
+    query on *connection* fails with a broken connection.
+    """
+    if harness.POOLER == "pgbouncer":
+        fd = os.dup(connection.connection.fileno())
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    killer = connection.get_new_connection(connection.get_connection_params())
+    killer.autocommit = True
+    with killer.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    killer.close()
 
 
 def counter(name: str) -> int:

@@ -11,7 +11,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, connections, transaction
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
-from support import POOLER_ABSORBS_TERMINATION, wait_until
+from support import break_replica_connection, wait_until
 
 from django_scale.exceptions import ArgumentError, ReplicaReadError
 from django_scale.replicas import (
@@ -353,20 +353,11 @@ def replica_server(readmit) -> Iterator[harness.ServerControl]:
 
 
 def _terminate_replica_connection() -> None:
-    """End this thread's replica connection from the server's side, as a failing replica does."""
-    replica = connections["replica"]
-    with replica.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        pid = cursor.fetchone()[0]
-    killer = replica.get_new_connection(replica.get_connection_params())
-    killer.autocommit = True
-    with killer.cursor() as cursor:
-        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
-    killer.close()
+    """Break this thread's replica connection, as a failing replica does."""
+    break_replica_connection(connections["replica"])
 
 
 @REPLICA
-@POOLER_ABSORBS_TERMINATION
 def test_a_read_on_a_broken_replica_connection_raises_and_the_next_read_goes_to_the_primary(readmit):
     names = sorted(Author.objects.create(name=name).name for name in ("Alan", "Alonzo"))
     with routing_state():
@@ -390,7 +381,6 @@ def test_a_read_on_a_broken_replica_connection_raises_and_the_next_read_goes_to_
 
 
 @REPLICA
-@POOLER_ABSORBS_TERMINATION
 def test_a_get_whose_replica_connection_broke_runs_again_on_the_primary(readmit):
     client = Client()
     pk = Author.objects.create(name="Hopper").pk
