@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-
 from django_scale import metrics
 
 import harness
