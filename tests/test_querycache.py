@@ -31,7 +31,7 @@ from django_scale.cache.queries import writes as query_writes
 from django_scale.cache.queries.reads import CacheOptions
 from django_scale.cache.queries.sql import EVERY_TABLE, read_tables, written_tables
 from django_scale.exceptions import CacheArgumentError
-from django_scale.replicas import routing_state, use_primary, use_replica
+from django_scale.replicas import monitor, routing_state, use_primary, use_replica
 from django_scale.replicas.wal import parse_lsn
 from django_scale.testing import override_scale_settings
 
@@ -362,19 +362,32 @@ def test_a_hung_redis_neither_hangs_nor_serves_stale(querycache: Any) -> None:
 
 
 @REPLICA
-def test_a_restarted_database_means_misses(querycache: Any) -> None:
-    """cachalot #269: nothing was invalidated after a database restart."""
+def test_a_restarted_database_means_misses(querycache: Any, replica: Any) -> None:
+    """cachalot #269: nothing was invalidated after a database restart.
+
+    The standby is the server the harness can restart. Its new incarnation (start time) is
+    learned by the first miss on its alias after the restart; from then on every entry read
+    before the restart misses.
+    """
+    control = harness.services().replica_control
+    assert control is not None
     Reporter.objects.create(name="ann")
-    with use_primary():
+    replica.wait_for_replay()
+    with use_replica():
         assert names(Reporter.objects.cached()) == ["ann"]
-        primary = harness.services().primary
-        connections.close_all()
-        primary.stop()
-        primary.start()
-        # The first miss after the restart (another query of the table) learns the new
-        # incarnation; every entry read before the restart misses from then on.
-        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]
-        assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] >= 1
+        assert queries_on("replica", lambda: names(Reporter.objects.cached()))[1] == 0
+    connections["replica"].close()
+    control.stop()
+    control.start()
+    wait_until(lambda: replica.replay_lsn(), "the restarted standby answering")
+    replica.wait_for_replay()
+    connections["replica"].close()
+    monitor("replica").forget_ejection()
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
+    with use_replica():
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # a miss: learns
+        rows, queries = queries_on("replica", lambda: names(Reporter.objects.cached()))
+        assert rows == ["ann"] and queries >= 1
 
 
 # -- stale=: served while exactly one refill runs -------------------------------------------------

@@ -18,8 +18,10 @@ server, the writer's position is the last byte of a small WAL record it emits af
 commit is visible, so ``r >= position`` is enough.
 
 A server's identity is its system identifier, timeline and start time: a restarted,
-restored or replaced server has a new one, and every entry read on the old one misses. A
-write position carries the identity of the server it was taken on.
+restored or replaced server has a new one, and every entry read on the old one misses once
+a miss on its alias has learned it. A write position carries the system identifier and
+timeline it was taken on: after a restore (a new timeline, whose positions restart lower) or
+on another cluster, positions are compared with nothing of the old one.
 """
 
 from __future__ import annotations
@@ -52,14 +54,19 @@ SELECT
 
 #: After a commit, on the primary: a WAL record of our own, whose last byte is the write
 #: position (see the module docstring; the function returns the record's end), or the insert
-#: position where the role may not emit one.
+#: position where the role may not emit one. The message is transactional: the statement's
+#: own commit flushes it, so standbys receive it now (a non-transactional one waits in the
+#: WAL buffers for the WAL writer).
 _WRITE_SQL = """
 SELECT
   CASE WHEN has_function_privilege('pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
-       THEN pg_logical_emit_message(false, 'django_scale.querycache', '')
+       THEN pg_logical_emit_message(true, 'django_scale.querycache', '')
        ELSE pg_current_wal_insert_lsn() END::text,
   CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
-       THEN (SELECT system_identifier::text FROM pg_control_system()) ELSE '' END,
+       THEN (SELECT system_identifier::text FROM pg_control_system()) ELSE '' END
+  || ':' ||
+  CASE WHEN has_function_privilege('pg_control_checkpoint()', 'EXECUTE')
+       THEN (SELECT timeline_id::text FROM pg_control_checkpoint()) ELSE '' END,
   has_function_privilege('pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
 """
 
@@ -88,7 +95,8 @@ class ReadPosition:
     #: Whether the position is a standby's replay position (``>=`` suffices) or the
     #: primary's insert position (a write must be strictly older).
     standby: bool
-    #: The database cluster (system identifier): write positions of another one never count.
+    #: The database cluster and its timeline (``"system identifier:timeline"``): write
+    #: positions of another cluster, or of the timeline before a restore, never count.
     cluster: str
     #: The cluster, its timeline and its server's start time: changes on a restart or restore.
     incarnation: str
@@ -113,7 +121,7 @@ def read_position(connection: BaseDatabaseWrapper) -> ReadPosition | None:
     lsn, standby, system, timeline, started = row
     if lsn is None:
         return None
-    return ReadPosition(_lsn(lsn), bool(standby), system, f"{system}:{timeline}:{started}")
+    return ReadPosition(_lsn(lsn), bool(standby), f"{system}:{timeline}", f"{system}:{timeline}:{started}")
 
 
 def write_position(connection: BaseDatabaseWrapper) -> tuple[str, int]:

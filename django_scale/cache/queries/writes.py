@@ -27,6 +27,7 @@ behaviour.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import threading
@@ -59,6 +60,8 @@ POSITION_KEEP = 7 * 86400.0
 _pending: weakref.WeakKeyDictionary[BaseDatabaseWrapper, set[str]] = weakref.WeakKeyDictionary()
 _tracked: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
 _lock = threading.Lock()
+#: Set while a failed publication is journaled: the journal's own INSERT is not a write to track.
+_journaling: contextvars.ContextVar[bool] = contextvars.ContextVar("django_scale_qc_journaling", default=False)
 
 
 def _note(connection: BaseDatabaseWrapper, tables: Iterable[str]) -> None:
@@ -82,7 +85,7 @@ class WriteTracker:
     def __call__(
         self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
     ) -> Any:
-        if not isinstance(sql, str) or not conf.QUERY_CACHE:
+        if not isinstance(sql, str) or _journaling.get() or not conf.QUERY_CACHE:
             return execute(sql, params, many, context)
         tables = written_tables(sql)
         try:
@@ -156,7 +159,11 @@ def publish(connection: BaseDatabaseWrapper) -> None:
 def _everything(alias: str, store: RedisStore) -> None:
     """Journal the invalidation of every entry: the store missed a write position."""
     metrics.increment("querycache.publish_failed")
-    where = invalidations.keep(alias, EVERYTHING, POSITION_KEEP, process_local=False)
+    token = _journaling.set(True)
+    try:
+        where = invalidations.keep(alias, EVERYTHING, POSITION_KEEP, process_local=False)
+    finally:
+        _journaling.reset(token)
     logger.warning("a write position could not be published; every query cache entry is invalidated (%s)", where)
 
 
