@@ -122,6 +122,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         super()._fetch_all()
 
     def _django_scale_evaluate(self) -> None:
+        queryset: Any = self
         rows = self._django_scale_rows()
         self._result_cache = rows
         self._django_scale_note_single()

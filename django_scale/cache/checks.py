@@ -128,11 +128,15 @@ def check_query_cache(**kwargs: Any) -> list[checks.CheckMessage]:
     messages = []
     backend = str(getattr(settings, "CACHES", {}).get(alias, {}).get("BACKEND", ""))
     if not backend.startswith("django_redis."):
-        messages.append(_w211_query_cache_unsupported(f"CACHE_ALIAS {alias!r} is {backend or 'missing'}", "CACHES"))
+        messages.append(
+            _w211_query_cache_unsupported(f"CACHE_ALIAS {alias!r} is {backend or 'missing'}", "CACHES")
+        )
     engine = str(getattr(settings, "DATABASES", {}).get(primary, {}).get("ENGINE", ""))
     if "postgres" not in engine and "postgis" not in engine:
         messages.append(
-            _w211_query_cache_unsupported(f"the PRIMARY {primary!r} is not PostgreSQL ({engine})", "DATABASES")
+            _w211_query_cache_unsupported(
+                f"the PRIMARY {primary!r} is not PostgreSQL ({engine})", "DATABASES"
+            )
         )
     return messages
 

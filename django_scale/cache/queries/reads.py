@@ -5,6 +5,7 @@ See :mod:`django_scale.cache.queries` for the rules; this module applies them to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -56,9 +57,13 @@ class CacheOptions:
         for name in ("timeout", "stale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise CacheArgumentError(f"cached({name}=...) must be a number of seconds >= 0, not {value!r}.")
+                raise CacheArgumentError(
+                    f"cached({name}=...) must be a number of seconds >= 0, not {value!r}."
+                )
         if self.timeout == 0:
-            raise CacheArgumentError("cached(timeout=0) would never keep an entry: give it a number of seconds.")
+            raise CacheArgumentError(
+                "cached(timeout=0) would never keep an entry: give it a number of seconds."
+            )
         if not all(isinstance(table, str) and table for table in self.tables):
             raise CacheArgumentError(f"cached(tables=...) must be table names, not {self.tables!r}.")
 
@@ -106,7 +111,11 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     store = store_for(alias)
     if not isinstance(store, RedisStore):
         metrics.increment("querycache.unsupported")
-        _once(f"cache {alias}", "the query cache needs django-redis; cache %r is not, queries are not cached", alias)
+        _once(
+            f"cache {alias}",
+            "the query cache needs django-redis; cache %r is not, queries are not cached",
+            alias,
+        )
         return compute()
     _ensure_tracking()
     try:
@@ -136,7 +145,11 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
             ]
         )
     except UnstableValue as error:
-        _once(f"key {error.what}", "a query parameter has no stable key (%s); that query is not cached", error.what)
+        _once(
+            f"key {error.what}",
+            "a query parameter has no stable key (%s); that query is not cached",
+            error.what,
+        )
         return compute()
     key = entry_key(hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
     shared = SharedPositions(store)
@@ -151,21 +164,26 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
         return compute()
     state = current_state()
     required = state.required_lsn if state is not None else None
-    if entry is not None and entry.read.incarnation == incarnation and entry.generation == int(generation or 0):
-        if required is None or entry.read.lsn >= required:
-            if all(entry.read.covers(position) for position in found):
-                metrics.increment("querycache.hit")
-                return list(entry.rows)
-            fresh_for_writer = state is None or not (state.wrote or state.pinned)
-            if options.stale and time.time() < entry.created + options.stale and fresh_for_writer:
-                metrics.increment("querycache.stale")
-                _refill(alias, store, shared, key, queryset, options, tables, db, database)
-                return list(entry.rows)
+    if (
+        entry is not None
+        and entry.read.incarnation == incarnation
+        and entry.generation == int(generation or 0)
+    ) and (required is None or entry.read.lsn >= required):
+        if all(entry.read.covers(position) for position in found):
+            metrics.increment("querycache.hit")
+            return list(entry.rows)
+        fresh_for_writer = state is None or not (state.wrote or state.pinned)
+        if options.stale and time.time() < entry.created + options.stale and fresh_for_writer:
+            metrics.increment("querycache.stale")
+            _refill(alias, store, shared, key, queryset, options, tables, db, database)
+            return list(entry.rows)
     metrics.increment("querycache.miss")
     if in_transaction:
         # A transaction's snapshot may be older than any read position taken now: never stored.
         return compute()
-    return _read_and_store(alias, shared, key, compute, db, database, tables, incarnation, found, options.timeout)
+    return _read_and_store(
+        alias, shared, key, compute, db, database, tables, incarnation, found, options.timeout
+    )
 
 
 def _read_and_store(
@@ -199,7 +217,9 @@ def _read_and_store(
     return rows
 
 
-def _seed(shared: SharedPositions, database: str, tables: Sequence[str], read: positions.ReadPosition) -> None:
+def _seed(
+    shared: SharedPositions, database: str, tables: Sequence[str], read: positions.ReadPosition
+) -> None:
     """Give tables without a write position one every entry read before now fails.
 
     Only a primary position qualifies: every write published so far is behind it, so an
@@ -245,16 +265,18 @@ def _refill(
         try:
             fetched = shared.fetch(key, db, tables, database)
             rows = functools.partial(_evaluate, clone)
-            _read_and_store(alias, shared, key, rows, db, database, tables, fetched[1], fetched[3:], options.timeout)
+            _read_and_store(
+                alias, shared, key, rows, db, database, tables, fetched[1], fetched[3:], options.timeout
+            )
             metrics.increment("querycache.refill")
         except Exception:
-            logger.exception("query cache refill of %s failed; the stale entry is served until it expires", key)
+            logger.exception(
+                "query cache refill of %s failed; the stale entry is served until it expires", key
+            )
         finally:
             connections.close_all()
-            try:
+            with contextlib.suppress(CacheDown):
                 store.release(key, token)
-            except CacheDown:
-                pass
 
     publisher.submit(refill)
 

@@ -102,7 +102,7 @@ class SharedPositions:
                 value = None  # a value a deploy cannot unpickle is a miss
             if isinstance(value, tuple) and len(value) == 6 and value[0] == MARKER:
                 entry = Entry(*value)
-        rest = [None if item is None else item.decode() for item in raw[1:]]
+        rest = [item.decode() if isinstance(item, bytes) else item for item in raw[1:]]
         return (entry, *rest)
 
     def store_entry(self, key: str, entry: Entry, timeout: float) -> None:
@@ -129,7 +129,9 @@ class SharedPositions:
         try:
             pipeline = redis.pipeline(transaction=False)
             for table in set(tables):
-                pipeline.set(self._key(table_key(database, table)), position, nx=True, px=int(keep_for * 1000))
+                pipeline.set(
+                    self._key(table_key(database, table)), position, nx=True, px=int(keep_for * 1000)
+                )
             pipeline.execute()
         except Exception as error:
             raise CacheDown(str(error)) from error

@@ -61,7 +61,9 @@ _pending: weakref.WeakKeyDictionary[BaseDatabaseWrapper, set[str]] = weakref.Wea
 _tracked: weakref.WeakSet[BaseDatabaseWrapper] = weakref.WeakSet()
 _lock = threading.Lock()
 #: Set while a failed publication is journaled: the journal's own INSERT is not a write to track.
-_journaling: contextvars.ContextVar[bool] = contextvars.ContextVar("django_scale_qc_journaling", default=False)
+_journaling: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "django_scale_qc_journaling", default=False
+)
 
 
 def _note(connection: BaseDatabaseWrapper, tables: Iterable[str]) -> None:
@@ -140,14 +142,18 @@ def publish(connection: BaseDatabaseWrapper) -> None:
         cluster, lsn = positions.write_position(connection)
     except Exception:
         # The commit happened; without a position, nothing may trust the entries any more.
-        logger.exception("cannot read the write position after a commit; invalidating every query cache entry")
+        logger.exception(
+            "cannot read the write position after a commit; invalidating every query cache entry"
+        )
         _everything(alias, store)
         return
     if breakers.is_open(f"cache {alias!r}"):
         _everything(alias, store)
         return
     try:
-        SharedPositions(store).advance(database, tables, positions.format_position(cluster, lsn), POSITION_KEEP)
+        SharedPositions(store).advance(
+            database, tables, positions.format_position(cluster, lsn), POSITION_KEEP
+        )
     except CacheDown as error:
         breakers.trip(f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down")
         invalidations.mark_due(alias)
@@ -164,7 +170,9 @@ def _everything(alias: str, store: RedisStore) -> None:
         where = invalidations.keep(alias, EVERYTHING, POSITION_KEEP, process_local=False)
     finally:
         _journaling.reset(token)
-    logger.warning("a write position could not be published; every query cache entry is invalidated (%s)", where)
+    logger.warning(
+        "a write position could not be published; every query cache entry is invalidated (%s)", where
+    )
 
 
 def _install(connection: BaseDatabaseWrapper) -> None:
