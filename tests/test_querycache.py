@@ -112,6 +112,26 @@ def test_options_are_validated() -> None:
         CacheOptions(tables=("",))
 
 
+# -- Check W211 ------------------------------------------------------------------------------------
+
+
+def test_w211_query_cache_on_without_redis_or_postgresql() -> None:
+    from django_scale.cache.checks import check_query_cache
+
+    locmem = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    sqlite = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    redis = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}}
+    postgres = {"default": {"ENGINE": "django.db.backends.postgresql", "NAME": "x"}}
+    with override_settings(CACHES=locmem, DATABASES=sqlite):
+        assert check_query_cache() == []  # off: nothing to say
+        with override_scale_settings(QUERY_CACHE=True):
+            messages = check_query_cache()
+    assert [m.id for m in messages] == ["django_scale.W211", "django_scale.W211"]
+    assert "LocMemCache" in messages[0].msg and "not PostgreSQL" in messages[1].msg
+    with override_settings(CACHES=redis, DATABASES=postgres), override_scale_settings(QUERY_CACHE=True):
+        assert check_query_cache() == []
+
+
 # -- Off, or where it cannot work: the query runs ----------------------------------------------
 
 
