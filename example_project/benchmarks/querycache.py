@@ -165,7 +165,7 @@ def _rival(name: str, quick: bool) -> dict[str, Any] | str:
     try:
         __import__(module)
     except ImportError:
-        return f"not installed (pip install -e '.[bench]')"
+        return "not installed (pip install -e '.[bench]')"
     env = {**os.environ, RIVAL_VARIABLE: name, "DJANGO_SCALE_EXAMPLE_HARNESS": "0"}
     manage = Path(__file__).resolve().parent.parent / "manage.py"
     command = [sys.executable, str(manage), "bench", "querycache", *(["--quick"] if quick else [])]
