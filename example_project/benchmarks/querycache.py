@@ -2,11 +2,13 @@
 
 django-scale and stock Django run in this process; django-cachalot and django-cacheops each
 run in a subprocess of their own (cachalot patches the ORM for every query once installed,
-so it cannot share a process with the others), on the same PostgreSQL and Redis. The query
-is a page of sections (20 rows) read on the primary. Tables:
+so it cannot share a process with the others), on the same PostgreSQL and Redis, reading on
+the primary. Two queries: a *page* (20 sections, a cheap indexed read: the round trip is the
+cost) and a *report* (the 20 sections with their article counts and views, an aggregate over
+ARTICLES articles: the database's work is the cost). Tables:
 
-1. **Hit and miss latency**: median time of a query with no cache, of a hit, and of a miss
-   (a query with a parameter not seen before, so each call misses), and the ratios.
+1. **Hit and miss latency**, per query: median time with no cache, of a hit, and of a miss
+   (a parameter not seen before, so each call misses), and the ratios.
 2. **Stale reads under concurrent writes**: 4 threads each increment a counter row in a
    transaction and read it back through the cache 3 times; a read that returns a value older
    than the newest one any thread had committed before the read began is stale.
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from django.db import connections, transaction
+from django.db.models import Count, Sum
 
 from django_scale.replicas import use_primary
 from django_scale.testing import override_scale_settings
@@ -35,16 +38,28 @@ from benchmarks import print_table, time_per_call
 #: The rival a subprocess measures (set by the parent process).
 RIVAL_VARIABLE = "DJANGO_SCALE_BENCH_QUERYCACHE"
 ROWS = 20
+ARTICLES = 20000
 WORKERS = 4
 
 
 def _setup() -> None:
-    from news.models import Section
+    from news.models import Article, Author, Section
 
+    Article.objects.filter(slug__startswith="qc-").delete()
     Section.objects.filter(slug__startswith="qc-").delete()
-    Section.objects.bulk_create(
+    sections = Section.objects.bulk_create(
         [Section(name=f"Section {n:02}", slug=f"qc-{n:02}") for n in range(ROWS)]
         + [Section(name="0", slug="qc-counter")]
+    )
+    author, _ = Author.objects.get_or_create(name="qc-author")
+    Article.objects.bulk_create(
+        [
+            Article(
+                section=sections[n % ROWS], author=author, title=f"t{n}", slug=f"qc-{n}", body="", views=n
+            )
+            for n in range(ARTICLES)
+        ],
+        batch_size=5000,
     )
 
 
@@ -56,6 +71,14 @@ def _systems() -> dict[str, dict[str, Callable[..., Any]]]:
         return (
             Section.objects.filter(slug__startswith="qc-", id__gt=-n)
             .exclude(slug="qc-counter")
+            .order_by("id")
+        )
+
+    def report(n: int = 0) -> Any:
+        return (
+            Section.objects.filter(slug__startswith="qc-", id__gt=-n)
+            .exclude(slug="qc-counter")
+            .annotate(articles_count=Count("articles"), views=Sum("articles__views"))
             .order_by("id")
         )
 
@@ -86,6 +109,7 @@ def _systems() -> dict[str, dict[str, Callable[..., Any]]]:
     }
     for system in systems.values():
         system["page"] = page
+        system["report"] = report
         system["counter"] = counter
     return systems
 
@@ -100,19 +124,22 @@ def _cachalot_disabled(read: Callable[[], Any]) -> Any:
 def measure(name: str, quick: bool) -> dict[str, Any]:
     """Measure *name* in this process: latencies and stale reads."""
     system = _systems()[name]
-    page, plain, cached = system["page"], system["plain"], system["cached"]
-    calls = 50 if quick else 300
+    plain, cached = system["plain"], system["cached"]
+    calls = 30 if quick else 200
     scope: AbstractContextManager[Any] = system["scope"]()
+    result: dict[str, Any] = {}
     with scope, use_primary():
         _setup()
-        cached(page())  # warm
         misses = itertools.count(1)
-        result = {
-            "plain": time_per_call(lambda: plain(page()), calls=calls),
-            "hit": time_per_call(lambda: cached(page()), calls=calls),
-            "miss": time_per_call(lambda: cached(page(next(misses))), calls=calls),
-            "plain_unique": time_per_call(lambda: plain(page(next(misses))), calls=calls),
-        }
+        for query in ("page", "report"):
+            make = system[query]
+            cached(make())  # warm
+            result[query] = {
+                "plain": time_per_call(lambda: plain(make()), calls=calls),
+                "hit": time_per_call(lambda: cached(make()), calls=calls),
+                "miss": time_per_call(lambda: cached(make(next(misses))), calls=calls),
+                "plain_unique": time_per_call(lambda: plain(make(next(misses))), calls=calls),
+            }
         result["stale"], result["reads"] = _stale_reads(system["counter"], cached, 8 if quick else 25)
     return result
 
@@ -189,25 +216,35 @@ def run(out: TextIO, quick: bool = False) -> None:
     results["django-scale"] = measure("django-scale", quick)
     for name in ("django-cachalot", "django-cacheops"):
         results[name] = _rival(name, quick)
-    rows = []
-    for name, figures in results.items():
-        if isinstance(figures, str):
-            rows.append([name, figures, "", "", "", "", ""])
-            continue
-        rows.append(
-            [
-                name,
-                f"{figures['plain'] * 1e6:.0f} µs",
-                f"{figures['hit'] * 1e6:.0f} µs",
-                f"{figures['plain'] / figures['hit']:.1f}x",
-                f"{figures['miss'] * 1e6:.0f} µs",
-                f"{figures['miss'] / figures['plain_unique']:.2f}x",
-                f"{figures['stale']} of {figures['reads']}",
-            ]
+    for query in ("page", "report"):
+        rows = []
+        for name, figures in results.items():
+            if isinstance(figures, str):
+                rows.append([name, figures, "", "", "", ""])
+                continue
+            times = figures[query]
+            rows.append(
+                [
+                    name,
+                    f"{times['plain'] * 1e6:.0f} µs",
+                    f"{times['hit'] * 1e6:.0f} µs",
+                    f"{times['plain'] / times['hit']:.1f}x",
+                    f"{times['miss'] * 1e6:.0f} µs",
+                    f"{times['miss'] / times['plain_unique']:.2f}x",
+                ]
+            )
+        print_table(
+            out,
+            f"Query cache, the {query} query ({ROWS} rows, primary); miss = a query not seen before",
+            ["system", "no cache", "hit", "hit speed-up", "miss", "miss / no cache"],
+            rows,
         )
     print_table(
         out,
-        f"Query cache: {ROWS} rows on the primary; miss = a query not seen before; stale reads with {WORKERS} writers",
-        ["system", "no cache", "hit", "hit speed-up", "miss", "miss / no cache", "stale reads"],
-        rows,
+        f"Stale reads: {WORKERS} threads increment a row and read it back through the cache",
+        ["system", "stale reads"],
+        [
+            [name, figures if isinstance(figures, str) else f"{figures['stale']} of {figures['reads']}"]
+            for name, figures in results.items()
+        ],
     )
