@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
@@ -132,16 +132,25 @@ def measure(name: str, quick: bool) -> dict[str, Any]:
         _setup()
         misses = itertools.count(1)
         for query in ("page", "report"):
-            make = system[query]
-            cached(make())  # warm
-            result[query] = {
-                "plain": time_per_call(lambda: plain(make()), calls=calls),
-                "hit": time_per_call(lambda: cached(make()), calls=calls),
-                "miss": time_per_call(lambda: cached(make(next(misses))), calls=calls),
-                "plain_unique": time_per_call(lambda: plain(make(next(misses))), calls=calls),
-            }
+            result[query] = _latencies(system[query], plain, cached, calls, misses)
         result["stale"], result["reads"] = _stale_reads(system["counter"], cached, 8 if quick else 25)
     return result
+
+
+def _latencies(
+    make: Callable[..., Any],
+    plain: Callable[[Any], Any],
+    cached: Callable[[Any], Any],
+    calls: int,
+    misses: Iterator[int],
+) -> dict[str, float]:
+    cached(make())  # warm
+    return {
+        "plain": time_per_call(lambda: plain(make()), calls=calls),
+        "hit": time_per_call(lambda: cached(make()), calls=calls),
+        "miss": time_per_call(lambda: cached(make(next(misses))), calls=calls),
+        "plain_unique": time_per_call(lambda: plain(make(next(misses))), calls=calls),
+    }
 
 
 def _stale_reads(
