@@ -424,7 +424,6 @@ class CachedQuerySetMixin(PrefetchAwareQuerySetMixin):
         timeout: float = 3600.0,
         stale: float = 0.0,
         tables: tuple[str, ...] | list[str] = (),
-        cache: str | None = None,
         version: int | str = 1,
     ) -> Any:
         """Return a copy whose rows come from the query cache while none of its tables changed.
@@ -437,9 +436,7 @@ class CachedQuerySetMixin(PrefetchAwareQuerySetMixin):
         ``get()``, ``first()``) are cached; ``count()``, ``exists()``, ``aggregate()`` and
         ``iterator()`` run the query.
         """
-        options = CacheOptions(
-            timeout=timeout, stale=stale, tables=tuple(tables), cache=cache, version=version
-        )
+        options = CacheOptions(timeout=timeout, stale=stale, tables=tuple(tables), version=version)
         clone: Any = self._chain()  # type: ignore[attr-defined]
         clone._django_scale_cache = options
         return clone

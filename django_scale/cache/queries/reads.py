@@ -48,8 +48,6 @@ class CacheOptions:
     stale: float = 0.0
     #: Tables the query reads that its SQL does not name (views, functions).
     tables: tuple[str, ...] = ()
-    #: The cache alias (``None``: ``CACHE_ALIAS``).
-    cache: str | None = None
     #: Part of the key: change it when the rows' pickled form changes incompatibly.
     version: int | str = 1
 
@@ -107,7 +105,9 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
             connection.vendor,
         )
         return compute()
-    alias = options.cache if options.cache is not None else conf.CACHE_ALIAS
+    # Always CACHE_ALIAS: the write positions every process publishes live there, and an entry
+    # must be read with them in one MGET.
+    alias = conf.CACHE_ALIAS
     store = store_for(alias)
     if not isinstance(store, RedisStore):
         metrics.increment("querycache.unsupported")
@@ -181,8 +181,9 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     if in_transaction:
         # A transaction's snapshot may be older than any read position taken now: never stored.
         return compute()
+    stamp = int(generation or 0)
     return _read_and_store(
-        alias, shared, key, compute, db, database, tables, incarnation, found, options.timeout
+        alias, shared, key, compute, db, database, tables, incarnation, found, stamp, options.timeout
     )
 
 
@@ -196,6 +197,7 @@ def _read_and_store(
     tables: Sequence[str],
     incarnation: str | None,
     found: Sequence[str | None],
+    generation: int,
     timeout: float,
 ) -> list[Any]:
     connection = connections[db]
@@ -209,8 +211,8 @@ def _read_and_store(
             shared.set_incarnation(db, read.incarnation, writes.POSITION_KEEP)
         if missing:
             _seed(shared, database, missing, read)
-        generation = shared.fetch(key, db, (), database)[2]
-        entry = Entry(MARKER, read, tuple(tables), int(generation or 0), time.time(), rows)
+        # The generation read before the query: one bumped since makes this entry miss.
+        entry = Entry(MARKER, read, tuple(tables), generation, time.time(), rows)
         shared.store_entry(key, entry, timeout)
     except CacheDown as error:
         _cache_down(alias, error)
@@ -266,7 +268,17 @@ def _refill(
             fetched = shared.fetch(key, db, tables, database)
             rows = functools.partial(_evaluate, clone)
             _read_and_store(
-                alias, shared, key, rows, db, database, tables, fetched[1], fetched[3:], options.timeout
+                alias,
+                shared,
+                key,
+                rows,
+                db,
+                database,
+                tables,
+                fetched[1],
+                fetched[3:],
+                int(fetched[2] or 0),
+                options.timeout,
             )
             metrics.increment("querycache.refill")
         except Exception:
