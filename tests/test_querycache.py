@@ -23,6 +23,7 @@ from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext, override_settings
 from support import counter, wait_until
 
+from django_scale.bulk import copy_from
 from django_scale.cache import reset_state, wait_for_refills
 from django_scale.cache.degrade import breakers
 from django_scale.cache.queries import track_writes, writes_tables
@@ -201,6 +202,8 @@ def test_a_hit_runs_no_query_and_keys_bind_parameters(querycache: Any) -> None:
             lambda: connection.cursor().execute(f"UPDATE {TABLE} SET name = 'cy' WHERE name = 'ann'"),
             id="raw SQL",
         ),
+        # The driver's COPY API bypasses execute wrappers: django_scale.bulk notes it itself.
+        pytest.param(lambda: copy_from(Reporter, [("cy",)], fields=["name"]), id="bulk.copy_from"),
     ],
 )
 def test_every_kind_of_write_invalidates(querycache: Any, write: Any) -> None:

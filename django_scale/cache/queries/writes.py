@@ -50,7 +50,14 @@ from django_scale.conf import conf
 
 logger = logging.getLogger("django_scale.cache")
 
-__all__ = ["WriteTracker", "publish", "track_writes", "writes_tables", "written_in_transaction"]
+__all__ = [
+    "WriteTracker",
+    "note_statement",
+    "publish",
+    "track_writes",
+    "writes_tables",
+    "written_in_transaction",
+]
 
 #: How long a write position is kept in the store: past it, the table's entries miss.
 POSITION_KEEP = 7 * 86400.0
@@ -98,6 +105,16 @@ class WriteTracker:
                 # Noted even when the statement failed: in autocommit it wrote nothing, and in
                 # a transaction it aborts the transaction; an extra invalidation is harmless.
                 _note(connection, tables)
+
+
+def note_statement(connection: BaseDatabaseWrapper, sql: str) -> None:
+    """Note the tables *sql* writes, for a statement sent around ``execute()`` (a driver's
+    ``COPY`` API: psycopg's ``cursor.copy()``, psycopg2's ``copy_expert()``)."""
+    if not conf.QUERY_CACHE or _journaling.get() or not positions.supports(connection):
+        return
+    tables = written_tables(sql)
+    if tables:
+        _note(connection, tables)
 
 
 def written_in_transaction(connection: BaseDatabaseWrapper, tables: Iterable[str]) -> bool:
