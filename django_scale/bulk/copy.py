@@ -37,8 +37,8 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Model, QuerySet
 
 from django_scale.bulk.formats import binary_safe
-from django_scale.cache.queries.writes import note_statement
 from django_scale.bulk.rows import Row, _Columns, _fields, _RowError
+from django_scale.cache.queries.writes import note_statement
 from django_scale.conf import count_problem
 from django_scale.exceptions import BulkDataError, BulkError
 
