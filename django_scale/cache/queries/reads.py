@@ -182,8 +182,11 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
         # A transaction's snapshot may be older than any read position taken now: never stored.
         return compute()
     stamp = int(generation or 0)
+    # The rows must come from the server whose position is taken: routing is asked once, and
+    # the query pinned to its answer (asked again, it could pick another server).
+    pinned = functools.partial(_evaluate, queryset.using(db))
     return _read_and_store(
-        alias, shared, key, compute, db, database, tables, incarnation, found, stamp, options.timeout
+        alias, shared, key, pinned, db, database, tables, incarnation, found, stamp, options.timeout
     )
 
 
@@ -261,7 +264,7 @@ def _refill(
     except CacheDown as error:
         _cache_down(alias, error)
         return
-    clone = queryset._chain()
+    clone = queryset.using(db)
 
     def refill() -> None:
         try:
