@@ -430,7 +430,7 @@ class CachedQuerySetMixin(PrefetchAwareQuerySetMixin):
 
         An entry is valid while it was read at or after the last committed write of every
         table the query reads (WAL positions, see docs/querycache.md), for at most *timeout*
-        seconds. With *stale*, an entry invalidated less than *stale* seconds ago is served
+        seconds. With *stale*, an invalidated entry younger than *stale* seconds is served
         while one refill runs (never to a request that wrote). *tables* names tables the SQL
         does not (a view's). Only the rows of iterating the queryset (``list()``, ``for``,
         ``get()``, ``first()``) are cached; ``count()``, ``exists()``, ``aggregate()`` and

@@ -44,7 +44,8 @@ class CacheOptions:
 
     #: Seconds an entry is kept at most (it is dropped sooner by any write to its tables).
     timeout: float = 3600.0
-    #: Seconds past its invalidation an entry may still be served while one refill runs; 0: never.
+    #: Age (seconds since its read) up to which an invalidated entry may still be served while
+    #: one refill runs; 0: never.
     stale: float = 0.0
     #: Tables the query reads that its SQL does not name (views, functions).
     tables: tuple[str, ...] = ()
