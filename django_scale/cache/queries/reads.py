@@ -135,7 +135,10 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     try:
         text = encode_key_parts(
             [
-                django.VERSION[:2],
+                # Model pickles name the exact Django version (Django warns on a mismatch), and
+                # the fields: an entry of older code is another key, never unpickled.
+                django.__version__,
+                _fields_of(queryset.model),
                 options.version,
                 db,
                 database,
@@ -295,6 +298,17 @@ def _refill(
                 store.release(key, token)
 
     publisher.submit(refill)
+
+
+_field_salts: dict[type[Any], list[str]] = {}
+
+
+def _fields_of(model: type[Any]) -> list[str]:
+    """Return the column names of *model*'s concrete fields (part of every key of its queries)."""
+    salt = _field_salts.get(model)
+    if salt is None:
+        salt = _field_salts[model] = [field.column for field in model._meta.concrete_fields]
+    return salt
 
 
 def _evaluate(queryset: Any) -> list[Any]:
