@@ -264,6 +264,17 @@ def test_an_exception_on_atomic_exit_shares_nothing(querycache: Any) -> None:
 
 
 @REPLICA
+def test_a_locking_read_always_reaches_the_database(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as captured:
+            assert names(Reporter.objects.select_for_update().cached()) == ["ann"]
+        assert [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
+        assert counter("querycache.bypass") == 1
+
+
+@REPLICA
 def test_reads_inside_a_transaction_are_never_stored(querycache: Any) -> None:
     Reporter.objects.create(name="ann")
     with use_primary():

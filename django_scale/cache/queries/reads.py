@@ -95,6 +95,11 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     if not conf.QUERY_CACHE:
         metrics.increment("querycache.disabled")
         return compute()
+    if queryset.query.select_for_update or queryset._for_write:
+        # A locking read (or a read for a write, as get_or_create() makes) must reach the
+        # database: a cached row takes no lock.
+        metrics.increment("querycache.bypass")
+        return compute()
     db: str = queryset.db
     connection = connections[db]
     if not positions.supports(connection):
