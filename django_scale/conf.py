@@ -193,6 +193,12 @@ SETTINGS: dict[str, Setting] = {
         problem=_empty_alias,
         example='"default"',
     ),
+    "QUERY_CACHE": Setting(
+        default=False,
+        expected="True or False",
+        has_type=_is_bool,
+        example="True",
+    ),
     "N_PLUS_ONE": Setting(
         default="off",
         expected='one of "off", "log", "warn", "raise" (str)',
@@ -393,6 +399,11 @@ class Conf:
     def CACHE_ALIAS(self) -> str:
         """The cache that holds django-scale's shared state. Default: ``"default"``."""
         return cast(str, self.get("CACHE_ALIAS"))
+
+    @property
+    def QUERY_CACHE(self) -> bool:
+        """Whether writes are tracked and ``.cached()`` querysets use the query cache. Default: ``False``."""
+        return bool(self.get("QUERY_CACHE"))
 
     @property
     def N_PLUS_ONE(self) -> Literal["off", "log", "warn", "raise"]:

@@ -10,12 +10,14 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import models
 from django.db.models.query import ModelIterable, prefetch_related_objects
 
+from django_scale.cache.queries import CacheOptions, fetch_rows
 from django_scale.counting import DEFAULT_BUDGET, DEFAULT_CAP, DEFAULT_THRESHOLD, ApproxCount, approx_count
 from django_scale.exceptions import PrefetchBypassedWarning
 from django_scale.prefetch import detection, hooks, invalidation, loaders, peers, plain
 
 __all__ = [
     "ApproxCountQuerySetMixin",
+    "CachedQuerySetMixin",
     "PrefetchAwareManager",
     "PrefetchAwareQuerySetMixin",
     "ScaleQuerySet",
@@ -121,7 +123,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
 
     def _django_scale_evaluate(self) -> None:
         queryset: Any = self
-        rows: list[Any] = list(queryset._iterable_class(queryset))
+        rows = self._django_scale_rows()
         self._result_cache = rows
         self._django_scale_note_single()
         if len(rows) < 2 or not self._django_scale_tracks():
@@ -155,6 +157,11 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
                     if "_prefetched_objects_cache" not in row.__dict__:
                         row._prefetched_objects_cache = hooks.TrackingPrefetchCache(group)
             detection.watch(group)
+
+    def _django_scale_rows(self) -> list[Any]:
+        """Run the query and return its rows (:class:`CachedQuerySetMixin` may serve them instead)."""
+        queryset: Any = self
+        return list(queryset._iterable_class(queryset))
 
     def _django_scale_note_single(self) -> None:
         """Record a related manager's query for one row (N+1 detection)."""
@@ -406,10 +413,52 @@ class PrefetchAwareManager(plain.LoadsForPeers, _ManagerBase):
         return self.all().last()
 
 
+class CachedQuerySetMixin(PrefetchAwareQuerySetMixin):
+    """Add ``cached()``: serve a queryset's rows from the query cache (:mod:`django_scale.cache.queries`)."""
+
+    _django_scale_cache: CacheOptions | None = None
+
+    def cached(
+        self,
+        *,
+        timeout: float = 3600.0,
+        stale: float = 0.0,
+        tables: tuple[str, ...] | list[str] = (),
+        version: int | str = 1,
+    ) -> Any:
+        """Return a copy whose rows come from the query cache while none of its tables changed.
+
+        An entry is valid while it was read at or after the last committed write of every
+        table the query reads (WAL positions, see docs/querycache.md), for at most *timeout*
+        seconds. With *stale*, an invalidated entry younger than *stale* seconds is served
+        while one refill runs (never to a request that wrote). *tables* names tables the SQL
+        does not (a view's). Only the rows of iterating the queryset (``list()``, ``for``,
+        ``get()``, ``first()``) are cached; ``count()``, ``exists()``, ``aggregate()`` and
+        ``iterator()`` run the query.
+        """
+        options = CacheOptions(timeout=timeout, stale=stale, tables=tuple(tables), version=version)
+        clone: Any = self._chain()  # type: ignore[attr-defined]
+        clone._django_scale_cache = options
+        return clone
+
+    def _clone(self) -> Any:
+        clone: Any = super()._clone()
+        if "_django_scale_cache" in self.__dict__:
+            clone._django_scale_cache = self.__dict__["_django_scale_cache"]
+        return clone
+
+    def _django_scale_rows(self) -> list[Any]:
+        options = self._django_scale_cache
+        if options is None:
+            return super()._django_scale_rows()
+        return fetch_rows(self, super()._django_scale_rows, options)
+
+
 # QuerySet is generic only in django-stubs; subscripting it fails at run time.
-class ScaleQuerySet(ApproxCountQuerySetMixin, PrefetchAwareQuerySetMixin, models.QuerySet):  # type: ignore[type-arg]
+class ScaleQuerySet(ApproxCountQuerySetMixin, CachedQuerySetMixin, models.QuerySet):  # type: ignore[type-arg]
     """The project-wide queryset for big tables: ``objects = ScaleQuerySet.as_manager()``.
 
-    It counts approximately (:meth:`approx_count`) and loads relations for all rows of a
-    result set at once (:class:`PrefetchAwareQuerySetMixin`).
+    It counts approximately (:meth:`approx_count`), loads relations for all rows of a
+    result set at once (:class:`PrefetchAwareQuerySetMixin`) and caches rows on request
+    (:meth:`~CachedQuerySetMixin.cached`).
     """

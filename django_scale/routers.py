@@ -194,11 +194,17 @@ class ReplicaRouter:
 
     Creating it (Django does, once per process) puts a
     :class:`~django_scale.replicas.ReplicaGuard` on every replica connection opened from then
-    on (:func:`~django_scale.replicas.install_guards`).
+    on (:func:`~django_scale.replicas.install_guards`) and, with ``QUERY_CACHE`` on, a write
+    tracker on every other one (:func:`~django_scale.cache.queries.track_writes`).
     """
 
     def __init__(self) -> None:
         install_guards()
+        if conf.QUERY_CACHE:
+            # Imported here: the query cache imports the cache package, which routing never needs.
+            from django_scale.cache.queries import track_writes
+
+            track_writes()
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         state = _state.get()

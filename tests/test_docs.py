@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "django_scale.admin",
     "django_scale.bulk",
     "django_scale.cache",
+    "django_scale.cache.queries",
     "django_scale.conf",
     "django_scale.contrib.backfill.runner",
     "django_scale.counting",

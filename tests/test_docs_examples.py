@@ -41,7 +41,7 @@ from django_scale.contrib.backfill.runner import run_backfill
 from django_scale.exceptions import NPlusOneError
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import routing_state, use_primary
-from django_scale.testing import capture_reads
+from django_scale.testing import capture_reads, override_scale_settings
 
 from news.models import Article, Author, Comment, Section, Tag
 
@@ -49,7 +49,7 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 #: A marked example: the marker line, then a fenced Python block.
 MARKED = re.compile(r"^% example: (?P<name>[\w-]+)\n```python\n(?P<code>.*?)^```$", re.MULTILINE | re.DOTALL)
 #: The pages a newcomer reads in order after installing, each with at least one tested example.
-FEATURE_PAGES = ["quickstart", "routing", "admin", "querysets", "caching", "ops"]
+FEATURE_PAGES = ["quickstart", "routing", "admin", "querysets", "caching", "querycache", "ops"]
 IN_2024 = datetime.datetime(2024, 5, 1, 12, 0, tzinfo=datetime.timezone.utc)
 
 
@@ -110,6 +110,7 @@ TESTED = {
     ("querysets", "list-page"),
     ("querysets", "forbid-n-plus-one"),
     ("caching", "use-it"),
+    ("querycache", "use-it"),
     ("ops", "sniper-settings"),
     ("ops", "bulk"),
     ("ops", "backfill"),
@@ -315,6 +316,21 @@ def test_caching_example_caches_and_refreshes():
     leaderboard.invalidate("eu")
     leaderboard("eu")
     assert metrics.snapshot().get("swr.miss") == 2
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_querycache_example_hits_then_sees_the_write(redis_cache):
+    from django_scale.cache import reset_state
+    from django_scale.replicas import use_primary
+
+    reset_state()
+    metrics.reset()
+    Section.objects.create(name="Sport")
+    with override_scale_settings(QUERY_CACHE=True), use_primary():
+        namespace = run_example("querycache", "use-it")
+    assert namespace["sections"] == ["Sports"]
+    ran = metrics.snapshot()
+    assert (ran.get("querycache.miss"), ran.get("querycache.hit")) == (2, 1)
 
 
 @pytest.mark.django_db

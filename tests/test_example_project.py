@@ -178,6 +178,12 @@ def test_bench_cache_explains_that_it_needs_redis(tmp_path: Path) -> None:
     assert "bench cache needs Redis: set REDIS_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1." in result.stdout
 
 
+def test_bench_querycache_explains_that_it_needs_postgresql_and_a_replica(tmp_path: Path) -> None:
+    result = manage(example_env(tmp_path / "db.sqlite3"), "bench", "querycache", "--quick")
+    assert result.returncode == 2, explain(result)
+    assert "bench querycache needs PostgreSQL with a streaming replica." in result.stdout, explain(result)
+
+
 def _figure(output: str, label: str, unit: str) -> int:
     match = re.search(rf"^\s+{re.escape(label)}\s+(\d+) {unit}", output, re.MULTILINE)
     assert match, f"no {label!r} figure in the demo's output:\n{output}"

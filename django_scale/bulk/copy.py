@@ -38,6 +38,7 @@ from django.db.models import Model, QuerySet
 
 from django_scale.bulk.formats import binary_safe
 from django_scale.bulk.rows import Row, _Columns, _fields, _RowError
+from django_scale.cache.queries.writes import note_statement
 from django_scale.conf import count_problem
 from django_scale.exceptions import BulkDataError, BulkError
 
@@ -197,6 +198,15 @@ def _copy_in(connection: BaseDatabaseWrapper, table: str, columns: str, stream: 
     COPY's text format, formatted here.
     """
     sql = f"COPY {table} ({columns}) FROM STDIN"
+    try:
+        _send_copy(connection, table, columns, sql, stream)
+    finally:
+        # The driver's COPY API bypasses execute wrappers: tell the query cache (when on), after
+        # the rows are in (in autocommit, noting publishes the table's position at once).
+        note_statement(connection, sql)
+
+
+def _send_copy(connection: BaseDatabaseWrapper, table: str, columns: str, sql: str, stream: _Counted) -> None:
     with connection.cursor() as wrapper:
         cursor: Any = wrapper.cursor
         if _is_psycopg3(connection):

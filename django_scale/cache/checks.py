@@ -17,7 +17,7 @@ from django.utils.module_loading import import_string
 from django_scale.checks import MIDDLEWARE_PATH, PROCESS_LOCAL_CACHES, _is_subclass_path, _message
 from django_scale.conf import conf
 
-__all__ = ["check_cache"]
+__all__ = ["check_cache", "check_query_cache"]
 
 
 def _e201_unknown_swr_cache(path: str, alias: str) -> checks.CheckMessage:
@@ -103,6 +103,42 @@ def _w210_pages_without_outer_middleware(paths: list[str]) -> checks.CheckMessag
         'Put "django_scale.middleware.ScaleMiddleware" first in MIDDLEWARE.',
         obj="MIDDLEWARE",
     )
+
+
+def _w211_query_cache_unsupported(what: str, obj: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W211",
+        f"QUERY_CACHE is on, but {what}: .cached() querysets run their queries uncached.",
+        "The query cache needs a PostgreSQL PRIMARY and a django-redis CACHE_ALIAS shared by every "
+        "process; turn QUERY_CACHE off, or point them there.",
+        obj=obj,
+    )
+
+
+def check_query_cache(**kwargs: Any) -> list[checks.CheckMessage]:
+    """Check that the query cache, when on, has what it needs: PostgreSQL and django-redis."""
+    try:
+        enabled = conf.QUERY_CACHE
+        alias, primary = conf.CACHE_ALIAS, conf.PRIMARY
+    except Exception:
+        return []  # check_settings reports the invalid setting
+    if not enabled:
+        return []
+    messages = []
+    backend = str(getattr(settings, "CACHES", {}).get(alias, {}).get("BACKEND", ""))
+    if not backend.startswith("django_redis."):
+        messages.append(
+            _w211_query_cache_unsupported(f"CACHE_ALIAS {alias!r} is {backend or 'missing'}", "CACHES")
+        )
+    engine = str(getattr(settings, "DATABASES", {}).get(primary, {}).get("ENGINE", ""))
+    if "postgres" not in engine and "postgis" not in engine:
+        messages.append(
+            _w211_query_cache_unsupported(
+                f"the PRIMARY {primary!r} is not PostgreSQL ({engine})", "DATABASES"
+            )
+        )
+    return messages
 
 
 def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:

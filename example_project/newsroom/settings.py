@@ -182,6 +182,17 @@ if DATABASE_URL and os.environ.get("DJANGO_SCALE_EXAMPLE_POOLER") == "transactio
     for _database in DATABASES.values():
         _database["DISABLE_SERVER_SIDE_CURSORS"] = True
 
+# `manage.py bench querycache` measures django-cachalot and django-cacheops each in a process
+# of its own, with this variable set: only there is the rival installed (cachalot patches the
+# ORM of every query once installed).
+_QUERYCACHE_RIVAL = os.environ.get("DJANGO_SCALE_BENCH_QUERYCACHE", "")
+if _QUERYCACHE_RIVAL == "django-cachalot":
+    INSTALLED_APPS.append("cachalot")
+elif _QUERYCACHE_RIVAL == "django-cacheops":
+    INSTALLED_APPS.append("cacheops")
+    CACHEOPS_REDIS = REDIS_URL
+    CACHEOPS = {"news.*": {"ops": "all", "timeout": 3600}}
+
 if DATABASE_URL:
     # The query sniper (PostgreSQL only): cancel queries past 30 s, end sessions idle in a
     # transaction for 60 s; run every 10 s by Celery beat (`celery -A newsroom beat`).

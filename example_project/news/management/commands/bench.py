@@ -21,6 +21,7 @@ FEATURES = {
     "bulk": "benchmarks.bulk",
     "cache": "benchmarks.cache",
     "prefetch": "benchmarks.prefetch",
+    "querycache": "benchmarks.querycache",
     "request": "benchmarks.request",
     "routing": "benchmarks.routing",
     "timeouts": "benchmarks.timeouts",

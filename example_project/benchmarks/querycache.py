@@ -1,0 +1,259 @@
+"""``bench querycache``: ``.cached()`` against no cache, django-cachalot and django-cacheops.
+
+django-scale and stock Django run in this process; django-cachalot and django-cacheops each
+run in a subprocess of their own (cachalot patches the ORM for every query once installed,
+so it cannot share a process with the others), on the same PostgreSQL and Redis, reading on
+the primary. Two queries: a *page* (20 sections, a cheap indexed read: the round trip is the
+cost) and a *report* (the 20 sections with their article counts and views, an aggregate over
+ARTICLES articles: the database's work is the cost). Tables:
+
+1. **Hit and miss latency**, per query: median time with no cache, of a hit, and of a miss
+   (a parameter not seen before, so each call misses), and the ratios.
+2. **Stale reads under concurrent writes**: 4 threads each increment a counter row in a
+   transaction and read it back through the cache 3 times; a read that returns a value older
+   than the newest one any thread had committed before the read began is stale.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, TextIO
+
+from django.db import connections, transaction
+from django.db.models import Count, Sum
+
+from django_scale.replicas import use_primary
+from django_scale.testing import override_scale_settings
+
+from benchmarks import print_table, time_per_call
+
+#: The rival a subprocess measures (set by the parent process).
+RIVAL_VARIABLE = "DJANGO_SCALE_BENCH_QUERYCACHE"
+ROWS = 20
+ARTICLES = 20000
+WORKERS = 4
+
+
+def _setup() -> None:
+    from news.models import Article, Author, Section
+
+    Article.objects.filter(slug__startswith="qc-").delete()
+    Section.objects.filter(slug__startswith="qc-").delete()
+    sections = Section.objects.bulk_create(
+        [Section(name=f"Section {n:02}", slug=f"qc-{n:02}") for n in range(ROWS)]
+        + [Section(name="0", slug="qc-counter")]
+    )
+    author, _ = Author.objects.get_or_create(name="qc-author")
+    Article.objects.bulk_create(
+        [
+            Article(
+                section=sections[n % ROWS], author=author, title=f"t{n}", slug=f"qc-{n}", body="", views=n
+            )
+            for n in range(ARTICLES)
+        ],
+        batch_size=5000,
+    )
+
+
+def _systems() -> dict[str, dict[str, Callable[..., Any]]]:
+    """For each system: how to read uncached, read cached, and scope the run."""
+    from news.models import Section
+
+    def page(n: int = 0) -> Any:
+        return (
+            Section.objects.filter(slug__startswith="qc-", id__gt=-n)
+            .exclude(slug="qc-counter")
+            .order_by("id")
+        )
+
+    def report(n: int = 0) -> Any:
+        return (
+            Section.objects.filter(slug__startswith="qc-", id__gt=-n)
+            .exclude(slug="qc-counter")
+            .annotate(articles_count=Count("articles"), views=Sum("articles__views"))
+            .order_by("id")
+        )
+
+    def counter() -> Any:
+        return Section.objects.filter(slug="qc-counter")
+
+    systems: dict[str, dict[str, Callable[..., Any]]] = {
+        "django-scale": {
+            "plain": lambda qs: list(qs),
+            "cached": lambda qs: list(qs.cached()),
+            "scope": lambda: override_scale_settings(QUERY_CACHE=True),
+        },
+        "stock Django": {
+            "plain": lambda qs: list(qs),
+            "cached": lambda qs: list(qs),
+            "scope": nullcontext,
+        },
+        "django-cachalot": {
+            "plain": lambda qs: _cachalot_disabled(lambda: list(qs)),
+            "cached": lambda qs: list(qs),
+            "scope": nullcontext,
+        },
+        "django-cacheops": {
+            "plain": lambda qs: list(qs.nocache()),
+            "cached": lambda qs: list(qs.cache()),
+            "scope": nullcontext,
+        },
+    }
+    for system in systems.values():
+        system["page"] = page
+        system["report"] = report
+        system["counter"] = counter
+    return systems
+
+
+def _cachalot_disabled(read: Callable[[], Any]) -> Any:
+    from cachalot.api import cachalot_disabled
+
+    with cachalot_disabled():
+        return read()
+
+
+def measure(name: str, quick: bool) -> dict[str, Any]:
+    """Measure *name* in this process: latencies and stale reads."""
+    system = _systems()[name]
+    plain, cached = system["plain"], system["cached"]
+    calls = 30 if quick else 200
+    scope: AbstractContextManager[Any] = system["scope"]()
+    result: dict[str, Any] = {}
+    with scope, use_primary():
+        _setup()
+        misses = itertools.count(1)
+        for query in ("page", "report"):
+            result[query] = _latencies(system[query], plain, cached, calls, misses)
+        result["stale"], result["reads"] = _stale_reads(system["counter"], cached, 8 if quick else 25)
+    return result
+
+
+def _latencies(
+    make: Callable[..., Any],
+    plain: Callable[[Any], Any],
+    cached: Callable[[Any], Any],
+    calls: int,
+    misses: Iterator[int],
+) -> dict[str, float]:
+    cached(make())  # warm
+    return {
+        "plain": time_per_call(lambda: plain(make()), calls=calls),
+        "hit": time_per_call(lambda: cached(make()), calls=calls),
+        "miss": time_per_call(lambda: cached(make(next(misses))), calls=calls),
+        "plain_unique": time_per_call(lambda: plain(make(next(misses))), calls=calls),
+    }
+
+
+def _stale_reads(
+    counter: Callable[[], Any], cached: Callable[[Any], list[Any]], rounds: int
+) -> tuple[int, int]:
+    newest = [0]
+    stale = [0]
+    reads = [0]
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with use_primary():
+                for _ in range(rounds):
+                    with transaction.atomic():
+                        row = counter().select_for_update().get()
+                        row.name = str(int(row.name) + 1)
+                        row.save(update_fields=["name"])
+                    with lock:
+                        newest[0] = max(newest[0], int(row.name))
+                    for _ in range(3):
+                        with lock:
+                            seen = newest[0]
+                        value = int(cached(counter())[0].name)
+                        with lock:
+                            reads[0] += 1
+                            if value < seen:
+                                stale[0] += 1
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work) for _ in range(WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return stale[0], reads[0]
+
+
+def _rival(name: str, quick: bool) -> dict[str, Any] | str:
+    """Measure *name* in a subprocess (its app installed there); return its figures or why not."""
+    module = {"django-cachalot": "cachalot", "django-cacheops": "cacheops"}[name]
+    try:
+        __import__(module)
+    except ImportError:
+        return "not installed (pip install -e '.[bench]')"
+    env = {**os.environ, RIVAL_VARIABLE: name, "DJANGO_SCALE_EXAMPLE_HARNESS": "0"}
+    manage = Path(__file__).resolve().parent.parent / "manage.py"
+    command = [sys.executable, str(manage), "bench", "querycache", *(["--quick"] if quick else [])]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            return json.loads(line)  # type: ignore[no-any-return]
+    return f"failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+
+
+def run(out: TextIO, quick: bool = False) -> None:
+    rival = os.environ.get(RIVAL_VARIABLE)
+    if rival:
+        out.write(json.dumps(measure(rival, quick)) + "\n")
+        return
+    from benchmarks import require_replica
+
+    require_replica(out, "querycache")
+    results: dict[str, dict[str, Any] | str] = {}
+    results["stock Django"] = measure("stock Django", quick)
+    results["django-scale"] = measure("django-scale", quick)
+    for name in ("django-cachalot", "django-cacheops"):
+        results[name] = _rival(name, quick)
+    for query in ("page", "report"):
+        rows = []
+        for name, figures in results.items():
+            if isinstance(figures, str):
+                rows.append([name, figures, "", "", "", ""])
+                continue
+            times = figures[query]
+            rows.append(
+                [
+                    name,
+                    f"{times['plain'] * 1e6:.0f} µs",
+                    f"{times['hit'] * 1e6:.0f} µs",
+                    f"{times['plain'] / times['hit']:.1f}x",
+                    f"{times['miss'] * 1e6:.0f} µs",
+                    f"{times['miss'] / times['plain_unique']:.2f}x",
+                ]
+            )
+        print_table(
+            out,
+            f"Query cache, the {query} query ({ROWS} rows, primary); miss = a query not seen before",
+            ["system", "no cache", "hit", "hit speed-up", "miss", "miss / no cache"],
+            rows,
+        )
+    print_table(
+        out,
+        f"Stale reads: {WORKERS} threads increment a row and read it back through the cache",
+        ["system", "stale reads"],
+        [
+            [name, figures if isinstance(figures, str) else f"{figures['stale']} of {figures['reads']}"]
+            for name, figures in results.items()
+        ],
+    )

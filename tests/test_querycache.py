@@ -1,0 +1,540 @@
+"""Tests of the query cache (``ScaleQuerySet.cached()``, django_scale.cache.queries).
+
+Each bug the issue names from django-cachalot and django-cacheops is a regression test here,
+on the real primary, standby and Redis: replica lag (cachalot #37), writes the ORM's signals
+miss (``update()``, ``bulk_create()``, raw SQL: cacheops), a read racing an invalidation
+(cacheops #302), an exception on atomic exit (cachalot #87), a flushed store and a lost
+invalidation (cacheops #392), a restarted database (cachalot #269), clocks (cachalot #27:
+there are none to drift). A checker runs writers and readers at once and counts reads older
+than a write the reader had seen.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.core.cache import caches
+from django.db import connection, connections, transaction
+from django.test.utils import CaptureQueriesContext, override_settings
+from support import counter, wait_until
+
+from django_scale.bulk import copy_from
+from django_scale.cache import reset_state, wait_for_refills
+from django_scale.cache.degrade import breakers
+from django_scale.cache.queries import track_writes, writes_tables
+from django_scale.cache.queries import writes as query_writes
+from django_scale.cache.queries.reads import CacheOptions
+from django_scale.cache.queries.sql import EVERY_TABLE, read_tables, written_tables
+from django_scale.exceptions import CacheArgumentError
+from django_scale.replicas import monitor, routing_state, use_primary, use_replica
+from django_scale.replicas.wal import parse_lsn
+from django_scale.testing import override_scale_settings
+
+import harness
+from testapp.models import Reporter, Tag
+
+REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+TABLE = "testapp_reporter"
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    reset_state()
+    query_writes.reset()
+    yield
+    reset_state()
+    query_writes.reset()
+
+
+@pytest.fixture
+def querycache(redis_cache: Any) -> Iterator[Any]:
+    """The query cache on, writes tracked, on an empty Redis."""
+    with override_scale_settings(QUERY_CACHE=True):
+        track_writes()
+        query_writes.ensure_tracked(connections["default"])
+        yield redis_cache
+
+
+def names(queryset: Any) -> list[str]:
+    return [reporter.name for reporter in queryset]
+
+
+def queries_on(alias: str, read: Any) -> tuple[Any, int]:
+    with CaptureQueriesContext(connections[alias]) as captured:
+        value = read()
+    return value, len(captured.captured_queries)
+
+
+# -- SQL: what a statement reads and writes ---------------------------------------------------
+
+
+def test_read_tables_names_every_table_of_joins_and_subqueries() -> None:
+    sql = (
+        'SELECT "a"."id" FROM "app_a" "a" INNER JOIN "app_b" ON ("a"."b_id" = "app_b"."id") '
+        'WHERE "a"."id" IN (SELECT U0."a_id" FROM public."app_c" U0) AND x IN (select y from App_D)'
+    )
+    assert read_tables(sql) >= {"app_a", "app_b", "app_c", "app_d"}
+
+
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        ('INSERT INTO "app_a" ("x") VALUES (%s)', {"app_a"}),
+        ('UPDATE "app_a" SET "x" = 1', {"app_a"}),
+        ('DELETE FROM "app_a" WHERE "id" IN (1)', {"app_a"}),
+        ("  /* c */ update ONLY app_b set x = 1", {"app_b"}),
+        (
+            'WITH moved AS (DELETE FROM "app_a" RETURNING *) INSERT INTO "app_b" SELECT * FROM moved',
+            {"app_a", "app_b"},
+        ),
+        ('COPY "app_a" ("x") FROM STDIN', {"app_a"}),
+        ('TRUNCATE "app_a"', {"app_a"}),
+        ("ALTER TABLE app_a ADD COLUMN y int", {EVERY_TABLE}),
+        ('SELECT "x" FROM "app_a"', set()),
+        ("COPY (SELECT 1) TO STDOUT", set()),
+        ("WITH t AS (SELECT 1) SELECT * FROM t", set()),
+        ("SAVEPOINT s1", set()),
+    ],
+)
+def test_written_tables(sql: str, tables: set[str]) -> None:
+    assert written_tables(sql) == frozenset(tables)
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(CacheArgumentError, match="timeout"):
+        CacheOptions(timeout=-1)
+    with pytest.raises(CacheArgumentError, match="stale"):
+        CacheOptions(stale=True)
+    with pytest.raises(CacheArgumentError, match="tables"):
+        CacheOptions(tables=("",))
+
+
+# -- Check W211 ------------------------------------------------------------------------------------
+
+
+def test_w211_query_cache_on_without_redis_or_postgresql() -> None:
+    from django_scale.cache.checks import check_query_cache
+
+    locmem = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    sqlite = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    redis = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}}
+    postgres = {"default": {"ENGINE": "django.db.backends.postgresql", "NAME": "x"}}
+    # The check only reads DATABASES; Django warns about overriding it for code that connects.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Overriding setting DATABASES", UserWarning)
+        with override_settings(CACHES=locmem, DATABASES=sqlite):
+            assert check_query_cache() == []  # off: nothing to say
+            with override_scale_settings(QUERY_CACHE=True):
+                messages = check_query_cache()
+        with override_settings(CACHES=redis, DATABASES=postgres), override_scale_settings(QUERY_CACHE=True):
+            assert check_query_cache() == []
+    assert [m.id for m in messages] == ["django_scale.W211", "django_scale.W211"]
+    assert "LocMemCache" in messages[0].msg and "not PostgreSQL" in messages[1].msg
+
+
+# -- Off, or where it cannot work: the query runs ----------------------------------------------
+
+
+@pytest.mark.django_db
+def test_cached_runs_the_query_when_the_query_cache_is_off() -> None:
+    Reporter.objects.create(name="ann")
+    assert names(Reporter.objects.cached()) == ["ann"]
+    Reporter.objects.update(name="bob")
+    assert names(Reporter.objects.cached()) == ["bob"]
+    assert counter("querycache.disabled") == 2
+    assert counter("querycache.hit") == 0
+
+
+@pytest.mark.django_db
+def test_sqlite_or_local_memory_runs_the_query_uncached() -> None:
+    """On SQLite (no WAL position processes can compare) or a cache that is not django-redis
+    (not shared by every writer), .cached() is the plain query, every time."""
+    with (
+        override_scale_settings(QUERY_CACHE=True, CACHE_ALIAS="locmem-qc"),
+        override_settings(
+            CACHES={
+                "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+                "locmem-qc": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+            }
+        ),
+    ):
+        Reporter.objects.create(name="ann")
+        assert names(Reporter.objects.cached()) == ["ann"]
+        Reporter.objects.update(name="bob")
+        _, queries = queries_on("default", lambda: names(Reporter.objects.cached()))
+        assert names(Reporter.objects.cached()) == ["bob"]
+        assert counter("querycache.unsupported") == 3
+        assert counter("querycache.hit") == 0
+
+
+# -- Hits, keys, and the writes that invalidate --------------------------------------------------
+
+
+@REPLICA
+def test_a_hit_runs_no_query_and_keys_bind_parameters(querycache: Any) -> None:
+    Reporter.objects.bulk_create([Reporter(name="ann"), Reporter(name="bob")])
+    with use_primary():
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]
+        rows, queries = queries_on("default", lambda: names(Reporter.objects.filter(name="ann").cached()))
+        assert (rows, queries) == (["ann"], 0)
+        # Another parameter is another entry: one user's filter never answers another's.
+        assert names(Reporter.objects.filter(name="bob").cached()) == ["bob"]
+        # values_list and values share the SQL, not the rows.
+        assert list(Reporter.objects.filter(name="ann").values_list("name", flat=True).cached()) == ["ann"]
+        assert list(Reporter.objects.filter(name="ann").values("name").cached()) == [{"name": "ann"}]
+    assert counter("querycache.hit") == 1
+
+
+@REPLICA
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda: Reporter.objects.create(name="cy"), id="save"),
+        pytest.param(lambda: Reporter.objects.bulk_create([Reporter(name="cy")]), id="bulk_create"),
+        pytest.param(lambda: Reporter.objects.filter(name="ann").update(name="cy"), id="update"),
+        pytest.param(lambda: Reporter.objects.filter(name="ann").delete(), id="delete"),
+        pytest.param(
+            lambda: connection.cursor().execute(f"UPDATE {TABLE} SET name = 'cy' WHERE name = 'ann'"),
+            id="raw SQL",
+        ),
+        # The driver's COPY API bypasses execute wrappers: django_scale.bulk notes it itself.
+        pytest.param(lambda: copy_from(Reporter, [("cy",)], fields=["name"]), id="bulk.copy_from"),
+    ],
+)
+def test_every_kind_of_write_invalidates(querycache: Any, write: Any) -> None:
+    """cacheops: mass update() and raw SQL were never invalidated."""
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        before = names(Reporter.objects.cached())
+        assert names(Reporter.objects.cached()) == before == ["ann"]
+        write()
+        expected = names(Reporter.objects.all())
+        assert names(Reporter.objects.cached()) == expected != before
+
+
+@REPLICA
+def test_a_write_in_a_transaction_invalidates_on_commit(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        with transaction.atomic():
+            Reporter.objects.update(name="bob")
+            # The transaction's own read: bypassed, so it sees its write.
+            assert names(Reporter.objects.cached()) == ["bob"]
+            assert counter("querycache.bypass") == 1
+        assert names(Reporter.objects.cached()) == ["bob"]
+
+
+@REPLICA
+def test_raw_sql_the_text_does_not_show_is_declared(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"CREATE OR REPLACE FUNCTION rename_reporters() RETURNS void AS "
+            f"$$ UPDATE {TABLE} SET name = 'bob' $$ LANGUAGE sql"
+        )
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        with writes_tables(TABLE), connection.cursor() as cursor:
+            cursor.execute("SELECT rename_reporters()")
+        assert names(Reporter.objects.cached()) == ["bob"]
+
+
+# -- Transactions: never shared, nothing left behind --------------------------------------------
+
+
+@REPLICA
+def test_an_exception_on_atomic_exit_shares_nothing(querycache: Any) -> None:
+    """cachalot #87: after an exception on atomic exit, one user's rows were served to others."""
+    Reporter.objects.create(name="public")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["public"]
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            Reporter.objects.create(name="first user's secret")
+            assert names(Reporter.objects.cached()) == ["public", "first user's secret"]
+            1 / 0  # noqa: B018
+        # The second user, after the rollback: neither the rolled-back row nor a stored entry.
+        rows, queries = queries_on("default", lambda: names(Reporter.objects.cached()))
+        assert rows == ["public"]
+
+
+@REPLICA
+def test_a_locking_read_always_reaches_the_database(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        with transaction.atomic(), CaptureQueriesContext(connections["default"]) as captured:
+            assert names(Reporter.objects.select_for_update().cached()) == ["ann"]
+        assert [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
+        assert counter("querycache.bypass") == 1
+
+
+@REPLICA
+def test_reads_inside_a_transaction_are_never_stored(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        with transaction.atomic():
+            Tag.objects.create(name="elsewhere")  # a write to another table
+            assert names(Reporter.objects.cached()) == ["ann"]
+        _, queries = queries_on("default", lambda: names(Reporter.objects.cached()))
+        assert queries >= 1  # a miss: the transaction's read was not stored
+
+
+# -- Replica lag, read-your-writes, a read racing a write ---------------------------------------
+
+
+@REPLICA
+def test_an_entry_read_on_a_lagging_replica_misses_once_the_write_is_known(
+    querycache: Any, replica: Any
+) -> None:
+    """cachalot #37: entries read on a replica were never invalidated."""
+    Reporter.objects.create(name="ann")
+    replica.wait_for_replay()
+    with use_replica():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        assert queries_on("replica", lambda: names(Reporter.objects.cached()))[1] == 0
+    replica.pause()
+    try:
+        Reporter.objects.update(name="bob")
+        with use_replica():
+            # The replica has not replayed the write: its entry is older, so it misses, and
+            # the replica's answer is the lagging one (replica lag, not a cache bug).
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.cached()))
+            assert rows == ["ann"] and queries >= 1
+    finally:
+        replica.resume()
+    replica.wait_for_replay()
+    with use_replica():
+        assert names(Reporter.objects.cached()) == ["bob"]
+
+
+@REPLICA
+def test_a_users_read_after_their_write_never_comes_from_an_older_entry(
+    querycache: Any, paused_replica: Any
+) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+    Reporter.objects.update(name="bob")
+    written = parse_lsn(paused_replica.primary_lsn())
+    # The user's next request carries the write's position (the read-your-writes cookie).
+    with routing_state(required_lsn=written), use_primary():
+        assert names(Reporter.objects.cached()) == ["bob"]
+
+
+@REPLICA
+def test_a_write_during_a_slow_read_leaves_no_stale_entry(querycache: Any) -> None:
+    """cacheops #302: read, invalidate, then store the old read: stale until it expires."""
+    Reporter.objects.create(name="ann")
+    slow = Reporter.objects.extra(where=["pg_sleep(0.6) IS NOT NULL"]).cached()
+    got: list[list[str]] = []
+
+    def read() -> None:
+        with use_primary():
+            got.append(names(slow.all()))
+        connections.close_all()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.2)  # the reader's snapshot is taken; it sleeps inside the query
+    Reporter.objects.update(name="bob")  # committed and published during the read
+    reader.join(10)
+    assert got == [["ann"]]  # the read saw its snapshot
+    with use_primary():
+        assert names(slow.all()) == ["bob"]  # its entry is older than the write: a miss
+
+
+# -- The store fails: flushed, evicted, hung; the database restarts ----------------------------
+
+
+@REPLICA
+def test_a_flushed_or_evicted_store_means_misses(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        querycache.clear()  # FLUSHDB
+        assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] >= 1
+        assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] == 0
+        # An evicted write position: the entries of that table miss.
+        from django_redis import get_redis_connection
+
+        redis = get_redis_connection("default")
+        for key in redis.scan_iter(match="*qc:{qc}:t:*" + TABLE):
+            redis.delete(key)
+        assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] >= 1
+
+
+@REPLICA
+def test_a_write_the_store_missed_is_journaled_and_invalidates_everything(querycache: Any) -> None:
+    """cacheops #392: an invalidation lost while Redis failed over left stale data."""
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        breakers.trip("cache 'default'", RuntimeError("down"), 60, metric="swr.cache_down")
+        Reporter.objects.update(name="bob")  # the position cannot be published
+        assert counter("querycache.publish_failed") == 1
+        assert names(Reporter.objects.cached()) == ["bob"]  # served uncached while down
+        breakers.reset()
+        assert names(Reporter.objects.cached()) == ["bob"]  # the journal was replayed first
+
+
+@REPLICA
+def test_a_hung_redis_neither_hangs_nor_serves_stale(querycache: Any) -> None:
+    from test_replica_health import SilentServer
+
+    Reporter.objects.create(name="ann")
+    server = SilentServer()
+    hung = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": f"redis://127.0.0.1:{server.port}/0",
+        "OPTIONS": {"SOCKET_TIMEOUT": 0.5, "SOCKET_CONNECT_TIMEOUT": 0.5},
+    }
+    try:
+        with (
+            override_settings(CACHES={**caches.settings, "hung": hung}),
+            override_scale_settings(CACHE_ALIAS="hung"),
+            use_primary(),
+        ):
+            # The first call waits SOCKET_TIMEOUT, opens the breaker and reads the database.
+            assert names(Reporter.objects.cached()) == ["ann"]
+            assert counter("swr.cache_down") == 1
+            accepted = len(server.accepted)
+            Reporter.objects.update(name="bob")  # its position cannot be published: journaled
+            assert names(Reporter.objects.cached()) == ["bob"]
+            # While the breaker is open, nothing waits on the hung server again.
+            assert len(server.accepted) == accepted
+            assert counter("querycache.publish_failed") == 1
+    finally:
+        server.close()
+        from django_redis import get_redis_connection
+
+        with override_settings(CACHES={**caches.settings, "hung": hung}):
+            get_redis_connection("hung").connection_pool.disconnect()
+
+
+@REPLICA
+def test_a_restarted_database_means_misses(querycache: Any, replica: Any) -> None:
+    """cachalot #269: nothing was invalidated after a database restart.
+
+    The standby is the server the harness can restart. Its new incarnation (start time) is
+    learned by the first miss on its alias after the restart; from then on every entry read
+    before the restart misses.
+    """
+    control = harness.services().replica_control
+    assert control is not None
+    Reporter.objects.create(name="ann")
+    replica.wait_for_replay()
+    with use_replica():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        assert queries_on("replica", lambda: names(Reporter.objects.cached()))[1] == 0
+    connections["replica"].close()
+    control.stop()
+    control.start()
+    wait_until(lambda: replica.replay_lsn(), "the restarted standby answering")
+    replica.wait_for_replay()
+    connections["replica"].close()
+    monitor("replica").forget_ejection()
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
+    with use_replica():
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # a miss: learns
+        rows, queries = queries_on("replica", lambda: names(Reporter.objects.cached()))
+        assert rows == ["ann"] and queries >= 1
+
+
+# -- stale=: served while exactly one refill runs -------------------------------------------------
+
+
+@REPLICA
+def test_stale_is_served_while_exactly_one_refill_runs(querycache: Any) -> None:
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.cached(stale=60)) == ["ann"]
+        Reporter.objects.update(name="bob")
+        served = [names(Reporter.objects.cached(stale=60)) for _ in range(5)]
+        # Stale first; the refill (on the publisher thread) may land between two reads, and
+        # from then on the new rows are served, never the old ones again.
+        assert served[0] == ["ann"]
+        assert served == sorted(served) and set(map(tuple, served)) <= {("ann",), ("bob",)}
+        assert wait_for_refills()
+        wait_until(lambda: counter("querycache.refill") == 1, "the refill")
+        assert names(Reporter.objects.cached(stale=60)) == ["bob"]
+        assert counter("querycache.refill") == 1
+        # Never stale for the writer.
+        with routing_state() as state:
+            Reporter.objects.update(name="cy")
+            state.wrote = True
+            assert names(Reporter.objects.cached(stale=60)) == ["cy"]
+
+
+# -- The tracker stays installed ----------------------------------------------------------------
+
+
+@REPLICA
+def test_the_tracker_outlives_execute_wrappers_entered_before_and_after(querycache: Any) -> None:
+    """Pins ``connection.execute_wrappers`` (see writes.py): ours is first and stays."""
+    calls: list[str] = []
+
+    def mine(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        calls.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(mine):
+        Reporter.objects.create(name="ann")
+    assert isinstance(connection.execute_wrappers[0], query_writes.WriteTracker)
+    with use_primary():
+        assert names(Reporter.objects.cached()) == ["ann"]
+        Reporter.objects.update(name="bob")
+        assert names(Reporter.objects.cached()) == ["bob"]
+    assert calls
+
+
+# -- The checker: concurrent writers and readers --------------------------------------------------
+
+
+@REPLICA
+def test_no_read_is_older_than_a_write_the_reader_had_seen(querycache: Any) -> None:
+    """Each worker increments a counter row and reads it back through the cache, and reads
+    what the others wrote; a read older than any value the worker had seen is stale."""
+    Reporter.objects.create(name="0")
+    stale: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+    seen_by_all = [0]
+    lock = threading.Lock()
+
+    def work(rounds: int) -> None:
+        seen = 0
+        try:
+            with use_primary():
+                for _ in range(rounds):
+                    with transaction.atomic():
+                        reporter = Reporter.objects.select_for_update().get()
+                        reporter.name = str(int(reporter.name) + 1)
+                        reporter.save(update_fields=["name"])
+                    seen = max(seen, int(reporter.name))
+                    with lock:
+                        seen_by_all[0] = max(seen_by_all[0], seen)
+                        everyone = seen_by_all[0]
+                    for _ in range(3):
+                        value = int(Reporter.objects.cached().get().name)
+                        if value < everyone:
+                            stale.append((value, everyone))
+                        seen = max(seen, value)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=work, args=(15,)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert not errors, errors
+    assert stale == []
+    assert Reporter.objects.get().name == "60"
+    assert counter("querycache.hit") > 0
