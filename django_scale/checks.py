@@ -448,6 +448,10 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
             ("SNIPER_DATABASES", alias)
             for alias in (user.get("SNIPER_DATABASES", ()) if "SNIPER_DATABASES" in valid else ())
         ),
+        *(
+            ("SLOW_QUERY_DATABASES", alias)
+            for alias in (user.get("SLOW_QUERY_DATABASES", ()) if "SLOW_QUERY_DATABASES" in valid else ())
+        ),
     ]
     messages.extend(
         _e004_unknown_database(key, alias) for key, alias in aliases if alias not in settings.DATABASES
@@ -467,3 +471,6 @@ def register_checks() -> None:
     from django_scale.cache.checks import check_cache
 
     checks.register(check_cache, "django_scale", checks.Tags.caches)
+    from django_scale.indexes.checks import check_model_indexes
+
+    checks.register(check_model_indexes, "django_scale", checks.Tags.models)
