@@ -209,11 +209,14 @@ def check_admin_indexes(admin_obj: Any) -> list[CheckMessage]:
         if not served:
             messages.append(_w306_filter_without_index(admin_obj, model, name, suggest_index(model, fields)))
     hierarchy = admin_obj.date_hierarchy
-    if isinstance(hierarchy, str) and hierarchy in concrete:
-        if not serving_index(model, order=((hierarchy, True),), shapes=shapes):
-            messages.append(
-                _w307_date_hierarchy_without_index(
-                    admin_obj, model, hierarchy, suggest_index(model, [f"-{hierarchy}"])
-                )
+    if (
+        isinstance(hierarchy, str)
+        and hierarchy in concrete
+        and not serving_index(model, order=((hierarchy, True),), shapes=shapes)
+    ):
+        messages.append(
+            _w307_date_hierarchy_without_index(
+                admin_obj, model, hierarchy, suggest_index(model, [f"-{hierarchy}"])
             )
+        )
     return messages

@@ -11,7 +11,6 @@ data (an e-mail address searched for, a user's id): expose it to staff only, and
 from __future__ import annotations
 
 from django_scale.slowlog.fingerprint import digest, fingerprint
-from django_scale.slowlog.records import SlowQuery
 from django_scale.slowlog.recorder import (
     SlowQueryMiddleware,
     SlowQueryWrapper,
@@ -20,6 +19,7 @@ from django_scale.slowlog.recorder import (
     recording,
     uninstall,
 )
+from django_scale.slowlog.records import SlowQuery
 from django_scale.slowlog.store import flush
 from django_scale.slowlog.store import reset as _reset_store
 

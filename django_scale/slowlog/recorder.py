@@ -45,7 +45,9 @@ class _Route:
 
 # A mutable holder, so that process_view (which Django may run in another context, through
 # sync_to_async) names the route for the context that set the holder.
-_route: contextvars.ContextVar[_Route | None] = contextvars.ContextVar("django_scale_slowlog_route", default=None)
+_route: contextvars.ContextVar[_Route | None] = contextvars.ContextVar(
+    "django_scale_slowlog_route", default=None
+)
 
 
 def current_route() -> str:
