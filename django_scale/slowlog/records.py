@@ -100,11 +100,11 @@ class Entry:
         """Return the *q* quantile of the durations (milliseconds), within 2 %."""
         if not self.count:
             return 0.0
-        rank = q * (self.count - 1)
+        rank = max(1, math.ceil(q * self.count))  # nearest rank
         seen = 0
         for index in sorted(self.buckets):
             seen += self.buckets[index]
-            if seen > rank:
+            if seen >= rank:
                 return min(bucket_value(index), self.max_ms)
         return self.max_ms
 
