@@ -13,6 +13,7 @@ from django.test import Client, override_settings
 from django_scale import slowlog
 from django_scale.slowlog import store
 from django_scale.testing import override_scale_settings
+
 from testapp.models import Author, Ticket
 
 
@@ -30,7 +31,9 @@ def _raw_cache_value() -> str:
 
 def test_fingerprint_strips_literals_and_collapses_lists() -> None:
     one = slowlog.fingerprint("SELECT * FROM t WHERE a IN (%s, %s) AND b = 'x''s' AND c > 12.5 AND t2.c3 = 7")
-    two = slowlog.fingerprint("select * from t where a in (%s, %s, %s, %s) and b = 'y' and c > 3 and t2.c3 = 1")
+    two = slowlog.fingerprint(
+        "select * from t where a in (%s, %s, %s, %s) and b = 'y' and c > 3 and t2.c3 = 1"
+    )
     assert one == "SELECT * FROM t WHERE a IN (...) AND b = ? AND c > ? AND t2.c3 = ?"
     assert one.lower() == two.lower()
     assert slowlog.fingerprint("INSERT INTO t VALUES (%s, %s), (%s, %s)") == "INSERT INTO t VALUES (...)"
@@ -64,7 +67,10 @@ def test_fast_statements_are_not_recorded() -> None:
 @pytest.mark.django_db
 def test_route_is_the_view_name_not_the_path() -> None:
     author = Author.objects.create(name="a")
-    middleware = ["django_scale.slowlog.SlowQueryMiddleware", *__import__("django.conf").conf.settings.MIDDLEWARE]
+    middleware = [
+        "django_scale.slowlog.SlowQueryMiddleware",
+        *__import__("django.conf").conf.settings.MIDDLEWARE,
+    ]
     with override_scale_settings(SLOW_QUERY_MS=0), override_settings(MIDDLEWARE=middleware):
         client = Client()
         assert client.get(f"/authors/{author.pk}/").status_code == 200

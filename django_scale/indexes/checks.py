@@ -25,7 +25,7 @@ from django_scale.indexes.shapes import (
     suggest_index,
 )
 
-__all__ = ["check_admin_indexes", "check_model_indexes"]
+__all__ = ["check_admin_indexes", "check_model", "check_model_indexes"]
 
 #: Field types whose changelist filter is a range (``DateFieldListFilter``), not an equality.
 RANGE_FIELDS = ("DateField", "DateTimeField")
@@ -139,16 +139,23 @@ def check_model_indexes(app_configs: Iterable[AppConfig] | None = None, **kwargs
     """Check models' default ordering, foreign key indexes and duplicate indexes."""
     messages: list[CheckMessage] = []
     for model in _checked_models(app_configs):
-        shapes = index_shapes(model)
-        order = ordering_columns(model, model._meta.ordering)
-        if order and not serving_index(model, order=order, shapes=shapes):
-            messages.append(_w404_ordering_without_index(model, suggest_index(model, _order_fields(order))))
-        for field in model._meta.concrete_fields:
-            if field.many_to_one and not field.db_index:
-                leading = [shape for shape in shapes if shape.plain and shape.names[0] == field.name]
-                if not leading:
-                    messages.append(_w405_foreign_key_without_index(model, field.name))
-        messages.extend(_duplicates(model, shapes))
+        messages.extend(check_model(model))
+    return messages
+
+
+def check_model(model: type[Model]) -> list[CheckMessage]:
+    """Check one model's default ordering, foreign key indexes and duplicate indexes."""
+    messages: list[CheckMessage] = []
+    shapes = index_shapes(model)
+    order = ordering_columns(model, model._meta.ordering)
+    if order and not serving_index(model, order=order, shapes=shapes):
+        messages.append(_w404_ordering_without_index(model, suggest_index(model, _order_fields(order))))
+    for field in model._meta.concrete_fields:
+        if field.many_to_one and not field.db_index:
+            leading = [shape for shape in shapes if shape.plain and shape.names[0] == field.name]
+            if not leading:
+                messages.append(_w405_foreign_key_without_index(model, field.name))
+    messages.extend(_duplicates(model, shapes))
     return messages
 
 

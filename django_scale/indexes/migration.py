@@ -85,7 +85,13 @@ def write_migration(
     target = Path(directory) if directory else Path(writer.basedir)
     os.makedirs(target, exist_ok=True)
     path = target / f"{name}.py"
-    path.write_text(writer.as_string())
+    # MigrationWriter leaves out ``atomic``; CREATE INDEX CONCURRENTLY cannot run in a transaction.
+    text = writer.as_string().replace(
+        "class Migration(migrations.Migration):\n",
+        "class Migration(migrations.Migration):\n    atomic = False\n\n",
+        1,
+    )
+    path.write_text(text)
     del config
     return path
 

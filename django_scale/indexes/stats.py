@@ -91,7 +91,7 @@ def heavy_statements(alias: str, limit: int = 20) -> list[HeavyStatement]:
         "SELECT queryid, query, calls, total_exec_time, mean_exec_time FROM pg_stat_statements "
         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "AND toplevel AND query ~* '^\\s*(select|with|update|delete)\\s' "
-        "AND query !~* '(pg_stat_statements|hypopg|pg_catalog\\.|EXPLAIN)' "
+        "AND query !~* '(pg_stat_|hypopg|pg_catalog\\.|pg_extension|pg_available_extensions|current_setting|EXPLAIN)' "
         "ORDER BY total_exec_time DESC LIMIT %s",
         [limit],
     )
