@@ -1,0 +1,138 @@
+"""``bench indexes``: the index advisor on the admin changelist's status filter.
+
+The article table is filled with generated rows of which one in 500 is a draft, and the index
+that serves the status filter (``news_article_status_latest``) is dropped: the changelist's
+"drafts" page then walks the ``published_at`` index backwards, reading ~500 rows for each row
+it shows. The benchmark runs the changelist's queries, then asks the advisor in two ways, side
+by side: django-scale's (the slow-query log's real parameters, else a generic plan) and
+dexter's (every parameter ``NULL``). It builds what django-scale proposes and times the page
+again; ``--verify`` figures come from ``pg_stat_statements``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TextIO
+
+from django.db import connection
+
+from django_scale import slowlog
+from django_scale.indexes.advisor import Advice, advise
+from django_scale.indexes.migration import save_baseline, verify
+
+from benchmarks import print_table, time_per_call
+from news.models import Article, Author, Section
+
+#: The index the example project declares for the status filter; dropped to start "before".
+SERVING_INDEX = "news_article_status_latest"
+
+
+def fill(rows: int) -> None:
+    """Make the article table hold *rows* generated rows, one in 500 a draft; ANALYZE it."""
+    section = Section.objects.using("default").get_or_create(slug="bench-idx", defaults={"name": "Bench"})[0]
+    author = Author.objects.using("default").get_or_create(name="Bench author")[0]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM news_article")
+        have = cursor.fetchone()[0]
+        if have < rows:
+            cursor.execute(
+                """
+                INSERT INTO news_article (section_id, author_id, title, slug, body, published_at, status, views)
+                SELECT %s, %s, 'Article ' || n, 'bench-idx-' || n, '',
+                       now() - n * interval '1 minute',
+                       CASE WHEN n %% 500 = 0 THEN 'draft' ELSE 'published' END, 0
+                  FROM generate_series(%s, %s) AS n
+                """,
+                [section.pk, author.pk, have + 1, rows],
+            )
+        cursor.execute(f'DROP INDEX IF EXISTS "{SERVING_INDEX}"')
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        cursor.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
+        cursor.execute("ANALYZE news_article")
+
+
+def changelist_page(status: str | None) -> list[Article]:
+    """The rows of the changelist's first page, as ScaleModelAdmin asks for them (on the primary)."""
+    articles = Article.objects.using("default").select_related("section", "author")
+    if status:
+        articles = articles.filter(status=status)
+    return list(articles.order_by("-published_at", "-pk")[:100])
+
+
+def _proposal(advice: Advice) -> str:
+    found = [s for s in advice.suggestions if s.candidate.table == "news_article"]
+    if not found:
+        return "nothing"
+    best = max(found, key=lambda s: max(p.cut for p in s.statements))
+    cut = max(p.cut for p in best.statements)
+    return f"{best.candidate.definition} (-{cut:.0%} cost)"
+
+
+def run(out: TextIO, quick: bool = False, rows: int | None = None) -> None:
+    if connection.vendor != "postgresql":
+        out.write("bench indexes needs PostgreSQL: set DATABASE_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1.\n")
+        raise SystemExit(2)
+    rows = rows or (100_000 if quick else 1_000_000)
+    started = time.perf_counter()
+    fill(rows)
+    out.write(f"  {rows:,} rows ready in {time.perf_counter() - started:.1f} s\n")
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_statements_reset()")
+    slowlog.reset()
+    calls = 3 if quick else 10
+    with slowlog.recording("default", threshold_ms=0):
+        before = {
+            "unfiltered page": time_per_call(lambda: changelist_page(None), calls=calls),
+            "status = draft page": time_per_call(lambda: changelist_page("draft"), calls=calls),
+        }
+    slow = slowlog.slow_queries()
+    ours = advise("default", slow=slow)
+    dexter = advise("default", planning="null")
+    save_baseline("default", ours.suggestions)
+    proposals = [s for s in ours.suggestions if s.candidate.table == "news_article"]
+    with connection.cursor() as cursor:
+        for suggestion in proposals:
+            cursor.execute(suggestion.candidate.definition)
+        cursor.execute("ANALYZE news_article")
+    with slowlog.recording("default", threshold_ms=0):
+        after = {
+            "unfiltered page": time_per_call(lambda: changelist_page(None), calls=calls),
+            "status = draft page": time_per_call(lambda: changelist_page("draft"), calls=calls),
+        }
+    print_table(
+        out,
+        f"Changelist first page, {rows:,} rows, median ms (index built from django-scale's proposal)",
+        ["page", "before", "after", "ratio"],
+        [
+            [name, f"{before[name] * 1000:.2f}", f"{after[name] * 1000:.2f}", f"{before[name] / after[name]:.1f}x"]
+            for name in before
+        ],
+    )
+    print_table(
+        out,
+        "What each way of planning proposes for the same statements",
+        ["advisor", "proposes"],
+        [
+            ["django-scale (slow-log parameters / generic plan)", _proposal(ours)],
+            ["dexter-style (NULL parameters)", _proposal(dexter)],
+        ],
+    )
+    verified = [row for row in verify("default") if row[2] is not None]
+    print_table(
+        out,
+        "scale_indexes --verify (pg_stat_statements mean, before -> since the index)",
+        ["queryid", "before ms", "since ms", "calls since"],
+        [[str(q), f"{b:.2f}", f"{s:.2f}", str(n)] for q, b, s, n in verified if s is not None],
+    )
+    # Leave the table as the example project declares it.
+    with connection.cursor() as cursor:
+        for suggestion in proposals:
+            cursor.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'news_article' AND indexdef LIKE %s",
+                ["%(status, published_at DESC%"],
+            )
+            for (name,) in cursor.fetchall():
+                cursor.execute(f'DROP INDEX IF EXISTS "{name}"')
+        cursor.execute(
+            f'CREATE INDEX IF NOT EXISTS "{SERVING_INDEX}" ON news_article (status, published_at DESC)'
+        )
