@@ -240,9 +240,10 @@ def _work(
         example = examples.get(fingerprint(statement.query))
         if example is not None and not null_planning:
             used.add(example.fingerprint)
-            sql, params, planning = example.example_sql, example.example_params, "example"
+            sql, params = example.example_sql, example.example_params
+            planning: Planning = "example"
         else:
-            sql, params, planning = statement.query, None, "null" if null_planning else "generic"
+            sql, params, planning = statement.query, None, ("null" if null_planning else "generic")
         work.append(_Work(sql, params, planning, statement.queryid, statement.total_ms, statement.mean_ms))
     if not null_planning:
         for record in slow:

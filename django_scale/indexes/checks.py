@@ -73,7 +73,7 @@ def _w404_ordering_without_index(model: type[Model], hint: str) -> CheckMessage:
     return _message(
         checks.Warning,
         "django_scale.W404",
-        f"{model._meta.label}'s default ordering {list(model._meta.ordering)!r} is served by no "
+        f"{model._meta.label}'s default ordering {list(model._meta.ordering or ())!r} is served by no "
         "index: every unsliced or paginated query of it sorts the whole table.",
         f"Add {hint} to Meta.indexes, or drop the default ordering and order where needed.",
         obj=model,
@@ -147,11 +147,11 @@ def check_model(model: type[Model]) -> list[CheckMessage]:
     """Check one model's default ordering, foreign key indexes and duplicate indexes."""
     messages: list[CheckMessage] = []
     shapes = index_shapes(model)
-    order = ordering_columns(model, model._meta.ordering)
+    order = ordering_columns(model, model._meta.ordering or ())
     if order and not serving_index(model, order=order, shapes=shapes):
         messages.append(_w404_ordering_without_index(model, suggest_index(model, _order_fields(order))))
     for field in model._meta.concrete_fields:
-        if field.many_to_one and not field.db_index:
+        if field.many_to_one and not getattr(field, "db_index", True):
             leading = [shape for shape in shapes if shape.plain and shape.names[0] == field.name]
             if not leading:
                 messages.append(_w405_foreign_key_without_index(model, field.name))
@@ -201,7 +201,7 @@ def check_admin_indexes(admin_obj: Any) -> list[CheckMessage]:
                 _w305_admin_ordering(admin_obj, model, ordering, suggest_index(model, _order_fields(order)))
             )
     # The changelist's ordering: the admin's, else the model's (Django adds the pk to break ties).
-    order = ordering_columns(model, ordering or model._meta.ordering) or ()
+    order = ordering_columns(model, ordering or model._meta.ordering or ()) or ()
     concrete = {field.name for field in model._meta.concrete_fields}
     for entry in admin_obj.list_filter:
         name = entry[0] if isinstance(entry, (list, tuple)) else entry

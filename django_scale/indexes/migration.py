@@ -69,7 +69,7 @@ def write_migration(
         found = index_for(suggestion.candidate)
         if found and found[0]._meta.app_label == app_label:
             model, index = found
-            operations.append(AddIndexConcurrently(model_name=model._meta.model_name, index=index))
+            operations.append(AddIndexConcurrently(model_name=str(model._meta.model_name), index=index))
     if not operations:
         return None
     loader = MigrationLoader(None, ignore_no_migrations=True)

@@ -84,7 +84,7 @@ def index_shapes(model: type[Model]) -> list[IndexShape]:
             shapes.append(IndexShape(((field.name, False),), True, f"primary key {field.name!r}"))
         elif field.unique:
             shapes.append(IndexShape(((field.name, False),), True, f"unique field {field.name!r}"))
-        elif field.db_index:
+        elif getattr(field, "db_index", False):
             foreign_key = bool(field.many_to_one)
             source = f"foreign key {field.name!r}" if foreign_key else f"db_index on {field.name!r}"
             shapes.append(IndexShape(((field.name, False),), False, source, foreign_key=foreign_key))
@@ -99,8 +99,8 @@ def index_shapes(model: type[Model]) -> list[IndexShape]:
                 plain = not (
                     constraint.condition
                     or constraint.expressions
-                    or constraint.include
-                    or constraint.opclasses
+                    or getattr(constraint, "include", None)
+                    or getattr(constraint, "opclasses", None)
                     or constraint.deferrable
                 )
                 shapes.append(IndexShape(columns, True, f"UniqueConstraint {constraint.name!r}", plain=plain))

@@ -127,8 +127,8 @@ class Command(BaseCommand):
                 )
         if advice.rejected:
             self.stdout.write("Rejected (no candidate cuts the planned cost by half):")
-            for planned, candidate in advice.rejected:
-                tried = candidate.definition if candidate else "no candidate"
+            for planned, best in advice.rejected:
+                tried = best.definition if best else "no candidate"
                 self.stdout.write(f"  {planned.sql[:100]}: best {tried}, -{planned.cut:.0%}")
 
     def _verify(self, alias: str) -> None:
