@@ -1,5 +1,5 @@
 """The index advisor: plan the heaviest statements, try candidate indexes with HypoPG, keep
-those that cut the planned cost by half or more.
+those that cut the estimated cost by half or more.
 
 Statements come from ``pg_stat_statements`` (normalized, constants as ``$1``) and from the
 slow-query log (:mod:`django_scale.slowlog`), whose examples carry their real parameters. A
@@ -27,7 +27,7 @@ __all__ = ["Advice", "Candidate", "Planned", "Suggestion", "advise", "plan_cost"
 
 Planning = Literal["example", "generic", "null"]
 
-#: The share of the planned cost an index must cut to be proposed (dexter's rule).
+#: The share of the estimated cost an index must cut to be proposed (dexter's rule).
 MIN_COST_CUT = 0.5
 
 _ORDER_BY = re.compile(r"\bORDER BY (.+?)(?:\s+LIMIT\b|\s+OFFSET\b|\s+FOR\s+UPDATE\b|\s*$)", re.I | re.S)
@@ -69,7 +69,7 @@ class Planned:
 
     @property
     def cut(self) -> float:
-        """The share of the planned cost the candidate cuts (``0.75`` = 75 % cheaper)."""
+        """The share of the estimated cost the candidate cuts (``0.75`` = 75 % cheaper)."""
         return 1 - self.cost_after / self.cost_before if self.cost_before > 0 else 0.0
 
 
@@ -269,7 +269,7 @@ def advise(
     planning: Literal["best", "null"] = "best",
 ) -> Advice:
     """Propose indexes for *using*'s heaviest statements (``pg_stat_statements``) and the
-    slow-query log's *slow* records, each proven with HypoPG to cut the planned cost >= 50 %.
+    slow-query log's *slow* records, each proven with HypoPG to cut the estimated cost >= 50 %.
 
     With ``planning="null"`` statements are planned as dexter does, every parameter ``NULL``.
     """

@@ -25,7 +25,7 @@ def _size(size: int) -> str:
 class Command(BaseCommand):
     help = (
         "Propose indexes for the heaviest statements (pg_stat_statements and the slow-query log), "
-        "each proven with HypoPG to cut the planned cost by half; list unused indexes (scans "
+        "each proven with HypoPG to cut the estimated cost by half; list unused indexes (scans "
         "summed over the primary and every replica) and duplicate ones."
     )
 
@@ -126,7 +126,7 @@ class Command(BaseCommand):
                     f"    serves [{planned.planning}] {figures}, {planned.mean_ms:.1f} ms mean: {planned.sql[:120]}"
                 )
         if advice.rejected:
-            self.stdout.write("Rejected (no candidate cuts the planned cost by half):")
+            self.stdout.write("Rejected (no candidate cuts the estimated cost by half):")
             for planned, best in advice.rejected:
                 tried = best.definition if best else "no candidate"
                 self.stdout.write(f"  {planned.sql[:100]}: best {tried}, -{planned.cut:.0%}")
