@@ -153,3 +153,29 @@ def test_unreachable_cache_keeps_the_records_in_the_process() -> None:
         assert store.flush() is False
         (record,) = slowlog.slow_queries()
     assert record.count == 1
+
+
+@pytest.mark.django_db
+def test_a_hung_cache_never_holds_a_query() -> None:
+    from test_replica_health import SilentServer
+
+    server = SilentServer()
+    hung = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": f"redis://127.0.0.1:{server.port}/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.3, "SOCKET_TIMEOUT": 0.3},
+    }
+    caches_setting = {**__import__("django.conf").conf.settings.CACHES, "hung": hung}
+    try:
+        with override_settings(CACHES=caches_setting), override_scale_settings(CACHE_ALIAS="hung"):
+            # Recording does no I/O: the statement returns while the cache answers nothing.
+            with slowlog.recording(threshold_ms=0):
+                assert Author.objects.filter(name="nobody").count() == 0
+            assert any("testapp_author" in entry.fingerprint for entry in store._pending.values())
+            assert store.flush() is False  # the merge waited for the socket timeout, then gave up
+            assert server.accepted  # it did reach the hung server
+            # The breaker is open: reading skips the cache and shows this process's records.
+            (record,) = [r for r in slowlog.slow_queries() if "testapp_author" in r.fingerprint]
+            assert record.count == 1
+    finally:
+        server.close()

@@ -36,6 +36,9 @@ LOCK_KEY = "django_scale:slowlog:v1:lock"
 TABLE_TIMEOUT = 7 * 24 * 3600
 
 _lock = threading.Lock()
+# Serializes merges with each other and with reset(): a merge in flight never writes back
+# records a reset has just forgotten.
+_flush_lock = threading.Lock()
 _pending: dict[str, Entry] = {}
 _flusher_pid = 0
 _stop = threading.Event()
@@ -105,6 +108,11 @@ def flush() -> bool:
     It does not when the cache is unreachable or another process holds the merge lock: the
     records stay pending for the next flush.
     """
+    with _flush_lock:
+        return _flush()
+
+
+def _flush() -> bool:
     name = f"cache {conf.CACHE_ALIAS!r} (slow-query log)"
     if breakers.is_open(name):
         return False
@@ -157,7 +165,7 @@ def merged() -> dict[str, Entry]:
 
 def reset(*, cache: bool = True) -> None:
     """Forget this process's records and, if *cache*, the shared table (for tests and benches)."""
-    with _lock:
+    with _flush_lock, _lock:
         _pending.clear()
     breakers.reset()
     if cache:
