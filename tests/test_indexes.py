@@ -334,3 +334,30 @@ def test_duplicate_indexes_in_the_database(seeded: None) -> None:
     found = {(d.name, d.covered_by) for d in duplicate_indexes("default")}
     assert ("testapp_ticket_kind_a", "testapp_ticket_kind_b") in found
     assert not any(name == "testapp_ticket_kind_b" for name, _ in found)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_without_hypopg_and_pg_stat_statements_it_says_what_to_install(seeded: None) -> None:
+    _run_workload()
+    slow = slowlog.slow_queries()
+    with connection.cursor() as cursor:
+        cursor.execute("DROP EXTENSION hypopg")
+        cursor.execute("DROP EXTENSION pg_stat_statements")
+    try:
+        advice = advise("default", slow=slow)
+        assert not advice.proven
+        notes = " ".join(advice.notes)
+        assert "CREATE EXTENSION hypopg" in notes
+        assert "CREATE EXTENSION pg_stat_statements" in notes
+        # It still does what it can: the slow-query log's statements give unproven candidates.
+        assert (("status", False), ("opened_at", True)) in {s.candidate.columns for s in advice.suggestions}
+        assert write_migration("testapp", []) is None
+        out, err = io.StringIO(), io.StringIO()
+        call_command("scale_indexes", "--database", "default", stdout=out, stderr=err)
+        assert "Candidate indexes (unproven: no HypoPG)" in out.getvalue()
+        assert "CREATE EXTENSION hypopg" in err.getvalue()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            cursor.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
