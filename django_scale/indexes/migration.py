@@ -61,7 +61,7 @@ def write_migration(
     from django.contrib.postgres.operations import AddIndexConcurrently
 
     try:
-        config = apps.get_app_config(app_label)
+        apps.get_app_config(app_label)
     except LookupError as error:
         raise ArgumentError(f"--migration {app_label!r}: no installed app has that label.") from error
     operations: list[Any] = []
@@ -92,7 +92,6 @@ def write_migration(
         1,
     )
     path.write_text(text)
-    del config
     return path
 
 

@@ -90,6 +90,18 @@ def _proposal(advice: Advice) -> str:
     return f"{best.candidate.definition} (-{cut:.0%} cost)"
 
 
+def _plan_outline(status: str | None) -> str:
+    """The node lines of the page's ``EXPLAIN (ANALYZE, BUFFERS)``, with the execution time."""
+    articles = Article.objects.using("default").select_related("section", "author")
+    if status:
+        articles = articles.filter(status=status)
+    text = articles.order_by("-published_at", "-pk")[:100].explain(analyze=True, buffers=True)
+    keep = [
+        line.strip() for line in text.splitlines() if "->" in line or "Execution" in line or "Buffers" in line
+    ]
+    return "\n    ".join([text.splitlines()[0].strip(), *keep])
+
+
 def run(out: TextIO, quick: bool = False, rows: int | None = None) -> None:
     if connection.vendor != "postgresql":
         out.write("bench indexes needs PostgreSQL: set DATABASE_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1.\n")
@@ -107,6 +119,7 @@ def run(out: TextIO, quick: bool = False, rows: int | None = None) -> None:
             "unfiltered page": time_per_call(lambda: changelist_page(None), calls=calls),
             "status = draft page": time_per_call(lambda: changelist_page("draft"), calls=calls),
         }
+    out.write(f"  plan of the unfiltered page before:\n    {_plan_outline(None)}\n")
     server_before = _server_totals()
     slow = slowlog.slow_queries()
     ours = advise("default", slow=slow)
@@ -125,6 +138,7 @@ def run(out: TextIO, quick: bool = False, rows: int | None = None) -> None:
             "status = draft page": time_per_call(lambda: changelist_page("draft"), calls=calls),
         }
     server_after = _server_totals()
+    out.write(f"  plan of the unfiltered page after:\n    {_plan_outline(None)}\n")
     server = {}
     for name, (calls, total) in server_before.items():
         later_calls, later_total = server_after.get(name, (calls, total))
