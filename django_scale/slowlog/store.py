@@ -11,6 +11,7 @@ pending records stay here (at most twice ``SLOW_QUERY_TOP``) until a flush succe
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -75,6 +76,8 @@ def _start_flusher() -> None:
         _flusher_pid = os.getpid()
     thread = threading.Thread(target=_flush_forever, name="django-scale-slowlog", daemon=True)
     thread.start()
+    # At exit the services may be gone already: no last merge attempt to log a failure of.
+    atexit.register(_stop.set)
 
 
 def _flush_forever() -> None:
