@@ -179,3 +179,25 @@ def test_a_hung_cache_never_holds_a_query() -> None:
             assert record.count == 1
     finally:
         server.close()
+
+
+def test_p99_of_merged_records_is_within_two_percent_of_the_exact_one() -> None:
+    import math
+    import random
+
+    from django_scale.slowlog.records import Entry
+
+    generator = random.Random(17)
+    durations = [generator.lognormvariate(math.log(150), 0.8) for _ in range(5000)]
+    workers = [Entry("f", "default") for _ in range(4)]
+    for number, ms in enumerate(durations):
+        workers[number % 4].add(ms, "-", "SELECT 1", None)
+    merged = Entry.from_dict(workers[0].to_dict())
+    for worker in workers[1:]:
+        merged.merge(Entry.from_dict(worker.to_dict()))
+    exact = sorted(durations)
+    for q in (0.5, 0.99, 0.999):
+        truth = exact[max(1, math.ceil(q * len(exact))) - 1]
+        assert merged.quantile(q) == pytest.approx(truth, rel=0.02), q
+    assert merged.count == 5000
+    assert merged.total_ms == pytest.approx(sum(durations))
