@@ -361,3 +361,21 @@ def test_without_hypopg_and_pg_stat_statements_it_says_what_to_install(seeded: N
         with connection.cursor() as cursor:
             cursor.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             cursor.execute("CREATE EXTENSION IF NOT EXISTS hypopg")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_statements_the_replica_ran_are_advised_too(seeded: None, replica: Any) -> None:
+    replica.wait_for_replay()
+    with connections["replica"].cursor() as cursor:
+        cursor.execute("SELECT pg_stat_statements_reset()")
+    for _ in range(3):
+        list(Ticket.objects.using("replica").filter(kind="b", status="rare").order_by("opened_at")[:7])
+    primary_only = advise("default")
+    both = advise("default", statements_from=["replica"])
+
+    def planned(advice: Any) -> list[str]:
+        return [p.sql for s in advice.suggestions for p in s.statements] + [p.sql for p, _ in advice.rejected]
+
+    assert not any('"kind" = $' in sql for sql in planned(primary_only))
+    assert any('"kind" = $' in sql and '"status" = $' in sql for sql in planned(both))

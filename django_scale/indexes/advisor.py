@@ -261,23 +261,46 @@ def _work(
     return work
 
 
+def _merge_statements(statements: Sequence[HeavyStatement]) -> list[HeavyStatement]:
+    """Sum the figures of one statement seen on several servers (a physical replica computes
+    the same ``queryid``); the most total time first."""
+    merged: dict[int, HeavyStatement] = {}
+    for statement in statements:
+        seen = merged.get(statement.queryid)
+        if seen is None:
+            merged[statement.queryid] = statement
+            continue
+        calls, total = seen.calls + statement.calls, seen.total_ms + statement.total_ms
+        merged[statement.queryid] = HeavyStatement(
+            seen.queryid, seen.query, calls, total, total / calls if calls else 0.0
+        )
+    return sorted(merged.values(), key=lambda statement: -statement.total_ms)
+
+
 def advise(
     using: str = "default",
     *,
     limit: int = 20,
     slow: Sequence[SlowQuery] = (),
     planning: Literal["best", "null"] = "best",
+    statements_from: Sequence[str] = (),
 ) -> Advice:
     """Propose indexes for *using*'s heaviest statements (``pg_stat_statements``) and the
     slow-query log's *slow* records, each proven with HypoPG to cut the estimated cost >= 50 %.
 
     With ``planning="null"`` statements are planned as dexter does, every parameter ``NULL``.
+    *statements_from* adds the ``pg_stat_statements`` of other aliases (the replicas, where
+    most reads run); every statement is planned on *using*.
     """
     advice = Advice()
     statements: list[HeavyStatement] = []
     state = extension_state(using, "pg_stat_statements")
     if state == "installed":
         statements = heavy_statements(using, limit)
+        for alias in statements_from:
+            if alias != using and extension_state(alias, "pg_stat_statements") == "installed":
+                statements.extend(heavy_statements(alias, limit))
+        statements = _merge_statements(statements)[:limit]
     else:
         advice.notes.append(
             {

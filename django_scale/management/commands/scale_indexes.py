@@ -59,16 +59,18 @@ class Command(BaseCommand):
             return
         from django_scale.slowlog import slow_queries
 
+        aliases = (
+            [alias, *(a for a in conf.REPLICAS if a in connections)] if alias == conf.PRIMARY else [alias]
+        )
         advice = advise(
             alias,
             limit=options["limit"],
             slow=slow_queries(),
             planning="null" if options["null_planning"] else "best",
+            # The replicas run most reads: their statements are advised too (planned here).
+            statements_from=aliases[1:],
         )
         self._print_advice(advice)
-        aliases = (
-            [alias, *(a for a in conf.REPLICAS if a in connections)] if alias == conf.PRIMARY else [alias]
-        )
         unused = unused_indexes(aliases)
         self.stdout.write(f"\nUnused indexes (scans summed over {', '.join(aliases)}):")
         for index in unused:
