@@ -11,6 +11,7 @@ again; ``--verify`` figures come from ``pg_stat_statements``.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import TextIO
 
@@ -103,11 +104,51 @@ def _plan_outline(status: str | None) -> str:
     return "\n    ".join([text.splitlines()[0].strip(), *keep])
 
 
+class _PassThrough:
+    """An execute wrapper that does nothing: the cost of Django's wrapper chain alone."""
+
+    def __call__(self, execute, sql, params, many, context):  # type: ignore[no-untyped-def]
+        return execute(sql, params, many, context)
+
+
+def slowlog_overhead(out: TextIO, quick: bool) -> None:
+    """Print the cost per statement of the slow-query log's wrapper on a fast statement."""
+    calls = 500 if quick else 3000
+    with connection.cursor() as cursor:
+
+        def statement() -> None:
+            cursor.execute("SELECT 1")
+
+        # Interleaved, several rounds, each figure the median of its rounds: the machine is shared.
+        figures: dict[str, list[float]] = {
+            "no wrapper (stock Django)": [],
+            "pass-through wrapper": [],
+            "slow-query log": [],
+        }
+        for _ in range(3):
+            figures["no wrapper (stock Django)"].append(time_per_call(statement, calls=calls))
+            with connection.execute_wrapper(_PassThrough()):
+                figures["pass-through wrapper"].append(time_per_call(statement, calls=calls))
+            with slowlog.recording("default", threshold_ms=100):
+                figures["slow-query log"].append(time_per_call(statement, calls=calls))
+    base = statistics.median(figures["no wrapper (stock Django)"])
+    print_table(
+        out,
+        "Slow-query log on a fast statement (SELECT 1 on the primary), microseconds per statement",
+        ["execute path", "us", "vs stock"],
+        [
+            [name, f"{statistics.median(v) * 1e6:.1f}", f"{statistics.median(v) / base:.3f}x"]
+            for name, v in figures.items()
+        ],
+    )
+
+
 def run(out: TextIO, quick: bool = False, rows: int | None = None) -> None:
     if connection.vendor != "postgresql":
         out.write("bench indexes needs PostgreSQL: set DATABASE_URL or DJANGO_SCALE_EXAMPLE_HARNESS=1.\n")
         raise SystemExit(2)
     rows = rows or (100_000 if quick else 1_000_000)
+    slowlog_overhead(out, quick)
     started = time.perf_counter()
     fill(rows)
     out.write(f"  {rows:,} rows ready in {time.perf_counter() - started:.1f} s\n")
