@@ -525,6 +525,10 @@ def check_settings(**kwargs: Any) -> list[checks.CheckMessage]:
             for alias in (user.get("SNIPER_DATABASES", ()) if "SNIPER_DATABASES" in valid else ())
         ),
         *(("POOLER", alias) for alias in (user.get("POOLER", {}) if "POOLER" in valid else ())),
+        *(
+            ("SLOW_QUERY_DATABASES", alias)
+            for alias in (user.get("SLOW_QUERY_DATABASES", ()) if "SLOW_QUERY_DATABASES" in valid else ())
+        ),
     ]
     messages.extend(
         _e004_unknown_database(key, alias) for key, alias in aliases if alias not in settings.DATABASES
@@ -545,3 +549,6 @@ def register_checks() -> None:
 
     checks.register(check_cache, "django_scale", checks.Tags.caches)
     checks.register(check_query_cache, "django_scale", checks.Tags.caches)
+    from django_scale.indexes.checks import check_model_indexes
+
+    checks.register(check_model_indexes, "django_scale", checks.Tags.models)

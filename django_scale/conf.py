@@ -269,6 +269,33 @@ SETTINGS: dict[str, Setting] = {
     ),
     "SWR_FRESH": _seconds(60.0),
     "SWR_STALE": _seconds(3600.0),
+    "SLOW_QUERY_MS": Setting(
+        default=100.0,
+        expected="a number of milliseconds (int or float)",
+        has_type=_is_number,
+        problem=_negative,
+        example="250",
+    ),
+    "SLOW_QUERY_DATABASES": Setting(
+        default=(),
+        expected="a list of database aliases (empty: every alias)",
+        has_type=_is_alias_list,
+        problem=_duplicate_aliases,
+        example='["default", "replica1"]',
+    ),
+    "SLOW_QUERY_TOP": Setting(
+        default=200,
+        expected="a number of statements (int)",
+        has_type=_is_count,
+        problem=_not_a_positive_count,
+        example="200",
+    ),
+    "SLOW_QUERY_REDACT": Setting(
+        default=False,
+        expected="True or False",
+        has_type=_is_bool,
+        example="True",
+    ),
 }
 
 
@@ -475,6 +502,26 @@ class Conf:
     def SWR_STALE(self) -> float:
         """Default ``stale`` of ``stale_while_revalidate``, in seconds. Default: ``3600.0``."""
         return float(self.get("SWR_STALE"))
+
+    @property
+    def SLOW_QUERY_MS(self) -> float:
+        """Milliseconds from which the slow-query log records a statement. Default: ``100.0``."""
+        return float(self.get("SLOW_QUERY_MS"))
+
+    @property
+    def SLOW_QUERY_DATABASES(self) -> tuple[str, ...]:
+        """The aliases whose statements the slow-query log times. Default: every alias."""
+        return tuple(self.get("SLOW_QUERY_DATABASES"))
+
+    @property
+    def SLOW_QUERY_TOP(self) -> int:
+        """How many statements (by total time) the slow-query log keeps. Default: ``200``."""
+        return int(self.get("SLOW_QUERY_TOP"))
+
+    @property
+    def SLOW_QUERY_REDACT(self) -> bool:
+        """Whether the slow-query log drops the parameters of its examples. Default: ``False``."""
+        return bool(self.get("SLOW_QUERY_REDACT"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

@@ -369,10 +369,18 @@ class Launcher:
             "max_connections": "60",
             "shared_buffers": "64MB",
             "logging_collector": "off",
+            # The index advisor (scale_indexes) reads the statistics of statements.
+            "shared_preload_libraries": "'pg_stat_statements'",
         }
         with open(primary_dir / "postgresql.conf", "a") as conf:
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
         self._start_pg(primary_dir)
+        # In template1, so that every database created from it (the test databases) has it.
+        self._run(
+            self._pg("psql", "-h", "127.0.0.1", "-p", str(primary_port), "-U", "postgres", "-d", "template1",
+                     "-qc", "CREATE EXTENSION IF NOT EXISTS pg_stat_statements"),
+            "CREATE EXTENSION pg_stat_statements",
+        )  # fmt: skip
 
         self._run(
             self._pg(

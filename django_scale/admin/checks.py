@@ -25,6 +25,7 @@ from django.db.models.functions import Cast, Upper
 from django_scale.admin.filters import ScaleAllValuesFieldListFilter
 from django_scale.checks import _message
 from django_scale.indexes import TrigramIndex
+from django_scale.indexes.checks import check_admin_indexes
 
 __all__ = ["ScaleModelAdminChecks"]
 
@@ -172,4 +173,5 @@ class ScaleModelAdminChecks(ModelAdminChecks):
         ]
         if unindexed:
             messages.append(_w304_unindexed_sortable(admin_obj, unindexed))
+        messages.extend(check_admin_indexes(admin_obj))
         return messages

@@ -19,6 +19,8 @@ class Section(models.Model):
 
     class Meta:
         ordering = ["name"]
+        # Its default ordering (django_scale.W404).
+        indexes = [models.Index(fields=["name"], name="news_section_name")]
 
     def __str__(self) -> str:
         return self.name
@@ -34,7 +36,11 @@ class Author(models.Model):
     class Meta:
         ordering = ["name"]
         # The admin searches authors by name: a trigram index serves "icontains".
-        indexes = [TrigramIndex(fields=["name"], name="news_author_name_trgm")]
+        indexes = [
+            TrigramIndex(fields=["name"], name="news_author_name_trgm"),
+            # Its default ordering (django_scale.W404).
+            models.Index(fields=["name"], name="news_author_name"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -67,7 +73,10 @@ class Article(models.Model):
         DRAFT = "draft", "Draft"
         PUBLISHED = "published", "Published"
 
-    section = PrefetchAwareForeignKey(Section, on_delete=models.PROTECT, related_name="articles")
+    # No index of its own: news_article_section_latest starts with it (django_scale.W407).
+    section = PrefetchAwareForeignKey(
+        Section, on_delete=models.PROTECT, related_name="articles", db_index=False
+    )
     author = PrefetchAwareForeignKey(Author, on_delete=models.PROTECT, related_name="articles")
     title = models.CharField(max_length=200)
     slug = models.SlugField(max_length=200, unique=True)
@@ -84,6 +93,8 @@ class Article(models.Model):
         indexes = [
             # The front page: the latest articles of one section.
             models.Index(fields=["section", "-published_at"], name="news_article_section_latest"),
+            # The admin's status filter, in the changelist's order (django_scale.W306).
+            models.Index(fields=["status", "-published_at"], name="news_article_status_latest"),
             # The admin's search by title, a substring: a trigram index of UPPER(title).
             TrigramIndex(fields=["title"], name="news_article_title_trgm"),
         ]
@@ -96,7 +107,10 @@ class Article(models.Model):
 
 
 class Comment(models.Model):
-    article = PrefetchAwareForeignKey(Article, on_delete=models.CASCADE, related_name="comments")
+    # No index of its own: news_comment_article_created starts with it (django_scale.W407).
+    article = PrefetchAwareForeignKey(
+        Article, on_delete=models.CASCADE, related_name="comments", db_index=False
+    )
     author_name = models.CharField(max_length=100)
     body = models.TextField()
     # A default rather than auto_now_add, so the demo's bulk_create can backdate comments.
@@ -108,6 +122,8 @@ class Comment(models.Model):
         ordering = ["created_at"]
         indexes = [
             models.Index(fields=["article", "created_at"], name="news_comment_article_created"),
+            # The default ordering, the admin's date filter (django_scale.W404, W306).
+            models.Index(fields=["created_at"], name="news_comment_created_at"),
             TrigramIndex(fields=["author_name"], name="news_comment_author_trgm"),
         ]
 

@@ -244,3 +244,15 @@ class Line(models.Model):
 
     def __str__(self) -> str:
         return f"line {self.pk}"
+
+
+class Ticket(models.Model):
+    """The index advisor's seeded table (tests/test_indexes.py): filtered by status, newest first."""
+
+    status = models.CharField(max_length=10)
+    kind = models.CharField(max_length=10)
+    opened_at = models.DateTimeField(db_index=True)
+    title = models.CharField(max_length=100, blank=True)
+
+    def __str__(self) -> str:
+        return self.title

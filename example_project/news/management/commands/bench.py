@@ -20,6 +20,7 @@ FEATURES = {
     "admin": "benchmarks.admin",
     "bulk": "benchmarks.bulk",
     "cache": "benchmarks.cache",
+    "indexes": "benchmarks.indexes",
     "prefetch": "benchmarks.prefetch",
     "querycache": "benchmarks.querycache",
     "request": "benchmarks.request",
@@ -37,7 +38,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rows",
             type=lambda value: [int(n.replace("_", "")) for n in value.split(",")],
-            help="table sizes, comma-separated (admin: e.g. 100000,1000000,10000000; bulk: one size, e.g. 1000000)",
+            help="table sizes, comma-separated (admin: e.g. 100000,1000000,10000000; bulk, indexes: one size, e.g. 1000000)",
         )
 
     def handle(self, *args: Any, feature: str, quick: bool, rows: list[int] | None, **options: Any) -> None:
