@@ -49,12 +49,13 @@ def test_w001_unknown_key_suggests_the_close_one():
 def test_w001_unknown_key_without_a_close_one_lists_the_keys():
     [message] = run(DJANGO_SCALE={"COLOUR": "blue"})
     assert (
-        "Known keys: CACHE_ALIAS, CACHE_RETRY_AFTER, HEALTH_CHECK_INTERVAL, MAX_REPLICA_LAG, "
-        "N_PLUS_ONE, N_PLUS_ONE_SAMPLE_RATE, PRIMARY, PRIMARY_FALLBACK_CAP, "
-        "READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, REPLICAS, REPLICA_DEADLINE, "
-        "REPLICA_RETRY_AFTER, REPLICA_WAIT, SNIPER_ALLOW_APPLICATIONS, SNIPER_DATABASES, "
-        "SNIPER_DRY_RUN, SNIPER_GRACE, SNIPER_KILL_BUDGET, SNIPER_MAIL_ADMINS, SNIPER_RULES, "
-        "SWR_FRESH, SWR_STALE."
+        "Known keys: CACHE_ALIAS, CACHE_RETRY_AFTER, HEALTH_CHECK_INTERVAL, "
+        "MAX_REPLICA_LAG, N_PLUS_ONE, N_PLUS_ONE_SAMPLE_RATE, PRIMARY, "
+        "PRIMARY_FALLBACK_CAP, READ_YOUR_WRITES_COOKIE, READ_YOUR_WRITES_MAX_AGE, "
+        "REPLICAS, REPLICA_DEADLINE, REPLICA_POLICY, REPLICA_RETRY_AFTER, REPLICA_WAIT, "
+        "REPLICA_WEIGHTS, SHARED_HEALTH, SHARED_HEALTH_DIR, SNIPER_ALLOW_APPLICATIONS, "
+        "SNIPER_DATABASES, SNIPER_DRY_RUN, SNIPER_GRACE, SNIPER_KILL_BUDGET, "
+        "SNIPER_MAIL_ADMINS, SNIPER_RULES, SWR_FRESH, SWR_STALE."
     ) in message.hint
 
 
@@ -320,3 +321,36 @@ def test_w503_mail_admins_without_admins():
     assert message.id == "django_scale.W503"
     admins = ["dba@example.com"] if django.VERSION >= (6, 0) else [("DBA", "dba@example.com")]
     assert ops(ADMINS=admins, DJANGO_SCALE={"SNIPER_MAIL_ADMINS": True}) == []
+
+
+def test_w108_replica_alias_over_several_hosts():
+    for shape in (
+        {"HOST": "10.0.0.2,10.0.0.3"},
+        {"PORT": "5432,5433"},
+        {"OPTIONS": {"connect_timeout": 2, "target_session_attrs": "standby"}},
+        {"OPTIONS": {"connect_timeout": 2, "load_balance_hosts": "random"}},
+    ):
+        databases = _databases(**shape)
+        messages = routing(DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER])
+        assert "django_scale.W108" in ids(messages), shape
+    # One alias per standby is the supported shape.
+    databases = _databases(HOST="10.0.0.2")
+    messages = routing(DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W108" not in ids(messages)
+
+
+def test_w109_weight_for_a_replica_not_in_replicas():
+    scale = {"REPLICAS": ["replica"], "REPLICA_POLICY": "weighted", "REPLICA_WEIGHTS": {"replica3": 2}}
+    messages = routing(DATABASES=_databases(), DJANGO_SCALE=scale, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W109" in ids(messages)
+    scale["REPLICA_WEIGHTS"] = {"replica": 2}
+    messages = routing(DATABASES=_databases(), DJANGO_SCALE=scale, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W109" not in ids(messages)
+
+
+def test_replica_policy_and_weights_are_validated():
+    assert ids(run(DJANGO_SCALE={"REPLICA_POLICY": "fastest"})) == ["django_scale.E003"]
+    assert ids(run(DJANGO_SCALE={"REPLICA_POLICY": 1})) == ["django_scale.E002"]
+    assert ids(run(DJANGO_SCALE={"REPLICA_WEIGHTS": {"replica": -1}})) == ["django_scale.E003"]
+    assert ids(run(DJANGO_SCALE={"REPLICA_WEIGHTS": {"replica": "2"}})) == ["django_scale.E002"]
+    assert run(DJANGO_SCALE={"REPLICA_POLICY": "least_lag", "REPLICA_WEIGHTS": {"replica": 0.5}}) == []
