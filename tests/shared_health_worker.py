@@ -1,0 +1,43 @@
+"""A worker process for tests/test_replicas_shared.py: asks for the replica's health for a while.
+
+Usage: ``python shared_health_worker.py SECONDS SHARED_HEALTH_DIR``. Prints what its monitor
+did, as JSON: its own probes, the shared records it copied, whether it holds a probe
+connection, and how often the replica was available to its routing decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import django
+
+django.setup()
+
+from django_scale.replicas import monitor  # noqa: E402
+from django_scale.testing import override_scale_settings  # noqa: E402
+
+seconds, directory = float(sys.argv[1]), sys.argv[2]
+with override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=0.1):
+    item = monitor("replica")
+    asked = available = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        asked += 1
+        available += item.is_available()
+        time.sleep(0.01)
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "probes": item.probes,
+                "shared_reads": item.shared_reads,
+                "connected": item._connection is not None,
+                "asked": asked,
+                "available": available,
+            }
+        ),
+        flush=True,
+    )

@@ -1,0 +1,139 @@
+"""Replica health shared by the processes of a host: one prober per replica, the rest read.
+
+Real processes against the real standby: the number of probes and probe connections per
+replica must not grow with the number of worker processes, a worker reads the shared record
+without I/O, and when the prober dies another process takes over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.db import connections
+from support import subprocess_env, wait_until
+
+from django_scale.replicas.hostshare import HostRecord, HostShare, share_key
+
+TESTS = Path(__file__).resolve().parent
+REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+
+
+def _record(**changes: object) -> HostRecord:
+    values: dict[str, object] = {
+        "pid": 42, "published": time.time(), "checked": time.time(), "replay_lsn": 123456,
+        "lag": 0.25, "down_until": 0.0, "failures": 1, "error": "",
+    }  # fmt: skip
+    values.update(changes)
+    return HostRecord(**values)  # type: ignore[arg-type]
+
+
+def test_one_process_leads_and_the_others_read_its_record(tmp_path):
+    # flock() locks belong to an open file description: two HostShares in one process
+    # contend like two processes.
+    first, second = HostShare(tmp_path, "replica-x"), HostShare(tmp_path, "replica-x")
+    try:
+        assert first.try_lead() and first.leading
+        assert not second.try_lead() and not second.leading
+        assert second.read() is None  # nothing published yet
+        record = _record(lag=None, error="connection refused")
+        first.publish(record)
+        assert second.read() == record
+        first.close()
+        # The lead is free again (as when the prober's process exits or is killed).
+        assert second.try_lead()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_record_being_written_is_never_read_half(tmp_path):
+    share = HostShare(tmp_path, "replica-y")
+    try:
+        share.publish(_record())
+        # An odd sequence number: a write under way (or a writer that died mid-write).
+        (seq,) = struct.unpack_from("<Q", share._map, 0)
+        struct.pack_into("<Q", share._map, 0, seq + 1)
+        assert share.read() is None
+        share.publish(_record(replay_lsn=7))
+        found = share.read()
+        assert found is not None and found.replay_lsn == 7
+    finally:
+        share.close()
+
+
+def test_files_are_named_after_what_the_replica_connects_to():
+    one = {"ENGINE": "django.db.backends.postgresql", "HOST": "a", "PORT": "5432", "NAME": "db"}
+    assert share_key("replica", one) == share_key("replica", dict(one))
+    assert share_key("replica", one) != share_key("replica", {**one, "PORT": "5433"})
+    assert share_key("replica", one) != share_key("replica2", one)
+
+
+def _workers(count: int, seconds: float, directory: Path) -> list[subprocess.Popen[str]]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-W", "error", str(TESTS / "shared_health_worker.py"), str(seconds), str(directory)],
+            env=subprocess_env(),
+            cwd=TESTS,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+
+
+def _results(workers: list[subprocess.Popen[str]]) -> list[dict[str, object]]:
+    results = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@REPLICA
+def test_probes_per_replica_do_not_grow_with_workers(replica, tmp_path):
+    results = _results(_workers(4, 3.0, tmp_path))
+    probers = [result for result in results if int(result["probes"]) > 3]  # type: ignore[call-overload]
+    # One process probes; the others copy its record. (A worker may probe once or twice at
+    # start, before the first record is published.)
+    assert len(probers) == 1, results
+    followers = [result for result in results if result is not probers[0]]
+    assert all(int(r["probes"]) <= 2 and int(r["shared_reads"]) > 10 for r in followers), results  # type: ignore[call-overload]
+    # One probe connection per replica on the host, whatever the number of workers.
+    assert [bool(r["connected"]) for r in results].count(True) == 1, results
+    # Every worker's routing saw the replica available (from the shared record).
+    assert all(int(r["available"]) > int(r["asked"]) * 0.7 for r in results), results  # type: ignore[call-overload]
+
+
+@REPLICA
+def test_another_process_takes_over_when_the_prober_dies(replica, tmp_path):
+    workers = _workers(3, 6.0, tmp_path)
+    settings_dict = connections["replica"].settings_dict
+    share = HostShare(tmp_path, share_key("replica", settings_dict))
+    try:
+        first = wait_until(share.read, "the first shared record")
+        assert first.pid in {worker.pid for worker in workers}
+        os.kill(first.pid, signal.SIGKILL)
+        fresh = wait_until(
+            lambda: (r := share.read()) is not None and r.pid != first.pid and time.time() - r.published < 0.5 and r,
+            "another process publishing",
+            timeout=10,
+        )
+        assert fresh.pid in {worker.pid for worker in workers} and fresh.checked > 0
+    finally:
+        share.close()
+    survivors = [worker for worker in workers if worker.pid != first.pid]
+    results = _results(survivors)
+    for worker in workers:
+        if worker.pid == first.pid:
+            worker.communicate(timeout=30)
+    assert all(int(r["available"]) > 0 for r in results), results  # type: ignore[call-overload]
