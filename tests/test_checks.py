@@ -331,7 +331,9 @@ def test_w108_replica_alias_over_several_hosts():
         {"OPTIONS": {"connect_timeout": 2, "load_balance_hosts": "random"}},
     ):
         databases = _databases(**shape)
-        messages = routing(DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER])
+        messages = routing(
+            DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER]
+        )
         assert "django_scale.W108" in ids(messages), shape
     # One alias per standby is the supported shape.
     databases = _databases(HOST="10.0.0.2")

@@ -79,7 +79,14 @@ def test_files_are_named_after_what_the_replica_connects_to():
 def _workers(count: int, seconds: float, directory: Path) -> list[subprocess.Popen[str]]:
     return [
         subprocess.Popen(
-            [sys.executable, "-W", "error", str(TESTS / "shared_health_worker.py"), str(seconds), str(directory)],
+            [
+                sys.executable,
+                "-W",
+                "error",
+                str(TESTS / "shared_health_worker.py"),
+                str(seconds),
+                str(directory),
+            ],
             env=subprocess_env(),
             cwd=TESTS,
             stdout=subprocess.PIPE,
@@ -124,7 +131,12 @@ def test_another_process_takes_over_when_the_prober_dies(replica, tmp_path):
         assert first.pid in {worker.pid for worker in workers}
         os.kill(first.pid, signal.SIGKILL)
         fresh = wait_until(
-            lambda: (r := share.read()) is not None and r.pid != first.pid and time.time() - r.published < 0.5 and r,
+            lambda: (
+                (r := share.read()) is not None
+                and r.pid != first.pid
+                and time.time() - r.published < 0.5
+                and r
+            ),
             "another process publishing",
             timeout=10,
         )

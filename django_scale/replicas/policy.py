@@ -61,7 +61,9 @@ def _least_lag(aliases: list[str]) -> list[str]:
     tolerance = conf.health_limits()[1]
     near = [alias for alias in aliases if (lags[alias] or 0.0) <= least + tolerance]
     random.shuffle(near)
-    rest = sorted((alias for alias in aliases if alias not in near), key=lambda alias: lags[alias] or math.inf)
+    rest = sorted(
+        (alias for alias in aliases if alias not in near), key=lambda alias: lags[alias] or math.inf
+    )
     return near + rest
 
 

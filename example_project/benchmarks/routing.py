@@ -294,7 +294,10 @@ def two_replicas(out: TextIO, replica: str, quick: bool) -> None:
         for n in range(users)
     ]
     base = _middleware_without(SCALE_MIDDLEWARE, MULTIDB_MIDDLEWARE)
-    scale = {"DATABASE_ROUTERS": ["django_scale.routers.ReplicaRouter"], "MIDDLEWARE": [SCALE_MIDDLEWARE, *base]}
+    scale = {
+        "DATABASE_ROUTERS": ["django_scale.routers.ReplicaRouter"],
+        "MIDDLEWARE": [SCALE_MIDDLEWARE, *base],
+    }
     contenders: dict[str, dict[str, Any]] = {
         "django-multidb-router 15 s pin": {
             "DATABASE_ROUTERS": ["multidb.PinningReplicaRouter"],
@@ -310,9 +313,16 @@ def two_replicas(out: TextIO, replica: str, quick: bool) -> None:
         with injected_lag(replica, lag):
             for name, options in contenders.items():
                 _reset_multidb()
-                scale_settings = {**settings.DJANGO_SCALE, "REPLICAS": both, **options.pop("DJANGO_SCALE", {})}
+                scale_settings = {
+                    **settings.DJANGO_SCALE,
+                    "REPLICAS": both,
+                    **options.pop("DJANGO_SCALE", {}),
+                }
                 with override_settings(
-                    ROOT_URLCONF=__name__, ALLOWED_HOSTS=["testserver"], DJANGO_SCALE=scale_settings, **options
+                    ROOT_URLCONF=__name__,
+                    ALLOWED_HOSTS=["testserver"],
+                    DJANGO_SCALE=scale_settings,
+                    **options,
                 ):
                     for alias in both:
                         monitor(alias).is_available()
@@ -381,7 +391,15 @@ def worker_processes(out: TextIO, quick: bool) -> None:
                 start = time.time() + 3.0 + count * 0.6
                 workers = [
                     subprocess.Popen(
-                        [sys.executable, "-c", WORKER, str(start), str(seconds), "1" if shared else "0", directory],
+                        [
+                            sys.executable,
+                            "-c",
+                            WORKER,
+                            str(start),
+                            str(seconds),
+                            "1" if shared else "0",
+                            directory,
+                        ],
                         env=env,
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,
