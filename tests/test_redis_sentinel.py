@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis_sentinel
 from django.conf import settings
 from django.core.cache import caches
 from django.test.utils import override_settings
@@ -24,7 +25,6 @@ from django_scale.replicas import SharedHealth
 from django_scale.testing import override_scale_settings
 
 import harness
-import redis_sentinel
 
 ALIAS = "sentinel"
 computed: Counter[int] = Counter()
