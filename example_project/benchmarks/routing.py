@@ -352,22 +352,24 @@ def two_replicas(out: TextIO, replica: str, quick: bool) -> None:
 # -- Part 4: probes per replica against the number of worker processes ----------------------------
 
 WORKER = """
-import json, os, sys, time
+import json, sys, time
 import django
 django.setup()
 from django_scale.replicas import monitor
 from django_scale.testing import override_scale_settings
-start, seconds, shared, directory = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+seconds, shared, directory = float(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 with override_scale_settings(SHARED_HEALTH=shared, SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=0.1):
     item = monitor("replica")
     item.is_available()
-    time.sleep(max(0.0, start - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()  # every worker starts measuring when all are ready
     probes = item.probes
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         item.is_available()
         time.sleep(0.01)
-    print(json.dumps({"probes": item.probes - probes, "connected": item._connection is not None}))
+    print(json.dumps({"probes": item.probes - probes, "connected": item._connection is not None}), flush=True)
+    sys.stdin.readline()  # and exits when all are done, so the prober outlives the window
 """
 
 
@@ -387,20 +389,11 @@ def worker_processes(out: TextIO, quick: bool) -> None:
     for shared in (False, True):
         for count in counts:
             with tempfile.TemporaryDirectory(prefix="bench-routing-") as directory:
-                # Every worker starts measuring at the same moment, once all have set up Django.
-                start = time.time() + 3.0 + count * 0.6
                 workers = [
                     subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-c",
-                            WORKER,
-                            str(start),
-                            str(seconds),
-                            "1" if shared else "0",
-                            directory,
-                        ],
+                        [sys.executable, "-c", WORKER, str(seconds), "1" if shared else "0", directory],
                         env=env,
+                        stdin=subprocess.PIPE,
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,
                         text=True,
@@ -408,11 +401,23 @@ def worker_processes(out: TextIO, quick: bool) -> None:
                     for _ in range(count)
                 ]
                 reports = []
-                for worker in workers:
-                    stdout, stderr = worker.communicate(timeout=300)
-                    if worker.returncode != 0:
-                        raise RuntimeError(f"a benchmark worker failed:\n{stderr}")
-                    reports.append(json.loads(stdout.strip().splitlines()[-1]))
+                try:
+                    for worker in workers:
+                        assert worker.stdout is not None
+                        if worker.stdout.readline().strip() != "ready":
+                            raise RuntimeError(f"a benchmark worker failed:\n{worker.communicate()[1]}")
+                    for step in ("go", "done"):
+                        for worker in workers:
+                            assert worker.stdin is not None
+                            worker.stdin.write(f"{step}\n")
+                            worker.stdin.flush()
+                        if step == "go":
+                            for worker in workers:
+                                assert worker.stdout is not None
+                                reports.append(json.loads(worker.stdout.readline()))
+                finally:
+                    for worker in workers:
+                        worker.communicate(timeout=300)
             probes = sum(report["probes"] for report in reports)
             connections_open = sum(report["connected"] for report in reports)
             results.append(
