@@ -1,8 +1,11 @@
 """A worker process for tests/test_replicas_shared.py: asks for the replica's health for a while.
 
-Usage: ``python shared_health_worker.py SECONDS SHARED_HEALTH_DIR``. Prints what its monitor
-did, as JSON: its own probes, the shared records it copied, whether it holds a probe
-connection, and how often the replica was available to its routing decisions.
+Usage: ``python shared_health_worker.py SECONDS SHARED_HEALTH_DIR``. Prints ``ready`` once its
+monitor has started, waits for a line on stdin (so every worker measures the same window), and
+prints what its monitor did in the window, as JSON: its own probes, the shared records it
+copied, whether it holds a probe connection, and how often the replica was available to its
+routing decisions. It then waits for another line before exiting, so that the host's prober
+outlives every other worker's window.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from django_scale.testing import override_scale_settings  # noqa: E402
 seconds, directory = float(sys.argv[1]), sys.argv[2]
 with override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=0.1):
     item = monitor("replica")
+    item.is_available()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    probes, shared_reads = item.probes, item.shared_reads
     asked = available = 0
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -32,8 +39,8 @@ with override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=
         json.dumps(
             {
                 "pid": os.getpid(),
-                "probes": item.probes,
-                "shared_reads": item.shared_reads,
+                "probes": item.probes - probes,
+                "shared_reads": item.shared_reads - shared_reads,
                 "connected": item._connection is not None,
                 "asked": asked,
                 "available": available,
@@ -41,3 +48,4 @@ with override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=
         ),
         flush=True,
     )
+    sys.stdin.readline()
