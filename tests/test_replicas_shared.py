@@ -14,13 +14,15 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 from django.db import connections
 from support import subprocess_env, wait_until
 
-from django_scale.replicas.hostshare import HostRecord, HostShare, share_key
+from django_scale.replicas.hostshare import HostRecord, HostShare, host_share, share_key
+from django_scale.testing import override_scale_settings
 
 TESTS = Path(__file__).resolve().parent
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
@@ -49,6 +51,8 @@ def test_one_process_leads_and_the_others_read_its_record(tmp_path):
         first.close()
         # The lead is free again (as when the prober's process exits or is killed).
         assert second.try_lead()
+        first.publish(_record(replay_lsn=1))  # closed: writes nothing
+        assert second.read() == record
     finally:
         first.close()
         second.close()
@@ -57,6 +61,9 @@ def test_one_process_leads_and_the_others_read_its_record(tmp_path):
 def test_a_record_being_written_is_never_read_half(tmp_path):
     share = HostShare(tmp_path, "replica-y")
     try:
+        share.publish(_record())
+        assert share.read() is None  # only the prober writes
+        assert share.try_lead()
         share.publish(_record())
         # An odd sequence number: a write under way (or a writer that died mid-write).
         (seq,) = struct.unpack_from("<Q", share._map, 0)
@@ -67,6 +74,33 @@ def test_a_record_being_written_is_never_read_half(tmp_path):
         assert found is not None and found.replay_lsn == 7
     finally:
         share.close()
+
+
+def test_a_forked_child_lets_go_of_the_lead_it_inherited(tmp_path):
+    # A gunicorn master that led before forking its workers must not keep the lock held
+    # through them after it gives the lead up (or exits).
+    settings_dict = {"ENGINE": "django.db.backends.postgresql", "HOST": "h", "PORT": "1", "NAME": "n"}
+    with override_scale_settings(SHARED_HEALTH_DIR=str(tmp_path)):
+        share = host_share("replica", settings_dict)
+    assert share is not None and share.try_lead()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that forking a process with threads (the suite's monitors) may
+        # deadlock; the child only sleeps and exits.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        time.sleep(3)
+        os._exit(0)
+    try:
+        share.close()  # the parent gives the lead up while the child lives
+        other = HostShare(tmp_path, share_key("replica", settings_dict))
+        try:
+            assert other.try_lead(), "the forked child still holds the lock it inherited"
+        finally:
+            other.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def test_files_are_named_after_what_the_replica_connects_to():

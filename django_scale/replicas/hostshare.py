@@ -80,6 +80,9 @@ class HostShare:
         self._record_path = directory / f"{key}.health"
         self._lock_fd: int | None = None
         self._leading = False
+        # Between the prober's writes and close(), which stop_monitors() may call from
+        # another thread while the prober publishes.
+        self._writing = threading.Lock()
         fd = os.open(self._record_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size < _LAYOUT.size:
@@ -110,30 +113,36 @@ class HostShare:
         return True
 
     def publish(self, record: HostRecord) -> None:
-        """Write *record* (only the prober does)."""
-        (seq,) = _SEQ.unpack_from(self._map, 0)
-        seq = seq + 1 if seq % 2 == 0 else seq + 2  # odd (a writer that died left it odd)
-        _SEQ.pack_into(self._map, 0, seq)  # odd: being written
-        _LAYOUT.pack_into(
-            self._map,
-            0,
-            seq,
-            record.pid,
-            record.published,
-            record.checked,
-            record.replay_lsn,
-            math.nan if record.lag is None else record.lag,
-            record.down_until,
-            record.failures,
-            record.error.encode("utf-8", "replace")[:192],
-        )
-        _SEQ.pack_into(self._map, 0, seq + 1)  # even: complete
+        """Write *record* (only the prober does; nothing once :meth:`close` ran)."""
+        with self._writing:
+            if not self._leading or self._map.closed:
+                return
+            (seq,) = _SEQ.unpack_from(self._map, 0)
+            seq = seq + 1 if seq % 2 == 0 else seq + 2  # odd (a writer that died left it odd)
+            _SEQ.pack_into(self._map, 0, seq)  # odd: being written
+            _LAYOUT.pack_into(
+                self._map,
+                0,
+                seq,
+                record.pid,
+                record.published,
+                record.checked,
+                record.replay_lsn,
+                math.nan if record.lag is None else record.lag,
+                record.down_until,
+                record.failures,
+                record.error.encode("utf-8", "replace")[:192],
+            )
+            _SEQ.pack_into(self._map, 0, seq + 1)  # even: complete
 
     def read(self) -> HostRecord | None:
         """Return the published record, or ``None`` if there is none (no I/O: memory loads)."""
         for _ in range(4):
-            values = _LAYOUT.unpack_from(self._map, 0)
-            (after,) = _SEQ.unpack_from(self._map, 0)
+            try:
+                values = _LAYOUT.unpack_from(self._map, 0)
+                (after,) = _SEQ.unpack_from(self._map, 0)
+            except ValueError:  # closed by stop_monitors() meanwhile
+                return None
             seq = values[0]
             if seq % 2 or seq != after:
                 continue  # a write is under way, or came in between: read again
@@ -154,10 +163,15 @@ class HostShare:
 
     def close(self) -> None:
         """Give up the lead (if held) and close the files."""
+        with self._writing:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        # Without the lock: a forked child calls this, where the lock may have been copied held.
         fd, self._lock_fd = self._lock_fd, None
         self._leading = False
         if fd is not None:
-            os.close(fd)  # releases the flock() unless a forked child still shares it
+            os.close(fd)  # releases the flock() unless another process still shares it
         with contextlib.suppress(Exception):
             self._map.close()
 
@@ -222,10 +236,15 @@ def forget_shares() -> None:
 
 def _after_fork() -> None:
     # A forked worker inherits the lock file's descriptor, and with it the parent's flock():
-    # close the child's copy (the parent keeps the lead) and start afresh.
+    # close the child's copy (the parent keeps the lead) and start afresh. No lock is taken:
+    # one held by another thread at the fork stays held in the child forever.
     global _shares_lock
     _shares_lock = threading.Lock()
-    forget_shares()
+    shares = list(_shares.values())
+    _shares.clear()
+    for share in shares:
+        if share is not None:
+            share._abandon()
 
 
 os.register_at_fork(after_in_child=_after_fork)

@@ -23,7 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_scale.conf import conf
 from django_scale.replicas.health import shared_health
-from django_scale.replicas.hostshare import HostRecord, HostShare, host_share
+from django_scale.replicas.hostshare import HostRecord, HostShare, forget_shares, host_share
 from django_scale.replicas.wal import parse_lsn
 
 __all__ = ["ReplicaMonitor", "monitor", "stop_monitors", "wait_for_replicas"]
@@ -448,6 +448,9 @@ def stop_monitors() -> None:
         _monitors.clear()
     for item in stopping:
         item.stop()
+    # Give up this process's lead of the host's probes, so that another process takes over
+    # rather than every process falling back to probing on its own.
+    forget_shares()
 
 
 def _forget_after_fork() -> None:
