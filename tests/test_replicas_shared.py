@@ -83,15 +83,20 @@ def test_a_forked_child_lets_go_of_the_lead_it_inherited(tmp_path):
     with override_scale_settings(SHARED_HEALTH_DIR=str(tmp_path)):
         share = host_share("replica", settings_dict)
     assert share is not None and share.try_lead()
+    ready, told = os.pipe()
     with warnings.catch_warnings():
         # Python 3.12+ warns that forking a process with threads (the suite's monitors) may
-        # deadlock; the child only sleeps and exits.
+        # deadlock; the child only says it runs, sleeps and exits.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:
-        time.sleep(3)
+        # The at-fork hooks have run by the time fork() returns here.
+        os.write(told, b"x")
+        time.sleep(5)
         os._exit(0)
+    os.close(told)
     try:
+        assert os.read(ready, 1) == b"x"
         share.close()  # the parent gives the lead up while the child lives
         other = HostShare(tmp_path, share_key("replica", settings_dict))
         try:
@@ -99,6 +104,7 @@ def test_a_forked_child_lets_go_of_the_lead_it_inherited(tmp_path):
         finally:
             other.close()
     finally:
+        os.close(ready)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
 
