@@ -1,6 +1,8 @@
 """A worker process for tests/test_replicas_shared.py: asks for the replica's health for a while.
 
-Usage: ``python shared_health_worker.py SECONDS SHARED_HEALTH_DIR``. Prints ``ready`` once its
+Usage: ``python shared_health_worker.py SECONDS SHARED_HEALTH_DIR [HUNG_REDIS_PORT]``. With a
+port, ``CACHE_ALIAS`` (where the monitors share ejections) is a Redis there that accepts and
+never answers. Prints ``ready`` once its
 monitor has started, waits for a line on stdin (so every worker measures the same window), and
 prints what its monitor did in the window, as JSON: its own probes, the shared records it
 copied, whether it holds a probe connection, and how often the replica was available to its
@@ -19,11 +21,34 @@ import django
 
 django.setup()
 
+from django.test.utils import override_settings  # noqa: E402
+
 from django_scale.replicas import monitor  # noqa: E402
 from django_scale.testing import override_scale_settings  # noqa: E402
 
 seconds, directory = float(sys.argv[1]), sys.argv[2]
-with override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=0.1):
+hung = sys.argv[3] if len(sys.argv) > 3 else ""
+caches: dict[str, object] = {}
+scale: dict[str, object] = {}
+if hung:
+    from django.conf import settings
+
+    caches = {
+        "CACHES": {
+            **settings.CACHES,
+            "hung": {
+                "BACKEND": "django_redis.cache.RedisCache",
+                "LOCATION": f"redis://127.0.0.1:{hung}/0",
+                # "Never answers": the call blocks for the hour.
+                "OPTIONS": {"SOCKET_TIMEOUT": 3600},
+            },
+        }
+    }
+    scale = {"CACHE_ALIAS": "hung", "CACHE_RETRY_AFTER": 60}
+with (
+    override_settings(**caches),
+    override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=0.1, **scale),
+):
     item = monitor("replica")
     item.is_available()
     print("ready", flush=True)
@@ -49,3 +74,6 @@ with override_scale_settings(SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=
         flush=True,
     )
     sys.stdin.readline()
+    if hung:
+        # A thread is stuck on the hung server for the hour: leave without joining it.
+        os._exit(0)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -116,18 +118,12 @@ def test_files_are_named_after_what_the_replica_connects_to():
     assert share_key("replica", one) != share_key("replica2", one)
 
 
-def _workers(count: int, seconds: float, directory: Path) -> list[subprocess.Popen[str]]:
+def _workers(count: int, seconds: float, directory: Path, *extra: str) -> list[subprocess.Popen[str]]:
     """Start *count* worker processes; return once each has its monitor running."""
+    script = str(TESTS / "shared_health_worker.py")
     workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-W",
-                "error",
-                str(TESTS / "shared_health_worker.py"),
-                str(seconds),
-                str(directory),
-            ],
+            [sys.executable, "-W", "error", script, str(seconds), str(directory), *extra],
             env=subprocess_env(),
             cwd=TESTS,
             stdin=subprocess.PIPE,
@@ -179,6 +175,52 @@ def test_probes_per_replica_do_not_grow_with_workers(replica, tmp_path):
     # One probe connection per replica on the host, whatever the number of workers.
     assert [bool(r["connected"]) for r in results].count(True) == 1, results
     # Every worker's routing saw the replica available (from the shared record).
+    assert all(int(r["available"]) > int(r["asked"]) * 0.7 for r in results), results  # type: ignore[call-overload]
+
+
+class SilentServer:
+    """A TCP server that accepts every connection and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(10)
+        self._listener.close()
+        for connection in self.accepted:
+            connection.close()
+
+
+@REPLICA
+def test_shared_probes_and_routing_never_wait_on_a_hung_redis(replica, tmp_path):
+    # CACHE_ALIAS, where the monitors also share ejections across hosts, accepts connections
+    # and never answers. The host's processes still share one prober, and their routing still
+    # sees the replica available.
+    server = SilentServer()
+    try:
+        results = _results(_workers(3, 3.0, tmp_path, str(server.port)))
+        assert server.accepted, "the workers never tried the hung cache"
+    finally:
+        server.close()
+    assert [int(r["probes"]) > 3 for r in results].count(True) == 1, results  # type: ignore[call-overload]
+    assert [bool(r["connected"]) for r in results].count(True) == 1, results
     assert all(int(r["available"]) > int(r["asked"]) * 0.7 for r in results), results  # type: ignore[call-overload]
 
 
