@@ -192,6 +192,42 @@ def _w107_middleware_order(after: str) -> checks.CheckMessage:
     )
 
 
+def _w108_pooled_host_list(alias: str, shape: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W108",
+        f"The replica {alias!r} {shape}: one alias reaches several servers, so the health "
+        "monitor measures one standby while a request may read another, and read-your-writes "
+        "and the lag limit no longer hold.",
+        "Give each standby an alias of its own (one HOST, through its own PgBouncer if pooled) and "
+        "list them all in DJANGO_SCALE['REPLICAS'].",
+        obj=f"DATABASES[{alias!r}]",
+    )
+
+
+def _w109_weight_for_unknown_replica(alias: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W109",
+        f"DJANGO_SCALE['REPLICA_WEIGHTS'] gives a weight to {alias!r}, which is not in "
+        "DJANGO_SCALE['REPLICAS']: the weight is never used.",
+        "Remove it from REPLICA_WEIGHTS, or add the alias to REPLICAS.",
+        obj=_setting("REPLICA_WEIGHTS"),
+    )
+
+
+def _pooled_shape(database: dict[str, Any]) -> str | None:
+    """Describe how *database* reaches several servers under one alias, or ``None`` if it does not."""
+    host, port = str(database.get("HOST") or ""), str(database.get("PORT") or "")
+    options = database.get("OPTIONS") or {}
+    if "," in host or "," in port:
+        return f"lists several hosts in HOST ({host!r})"
+    for key in ("target_session_attrs", "load_balance_hosts"):
+        if key in options:
+            return f"sets OPTIONS[{key!r}], which picks one of several servers at connect time"
+    return None
+
+
 def _w401_related_model_not_prefetch_aware(
     model: type[Model], accessor: str, related: type[Model]
 ) -> checks.CheckMessage:
@@ -454,6 +490,14 @@ def check_routing(**kwargs: Any) -> list[checks.CheckMessage]:
             messages.append(_e104_engine_mismatch(alias, engine, primary_engine))
         elif "postgresql" in engine and "connect_timeout" not in (databases[alias].get("OPTIONS") or {}):
             messages.append(_w106_no_connect_timeout(alias))
+        if (shape := _pooled_shape(databases[alias])) is not None:
+            messages.append(_w108_pooled_host_list(alias, shape))
+    try:
+        weights = conf.REPLICA_WEIGHTS
+    except Exception:
+        weights = {}
+    if SETTINGS["REPLICA_WEIGHTS"].has_type(weights):
+        messages.extend(_w109_weight_for_unknown_replica(alias) for alias in weights if alias not in replicas)
     backend = getattr(settings, "CACHES", {}).get(cache_alias, {}).get("BACKEND", "")
     if replicas and backend in PROCESS_LOCAL_CACHES:
         messages.append(_w105_local_cache(cache_alias, backend))

@@ -92,6 +92,24 @@ def _duplicate_aliases(value: Sequence[str]) -> str | None:
     return None
 
 
+def _is_weights(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(key, str) and _is_number(weight) for key, weight in value.items()
+    )
+
+
+def _bad_weights(value: Mapping[str, float]) -> str | None:
+    negative = sorted(alias for alias, weight in value.items() if not weight >= 0)
+    if negative:
+        return f"the weight of {', '.join(repr(alias) for alias in negative)} is negative or NaN"
+    return None
+
+
+def _not_a_policy(value: str) -> str | None:
+    policies = ("random", "round_robin", "least_lag", "weighted")
+    return None if value in policies else f"it must be one of {', '.join(repr(name) for name in policies)}"
+
+
 def _negative(value: float) -> str | None:
     return "it must not be negative" if value < 0 else None
 
@@ -186,6 +204,32 @@ SETTINGS: dict[str, Setting] = {
         example="0.25",
     ),
     "REPLICA_RETRY_AFTER": _seconds(5.0),
+    "REPLICA_POLICY": Setting(
+        default="random",
+        expected='one of "random", "round_robin", "least_lag", "weighted" (str)',
+        has_type=lambda value: isinstance(value, str),
+        problem=_not_a_policy,
+        example='"least_lag"',
+    ),
+    "REPLICA_WEIGHTS": Setting(
+        default={},
+        expected="a dict of replica alias to weight (int or float)",
+        has_type=_is_weights,
+        problem=_bad_weights,
+        example='{"replica1": 2, "replica2": 1}',
+    ),
+    "SHARED_HEALTH": Setting(
+        default=True,
+        expected="True or False",
+        has_type=_is_bool,
+        example="False",
+    ),
+    "SHARED_HEALTH_DIR": Setting(
+        default="",
+        expected="a directory path (str); empty for one under the system's temporary directory",
+        has_type=lambda value: isinstance(value, str),
+        example='"/run/django-scale"',
+    ),
     "CACHE_ALIAS": Setting(
         default="default",
         expected="a cache alias (str)",
@@ -352,6 +396,13 @@ class Conf:
         hot = self.hot()
         return hot.deadline, hot.interval, hot.max_lag
 
+    def replica_policy(self) -> tuple[str, Mapping[str, float]]:
+        """Return ``(REPLICA_POLICY, REPLICA_WEIGHTS)`` for the hot path (once per settings object)."""
+        return cast(
+            "tuple[str, Mapping[str, float]]",
+            self._per_settings_object("replica_policy", lambda: (self.REPLICA_POLICY, self.REPLICA_WEIGHTS)),
+        )
+
     def user_settings(self) -> Mapping[str, Any]:
         """Return the ``DJANGO_SCALE`` dict as the project set it (empty when unset)."""
         value = getattr(settings, "DJANGO_SCALE", None)
@@ -421,6 +472,26 @@ class Conf:
     def REPLICA_RETRY_AFTER(self) -> float:
         """Seconds an ejected (unreachable) replica stays out before it is tried again. Default: ``5.0``."""
         return float(self.get("REPLICA_RETRY_AFTER"))
+
+    @property
+    def REPLICA_POLICY(self) -> str:
+        """How reads spread over several available replicas. Default: ``"random"``."""
+        return cast(str, self.get("REPLICA_POLICY"))
+
+    @property
+    def REPLICA_WEIGHTS(self) -> Mapping[str, float]:
+        """Each replica's share of reads under the ``"weighted"`` policy (missing: 1). Default: ``{}``."""
+        return cast("Mapping[str, float]", self.get("REPLICA_WEIGHTS"))
+
+    @property
+    def SHARED_HEALTH(self) -> bool:
+        """Whether one process per host probes each replica for all of that host's processes. Default: ``True``."""
+        return bool(self.get("SHARED_HEALTH"))
+
+    @property
+    def SHARED_HEALTH_DIR(self) -> str:
+        """Where a host's processes share replica health (files). Default: ``""`` (under the temporary directory)."""
+        return cast(str, self.get("SHARED_HEALTH_DIR"))
 
     @property
     def CACHE_ALIAS(self) -> str:

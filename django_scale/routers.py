@@ -10,7 +10,6 @@ Add it to ``DATABASE_ROUTERS`` together with
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from django_scale.conf import HotSettings, conf
 from django_scale.replicas.fallback import fallback_window
 from django_scale.replicas.guard import GUARD_ATTRIBUTE, guard_connection, install_guards
 from django_scale.replicas.monitors import ReplicaMonitor, monitor
+from django_scale.replicas.policy import order_replicas
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
 __all__ = ["ReplicaRouter"]
@@ -90,7 +90,7 @@ def pick_usable(
     handles: dict[str, BaseDatabaseWrapper] | None = None,
     monitors: dict[str, ReplicaMonitor] | None = None,
 ) -> str | None:
-    """Return one of *aliases* at random whose connection opens, or ``None``.
+    """Return the first of *aliases*, in ``REPLICA_POLICY``'s order, whose connection opens, or ``None``.
 
     A replica's connection in this thread opens here, before the router hands out its alias,
     rather than in the middle of the caller's query: a refused connection takes the replica
@@ -99,8 +99,7 @@ def pick_usable(
     connection objects and *monitors* their monitors, when the caller has them.
     """
     if len(aliases) > 1:
-        aliases = list(aliases)
-        random.shuffle(aliases)
+        aliases = order_replicas(aliases)
     for alias in aliases:
         connection = handles[alias] if handles is not None else connections[alias]
         item = monitors[alias] if monitors is not None else monitor(alias)

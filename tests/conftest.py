@@ -58,7 +58,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     services = harness.services()
     return [
         f"django-scale services (started in {services.startup_seconds:.2f} s): "
-        f"primary :{services.primary.port}, replica :{services.replica.port}, redis :{services.redis.port}"
+        f"primary :{services.primary.port}, replica :{services.replica.port}, "
+        f"replica2 :{services.replica2.port if services.replica2 else '(= replica)'}, redis :{services.redis.port}"
     ]
 
 

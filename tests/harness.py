@@ -8,6 +8,9 @@ instead:
 
 ``DJANGO_SCALE_TEST_PRIMARY_URL`` / ``DJANGO_SCALE_TEST_REPLICA_URL``
     ``postgres://user:password@host:port/dbname``; the replica must stream from the primary.
+``DJANGO_SCALE_TEST_REPLICA2_URL``
+    A second standby of the primary, for the tests of routing among several replicas. With
+    external servers and no second standby, the ``replica2`` alias points at the first one.
 ``DJANGO_SCALE_TEST_REDIS_URL``
     ``redis://host:port/0``; the cache uses that db number, Celery the next two.
 ``DJANGO_SCALE_TEST_BACKEND=sqlite``
@@ -176,6 +179,9 @@ class Services:
     redis: Redis
     #: Control of the replica server, when the harness started it (not for external servers).
     replica_control: ServerControl | None = None
+    #: A second streaming standby of the primary (the ``replica2`` alias); ``None`` when the
+    #: servers are external and DJANGO_SCALE_TEST_REPLICA2_URL is not set.
+    replica2: Postgres | None = None
     #: Seconds it took to start the services this process owns (0 for external servers).
     startup_seconds: float = 0.0
     #: The PgBouncers in front of primary and replica (DJANGO_SCALE_TEST_POOLER=pgbouncer).
@@ -397,6 +403,21 @@ class Launcher:
         primary = Postgres("127.0.0.1", primary_port, "postgres", "", "django_scale")
         return primary, Postgres("127.0.0.1", replica_port, "postgres", "", "django_scale")
 
+    def start_second_standby(self, primary: Postgres) -> Postgres:
+        """Start one more streaming standby of *primary*: routing among replicas that lag differently."""
+        data_dir, port = self.root / "replica2", free_port()
+        self._run(
+            self._pg(
+                "pg_basebackup", "-h", primary.host, "-p", str(primary.port), "-U", "postgres",
+                "-D", str(data_dir), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+            ),
+            "pg_basebackup (replica2)",
+        )  # fmt: skip
+        with open(data_dir / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {port}\n")
+        self._start_pg(data_dir)
+        return Postgres(primary.host, port, "postgres", "", primary.name)
+
     def _start_pg(self, data_dir: Path) -> None:
         self.stop_commands.append(self._pg("pg_ctl", "-D", str(data_dir), "-m", "immediate", "-w", "stop"))
         self._write_plan()
@@ -559,6 +580,7 @@ def services() -> Services:
 
     primary_url = os.environ.get("DJANGO_SCALE_TEST_PRIMARY_URL")
     replica_url = os.environ.get("DJANGO_SCALE_TEST_REPLICA_URL")
+    replica2_url = os.environ.get("DJANGO_SCALE_TEST_REPLICA2_URL")
     redis_url = os.environ.get("DJANGO_SCALE_TEST_REDIS_URL")
     if bool(primary_url) != bool(replica_url):
         raise HarnessError(
@@ -573,9 +595,11 @@ def services() -> Services:
     try:
         if primary_url and replica_url:
             primary, replica = parse_postgres_url(primary_url), parse_postgres_url(replica_url)
+            replica2 = parse_postgres_url(replica2_url) if replica2_url else None
         else:
             assert launcher is not None
             primary, replica = launcher.start_postgres()
+            replica2 = launcher.start_second_standby(primary)
         if redis_url:
             redis = parse_redis_url(redis_url)
         else:
@@ -602,6 +626,7 @@ def services() -> Services:
         replica,
         redis,
         replica_control=launcher.replica_control if launcher and not replica_url else None,
+        replica2=replica2,
         startup_seconds=time.monotonic() - started if launcher else 0.0,
         pooler=pooler,
         _watchdog=launcher.watchdog if launcher else None,

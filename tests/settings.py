@@ -90,6 +90,14 @@ else:
             TEST={"MIRROR": "default"}, OPTIONS={"connect_timeout": 2}
         ),
     }
+    # A second standby, streaming from the primary on its own (tests/test_replicas_several.py
+    # pauses replay on one and not the other). The suite's default REPLICAS lists only
+    # "replica": the single-replica tests pin what happens when *the* replica lags or fails,
+    # which a second healthy standby would answer instead. The several-replica tests list
+    # both with override_scale_settings().
+    DATABASES["replica2"] = (_services.replica2 or _services.replica).database_settings(
+        TEST={"MIRROR": "default"}, OPTIONS={"connect_timeout": 2}
+    )
     # An alias for the primary itself, as projects mirror "replicas" in their test settings.
     DATABASES["mirror"] = _services.primary.database_settings(TEST={"MIRROR": "default"})
     # The standby again, through a backend of the suite's own (tests/custom_backend/): the

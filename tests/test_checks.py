@@ -318,3 +318,38 @@ def test_w503_mail_admins_without_admins():
     assert message.id == "django_scale.W503"
     admins = ["dba@example.com"] if django.VERSION >= (6, 0) else [("DBA", "dba@example.com")]
     assert ops(ADMINS=admins, DJANGO_SCALE={"SNIPER_MAIL_ADMINS": True}) == []
+
+
+def test_w108_replica_alias_over_several_hosts():
+    for shape in (
+        {"HOST": "10.0.0.2,10.0.0.3"},
+        {"PORT": "5432,5433"},
+        {"OPTIONS": {"connect_timeout": 2, "target_session_attrs": "standby"}},
+        {"OPTIONS": {"connect_timeout": 2, "load_balance_hosts": "random"}},
+    ):
+        databases = _databases(**shape)
+        messages = routing(
+            DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER]
+        )
+        assert "django_scale.W108" in ids(messages), shape
+    # One alias per standby is the supported shape.
+    databases = _databases(HOST="10.0.0.2")
+    messages = routing(DATABASES=databases, DJANGO_SCALE={"REPLICAS": ["replica"]}, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W108" not in ids(messages)
+
+
+def test_w109_weight_for_a_replica_not_in_replicas():
+    scale = {"REPLICAS": ["replica"], "REPLICA_POLICY": "weighted", "REPLICA_WEIGHTS": {"replica3": 2}}
+    messages = routing(DATABASES=_databases(), DJANGO_SCALE=scale, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W109" in ids(messages)
+    scale["REPLICA_WEIGHTS"] = {"replica": 2}
+    messages = routing(DATABASES=_databases(), DJANGO_SCALE=scale, DATABASE_ROUTERS=[ROUTER])
+    assert "django_scale.W109" not in ids(messages)
+
+
+def test_replica_policy_and_weights_are_validated():
+    assert ids(run(DJANGO_SCALE={"REPLICA_POLICY": "fastest"})) == ["django_scale.E003"]
+    assert ids(run(DJANGO_SCALE={"REPLICA_POLICY": 1})) == ["django_scale.E002"]
+    assert ids(run(DJANGO_SCALE={"REPLICA_WEIGHTS": {"replica": -1}})) == ["django_scale.E003"]
+    assert ids(run(DJANGO_SCALE={"REPLICA_WEIGHTS": {"replica": "2"}})) == ["django_scale.E002"]
+    assert run(DJANGO_SCALE={"REPLICA_POLICY": "least_lag", "REPLICA_WEIGHTS": {"replica": 0.5}}) == []

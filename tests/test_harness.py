@@ -30,6 +30,34 @@ def test_replica_alias_is_the_real_standby(replica):
     assert connections["replica"].settings_dict["PORT"] != connections["default"].settings_dict["PORT"]
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", "replica", "replica2"])
+def test_replica2_is_a_second_standby_that_replays_on_its_own(paused_replica):
+    if harness.services().replica2 is None:
+        pytest.skip("external servers without DJANGO_SCALE_TEST_REPLICA2_URL: replica2 is replica")
+    assert connections["replica2"].settings_dict["PORT"] not in {
+        connections["replica"].settings_dict["PORT"],
+        connections["default"].settings_dict["PORT"],
+    }
+    author = Author.objects.using("default").create(name="Lise")
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()")
+        target = cursor.fetchone()[0]
+
+    def replayed() -> bool:
+        with connections["replica2"].cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn() >= %s::pg_lsn", [target])
+            in_recovery, done = cursor.fetchone()
+        assert in_recovery is True
+        return bool(done)
+
+    from support import wait_until
+
+    # Replay is paused on "replica" only: replica2 has the row, replica does not.
+    wait_until(replayed, "replica2 replaying")
+    assert Author.objects.using("replica2").filter(pk=author.pk).exists()
+    assert not Author.objects.using("replica").filter(pk=author.pk).exists()
+
+
 @REPLICA
 def test_committed_row_is_read_back_from_replica(replica):
     author = Author.objects.using("default").create(name="Ada")

@@ -11,6 +11,10 @@ The parts, one concept each:
   only reads what the monitors recorded: it does no I/O.
 * :mod:`~django_scale.replicas.health`: :class:`SharedHealth`, which tells the other
   processes through the cache which replicas this one ejected, and learns theirs.
+* :mod:`~django_scale.replicas.hostshare`: one prober per replica per host (``SHARED_HEALTH``),
+  publishing into a memory-mapped record the host's other processes copy instead of probing.
+* :mod:`~django_scale.replicas.policy`: which of several available replicas a request reads
+  from (``REPLICA_POLICY``).
 * :mod:`~django_scale.replicas.guard`: :class:`ReplicaGuard` and the watchdog: a deadline
   for queries on a replica, and a clear error when a read on one fails.
 * :mod:`~django_scale.replicas.errors`: what a failed query's SQLSTATE says.

@@ -23,6 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_scale.conf import HotSettings, conf
 from django_scale.replicas.health import shared_health
+from django_scale.replicas.hostshare import HostRecord, HostShare, forget_shares, host_share
 from django_scale.replicas.wal import parse_lsn
 
 __all__ = ["ReplicaMonitor", "monitor", "stop_monitors", "wait_for_replicas"]
@@ -87,6 +88,11 @@ class ReplicaMonitor:
         self._logged: str = ""
         self._stopped = False
         self._primary_id: str | None = None
+        #: How many times this process copied the host's shared record instead of probing.
+        self.shared_reads = 0
+        self._share: HostShare | None = None
+        self._share_looked_up = False
+        self._shared_failures = 0
 
     # The request path: reads only, no I/O.
 
@@ -172,15 +178,76 @@ class ReplicaMonitor:
 
     def _run(self) -> None:
         while not self._stopped:
+            share = self._host_share()
+            if share is not None and not self._waiters and not share.try_lead() and self._follow(share):
+                # Another process of this host probed: its record is copied, no probe here.
+                # Looked at twice per interval, so a record is never an interval late.
+                self._first.set()
+                self._wake.wait(conf.HEALTH_CHECK_INTERVAL / 2)
+                self._wake.clear()
+                continue
             self.probe()
+            if share is not None and share.leading:
+                share.publish(self._shared_record())
             self._first.set()
             self._probed = True
             if self._waiters:
-                # A request waits for this replica to replay its user's write: look again soon.
+                # A request waits for this replica to replay its user's write: look again soon
+                # (probing here, whoever the host's prober is).
                 time.sleep(0.001)
                 continue
             self._wake.wait(conf.HEALTH_CHECK_INTERVAL)
             self._wake.clear()
+
+    # Sharing the probes between the processes of a host (SHARED_HEALTH).
+
+    def _host_share(self) -> HostShare | None:
+        if not self._share_looked_up:
+            self._share = host_share(self.alias, connections[self.alias].settings_dict)
+            self._share_looked_up = True
+        return self._share
+
+    def _shared_record(self) -> HostRecord:
+        """What this process (the host's prober) measured, for the other processes."""
+        wall, mono = time.time(), time.monotonic()
+        return HostRecord(
+            pid=os.getpid(),
+            published=wall,
+            checked=wall - (mono - self.checked_at) if self.checked_at else 0.0,
+            replay_lsn=self.replay_lsn,
+            lag=self.lag,
+            down_until=wall + (self.down_until - mono) if self.down_until > mono else 0.0,
+            failures=self.failures,
+            error=self.error,
+        )
+
+    def _follow(self, share: HostShare) -> bool:
+        """Copy the host prober's record into this monitor; return ``False`` if it is stale."""
+        record = share.read()
+        wall, mono = time.time(), time.monotonic()
+        deadline, interval, _ = conf.health_limits()
+        if record is None or wall - record.published > interval + deadline:
+            return False
+        offset = mono - wall
+        self.replay_lsn = max(self.replay_lsn, record.replay_lsn)
+        self.lag = record.lag
+        self.checked_at = record.checked + offset if record.checked else 0.0
+        self.error = record.error
+        if record.failures != self._shared_failures:
+            # The replica failed since the last record: connections opened before are suspect.
+            self._shared_failures = record.failures
+            self.failures += 1
+        shared_until = record.down_until + offset if record.down_until > wall else 0.0
+        until = max(self._ejected_until, shared_until)
+        self.down_until = until if until > mono else 0.0
+        # A connection of this process's own, from a probe while the record was stale, is one
+        # more probe connection per worker: close it.
+        self._close()
+        self.shared_reads += 1
+        self.version += 1
+        with _progress:
+            _progress.notify_all()
+        return True
 
     def _primary_identity(self) -> str | None:
         """Return the primary's identity (once per monitor), or ``None`` if it cannot be read."""
@@ -389,6 +456,9 @@ def stop_monitors() -> None:
         _monitors.clear()
     for item in stopping:
         item.stop()
+    # Give up this process's lead of the host's probes, so that another process takes over
+    # rather than every process falling back to probing on its own.
+    forget_shares()
 
 
 def _forget_after_fork() -> None:

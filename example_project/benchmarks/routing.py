@@ -272,9 +272,176 @@ def mixed_workload(out: TextIO, replica: str, quick: bool) -> None:
     )
 
 
+# -- Part 3: two replicas, one lagging -----------------------------------------------------------
+
+
+def two_replicas(out: TextIO, replica: str, quick: bool) -> None:
+    """The mixed workload with replay delayed on *replica* and not on ``replica2``."""
+    from news.models import Article, Author, Section
+
+    if "replica2" not in settings.DATABASES:
+        out.write("\n(2 replicas, one lagging: skipped, no replica2 alias; set REPLICA2_URL)\n")
+        return
+    both = [replica, "replica2"]
+    users, think, duration, lag = (40, 1.0, 4.0, 2.0) if quick else (100, 2.0, 12.0, 2.0)
+    section, _ = Section.objects.get_or_create(slug="bench-routing", defaults={"name": "Bench"})
+    author, _ = Author.objects.get_or_create(name="Bench user")
+    Article.objects.filter(slug__startswith=USERS_ROW_PREFIX).delete()
+    rows = [
+        Article.objects.create(
+            section=section, author=author, title=f"Bench {n}", slug=f"{USERS_ROW_PREFIX}{n}", body="."
+        ).pk
+        for n in range(users)
+    ]
+    base = _middleware_without(SCALE_MIDDLEWARE, MULTIDB_MIDDLEWARE)
+    scale = {
+        "DATABASE_ROUTERS": ["django_scale.routers.ReplicaRouter"],
+        "MIDDLEWARE": [SCALE_MIDDLEWARE, *base],
+    }
+    contenders: dict[str, dict[str, Any]] = {
+        "django-multidb-router 15 s pin": {
+            "DATABASE_ROUTERS": ["multidb.PinningReplicaRouter"],
+            "MIDDLEWARE": [MULTIDB_MIDDLEWARE, *base],
+            "REPLICA_DATABASES": both,
+            "MULTIDB_PINNING_SECONDS": 15,
+        },
+        "django-scale, REPLICA_POLICY=random": {**scale, "DJANGO_SCALE": {"REPLICA_POLICY": "random"}},
+        "django-scale, REPLICA_POLICY=least_lag": {**scale, "DJANGO_SCALE": {"REPLICA_POLICY": "least_lag"}},
+    }
+    results = []
+    try:
+        with injected_lag(replica, lag):
+            for name, options in contenders.items():
+                _reset_multidb()
+                scale_settings = {
+                    **settings.DJANGO_SCALE,
+                    "REPLICAS": both,
+                    **options.pop("DJANGO_SCALE", {}),
+                }
+                with override_settings(
+                    ROOT_URLCONF=__name__,
+                    ALLOWED_HOSTS=["testserver"],
+                    DJANGO_SCALE=scale_settings,
+                    **options,
+                ):
+                    for alias in both:
+                        monitor(alias).is_available()
+                    outcome = workload(rows, duration, think, seed=11)
+                total = sum(outcome.reads.values()) or 1
+                results.append(
+                    [
+                        name,
+                        total,
+                        f"{outcome.reads[replica] / total:.1%}",
+                        f"{outcome.reads['replica2'] / total:.1%}",
+                        f"{outcome.reads['default'] / total:.1%}",
+                        outcome.stale_own,
+                    ]
+                )
+    finally:
+        Article.objects.filter(slug__startswith=USERS_ROW_PREFIX).delete()
+    print_table(
+        out,
+        f"2 replicas, one lagging: replay on {replica!r} delayed {lag:g} s, 'replica2' caught up; "
+        f"{users} users for {duration:g} s",
+        ["setup", "reads", f"on {replica} (lagging)", "on replica2", "on primary", "stale after own write"],
+        results,
+    )
+
+
+# -- Part 4: probes per replica against the number of worker processes ----------------------------
+
+WORKER = """
+import json, sys, time
+import django
+django.setup()
+from django_scale.replicas import monitor
+from django_scale.testing import override_scale_settings
+seconds, shared, directory = float(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
+with override_scale_settings(SHARED_HEALTH=shared, SHARED_HEALTH_DIR=directory, HEALTH_CHECK_INTERVAL=0.1):
+    item = monitor("replica")
+    item.is_available()
+    print("ready", flush=True)
+    sys.stdin.readline()  # every worker starts measuring when all are ready
+    probes = item.probes
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        item.is_available()
+        time.sleep(0.01)
+    print(json.dumps({"probes": item.probes - probes, "connected": item._connection is not None}), flush=True)
+    sys.stdin.readline()  # and exits when all are done, so the prober outlives the window
+"""
+
+
+def worker_processes(out: TextIO, quick: bool) -> None:
+    """Probe connections and probes per second per replica, with 1, 4 and 16 worker processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    seconds = 2.0 if quick else 5.0
+    counts = [1, 16] if quick else [1, 4, 16]
+    env = {**os.environ, "DJANGO_SCALE_EXAMPLE_HARNESS": "0", "PYTHONPATH": str(Path(settings.BASE_DIR))}
+    results = []
+    for shared in (False, True):
+        for count in counts:
+            with tempfile.TemporaryDirectory(prefix="bench-routing-") as directory:
+                workers = [
+                    subprocess.Popen(
+                        [sys.executable, "-c", WORKER, str(seconds), "1" if shared else "0", directory],
+                        env=env,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    )
+                    for _ in range(count)
+                ]
+                reports = []
+                try:
+                    for worker in workers:
+                        assert worker.stdout is not None
+                        if worker.stdout.readline().strip() != "ready":
+                            raise RuntimeError(f"a benchmark worker failed:\n{worker.communicate()[1]}")
+                    for step in ("go", "done"):
+                        for worker in workers:
+                            assert worker.stdin is not None
+                            worker.stdin.write(f"{step}\n")
+                            worker.stdin.flush()
+                        if step == "go":
+                            for worker in workers:
+                                assert worker.stdout is not None
+                                reports.append(json.loads(worker.stdout.readline()))
+                finally:
+                    for worker in workers:
+                        worker.communicate(timeout=300)
+            probes = sum(report["probes"] for report in reports)
+            connections_open = sum(report["connected"] for report in reports)
+            results.append(
+                [
+                    "django-scale, SHARED_HEALTH=True" if shared else "per process (SHARED_HEALTH=False)",
+                    count,
+                    connections_open,
+                    f"{probes / seconds:.1f}",
+                ]
+            )
+    print_table(
+        out,
+        f"Worker processes on one host: probes of one replica over {seconds:g} s, HEALTH_CHECK_INTERVAL=0.1 "
+        "(goal: independent of workers)",
+        ["health", "workers", "probe connections", "probes/s per replica"],
+        results,
+    )
+
+
 def run(out: TextIO, quick: bool = False) -> None:
     replica = require_replica(out, "routing")
     with override_scale_settings(HEALTH_CHECK_INTERVAL=0.1):
         monitor(replica).is_available()
         decision_overhead(out, replica, quick)
         mixed_workload(out, replica, quick)
+        two_replicas(out, replica, quick)
+    worker_processes(out, quick)

@@ -127,6 +127,9 @@ if env_flag("DJANGO_SCALE_EXAMPLE_HARNESS", "0"):
     os.environ["DATABASE_URL"] = f"postgres://{_primary.user}@{_primary.host}:{_primary.port}/newsroom"
     os.environ["REPLICA_URL"] = f"postgres://{_replica.user}@{_replica.host}:{_replica.port}/newsroom"
     os.environ["REDIS_URL"] = _services.redis.url()
+    if _services.replica2 is not None:
+        _replica2 = _services.replica2
+        os.environ["REPLICA2_URL"] = f"postgres://{_replica2.user}@{_replica2.host}:{_replica2.port}/newsroom"
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 REPLICA_URL = os.environ.get("REPLICA_URL", "")
@@ -149,6 +152,12 @@ if DATABASE_URL:
         DATABASES["replica_plain"] = database_from_url(
             REPLICA_URL, options={"connect_timeout": 2}, TEST={"MIRROR": "default"}
         )
+        if os.environ.get("REPLICA2_URL"):
+            # A second standby, known to Django but not in REPLICAS: `bench routing` lists both
+            # for its several-replica rows.
+            DATABASES["replica2"] = database_from_url(
+                os.environ["REPLICA2_URL"], options={"connect_timeout": 2}, TEST={"MIRROR": "default"}
+            )
         # Reads go to the replica when it has what the user wrote; the middleware goes first
         # so that every write of a request, the session's included, is seen.
         DATABASE_ROUTERS.append("django_scale.routers.ReplicaRouter")
