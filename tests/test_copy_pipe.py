@@ -366,7 +366,7 @@ def test_scale_copy_dry_run_prints_the_sql_and_copies_nothing():
     )
     text = out.getvalue()
     assert "COPY (SELECT" in text and "TO STDOUT (FORMAT BINARY)" in text
-    assert 'COPY "testapp_oldcharacter" ("id", "name", "publisher_id") FROM STDIN (FORMAT BINARY)' in text
+    assert 'COPY "testapp_oldcharacter" ("id", "publisher_id", "name") FROM STDIN (FORMAT BINARY)' in text
     assert OldCharacter.objects.count() == 0
 
 

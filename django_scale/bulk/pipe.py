@@ -489,7 +489,11 @@ def _drive(
             return 0
         checkpointer.estimate(plan.source.count)
         start_after = decode_key(plan.source.model, key, checkpointer.expected)
-    total_rows = None if checkpointer is None else checkpointer.checkpoint.rows_total
+    if checkpointer is not None:
+        total_rows = checkpointer.checkpoint.rows_total
+    else:
+        # An exact count (one index scan) for the bar: small next to copying the rows.
+        total_rows = plan.source.count() if progress is not None else None
     done = 0 if checkpointer is None else checkpointer.checkpoint.rows_done
     started = time.monotonic()
     copied = 0

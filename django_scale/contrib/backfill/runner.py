@@ -28,7 +28,7 @@ from django_scale.contrib.backfill.models import BackfillCheckpoint
 from django_scale.counting import approx_count
 from django_scale.exceptions import BulkError
 
-__all__ = ["Backfill", "BackfillProgress", "Checkpointer", "progress_bar", "run_backfill"]
+__all__ = ["Backfill", "BackfillProgress", "Checkpointer", "decode_key", "progress_bar", "run_backfill"]
 
 M = TypeVar("M", bound=Model)
 
@@ -60,6 +60,11 @@ class Backfill(Generic[M]):
     def checkpoint_name(cls) -> str:
         """Return the name of this backfill's checkpoint."""
         return cls.name or f"{cls.__module__}.{cls.__qualname__}"
+
+
+def decode_key(model: type[Model], key: str, value: Any) -> Any:
+    """Return a checkpoint's *value* (JSON) as *model*'s *key* field's Python value."""
+    return _decode(model, key, value)
 
 
 def _decode(model: type[Model], key: str, value: Any) -> Any:
