@@ -20,6 +20,7 @@ FEATURES = {
     "admin": "benchmarks.admin",
     "bulk": "benchmarks.bulk",
     "cache": "benchmarks.cache",
+    "migrate": "benchmarks.migrate",
     "prefetch": "benchmarks.prefetch",
     "request": "benchmarks.request",
     "routing": "benchmarks.routing",
