@@ -313,6 +313,26 @@ def test_a_failure_midway_leaves_the_target_consistent_and_resumable():
     assert NewCharacter.objects.count() == 50
 
 
+@PG_ONLY
+@BOTH_COMMITTED
+def test_a_source_failing_mid_stream_writes_nothing_of_its_batch():
+    """The source's COPY fails after rows went out: the target must not commit the rows before it."""
+    legacy_characters(3000)
+    for publisher in OldPublisher.objects.using("legacy").all():
+        NewPublisher.objects.create(id=publisher.id, name=publisher.name)
+    # Division by zero at id 2500, after 2,499 rows (more than a 64 KB block) of the one COPY
+    # have streamed out and reached the target.
+    source = OldCharacter.objects.using("legacy").order_by().values(
+        "id", "publisher_id", **SEED, power=Value(1000) / (F("id") - 2500)
+    )
+    with pytest.raises(Exception, match="division by zero"):
+        copy_between(source, NewCharacter)
+    assert NewCharacter.objects.count() == 0
+    # Both connections are usable afterwards.
+    assert OldCharacter.objects.using("legacy").count() == 3000
+    assert copy_between(source.filter(id__lt=2500), NewCharacter) == 2499
+
+
 @BOTH
 def test_resume_needs_batches():
     with pytest.raises(BulkError, match="resume= needs batch_size="):

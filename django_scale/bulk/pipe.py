@@ -238,20 +238,40 @@ def plan_copy(queryset: QuerySet[Any], model: type[Model], *, using: str | None 
 
 
 class _Pipe:
-    """COPY data from a thread (``write``, the source's ``copy_expert``) to a reader (``read``)."""
+    """COPY data from a thread (``write``, the source's ``copy_expert``) to a reader (``read``).
+
+    psycopg2 calls ``write`` once per row: rows are gathered into blocks of about
+    :data:`BLOCK_BYTES` before crossing the queue, so the threads meet a few times per block.
+    """
 
     def __init__(self) -> None:
         self.blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_BLOCKS)
         self.aborted = threading.Event()
+        self._pending = bytearray()
 
-    def write(self, data: bytes) -> int:
+    def _put(self, item: bytes | BaseException | None) -> None:
         while not self.aborted.is_set():
             try:
-                self.blocks.put(bytes(data), timeout=0.1)
-                return len(data)
+                self.blocks.put(item, timeout=0.1)
+                return
             except queue.Full:
                 continue
-        return len(data)  # aborted: drop, the source COPY is being cancelled
+        # Aborted: dropped, the source COPY is being cancelled.
+
+    def write(self, data: bytes) -> int:
+        pending = self._pending
+        pending += data
+        if len(pending) >= BLOCK_BYTES:
+            self._put(bytes(pending))
+            pending.clear()
+        return len(data)
+
+    def close_writing(self, error: BaseException | None = None) -> None:
+        """End the stream: the rest of the data, then ``error`` or the end."""
+        if error is None and self._pending:
+            self._put(bytes(self._pending))
+            self._pending.clear()
+        self._put(error)
 
     def read(self, size: int = -1) -> bytes:
         block = self.blocks.get()
@@ -274,10 +294,10 @@ def _pump_psycopg2(plan: CopyPlan, out_sql: str, in_sql: str) -> int:
         def produce() -> None:
             try:
                 raw_source.copy_expert(out_sql, pipe, size=BLOCK_BYTES)
-                pipe.blocks.put(None)
             except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
-                if not pipe.aborted.is_set():
-                    pipe.blocks.put(error)
+                pipe.close_writing(error)
+            else:
+                pipe.close_writing()
 
         thread = threading.Thread(target=produce, name="django-scale-copy-pipe", daemon=True)
         thread.start()
