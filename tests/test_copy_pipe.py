@@ -322,8 +322,10 @@ def test_a_source_failing_mid_stream_writes_nothing_of_its_batch():
         NewPublisher.objects.create(id=publisher.id, name=publisher.name)
     # Division by zero at id 2500, after 2,499 rows (more than a 64 KB block) of the one COPY
     # have streamed out and reached the target.
-    source = OldCharacter.objects.using("legacy").order_by().values(
-        "id", "publisher_id", **SEED, power=Value(1000) / (F("id") - 2500)
+    source = (
+        OldCharacter.objects.using("legacy")
+        .order_by()
+        .values("id", "publisher_id", **SEED, power=Value(1000) / (F("id") - 2500))
     )
     with pytest.raises(Exception, match="division by zero"):
         copy_between(source, NewCharacter)

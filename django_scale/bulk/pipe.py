@@ -153,7 +153,7 @@ def _with_defaults(queryset: QuerySet[Any], model: type[Model], names: list[str]
     if not extra:
         return queryset
     try:
-        return queryset.annotate(**extra)
+        return cast("QuerySet[Any]", queryset.annotate(**extra))
     except ValueError as error:
         raise BulkError(
             f"Give these target fields in the source queryset: {', '.join(extra)} ({error})."
@@ -198,9 +198,9 @@ def plan_copy(queryset: QuerySet[Any], model: type[Model], *, using: str | None 
     source_alias = queryset.db
     target_alias = using or router.db_for_write(model)
     if not _is_values(queryset):
-        names = {field.name for field in queryset.model._meta.concrete_fields}
+        shared = {field.name for field in queryset.model._meta.concrete_fields}
         queryset = queryset.values(
-            *[f.attname for f in model._meta.concrete_fields if f.name in names or f.attname in names]
+            *[f.attname for f in model._meta.concrete_fields if f.name in shared or f.attname in shared]
         )
     _check_shape(queryset, "pk")
     queryset = _with_defaults(queryset.order_by(), model, selected_names(queryset))
@@ -306,7 +306,7 @@ def _pump_psycopg2(plan: CopyPlan, out_sql: str, in_sql: str) -> int:
         except BaseException:
             pipe.aborted.set()
             if thread.is_alive():
-                source.connection.cancel()  # type: ignore[union-attr]
+                source.connection.cancel()
             thread.join()
             raise
         thread.join()
@@ -339,7 +339,7 @@ def _merge_select(plan: CopyPlan, remap: dict[Field[Any, Any], Field[Any, Any]])
         return None
     quote = connections[plan.target_alias].ops.quote_name
     columns = []
-    joins = []
+    joins: list[str] = []
     for field in plan.fields:
         old_key = remap.get(field)
         if old_key is None:

@@ -130,7 +130,9 @@ def _orm_loop(sample: int) -> None:
 def _bulk_create() -> None:
     batch: list[NewCharacter] = []
     for old in OldCharacter.objects.using("legacy").iterator(chunk_size=BATCH):
-        batch.append(NewCharacter(id=old.id, publisher_id=old.publisher_id, nickname=old.name, secret_identity=SECRET))
+        batch.append(
+            NewCharacter(id=old.id, publisher_id=old.publisher_id, nickname=old.name, secret_identity=SECRET)
+        )
         if len(batch) == BATCH:
             NewCharacter.objects.using("default").bulk_create(batch)
             batch = []
@@ -185,7 +187,7 @@ def _psql_pipe(legacy_env: dict[str, str], default_env: dict[str, str]) -> None:
         f"PGDATABASE='{legacy_env['PGDATABASE']}' psql -q -c \"COPY (SELECT id, publisher_id, name, "
         f"'{SECRET}'::varchar FROM character) TO STDOUT (FORMAT BINARY)\""
     )
-    into = "psql -q -v ON_ERROR_STOP=1 -c \"COPY character (id, publisher_id, nickname, secret_identity) FROM STDIN (FORMAT BINARY)\""
+    into = 'psql -q -v ON_ERROR_STOP=1 -c "COPY character (id, publisher_id, nickname, secret_identity) FROM STDIN (FORMAT BINARY)"'
     _shell(f"{out} | {into}", default_env)
 
 
@@ -219,14 +221,24 @@ def run(out: TextIO, quick: bool, sizes: list[int] | None = None) -> None:
         dump_env = _dump_database()
         results: list[tuple[str, float]] = []
 
-        def measure(name: str, work: Callable[[], Any], scale: float = 1.0, clear: Callable[[], None] = empty) -> None:
+        def measure(
+            name: str,
+            work: Callable[[], Any],
+            scale: float = 1.0,
+            clear: Callable[[], None] = empty,
+            results: list[tuple[str, float]] = results,
+        ) -> None:
             clear()
             started = time.perf_counter()
             work()
             results.append((name, (time.perf_counter() - started) * scale))
 
         sample = min(rows, ORM_SAMPLE)
-        measure(f"ORM save() loop (the write-up's; {sample:,}-row sample, extrapolated)", lambda: _orm_loop(sample), rows / sample)
+        measure(
+            f"ORM save() loop (the write-up's; {sample:,}-row sample, extrapolated)",
+            lambda sample=sample: _orm_loop(sample),
+            rows / sample,
+        )
         measure("bulk_create() in batches of 2,000", _bulk_create)
         try:
             import postgres_copy  # noqa: F401
@@ -238,11 +250,18 @@ def run(out: TextIO, quick: bool, sizes: list[int] | None = None) -> None:
         pipe_copied = NewCharacter.objects.using("default").count()
         measure("django-scale iter_batches(values_list) + copy_from (Python transform)", _python_transform)
 
-        def clear_dump() -> None:
+        def clear_dump(dump_env: dict[str, str] = dump_env) -> None:
             _shell('psql -q -c "TRUNCATE character"', dump_env)
 
-        measure("pg_dump -t character | psql (old schema, no transform)", _pg_dump(dump_env, legacy_env), clear=clear_dump)
-        measure("psql COPY TO | psql COPY FROM (binary, the same transform)", lambda: _psql_pipe(legacy_env, default_env))
+        measure(
+            "pg_dump -t character | psql (old schema, no transform)",
+            _pg_dump(dump_env, legacy_env),
+            clear=clear_dump,
+        )
+        measure(
+            "psql COPY TO | psql COPY FROM (binary, the same transform)",
+            lambda: _psql_pipe(legacy_env, default_env),
+        )
         if pipe_copied != rows:
             raise CommandError(f"the pipe copied {pipe_copied} rows of {rows}")
         ceiling = next(seconds for name, seconds in results if name.startswith("pg_dump"))

@@ -127,7 +127,9 @@ if env_flag("DJANGO_SCALE_EXAMPLE_HARNESS", "0"):
     os.environ["REPLICA_URL"] = f"postgres://{_replica.user}@{_replica.host}:{_replica.port}/newsroom"
     os.environ["REDIS_URL"] = _services.redis.url()
     harness.create_database(_primary, "newsroom_legacy")
-    os.environ["LEGACY_DATABASE_URL"] = f"postgres://{_primary.user}@{_primary.host}:{_primary.port}/newsroom_legacy"
+    os.environ["LEGACY_DATABASE_URL"] = (
+        f"postgres://{_primary.user}@{_primary.host}:{_primary.port}/newsroom_legacy"
+    )
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 REPLICA_URL = os.environ.get("REPLICA_URL", "")
