@@ -4,9 +4,7 @@
 ``Value()``, ``Cast``: renames and transforms in the ORM) to SQL on the source alias and runs
 ``COPY (SELECT ...) TO STDOUT (FORMAT BINARY)`` there, feeding each block as it comes into
 ``COPY target (columns) FROM STDIN (FORMAT BINARY)`` on the target alias: no Python object per
-row, memory bounded by a few blocks. With psycopg 3 the two ``Copy`` objects are read and
-written in one thread; with psycopg2, whose ``copy_expert`` blocks, the source side runs in a
-thread and hands blocks through a bounded queue.
+row, memory bounded by a few blocks (:mod:`django_scale.bulk.wire`).
 
 Before any row moves, each column's type is checked: the source expression's
 ``output_field`` against the target field (the same kind of column, else a
@@ -28,13 +26,9 @@ Where either database is not PostgreSQL, the same call moves the rows through
 
 from __future__ import annotations
 
-import importlib
-import queue
 import re
-import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -49,13 +43,10 @@ from django_scale.bulk.copy import _is_psycopg3, _quote, _run_batch, copy_from
 from django_scale.bulk.merge import copy_upsert, temp_table, upsert_statement
 from django_scale.bulk.progress import Progress
 from django_scale.bulk.rows import _Columns, _fields, _is_auto_now
+from django_scale.bulk.wire import pump_psycopg2, pump_psycopg3
 from django_scale.exceptions import BulkError
 
 __all__ = ["CopyPlan", "copy_between", "plan_copy"]
-
-#: Blocks of COPY data queued between the two connections (psycopg2): bounds the memory.
-QUEUE_BLOCKS = 16
-BLOCK_BYTES = 1 << 16
 
 # Django's db_type() spellings that carry the same values (a cast between them refuses, never
 # truncates): compared by family. Every other type must match exactly.
@@ -239,146 +230,11 @@ def plan_copy(queryset: QuerySet[Any], model: type[Model], *, using: str | None 
     return plan
 
 
-class _Pipe:
-    """COPY data from a thread (``write``, the source's ``copy_expert``) to a reader (``read``).
-
-    psycopg2 calls ``write`` once per row: rows are gathered into blocks of about
-    :data:`BLOCK_BYTES` before crossing the queue, so the threads meet a few times per block.
-    """
-
-    def __init__(self) -> None:
-        self.blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_BLOCKS)
-        self.aborted = threading.Event()
-        self._pending = bytearray()
-
-    def _put(self, item: bytes | BaseException | None) -> None:
-        while not self.aborted.is_set():
-            try:
-                self.blocks.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-        # Aborted: dropped, the source COPY is being cancelled.
-
-    def write(self, data: bytes) -> int:
-        pending = self._pending
-        pending += data
-        if len(pending) >= BLOCK_BYTES:
-            self._put(bytes(pending))
-            pending.clear()
-        return len(data)
-
-    def close_writing(self, error: BaseException | None = None) -> None:
-        """End the stream: the rest of the data, then ``error`` or the end."""
-        if error is None and self._pending:
-            self._put(bytes(self._pending))
-            self._pending.clear()
-        self._put(error)
-
-    def read(self, size: int = -1) -> bytes:
-        block = self.blocks.get()
-        if block is None:
-            return b""
-        if isinstance(block, BaseException):
-            # Raised inside copy_expert: psycopg2 ends the COPY with an error, writing nothing.
-            raise block
-        return block
-
-
-def _pump_psycopg2(plan: CopyPlan, out_sql: str, in_sql: str) -> int:
-    source = connections[plan.source_alias]
-    target = connections[plan.target_alias]
-    pipe = _Pipe()
-    with source.cursor() as source_wrapper, target.cursor() as target_wrapper:
-        raw_source: Any = source_wrapper.cursor
-        raw_target: Any = target_wrapper.cursor
-
-        def produce() -> None:
-            try:
-                raw_source.copy_expert(out_sql, pipe, size=BLOCK_BYTES)
-            except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
-                pipe.close_writing(error)
-            else:
-                pipe.close_writing()
-
-        thread = threading.Thread(target=produce, name="django-scale-copy-pipe", daemon=True)
-        thread.start()
-        try:
-            raw_target.copy_expert(in_sql, pipe, size=BLOCK_BYTES)
-        except BaseException:
-            pipe.aborted.set()
-            if thread.is_alive():
-                source.connection.cancel()
-            thread.join()
-            raise
-        thread.join()
-        return int(raw_target.rowcount)
-
-
-def _copy_out_blocks(raw_cursor: Any, sql: str) -> Generator[bytes, None, None]:
-    """Run ``COPY ... TO STDOUT`` on psycopg 3's libpq connection; yield its data in ~64 KB blocks.
-
-    ``Copy`` hands out one row per Python call through psycopg's wait loop (a few microseconds
-    a row: more than the rest of the pipe); libpq's own ``PQgetCopyData``, through psycopg's
-    documented low-level ``Connection.pgconn``, costs a fraction of that. The connection is left
-    as ``Copy`` would leave it: idle, or in its transaction (aborted on an error).
-    """
-    pq = importlib.import_module("psycopg.pq")
-    errors = importlib.import_module("psycopg.errors")
-    connection = raw_cursor.connection
-    pgconn = connection.pgconn
-    encoding = getattr(connection.info, "encoding", "utf-8")
-    result = pgconn.exec_(sql.encode(encoding))
-    if result.status != pq.ExecStatus.COPY_OUT:
-        raise errors.error_from_result(result, encoding=encoding)
-    finished = False
-    try:
-        pending = bytearray()
-        while True:
-            size, data = pgconn.get_copy_data(0)
-            if size < 0:
-                break
-            pending += data
-            if len(pending) >= BLOCK_BYTES:
-                yield bytes(pending)
-                pending.clear()
-        finished = True
-        if pending:
-            yield bytes(pending)
-    finally:
-        if not finished:
-            # Stopped early (the target failed): cancel the COPY and read what is left.
-            connection.cancel()
-            while pgconn.get_copy_data(0)[0] >= 0:
-                pass
-        failure = None
-        while (result := pgconn.get_result()) is not None:
-            if result.status == pq.ExecStatus.FATAL_ERROR and failure is None:
-                failure = errors.error_from_result(result, encoding=encoding)
-    if failure is not None:
-        raise failure
-
-
-def _pump_psycopg3(plan: CopyPlan, out_sql: str, in_sql: str) -> int:
-    source, target = connections[plan.source_alias], connections[plan.target_alias]
-    with source.cursor() as source_wrapper, target.cursor() as target_wrapper:
-        raw_target: Any = target_wrapper.cursor
-        # closing(): on the target's error the source's COPY is cancelled now, not when the
-        # generator is collected.
-        with (
-            raw_target.copy(in_sql) as into,
-            closing(_copy_out_blocks(source_wrapper.cursor, out_sql)) as blocks,
-        ):
-            for block in blocks:
-                into.write(block)
-        return int(raw_target.rowcount)
-
-
 def _pump(plan: CopyPlan, batch: QuerySet[Any], table: str | None = None) -> int:
-    pump = _pump_psycopg3 if _is_psycopg3(connections[plan.target_alias]) else _pump_psycopg2
+    pump = pump_psycopg3 if _is_psycopg3(connections[plan.target_alias]) else pump_psycopg2
     if _is_psycopg3(connections[plan.source_alias]) != _is_psycopg3(connections[plan.target_alias]):
         raise BulkError("copy_between() needs the same PostgreSQL driver on both aliases.")
-    return pump(plan, plan.copy_out_sql(batch), plan.copy_in_sql(table))
+    return pump(plan.source_alias, plan.target_alias, plan.copy_out_sql(batch), plan.copy_in_sql(table))
 
 
 def _merge_select(plan: CopyPlan, remap: dict[Field[Any, Any], Field[Any, Any]]) -> tuple[str, str] | None:
