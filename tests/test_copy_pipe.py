@@ -448,3 +448,32 @@ def test_plan_names_every_target_field_once():
         "secret_identity",
         "power",
     ]
+
+
+@BOTH
+def test_scale_copy_upserts_and_names_bad_arguments():
+    from django.core.management.base import CommandError
+
+    legacy_characters(6)
+    call_command(
+        "scale_copy", "testapp.OldPublisher", "--from", "legacy", stdout=io.StringIO(), stderr=io.StringIO()
+    )
+    call_command(
+        "scale_copy", "testapp.OldCharacter", "--from", "legacy", stdout=io.StringIO(), stderr=io.StringIO()
+    )
+    OldCharacter.objects.using("legacy").filter(id=2).update(name="changed")
+    call_command(
+        "scale_copy", "testapp.OldCharacter", "--from", "legacy", "--upsert", "id",
+        stdout=io.StringIO(), stderr=io.StringIO(),
+    )  # fmt: skip
+    assert OldCharacter.objects.count() == 6 and OldCharacter.objects.get(id=2).name == "changed"
+    with pytest.raises(CommandError, match="No database alias 'nowhere'"):
+        call_command("scale_copy", "testapp.OldCharacter", "--from", "nowhere")
+    with pytest.raises(CommandError, match="not app_label.Model, a table of an installed model"):
+        call_command("scale_copy", "no_such_table", "--from", "legacy")
+    with pytest.raises(
+        CommandError, match="NewCharacter fields nickname, secret_identity are NOT NULL without a default"
+    ):
+        call_command(
+            "scale_copy", "testapp.OldCharacter", "--into", "testapp.NewCharacter", "--from", "legacy"
+        )

@@ -131,6 +131,7 @@ def _with_defaults(queryset: QuerySet[Any], model: type[Model], names: list[str]
     """Add the target's Python-side defaults of fields the source does not give, as constants."""
     given = {_target_field(model, name) for name in names}
     extra: dict[str, Value] = {}
+    missing: list[str] = []
     for field in _fields(model, None):
         if field in given or (hasattr(field, "has_db_default") and field.has_db_default()):
             continue
@@ -143,6 +144,14 @@ def _with_defaults(queryset: QuerySet[Any], model: type[Model], names: list[str]
                     "give it in the source queryset (e.g. .annotate(...)) or as a db_default."
                 )
             extra[field.name] = Value(field.get_default(), output_field=field)
+        elif not field.null:
+            missing.append(field.name)
+    if missing:
+        raise BulkError(
+            f"{model.__name__} fields {', '.join(missing)} are NOT NULL without a default, and the "
+            "source does not give them: add them to the queryset, e.g. .values(..., "
+            f"{missing[0]}=F('old_name')). No row was copied."
+        )
     if not extra:
         return queryset
     try:
