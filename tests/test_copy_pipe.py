@@ -26,6 +26,7 @@ from django_scale.exceptions import ArgumentError, BulkDataError, BulkError
 
 import harness
 from testapp.models import (
+    AddressRecord,
     Author,
     BulkRecord,
     NewCharacter,
@@ -194,7 +195,7 @@ def test_every_field_type_round_trips_through_the_pipe():
 
 @PG_ONLY
 @BOTH
-def test_postgresql_arrays_and_json_round_trip():
+def test_postgresql_arrays_json_and_inet_round_trip():
     rows = [
         PostgresBulkRecord(
             tags=["a", 'q"uote', "back\\slash", "", "tab\t"],
@@ -213,6 +214,18 @@ def test_postgresql_arrays_and_json_round_trip():
         .values_list("tags", "grid", "stamps", "data")
     )
     assert got == want
+    # A type outside the per-type table (inet), in binary as well.
+    AddressRecord.objects.using("legacy").bulk_create(
+        [
+            AddressRecord(name="v4", address="10.1.2.3"),
+            AddressRecord(name="v6", address="2001:db8::1"),
+            AddressRecord(name="none"),
+        ]
+    )
+    assert copy_between(AddressRecord.objects.using("legacy").all(), AddressRecord) == 3
+    assert list(AddressRecord.objects.order_by("pk").values_list("name", "address")) == [
+        ("v4", "10.1.2.3"), ("v6", "2001:db8::1"), ("none", None),
+    ]  # fmt: skip
 
 
 @BOTH
