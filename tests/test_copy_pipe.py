@@ -348,6 +348,24 @@ def test_a_source_failing_mid_stream_writes_nothing_of_its_batch():
     assert copy_between(source.filter(id__lt=2500), NewCharacter) == 2499
 
 
+@PG_ONLY
+@BOTH_COMMITTED
+def test_the_target_refusing_early_in_a_long_stream_stops_both_sides():
+    """A bad row near the start of a 100,000-row COPY: an error naming it, nothing written, and
+    both connections usable (the source's COPY cancelled or read to its end, not left open)."""
+    legacy_characters(100_000, name=lambda i: "x" * 60 if i == 5 else f"hero {i}")
+    for publisher in OldPublisher.objects.using("legacy").all():
+        NewPublisher.objects.create(id=publisher.id, name=publisher.name)
+    source = OldCharacter.objects.using("legacy").values("id", "publisher_id", **SEED)
+    with pytest.raises(BulkDataError, match="too long") as caught:
+        copy_between(source, NewCharacter)
+    assert caught.value.field == "nickname"
+    assert NewCharacter.objects.count() == 0
+    assert OldCharacter.objects.using("legacy").filter(id__lte=10).count() == 10
+    OldCharacter.objects.using("legacy").filter(id=5).update(name="hero 5")
+    assert copy_between(source, NewCharacter) == 100_000
+
+
 @BOTH
 def test_resume_needs_batches():
     with pytest.raises(BulkError, match="resume= needs batch_size="):
