@@ -615,6 +615,10 @@ def services() -> Services:
             replica = Postgres(
                 replica.host, pooler.replica_port, replica.user, replica.password, replica.name
             )
+            if replica2 is not None:
+                # One PgBouncer per standby, as docs/deployment.md recommends.
+                port = launcher.start_pgbouncer(replica2, "replica2")
+                replica2 = Postgres(replica2.host, port, replica2.user, replica2.password, replica2.name)
     except BaseException:
         if launcher is not None:
             assert launcher.watchdog.stdin is not None

@@ -74,7 +74,11 @@ DATABASES: dict[str, dict[str, Any]]
 CACHES: dict[str, dict[str, Any]]
 
 if harness.BACKEND == "sqlite":
-    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    DATABASES = {
+        "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+        # A second database, as a project migrating from an old one has (tests/test_copy_pipe.py).
+        "legacy": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
+    }
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     DJANGO_SCALE: dict[str, Any] = {}
     CELERY_TASK_ALWAYS_EAGER = True
@@ -105,6 +109,9 @@ else:
     DATABASES["custom_backend"] = _services.replica.database_settings(
         ENGINE="custom_backend", TEST={"MIRROR": "default"}, OPTIONS={"connect_timeout": 2}
     )
+    # A second database on the primary's server (its test database "test_<name>_legacy"), as
+    # a project migrating from an old database has: the COPY pipe's source (test_copy_pipe.py).
+    DATABASES["legacy"] = _services.primary.database_settings(NAME=f"{_services.primary.name}_legacy")
     CACHES = {
         "default": {
             "BACKEND": "django_redis.cache.RedisCache",

@@ -2,8 +2,8 @@
 
 * :func:`copy_from` loads model instances, tuples or dicts with ``COPY ... FROM STDIN``.
 * :func:`copy_to` streams a queryset out with ``COPY (SELECT ...) TO STDOUT``, in bounded memory.
-* :func:`copy_upsert` and :func:`copy_update` ``COPY`` into a temporary table, then
-  ``INSERT ... ON CONFLICT`` or ``UPDATE ... FROM`` it: linear in the number of rows.
+* :func:`~django_scale.bulk.merge.copy_upsert` and :func:`~django_scale.bulk.merge.copy_update`
+  (:mod:`django_scale.bulk.merge`) build on them.
 
 On PostgreSQL the rows go through ``COPY``: with psycopg 3 as binary ``COPY``, each value
 dumped in C as its column's type (``Copy.set_types``), or as text for field types without a
@@ -30,7 +30,7 @@ import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import IO, Any, TypeVar, cast
+from typing import IO, Any, TypeVar
 
 from django.db import DatabaseError, connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -42,7 +42,7 @@ from django_scale.cache.queries.writes import note_statement
 from django_scale.conf import count_problem
 from django_scale.exceptions import BulkDataError, BulkError
 
-__all__ = ["copy_from", "copy_to", "copy_update", "copy_upsert"]
+__all__ = ["copy_from", "copy_to"]
 
 M = TypeVar("M", bound=Model)
 
@@ -434,165 +434,3 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, (bytes, memoryview)):
         return "\\x" + bytes(value).hex()
     return value
-
-
-def _via_temp_table(
-    model: type[Model],
-    columns: _Columns,
-    rows: Iterable[Row],
-    alias: str,
-    batch_size: int | None,
-    statement: Callable[[str, str], str],
-    what: str,
-) -> int:
-    """COPY *rows* into a temporary table per batch, then run *statement(temp, target)*."""
-    connection = connections[alias]
-    target = connection.ops.quote_name(model._meta.db_table)
-    cols = _quote(connection, columns.columns)
-    total = 0
-    for offset, batch in _batches(rows, batch_size):
-        temp = connection.ops.quote_name(f"django_scale_copy_{next(_copy_tables)}")
-        stream = _Counted(columns, batch, offset)
-
-        def work(stream: _Counted = stream, temp: str = temp) -> int:
-            with connection.cursor() as cursor:
-                # Column types only: no constraints, defaults or sequences of the real table.
-                cursor.execute(f"CREATE TEMPORARY TABLE {temp} AS SELECT {cols} FROM {target} WITH NO DATA")
-                _copy_in(connection, temp, cols, stream)
-                cursor.execute(statement(temp, target))
-                written = int(cursor.rowcount)
-                # On an error the transaction's rollback removes the table.
-                cursor.execute(f"DROP TABLE {temp}")
-                return written
-
-        total += _run_batch(alias, offset, work, what, columns)
-    return total
-
-
-def copy_upsert(
-    model: type[M],
-    rows: Iterable[Row],
-    *,
-    unique_fields: Sequence[str],
-    update_fields: Sequence[str] | None = None,
-    fields: Sequence[str] | None = None,
-    using: str | None = None,
-    batch_size: int | None = None,
-) -> int:
-    """Insert *rows*, updating those whose *unique_fields* already exist; return rows written.
-
-    The rows are ``COPY``-ed into a temporary table, then ``INSERT ... SELECT ... ON CONFLICT
-    (unique_fields) DO UPDATE SET`` each of *update_fields* (default: every field copied but
-    the unique ones). The unique fields must have a unique constraint or index. Two rows with the
-    same unique values in one batch are an error (PostgreSQL cannot update a row twice).
-
-    On databases without ``COPY``: ``bulk_create(update_conflicts=True)`` in batches.
-    """
-    if not unique_fields:
-        raise BulkError("copy_upsert() needs unique_fields, e.g. unique_fields=['slug'].")
-    _check_batch_size(batch_size)
-    alias = _alias(model, using)
-    connection = connections[alias]
-    chosen = _fields(model, fields)
-    names = {field.name for field in chosen} | {field.attname for field in chosen}
-    missing = [name for name in unique_fields if name not in names and name != "pk"]
-    if missing:
-        raise BulkError(
-            f"unique_fields {missing!r} must be among the fields copied ({[f.name for f in chosen]})."
-        )
-    unique = _fields(model, unique_fields)
-    updates = (
-        _fields(model, update_fields)
-        if update_fields is not None
-        else [field for field in chosen if field not in unique]
-    )
-    columns = _Columns(model, chosen, connection)
-    if connection.vendor != "postgresql":
-        total = 0
-        for offset, batch in _batches(rows, batch_size or FALLBACK_BATCH_SIZE):
-            instances = list(_instances(model, columns, batch, offset))
-            with transaction.atomic(using=alias):
-                model._default_manager.using(alias).bulk_create(
-                    instances,
-                    update_conflicts=True,
-                    unique_fields=[field.name for field in unique],
-                    update_fields=[field.name for field in updates],
-                )
-            total += len(instances)
-        return total
-    cols = _quote(connection, columns.columns)
-    conflict = _quote(connection, [cast(str, field.column) for field in unique])
-    assignments = ", ".join(
-        f"{connection.ops.quote_name(cast(str, field.column))} = EXCLUDED.{connection.ops.quote_name(cast(str, field.column))}"
-        for field in updates
-    )
-    action = f"DO UPDATE SET {assignments}" if assignments else "DO NOTHING"
-
-    def statement(temp: str, target: str) -> str:
-        return f"INSERT INTO {target} ({cols}) SELECT {cols} FROM {temp} ON CONFLICT ({conflict}) {action}"
-
-    return _via_temp_table(
-        model, columns, rows, alias, batch_size, statement, f"upsert into {model._meta.db_table}"
-    )
-
-
-def copy_update(
-    model: type[M],
-    rows: Iterable[Row],
-    *,
-    fields: Sequence[str],
-    key: str = "pk",
-    using: str | None = None,
-    batch_size: int | None = None,
-) -> int:
-    """Set *fields* on the rows matched by *key*; return how many rows were updated.
-
-    *rows* are instances (their *key* and *fields* are read), tuples ``(key, *fields)`` or
-    dicts. The rows are ``COPY``-ed into a temporary table and applied with one
-    ``UPDATE ... FROM``: linear in the number of rows, unlike ``bulk_update``'s ``CASE WHEN``.
-
-    On databases without ``COPY``: ``bulk_update`` in batches.
-    """
-    if not fields:
-        raise BulkError("copy_update() needs fields, the fields to set, e.g. fields=['title'].")
-    _check_batch_size(batch_size)
-    alias = _alias(model, using)
-    connection = connections[alias]
-    [key_field] = _fields(model, [key])
-    updates = _fields(model, fields)
-    if key_field in updates:
-        raise BulkError(f"key {key!r} cannot also be in fields; it selects the rows to update.")
-    if not (key_field.primary_key or key_field.unique):
-        raise BulkError(f"key {key!r} must be the primary key or a unique field of {model.__name__}.")
-    columns = _Columns(model, [key_field, *updates], connection, fill=False)
-    if connection.vendor != "postgresql":
-        total = 0
-        manager = model._default_manager.using(alias)
-        for offset, batch in _batches(rows, batch_size or FALLBACK_BATCH_SIZE):
-            instances = list(_instances(model, columns, batch, offset))
-            with transaction.atomic(using=alias):
-                if not key_field.primary_key:
-                    # bulk_update() matches on the primary key: look it up by the unique key.
-                    keys = [getattr(instance, key_field.attname) for instance in instances]
-                    pks = dict(
-                        manager.filter(**{f"{key_field.name}__in": keys}).values_list(key_field.attname, "pk")
-                    )
-                    instances = [
-                        instance for instance in instances if getattr(instance, key_field.attname) in pks
-                    ]
-                    for instance in instances:
-                        instance.pk = pks[getattr(instance, key_field.attname)]
-                total += manager.bulk_update(instances, [field.name for field in updates])
-        return total
-    quote = connection.ops.quote_name
-    key_column = quote(cast(str, key_field.column))
-    assignments = ", ".join(f"{quote(cast(str, f.column))} = s.{quote(cast(str, f.column))}" for f in updates)
-
-    def statement(temp: str, target: str) -> str:
-        return (
-            f"UPDATE {target} AS t SET {assignments} FROM {temp} AS s WHERE t.{key_column} = s.{key_column}"
-        )
-
-    return _via_temp_table(
-        model, columns, rows, alias, batch_size, statement, f"update of {model._meta.db_table}"
-    )

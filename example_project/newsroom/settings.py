@@ -12,6 +12,9 @@ local-memory cache and eager Celery tasks. Environment variables switch on the r
     ``redis://host:port/db``: django-redis as the ``default`` cache.
 ``CELERY_BROKER_URL``
     A real Celery broker; tasks then run on a worker instead of eagerly.
+``LEGACY_DATABASE_URL``
+    An old database to migrate data from (``manage.py scale_copy --from legacy``, ``bench
+    migrate``): the ``legacy`` alias.
 ``DJANGO_SCALE_EXAMPLE_HARNESS=1``
     Start a throwaway PostgreSQL primary, streaming replica and Redis with the test suite's
     harness and use them (for ``manage.py bench``; needs the repository checkout).
@@ -130,6 +133,10 @@ if env_flag("DJANGO_SCALE_EXAMPLE_HARNESS", "0"):
     if _services.replica2 is not None:
         _replica2 = _services.replica2
         os.environ["REPLICA2_URL"] = f"postgres://{_replica2.user}@{_replica2.host}:{_replica2.port}/newsroom"
+    harness.create_database(_primary, "newsroom_legacy")
+    os.environ["LEGACY_DATABASE_URL"] = (
+        f"postgres://{_primary.user}@{_primary.host}:{_primary.port}/newsroom_legacy"
+    )
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 REPLICA_URL = os.environ.get("REPLICA_URL", "")
@@ -162,6 +169,9 @@ if DATABASE_URL:
         # so that every write of a request, the session's included, is seen.
         DATABASE_ROUTERS.append("django_scale.routers.ReplicaRouter")
         MIDDLEWARE.insert(0, "django_scale.middleware.ScaleMiddleware")
+    LEGACY_DATABASE_URL = os.environ.get("LEGACY_DATABASE_URL", "")
+    if LEGACY_DATABASE_URL:
+        DATABASES["legacy"] = database_from_url(LEGACY_DATABASE_URL)
 elif REPLICA_URL:
     raise ImproperlyConfigured("REPLICA_URL is set without DATABASE_URL; set the primary's URL too.")
 else:

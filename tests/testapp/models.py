@@ -256,3 +256,44 @@ class Ticket(models.Model):
 
     def __str__(self) -> str:
         return self.title
+
+
+# The seed's migration (issue 19): an old schema on the "legacy" database, a new one on
+# "default". Both exist on both databases (the suite migrates every alias alike).
+
+
+class OldPublisher(models.Model):
+    id = models.IntegerField(primary_key=True)
+    name = models.CharField(max_length=50)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class OldCharacter(models.Model):
+    id = models.IntegerField(primary_key=True)
+    publisher = models.ForeignKey(OldPublisher, on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=100)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NewPublisher(models.Model):
+    # Auto ids: the publishers get new keys, which the characters must be remapped to.
+    name = models.CharField(max_length=50, unique=True)
+    legacy_id = models.IntegerField(null=True, unique=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class NewCharacter(models.Model):
+    id = models.IntegerField(primary_key=True)
+    publisher = models.ForeignKey(NewPublisher, on_delete=models.CASCADE, related_name="+")
+    nickname = models.CharField(max_length=50)
+    secret_identity = models.CharField(max_length=50)
+    power = models.IntegerField(default=1)
+
+    def __str__(self) -> str:
+        return self.nickname

@@ -12,24 +12,23 @@ process a batch.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
-from django.core.management.base import OutputWrapper
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import router, transaction
 from django.db.models import F, Model, QuerySet
 from django.utils import timezone
 
 from django_scale.bulk import iter_batches, key_field
+from django_scale.bulk.progress import Progress as BackfillProgress
+from django_scale.bulk.progress import progress_bar
 from django_scale.contrib.backfill.models import BackfillCheckpoint
 from django_scale.counting import approx_count
 from django_scale.exceptions import BulkError
 
-__all__ = ["Backfill", "BackfillProgress", "progress_bar", "run_backfill"]
+__all__ = ["Backfill", "BackfillProgress", "Checkpointer", "decode_key", "progress_bar", "run_backfill"]
 
 M = TypeVar("M", bound=Model)
 
@@ -63,15 +62,9 @@ class Backfill(Generic[M]):
         return cls.name or f"{cls.__module__}.{cls.__qualname__}"
 
 
-@dataclass(frozen=True)
-class BackfillProgress:
-    """Where a running backfill is, passed to the progress callback after every batch."""
-
-    name: str
-    rows_done: int
-    rows_total: int | None
-    batch_size: int
-    rows_per_second: float
+def decode_key(model: type[Model], key: str, value: Any) -> Any:
+    """Return a checkpoint's *value* (JSON) as *model*'s *key* field's Python value."""
+    return _decode(model, key, value)
 
 
 def _decode(model: type[Model], key: str, value: Any) -> Any:
@@ -82,6 +75,62 @@ def _decode(model: type[Model], key: str, value: Any) -> Any:
 
 def _encode(value: Any) -> Any:
     return DjangoJSONEncoder().default(value) if not isinstance(value, (int, str, float)) else value
+
+
+class Checkpointer:
+    """A named checkpoint on *alias*: where a resumable job got, committed with each batch.
+
+    The one implementation of "commit a batch with its checkpoint", shared by
+    :func:`run_backfill` and the ``COPY`` pipe (:func:`django_scale.bulk.copy_between`). The
+    checkpoint row is locked in each batch's transaction and must still hold the key this
+    runner last wrote, so two runners of one job cannot both process a batch.
+    """
+
+    def __init__(self, name: str, alias: str) -> None:
+        self.name = name
+        self.alias = alias
+        self.rows = BackfillCheckpoint.objects.using(alias)
+        self.checkpoint, _ = self.rows.get_or_create(name=name)
+        #: The key of the last row committed (as JSON), ``None`` before the first batch.
+        self.expected: Any = self.checkpoint.last_key
+
+    @property
+    def finished(self) -> bool:
+        return self.checkpoint.finished_at is not None
+
+    def estimate(self, total: Callable[[], int]) -> None:
+        """Record *total()* as the rows to process, once, when the job starts."""
+        if self.checkpoint.rows_total is None:
+            self.checkpoint.rows_total = int(total())
+            self.rows.filter(pk=self.checkpoint.pk).update(rows_total=self.checkpoint.rows_total)
+
+    def commit(self, last: Any, work: Callable[[], int]) -> int:
+        """Run *work()* (returning its row count) and move the checkpoint to *last*, in one transaction."""
+        last = _encode(last)
+        with transaction.atomic(using=self.alias):
+            locked = self.rows.select_for_update().get(pk=self.checkpoint.pk)
+            if locked.last_key != self.expected:
+                raise BulkError(
+                    f"The checkpoint of {self.name!r} moved from {self.expected!r} to "
+                    f"{locked.last_key!r} while this run held it: another runner is processing it. "
+                    "Run one at a time."
+                )
+            done = work()
+            self.rows.filter(pk=self.checkpoint.pk).update(
+                last_key=last,
+                rows_done=F("rows_done") + done,
+                batches_done=F("batches_done") + 1,
+                updated_at=timezone.now(),
+            )
+        self.expected = last
+        self.checkpoint.refresh_from_db(using=self.alias, fields=["rows_done", "rows_total"])
+        return done
+
+    def finish(self) -> BackfillCheckpoint:
+        """Mark the job finished and return the checkpoint."""
+        self.rows.filter(pk=self.checkpoint.pk).update(finished_at=timezone.now(), updated_at=timezone.now())
+        self.checkpoint.refresh_from_db(using=self.alias)
+        return self.checkpoint
 
 
 def run_backfill(
@@ -100,15 +149,12 @@ def run_backfill(
     model = queryset.model
     alias = backfill.using or router.db_for_write(model)
     name = backfill.checkpoint_name()
-    checkpoints = BackfillCheckpoint.objects.using(alias)
-    checkpoint, created = checkpoints.get_or_create(name=name)
-    if checkpoint.finished_at is not None:
+    checkpointer = Checkpointer(name, alias)
+    checkpoint = checkpointer.checkpoint
+    if checkpointer.finished:
         return checkpoint
-    if checkpoint.rows_total is None:
-        checkpoint.rows_total = int(approx_count(queryset.using(alias)))
-        checkpoints.filter(pk=checkpoint.pk).update(rows_total=checkpoint.rows_total)
-    expected = checkpoint.last_key
-    start = _decode(model, backfill.key, expected)
+    checkpointer.estimate(lambda: approx_count(queryset.using(alias)))
+    start = _decode(model, backfill.key, checkpointer.expected)
     size = batch_size or backfill.batch_size
     started = time.monotonic()
     done_here = 0
@@ -123,25 +169,12 @@ def run_backfill(
         ),
         start=1,
     ):
-        last = _encode(getattr(batch[-1], attname))
-        with transaction.atomic(using=alias):
-            locked = checkpoints.select_for_update().get(pk=checkpoint.pk)
-            if locked.last_key != expected:
-                raise BulkError(
-                    f"The checkpoint of backfill {name!r} moved from {expected!r} to "
-                    f"{locked.last_key!r} while this run held it: another runner is processing it. "
-                    "Run one at a time."
-                )
+
+        def work(batch: list[Any] = batch) -> int:
             backfill.process(batch)
-            checkpoints.filter(pk=checkpoint.pk).update(
-                last_key=last,
-                rows_done=F("rows_done") + len(batch),
-                batches_done=F("batches_done") + 1,
-                updated_at=timezone.now(),
-            )
-        expected = last
-        done_here += len(batch)
-        checkpoint.refresh_from_db(using=alias, fields=["rows_done", "rows_total"])
+            return len(batch)
+
+        done_here += checkpointer.commit(getattr(batch[-1], attname), work)
         if progress is not None:
             elapsed = max(time.monotonic() - started, 1e-9)
             progress(
@@ -152,45 +185,4 @@ def run_backfill(
         if max_batches is not None and batches >= max_batches:
             checkpoint.refresh_from_db(using=alias)
             return checkpoint
-    checkpoints.filter(pk=checkpoint.pk).update(finished_at=timezone.now(), updated_at=timezone.now())
-    checkpoint.refresh_from_db(using=alias)
-    return checkpoint
-
-
-def progress_bar(stream: Any = None, width: int = 30) -> Callable[[BackfillProgress], None]:
-    """Return a progress callback drawing a bar on *stream* (default: stderr).
-
-    *stream* is a file or a management command's ``self.stdout``/``self.stderr``
-    (:class:`~django.core.management.base.OutputWrapper`, written unstyled and without its
-    added line ending). On a terminal the bar redraws in place; otherwise a line is written at
-    most once a second.
-    """
-    out = stream or sys.stderr
-    interactive = bool(getattr(out, "isatty", lambda: False)())
-    write: Callable[[str], object] = out.write
-    if isinstance(out, OutputWrapper):
-        wrapper = out
-
-        def write(text: str) -> None:
-            wrapper.write(text, style_func=str, ending="")
-
-    last_line = [0.0]
-
-    def draw(progress: BackfillProgress) -> None:
-        total = progress.rows_total or 0
-        fraction = min(progress.rows_done / total, 1.0) if total else 0.0
-        filled = int(width * fraction)
-        line = (
-            f"{progress.name}: [{'#' * filled}{'.' * (width - filled)}] "
-            f"{progress.rows_done:,}/{total:,}{'~' if total else '?'} rows "
-            f"({fraction:.0%}), {progress.rows_per_second:,.0f} rows/s, batch {progress.batch_size:,}"
-        )
-        if interactive:
-            write("\r" + line)
-            out.flush()
-        elif time.monotonic() - last_line[0] >= 1.0:
-            last_line[0] = time.monotonic()
-            write(line + "\n")
-            out.flush()
-
-    return draw
+    return checkpointer.finish()

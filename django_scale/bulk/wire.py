@@ -1,0 +1,165 @@
+"""The ``COPY`` pipe's wire: one connection's ``COPY ... TO STDOUT`` fed into another's ``COPY ... FROM STDIN``.
+
+* psycopg 3: the source's ``COPY`` is read through libpq (:func:`_copy_out_blocks`) in blocks
+  of about :data:`BLOCK_BYTES`, each written to the target's ``Copy``, in one thread.
+* psycopg2: ``copy_expert`` blocks, so the source side runs in a thread and hands blocks to the
+  target's ``copy_expert`` through a bounded queue (:class:`_Pipe`).
+
+Either way memory holds a few blocks whatever the size, and a failure on either side ends
+both ``COPY`` statements with an error: the target never commits a stream cut short.
+"""
+
+from __future__ import annotations
+
+import importlib
+import queue
+import threading
+from collections.abc import Generator
+from contextlib import closing
+from typing import Any
+
+from django.db import connections
+
+__all__ = ["BLOCK_BYTES", "QUEUE_BLOCKS", "pump_psycopg2", "pump_psycopg3"]
+
+#: Blocks of COPY data queued between the two connections (psycopg2): bounds the memory.
+QUEUE_BLOCKS = 16
+#: Bytes of COPY data gathered before they are handed on.
+BLOCK_BYTES = 1 << 16
+
+
+class _Pipe:
+    """COPY data from a thread (``write``, the source's ``copy_expert``) to a reader (``read``).
+
+    psycopg2 calls ``write`` once per row: rows are gathered into blocks of about
+    :data:`BLOCK_BYTES` before crossing the queue, so the threads meet a few times per block.
+    """
+
+    def __init__(self) -> None:
+        self.blocks: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUE_BLOCKS)
+        self.aborted = threading.Event()
+        self._pending = bytearray()
+
+    def _put(self, item: bytes | BaseException | None) -> None:
+        while not self.aborted.is_set():
+            try:
+                self.blocks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        # Aborted: dropped, the source COPY is being cancelled.
+
+    def write(self, data: bytes) -> int:
+        pending = self._pending
+        pending += data
+        if len(pending) >= BLOCK_BYTES:
+            self._put(bytes(pending))
+            pending.clear()
+        return len(data)
+
+    def close_writing(self, error: BaseException | None = None) -> None:
+        """End the stream: the rest of the data, then ``error`` or the end."""
+        if error is None and self._pending:
+            self._put(bytes(self._pending))
+            self._pending.clear()
+        self._put(error)
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.blocks.get()
+        if block is None:
+            return b""
+        if isinstance(block, BaseException):
+            # Raised inside copy_expert: psycopg2 ends the COPY with an error, writing nothing.
+            raise block
+        return block
+
+
+def pump_psycopg2(source_alias: str, target_alias: str, out_sql: str, in_sql: str) -> int:
+    """Stream ``COPY ... TO STDOUT`` on *source_alias* into ``COPY ... FROM STDIN`` on *target_alias* (psycopg2)."""
+    source = connections[source_alias]
+    target = connections[target_alias]
+    pipe = _Pipe()
+    with source.cursor() as source_wrapper, target.cursor() as target_wrapper:
+        raw_source: Any = source_wrapper.cursor
+        raw_target: Any = target_wrapper.cursor
+
+        def produce() -> None:
+            try:
+                raw_source.copy_expert(out_sql, pipe, size=BLOCK_BYTES)
+            except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
+                pipe.close_writing(error)
+            else:
+                pipe.close_writing()
+
+        thread = threading.Thread(target=produce, name="django-scale-copy-pipe", daemon=True)
+        thread.start()
+        try:
+            raw_target.copy_expert(in_sql, pipe, size=BLOCK_BYTES)
+        except BaseException:
+            pipe.aborted.set()
+            if thread.is_alive():
+                source.connection.cancel()
+            thread.join()
+            raise
+        thread.join()
+        return int(raw_target.rowcount)
+
+
+def _copy_out_blocks(raw_cursor: Any, sql: str) -> Generator[bytes, None, None]:
+    """Run ``COPY ... TO STDOUT`` on psycopg 3's libpq connection; yield its data in ~64 KB blocks.
+
+    ``Copy`` hands out one row per Python call through psycopg's wait loop (a few microseconds
+    a row: more than the rest of the pipe); libpq's own ``PQgetCopyData``, through psycopg's
+    documented low-level ``Connection.pgconn``, costs a fraction of that. The connection is left
+    as ``Copy`` would leave it: idle, or in its transaction (aborted on an error).
+    """
+    pq = importlib.import_module("psycopg.pq")
+    errors = importlib.import_module("psycopg.errors")
+    connection = raw_cursor.connection
+    pgconn = connection.pgconn
+    encoding = getattr(connection.info, "encoding", "utf-8")
+    result = pgconn.exec_(sql.encode(encoding))
+    if result.status != pq.ExecStatus.COPY_OUT:
+        raise errors.error_from_result(result, encoding=encoding)
+    finished = False
+    try:
+        pending = bytearray()
+        while True:
+            size, data = pgconn.get_copy_data(0)
+            if size < 0:
+                break
+            pending += data
+            if len(pending) >= BLOCK_BYTES:
+                yield bytes(pending)
+                pending.clear()
+        finished = True
+        if pending:
+            yield bytes(pending)
+    finally:
+        if not finished:
+            # Stopped early (the target failed): cancel the COPY and read what is left.
+            connection.cancel()
+            while pgconn.get_copy_data(0)[0] >= 0:
+                pass
+        failure = None
+        while (result := pgconn.get_result()) is not None:
+            if result.status == pq.ExecStatus.FATAL_ERROR and failure is None:
+                failure = errors.error_from_result(result, encoding=encoding)
+    if failure is not None:
+        raise failure
+
+
+def pump_psycopg3(source_alias: str, target_alias: str, out_sql: str, in_sql: str) -> int:
+    """Stream ``COPY ... TO STDOUT`` on *source_alias* into ``COPY ... FROM STDIN`` on *target_alias* (psycopg 3)."""
+    source, target = connections[source_alias], connections[target_alias]
+    with source.cursor() as source_wrapper, target.cursor() as target_wrapper:
+        raw_target: Any = target_wrapper.cursor
+        # closing(): on the target's error the source's COPY is cancelled now, not when the
+        # generator is collected.
+        with (
+            raw_target.copy(in_sql) as into,
+            closing(_copy_out_blocks(source_wrapper.cursor, out_sql)) as blocks,
+        ):
+            for block in blocks:
+                into.write(block)
+        return int(raw_target.rowcount)
