@@ -508,3 +508,83 @@ def test_scale_copy_upserts_and_names_bad_arguments():
         call_command(
             "scale_copy", "testapp.OldCharacter", "--into", "testapp.NewCharacter", "--from", "legacy"
         )
+
+
+# -- A source standby that hangs ----------------------------------------------------------
+
+
+@PG_ONLY
+@pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+def test_a_source_replica_that_hangs_mid_stream_is_cut_off_and_the_target_keeps_nothing(replica):
+    """A standby that stops answering in the middle of a COPY: the pipe fails, it does not wait for ever.
+
+    The replica guard's watchdog watches a COPY whose source is one of REPLICAS (a COPY goes
+    through no execute wrapper): once the monitor finds the frozen standby unresponsive, the
+    source connection is cut off, both COPY statements end with an error, and the target's
+    transaction leaves nothing behind.
+    """
+    import time
+    from contextlib import closing
+
+    from support import wait_until
+
+    from django_scale.replicas import monitor
+    from django_scale.replicas.guard import watchdog
+    from django_scale.testing import override_scale_settings
+
+    control = harness.services().replica_control
+    if control is None:
+        pytest.skip("the replica is an external server; only a harness-started one can be frozen")
+    rows = 300_000
+    with connections["default"].cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {OldPublisher._meta.db_table} (id, name) "
+            "SELECT g, 'publisher ' || g FROM generate_series(1, %s) g",
+            [rows],
+        )
+    replica.wait_for_replay()
+    wait_until(lambda: monitor("replica").is_available(), "the replica in rotation")
+    source = OldPublisher.objects.using("replica").annotate(legacy_id=F("id")).values("name", "legacy_id")
+    frozen = threading.Event()
+
+    def freeze_once_rows_flow() -> None:
+        # The target's COPY FROM has taken rows: the stream is under way. Freeze the source.
+        primary = connections["default"]
+        watcher = primary.get_new_connection(primary.get_connection_params())
+        try:
+            watcher.autocommit = True
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with closing(watcher.cursor()) as cursor:
+                    cursor.execute(
+                        "SELECT coalesce(max(tuples_processed), 0) FROM pg_stat_progress_copy "
+                        "WHERE command = 'COPY FROM'"
+                    )
+                    if cursor.fetchone()[0] > 0:
+                        control.freeze()
+                        frozen.set()
+                        return
+                time.sleep(0.005)
+        finally:
+            watcher.close()
+
+    cut_before = watchdog.cut_off
+    thread = threading.Thread(target=freeze_once_rows_flow, daemon=True)
+    try:
+        with override_scale_settings(REPLICA_DEADLINE=1.0):
+            thread.start()
+            started = time.monotonic()
+            # The target ends its COPY with the source's error: nothing of the batch is written.
+            with pytest.raises(BulkError, match="Nothing of its batch was written"):
+                copy_between(source, NewPublisher, using="default")
+            took = time.monotonic() - started
+            thread.join(60)
+    finally:
+        control.thaw()
+        connections["replica"].close()
+        monitor("replica").forget_ejection()
+    assert frozen.is_set(), "the COPY finished before the source could be frozen: copy more rows"
+    assert watchdog.cut_off == cut_before + 1
+    assert took < 30
+    assert NewPublisher.objects.count() == 0
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")

@@ -7,18 +7,28 @@
 
 Either way memory holds a few blocks whatever the size, and a failure on either side ends
 both ``COPY`` statements with an error: the target never commits a stream cut short.
+
+A source that is one of ``REPLICAS`` is watched, for the whole stream, by the replica guard's
+watchdog: a standby that hangs (accepts, never answers) is cut off once its monitor finds it
+unresponsive for ``REPLICA_DEADLINE``, as a query on it would be, and the pipe fails instead of
+waiting for ever. (A ``COPY`` goes through no execute wrapper, so the guard itself never sees it.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import queue
 import threading
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from contextlib import closing
 from typing import Any
 
 from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+
+from django_scale.conf import conf
+from django_scale.replicas.guard import watchdog
 
 __all__ = ["BLOCK_BYTES", "QUEUE_BLOCKS", "pump_psycopg2", "pump_psycopg3"]
 
@@ -74,6 +84,19 @@ class _Pipe:
         return block
 
 
+@contextlib.contextmanager
+def _watched(alias: str, connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """Have the watchdog cut *connection* off if replica *alias* hangs (a no-op for other aliases)."""
+    if alias not in conf.REPLICAS:
+        yield
+        return
+    ticket = watchdog.watch(alias, connection)
+    try:
+        yield
+    finally:
+        watchdog.unwatch(ticket)
+
+
 def pump_psycopg2(source_alias: str, target_alias: str, out_sql: str, in_sql: str) -> int:
     """Stream ``COPY ... TO STDOUT`` on *source_alias* into ``COPY ... FROM STDIN`` on *target_alias* (psycopg2)."""
     source = connections[source_alias]
@@ -85,7 +108,8 @@ def pump_psycopg2(source_alias: str, target_alias: str, out_sql: str, in_sql: st
 
         def produce() -> None:
             try:
-                raw_source.copy_expert(out_sql, pipe, size=BLOCK_BYTES)
+                with _watched(source_alias, source):
+                    raw_source.copy_expert(out_sql, pipe, size=BLOCK_BYTES)
             except BaseException as error:  # noqa: BLE001 - handed to the reader, which raises it
                 pipe.close_writing(error)
             else:
@@ -157,6 +181,7 @@ def pump_psycopg3(source_alias: str, target_alias: str, out_sql: str, in_sql: st
         # closing(): on the target's error the source's COPY is cancelled now, not when the
         # generator is collected.
         with (
+            _watched(source_alias, source),
             raw_target.copy(in_sql) as into,
             closing(_copy_out_blocks(source_wrapper.cursor, out_sql)) as blocks,
         ):
