@@ -7,6 +7,8 @@ so :func:`django.test.override_settings` and
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -240,6 +242,42 @@ SETTINGS: dict[str, Setting] = {
     "CACHE_RETRY_AFTER": _seconds(5.0),
     "SWR_FRESH": _seconds(60.0),
     "SWR_STALE": _seconds(3600.0),
+    "METRICS_DIR": Setting(
+        default="",
+        expected="a directory path (str)",
+        has_type=lambda value: isinstance(value, str),
+        example='"/run/django-scale"',
+    ),
+    "METRICS_SLOTS": Setting(
+        default=32,
+        expected="a number of worker slots (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 4096 else "it must be between 1 and 4096",
+        example="32",
+    ),
+    "METRICS_SERIES": Setting(
+        default=1024,
+        expected="a number of timing series (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 65536 else "it must be between 1 and 65536",
+        example="1024",
+    ),
+    "METRICS_MEMORY": Setting(
+        default=8,
+        expected="megabytes of buckets per worker slot (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
+        example="8",
+    ),
+    "METRICS_TOKEN": Setting(
+        default="",
+        expected="a secret token (str)",
+        has_type=lambda value: isinstance(value, str),
+        problem=lambda value: (
+            "it must be empty (no token) or at least 32 characters long" if 0 < len(value) < 32 else None
+        ),
+        example='"<a random string of 32+ characters>"',
+    ),
 }
 
 
@@ -287,6 +325,16 @@ class Conf:
                 lambda: (self.REPLICA_DEADLINE, self.HEALTH_CHECK_INTERVAL, self.MAX_REPLICA_LAG),
             ),
         )
+
+    def metrics_options(self) -> tuple[str, int, int, int]:
+        """Return ``(METRICS_DIR, METRICS_SLOTS, METRICS_SERIES, METRICS_MEMORY)``, once per settings object."""
+
+        def compute() -> tuple[str, int, int, int]:
+            default = os.path.join(tempfile.gettempdir(), f"django-scale-metrics-{os.getuid()}")
+            directory = self.METRICS_DIR or default
+            return (directory, self.METRICS_SLOTS, self.METRICS_SERIES, self.METRICS_MEMORY)
+
+        return cast("tuple[str, int, int, int]", self._per_settings_object("metrics", compute))
 
     def user_settings(self) -> Mapping[str, Any]:
         """Return the ``DJANGO_SCALE`` dict as the project set it (empty when unset)."""
@@ -422,6 +470,31 @@ class Conf:
     def SWR_STALE(self) -> float:
         """Default ``stale`` of ``stale_while_revalidate``, in seconds. Default: ``3600.0``."""
         return float(self.get("SWR_STALE"))
+
+    @property
+    def METRICS_DIR(self) -> str:
+        """The directory of the host's shared metrics file. Default: ``""`` (the temporary directory)."""
+        return cast(str, self.get("METRICS_DIR"))
+
+    @property
+    def METRICS_SLOTS(self) -> int:
+        """Worker slots in the metrics file: at least the processes that record at once. Default: ``32``."""
+        return int(self.get("METRICS_SLOTS"))
+
+    @property
+    def METRICS_SERIES(self) -> int:
+        """Timing series (route, method, kind, alias) the file holds; counters get four times as many. Default: ``1024``."""
+        return int(self.get("METRICS_SERIES"))
+
+    @property
+    def METRICS_MEMORY(self) -> int:
+        """Megabytes of bucket memory per worker slot. Default: ``8``."""
+        return int(self.get("METRICS_MEMORY"))
+
+    @property
+    def METRICS_TOKEN(self) -> str:
+        """The bearer token that may read ``/scale/`` besides staff users. Default: ``""`` (staff only)."""
+        return cast(str, self.get("METRICS_TOKEN"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

@@ -1,0 +1,372 @@
+"""Shared memory per worker *slot*: one fixed-size file per host that every process maps.
+
+The file (``METRICS_DIR``) holds a header, the names of the series (shared: a series has the
+same number in every slot) and ``METRICS_SLOTS`` slots. A process claims a free slot the
+first time it records, by taking an exclusive ``fcntl`` lock on that slot's byte, and holds
+the lock until it exits; the kernel releases it when the process dies, however it dies. A
+new worker (gunicorn's ``max_requests`` recycling, a crash, a deploy) takes a free slot and
+*adds to* the counts already there: a slot's counts fold every process that ever held it,
+so a host's totals never go down or rewind, and the file never grows (prometheus_client's
+multiprocess mode writes one file per pid instead: client_python #204, #443).
+
+Only the slot's owner writes it, under one lock per process, so counts need no atomic
+instructions; readers (the export) read every slot without locks: a read during a write
+sees the count before or after it.
+
+A slot holds, per timing series, its exact count and sum and a ring of 16 per-minute bucket
+counts (:mod:`~django_scale.metrics.sketch` buckets, kept in 32-bucket chunks allocated from
+the slot's pool the first time a series touches them), and per counter series one number.
+The 1, 5 and 15 minute windows are sums of ring entries. A fresh file is sparse: pages
+nobody touched take neither disk nor memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import threading
+import time
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django_scale.metrics.sketch import BUCKETS, Sketch
+
+__all__ = ["HostSnapshot", "SlotStore", "WINDOWS"]
+
+#: The sliding windows, in minutes: each is the current minute and that many before it.
+WINDOWS = (1, 5, 15)
+
+_MAGIC = b"DJSCALE1"
+_RING = 16  # minutes kept: the current one and 15 before it (the longest window)
+_CHUNK_BUCKETS = 32
+_CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
+_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a minute's 32 counts are contiguous
+_ROW_BITS = _CHUNK_BUCKETS * 32
+_NAME_BYTES = 256
+_HEADER_BYTES = 4096
+_SLOT_HEADER = 64
+# A timing's header in a slot: count u64, sum f64, ring stamps (minute + 1) u32 x 16,
+# chunk directory (pool index + 1) u32 x _CHUNKS.
+_STAMPS = 16
+_DIRECTORY = _STAMPS + 4 * _RING
+_TIMING_BYTES = -(-(_DIRECTORY + 4 * _CHUNKS) // 64) * 64
+# Lock bytes lie past the end of the file (POSIX allows it), one per slot and one for names.
+_LOCK_BASE = 1 << 40
+_NAMES_LOCK = _LOCK_BASE - 1
+_OVERFLOW = "\x1foverflow"
+
+
+def _page(size: int) -> int:
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _minute(now: float | None = None) -> int:
+    return int((time.time() if now is None else now) // 60)
+
+
+@dataclass
+class HostSnapshot:
+    """What every slot of a host's file holds, summed: the input of export and merging."""
+
+    #: Minute (``time() // 60``) the snapshot was read at.
+    minute: int
+    #: Per timing series name: its sketch over each window (minutes), count and sum exact.
+    windows: dict[str, dict[int, Sketch]] = field(default_factory=dict)
+    #: Per timing series name: ``(count, sum)`` since the file was created (never goes down).
+    totals: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: Per counter series name: its value since the file was created (never goes down).
+    counters: dict[str, int] = field(default_factory=dict)
+    #: Slots held by a live process, and slots ever claimed.
+    live_slots: int = 0
+    used_slots: int = 0
+    #: Values dropped: no free slot, or a slot's bucket pool full (see ``METRICS_MEMORY``).
+    dropped: int = 0
+
+
+class SlotStore:
+    """One host's metrics file, mapped into this process; see the module's docstring."""
+
+    def __init__(self, directory: str | os.PathLike[str], slots: int, series: int, memory_mb: int) -> None:
+        self.slots = slots
+        self.timings = series
+        self.counters = series * 4
+        self.pool_chunks = max(1, memory_mb * 1024 * 1024 // _CHUNK_BYTES)
+        self._names_offset = _HEADER_BYTES
+        self._slots_offset = _page(_HEADER_BYTES + (self.timings + self.counters) * _NAME_BYTES)
+        self._timings_offset = _SLOT_HEADER
+        self._counters_offset = self._timings_offset + self.timings * _TIMING_BYTES
+        self._pool_offset = _page(self._counters_offset + self.counters * 8)
+        self.slot_bytes = _page(self._pool_offset + self.pool_chunks * _CHUNK_BYTES)
+        self.size = self._slots_offset + slots * self.slot_bytes
+        name = f"django-scale-metrics-v1-{slots}x{series}x{memory_mb}.bin"
+        self.path = Path(directory) / name
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_names()
+        try:
+            if os.fstat(self._fd).st_size < self.size:
+                os.ftruncate(self._fd, self.size)
+            self._map = mmap.mmap(self._fd, self.size)
+            if self._map[:8] != _MAGIC:
+                self._map[:8] = _MAGIC
+        finally:
+            self._unlock_names()
+        view = memoryview(self._map)
+        self._u32 = view.cast("I")
+        self._u64 = view.cast("Q")
+        self._f64 = view.cast("d")
+        self._lock = threading.Lock()
+        self._slot: int | None = None
+        self._pid = 0
+        self._timing_ids: dict[str, int] = {}
+        self._counter_ids: dict[str, int] = {}
+        self._names: dict[bool, list[str]] = {True: [], False: []}
+        self._zero_row = array("I", bytes(_CHUNK_BYTES))
+
+    # -- files and locks -------------------------------------------------------------------
+
+    def _lock_names(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _NAMES_LOCK, os.SEEK_SET)
+
+    def _unlock_names(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _NAMES_LOCK, os.SEEK_SET)
+
+    def _claim(self) -> int | None:
+        """Claim a free slot for this process (the lowest); ``None`` when all are held."""
+        for slot in range(self.slots):
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _LOCK_BASE + slot, os.SEEK_SET)
+            except OSError:
+                continue
+            base = (self._slots_offset + slot * self.slot_bytes) // 4
+            self._u32[base] = os.getpid() & 0xFFFFFFFF
+            self._u32[base + 1] += 1  # how many processes held it
+            return slot
+        return None
+
+    def forget_after_fork(self) -> None:
+        """Drop the slot in a forked child: POSIX locks are not inherited, so it claims its own."""
+        self._slot = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Give this process's slot back (its counts stay: the next holder adds to them)."""
+        with self._lock:
+            if self._slot is not None and self._pid == os.getpid():
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _LOCK_BASE + self._slot, os.SEEK_SET)
+            self._slot = None
+            self._pid = 0
+
+    def slot(self) -> int | None:
+        """Return this process's slot, claiming one the first time (``None``: all are held)."""
+        if self._pid != os.getpid():
+            self._slot = self._claim()
+            self._pid = os.getpid()
+        return self._slot
+
+    # -- series names ------------------------------------------------------------------------
+
+    def _count_offset(self, timing: bool) -> int:
+        return 16 if timing else 17  # u32 index in the header: how many names are in use
+
+    def _name_offset(self, timing: bool, index: int) -> int:
+        first = 0 if timing else self.timings
+        return self._names_offset + (first + index) * _NAME_BYTES
+
+    def names(self, timing: bool) -> list[str]:
+        """Return the names of the timing (or counter) series, by number."""
+        known = self._names[timing]
+        used = self._u32[self._count_offset(timing)]
+        for index in range(len(known), used):
+            start = self._name_offset(timing, index)
+            known.append(bytes(self._map[start : start + _NAME_BYTES]).rstrip(b"\0").decode())
+        return known
+
+    def series(self, name: str, *, timing: bool) -> int:
+        """Return the number of series *name*, adding it (the overflow series when full)."""
+        ids = self._timing_ids if timing else self._counter_ids
+        try:
+            return ids[name]
+        except KeyError:
+            pass
+        encoded = name.encode()[:_NAME_BYTES]
+        while len(encoded) and encoded.decode(errors="ignore").encode() != encoded:
+            encoded = encoded[:-1]
+        self._lock_names()
+        try:
+            names = self.names(timing)
+            if not names:  # series 0 of each kind is where names past the limit go
+                self._write_name(timing, 0, _OVERFLOW.encode())
+                names = self.names(timing)
+            decoded = encoded.decode()
+            if decoded in names:
+                index = names.index(decoded)
+            elif len(names) < (self.timings if timing else self.counters):
+                index = len(names)
+                self._write_name(timing, index, encoded)
+            else:
+                index = 0
+        finally:
+            self._unlock_names()
+        ids[name] = index
+        return index
+
+    def _write_name(self, timing: bool, index: int, encoded: bytes) -> None:
+        start = self._name_offset(timing, index)
+        self._map[start : start + _NAME_BYTES] = encoded.ljust(_NAME_BYTES, b"\0")
+        # The name is written before the count that makes readers look at it.
+        self._u32[self._count_offset(timing)] = index + 1
+
+    # -- writing (the owner of a slot only) ----------------------------------------------------
+
+    def record(
+        self,
+        timings: Iterable[tuple[str, int, float]],
+        counters: Iterable[tuple[str, int]],
+        now: float | None = None,
+    ) -> bool:
+        """Add values ``(name, bucket, seconds)`` and counter increments ``(name, amount)``.
+
+        Return ``False`` when no slot is free (nothing is recorded; the drop is counted).
+        """
+        minute = _minute(now)
+        with self._lock:
+            slot = self.slot()
+            if slot is None:
+                return False
+            base = self._slots_offset + slot * self.slot_bytes
+            u64 = self._u64
+            for name, bucket, seconds in timings:
+                self._observe(base, self.series(name, timing=True), bucket, seconds, minute)
+            counters_base = (base + self._counters_offset) // 8
+            for name, amount in counters:
+                u64[counters_base + self.series(name, timing=False)] += amount
+        return True
+
+    def _observe(self, base: int, series: int, bucket: int, seconds: float, minute: int) -> None:
+        u32 = self._u32
+        timing = base + self._timings_offset + series * _TIMING_BYTES
+        self._u64[timing // 8] += 1
+        self._f64[timing // 8 + 1] += seconds
+        entry = minute % _RING
+        stamp = timing // 4 + _STAMPS // 4 + entry
+        directory = timing // 4 + _DIRECTORY // 4
+        if u32[stamp] != minute + 1:
+            # The entry last held minute - 16 (or nothing): clear it in every chunk of the series.
+            for chunk in range(_CHUNKS):
+                pool = u32[directory + chunk]
+                if pool:
+                    row = (base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) // 4 + entry * _CHUNK_BUCKETS
+                    u32[row : row + _CHUNK_BUCKETS] = self._zero_row[:_CHUNK_BUCKETS]
+            u32[stamp] = minute + 1
+        chunk, offset = divmod(bucket, _CHUNK_BUCKETS)
+        pool = u32[directory + chunk]
+        if not pool:
+            header = base // 4
+            if u32[header + 2] >= self.pool_chunks:
+                u32[header + 3] += 1  # dropped: the slot's pool is full
+                return
+            u32[header + 2] += 1
+            pool = u32[directory + chunk] = u32[header + 2]
+        u32[(base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) // 4 + entry * _CHUNK_BUCKETS + offset] += 1
+
+    # -- reading (any process) ------------------------------------------------------------------
+
+    def live_slots(self) -> list[int]:
+        """Return the slots a live process holds now (its lock is taken)."""
+        live = []
+        mine = self._slot if self._pid == os.getpid() else None
+        for slot in range(self.slots):
+            if slot == mine:
+                live.append(slot)
+                continue
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _LOCK_BASE + slot, os.SEEK_SET)
+            except OSError:
+                live.append(slot)
+            else:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _LOCK_BASE + slot, os.SEEK_SET)
+        return live
+
+    def snapshot(self, windows: Iterable[int] = WINDOWS, now: float | None = None) -> HostSnapshot:
+        """Sum every slot: totals, counters and the sketches of *windows* (minutes)."""
+        minute = _minute(now)
+        windows = tuple(windows)
+        result = HostSnapshot(minute=minute)
+        timing_names = self.names(True)
+        counter_names = self.names(False)
+        u32, u64, f64 = self._u32, self._u64, self._f64
+        map_ = self._map
+        # Per (series, chunk, window): the chunk's rows of the minutes in the window, as one
+        # integer of 32-bit fields. Adding integers adds every field at once (no field comes
+        # near 2**32: that would be 4 billion values in one bucket and minute on one host).
+        sums: dict[tuple[int, int, int], int] = {}
+        masks: dict[tuple[int, tuple[int, ...]], int] = {}
+        row_mask = (1 << _ROW_BITS) - 1
+        for slot in range(self.slots):
+            base = self._slots_offset + slot * self.slot_bytes
+            header = base // 4
+            if not u32[header + 1]:
+                continue  # never claimed
+            result.used_slots += 1
+            result.dropped += u32[header + 3]
+            counters_base = (base + self._counters_offset) // 8
+            for index, name in enumerate(counter_names):
+                value = u64[counters_base + index]
+                if value:
+                    result.counters[name] = result.counters.get(name, 0) + value
+            pool_base = base + self._pool_offset
+            for series, name in enumerate(timing_names):
+                timing = base + self._timings_offset + series * _TIMING_BYTES
+                count = u64[timing // 8]
+                if not count:
+                    continue
+                total = result.totals.get(name, (0, 0.0))
+                result.totals[name] = (total[0] + count, total[1] + f64[timing // 8 + 1])
+                stamps = timing // 4 + _STAMPS // 4
+                ages = tuple(minute + 1 - u32[stamps + entry] for entry in range(_RING))
+                directory = timing // 4 + _DIRECTORY // 4
+                for chunk in range(_CHUNKS):
+                    pool = u32[directory + chunk]
+                    if not pool:
+                        continue
+                    start = pool_base + (pool - 1) * _CHUNK_BYTES
+                    rows = int.from_bytes(map_[start : start + _CHUNK_BYTES], "little")
+                    if not rows:
+                        continue
+                    for window in windows:
+                        mask = masks.get((window, ages))
+                        if mask is None:
+                            mask = 0
+                            for entry, age in enumerate(ages):
+                                if 0 <= age <= window:
+                                    mask |= row_mask << (entry * _ROW_BITS)
+                            masks[(window, ages)] = mask
+                        if mask:
+                            key = (series, chunk, window)
+                            sums[key] = sums.get(key, 0) + (rows & mask)
+        result.live_slots = len(self.live_slots())
+        for (series, chunk, window), rows in sums.items():
+            # Fold the 16 rows into one: halve the integer four times, adding the halves.
+            width = _ROW_BITS * _RING
+            while width > _ROW_BITS:
+                width //= 2
+                rows = (rows & ((1 << width) - 1)) + (rows >> width)
+            counts = array("I", rows.to_bytes(_CHUNK_BUCKETS * 4, "little"))
+            sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
+            first = chunk * _CHUNK_BUCKETS
+            for offset, count in enumerate(counts):
+                if count:
+                    sketch.buckets[first + offset] = count
+                    sketch.count += count
+        return result
+
+    def file_usage(self) -> tuple[int, int]:
+        """Return the file's apparent size and the bytes it really takes (its blocks)."""
+        stat = os.fstat(self._fd)
+        return stat.st_size, stat.st_blocks * 512
+

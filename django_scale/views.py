@@ -1,0 +1,89 @@
+"""The ``/scale/`` endpoints: Prometheus text and raw sketches, for staff or a bearer token.
+
+Include them with ``path("scale/", include("django_scale.urls"))``. Each scrape also
+publishes this host's sketches to the cache, so ``?scope=cluster`` on any host merges every
+host that was scraped in the last 20 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseForbidden, JsonResponse
+from django.utils.crypto import constant_time_compare
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+from django_scale.conf import conf
+from django_scale.metrics import merge
+from django_scale.metrics.export import prometheus_text
+from django_scale.metrics.status import replica_gauges
+from django_scale.metrics.store import WINDOWS, HostSnapshot
+
+__all__ = ["metrics_view", "sketches_view"]
+
+logger = logging.getLogger("django_scale.metrics")
+
+#: The content type of Prometheus's text format.
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def allowed(request: HttpRequest) -> bool:
+    """Return whether *request* may read the metrics: a staff user, or the ``METRICS_TOKEN``."""
+    user = getattr(request, "user", None)
+    if user is not None and user.is_active and user.is_staff:
+        return True
+    token = conf.METRICS_TOKEN
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    return bool(token) and header.startswith("Bearer ") and constant_time_compare(header[7:], token)
+
+
+def _snapshot(request: HttpRequest) -> tuple[HostSnapshot, dict[str, Any]] | HttpResponse:
+    scope = request.GET.get("scope", "host")
+    if scope not in ("host", "cluster"):
+        return HttpResponseBadRequest("scope must be host or cluster")
+    local = merge.local_snapshot()
+    document = merge.to_document(local)
+    try:
+        merge.publish(document)
+        if scope == "cluster":
+            local = merge.cluster()
+            document = merge.to_document(local, host="cluster")
+    except Exception:  # the cache is down or hung: serve this host's figures
+        logger.warning("django-scale metrics: the cache %r failed; serving this host only", conf.CACHE_ALIAS)
+    return local, document
+
+
+@never_cache
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Serve Prometheus text: ``?window=1|5|15`` (minutes, default 5), ``?scope=host|cluster``."""
+    if not allowed(request):
+        return HttpResponseForbidden("Staff or the METRICS_TOKEN bearer token only.")
+    try:
+        window = int(request.GET.get("window", "5"))
+    except ValueError:
+        window = 0
+    if window not in WINDOWS:
+        return HttpResponseBadRequest("window must be 1, 5 or 15")
+    found = _snapshot(request)
+    if isinstance(found, HttpResponse):
+        return found
+    snapshot, _ = found
+    body = prometheus_text(snapshot, window, gauges=replica_gauges(snapshot))
+    return HttpResponse(body, content_type=PROMETHEUS_CONTENT_TYPE)
+
+
+@never_cache
+@require_GET
+def sketches_view(request: HttpRequest) -> HttpResponse:
+    """Serve the host's (or ``?scope=cluster``) raw sketches as JSON, for merging elsewhere."""
+    if not allowed(request):
+        return HttpResponseForbidden("Staff or the METRICS_TOKEN bearer token only.")
+    found = _snapshot(request)
+    if isinstance(found, HttpResponse):
+        return found
+    _, document = found
+    return JsonResponse(document, json_dumps_params={"separators": (",", ":")}, encoder=json.JSONEncoder)
