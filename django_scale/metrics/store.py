@@ -89,6 +89,11 @@ class HostSnapshot:
 class SlotStore:
     """One host's metrics file, mapped into this process; see the module's docstring."""
 
+    #: Seconds between two attempts to claim a slot when all were held.
+    retry_after = 1.0
+    #: Values this process could not record for want of a free slot.
+    unrecorded = 0
+
     def __init__(self, directory: str | os.PathLike[str], slots: int, series: int, memory_mb: int) -> None:
         self.slots = slots
         self.timings = series
@@ -121,6 +126,7 @@ class SlotStore:
         self._lock = threading.Lock()
         self._slot: int | None = None
         self._pid = 0
+        self._failed_at = -1e9
         self._timing_ids: dict[str, int] = {}
         self._counter_ids: dict[str, int] = {}
         self._names: dict[bool, list[str]] = {True: [], False: []}
@@ -162,10 +168,15 @@ class SlotStore:
             self._pid = 0
 
     def slot(self) -> int | None:
-        """Return this process's slot, claiming one the first time (``None``: all are held)."""
-        if self._pid != os.getpid():
+        """Return this process's slot, claiming one the first time (``None``: all are held).
+
+        Without a free slot, it tries again at most every :attr:`retry_after` seconds.
+        """
+        if self._pid != os.getpid() or (self._slot is None and time.monotonic() >= self._failed_at + self.retry_after):
             self._slot = self._claim()
             self._pid = os.getpid()
+            if self._slot is None:
+                self._failed_at = time.monotonic()
         return self._slot
 
     # -- series names ------------------------------------------------------------------------
@@ -237,6 +248,7 @@ class SlotStore:
         with self._lock:
             slot = self.slot()
             if slot is None:
+                self.unrecorded += 1
                 return False
             base = self._slots_offset + slot * self.slot_bytes
             u64 = self._u64
