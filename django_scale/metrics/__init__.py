@@ -22,7 +22,14 @@ from __future__ import annotations
 
 from django_scale.metrics.counters import Timing, increment, observe, reset, snapshot
 from django_scale.metrics.export import prometheus_text
-from django_scale.metrics.merge import cluster, local_snapshot, merge, merge_documents, publish, to_document
+from django_scale.metrics.merge import (
+    cluster,
+    local_snapshot,
+    merge_documents,
+    merge_snapshots,
+    publish,
+    to_document,
+)
 from django_scale.metrics.recording import MetricsMiddleware, enable, get_store
 from django_scale.metrics.sketch import Sketch
 from django_scale.metrics.store import HostSnapshot, SlotStore
@@ -38,7 +45,7 @@ __all__ = [
     "get_store",
     "increment",
     "local_snapshot",
-    "merge",
+    "merge_snapshots",
     "merge_documents",
     "observe",
     "prometheus_text",

@@ -101,8 +101,9 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
             out.extend(families[metric])
     for metric, _, help_text in _COUNTERS.values():
         if families.get(metric):
-            out.append(f"# HELP {metric} {help_text}")
-            out.append(f"# TYPE {metric} counter")
+            # Text format 0.0.4 names a counter family with its _total suffix.
+            out.append(f"# HELP {metric}_total {help_text}")
+            out.append(f"# TYPE {metric}_total counter")
             out.extend(families[metric])
     out.append("# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used.")
     out.append("# TYPE django_scale_metrics_slots gauge")

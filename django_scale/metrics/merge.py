@@ -30,7 +30,7 @@ __all__ = [
     "cluster",
     "from_document",
     "local_snapshot",
-    "merge",
+    "merge_snapshots",
     "merge_documents",
     "publish",
     "pull",
@@ -91,7 +91,7 @@ def from_document(document: Mapping[str, Any]) -> HostSnapshot:
     return snapshot
 
 
-def merge(snapshots: Iterable[HostSnapshot]) -> HostSnapshot:
+def merge_snapshots(snapshots: Iterable[HostSnapshot]) -> HostSnapshot:
     """Return the sum of *snapshots*: sketches merged, totals and counters added."""
     merged: HostSnapshot | None = None
     for snapshot in snapshots:
@@ -115,7 +115,7 @@ def merge(snapshots: Iterable[HostSnapshot]) -> HostSnapshot:
 
 def merge_documents(documents: Iterable[Mapping[str, Any]]) -> HostSnapshot:
     """Return the merge of hosts' ``/scale/sketches.json`` documents."""
-    return merge(from_document(document) for document in documents)
+    return merge_snapshots(from_document(document) for document in documents)
 
 
 def publish(document: Mapping[str, Any]) -> None:

@@ -49,7 +49,7 @@ class Command(BaseCommand):
                     snapshots.append(merge.from_document(merge.pull(url, conf.METRICS_TOKEN)))
                 except (OSError, ValueError) as error:
                     raise CommandError(f"Could not read {url}: {error}") from error
-        snapshot = merge.merge(snapshots)
+        snapshot = merge.merge_snapshots(snapshots)
         document = status_document(snapshot, options["window"], replicas=not options["no_replicas"])
         if options["json"]:
             self.stdout.write(json.dumps(document, indent=2, sort_keys=True))
