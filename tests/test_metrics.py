@@ -21,7 +21,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from django_scale import metrics
 from django_scale.metrics.merge import cluster, publish, to_document
-from django_scale.metrics.recording import UNRESOLVED, _timed_execute, _wrap_connection, disable, queue_seconds
+from django_scale.metrics.recording import (
+    UNRESOLVED,
+    _timed_execute,
+    _wrap_connection,
+    disable,
+    queue_seconds,
+)
 from django_scale.metrics.store import SlotStore
 from django_scale.testing import override_scale_settings
 
@@ -169,12 +175,16 @@ def test_the_token_and_staff_read_prometheus_text(store: SlotStore) -> None:
         if sample.labels.get("route") == "author"
     }
     assert samples[("django_scale_request_seconds_count", None)] == 20
-    assert 0 < samples[("django_scale_request_seconds", "0.5")] <= samples[("django_scale_request_seconds", "0.999")]
+    assert (
+        0
+        < samples[("django_scale_request_seconds", "0.5")]
+        <= samples[("django_scale_request_seconds", "0.999")]
+    )
     requests = families["django_scale_requests"]
     assert requests.type == "counter"
-    assert [s.value for s in requests.samples if s.labels == {"route": "author", "method": "GET", "status": "2xx"}] == [
-        20
-    ]
+    assert [
+        s.value for s in requests.samples if s.labels == {"route": "author", "method": "GET", "status": "2xx"}
+    ] == [20]
     assert families["django_scale_metrics_slots"].samples
     staff = User.objects.create_user("staff", password="pw", is_staff=True)
     client.force_login(staff)
@@ -182,7 +192,9 @@ def test_the_token_and_staff_read_prometheus_text(store: SlotStore) -> None:
     assert client.get("/scale/metrics?window=7").status_code == 400
     document = client.get("/scale/sketches.json").json()
     assert document["timings"]["request\x1fauthor\x1fGET"]["count"] == 20
-    assert metrics.Sketch.from_json(document["timings"]["request\x1fauthor\x1fGET"]["windows"]["5"]).count == 20
+    assert (
+        metrics.Sketch.from_json(document["timings"]["request\x1fauthor\x1fGET"]["windows"]["5"]).count == 20
+    )
 
 
 def test_label_values_are_escaped(tmp_path: Path) -> None:

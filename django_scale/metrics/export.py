@@ -24,7 +24,11 @@ QUANTILES = (0.5, 0.95, 0.99, 0.999)
 
 _TIMINGS = {
     "request": ("django_scale_request_seconds", ("route", "method"), "Request latency by route and method."),
-    "db": ("django_scale_db_seconds", ("route", "method", "alias"), "DB time of a request, per database alias."),
+    "db": (
+        "django_scale_db_seconds",
+        ("route", "method", "alias"),
+        "DB time of a request, per database alias.",
+    ),
     "queue": (
         "django_scale_queue_seconds",
         ("route", "method"),
@@ -32,8 +36,16 @@ _TIMINGS = {
     ),
 }
 _COUNTERS = {
-    "requests": ("django_scale_requests", ("route", "method", "status"), "Requests by route, method and status class."),
-    "queries": ("django_scale_db_queries", ("route", "method", "alias"), "Queries by route, method and alias."),
+    "requests": (
+        "django_scale_requests",
+        ("route", "method", "status"),
+        "Requests by route, method and status class.",
+    ),
+    "queries": (
+        "django_scale_db_queries",
+        ("route", "method", "alias"),
+        "Queries by route, method and alias.",
+    ),
     "reads": (
         "django_scale_routed_reads",
         ("route", "method", "alias"),
@@ -59,7 +71,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: Iterable[str], values: Iterable[str], extra: str = "") -> str:
-    pairs = [f'{name}="{_escape(value)}"' for name, value in zip(names, values)]
+    pairs = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
     if extra:
         pairs.append(extra)
     return "{" + ",".join(pairs) + "}" if pairs else ""
@@ -105,11 +117,15 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
             out.append(f"# HELP {metric}_total {help_text}")
             out.append(f"# TYPE {metric}_total counter")
             out.extend(families[metric])
-    out.append("# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used.")
+    out.append(
+        "# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used."
+    )
     out.append("# TYPE django_scale_metrics_slots gauge")
     out.append(f'django_scale_metrics_slots{{state="live"}} {snapshot.live_slots}')
     out.append(f'django_scale_metrics_slots{{state="used"}} {snapshot.used_slots}')
-    out.append("# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full.")
+    out.append(
+        "# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full."
+    )
     out.append("# TYPE django_scale_metrics_dropped gauge")
     out.append(f"django_scale_metrics_dropped {snapshot.dropped}")
     out.extend(gauges)

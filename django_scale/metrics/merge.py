@@ -22,6 +22,7 @@ from typing import Any
 from django.core.cache import caches
 
 from django_scale.conf import conf
+from django_scale.exceptions import MetricsDocumentError
 from django_scale.metrics.recording import get_store
 from django_scale.metrics.sketch import RELATIVE_ACCURACY, Sketch
 from django_scale.metrics.store import WINDOWS, HostSnapshot
@@ -75,19 +76,24 @@ def to_document(snapshot: HostSnapshot, host: str | None = None) -> dict[str, An
 
 
 def from_document(document: Mapping[str, Any]) -> HostSnapshot:
-    """Return the snapshot a :func:`to_document` document describes (``ValueError`` if malformed)."""
+    """Return the snapshot a :func:`to_document` document describes (:exc:`~django_scale.exceptions.MetricsDocumentError` if malformed)."""
     if document.get("format") != FORMAT or document.get("relative_accuracy") != RELATIVE_ACCURACY:
-        raise ValueError("not a django-scale metrics document of this version")
-    snapshot = HostSnapshot(minute=int(document["minute"]))
-    for name, timing in dict(document["timings"]).items():
-        snapshot.totals[name] = (int(timing["count"]), float(timing["sum"]))
-        snapshot.windows[name] = {
-            int(window): Sketch.from_json(sketch) for window, sketch in dict(timing["windows"]).items()
-        }
-    snapshot.counters = {str(name): int(value) for name, value in dict(document["counters"]).items()}
-    snapshot.live_slots = int(document.get("live_slots", 0))
-    snapshot.used_slots = int(document.get("used_slots", 0))
-    snapshot.dropped = int(document.get("dropped", 0))
+        raise MetricsDocumentError("not a django-scale metrics document of this version")
+    try:
+        snapshot = HostSnapshot(minute=int(document["minute"]))
+        for name, timing in dict(document["timings"]).items():
+            snapshot.totals[name] = (int(timing["count"]), float(timing["sum"]))
+            snapshot.windows[name] = {
+                int(window): Sketch.from_json(sketch) for window, sketch in dict(timing["windows"]).items()
+            }
+        snapshot.counters = {str(name): int(value) for name, value in dict(document["counters"]).items()}
+        snapshot.live_slots = int(document.get("live_slots", 0))
+        snapshot.used_slots = int(document.get("used_slots", 0))
+        snapshot.dropped = int(document.get("dropped", 0))
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if isinstance(error, MetricsDocumentError):
+            raise
+        raise MetricsDocumentError(f"not a django-scale metrics document: {error!r}") from None
     return snapshot
 
 

@@ -95,7 +95,9 @@ def disable() -> None:
     counters._shared_sink.clear()
 
 
-def _timed_execute(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
+def _timed_execute(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
+) -> Any:
     db = _request_db.get()
     if db is None:
         return execute(sql, params, many, context)
@@ -113,7 +115,9 @@ def _timed_execute(execute: Callable[..., Any], sql: str, params: Any, many: boo
             entry[1] += elapsed
 
 
-def _wrap_connection(sender: Any = None, connection: BaseDatabaseWrapper | None = None, **kwargs: Any) -> None:
+def _wrap_connection(
+    sender: Any = None, connection: BaseDatabaseWrapper | None = None, **kwargs: Any
+) -> None:
     """Install the timing wrapper on *connection* once, as its outermost execute wrapper.
 
     ``execute_wrappers`` is the list :meth:`~django.db.backends.base.base.BaseDatabaseWrapper.execute_wrapper`
@@ -156,7 +160,12 @@ def queue_seconds(header: str | None, now: float) -> float | None:
 
 
 def _record(
-    request: HttpRequest, status: int, elapsed: float, wall: float, events: Counter[str], db: dict[str, list[Any]]
+    request: HttpRequest,
+    status: int,
+    elapsed: float,
+    wall: float,
+    events: Counter[str],
+    db: dict[str, list[Any]],
 ) -> None:
     from django_scale.replicas import current_state  # replicas imports metrics: import at call time
 

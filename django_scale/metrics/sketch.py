@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from django_scale.exceptions import MetricsDocumentError
+
 __all__ = [
     "BUCKETS",
     "MAX_VALUE",
@@ -142,15 +144,15 @@ class Sketch:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Sketch:
-        """Return the sketch :meth:`to_json` described; raise ``ValueError`` if it is malformed."""
+        """Return the sketch :meth:`to_json` described; raise :exc:`~django_scale.exceptions.MetricsDocumentError` if it is malformed."""
         try:
             buckets = {int(index): int(count) for index, count in dict(data["buckets"]).items()}
             count = int(data["count"])
             total = float(data.get("sum", 0.0))
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ValueError(f"not a sketch: {error}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise MetricsDocumentError(f"not a sketch: {error}") from None
         if any(index < 0 or index >= BUCKETS or n < 0 for index, n in buckets.items()):
-            raise ValueError("not a sketch: a bucket index or count is out of range")
+            raise MetricsDocumentError("not a sketch: a bucket index or count is out of range")
         if count != sum(buckets.values()):
-            raise ValueError("not a sketch: its count is not the sum of its buckets")
+            raise MetricsDocumentError("not a sketch: its count is not the sum of its buckets")
         return cls(buckets=buckets, count=count, total=total)

@@ -40,7 +40,7 @@ def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
             "db_seconds": {},
             "queries": {},
         }
-    for name, (count, total) in snapshot.totals.items():
+    for name, (_count, total) in snapshot.totals.items():
         kind, labels = split_name(name)
         row = rows.get((labels[0], labels[1])) if kind == "db" and len(labels) == 3 else None
         if row is not None and row["requests"]:
@@ -93,12 +93,16 @@ def replica_gauges(snapshot: HostSnapshot) -> list[str]:
     ]
     for row in rows:
         lag = row["lag"]
-        lines.append(f'django_scale_replica_lag_seconds{{alias="{row["alias"]}"}} {lag if lag is not None else "NaN"}')
+        lines.append(
+            f'django_scale_replica_lag_seconds{{alias="{row["alias"]}"}} {lag if lag is not None else "NaN"}'
+        )
     lines += [
         "# HELP django_scale_replica_available Whether the replica takes reads (1) or not (0).",
         "# TYPE django_scale_replica_available gauge",
     ]
-    lines += [f'django_scale_replica_available{{alias="{row["alias"]}"}} {int(row["available"])}' for row in rows]
+    lines += [
+        f'django_scale_replica_available{{alias="{row["alias"]}"}} {int(row["available"])}' for row in rows
+    ]
     return lines
 
 

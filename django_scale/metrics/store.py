@@ -172,7 +172,9 @@ class SlotStore:
 
         Without a free slot, it tries again at most every :attr:`retry_after` seconds.
         """
-        if self._pid != os.getpid() or (self._slot is None and time.monotonic() >= self._failed_at + self.retry_after):
+        if self._pid != os.getpid() or (
+            self._slot is None and time.monotonic() >= self._failed_at + self.retry_after
+        ):
             self._slot = self._claim()
             self._pid = os.getpid()
             if self._slot is None:
@@ -284,7 +286,9 @@ class SlotStore:
                 return
             u32[header + 2] += 1
             pool = u32[directory + chunk] = u32[header + 2]
-        u32[(base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) // 4 + entry * _CHUNK_BUCKETS + offset] += 1
+        u32[
+            (base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) // 4 + entry * _CHUNK_BUCKETS + offset
+        ] += 1
 
     # -- reading (any process) ------------------------------------------------------------------
 
@@ -381,4 +385,3 @@ class SlotStore:
         """Return the file's apparent size and the bytes it really takes (its blocks)."""
         stat = os.fstat(self._fd)
         return stat.st_size, stat.st_blocks * 512
-

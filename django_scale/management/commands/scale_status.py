@@ -25,10 +25,16 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-        parser.add_argument("--window", type=int, default=5, choices=WINDOWS, help="minutes the routes are sorted by")
-        parser.add_argument("--limit", type=int, default=20, help="print this many slowest routes (tables only)")
         parser.add_argument(
-            "--cluster", action="store_true", help="merge every host published to the cache, not this host only"
+            "--window", type=int, default=5, choices=WINDOWS, help="minutes the routes are sorted by"
+        )
+        parser.add_argument(
+            "--limit", type=int, default=20, help="print this many slowest routes (tables only)"
+        )
+        parser.add_argument(
+            "--cluster",
+            action="store_true",
+            help="merge every host published to the cache, not this host only",
         )
         parser.add_argument(
             "--pull",
@@ -70,7 +76,9 @@ class Command(BaseCommand):
                 f"{_ms(figures.get('p99.9')):>8} {_ms(db):>7} {queries:>7.1f}"
             )
         if not document["routes"]:
-            self.stdout.write("  (no requests recorded: is django_scale.metrics.MetricsMiddleware in MIDDLEWARE?)")
+            self.stdout.write(
+                "  (no requests recorded: is django_scale.metrics.MetricsMiddleware in MIDDLEWARE?)"
+            )
         self.stdout.write("Databases:")
         for row in document["replicas"]:
             share = "-" if row["read_share"] is None else f"{row['read_share']:.0%}"
@@ -92,4 +100,6 @@ class Command(BaseCommand):
         if not document["sniper"]:
             self.stdout.write("  no kills recorded")
         slots = document["slots"]
-        self.stdout.write(f"Worker slots: {slots['live']} live, {slots['used']} used, {slots['dropped']} values dropped")
+        self.stdout.write(
+            f"Worker slots: {slots['live']} live, {slots['used']} used, {slots['dropped']} values dropped"
+        )
