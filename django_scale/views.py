@@ -1,15 +1,15 @@
 """The ``/scale/`` endpoints: Prometheus text and raw sketches, for staff or a bearer token.
 
-Include them with ``path("scale/", include("django_scale.urls"))``. Each scrape also
-publishes this host's sketches to the cache, so ``?scope=cluster`` on any host merges every
-host that was scraped in the last 20 minutes.
+Include them with ``path("scale/", include("django_scale.urls"))``. Each request of
+``sketches.json`` (and ``manage.py scale_status --publish``) also publishes this host's sketches
+to the cache, so ``?scope=cluster`` on any host merges every host published in the last 20
+minutes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseForbidden, JsonResponse
 from django.utils.crypto import constant_time_compare
@@ -40,20 +40,18 @@ def allowed(request: HttpRequest) -> bool:
     return bool(token) and header.startswith("Bearer ") and constant_time_compare(header[7:], token)
 
 
-def _snapshot(request: HttpRequest) -> tuple[HostSnapshot, dict[str, Any]] | HttpResponse:
+def _scope(request: HttpRequest) -> str | None:
     scope = request.GET.get("scope", "host")
-    if scope not in ("host", "cluster"):
-        return HttpResponseBadRequest("scope must be host or cluster")
-    local = merge.local_snapshot()
-    document = merge.to_document(local)
+    return scope if scope in ("host", "cluster") else None
+
+
+def _cluster_or_local(local: HostSnapshot) -> HostSnapshot:
+    """Return every published host merged, or *local* alone when the cache fails."""
     try:
-        merge.publish(document)
-        if scope == "cluster":
-            local = merge.cluster()
-            document = merge.to_document(local, host="cluster")
-    except Exception:  # the cache is down or hung: serve this host's figures
+        return merge.cluster()
+    except Exception:  # the cache is down: serve this host's figures
         logger.warning("django-scale metrics: the cache %r failed; serving this host only", conf.CACHE_ALIAS)
-    return local, document
+        return local
 
 
 @never_cache
@@ -68,10 +66,14 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         window = 0
     if window not in WINDOWS:
         return HttpResponseBadRequest("window must be 1, 5 or 15")
-    found = _snapshot(request)
-    if isinstance(found, HttpResponse):
-        return found
-    snapshot, _ = found
+    scope = _scope(request)
+    if scope is None:
+        return HttpResponseBadRequest("scope must be host or cluster")
+    if scope == "cluster":
+        snapshot = _cluster_or_local(merge.local_snapshot())
+    else:
+        # Only the window asked for: a scrape stays cheap however many routes there are.
+        snapshot = merge.local_snapshot(windows=(window,))
     body = prometheus_text(snapshot, window, gauges=replica_gauges(snapshot))
     return HttpResponse(body, content_type=PROMETHEUS_CONTENT_TYPE)
 
@@ -79,11 +81,18 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
 @never_cache
 @require_GET
 def sketches_view(request: HttpRequest) -> HttpResponse:
-    """Serve the host's (or ``?scope=cluster``) raw sketches as JSON, for merging elsewhere."""
+    """Serve the host's (or ``?scope=cluster``) raw sketches as JSON; publish the host's to the cache."""
     if not allowed(request):
         return HttpResponseForbidden("Staff or the METRICS_TOKEN bearer token only.")
-    found = _snapshot(request)
-    if isinstance(found, HttpResponse):
-        return found
-    _, document = found
+    scope = _scope(request)
+    if scope is None:
+        return HttpResponseBadRequest("scope must be host or cluster")
+    local = merge.local_snapshot()
+    document = merge.to_document(local)
+    try:
+        merge.publish(document)
+    except Exception:  # the cache is down: the host's own figures are still served
+        logger.warning("django-scale metrics: could not publish to the cache %r", conf.CACHE_ALIAS)
+    if scope == "cluster":
+        document = merge.to_document(_cluster_or_local(local), host="cluster")
     return JsonResponse(document, json_dumps_params={"separators": (",", ":")}, encoder=json.JSONEncoder)

@@ -242,6 +242,15 @@ def test_hosts_merge_through_the_cache(store: SlotStore) -> None:
     assert merged.counters["requests\x1fauthor\x1fGET\x1f2xx"] == 6
     response = client.get("/scale/metrics?scope=cluster", headers={"authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
+    assert 'django_scale_request_seconds_count{route="author",method="GET"} 6' in response.content.decode()
+    # sketches.json publishes this host (under its host name) before merging.
+    document = client.get(
+        "/scale/sketches.json?scope=cluster", headers={"authorization": f"Bearer {TOKEN}"}
+    ).json()
+    assert document["timings"]["request\x1fauthor\x1fGET"]["count"] == 9
+    out = StringIO()
+    call_command("scale_status", "--cluster", "--json", "--no-replicas", stdout=out)
+    assert json.loads(out.getvalue())["routes"][0]["requests"] == 9
     caches["default"].clear()
 
 

@@ -16,7 +16,6 @@ request records, keyed by its resolver route (never the raw path) and method:
 from __future__ import annotations
 
 import contextvars
-import os
 import threading
 import time
 from collections import Counter
@@ -65,14 +64,6 @@ def get_store() -> SlotStore:
             if store is None:
                 store = _stores[key] = SlotStore(*key)
     return store
-
-
-def _forget_after_fork() -> None:
-    for store in _stores.values():
-        store.forget_after_fork()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _shared_increment(name: str, amount: int) -> None:
@@ -159,6 +150,19 @@ def queue_seconds(header: str | None, now: float) -> float | None:
     return max(waited, 0.0) if -1.0 < waited < 3600.0 else None
 
 
+def _routing_state() -> Any:
+    """Return the request's routing state (:func:`django_scale.replicas.current_state`), if any."""
+    if not _current_state:
+        # django_scale.replicas imports this package (its counters): import it at first use.
+        from django_scale.replicas import current_state
+
+        _current_state.append(current_state)
+    return _current_state[0]()
+
+
+_current_state: list[Callable[[], Any]] = []
+
+
 def _record(
     request: HttpRequest,
     status: int,
@@ -167,8 +171,6 @@ def _record(
     events: Counter[str],
     db: dict[str, list[Any]],
 ) -> None:
-    from django_scale.replicas import current_state  # replicas imports metrics: import at call time
-
     method = request.method if request.method in _METHODS else "OTHER"
     labels = f"{route_of(request)}{SEP}{method}"
     timings = [(f"request{SEP}{labels}", bucket_of(elapsed), elapsed)]
@@ -179,7 +181,7 @@ def _record(
     for alias, (queries, seconds) in db.items():
         timings.append((f"db{SEP}{labels}{SEP}{alias}", bucket_of(seconds), seconds))
         tallies.append((f"queries{SEP}{labels}{SEP}{alias}", queries))
-    state = current_state()
+    state = _routing_state()
     if state is not None:
         for alias, reads in state.reads.items():
             tallies.append((f"reads{SEP}{labels}{SEP}{alias}", reads))

@@ -27,9 +27,11 @@ import mmap
 import os
 import threading
 import time
+import weakref
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import compress
 from pathlib import Path
 
 from django_scale.metrics.sketch import BUCKETS, Sketch
@@ -44,7 +46,6 @@ _RING = 16  # minutes kept: the current one and 15 before it (the longest window
 _CHUNK_BUCKETS = 32
 _CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
 _CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a minute's 32 counts are contiguous
-_ROW_BITS = _CHUNK_BUCKETS * 32
 _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
@@ -61,6 +62,12 @@ _OVERFLOW = "\x1foverflow"
 
 def _page(size: int) -> int:
     return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _forget(ref: weakref.ref[SlotStore]) -> None:
+    store = ref()
+    if store is not None:
+        store.forget_after_fork()
 
 
 def _minute(now: float | None = None) -> int:
@@ -131,6 +138,10 @@ class SlotStore:
         self._counter_ids: dict[str, int] = {}
         self._names: dict[bool, list[str]] = {True: [], False: []}
         self._zero_row = array("I", bytes(_CHUNK_BYTES))
+        # A forked child holds none of its parent's POSIX locks: it must claim a slot of its own.
+        # (Checking os.getpid() on each record instead costs a system call per request.)
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget(ref))
 
     # -- files and locks -------------------------------------------------------------------
 
@@ -244,51 +255,74 @@ class SlotStore:
     ) -> bool:
         """Add values ``(name, bucket, seconds)`` and counter increments ``(name, amount)``.
 
-        Return ``False`` when no slot is free (nothing is recorded; the drop is counted).
+        Return ``False`` when no slot is free (nothing is recorded; :attr:`unrecorded` counts it).
         """
-        minute = _minute(now)
+        minute = int((time.time() if now is None else now) // 60)
         with self._lock:
-            slot = self.slot()
+            slot = self._slot
             if slot is None:
-                self.unrecorded += 1
-                return False
+                slot = self.slot()
+                if slot is None:
+                    self.unrecorded += 1
+                    return False
             base = self._slots_offset + slot * self.slot_bytes
-            u64 = self._u64
+            ids = self._timing_ids
             for name, bucket, seconds in timings:
-                self._observe(base, self.series(name, timing=True), bucket, seconds, minute)
-            counters_base = (base + self._counters_offset) // 8
-            for name, amount in counters:
-                u64[counters_base + self.series(name, timing=False)] += amount
+                series = ids.get(name)
+                if series is None:
+                    series = self.series(name, timing=True)
+                self._observe(base, series, bucket, seconds, minute)
+            if counters:
+                u64 = self._u64
+                ids = self._counter_ids
+                counters_base = (base + self._counters_offset) >> 3
+                for name, amount in counters:
+                    series = ids.get(name)
+                    if series is None:
+                        series = self.series(name, timing=False)
+                    u64[counters_base + series] += amount
         return True
 
     def _observe(self, base: int, series: int, bucket: int, seconds: float, minute: int) -> None:
         u32 = self._u32
         timing = base + self._timings_offset + series * _TIMING_BYTES
-        self._u64[timing // 8] += 1
-        self._f64[timing // 8 + 1] += seconds
+        self._u64[timing >> 3] += 1
+        self._f64[(timing >> 3) + 1] += seconds
         entry = minute % _RING
-        stamp = timing // 4 + _STAMPS // 4 + entry
-        directory = timing // 4 + _DIRECTORY // 4
+        stamp = (timing >> 2) + (_STAMPS >> 2) + entry
+        directory = (timing >> 2) + (_DIRECTORY >> 2)
         if u32[stamp] != minute + 1:
-            # The entry last held minute - 16 (or nothing): clear it in every chunk of the series.
-            for chunk in range(_CHUNKS):
-                pool = u32[directory + chunk]
-                if pool:
-                    row = (base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) // 4 + entry * _CHUNK_BUCKETS
-                    u32[row : row + _CHUNK_BUCKETS] = self._zero_row[:_CHUNK_BUCKETS]
+            self._start_minute(base, directory, entry)
             u32[stamp] = minute + 1
-        chunk, offset = divmod(bucket, _CHUNK_BUCKETS)
-        pool = u32[directory + chunk]
+        pool = u32[directory + (bucket >> 5)]
         if not pool:
-            header = base // 4
-            if u32[header + 2] >= self.pool_chunks:
-                u32[header + 3] += 1  # dropped: the slot's pool is full
+            pool = self._allocate(base, directory + (bucket >> 5))
+            if not pool:
                 return
-            u32[header + 2] += 1
-            pool = u32[directory + chunk] = u32[header + 2]
         u32[
-            (base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) // 4 + entry * _CHUNK_BUCKETS + offset
+            ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2)
+            + entry * _CHUNK_BUCKETS
+            + (bucket & 31)
         ] += 1
+
+    def _start_minute(self, base: int, directory: int, entry: int) -> None:
+        """Clear ring *entry* of a series in every chunk: it last held the minute 16 minutes ago."""
+        u32 = self._u32
+        for pool in u32[directory : directory + _CHUNKS].tolist():
+            if pool:
+                row = ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2) + entry * _CHUNK_BUCKETS
+                u32[row : row + _CHUNK_BUCKETS] = self._zero_row[:_CHUNK_BUCKETS]
+
+    def _allocate(self, base: int, directory_entry: int) -> int:
+        """Give a series' chunk a place in the slot's pool; 0 when the pool is full (counted)."""
+        u32 = self._u32
+        header = base >> 2
+        if u32[header + 2] >= self.pool_chunks:
+            u32[header + 3] += 1
+            return 0
+        u32[header + 2] += 1
+        pool = u32[directory_entry] = u32[header + 2]
+        return pool
 
     # -- reading (any process) ------------------------------------------------------------------
 
@@ -311,74 +345,79 @@ class SlotStore:
     def snapshot(self, windows: Iterable[int] = WINDOWS, now: float | None = None) -> HostSnapshot:
         """Sum every slot: totals, counters and the sketches of *windows* (minutes)."""
         minute = _minute(now)
-        windows = tuple(windows)
         result = HostSnapshot(minute=minute)
         timing_names = self.names(True)
         counter_names = self.names(False)
         u32, u64, f64 = self._u32, self._u64, self._f64
         map_ = self._map
-        # Per (series, chunk, window): the chunk's rows of the minutes in the window, as one
-        # integer of 32-bit fields. Adding integers adds every field at once (no field comes
-        # near 2**32: that would be 4 billion values in one bucket and minute on one host).
+        # Per (series, chunk, window): the chunk's row (32 counts) summed over the minutes of
+        # the window, as one integer of 32-bit fields: adding integers adds every field at once
+        # (no field comes near 2**32: 4 billion values in one bucket and window on one host).
         sums: dict[tuple[int, int, int], int] = {}
-        masks: dict[tuple[int, tuple[int, ...]], int] = {}
-        row_mask = (1 << _ROW_BITS) - 1
+        # Per ring stamps: the entries to read, youngest first, and how many each window takes.
+        plans: dict[tuple[int, ...], tuple[list[int], list[tuple[int, int]]]] = {}
+        windows = tuple(sorted(windows))
+        header_words = (_DIRECTORY >> 2) + _CHUNKS
+        row_bytes = _CHUNK_BUCKETS * 4
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
-            header = base // 4
+            header = base >> 2
             if not u32[header + 1]:
                 continue  # never claimed
             result.used_slots += 1
             result.dropped += u32[header + 3]
-            counters_base = (base + self._counters_offset) // 8
-            for index, name in enumerate(counter_names):
-                value = u64[counters_base + index]
+            counters_base = (base + self._counters_offset) >> 3
+            values = u64[counters_base : counters_base + len(counter_names)].tolist()
+            for name, value in zip(counter_names, values, strict=True):
                 if value:
                     result.counters[name] = result.counters.get(name, 0) + value
             pool_base = base + self._pool_offset
+            timings_base = base + self._timings_offset
             for series, name in enumerate(timing_names):
-                timing = base + self._timings_offset + series * _TIMING_BYTES
-                count = u64[timing // 8]
+                timing = timings_base + series * _TIMING_BYTES
+                count = u64[timing >> 3]
                 if not count:
                     continue
-                total = result.totals.get(name, (0, 0.0))
-                result.totals[name] = (total[0] + count, total[1] + f64[timing // 8 + 1])
-                stamps = timing // 4 + _STAMPS // 4
-                ages = tuple(minute + 1 - u32[stamps + entry] for entry in range(_RING))
-                directory = timing // 4 + _DIRECTORY // 4
-                for chunk in range(_CHUNKS):
-                    pool = u32[directory + chunk]
+                total = result.totals.get(name)
+                seconds = f64[(timing >> 3) + 1]
+                result.totals[name] = (
+                    (count, seconds) if total is None else (total[0] + count, total[1] + seconds)
+                )
+                words = u32[(timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + header_words].tolist()
+                stamps = tuple(words[:_RING])
+                plan = plans.get(stamps)
+                if plan is None:
+                    aged = sorted((minute + 1 - stamp, entry) for entry, stamp in enumerate(stamps) if stamp)
+                    entries = [entry for age, entry in aged if 0 <= age <= windows[-1]]
+                    takes = [(window, sum(1 for age, _ in aged if 0 <= age <= window)) for window in windows]
+                    plan = plans[stamps] = (entries, takes)
+                entries, takes = plan
+                if not entries:
+                    continue
+                for chunk, pool in enumerate(words[_RING:]):
                     if not pool:
                         continue
                     start = pool_base + (pool - 1) * _CHUNK_BYTES
-                    rows = int.from_bytes(map_[start : start + _CHUNK_BYTES], "little")
-                    if not rows:
-                        continue
-                    for window in windows:
-                        mask = masks.get((window, ages))
-                        if mask is None:
-                            mask = 0
-                            for entry, age in enumerate(ages):
-                                if 0 <= age <= window:
-                                    mask |= row_mask << (entry * _ROW_BITS)
-                            masks[(window, ages)] = mask
-                        if mask:
+                    running = 0
+                    taken = 0
+                    for window, take in takes:
+                        while taken < take:
+                            row = start + entries[taken] * row_bytes
+                            running += int.from_bytes(map_[row : row + row_bytes], "little")
+                            taken += 1
+                        if running:
                             key = (series, chunk, window)
-                            sums[key] = sums.get(key, 0) + (rows & mask)
+                            sums[key] = sums.get(key, 0) + running
         result.live_slots = len(self.live_slots())
         for (series, chunk, window), rows in sums.items():
-            # Fold the 16 rows into one: halve the integer four times, adding the halves.
-            width = _ROW_BITS * _RING
-            while width > _ROW_BITS:
-                width //= 2
-                rows = (rows & ((1 << width) - 1)) + (rows >> width)
             counts = array("I", rows.to_bytes(_CHUNK_BUCKETS * 4, "little"))
             sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
             first = chunk * _CHUNK_BUCKETS
-            for offset, count in enumerate(counts):
-                if count:
-                    sketch.buckets[first + offset] = count
-                    sketch.count += count
+            # compress() keeps the buckets that hold values, in C: no loop over 32 counts here.
+            sketch.buckets.update(
+                compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
+            )
+            sketch.count += sum(counts)
         return result
 
     def file_usage(self) -> tuple[int, int]:

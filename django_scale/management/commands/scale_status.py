@@ -44,8 +44,15 @@ class Command(BaseCommand):
             help="merge the sketches.json of this host URL too, with METRICS_TOKEN (repeatable)",
         )
         parser.add_argument("--no-replicas", action="store_true", help="do not probe the replicas")
+        parser.add_argument(
+            "--publish",
+            action="store_true",
+            help="publish this host's sketches to the cache first (for --cluster)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["publish"]:
+            merge.publish(merge.to_document(merge.local_snapshot()))
         snapshots = [merge.cluster() if options["cluster"] else merge.local_snapshot()]
         if options["pull"]:
             if not conf.METRICS_TOKEN:

@@ -20,6 +20,7 @@ FEATURES = {
     "admin": "benchmarks.admin",
     "bulk": "benchmarks.bulk",
     "cache": "benchmarks.cache",
+    "metrics": "benchmarks.metrics",
     "prefetch": "benchmarks.prefetch",
     "request": "benchmarks.request",
     "routing": "benchmarks.routing",
