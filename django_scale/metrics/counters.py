@@ -76,7 +76,7 @@ _counters: Counter[str] = Counter()
 _timings: dict[str, Timing] = {}
 
 #: The counters of the request being served, when request metrics are on (else ``None``).
-request_events: contextvars.ContextVar[Counter[str] | None] = contextvars.ContextVar(
+request_events: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
     "django_scale_request_events", default=None
 )
 #: Where increments also go once shared metrics are enabled in this process, else ``None``.
@@ -89,7 +89,7 @@ def increment(name: str, amount: int = 1) -> None:
         _counters[name] += amount
     events = request_events.get()
     if events is not None:
-        events[name] += amount
+        events[name] = events.get(name, 0) + amount
     if _shared_sink:
         _shared_sink[0](name, amount)
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
@@ -56,6 +56,10 @@ def get_store() -> SlotStore:
     A process maps each file once: POSIX record locks belong to the process, so a second
     mapping of the same file would not see the first one's slot as taken.
     """
+    raw = getattr(settings, "DJANGO_SCALE", None)
+    last = _last_store
+    if last and last[0] is raw:
+        return last[1]
     key = conf.metrics_options()
     store = _stores.get(key)
     if store is None:
@@ -63,7 +67,12 @@ def get_store() -> SlotStore:
             store = _stores.get(key)
             if store is None:
                 store = _stores[key] = SlotStore(*key)
+    # Once per DJANGO_SCALE object, as conf's hot paths: override_settings installs a new one.
+    _last_store[:] = [raw, store]
     return store
+
+
+_last_store: list[Any] = []
 
 
 def _shared_increment(name: str, amount: int) -> None:
@@ -217,7 +226,7 @@ class MetricsMiddleware:
             return self.__acall__(request)
         start = time.perf_counter()
         wall = time.time()
-        events: Counter[str] = Counter()
+        events: dict[str, int] = {}
         db: dict[str, list[Any]] = {}
         token = counters.request_events.set(events)
         db_token = _request_db.set(db)
@@ -234,7 +243,7 @@ class MetricsMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         start = time.perf_counter()
         wall = time.time()
-        events: Counter[str] = Counter()
+        events: dict[str, int] = {}
         db: dict[str, list[Any]] = {}
         token = counters.request_events.set(events)
         db_token = _request_db.set(db)
