@@ -250,7 +250,8 @@ def test_hosts_merge_through_the_cache(store: SlotStore) -> None:
     assert document["timings"]["request\x1fauthor\x1fGET"]["count"] == 9
     out = StringIO()
     call_command("scale_status", "--cluster", "--json", "--no-replicas", stdout=out)
-    assert json.loads(out.getvalue())["routes"][0]["requests"] == 9
+    [row] = [row for row in json.loads(out.getvalue())["routes"] if row["route"] == "author"]
+    assert row["requests"] == 9
     caches["default"].clear()
 
 
@@ -272,3 +273,23 @@ def test_the_timing_wrapper_stays_outermost_and_leaves_other_wrappers_alone(stor
     assert connection.execute_wrappers[0] is _timed_execute
     assert theirs not in connection.execute_wrappers
     assert seen == ["SELECT 1"]
+
+
+def test_checks_of_the_metrics_file_and_the_middleware_order(tmp_path: Path) -> None:
+    from django_scale.checks import check_metrics, check_settings
+
+    assert check_metrics() == []  # MetricsMiddleware not installed: nothing to check
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    with override_settings(MIDDLEWARE=MIDDLEWARE), override_scale_settings(METRICS_DIR=str(a_file)):
+        assert [message.id for message in check_metrics()] == ["django_scale.E504"]
+    with override_settings(MIDDLEWARE=MIDDLEWARE), override_scale_settings(METRICS_DIR=str(tmp_path / "new")):
+        assert check_metrics() == []
+        assert (tmp_path / "new").is_dir()
+    reversed_order = [MIDDLEWARE[1], MIDDLEWARE[0], *MIDDLEWARE[2:]]
+    with override_settings(MIDDLEWARE=reversed_order), override_scale_settings(METRICS_DIR=str(tmp_path)):
+        assert [message.id for message in check_metrics()] == ["django_scale.W505"]
+    with override_scale_settings(METRICS_TOKEN="short"):
+        assert [(m.id, m.obj) for m in check_settings()] == [("django_scale.E003", "DJANGO_SCALE['METRICS_TOKEN']")]
+    with override_scale_settings(METRICS_SLOTS=0):
+        assert [(m.id, m.obj) for m in check_settings()] == [("django_scale.E003", "DJANGO_SCALE['METRICS_SLOTS']")]
