@@ -425,7 +425,9 @@ def check_metrics() -> list[checks.CheckMessage]:
     if METRICS_MIDDLEWARE not in middleware:
         return []
     messages: list[checks.CheckMessage] = []
-    if SCALE_MIDDLEWARE in middleware and middleware.index(METRICS_MIDDLEWARE) < middleware.index(SCALE_MIDDLEWARE):
+    if SCALE_MIDDLEWARE in middleware and middleware.index(METRICS_MIDDLEWARE) < middleware.index(
+        SCALE_MIDDLEWARE
+    ):
         messages.append(_w505_metrics_before_scale_middleware())
     try:
         directory = conf.metrics_options()[0]

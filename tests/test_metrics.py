@@ -290,6 +290,23 @@ def test_checks_of_the_metrics_file_and_the_middleware_order(tmp_path: Path) -> 
     with override_settings(MIDDLEWARE=reversed_order), override_scale_settings(METRICS_DIR=str(tmp_path)):
         assert [message.id for message in check_metrics()] == ["django_scale.W505"]
     with override_scale_settings(METRICS_TOKEN="short"):
-        assert [(m.id, m.obj) for m in check_settings()] == [("django_scale.E003", "DJANGO_SCALE['METRICS_TOKEN']")]
+        assert [(m.id, m.obj) for m in check_settings()] == [
+            ("django_scale.E003", "DJANGO_SCALE['METRICS_TOKEN']")
+        ]
     with override_scale_settings(METRICS_SLOTS=0):
-        assert [(m.id, m.obj) for m in check_settings()] == [("django_scale.E003", "DJANGO_SCALE['METRICS_SLOTS']")]
+        assert [(m.id, m.obj) for m in check_settings()] == [
+            ("django_scale.E003", "DJANGO_SCALE['METRICS_SLOTS']")
+        ]
+
+
+@pytest.mark.django_db
+def test_approximate_and_exact_counts_are_counted() -> None:
+    from django_scale.counting import approx_count
+
+    from testapp.models import Author
+
+    metrics.reset()
+    approx_count(Author.objects.all())
+    approx_count(Author.objects.all()[:5])
+    found = metrics.snapshot()
+    assert found.get("counts.exact", 0) + found.get("counts.approx", 0) == 2
