@@ -177,7 +177,7 @@ def _record(
     status: int,
     elapsed: float,
     wall: float,
-    events: Counter[str],
+    events: dict[str, int],
     db: dict[str, list[Any]],
 ) -> None:
     method = request.method if request.method in _METHODS else "OTHER"
