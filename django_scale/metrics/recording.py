@@ -57,8 +57,8 @@ def get_store() -> SlotStore:
     mapping of the same file would not see the first one's slot as taken.
     """
     raw = getattr(settings, "DJANGO_SCALE", None)
-    last = _last_store
-    if last and last[0] is raw:
+    last = _last_store[0]
+    if last[0] is raw and last[1] is not None:
         return last[1]
     key = conf.metrics_options()
     store = _stores.get(key)
@@ -68,11 +68,12 @@ def get_store() -> SlotStore:
             if store is None:
                 store = _stores[key] = SlotStore(*key)
     # Once per DJANGO_SCALE object, as conf's hot paths: override_settings installs a new one.
-    _last_store[:] = [raw, store]
+    _last_store[0] = (raw, store)
     return store
 
 
-_last_store: list[Any] = []
+#: (the DJANGO_SCALE object, its store): one tuple, replaced whole, so threads never mix two.
+_last_store: list[tuple[object, SlotStore | None]] = [(object(), None)]
 
 
 def _shared_increment(name: str, amount: int) -> None:
