@@ -67,6 +67,8 @@ def split_name(name: str) -> tuple[str, list[str]]:
 
 
 def _escape(value: str) -> str:
+    if "\\" not in value and "\n" not in value and '"' not in value:
+        return value
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
@@ -92,12 +94,12 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
         metric, label_names, _ = spec
         sketch = snapshot.windows.get(name, {}).get(window)
         lines = families[metric]
+        labels = _labels(label_names, values)
         if sketch is not None and sketch.count:
             for q, value in sketch.quantiles(QUANTILES).items():
-                labels = _labels(label_names, values, f'quantile="{q}"')
-                lines.append(f"{metric}{labels} {_number(value or 0.0)}")
-        lines.append(f"{metric}_sum{_labels(label_names, values)} {_number(total)}")
-        lines.append(f"{metric}_count{_labels(label_names, values)} {count}")
+                lines.append(f'{metric}{labels[:-1]},quantile="{q}"}} {_number(value or 0.0)}')
+        lines.append(f"{metric}_sum{labels} {_number(total)}")
+        lines.append(f"{metric}_count{labels} {count}")
     for name, value in sorted(snapshot.counters.items()):
         kind, values = split_name(name)
         spec = _COUNTERS.get(kind)

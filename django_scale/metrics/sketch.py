@@ -16,8 +16,10 @@ is :data:`BUCKETS` (924) buckets, kept sparse: only the buckets a series touches
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from django_scale.exceptions import MetricsDocumentError
@@ -107,32 +109,19 @@ class Sketch:
         It is the representative of the bucket holding the value of rank ``q * (count - 1)``
         (the lower nearest rank), as DDSketch defines it.
         """
-        if not self.count:
-            return None
-        rank = q * (self.count - 1)
-        seen = 0
-        for index in sorted(self.buckets):
-            seen += self.buckets[index]
-            if seen > rank:
-                return bucket_value(index)
-        return bucket_value(max(self.buckets))
+        return self.quantiles((q,))[q]
 
     def quantiles(self, qs: Iterable[float]) -> dict[float, float | None]:
         """Return :meth:`quantile` for each of *qs*, in one pass over the buckets."""
-        wanted = sorted(qs)
-        result: dict[float, float | None] = dict.fromkeys(wanted)
-        if not self.count:
-            return result
-        ordered = sorted(self.buckets.items())
-        seen = 0
-        position = 0
-        for q in wanted:
-            rank = q * (self.count - 1)
-            while position < len(ordered) and seen + ordered[position][1] <= rank:
-                seen += ordered[position][1]
-                position += 1
-            result[q] = bucket_value(ordered[min(position, len(ordered) - 1)][0])
-        return result
+        wanted = tuple(qs)
+        count = self.count
+        if not count:
+            return dict.fromkeys(wanted)
+        keys = sorted(self.buckets)
+        # Cumulative counts, in C: the bucket of rank r is the first whose cumulative count exceeds r.
+        cumulative = list(accumulate(map(self.buckets.__getitem__, keys)))
+        last = len(keys) - 1
+        return {q: bucket_value(keys[min(bisect_right(cumulative, q * (count - 1)), last)]) for q in wanted}
 
     def to_json(self) -> dict[str, Any]:
         """Return the sketch as JSON-able data: ``{"count", "sum", "buckets": {index: count}}``."""

@@ -394,9 +394,9 @@ class SlotStore:
                 entries, takes = plan
                 if not entries:
                     continue
-                for chunk, pool in enumerate(words[_RING:]):
-                    if not pool:
-                        continue
+                directory = words[_RING:]
+                # compress() skips the chunks the series never reached, in C.
+                for chunk, pool in compress(enumerate(directory), directory):
                     start = pool_base + (pool - 1) * _CHUNK_BYTES
                     running = 0
                     taken = 0
