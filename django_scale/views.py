@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseForbidden, JsonResponse
 from django.utils.crypto import constant_time_compare
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from django_scale.breakers import Breakers
 from django_scale.conf import conf
 from django_scale.metrics import merge
 from django_scale.metrics.export import prometheus_text
 from django_scale.metrics.status import replica_gauges
 from django_scale.metrics.store import WINDOWS, HostSnapshot
 
-__all__ = ["metrics_view", "sketches_view"]
+__all__ = ["allowed", "metrics_view", "sketches_view"]
+
+T = TypeVar("T")
 
 logger = logging.getLogger("django_scale.metrics")
 
@@ -45,13 +50,28 @@ def _scope(request: HttpRequest) -> str | None:
     return scope if scope in ("host", "cluster") else None
 
 
+#: The cache's breaker: after a failure (or a time-out: a hung cache), the views skip the cache
+#: for ``CACHE_RETRY_AFTER`` seconds and serve this host's figures alone.
+_breakers = Breakers(logger)
+
+
+def _through_cache(call: Callable[[], T], default: T) -> T:
+    """Return ``call()``, or *default* when the cache fails or its breaker is open."""
+    name = f"the metrics cache {conf.CACHE_ALIAS!r}"
+    if _breakers.is_open(name):
+        return default
+    try:
+        result = call()
+    except Exception as error:  # down, hung (a client time-out) or misconfigured: degrade
+        _breakers.trip(name, error, conf.CACHE_RETRY_AFTER, metric="metrics.cache_down")
+        return default
+    _breakers.close(name)
+    return result
+
+
 def _cluster_or_local(local: HostSnapshot) -> HostSnapshot:
     """Return every published host merged, or *local* alone when the cache fails."""
-    try:
-        return merge.cluster()
-    except Exception:  # the cache is down: serve this host's figures
-        logger.warning("django-scale metrics: the cache %r failed; serving this host only", conf.CACHE_ALIAS)
-        return local
+    return _through_cache(merge.cluster, local)
 
 
 @never_cache
@@ -89,10 +109,7 @@ def sketches_view(request: HttpRequest) -> HttpResponse:
         return HttpResponseBadRequest("scope must be host or cluster")
     local = merge.local_snapshot()
     document = merge.to_document(local)
-    try:
-        merge.publish(document)
-    except Exception:  # the cache is down: the host's own figures are still served
-        logger.warning("django-scale metrics: could not publish to the cache %r", conf.CACHE_ALIAS)
-    if scope == "cluster":
+    published = _through_cache(lambda: merge.publish(document) or True, False)
+    if scope == "cluster" and published:
         document = merge.to_document(_cluster_or_local(local), host="cluster")
     return JsonResponse(document, json_dumps_params={"separators": (",", ":")}, encoder=json.JSONEncoder)

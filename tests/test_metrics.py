@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from io import StringIO
@@ -310,3 +311,63 @@ def test_approximate_and_exact_counts_are_counted() -> None:
     approx_count(Author.objects.filter(name="nobody"))
     found = metrics.snapshot()
     assert found.get("counts.exact", 0) + found.get("counts.approx", 0) == 2
+
+
+@pytest.fixture
+def hung_cache() -> Iterator[str]:
+    """A cache alias on a server that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+    hung = {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": f"redis://127.0.0.1:{port}/0",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.3, "SOCKET_TIMEOUT": 0.3},
+    }
+    with (
+        override_settings(CACHES={**settings.CACHES, "hung": hung}),
+        override_scale_settings(CACHE_ALIAS="hung"),
+    ):
+        yield "hung"
+        caches["hung"].close()
+    server.close()
+
+
+@DB
+def test_a_hung_cache_never_holds_up_requests_or_the_export(store: SlotStore, hung_cache: str) -> None:
+    client = Client()
+    started = time.monotonic()
+    for pk in range(3):
+        assert client.get(f"/authors/{pk}/").status_code == 200  # recording never uses the cache
+    assert time.monotonic() - started < 0.3 * 3
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    document = client.get("/scale/sketches.json?scope=cluster", headers=auth).json()
+    # The cache timed out once: this host's figures, under its own host name, not "cluster".
+    assert document["host"] != "cluster"
+    assert document["timings"]["request\x1fauthor\x1fGET"]["count"] == 3
+    started = time.monotonic()
+    for _ in range(3):  # the breaker is open: no more waiting for the cache
+        assert client.get("/scale/sketches.json?scope=cluster", headers=auth).status_code == 200
+        assert client.get("/scale/metrics?scope=cluster", headers=auth).status_code == 200
+    assert time.monotonic() - started < 0.3
+    assert metrics.snapshot()["metrics.cache_down"] == 1
+
+
+@DB
+def test_scale_status_pulls_other_hosts_sketches(store: SlotStore, live_server: Any) -> None:
+    from django.core.management import CommandError
+
+    Client().get("/authors/1/")
+    out = StringIO()
+    url = f"{live_server.url}/scale/sketches.json"
+    call_command("scale_status", "--json", "--no-replicas", "--pull", url, stdout=out)
+    # The live server is this same host: its copy of the sketches adds to the local one.
+    [row] = [row for row in json.loads(out.getvalue())["routes"] if row["route"] == "author"]
+    assert row["requests"] == 2
+    with pytest.raises(CommandError, match="Could not read"):
+        call_command(
+            "scale_status", "--no-replicas", "--pull", f"{live_server.url}/no/such/", stdout=StringIO()
+        )
+    with override_scale_settings(METRICS_TOKEN=""), pytest.raises(CommandError, match="METRICS_TOKEN"):
+        call_command("scale_status", "--no-replicas", "--pull", url, stdout=StringIO())
