@@ -109,7 +109,11 @@ def sketches_view(request: HttpRequest) -> HttpResponse:
         return HttpResponseBadRequest("scope must be host or cluster")
     local = merge.local_snapshot()
     document = merge.to_document(local)
-    published = _through_cache(lambda: merge.publish(document) or True, False)
+    def publish() -> bool:
+        merge.publish(document)
+        return True
+
+    published = _through_cache(publish, False)
     if scope == "cluster" and published:
         document = merge.to_document(_cluster_or_local(local), host="cluster")
     return JsonResponse(document, json_dumps_params={"separators": (",", ":")}, encoder=json.JSONEncoder)
