@@ -204,3 +204,14 @@ class TestStore:
         assert len(snapshot.totals) == 4  # the overflow series and three routes
         assert sum(count for count, _ in snapshot.totals.values()) == 10
         assert snapshot.totals["\x1foverflow"][0] == 7
+
+    def test_history_gives_each_minute_its_own_sketch(self, tmp_path: Path) -> None:
+        store = open_store(tmp_path)
+        now = 1_800_000_000.0
+        minute = int(now // 60)
+        for minutes_ago, values in ((0, [0.001, 0.002]), (2, [0.5]), (20, [9.0])):
+            for value in values:
+                store.record([("t", bucket_of(value), value)], [], now=now - 60 * minutes_ago)
+        history = store.history(["t", "unknown"], now=now)["t"]
+        assert {at: sketch.count for at, sketch in history.items()} == {minute: 2, minute - 2: 1}
+        assert history[minute - 2].quantile(0.5) == pytest.approx(0.5, rel=0.01)

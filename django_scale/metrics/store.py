@@ -420,6 +420,42 @@ class SlotStore:
             sketch.count += sum(counts)
         return result
 
+    def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
+        """Return, for each timing series of *names*, its sketch of each of the last 16 minutes.
+
+        Keys are minutes (``time() // 60``); a minute without values is absent.
+        """
+        minute = _minute(now)
+        timing_names = self.names(True)
+        wanted = {timing_names.index(name): name for name in names if name in timing_names}
+        u32, map_ = self._u32, self._map
+        row_bytes = _CHUNK_BUCKETS * 4
+        sums: dict[tuple[int, int, int], int] = {}
+        for slot in range(self.slots):
+            base = self._slots_offset + slot * self.slot_bytes
+            if not u32[(base >> 2) + 1]:
+                continue
+            for series in wanted:
+                timing = base + self._timings_offset + series * _TIMING_BYTES
+                words = u32[(timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + (_DIRECTORY >> 2) + _CHUNKS].tolist()
+                stamps, directory = words[:_RING], words[_RING:]
+                for entry, stamp in enumerate(stamps):
+                    if not stamp or not 0 <= minute + 1 - stamp < _RING:
+                        continue
+                    for chunk, pool in compress(enumerate(directory), directory):
+                        row = base + self._pool_offset + (pool - 1) * _CHUNK_BYTES + entry * row_bytes
+                        key = (series, stamp - 1, chunk)
+                        sums[key] = sums.get(key, 0) + int.from_bytes(map_[row : row + row_bytes], "little")
+        result: dict[str, dict[int, Sketch]] = {name: {} for name in wanted.values()}
+        for (series, at, chunk), rows in sums.items():
+            if rows:
+                counts = array("I", rows.to_bytes(row_bytes, "little"))
+                sketch = result[wanted[series]].setdefault(at, Sketch())
+                first = chunk * _CHUNK_BUCKETS
+                sketch.buckets.update(compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts))
+                sketch.count += sum(counts)
+        return result
+
     def file_usage(self) -> tuple[int, int]:
         """Return the file's apparent size and the bytes it really takes (its blocks)."""
         stat = os.fstat(self._fd)
