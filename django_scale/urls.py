@@ -11,4 +11,5 @@ app_name = "django_scale"
 urlpatterns = [
     path("metrics", views.metrics_view, name="metrics"),
     path("sketches.json", views.sketches_view, name="sketches"),
+    path("status/", views.status_view, name="status"),
 ]

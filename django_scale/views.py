@@ -13,7 +13,11 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from django.contrib import admin
+from django.contrib.auth.views import redirect_to_login
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, HttpResponseForbidden, JsonResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils.crypto import constant_time_compare
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -21,11 +25,13 @@ from django.views.decorators.http import require_GET
 from django_scale.breakers import Breakers
 from django_scale.conf import conf
 from django_scale.metrics import merge
+from django_scale.metrics.charts import line_chart
 from django_scale.metrics.export import prometheus_text
-from django_scale.metrics.status import replica_gauges
+from django_scale.metrics.recording import SEP, get_store
+from django_scale.metrics.status import replica_gauges, status_document
 from django_scale.metrics.store import WINDOWS, HostSnapshot
 
-__all__ = ["allowed", "metrics_view", "sketches_view"]
+__all__ = ["allowed", "metrics_view", "sketches_view", "status_view"]
 
 T = TypeVar("T")
 
@@ -109,6 +115,7 @@ def sketches_view(request: HttpRequest) -> HttpResponse:
         return HttpResponseBadRequest("scope must be host or cluster")
     local = merge.local_snapshot()
     document = merge.to_document(local)
+
     def publish() -> bool:
         merge.publish(document)
         return True
@@ -117,3 +124,63 @@ def sketches_view(request: HttpRequest) -> HttpResponse:
     if scope == "cluster" and published:
         document = merge.to_document(_cluster_or_local(local), host="cluster")
     return JsonResponse(document, json_dumps_params={"separators": (",", ":")}, encoder=json.JSONEncoder)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.3g}"
+
+
+#: How many of the slowest routes the status page charts.
+CHARTED_ROUTES = 5
+
+
+@never_cache
+@require_GET
+def status_view(request: HttpRequest) -> HttpResponse:
+    """The status page, in the admin's look: replicas, slowest routes with charts, cache, sniper.
+
+    Staff users only (others are sent to the admin's login page); ``?scope=cluster`` merges
+    every host published to the cache.
+    """
+    user = getattr(request, "user", None)
+    if user is None or not (user.is_active and user.is_staff):
+        return redirect_to_login(request.get_full_path(), reverse("admin:login"))
+    scope = _scope(request) or "host"
+    local = merge.local_snapshot()
+    snapshot = _cluster_or_local(local) if scope == "cluster" else local
+    document = status_document(snapshot)
+    minute = snapshot.minute
+    minutes = list(range(minute - 15, minute + 1))
+    routes = document["routes"][:CHARTED_ROUTES]
+    names = [f"request{SEP}{row['route']}{SEP}{row['method']}" for row in routes]
+    history = get_store().history(names)
+    for row, name in zip(routes, names, strict=True):
+        per_minute = history.get(name, {})
+        points = {at: per_minute[at].quantiles((0.5, 0.99)) for at in sorted(per_minute)}
+        row["chart"] = line_chart(
+            {
+                "p50": [(at, found[0.5]) for at, found in points.items()],
+                "p99": [(at, found[0.99]) for at, found in points.items()],
+            },
+            minutes,
+            title=f"{row['route']} {row['method']}: p50 and p99 per minute",
+        )
+    for row in document["routes"]:
+        figures = row["windows"][str(document["window"])]
+        row["shown"] = {
+            "requests": figures["requests"],
+            **{key: _ms(figures.get(key)) for key in ("p50", "p95", "p99", "p999")},
+            "db": ", ".join(f"{alias}: {_ms(seconds)}" for alias, seconds in row["db_seconds"].items())
+            or "-",
+            "queries": ", ".join(f"{alias}: {count:.1f}" for alias, count in row["queries"].items()) or "-",
+        }
+    context = {
+        **admin.site.each_context(request),
+        "title": "django-scale status",
+        # The admin's sidebar lists the models; this page has none of its own.
+        "is_nav_sidebar_enabled": False,
+        "scope": scope,
+        "document": document,
+        "charted": routes,
+    }
+    return TemplateResponse(request, "django_scale/status.html", context)

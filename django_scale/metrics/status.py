@@ -8,7 +8,10 @@ from django_scale.conf import conf
 from django_scale.metrics.export import QUANTILES, split_name
 from django_scale.metrics.store import WINDOWS, HostSnapshot
 
-__all__ = ["replica_gauges", "replica_rows", "route_rows", "status_document"]
+__all__ = ["QUANTILE_NAMES", "replica_gauges", "replica_rows", "route_rows", "status_document"]
+
+#: The key of each quantile in a route's figures.
+QUANTILE_NAMES = {0.5: "p50", 0.95: "p95", 0.99: "p99", 0.999: "p999"}
 
 
 def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
@@ -31,7 +34,7 @@ def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
                 str(w): {
                     "requests": windows[w].count if w in windows else 0,
                     **{
-                        f"p{q * 100:g}": value
+                        QUANTILE_NAMES[q]: value
                         for q, value in (windows[w].quantiles(QUANTILES) if w in windows else {}).items()
                     },
                 }

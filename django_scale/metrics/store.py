@@ -437,7 +437,9 @@ class SlotStore:
                 continue
             for series in wanted:
                 timing = base + self._timings_offset + series * _TIMING_BYTES
-                words = u32[(timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + (_DIRECTORY >> 2) + _CHUNKS].tolist()
+                words = u32[
+                    (timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + (_DIRECTORY >> 2) + _CHUNKS
+                ].tolist()
                 stamps, directory = words[:_RING], words[_RING:]
                 for entry, stamp in enumerate(stamps):
                     if not stamp or not 0 <= minute + 1 - stamp < _RING:
@@ -452,7 +454,9 @@ class SlotStore:
                 counts = array("I", rows.to_bytes(row_bytes, "little"))
                 sketch = result[wanted[series]].setdefault(at, Sketch())
                 first = chunk * _CHUNK_BUCKETS
-                sketch.buckets.update(compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts))
+                sketch.buckets.update(
+                    compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
+                )
                 sketch.count += sum(counts)
         return result
 

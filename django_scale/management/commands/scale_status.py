@@ -80,7 +80,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"  {row['route'][:40]:<40} {row['method']:<7} {figures['requests']:>9} "
                 f"{_ms(figures.get('p50')):>8} {_ms(figures.get('p95')):>8} {_ms(figures.get('p99')):>8} "
-                f"{_ms(figures.get('p99.9')):>8} {_ms(db):>7} {queries:>7.1f}"
+                f"{_ms(figures.get('p999')):>8} {_ms(db):>7} {queries:>7.1f}"
             )
         if not document["routes"]:
             self.stdout.write(
