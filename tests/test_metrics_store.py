@@ -116,6 +116,8 @@ class TestStore:
             assert sketch.count == 20_000
             assert sketch.buckets == Sketch.of(everything).buckets
         sketch = snapshot.windows["request\x1fr\x1fGET"][5]
+        # One window alone (what the Prometheus export reads) is the same sketch.
+        assert open_store(tmp_path).snapshot(windows=(5,)).windows["request\x1fr\x1fGET"] == {5: sketch}
         for q in QUANTILES:
             found = sketch.quantile(q)
             assert found is not None

@@ -359,6 +359,8 @@ class SlotStore:
         windows = tuple(sorted(windows))
         header_words = (_DIRECTORY >> 2) + _CHUNKS
         row_bytes = _CHUNK_BUCKETS * 4
+        from_bytes = int.from_bytes
+        sums_get = sums.get
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
             header = base >> 2
@@ -395,6 +397,14 @@ class SlotStore:
                 if not entries:
                     continue
                 directory = words[_RING:]
+                if len(takes) == 1 and takes[0][1] == 1:
+                    # One window, one minute with values (the export's usual case): one read per chunk.
+                    window, offset = takes[0][0], pool_base + entries[0] * row_bytes - _CHUNK_BYTES
+                    for chunk, pool in compress(enumerate(directory), directory):
+                        row = offset + pool * _CHUNK_BYTES
+                        key = (series, chunk, window)
+                        sums[key] = sums_get(key, 0) + from_bytes(map_[row : row + row_bytes], "little")
+                    continue
                 # compress() skips the chunks the series never reached, in C.
                 for chunk, pool in compress(enumerate(directory), directory):
                     start = pool_base + (pool - 1) * _CHUNK_BYTES
@@ -403,11 +413,11 @@ class SlotStore:
                     for window, take in takes:
                         while taken < take:
                             row = start + entries[taken] * row_bytes
-                            running += int.from_bytes(map_[row : row + row_bytes], "little")
+                            running += from_bytes(map_[row : row + row_bytes], "little")
                             taken += 1
                         if running:
                             key = (series, chunk, window)
-                            sums[key] = sums.get(key, 0) + running
+                            sums[key] = sums_get(key, 0) + running
         result.live_slots = len(self.live_slots())
         for (series, chunk, window), rows in sums.items():
             counts = array("I", rows.to_bytes(_CHUNK_BUCKETS * 4, "little"))

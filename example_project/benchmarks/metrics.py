@@ -356,7 +356,7 @@ def scale(out: TextIO, quick: bool) -> None:
             process = FORK.Process(target=_scale_worker, args=(directory, seed, per_worker, routes))
             process.start()
             live.append(process)
-            if seed % 100 == 0:
+            if seed % 100 == 1:
                 sizes.update(path.stat().st_size for path in Path(directory).iterdir())
         for process in live:
             process.join()
@@ -387,9 +387,14 @@ def scale(out: TextIO, quick: bool) -> None:
         ["figure", "value", "goal"],
         [
             [
-                "export (snapshot + Prometheus text), median of 5",
-                f"{statistics.median(exports) * 1000:.1f} ms",
+                "Prometheus export (5 min window): CPU; wall; median of 5",
+                f"{statistics.median(export_cpus) * 1000:.1f} ms; {statistics.median(exports) * 1000:.1f} ms",
                 "<= 50 ms",
+            ],
+            [
+                "sketches.json (every window): CPU, median of 5",
+                f"{statistics.median(documents) * 1000:.1f} ms",
+                "",
             ],
             ["exposition size", f"{len(text) / 1024:.0f} KiB", ""],
             ["files in the metrics directory", str(len(files)), "1"],
