@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -182,27 +183,67 @@ def isolated(out: TextIO, directory: str) -> None:
 
         return view
 
+    from django_prometheus.middleware import PrometheusAfterMiddleware, PrometheusBeforeMiddleware
+
     request = RequestFactory().get("/sections/1/")
     request.resolver_match = resolve("/sections/1/", urlconf=__name__)
     rows = []
     with override_scale_settings(METRICS_DIR=directory):
         for label, view in (("no query", no_query), ("1 query", queries(1)), ("10 queries", queries(10))):
-            wrapped = metrics.MetricsMiddleware(view)
-            bare_times, wrapped_times = [], []
-            for _ in range(7):  # alternate, so that a busy moment hits both alike
-                bare_times.append(cpu_per_call(lambda view=view: view(request), calls=500, repeats=1))
-                wrapped_times.append(
-                    cpu_per_call(lambda wrapped=wrapped: wrapped(request), calls=500, repeats=1)
-                )
-            bare, timed = statistics.median(bare_times), statistics.median(wrapped_times)
-            rows.append([label, f"{bare * 1e6:.1f}", f"{timed * 1e6:.1f}", f"{(timed - bare) * 1e6:+.1f}"])
+            setups: dict[str, Callable[[HttpRequest], Any]] = {
+                "bare": view,
+                "scale": metrics.MetricsMiddleware(view),
+                "prometheus": PrometheusBeforeMiddleware(PrometheusAfterMiddleware(view)),
+            }
+            times: dict[str, list[float]] = {name: [] for name in setups}
+            for _ in range(7):  # take turns, so that a busy moment hits every setup alike
+                for name, call in setups.items():
+                    times[name].append(cpu_per_call(lambda call=call: call(request), calls=500, repeats=1))
+            cpu = {name: statistics.median(found) for name, found in times.items()}
+            calls = {name: function_calls(lambda call=call: call(request)) for name, call in setups.items()}
+            rows.append(
+                [
+                    label,
+                    f"{cpu['bare'] * 1e6:.1f}",
+                    f"{(cpu['scale'] - cpu['bare']) * 1e6:+.1f}",
+                    f"{(cpu['prometheus'] - cpu['bare']) * 1e6:+.1f}",
+                    f"{calls['scale'] - calls['bare']:+d}",
+                    f"{calls['prometheus'] - calls['bare']:+d}",
+                ]
+            )
     disable()
     print_table(
         out,
-        "MetricsMiddleware alone around a view (CPU µs per request; goal <= 20 µs in total)",
-        ["view", "bare", "with MetricsMiddleware", "added"],
+        "Each middleware alone around a view, called directly (CPU µs and function calls per request;"
+        " goal <= 20 µs)",
+        [
+            "view",
+            "bare µs",
+            "django-scale µs",
+            "django-prometheus µs",
+            "django-scale calls",
+            "django-prometheus calls",
+        ],
         rows,
     )
+
+
+def function_calls(function: Callable[[], object]) -> int:
+    """Return how many functions (Python and C) one call of *function* calls: the same on any machine."""
+    function()  # warm: first-time imports and caches are not the steady state
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        function()
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 def cpu_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
