@@ -22,7 +22,6 @@ nobody touched take neither disk nor memory.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import threading
@@ -34,7 +33,13 @@ from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
 
+from django_scale.exceptions import UsageError
 from django_scale.metrics.sketch import BUCKETS, Sketch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX record locks, so no shared store (the counters still work)
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["HostSnapshot", "SlotStore", "WINDOWS"]
 
@@ -102,6 +107,8 @@ class SlotStore:
     unrecorded = 0
 
     def __init__(self, directory: str | os.PathLike[str], slots: int, series: int, memory_mb: int) -> None:
+        if fcntl is None:
+            raise UsageError("Request metrics need POSIX file locks (fcntl): they do not run on Windows.")
         self.slots = slots
         self.timings = series
         self.counters = series * 4
