@@ -56,6 +56,18 @@ def store(tmp_path: Path) -> Iterator[SlotStore]:
     disable()
 
 
+def log_in(client: Client, account: User) -> None:
+    """Log *client* in, and wait until every replica has the session (requests read it there)."""
+    from django.contrib.sessions.models import Session
+
+    client.force_login(account)
+    key = client.session.session_key
+    for alias in conf.REPLICAS:
+        wait_until(
+            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
+        )
+
+
 def user(username: str, **extra: Any) -> User:
     """Create a user, and wait until every replica has it (requests read users from them)."""
     created = User.objects.create_user(username, password="pw", **extra)
@@ -178,7 +190,7 @@ def test_the_export_is_refused_to_anonymous_users_and_non_staff(store: SlotStore
         assert client.get(url, headers={"authorization": "Bearer wrong"}).status_code == 403
         assert client.get(url, headers={"authorization": f"Bearer {TOKEN}x"}).status_code == 403
         assert client.get(url, headers={"authorization": TOKEN}).status_code == 403
-    client.force_login(user("reader"))
+    log_in(client, user("reader"))
     assert client.get("/scale/metrics").status_code == 403
     with override_scale_settings(METRICS_TOKEN=""):
         # No token set: an empty bearer token must not pass.
@@ -213,7 +225,7 @@ def test_the_token_and_staff_read_prometheus_text(store: SlotStore) -> None:
         s.value for s in requests.samples if s.labels == {"route": "author", "method": "GET", "status": "2xx"}
     ] == [20]
     assert families["django_scale_metrics_slots"].samples
-    client.force_login(user("staff", is_staff=True))
+    log_in(client, user("staff", is_staff=True))
     assert client.get("/scale/metrics?window=15").status_code == 200
     assert client.get("/scale/metrics?window=7").status_code == 400
     document = client.get("/scale/sketches.json").json()

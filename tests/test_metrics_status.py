@@ -36,6 +36,18 @@ MIDDLEWARE = [
 ]
 
 
+def log_in(client: Client, account: User) -> None:
+    """Log *client* in, and wait until every replica has the session (requests read it there)."""
+    from django.contrib.sessions.models import Session
+
+    client.force_login(account)
+    key = client.session.session_key
+    for alias in conf.REPLICAS:
+        wait_until(
+            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
+        )
+
+
 def user(username: str, **extra: Any) -> User:
     """Create a user, and wait until every replica has it (requests read users from them)."""
     created = User.objects.create_user(username, password="pw", **extra)
@@ -79,7 +91,7 @@ def test_the_status_page_is_for_staff_only(recorded: None) -> None:
     response = client.get("/scale/status/")
     assert response.status_code == 302
     assert response["Location"].startswith("/admin/login/?next=/scale/status/")
-    client.force_login(user("reader"))
+    log_in(client, user("reader"))
     assert client.get("/scale/status/").status_code == 302
     # The token opens the machine-readable export, not the page.
     token = {"authorization": "Bearer " + "t" * 40}
@@ -90,7 +102,7 @@ def test_the_status_page_is_for_staff_only(recorded: None) -> None:
 @DB
 def test_the_status_page_shows_routes_replicas_cache_and_charts(recorded: None) -> None:
     client = Client()
-    client.force_login(user("staff", is_staff=True))
+    log_in(client, user("staff", is_staff=True))
     response = client.get("/scale/status/")
     assert response.status_code == 200
     html = response.content.decode()
