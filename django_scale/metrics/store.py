@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import threading
 import time
 import weakref
@@ -31,6 +32,7 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
+from operator import add
 from pathlib import Path
 
 from django_scale.exceptions import UsageError
@@ -59,6 +61,7 @@ _SLOT_HEADER = 64
 _STAMPS = 16
 _DIRECTORY = _STAMPS + 4 * _RING
 _TIMING_BYTES = -(-(_DIRECTORY + 4 * _CHUNKS) // 64) * 64
+_TIMING_HEADER = struct.Struct(f"=Qd{_RING}I{_CHUNKS}I")
 # Lock bytes lie past the end of the file (POSIX allows it), one per slot and one for names.
 _LOCK_BASE = 1 << 40
 _NAMES_LOCK = _LOCK_BASE - 1
@@ -355,19 +358,21 @@ class SlotStore:
         result = HostSnapshot(minute=minute)
         timing_names = self.names(True)
         counter_names = self.names(False)
-        u32, u64, f64 = self._u32, self._u64, self._f64
+        u32, u64 = self._u32, self._u64
         map_ = self._map
-        # Per (series, chunk, window): the chunk's row (32 counts) summed over the minutes of
-        # the window, as one integer of 32-bit fields: adding integers adds every field at once
-        # (no field comes near 2**32: 4 billion values in one bucket and window on one host).
-        sums: dict[tuple[int, int, int], int] = {}
+        # Per window, per series: its chunks, and each chunk's row (32 counts) summed over the
+        # minutes of the window and every slot, as one integer of 32-bit fields: adding integers
+        # adds every field at once (no field comes near 2**32: 4 billion values in one bucket
+        # and window on one host).
+        windows = tuple(sorted(windows))
+        sums: dict[int, dict[int, list[int]]] = {window: {} for window in windows}
         # Per ring stamps: the entries to read, youngest first, and how many each window takes.
         plans: dict[tuple[int, ...], tuple[list[int], list[tuple[int, int]]]] = {}
-        windows = tuple(sorted(windows))
-        header_words = (_DIRECTORY >> 2) + _CHUNKS
         row_bytes = _CHUNK_BUCKETS * 4
+        unpack_header = _TIMING_HEADER.unpack_from
+        counts = [0] * len(timing_names)
+        seconds = [0.0] * len(timing_names)
         from_bytes = int.from_bytes
-        sums_get = sums.get
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
             header = base >> 2
@@ -382,18 +387,15 @@ class SlotStore:
                     result.counters[name] = result.counters.get(name, 0) + value
             pool_base = base + self._pool_offset
             timings_base = base + self._timings_offset
-            for series, name in enumerate(timing_names):
-                timing = timings_base + series * _TIMING_BYTES
-                count = u64[timing >> 3]
+            for series in range(len(timing_names)):
+                # One unpack: count, sum, the ring's stamps and the chunk directory.
+                words = unpack_header(map_, timings_base + series * _TIMING_BYTES)
+                count = words[0]
                 if not count:
                     continue
-                total = result.totals.get(name)
-                seconds = f64[(timing >> 3) + 1]
-                result.totals[name] = (
-                    (count, seconds) if total is None else (total[0] + count, total[1] + seconds)
-                )
-                words = u32[(timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + header_words].tolist()
-                stamps = tuple(words[:_RING])
+                counts[series] += count
+                seconds[series] += words[1]
+                stamps = words[2 : 2 + _RING]
                 plan = plans.get(stamps)
                 if plan is None:
                     aged = sorted((minute + 1 - stamp, entry) for entry, stamp in enumerate(stamps) if stamp)
@@ -403,38 +405,49 @@ class SlotStore:
                 entries, takes = plan
                 if not entries:
                     continue
-                directory = words[_RING:]
-                if len(takes) == 1 and takes[0][1] == 1:
-                    # One window, one minute with values (the export's usual case): one read per chunk.
-                    window, offset = takes[0][0], pool_base + entries[0] * row_bytes - _CHUNK_BYTES
-                    for chunk, pool in compress(enumerate(directory), directory):
-                        row = offset + pool * _CHUNK_BYTES
-                        key = (series, chunk, window)
-                        sums[key] = sums_get(key, 0) + from_bytes(map_[row : row + row_bytes], "little")
-                    continue
-                # compress() skips the chunks the series never reached, in C.
-                for chunk, pool in compress(enumerate(directory), directory):
-                    start = pool_base + (pool - 1) * _CHUNK_BYTES
-                    running = 0
-                    taken = 0
-                    for window, take in takes:
-                        while taken < take:
-                            row = start + entries[taken] * row_bytes
-                            running += from_bytes(map_[row : row + row_bytes], "little")
-                            taken += 1
-                        if running:
-                            key = (series, chunk, window)
-                            sums[key] = sums_get(key, 0) + running
+                directory = words[2 + _RING :]
+                # compress() keeps the chunks the series reached, in C; the comprehensions read
+                # one row per chunk and minute, and map(add) sums the minutes.
+                ids = tuple(compress(range(_CHUNKS), directory))
+                starts = [pool_base + (pool - 1) * _CHUNK_BYTES for pool in compress(directory, directory)]
+                running: list[int] | None = None
+                taken = 0
+                for window, take in takes:
+                    while taken < take:
+                        offset = entries[taken] * row_bytes
+                        rows = [
+                            from_bytes(map_[start + offset : start + offset + row_bytes], "little")
+                            for start in starts
+                        ]
+                        running = rows if running is None else list(map(add, running, rows))
+                        taken += 1
+                    if running is None:
+                        continue
+                    into = sums[window]
+                    known = into.get(series)
+                    if known is None:
+                        known = into[series] = [0] * _CHUNKS
+                    for chunk, value in zip(ids, running, strict=True):
+                        known[chunk] += value
         result.live_slots = len(self.live_slots())
-        for (series, chunk, window), rows in sums.items():
-            counts = array("I", rows.to_bytes(_CHUNK_BUCKETS * 4, "little"))
-            sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
-            first = chunk * _CHUNK_BUCKETS
-            # compress() keeps the buckets that hold values, in C: no loop over 32 counts here.
-            sketch.buckets.update(
-                compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
-            )
-            sketch.count += sum(counts)
+        result.totals = {
+            name: (count, total)
+            for name, count, total in zip(timing_names, counts, seconds, strict=True)
+            if count
+        }
+        for window, per_series in sums.items():
+            for series, values in per_series.items():
+                sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
+                for chunk, rows in enumerate(values):
+                    if not rows:
+                        continue
+                    counts = array("I", rows.to_bytes(row_bytes, "little"))
+                    first = chunk * _CHUNK_BUCKETS
+                    # compress() keeps the buckets that hold values, in C: no loop over 32 counts.
+                    sketch.buckets.update(
+                        compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
+                    )
+                    sketch.count += sum(counts)
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
