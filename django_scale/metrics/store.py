@@ -438,16 +438,16 @@ class SlotStore:
         for window, per_series in sums.items():
             for series, values in per_series.items():
                 sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
-                for chunk, rows in enumerate(values):
-                    if not rows:
+                for chunk, summed in enumerate(values):
+                    if not summed:
                         continue
-                    counts = array("I", rows.to_bytes(row_bytes, "little"))
+                    found = array("I", summed.to_bytes(row_bytes, "little"))
                     first = chunk * _CHUNK_BUCKETS
                     # compress() keeps the buckets that hold values, in C: no loop over 32 counts.
                     sketch.buckets.update(
-                        compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
+                        compress(zip(range(first, first + _CHUNK_BUCKETS), found, strict=True), found)
                     )
-                    sketch.count += sum(counts)
+                    sketch.count += sum(found)
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
