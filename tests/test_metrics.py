@@ -311,6 +311,8 @@ def test_the_timing_wrapper_stays_outermost_and_leaves_other_wrappers_alone(stor
     assert connection.execute_wrappers[0] is _timed_execute
     assert theirs not in connection.execute_wrappers
     assert seen == ["SELECT 1"]
+    disable()
+    assert _timed_execute not in connection.execute_wrappers
 
 
 def test_checks_of_the_metrics_file_and_the_middleware_order(tmp_path: Path) -> None:

@@ -72,10 +72,14 @@ def browser_binary() -> str:
 
 @pytest.fixture
 def recorded(tmp_path: Path) -> Iterator[None]:
-    """Request metrics on, and a few requests of two routes recorded."""
+    """Request metrics on, and a few requests of two routes recorded.
+
+    Every read on the primary: what the page shows does not depend on replication, and a
+    logged-in session is never looked for on a replica that has not replayed it yet.
+    """
     with (
         override_settings(ROOT_URLCONF="testapp.metrics_urls", MIDDLEWARE=MIDDLEWARE),
-        override_scale_settings(METRICS_DIR=str(tmp_path)),
+        override_scale_settings(METRICS_DIR=str(tmp_path), REPLICAS=[]),
     ):
         client = Client()
         for pk in range(10):

@@ -92,8 +92,18 @@ def enable() -> SlotStore:
 
 
 def disable() -> None:
-    """Stop sharing this process's increments (tests)."""
+    """Undo what ``MetricsMiddleware`` set up in this process (for tests and benchmarks).
+
+    Stop sharing increments, stop wrapping new connections, and take the timing wrapper off
+    this thread's open connections.
+    """
     counters._shared_sink.clear()
+    connection_created.disconnect(dispatch_uid="django_scale.metrics")
+    for connection in connections.all(initialized_only=True):
+        if getattr(connection, "_django_scale_metrics", False):
+            while _timed_execute in connection.execute_wrappers:
+                connection.execute_wrappers.remove(_timed_execute)
+            connection._django_scale_metrics = False  # type: ignore[attr-defined]
 
 
 def _timed_execute(
