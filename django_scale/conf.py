@@ -263,11 +263,11 @@ SETTINGS: dict[str, Setting] = {
         example="1024",
     ),
     "METRICS_MEMORY": Setting(
-        default=8,
+        default=16,
         expected="megabytes of buckets per worker slot (int)",
         has_type=_is_count,
         problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
-        example="8",
+        example="16",
     ),
     "METRICS_TOKEN": Setting(
         default="",
@@ -488,7 +488,7 @@ class Conf:
 
     @property
     def METRICS_MEMORY(self) -> int:
-        """Megabytes of bucket memory per worker slot. Default: ``8``."""
+        """Megabytes of bucket memory per worker slot. Default: ``16``."""
         return int(self.get("METRICS_MEMORY"))
 
     @property

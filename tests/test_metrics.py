@@ -52,6 +52,11 @@ def store(tmp_path: Path) -> Iterator[SlotStore]:
         override_settings(ROOT_URLCONF="testapp.metrics_urls", MIDDLEWARE=MIDDLEWARE),
         override_scale_settings(METRICS_DIR=str(tmp_path), METRICS_TOKEN=TOKEN),
     ):
+        # A worker's connections open after its middleware is built, and MetricsMiddleware
+        # wraps each as it opens; the suite's connections of this thread are open already (an
+        # AsyncClient builds its middleware on another thread), so wrap them as a worker would.
+        for open_connection in connections.all(initialized_only=True):
+            _wrap_connection(connection=open_connection)
         yield metrics.get_store()
     disable()
 

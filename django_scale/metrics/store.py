@@ -14,7 +14,7 @@ instructions; readers (the export) read every slot without locks: a read during 
 sees the count before or after it.
 
 A slot holds, per timing series, its exact count and sum and a ring of 16 per-minute bucket
-counts (:mod:`~django_scale.metrics.sketch` buckets, kept in 32-bucket chunks allocated from
+counts (:mod:`~django_scale.metrics.sketch` buckets, kept in 64-bucket chunks allocated from
 the slot's pool the first time a series touches them), and per counter series one number.
 The 1, 5 and 15 minute windows are sums of ring entries. A fresh file is sparse: pages
 nobody touched take neither disk nor memory.
@@ -50,9 +50,11 @@ WINDOWS = (1, 5, 15)
 
 _MAGIC = b"DJSCALE1"
 _RING = 16  # minutes kept: the current one and 15 before it (the longest window)
-_CHUNK_BUCKETS = 32
+_CHUNK_BUCKETS = 64
+_CHUNK_SHIFT = 6
+_CHUNK_MASK = _CHUNK_BUCKETS - 1
 _CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
-_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a minute's 32 counts are contiguous
+_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a minute's 64 counts are contiguous
 _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
@@ -304,15 +306,15 @@ class SlotStore:
         if u32[stamp] != minute + 1:
             self._start_minute(base, directory, entry)
             u32[stamp] = minute + 1
-        pool = u32[directory + (bucket >> 5)]
+        pool = u32[directory + (bucket >> _CHUNK_SHIFT)]
         if not pool:
-            pool = self._allocate(base, directory + (bucket >> 5))
+            pool = self._allocate(base, directory + (bucket >> _CHUNK_SHIFT))
             if not pool:
                 return
         u32[
             ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2)
             + entry * _CHUNK_BUCKETS
-            + (bucket & 31)
+            + (bucket & _CHUNK_MASK)
         ] += 1
 
     def _start_minute(self, base: int, directory: int, entry: int) -> None:
@@ -360,7 +362,7 @@ class SlotStore:
         counter_names = self.names(False)
         u32, u64 = self._u32, self._u64
         map_ = self._map
-        # Per window, per series: its chunks, and each chunk's row (32 counts) summed over the
+        # Per window, per series: its chunks, and each chunk's row (64 counts) summed over the
         # minutes of the window and every slot, as one integer of 32-bit fields: adding integers
         # adds every field at once (no field comes near 2**32: 4 billion values in one bucket
         # and window on one host).
@@ -443,7 +445,7 @@ class SlotStore:
                         continue
                     found = array("I", summed.to_bytes(row_bytes, "little"))
                     first = chunk * _CHUNK_BUCKETS
-                    # compress() keeps the buckets that hold values, in C: no loop over 32 counts.
+                    # compress() keeps the buckets that hold values, in C: no loop over 64 counts.
                     sketch.buckets.update(
                         compress(zip(range(first, first + _CHUNK_BUCKETS), found, strict=True), found)
                     )

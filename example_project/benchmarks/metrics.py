@@ -366,7 +366,7 @@ def accuracy(out: TextIO, quick: bool) -> None:
 
 
 def _scale_worker(directory: str, seed: int, per_worker: int, routes: int) -> None:
-    store = SlotStore(directory, 16, 1024, 8)
+    store = SlotStore(directory, 16, 1024, 16)
     rng = random.Random(seed)
     for _ in range(per_worker):
         route = rng.randrange(routes)
@@ -403,7 +403,7 @@ def scale(out: TextIO, quick: bool) -> None:
             process.join()
         elapsed = time.perf_counter() - started
         files = list(Path(directory).iterdir())
-        store = SlotStore(directory, 16, 1024, 8)
+        store = SlotStore(directory, 16, 1024, 16)
         exports, export_cpus, documents = [], [], []
         for _ in range(5):
             begun, cpu = time.perf_counter(), time.process_time()
