@@ -415,3 +415,16 @@ def test_scale_status_pulls_other_hosts_sketches(store: SlotStore, live_server: 
         )
     with override_scale_settings(METRICS_TOKEN=""), pytest.raises(CommandError, match="METRICS_TOKEN"):
         call_command("scale_status", "--no-replicas", "--pull", url, stdout=StringIO())
+
+
+@DB
+def test_a_request_that_wrote_is_counted_as_pinned_to_the_primary(store: SlotStore) -> None:
+    client = Client()
+    response = client.post("/authors/", {"name": "Hopper"})
+    assert response.status_code == 200
+    assert response.json()["pinned"]  # testapp's view reports its routing state
+    # Another user, who wrote nothing, reads freely (the writer's next reads are pinned too).
+    assert Client().get("/authors/1/").status_code == 200
+    counters = store.snapshot().counters
+    assert counters["event\x1f/authors/\x1fPOST\x1frouting.pinned"] == 1
+    assert "event\x1fauthor\x1fGET\x1frouting.pinned" not in counters

@@ -207,6 +207,10 @@ def _record(
             tallies.append((f"reads{SEP}{labels}{SEP}{alias}", reads))
         if state.replica_failed:
             tallies.append((f"event{SEP}{labels}{SEP}replicas.read_failed", 1))
+        if state.pinned:
+            # Reads sent to the primary for the rest of the request (after a write, a replica
+            # that had not replayed the user's write, ...): the reason is in the logs, not here.
+            tallies.append((f"event{SEP}{labels}{SEP}routing.pinned", 1))
     for name, amount in events.items():
         tallies.append((f"event{SEP}{labels}{SEP}{name}", amount))
     get_store().record(timings, tallies)
