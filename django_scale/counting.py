@@ -29,6 +29,7 @@ from django.utils.formats import number_format
 from django.utils.translation import gettext, ngettext
 
 from django_scale.exceptions import ArgumentError
+from django_scale.metrics import counters
 from django_scale.timeouts import current_statement_timeout, is_statement_timeout, statement_timeout
 
 __all__ = ["ApproxCount", "approx_count"]
@@ -138,6 +139,14 @@ def approx_count(
             f"approx_count() needs threshold >= 1, cap >= 1 and budget > 0, not threshold={threshold!r}, "
             f"cap={cap!r}, budget={budget!r}."
         )
+    counted = _approx_count(queryset, threshold=threshold, cap=cap, budget=budget, statistics=statistics)
+    counters.increment("counts.exact" if counted.is_exact else "counts.approx")
+    return counted
+
+
+def _approx_count(
+    queryset: QuerySet[Any], *, threshold: int, cap: int, budget: float, statistics: bool
+) -> ApproxCount:
     # Route once: every query below runs on the same database (queryset.db asks the router).
     alias = queryset.db
     queryset = queryset.using(alias).order_by()

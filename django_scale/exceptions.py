@@ -16,6 +16,7 @@ __all__ = [
     "DjangoScaleError",
     "DjangoScaleWarning",
     "FragmentKeyError",
+    "MetricsDocumentError",
     "NPlusOneError",
     "NPlusOneWarning",
     "PageRefillError",
@@ -121,6 +122,10 @@ class ReplicaReadError(DjangoScaleError, OperationalError):
 
 class SniperError(DjangoScaleError):
     """The query sniper cannot run as asked (a rule is malformed, or the database is not PostgreSQL)."""
+
+
+class MetricsDocumentError(DjangoScaleError, ValueError):
+    """A metrics document (raw sketches as JSON from another host) is malformed or of another version."""
 
 
 class BulkError(DjangoScaleError):

@@ -38,6 +38,7 @@ PUBLIC_MODULES = [
     "django_scale.task_routing",
     "django_scale.testing",
     "django_scale.timeouts",
+    "django_scale.views",
 ]
 
 

@@ -7,6 +7,8 @@ so :func:`django.test.override_settings` and
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -40,6 +42,8 @@ class HotSettings:
     #: REPLICA_POLICY and REPLICA_WEIGHTS.
     policy: str
     weights: Mapping[str, float]
+    #: METRICS_DIR (or its default), METRICS_SLOTS, METRICS_SERIES and METRICS_MEMORY.
+    metrics: tuple[str, int, int, int]
 
 
 class Conf:
@@ -69,6 +73,16 @@ class Conf:
             cookie=self.READ_YOUR_WRITES_COOKIE,
             policy=self.REPLICA_POLICY,
             weights=self.REPLICA_WEIGHTS,
+            metrics=(
+                self.METRICS_DIR
+                or os.path.join(
+                    tempfile.gettempdir(),
+                    f"django-scale-metrics-{os.getuid() if hasattr(os, 'getuid') else 'user'}",
+                ),
+                self.METRICS_SLOTS,
+                self.METRICS_SERIES,
+                self.METRICS_MEMORY,
+            ),
         )
         self._hot = (raw, value)
         return value
@@ -87,6 +101,10 @@ class Conf:
         """Return ``(REPLICA_POLICY, REPLICA_WEIGHTS)`` (once per settings object, as :meth:`hot` is)."""
         hot = self.hot()
         return hot.policy, hot.weights
+
+    def metrics_options(self) -> tuple[str, int, int, int]:
+        """Return ``(METRICS_DIR, METRICS_SLOTS, METRICS_SERIES, METRICS_MEMORY)`` (as :meth:`hot` is)."""
+        return self.hot().metrics
 
     def user_settings(self) -> Mapping[str, Any]:
         """Return the ``DJANGO_SCALE`` dict as the project set it (empty when unset)."""
@@ -278,6 +296,31 @@ class Conf:
     def SLOW_QUERY_REDACT(self) -> bool:
         """Whether the slow-query log drops the parameters of its examples. Default: ``False``."""
         return bool(self.get("SLOW_QUERY_REDACT"))
+
+    @property
+    def METRICS_DIR(self) -> str:
+        """The directory of the host's shared metrics file. Default: ``""`` (the temporary directory)."""
+        return cast(str, self.get("METRICS_DIR"))
+
+    @property
+    def METRICS_SLOTS(self) -> int:
+        """Worker slots in the metrics file: at least the processes that record at once. Default: ``32``."""
+        return int(self.get("METRICS_SLOTS"))
+
+    @property
+    def METRICS_SERIES(self) -> int:
+        """Timing series (route, method, kind, alias) the file holds; counters get four times as many. Default: ``1024``."""
+        return int(self.get("METRICS_SERIES"))
+
+    @property
+    def METRICS_MEMORY(self) -> int:
+        """Megabytes of bucket memory per worker slot. Default: ``16``."""
+        return int(self.get("METRICS_MEMORY"))
+
+    @property
+    def METRICS_TOKEN(self) -> str:
+        """The bearer token that may read ``/scale/`` besides staff users. Default: ``""`` (staff only)."""
+        return cast(str, self.get("METRICS_TOKEN"))
 
 
 #: The one instance to read settings through: ``from django_scale.conf import conf``.

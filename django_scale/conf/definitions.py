@@ -308,6 +308,42 @@ SETTINGS: dict[str, Setting] = {
     ),
     "SWR_FRESH": _seconds(60.0),
     "SWR_STALE": _seconds(3600.0),
+    "METRICS_DIR": Setting(
+        default="",
+        expected="a directory path (str)",
+        has_type=lambda value: isinstance(value, str),
+        example='"/run/django-scale"',
+    ),
+    "METRICS_SLOTS": Setting(
+        default=32,
+        expected="a number of worker slots (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 4096 else "it must be between 1 and 4096",
+        example="32",
+    ),
+    "METRICS_SERIES": Setting(
+        default=1024,
+        expected="a number of timing series (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 65536 else "it must be between 1 and 65536",
+        example="1024",
+    ),
+    "METRICS_MEMORY": Setting(
+        default=16,
+        expected="megabytes of buckets per worker slot (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
+        example="16",
+    ),
+    "METRICS_TOKEN": Setting(
+        default="",
+        expected="a secret token (str)",
+        has_type=lambda value: isinstance(value, str),
+        problem=lambda value: (
+            "it must be empty (no token) or at least 32 characters long" if 0 < len(value) < 32 else None
+        ),
+        example='"<a random string of 32+ characters>"',
+    ),
     "SLOW_QUERY_MS": Setting(
         default=100.0,
         expected="a number of milliseconds (int or float)",

@@ -20,6 +20,7 @@ from django.db.models import Model
 
 from django_scale.conf import conf
 from django_scale.exceptions import ArgumentError, NPlusOneError, NPlusOneWarning, UnusedEagerLoadWarning
+from django_scale.metrics import counters
 from django_scale.prefetch.peers import PeerGroup
 
 if TYPE_CHECKING:
@@ -170,6 +171,7 @@ def note_single(group: PeerGroup | None, label: str, instance: Model) -> None:
 
 def _report(detector: Detector, message: str, category: type[Warning]) -> None:
     detector.findings.append(message)
+    counters.increment("n_plus_one.reported")
     if detector.mode == "raise":
         raise NPlusOneError(message)
     if detector.mode == "warn":

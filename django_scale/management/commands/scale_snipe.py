@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 
 from django_scale.conf import seconds_problem
 from django_scale.exceptions import SniperError
+from django_scale.metrics import enable
 from django_scale.sniper import SnipeReport, snipe
 
 
@@ -44,6 +46,9 @@ class Command(BaseCommand):
     ) -> None:
         if loop is not None and seconds_problem(loop) is not None:
             raise CommandError(f"--loop must be a number of seconds greater than zero, not {loop}.")
+        if "django_scale.metrics.MetricsMiddleware" in getattr(settings, "MIDDLEWARE", ()):
+            # Kills go into the host's shared counters, where scale_status and /scale/ read them.
+            enable()
         stop = threading.Event()
         try:
             while True:

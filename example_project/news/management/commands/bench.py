@@ -21,6 +21,7 @@ FEATURES = {
     "bulk": "benchmarks.bulk",
     "cache": "benchmarks.cache",
     "indexes": "benchmarks.indexes",
+    "metrics": "benchmarks.metrics",
     "migrate": "benchmarks.migrate",
     "prefetch": "benchmarks.prefetch",
     "querycache": "benchmarks.querycache",

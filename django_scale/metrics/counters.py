@@ -30,14 +30,25 @@ with :func:`snapshot` to whatever collects your metrics. Names are dotted, by fe
     kills the sniper missed (the query had ended or moved on), left alone past its kill
     budget, and runs it skipped because another sniper held the lock
 
+``counts.approx`` / ``counts.exact``
+    counts :func:`~django_scale.counting.approx_count` answered with an estimate or exactly
+``n_plus_one.reported``
+    N+1 query patterns the detector reported
+
 Timings (``observe``) keep a count, a sum and a maximum: ``swr.refill.seconds`` (how long a
 refill computed) and ``swr.staleness`` (how many seconds past fresh a served value was).
+
+Once :func:`django_scale.metrics.enable` has run in a process (``MetricsMiddleware`` runs it),
+each increment is also added to the host's shared counters, and, inside a request, to the
+request's route: see :doc:`/monitoring`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Timing", "increment", "observe", "reset", "snapshot"]
@@ -64,11 +75,23 @@ _lock = threading.Lock()
 _counters: Counter[str] = Counter()
 _timings: dict[str, Timing] = {}
 
+#: The counters of the request being served, when request metrics are on (else ``None``).
+request_events: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+    "django_scale_request_events", default=None
+)
+#: Where increments also go once shared metrics are enabled in this process, else ``None``.
+_shared_sink: list[Callable[[str, int], None]] = []
+
 
 def increment(name: str, amount: int = 1) -> None:
     """Add *amount* to counter *name*."""
     with _lock:
         _counters[name] += amount
+    events = request_events.get()
+    if events is not None:
+        events[name] = events.get(name, 0) + amount
+    if _shared_sink:
+        _shared_sink[0](name, amount)
 
 
 def observe(name: str, value: float) -> None:

@@ -1,0 +1,134 @@
+"""Prometheus text exposition (format 0.0.4) of a snapshot, written by hand.
+
+Why not ``prometheus_client``: its registry and multiprocess mode are what this package
+replaces (one file per pid, scrapes that grow with recycled workers), and rendering text is
+a few lines. The output is checked against ``prometheus_client``'s own parser in the tests.
+
+Timings are summaries: quantiles 0.5, 0.95, 0.99 and 0.999 over one sliding window (5
+minutes unless asked otherwise) and ``_count`` / ``_sum`` since the file was created, which
+never go down. Counters are ``_total`` counters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from django_scale.metrics.recording import SEP
+from django_scale.metrics.store import HostSnapshot
+
+__all__ = ["QUANTILES", "prometheus_text", "split_name"]
+
+#: The quantiles every timing reports.
+QUANTILES = (0.5, 0.95, 0.99, 0.999)
+
+_TIMINGS = {
+    "request": ("django_scale_request_seconds", ("route", "method"), "Request latency by route and method."),
+    "db": (
+        "django_scale_db_seconds",
+        ("route", "method", "alias"),
+        "DB time of a request, per database alias.",
+    ),
+    "queue": (
+        "django_scale_queue_seconds",
+        ("route", "method"),
+        "Time between the proxy's X-Request-Start and the request's start.",
+    ),
+}
+_COUNTERS = {
+    "requests": (
+        "django_scale_requests",
+        ("route", "method", "status"),
+        "Requests by route, method and status class.",
+    ),
+    "queries": (
+        "django_scale_db_queries",
+        ("route", "method", "alias"),
+        "Queries by route, method and alias.",
+    ),
+    "reads": (
+        "django_scale_routed_reads",
+        ("route", "method", "alias"),
+        "Read routing decisions by route and the alias they chose.",
+    ),
+    "event": (
+        "django_scale_route_events",
+        ("route", "method", "event"),
+        "django-scale events (cache hits, stale serves, refills, counts, N+1) by route.",
+    ),
+    "counter": ("django_scale_events", ("event",), "django-scale events of every process of the host."),
+}
+
+
+def split_name(name: str) -> tuple[str, list[str]]:
+    """Return the kind and labels of a series name (``"request\\x1fnews:article\\x1fGET"``)."""
+    kind, *labels = name.split(SEP)
+    return kind, labels
+
+
+def _escape(value: str) -> str:
+    if "\\" not in value and "\n" not in value and '"' not in value:
+        return value
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Iterable[str], values: Iterable[str], extra: str = "") -> str:
+    pairs = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
+    if extra:
+        pairs.append(extra)
+    return "{" + ",".join(pairs) + "}" if pairs else ""
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if value == value else "NaN"
+
+
+def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[str] = ()) -> str:
+    """Render *snapshot* in Prometheus text format; *gauges* are extra ready-made lines."""
+    families: dict[str, list[str]] = defaultdict(list)
+    for name, (count, total) in sorted(snapshot.totals.items()):
+        kind, values = split_name(name)
+        spec = _TIMINGS.get(kind)
+        if spec is None or len(values) != len(spec[1]):
+            continue
+        metric, label_names, _ = spec
+        sketch = snapshot.windows.get(name, {}).get(window)
+        lines = families[metric]
+        labels = _labels(label_names, values)
+        if sketch is not None and sketch.count:
+            for q, value in sketch.quantiles(QUANTILES).items():
+                lines.append(f'{metric}{labels[:-1]},quantile="{q}"}} {_number(value or 0.0)}')
+        lines.append(f"{metric}_sum{labels} {_number(total)}")
+        lines.append(f"{metric}_count{labels} {count}")
+    for name, value in sorted(snapshot.counters.items()):
+        kind, values = split_name(name)
+        spec = _COUNTERS.get(kind)
+        if spec is None or len(values) != len(spec[1]):
+            continue
+        metric, label_names, _ = spec
+        families[metric].append(f"{metric}_total{_labels(label_names, values)} {value}")
+    out: list[str] = []
+    for metric, _, help_text in _TIMINGS.values():
+        if families.get(metric):
+            out.append(f"# HELP {metric} {help_text} Quantiles over the last {window} minutes.")
+            out.append(f"# TYPE {metric} summary")
+            out.extend(families[metric])
+    for metric, _, help_text in _COUNTERS.values():
+        if families.get(metric):
+            # Text format 0.0.4 names a counter family with its _total suffix.
+            out.append(f"# HELP {metric}_total {help_text}")
+            out.append(f"# TYPE {metric}_total counter")
+            out.extend(families[metric])
+    out.append(
+        "# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used."
+    )
+    out.append("# TYPE django_scale_metrics_slots gauge")
+    out.append(f'django_scale_metrics_slots{{state="live"}} {snapshot.live_slots}')
+    out.append(f'django_scale_metrics_slots{{state="used"}} {snapshot.used_slots}')
+    out.append(
+        "# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full."
+    )
+    out.append("# TYPE django_scale_metrics_dropped gauge")
+    out.append(f"django_scale_metrics_dropped {snapshot.dropped}")
+    out.extend(gauges)
+    return "\n".join(out) + "\n"

@@ -1,0 +1,274 @@
+"""Recording per request: :class:`MetricsMiddleware`, and the host's store it writes to.
+
+Recording is opt-in and costs nothing when off: nothing here runs unless
+``MetricsMiddleware`` is in ``MIDDLEWARE`` (or :func:`enable` was called). When it is, each
+request records, keyed by its resolver route (never the raw path) and method:
+
+* its latency, and the queue time a proxy's ``X-Request-Start`` header tells;
+* per database alias, its DB time and query count (through an execute wrapper that the
+  middleware installs on each connection as it is created, and that does nothing outside a
+  recorded request);
+* its status class, the reads routing sent to each alias, and every
+  :func:`django_scale.metrics.increment` made while it ran (cache hits, stale serves, refills,
+  approximate counts, N+1 reports).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.signals import connection_created
+from django.http import HttpRequest, HttpResponseBase
+
+from django_scale.conf import conf
+from django_scale.metrics import counters
+from django_scale.metrics.sketch import bucket_of
+from django_scale.metrics.store import SlotStore
+
+__all__ = ["MetricsMiddleware", "SEP", "UNRESOLVED", "enable", "get_store", "route_of"]
+
+#: Separates the labels of a series name: ``"request\x1fnews:article\x1fGET"``.
+SEP = "\x1f"
+#: The one series of every request no URL pattern matched (404s): a flood of random paths
+#: adds no series.
+UNRESOLVED = "<unresolved>"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+_stores: dict[tuple[str, int, int, int], SlotStore] = {}
+_stores_lock = threading.Lock()
+#: Per request: alias -> [queries, seconds]; ``None`` outside a recorded request.
+_request_db: contextvars.ContextVar[dict[str, list[Any]] | None] = contextvars.ContextVar(
+    "django_scale_request_db", default=None
+)
+
+
+def get_store() -> SlotStore:
+    """Return this host's store for the current ``METRICS_*`` settings (one per file per process).
+
+    A process maps each file once: POSIX record locks belong to the process, so a second
+    mapping of the same file would not see the first one's slot as taken.
+    """
+    raw = getattr(settings, "DJANGO_SCALE", None)
+    last = _last_store[0]
+    if last[0] is raw and last[1] is not None:
+        return last[1]
+    key = conf.metrics_options()
+    store = _stores.get(key)
+    if store is None:
+        with _stores_lock:
+            store = _stores.get(key)
+            if store is None:
+                store = _stores[key] = SlotStore(*key)
+    # Once per DJANGO_SCALE object, as conf's hot paths: override_settings installs a new one.
+    _last_store[0] = (raw, store)
+    return store
+
+
+#: (the DJANGO_SCALE object, its store): one tuple, replaced whole, so threads never mix two.
+_last_store: list[tuple[object, SlotStore | None]] = [(object(), None)]
+
+
+def _shared_increment(name: str, amount: int) -> None:
+    get_store().record((), ((f"counter{SEP}{name}", amount),))
+
+
+def enable() -> SlotStore:
+    """Send this process's :func:`~django_scale.metrics.increment` calls to the host's store too.
+
+    ``MetricsMiddleware`` calls it; call it in processes without the middleware whose
+    counters should be shared (a Celery worker's ``worker_process_init``, a sniper).
+    """
+    store = get_store()
+    counters._shared_sink[:] = [_shared_increment]
+    return store
+
+
+def disable() -> None:
+    """Undo what ``MetricsMiddleware`` set up in this process (for tests and benchmarks).
+
+    Stop sharing increments, stop wrapping new connections, and take the timing wrapper off
+    this thread's open connections.
+    """
+    counters._shared_sink.clear()
+    connection_created.disconnect(dispatch_uid="django_scale.metrics")
+    for connection in connections.all(initialized_only=True):
+        if getattr(connection, "_django_scale_metrics", False):
+            while _timed_execute in connection.execute_wrappers:
+                connection.execute_wrappers.remove(_timed_execute)
+            connection._django_scale_metrics = False  # type: ignore[attr-defined]
+
+
+def _timed_execute(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
+) -> Any:
+    db = _request_db.get()
+    if db is None:
+        return execute(sql, params, many, context)
+    start = time.perf_counter()
+    try:
+        return execute(sql, params, many, context)
+    finally:
+        elapsed = time.perf_counter() - start
+        alias = context["connection"].alias
+        entry = db.get(alias)
+        if entry is None:
+            db[alias] = [1, elapsed]
+        else:
+            entry[0] += 1
+            entry[1] += elapsed
+
+
+def _wrap_connection(
+    sender: Any = None, connection: BaseDatabaseWrapper | None = None, **kwargs: Any
+) -> None:
+    """Install the timing wrapper on *connection* once, as its outermost execute wrapper.
+
+    ``execute_wrappers`` is the list :meth:`~django.db.backends.base.base.BaseDatabaseWrapper.execute_wrapper`
+    appends to and pops from (django/db/backends/base/base.py, Django 4.2 to 6.1). The
+    wrapper goes first in it, so that a ``with connection.execute_wrapper(...)`` block open
+    when the connection is made still pops its own wrapper; tests/test_metrics.py pins this.
+    """
+    if connection is None or getattr(connection, "_django_scale_metrics", False):
+        return
+    connection.execute_wrappers.insert(0, _timed_execute)
+    connection._django_scale_metrics = True  # type: ignore[attr-defined]
+
+
+def route_of(request: HttpRequest) -> str:
+    """Return the series name of *request*'s route: its URL name, else its pattern, never its path."""
+    match = getattr(request, "resolver_match", None)
+    if match is None:
+        return UNRESOLVED
+    if match.url_name:
+        return str(match.view_name)
+    return "/" + str(match.route)
+
+
+def queue_seconds(header: str | None, now: float) -> float | None:
+    """Return the seconds since a proxy's ``X-Request-Start`` (``t=`` seconds, ms or µs)."""
+    if not header:
+        return None
+    try:
+        stamp = float(header.strip().removeprefix("t="))
+    except ValueError:
+        return None
+    if stamp > 1e14:
+        stamp /= 1e6
+    elif stamp > 1e11:
+        stamp /= 1e3
+    waited = now - stamp
+    # A clock a little behind the proxy's gives a small negative wait: none. Beyond an hour
+    # the header is not a request start.
+    return max(waited, 0.0) if -1.0 < waited < 3600.0 else None
+
+
+def _routing_state() -> Any:
+    """Return the request's routing state (:func:`django_scale.replicas.current_state`), if any."""
+    if not _current_state:
+        # django_scale.replicas imports this package (its counters): import it at first use.
+        from django_scale.replicas import current_state
+
+        _current_state.append(current_state)
+    return _current_state[0]()
+
+
+_current_state: list[Callable[[], Any]] = []
+
+
+def _record(
+    request: HttpRequest,
+    status: int,
+    elapsed: float,
+    wall: float,
+    events: dict[str, int],
+    db: dict[str, list[Any]],
+) -> None:
+    method = request.method if request.method in _METHODS else "OTHER"
+    labels = f"{route_of(request)}{SEP}{method}"
+    timings = [(f"request{SEP}{labels}", bucket_of(elapsed), elapsed)]
+    tallies = [(f"requests{SEP}{labels}{SEP}{status // 100}xx", 1)]
+    queued = queue_seconds(request.META.get("HTTP_X_REQUEST_START"), wall)
+    if queued is not None:
+        timings.append((f"queue{SEP}{labels}", bucket_of(queued), queued))
+    for alias, (queries, seconds) in db.items():
+        timings.append((f"db{SEP}{labels}{SEP}{alias}", bucket_of(seconds), seconds))
+        tallies.append((f"queries{SEP}{labels}{SEP}{alias}", queries))
+    state = _routing_state()
+    if state is not None:
+        for alias, reads in state.reads.items():
+            tallies.append((f"reads{SEP}{labels}{SEP}{alias}", reads))
+        if state.replica_failed:
+            tallies.append((f"event{SEP}{labels}{SEP}replicas.read_failed", 1))
+        if state.pinned:
+            # Reads sent to the primary for the rest of the request (after a write, a replica
+            # that had not replayed the user's write, ...): the reason is in the logs, not here.
+            tallies.append((f"event{SEP}{labels}{SEP}routing.pinned", 1))
+    for name, amount in events.items():
+        tallies.append((f"event{SEP}{labels}{SEP}{name}", amount))
+    get_store().record(timings, tallies)
+
+
+class MetricsMiddleware:
+    """Record each request's latency, DB time and events in the host's shared store.
+
+    Place it right after :class:`~django_scale.middleware.ScaleMiddleware` (so it sees the
+    request's routing state) or first when that is absent. Sync and async.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+        enable()
+        connection_created.connect(_wrap_connection, dispatch_uid="django_scale.metrics")
+        for connection in connections.all(initialized_only=True):
+            _wrap_connection(connection=connection)
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        start = time.perf_counter()
+        wall = time.time()
+        events: dict[str, int] = {}
+        db: dict[str, list[Any]] = {}
+        token = counters.request_events.set(events)
+        db_token = _request_db.set(db)
+        status = 500
+        try:
+            response: HttpResponseBase = self.get_response(request)
+            status = response.status_code
+        finally:
+            _request_db.reset(db_token)
+            counters.request_events.reset(token)
+            _record(request, status, time.perf_counter() - start, wall, events, db)
+        return response
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        start = time.perf_counter()
+        wall = time.time()
+        events: dict[str, int] = {}
+        db: dict[str, list[Any]] = {}
+        token = counters.request_events.set(events)
+        db_token = _request_db.set(db)
+        status = 500
+        try:
+            get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
+            response = await get_response(request)
+            status = response.status_code
+        finally:
+            _request_db.reset(db_token)
+            counters.request_events.reset(token)
+            _record(request, status, time.perf_counter() - start, wall, events, db)
+        return response

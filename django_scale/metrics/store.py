@@ -1,0 +1,498 @@
+"""Shared memory per worker *slot*: one fixed-size file per host that every process maps.
+
+The file (``METRICS_DIR``) holds a header, the names of the series (shared: a series has the
+same number in every slot) and ``METRICS_SLOTS`` slots. A process claims a free slot the
+first time it records, by taking an exclusive ``fcntl`` lock on that slot's byte, and holds
+the lock until it exits; the kernel releases it when the process dies, however it dies. A
+new worker (gunicorn's ``max_requests`` recycling, a crash, a deploy) takes a free slot and
+*adds to* the counts already there: a slot's counts fold every process that ever held it,
+so a host's totals never go down or rewind, and the file never grows (prometheus_client's
+multiprocess mode writes one file per pid instead: client_python #204, #443).
+
+Only the slot's owner writes it, under one lock per process, so counts need no atomic
+instructions; readers (the export) read every slot without locks: a read during a write
+sees the count before or after it.
+
+A slot holds, per timing series, its exact count and sum and a ring of 16 per-minute bucket
+counts (:mod:`~django_scale.metrics.sketch` buckets, kept in 64-bucket chunks allocated from
+the slot's pool the first time a series touches them), and per counter series one number.
+The 1, 5 and 15 minute windows are sums of ring entries. A fresh file is sparse: pages
+nobody touched take neither disk nor memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import time
+import weakref
+from array import array
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from itertools import compress
+from operator import add
+from pathlib import Path
+
+from django_scale.exceptions import UsageError
+from django_scale.metrics.sketch import BUCKETS, Sketch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no POSIX record locks, so no shared store (the counters still work)
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["HostSnapshot", "SlotStore", "WINDOWS"]
+
+#: The sliding windows, in minutes: each is the current minute and that many before it.
+WINDOWS = (1, 5, 15)
+
+_MAGIC = b"DJSCALE1"
+_RING = 16  # minutes kept: the current one and 15 before it (the longest window)
+_CHUNK_BUCKETS = 64
+_CHUNK_SHIFT = 6
+_CHUNK_MASK = _CHUNK_BUCKETS - 1
+_CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
+_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a minute's 64 counts are contiguous
+_NAME_BYTES = 256
+_HEADER_BYTES = 4096
+_SLOT_HEADER = 64
+# A timing's header in a slot: count u64, sum f64, ring stamps (minute + 1) u32 x 16,
+# chunk directory (pool index + 1) u32 x _CHUNKS.
+_STAMPS = 16
+_DIRECTORY = _STAMPS + 4 * _RING
+_TIMING_BYTES = -(-(_DIRECTORY + 4 * _CHUNKS) // 64) * 64
+_TIMING_HEADER = struct.Struct(f"=Qd{_RING}I{_CHUNKS}I")
+# Lock bytes lie past the end of the file (POSIX allows it), one per slot and one for names.
+_LOCK_BASE = 1 << 40
+_NAMES_LOCK = _LOCK_BASE - 1
+_OVERFLOW = "\x1foverflow"
+
+
+def _page(size: int) -> int:
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _forget(ref: weakref.ref[SlotStore]) -> None:
+    store = ref()
+    if store is not None:
+        store.forget_after_fork()
+
+
+def _minute(now: float | None = None) -> int:
+    return int((time.time() if now is None else now) // 60)
+
+
+@dataclass
+class HostSnapshot:
+    """What every slot of a host's file holds, summed: the input of export and merging."""
+
+    #: Minute (``time() // 60``) the snapshot was read at.
+    minute: int
+    #: Per timing series name: its sketch over each window (minutes), count and sum exact.
+    windows: dict[str, dict[int, Sketch]] = field(default_factory=dict)
+    #: Per timing series name: ``(count, sum)`` since the file was created (never goes down).
+    totals: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: Per counter series name: its value since the file was created (never goes down).
+    counters: dict[str, int] = field(default_factory=dict)
+    #: Slots held by a live process, and slots ever claimed.
+    live_slots: int = 0
+    used_slots: int = 0
+    #: Values dropped: no free slot, or a slot's bucket pool full (see ``METRICS_MEMORY``).
+    dropped: int = 0
+
+
+class SlotStore:
+    """One host's metrics file, mapped into this process; see the module's docstring."""
+
+    #: Seconds between two attempts to claim a slot when all were held.
+    retry_after = 1.0
+    #: Values this process could not record for want of a free slot.
+    unrecorded = 0
+
+    def __init__(self, directory: str | os.PathLike[str], slots: int, series: int, memory_mb: int) -> None:
+        if fcntl is None:
+            raise UsageError("Request metrics need POSIX file locks (fcntl): they do not run on Windows.")
+        self.slots = slots
+        self.timings = series
+        self.counters = series * 4
+        self.pool_chunks = max(1, memory_mb * 1024 * 1024 // _CHUNK_BYTES)
+        self._names_offset = _HEADER_BYTES
+        self._slots_offset = _page(_HEADER_BYTES + (self.timings + self.counters) * _NAME_BYTES)
+        self._timings_offset = _SLOT_HEADER
+        self._counters_offset = self._timings_offset + self.timings * _TIMING_BYTES
+        self._pool_offset = _page(self._counters_offset + self.counters * 8)
+        self.slot_bytes = _page(self._pool_offset + self.pool_chunks * _CHUNK_BYTES)
+        self.size = self._slots_offset + slots * self.slot_bytes
+        name = f"django-scale-metrics-v1-{slots}x{series}x{memory_mb}.bin"
+        self.path = Path(directory) / name
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_names()
+        try:
+            if os.fstat(self._fd).st_size < self.size:
+                os.ftruncate(self._fd, self.size)
+            self._map = mmap.mmap(self._fd, self.size)
+            if self._map[:8] != _MAGIC:
+                self._map[:8] = _MAGIC
+        finally:
+            self._unlock_names()
+        view = memoryview(self._map)
+        self._u32 = view.cast("I")
+        self._u64 = view.cast("Q")
+        self._f64 = view.cast("d")
+        self._lock = threading.Lock()
+        self._slot: int | None = None
+        self._pid = 0
+        self._failed_at = -1e9
+        self._timing_ids: dict[str, int] = {}
+        self._counter_ids: dict[str, int] = {}
+        self._names: dict[bool, list[str]] = {True: [], False: []}
+        self._zero_row = array("I", bytes(_CHUNK_BYTES))
+        # A forked child holds none of its parent's POSIX locks: it must claim a slot of its own.
+        # (Checking os.getpid() on each record instead costs a system call per request.)
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget(ref))
+
+    # -- files and locks -------------------------------------------------------------------
+
+    def _lock_names(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, _NAMES_LOCK, os.SEEK_SET)
+
+    def _unlock_names(self) -> None:
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _NAMES_LOCK, os.SEEK_SET)
+
+    def _claim(self) -> int | None:
+        """Claim a free slot for this process (the lowest); ``None`` when all are held."""
+        for slot in range(self.slots):
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _LOCK_BASE + slot, os.SEEK_SET)
+            except OSError:
+                continue
+            base = (self._slots_offset + slot * self.slot_bytes) // 4
+            self._u32[base] = os.getpid() & 0xFFFFFFFF
+            self._u32[base + 1] += 1  # how many processes held it
+            return slot
+        return None
+
+    def forget_after_fork(self) -> None:
+        """Drop the slot in a forked child: POSIX locks are not inherited, so it claims its own."""
+        self._slot = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        """Give this process's slot back (its counts stay: the next holder adds to them)."""
+        with self._lock:
+            if self._slot is not None and self._pid == os.getpid():
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _LOCK_BASE + self._slot, os.SEEK_SET)
+            self._slot = None
+            self._pid = 0
+
+    def slot(self) -> int | None:
+        """Return this process's slot, claiming one the first time (``None``: all are held).
+
+        Without a free slot, it tries again at most every :attr:`retry_after` seconds.
+        """
+        if self._pid != os.getpid() or (
+            self._slot is None and time.monotonic() >= self._failed_at + self.retry_after
+        ):
+            self._slot = self._claim()
+            self._pid = os.getpid()
+            if self._slot is None:
+                self._failed_at = time.monotonic()
+        return self._slot
+
+    # -- series names ------------------------------------------------------------------------
+
+    def _count_offset(self, timing: bool) -> int:
+        return 16 if timing else 17  # u32 index in the header: how many names are in use
+
+    def _name_offset(self, timing: bool, index: int) -> int:
+        first = 0 if timing else self.timings
+        return self._names_offset + (first + index) * _NAME_BYTES
+
+    def names(self, timing: bool) -> list[str]:
+        """Return the names of the timing (or counter) series, by number."""
+        known = self._names[timing]
+        used = self._u32[self._count_offset(timing)]
+        for index in range(len(known), used):
+            start = self._name_offset(timing, index)
+            known.append(bytes(self._map[start : start + _NAME_BYTES]).rstrip(b"\0").decode())
+        return known
+
+    def series(self, name: str, *, timing: bool) -> int:
+        """Return the number of series *name*, adding it (the overflow series when full)."""
+        ids = self._timing_ids if timing else self._counter_ids
+        try:
+            return ids[name]
+        except KeyError:
+            pass
+        encoded = name.encode()[:_NAME_BYTES]
+        while len(encoded) and encoded.decode(errors="ignore").encode() != encoded:
+            encoded = encoded[:-1]
+        self._lock_names()
+        try:
+            names = self.names(timing)
+            if not names:  # series 0 of each kind is where names past the limit go
+                self._write_name(timing, 0, _OVERFLOW.encode())
+                names = self.names(timing)
+            decoded = encoded.decode()
+            if decoded in names:
+                index = names.index(decoded)
+            elif len(names) < (self.timings if timing else self.counters):
+                index = len(names)
+                self._write_name(timing, index, encoded)
+            else:
+                index = 0
+        finally:
+            self._unlock_names()
+        ids[name] = index
+        return index
+
+    def _write_name(self, timing: bool, index: int, encoded: bytes) -> None:
+        start = self._name_offset(timing, index)
+        self._map[start : start + _NAME_BYTES] = encoded.ljust(_NAME_BYTES, b"\0")
+        # The name is written before the count that makes readers look at it.
+        self._u32[self._count_offset(timing)] = index + 1
+
+    # -- writing (the owner of a slot only) ----------------------------------------------------
+
+    def record(
+        self,
+        timings: Iterable[tuple[str, int, float]],
+        counters: Iterable[tuple[str, int]],
+        now: float | None = None,
+    ) -> bool:
+        """Add values ``(name, bucket, seconds)`` and counter increments ``(name, amount)``.
+
+        Return ``False`` when no slot is free (nothing is recorded; :attr:`unrecorded` counts it).
+        """
+        minute = int((time.time() if now is None else now) // 60)
+        with self._lock:
+            slot = self._slot
+            if slot is None:
+                slot = self.slot()
+                if slot is None:
+                    self.unrecorded += 1
+                    return False
+            base = self._slots_offset + slot * self.slot_bytes
+            ids = self._timing_ids
+            for name, bucket, seconds in timings:
+                series = ids.get(name)
+                if series is None:
+                    series = self.series(name, timing=True)
+                self._observe(base, series, bucket, seconds, minute)
+            if counters:
+                u64 = self._u64
+                ids = self._counter_ids
+                counters_base = (base + self._counters_offset) >> 3
+                for name, amount in counters:
+                    series = ids.get(name)
+                    if series is None:
+                        series = self.series(name, timing=False)
+                    u64[counters_base + series] += amount
+        return True
+
+    def _observe(self, base: int, series: int, bucket: int, seconds: float, minute: int) -> None:
+        u32 = self._u32
+        timing = base + self._timings_offset + series * _TIMING_BYTES
+        self._u64[timing >> 3] += 1
+        self._f64[(timing >> 3) + 1] += seconds
+        entry = minute % _RING
+        stamp = (timing >> 2) + (_STAMPS >> 2) + entry
+        directory = (timing >> 2) + (_DIRECTORY >> 2)
+        if u32[stamp] != minute + 1:
+            self._start_minute(base, directory, entry)
+            u32[stamp] = minute + 1
+        pool = u32[directory + (bucket >> _CHUNK_SHIFT)]
+        if not pool:
+            pool = self._allocate(base, directory + (bucket >> _CHUNK_SHIFT))
+            if not pool:
+                return
+        u32[
+            ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2)
+            + entry * _CHUNK_BUCKETS
+            + (bucket & _CHUNK_MASK)
+        ] += 1
+
+    def _start_minute(self, base: int, directory: int, entry: int) -> None:
+        """Clear ring *entry* of a series in every chunk: it last held the minute 16 minutes ago."""
+        u32 = self._u32
+        for pool in u32[directory : directory + _CHUNKS].tolist():
+            if pool:
+                row = ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2) + entry * _CHUNK_BUCKETS
+                u32[row : row + _CHUNK_BUCKETS] = self._zero_row[:_CHUNK_BUCKETS]
+
+    def _allocate(self, base: int, directory_entry: int) -> int:
+        """Give a series' chunk a place in the slot's pool; 0 when the pool is full (counted)."""
+        u32 = self._u32
+        header = base >> 2
+        if u32[header + 2] >= self.pool_chunks:
+            u32[header + 3] += 1
+            return 0
+        u32[header + 2] += 1
+        pool = u32[directory_entry] = u32[header + 2]
+        return pool
+
+    # -- reading (any process) ------------------------------------------------------------------
+
+    def live_slots(self) -> list[int]:
+        """Return the slots a live process holds now (its lock is taken)."""
+        live = []
+        mine = self._slot if self._pid == os.getpid() else None
+        for slot in range(self.slots):
+            if slot == mine:
+                live.append(slot)
+                continue
+            try:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _LOCK_BASE + slot, os.SEEK_SET)
+            except OSError:
+                live.append(slot)
+            else:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _LOCK_BASE + slot, os.SEEK_SET)
+        return live
+
+    def snapshot(self, windows: Iterable[int] = WINDOWS, now: float | None = None) -> HostSnapshot:
+        """Sum every slot: totals, counters and the sketches of *windows* (minutes)."""
+        minute = _minute(now)
+        result = HostSnapshot(minute=minute)
+        timing_names = self.names(True)
+        counter_names = self.names(False)
+        u32, u64 = self._u32, self._u64
+        map_ = self._map
+        # Per window, per series: its chunks, and each chunk's row (64 counts) summed over the
+        # minutes of the window and every slot, as one integer of 32-bit fields: adding integers
+        # adds every field at once (no field comes near 2**32: 4 billion values in one bucket
+        # and window on one host).
+        windows = tuple(sorted(windows))
+        sums: dict[int, dict[int, list[int]]] = {window: {} for window in windows}
+        # Per ring stamps: the entries to read, youngest first, and how many each window takes.
+        plans: dict[tuple[int, ...], tuple[list[int], list[tuple[int, int]]]] = {}
+        row_bytes = _CHUNK_BUCKETS * 4
+        unpack_header = _TIMING_HEADER.unpack_from
+        counts = [0] * len(timing_names)
+        seconds = [0.0] * len(timing_names)
+        from_bytes = int.from_bytes
+        for slot in range(self.slots):
+            base = self._slots_offset + slot * self.slot_bytes
+            header = base >> 2
+            if not u32[header + 1]:
+                continue  # never claimed
+            result.used_slots += 1
+            result.dropped += u32[header + 3]
+            counters_base = (base + self._counters_offset) >> 3
+            values = u64[counters_base : counters_base + len(counter_names)].tolist()
+            for name, value in zip(counter_names, values, strict=True):
+                if value:
+                    result.counters[name] = result.counters.get(name, 0) + value
+            pool_base = base + self._pool_offset
+            timings_base = base + self._timings_offset
+            for series in range(len(timing_names)):
+                # One unpack: count, sum, the ring's stamps and the chunk directory.
+                words = unpack_header(map_, timings_base + series * _TIMING_BYTES)
+                count = words[0]
+                if not count:
+                    continue
+                counts[series] += count
+                seconds[series] += words[1]
+                stamps = words[2 : 2 + _RING]
+                plan = plans.get(stamps)
+                if plan is None:
+                    aged = sorted((minute + 1 - stamp, entry) for entry, stamp in enumerate(stamps) if stamp)
+                    entries = [entry for age, entry in aged if 0 <= age <= windows[-1]]
+                    takes = [(window, sum(1 for age, _ in aged if 0 <= age <= window)) for window in windows]
+                    plan = plans[stamps] = (entries, takes)
+                entries, takes = plan
+                if not entries:
+                    continue
+                directory = words[2 + _RING :]
+                # compress() keeps the chunks the series reached, in C; the comprehensions read
+                # one row per chunk and minute, and map(add) sums the minutes.
+                ids = tuple(compress(range(_CHUNKS), directory))
+                starts = [pool_base + (pool - 1) * _CHUNK_BYTES for pool in compress(directory, directory)]
+                running: list[int] | None = None
+                taken = 0
+                for window, take in takes:
+                    while taken < take:
+                        offset = entries[taken] * row_bytes
+                        rows = [
+                            from_bytes(map_[start + offset : start + offset + row_bytes], "little")
+                            for start in starts
+                        ]
+                        running = rows if running is None else list(map(add, running, rows))
+                        taken += 1
+                    if running is None:
+                        continue
+                    into = sums[window]
+                    known = into.get(series)
+                    if known is None:
+                        known = into[series] = [0] * _CHUNKS
+                    for chunk, value in zip(ids, running, strict=True):
+                        known[chunk] += value
+        result.live_slots = len(self.live_slots())
+        result.totals = {
+            name: (count, total)
+            for name, count, total in zip(timing_names, counts, seconds, strict=True)
+            if count
+        }
+        for window, per_series in sums.items():
+            for series, values in per_series.items():
+                sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
+                for chunk, summed in enumerate(values):
+                    if not summed:
+                        continue
+                    found = array("I", summed.to_bytes(row_bytes, "little"))
+                    first = chunk * _CHUNK_BUCKETS
+                    # compress() keeps the buckets that hold values, in C: no loop over 64 counts.
+                    sketch.buckets.update(
+                        compress(zip(range(first, first + _CHUNK_BUCKETS), found, strict=True), found)
+                    )
+                    sketch.count += sum(found)
+        return result
+
+    def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
+        """Return, for each timing series of *names*, its sketch of each of the last 16 minutes.
+
+        Keys are minutes (``time() // 60``); a minute without values is absent.
+        """
+        minute = _minute(now)
+        timing_names = self.names(True)
+        wanted = {timing_names.index(name): name for name in names if name in timing_names}
+        u32, map_ = self._u32, self._map
+        row_bytes = _CHUNK_BUCKETS * 4
+        sums: dict[tuple[int, int, int], int] = {}
+        for slot in range(self.slots):
+            base = self._slots_offset + slot * self.slot_bytes
+            if not u32[(base >> 2) + 1]:
+                continue
+            for series in wanted:
+                timing = base + self._timings_offset + series * _TIMING_BYTES
+                words = u32[
+                    (timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + (_DIRECTORY >> 2) + _CHUNKS
+                ].tolist()
+                stamps, directory = words[:_RING], words[_RING:]
+                for entry, stamp in enumerate(stamps):
+                    if not stamp or not 0 <= minute + 1 - stamp < _RING:
+                        continue
+                    for chunk, pool in compress(enumerate(directory), directory):
+                        row = base + self._pool_offset + (pool - 1) * _CHUNK_BYTES + entry * row_bytes
+                        key = (series, stamp - 1, chunk)
+                        sums[key] = sums.get(key, 0) + int.from_bytes(map_[row : row + row_bytes], "little")
+        result: dict[str, dict[int, Sketch]] = {name: {} for name in wanted.values()}
+        for (series, at, chunk), rows in sums.items():
+            if rows:
+                counts = array("I", rows.to_bytes(row_bytes, "little"))
+                sketch = result[wanted[series]].setdefault(at, Sketch())
+                first = chunk * _CHUNK_BUCKETS
+                sketch.buckets.update(
+                    compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
+                )
+                sketch.count += sum(counts)
+        return result
+
+    def file_usage(self) -> tuple[int, int]:
+        """Return the file's apparent size and the bytes it really takes (its blocks)."""
+        stat = os.fstat(self._fd)
+        return stat.st_size, stat.st_blocks * 512

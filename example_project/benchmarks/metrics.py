@@ -1,0 +1,458 @@
+"""``bench metrics``: what request monitoring costs, how right its percentiles are, how it scales.
+
+Three parts, side by side in one run:
+
+* **Overhead per request**: a one-query view through Django's test client with no
+  monitoring, with ``django_scale.metrics.MetricsMiddleware`` (latency, DB time and query
+  count per alias, status, events: about six recorded values per request) and with
+  django-prometheus's ``PrometheusBeforeMiddleware`` / ``PrometheusAfterMiddleware`` (its
+  request metrics; its DB metrics need its own database backends, not installed here). The
+  setups take turns in round-robin batches; the table gives medians and microseconds over
+  no monitoring. A second table times one recorded value in the store alone.
+* **Accuracy**: 4 processes record the same latencies into the shared store; the merged
+  p50/p99/p99.9 against the exact percentiles of all the values, and against what
+  Prometheus's ``histogram_quantile()`` (linear interpolation inside django-prometheus's
+  default buckets) answers for the same values.
+* **Scale**: 8 worker processes recording over 200 routes, recycled until 1,000 (``--quick``:
+  100) processes have come and gone: the export time, the file's size and blocks, slots
+  used, and whether the totals are exact.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import multiprocessing
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.test import Client
+from django.test.utils import override_settings
+from django.urls import path
+
+from django_scale import metrics
+from django_scale.metrics.recording import disable
+from django_scale.metrics.sketch import bucket_of
+from django_scale.metrics.store import SlotStore
+from django_scale.testing import override_scale_settings
+
+from benchmarks import print_table
+
+FORK = multiprocessing.get_context("fork")
+NONE = "no monitoring"
+SCALE = "django-scale MetricsMiddleware"
+PROMETHEUS = "django-prometheus middleware"
+PROMETHEUS_MIDDLEWARE = (
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
+)
+
+
+def one_query(request: HttpRequest, pk: int) -> HttpResponse:
+    from news.models import Section
+
+    return HttpResponse(str(Section.objects.filter(pk__gte=pk).count()))
+
+
+urlpatterns = [path("sections/<int:pk>/", one_query, name="sections")]
+
+
+# -- Overhead -------------------------------------------------------------------------------------
+
+
+def _setups(directory: str) -> dict[str, dict[str, Any]]:
+    base = list(settings.MIDDLEWARE)
+    common = {"ROOT_URLCONF": __name__, "ALLOWED_HOSTS": ["testserver"], "DEBUG": False}
+    return {
+        NONE: {**common, "MIDDLEWARE": base},
+        SCALE: {**common, "MIDDLEWARE": [*base[:1], "django_scale.metrics.MetricsMiddleware", *base[1:]]},
+        PROMETHEUS: {
+            **common,
+            "MIDDLEWARE": [PROMETHEUS_MIDDLEWARE[0], *base, PROMETHEUS_MIDDLEWARE[1]],
+        },
+    }
+
+
+def overhead(out: TextIO, quick: bool, directory: str) -> None:
+    setups = _setups(directory)
+    rounds, per_batch = (5, 100) if quick else (20, 250)
+    clients: dict[str, Client] = {}
+    # Per setup, per round: (median wall seconds, median CPU seconds of this thread) per request.
+    # A sync request and its queries run in this thread; CPU time is what a busy machine
+    # distorts least (wall time there includes waiting for a core).
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
+    with override_scale_settings(METRICS_DIR=directory):
+        for name, config in setups.items():
+            with override_settings(**config):
+                client = clients[name] = Client()
+                for pk in range(20):
+                    assert client.get(f"/sections/{pk}/").status_code == 200
+        names = list(setups)
+        for batch in range(rounds):
+            shift = batch % len(names)
+            for name in names[shift:] + names[:shift]:
+                with override_settings(**setups[name]):
+                    get = clients[name].get
+                    walls, cpus = [], []
+                    for index in range(per_batch):
+                        started, cpu = time.perf_counter(), time.thread_time()
+                        get(f"/sections/{index % 50}/")
+                        cpus.append(time.thread_time() - cpu)
+                        walls.append(time.perf_counter() - started)
+                    samples[name].append((statistics.median(walls), statistics.median(cpus)))
+            gc.collect()
+        recorded = metrics.local_snapshot().totals
+    disable()
+    stock_wall = statistics.median(s[0] for s in samples[NONE])
+    stock_cpu = statistics.median(s[1] for s in samples[NONE])
+    rows = []
+    for name in setups:
+        wall = statistics.median(s[0] for s in samples[name])
+        cpu = statistics.median(s[1] for s in samples[name])
+        # Paired per round: against the same round's stock median, so machine noise cancels.
+        extra = statistics.median(s[1] - n[1] for s, n in zip(samples[name], samples[NONE], strict=True))
+        rows.append(
+            [
+                name,
+                f"{wall * 1e6:.0f}",
+                f"{wall / stock_wall:.3f}",
+                f"{cpu * 1e6:.0f}",
+                f"{cpu / stock_cpu:.3f}",
+                f"{extra * 1e6:+.1f}",
+            ]
+        )
+    print_table(
+        out,
+        "Overhead per request (one-query view, test client; median of per-round medians)",
+        ["setup", "wall µs", "× none", "CPU µs", "× none", "CPU µs over none"],
+        rows,
+    )
+    count = recorded.get("request\x1fsections\x1fGET", (0, 0.0))[0]
+    out.write(f"  (MetricsMiddleware recorded {count} requests of the route 'sections' in one series)\n")
+
+    isolated(out, directory)
+
+    store = SlotStore(directory, 4, 64, 1)
+    one = [("request\x1fr\x1fGET", bucket_of(0.012), 0.012)]
+    five = [(f"request\x1fr{i}\x1fGET", bucket_of(0.012), 0.012) for i in range(5)]
+    store.record(five, [("requests\x1fr\x1fGET\x1f2xx", 1)])
+    empty = cpu_per_call(lambda: store.record((), ()), calls=20_000)
+    single = cpu_per_call(lambda: store.record(one, ()), calls=20_000)
+    many = cpu_per_call(lambda: store.record(five, ()), calls=20_000)
+    counter = cpu_per_call(lambda: store.record((), [("requests\x1fr\x1fGET\x1f2xx", 1)]), calls=20_000)
+    bucket = cpu_per_call(lambda: bucket_of(0.0123), calls=100_000)
+    print_table(
+        out,
+        "CPU cost of one recorded value in the shared store (goal <= 3 µs; median of 5 runs)",
+        ["what", "µs"],
+        [
+            ["one call, nothing recorded (lock, slot)", f"{empty * 1e6:.2f}"],
+            ["one timing value (bucket, count, sum, minute ring)", f"{(many - empty) / 5 * 1e6:.2f}"],
+            ["one call with one timing value", f"{single * 1e6:.2f}"],
+            ["one counter increment", f"{(counter - empty) * 1e6:.2f}"],
+            ["bucket_of() alone", f"{bucket * 1e6:.2f}"],
+        ],
+    )
+    store.release()
+
+
+def isolated(out: TextIO, directory: str) -> None:
+    """Time MetricsMiddleware alone around views called directly: no client, no other middleware."""
+    from django.db import connection
+    from django.test import RequestFactory
+    from django.urls import resolve
+
+    def no_query(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("")
+
+    def queries(n: int) -> Callable[[HttpRequest], HttpResponse]:
+        def view(request: HttpRequest) -> HttpResponse:
+            with connection.cursor() as cursor:
+                for _ in range(n):
+                    cursor.execute("SELECT 1")
+            return HttpResponse("")
+
+        return view
+
+    from django_prometheus.middleware import PrometheusAfterMiddleware, PrometheusBeforeMiddleware
+
+    request = RequestFactory().get("/sections/1/")
+    request.resolver_match = resolve("/sections/1/", urlconf=__name__)
+    rows = []
+    with override_scale_settings(METRICS_DIR=directory):
+        for label, view in (("no query", no_query), ("1 query", queries(1)), ("10 queries", queries(10))):
+            setups: dict[str, Callable[[HttpRequest], Any]] = {
+                "bare": view,
+                "scale": metrics.MetricsMiddleware(view),
+                "prometheus": PrometheusBeforeMiddleware(PrometheusAfterMiddleware(view)),
+            }
+            times: dict[str, list[float]] = {name: [] for name in setups}
+            for _ in range(7):  # take turns, so that a busy moment hits every setup alike
+                for name, call in setups.items():
+                    times[name].append(cpu_per_call(lambda call=call: call(request), calls=500, repeats=1))
+            cpu = {name: statistics.median(found) for name, found in times.items()}
+            calls = {name: function_calls(lambda call=call: call(request)) for name, call in setups.items()}
+            rows.append(
+                [
+                    label,
+                    f"{cpu['bare'] * 1e6:.1f}",
+                    f"{(cpu['scale'] - cpu['bare']) * 1e6:+.1f}",
+                    f"{(cpu['prometheus'] - cpu['bare']) * 1e6:+.1f}",
+                    f"{calls['scale'] - calls['bare']:+d}",
+                    f"{calls['prometheus'] - calls['bare']:+d}",
+                ]
+            )
+    disable()
+    print_table(
+        out,
+        "Each middleware alone around a view, called directly (CPU µs and function calls per request;"
+        " goal <= 20 µs)",
+        [
+            "view",
+            "bare µs",
+            "django-scale µs",
+            "django-prometheus µs",
+            "django-scale calls",
+            "django-prometheus calls",
+        ],
+        rows,
+    )
+
+
+def function_calls(function: Callable[[], object]) -> int:
+    """Return how many functions (Python and C) one call of *function* calls: the same on any machine."""
+    function()  # warm: first-time imports and caches are not the steady state
+    count = 0
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal count
+        if event in ("call", "c_call"):
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        function()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def cpu_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
+    """Return the median CPU time (this thread) of one call of *function*, over *repeats* runs."""
+    found = []
+    for _ in range(repeats):
+        started = time.thread_time()
+        for _ in range(calls):
+            function()
+        found.append((time.thread_time() - started) / calls)
+    return statistics.median(found)
+
+
+# -- Accuracy -------------------------------------------------------------------------------------
+
+
+#: django-prometheus's default latency buckets (django_prometheus.conf.PROMETHEUS_LATENCY_BUCKETS).
+def prometheus_buckets() -> tuple[float, ...]:
+    from django_prometheus.conf import PROMETHEUS_LATENCY_BUCKETS
+
+    return tuple(PROMETHEUS_LATENCY_BUCKETS)
+
+
+def histogram_quantile(q: float, bounds: tuple[float, ...], values: list[float]) -> float:
+    """What PromQL's histogram_quantile() answers from cumulative bucket counts of *values*."""
+    counts = [sum(1 for v in values if v <= bound) for bound in bounds]
+    total = counts[-1]
+    rank = q * total
+    for index, (bound, cumulative) in enumerate(zip(bounds, counts, strict=True)):
+        if cumulative >= rank:
+            if math.isinf(bound):
+                return bounds[index - 1]
+            lower = bounds[index - 1] if index else 0.0
+            below = counts[index - 1] if index else 0
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 0.0)
+    return bounds[-2]
+
+
+def distributions(n: int) -> dict[str, list[list[float]]]:
+    """Four processes' latencies for each of three shapes (seconds)."""
+    shapes: dict[str, list[list[float]]] = {}
+    for name, draw in (
+        ("lognormal, median 50 ms", lambda rng: rng.lognormvariate(math.log(0.05), 0.8)),
+        ("lognormal, median 3 ms (cache hits)", lambda rng: rng.lognormvariate(math.log(0.003), 0.6)),
+        (
+            "bimodal: 90 % ~20 ms, 10 % ~800 ms",
+            lambda rng: (
+                rng.lognormvariate(math.log(0.02), 0.3)
+                if rng.random() < 0.9
+                else rng.lognormvariate(math.log(0.8), 0.4)
+            ),
+        ),
+    ):
+        shapes[name] = []
+        for seed in range(4):
+            rng = random.Random(f"{name}-{seed}")
+            shapes[name].append([draw(rng) for _ in range(n)])
+    return shapes
+
+
+def _record_worker(directory: str, name: str, values: list[float]) -> None:
+    store = SlotStore(directory, 8, 64, 4)
+    for value in values:
+        store.record([(name, bucket_of(value), value)], ())
+
+
+def accuracy(out: TextIO, quick: bool) -> None:
+    n = 5_000 if quick else 50_000
+    bounds = prometheus_buckets()
+    rows = []
+    worst = 0.0
+    worst_prometheus = 0.0
+    for shape, per_process in distributions(n).items():
+        with tempfile.TemporaryDirectory() as directory:
+            processes = [
+                FORK.Process(target=_record_worker, args=(directory, "request\x1fr\x1fGET", values))
+                for values in per_process
+            ]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join()
+                assert process.exitcode == 0
+            snapshot = SlotStore(directory, 8, 64, 4).snapshot()
+        sketch = snapshot.windows["request\x1fr\x1fGET"][5]
+        everything = sorted(v for values in per_process for v in values)
+        assert sketch.count == len(everything) == snapshot.totals["request\x1fr\x1fGET"][0]
+        for q in (0.5, 0.99, 0.999):
+            exact = everything[math.floor(q * (len(everything) - 1))]
+            ours = sketch.quantile(q) or 0.0
+            theirs = histogram_quantile(q, bounds, everything)
+            ours_error = abs(ours - exact) / exact
+            theirs_error = abs(theirs - exact) / exact
+            worst, worst_prometheus = max(worst, ours_error), max(worst_prometheus, theirs_error)
+            rows.append(
+                [
+                    shape,
+                    f"p{q * 100:g}",
+                    f"{exact * 1000:.3f}",
+                    f"{ours * 1000:.3f}",
+                    f"{ours_error:.2%}",
+                    f"{theirs * 1000:.3f}",
+                    f"{theirs_error:.2%}",
+                ]
+            )
+    print_table(
+        out,
+        f"Accuracy: 4 processes x {n:,} values merged, against the exact percentiles (ms; goal <= 1 %)",
+        ["values", "q", "exact", "django-scale", "error", "django-prometheus*", "error"],
+        rows,
+    )
+    out.write(
+        f"  worst error: django-scale {worst:.2%}, django-prometheus {worst_prometheus:.2%}\n"
+        "  * histogram_quantile() over django-prometheus's default buckets, as Grafana shows it\n"
+    )
+
+
+# -- Scale ----------------------------------------------------------------------------------------
+
+
+def _scale_worker(directory: str, seed: int, per_worker: int, routes: int) -> None:
+    store = SlotStore(directory, 16, 1024, 16)
+    rng = random.Random(seed)
+    for _ in range(per_worker):
+        route = rng.randrange(routes)
+        value = rng.lognormvariate(math.log(0.03), 0.9)
+        labels = f"r{route}\x1fGET"
+        store.record(
+            [
+                (f"request\x1f{labels}", bucket_of(value), value),
+                (f"db\x1f{labels}\x1fdefault", bucket_of(value / 3), value / 3),
+            ],
+            [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
+        )
+
+
+def scale(out: TextIO, quick: bool) -> None:
+    workers, routes = 8, 200
+    generations = 100 if quick else 1000
+    per_worker = 400
+    with tempfile.TemporaryDirectory() as directory:
+        started = time.perf_counter()
+        live: list[Any] = []
+        sizes = set()
+        for seed in range(generations):
+            while len(live) >= workers:
+                live[0].join()
+                assert live[0].exitcode == 0
+                live.pop(0)
+            process = FORK.Process(target=_scale_worker, args=(directory, seed, per_worker, routes))
+            process.start()
+            live.append(process)
+            if seed % 100 == 1:
+                sizes.update(path.stat().st_size for path in Path(directory).iterdir())
+        for process in live:
+            process.join()
+        elapsed = time.perf_counter() - started
+        files = list(Path(directory).iterdir())
+        store = SlotStore(directory, 16, 1024, 16)
+        exports, export_cpus, documents = [], [], []
+        for _ in range(5):
+            begun, cpu = time.perf_counter(), time.process_time()
+            # What GET /scale/metrics does: one window's sketches, then the text.
+            text = metrics.prometheus_text(store.snapshot(windows=(5,)))
+            export_cpus.append(time.process_time() - cpu)
+            exports.append(time.perf_counter() - begun)
+            cpu = time.process_time()
+            # What GET /scale/sketches.json does: every window, as JSON.
+            json.dumps(metrics.to_document(store.snapshot()))
+            documents.append(time.process_time() - cpu)
+        snapshot = store.snapshot()
+        size, blocks = store.file_usage()
+    requests = sum(v for name, v in snapshot.counters.items() if name.startswith("requests\x1f"))
+    queries = sum(v for name, v in snapshot.counters.items() if name.startswith("queries\x1f"))
+    timed = sum(count for name, (count, _) in snapshot.totals.items() if name.startswith("request\x1f"))
+    expected = generations * per_worker
+    print_table(
+        out,
+        f"Scale: {workers} workers x {routes} routes, {generations:,} worker processes in turn "
+        f"({per_worker} requests each, {elapsed:.1f} s)",
+        ["figure", "value", "goal"],
+        [
+            [
+                "Prometheus export (5 min window): CPU; wall; median of 5",
+                f"{statistics.median(export_cpus) * 1000:.1f} ms; {statistics.median(exports) * 1000:.1f} ms",
+                "<= 50 ms",
+            ],
+            [
+                "sketches.json (every window): CPU, median of 5",
+                f"{statistics.median(documents) * 1000:.1f} ms",
+                "",
+            ],
+            ["exposition size", f"{len(text) / 1024:.0f} KiB", ""],
+            ["files in the metrics directory", str(len(files)), "1"],
+            ["file size (apparent), sizes seen", f"{size / 2**20:.0f} MiB, {len(sizes)} size(s)", "constant"],
+            ["file blocks really used", f"{blocks / 2**20:.1f} MiB", "bounded"],
+            ["slots ever used", str(snapshot.used_slots), f"<= {workers + 1}"],
+            ["requests counted / recorded", f"{requests:,} / {expected:,}", "exact"],
+            ["latencies timed / recorded", f"{timed:,} / {expected:,}", "exact"],
+            ["queries counted / recorded", f"{queries:,} / {2 * expected:,}", "exact"],
+            ["values dropped", str(snapshot.dropped), "0"],
+        ],
+    )
+    assert requests == timed == expected and queries == 2 * expected, "totals are not exact"
+
+
+def run(out: TextIO, quick: bool = False) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        overhead(out, quick, directory)
+    accuracy(out, quick)
+    scale(out, quick)

@@ -1,0 +1,169 @@
+"""The status page (/scale/status/): who may see it, what it shows, and in a real browser."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.test import Client, override_settings
+from support import wait_until
+from test_browser import CHROMIUM, _browser, _unavailable
+
+from django_scale import metrics
+from django_scale.conf import conf
+from django_scale.metrics.charts import line_chart
+from django_scale.metrics.recording import disable
+from django_scale.metrics.sketch import bucket_of
+from django_scale.testing import override_scale_settings
+
+if TYPE_CHECKING:
+    from pytest_django.live_server_helper import LiveServer
+
+DB = pytest.mark.django_db(transaction=True, databases="__all__")
+MIDDLEWARE = [
+    "django_scale.middleware.ScaleMiddleware",
+    "django_scale.metrics.MetricsMiddleware",
+    *[name for name in settings.MIDDLEWARE if name != "django_scale.middleware.ScaleMiddleware"],
+]
+
+
+def log_in(client: Client, account: User) -> None:
+    """Log *client* in, and wait until every replica has the session (requests read it there)."""
+    from django.contrib.sessions.models import Session
+
+    client.force_login(account)
+    key = client.session.session_key
+    for alias in conf.REPLICAS:
+        wait_until(
+            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
+        )
+
+
+def user(username: str, **extra: Any) -> User:
+    """Create a user, and wait until every replica has it (requests read users from them)."""
+    created = User.objects.create_user(username, password="pw", **extra)
+    for alias in conf.REPLICAS:
+        wait_until(
+            lambda alias=alias: User.objects.using(alias).filter(pk=created.pk).exists(), f"{alias} replays"
+        )
+    return created
+
+
+@pytest.fixture
+def browser_binary() -> str:
+    """Chromium, as tests/test_browser.py finds it (skipped without it, failed under CI)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _unavailable("playwright is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        _unavailable(f"no Chromium at {CHROMIUM}")
+    return CHROMIUM
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> Iterator[None]:
+    """Request metrics on, and a few requests of two routes recorded.
+
+    Every read on the primary: what the page shows does not depend on replication, and a
+    logged-in session is never looked for on a replica that has not replayed it yet.
+    """
+    with (
+        override_settings(ROOT_URLCONF="testapp.metrics_urls", MIDDLEWARE=MIDDLEWARE),
+        override_scale_settings(METRICS_DIR=str(tmp_path), REPLICAS=[]),
+    ):
+        client = Client()
+        for pk in range(10):
+            assert client.get(f"/authors/{pk}/").status_code == 200
+            assert client.get(f"/plain/p{'x' * pk}/").status_code == 200
+        yield
+    disable()
+
+
+@DB
+def test_the_status_page_is_for_staff_only(recorded: None) -> None:
+    client = Client()
+    response = client.get("/scale/status/")
+    assert response.status_code == 302
+    assert response["Location"].startswith("/admin/login/?next=/scale/status/")
+    log_in(client, user("reader"))
+    assert client.get("/scale/status/").status_code == 302
+    # The token opens the machine-readable export, not the page.
+    token = {"authorization": "Bearer " + "t" * 40}
+    with override_scale_settings(METRICS_TOKEN="t" * 40):
+        assert Client().get("/scale/status/", headers=token).status_code == 302
+
+
+@DB
+def test_the_status_page_shows_routes_replicas_cache_and_charts(recorded: None) -> None:
+    client = Client()
+    log_in(client, user("staff", is_staff=True))
+    response = client.get("/scale/status/")
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert html.count('class="django-scale-chart"') == 2  # one chart per route recorded
+    assert "<title>author GET: p50 and p99 per minute</title>" in html
+    routes = response.context["document"]["routes"]
+    assert {(row["route"], row["method"]) for row in routes} >= {
+        ("author", "GET"),
+        ("/^plain/(?P<slug>[a-z]+)/$", "GET"),
+    }
+    [author] = [row for row in routes if row["route"] == "author"]
+    assert author["shown"]["requests"] == 10
+    assert 'id="cache-hit-rate">Hit rate: 100 %' in html  # the author view counts swr.hit
+    assert f"<td>{settings.DJANGO_SCALE.get('PRIMARY', 'default')}</td><td>primary</td>" in html
+    assert client.get("/scale/status/?scope=cluster").status_code == 200
+
+
+def test_charts_escape_their_labels_and_break_lines_at_empty_minutes() -> None:
+    chart = line_chart(
+        {"<p50>": [(1, 0.01), (2, 0.02), (4, 0.03)], "p99": []}, list(range(6)), title="<script>x</script>"
+    )
+    assert "<script>" not in chart
+    assert "&lt;script&gt;" in chart and "&lt;p50&gt;" in chart
+    assert chart.count("<polyline") == 1  # minutes 1-2; minute 4 stands alone
+    assert chart.count("<circle") == 1
+
+
+@DB
+def test_the_status_page_in_a_browser(
+    recorded: None, live_server: LiveServer, browser_binary: str, tmp_path: Path
+) -> None:
+    user("ops", is_staff=True)
+    # The page reads the host's file: the requests recorded above, whatever process serves
+    # it, and a quarter of an hour of the author route's latencies written straight into it.
+    store = metrics.get_store()
+    now = time.time()
+    rng = random.Random(14)
+    for minutes_ago in range(1, 15):
+        for _ in range(200):
+            value = rng.lognormvariate(math.log(0.02 + 0.002 * (minutes_ago % 5)), 0.6)
+            store.record(
+                [("request\x1fauthor\x1fGET", bucket_of(value), value)], [], now=now - 60 * minutes_ago
+            )
+    with _browser(browser_binary) as browser, browser.new_context(base_url=live_server.url) as context:
+        page = context.new_page()
+        page.goto("/scale/status/")
+        page.wait_for_url(re.compile(r"/admin/login/"))
+        page.fill("#id_username", "ops")
+        page.fill("#id_password", "pw")
+        page.click("input[type=submit]")
+        page.wait_for_url(re.compile(r"/scale/status/$"))
+        assert page.locator("svg.django-scale-chart").count() == 2
+        chart = page.locator("svg.django-scale-chart").first
+        assert chart.bounding_box() is not None and chart.bounding_box()["width"] > 100  # type: ignore[index]
+        # The author route's p50 and p99 lines over the last 15 minutes.
+        assert page.locator("svg.django-scale-chart polyline").count() >= 2
+        assert "author" in page.locator("#routes").inner_text()
+        assert "primary" in page.locator("#replicas").inner_text()
+        directory = Path(os.environ.get("DJANGO_SCALE_TEST_SCREENSHOTS", tmp_path))
+        page.screenshot(path=str(directory / "status-page.png"), full_page=True)

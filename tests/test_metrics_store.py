@@ -1,0 +1,219 @@
+"""The sketch and the per-slot shared store, across real processes (multiprocessing, fork)."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ddsketch import DDSketch
+
+from django_scale.exceptions import MetricsDocumentError
+from django_scale.metrics.sketch import BUCKETS, MAX_VALUE, MIN_VALUE, Sketch, bucket_of, bucket_value
+from django_scale.metrics.store import SlotStore
+
+QUANTILES = (0.5, 0.95, 0.99, 0.999)
+FORK = multiprocessing.get_context("fork")
+
+
+def exact(values: list[float], q: float) -> float:
+    """The value of rank q * (n - 1), rounded down: the rank DDSketch's guarantee is about."""
+    ordered = sorted(values)
+    return ordered[math.floor(q * (len(ordered) - 1))]
+
+
+def latencies(seed: int, n: int) -> list[float]:
+    rng = random.Random(seed)
+    # Lognormal around 20 ms with a long tail, and a few slow outliers.
+    return [min(rng.lognormvariate(math.log(0.02), 1.0), 100.0) for _ in range(n)]
+
+
+def open_store(directory: Path, slots: int = 8, series: int = 64, memory: int = 1) -> SlotStore:
+    return SlotStore(directory, slots, series, memory)
+
+
+def record_values(directory: str, slots: int, seed: int, n: int, name: str, together: Any = None) -> None:
+    store = open_store(Path(directory), slots)
+    values = latencies(seed, n)
+    for index, value in enumerate(values):
+        assert store.record([(name, bucket_of(value), value)], [("requests", 1)])
+        if index == 0 and together is not None:
+            together.wait(30)  # every worker holds its slot at once
+
+
+class TestSketch:
+    def test_every_value_is_within_one_percent_of_its_bucket(self) -> None:
+        value = MIN_VALUE * 1.0001
+        while value < MAX_VALUE:
+            assert abs(bucket_value(bucket_of(value)) - value) <= 0.01 * value
+            value *= 1.37
+        assert bucket_of(0.0) == 0
+        assert bucket_of(MAX_VALUE * 10) == BUCKETS - 1
+
+    def test_quantiles_match_ddsketch_and_exact_values(self) -> None:
+        values = latencies(1, 20_000)
+        ours = Sketch.of(values)
+        oracle = DDSketch(relative_accuracy=0.01)
+        for value in values:
+            oracle.add(value)
+        for q in QUANTILES:
+            found = ours.quantile(q)
+            assert found is not None
+            assert found == pytest.approx(oracle.get_quantile_value(q), rel=1e-9)
+            assert abs(found - exact(values, q)) <= 0.01 * exact(values, q)
+        assert ours.quantiles(QUANTILES) == {q: ours.quantile(q) for q in QUANTILES}
+        assert ours.count == 20_000
+        assert ours.total == pytest.approx(sum(values))
+
+    def test_merge_is_the_sketch_of_all_values(self) -> None:
+        first, second = latencies(2, 1000), latencies(3, 3000)
+        merged = Sketch.of(first)
+        merged.merge(Sketch.of(second))
+        assert merged.buckets == Sketch.of(first + second).buckets
+
+    def test_json_round_trip_and_malformed_documents(self) -> None:
+        sketch = Sketch.of(latencies(4, 500))
+        assert Sketch.from_json(sketch.to_json()) == sketch
+        broken = sketch.to_json()
+        broken["count"] += 1
+        with pytest.raises(MetricsDocumentError, match="count"):
+            Sketch.from_json(broken)
+        with pytest.raises(MetricsDocumentError, match="out of range"):
+            Sketch.from_json({"count": 1, "buckets": {str(BUCKETS): 1}})
+        with pytest.raises(MetricsDocumentError, match="not a sketch"):
+            Sketch.from_json({"buckets": []})
+        assert Sketch().quantile(0.5) is None
+
+
+class TestStore:
+    def test_four_processes_merge_to_the_exact_percentiles(self, tmp_path: Path) -> None:
+        together = FORK.Barrier(4)
+        processes = [
+            FORK.Process(
+                target=record_values, args=(str(tmp_path), 8, seed, 5000, "request\x1fr\x1fGET", together)
+            )
+            for seed in range(4)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+            assert process.exitcode == 0
+        everything = [value for seed in range(4) for value in latencies(seed, 5000)]
+        snapshot = open_store(tmp_path).snapshot()
+        assert snapshot.used_slots == 4
+        assert snapshot.live_slots == 0  # every writer exited
+        assert snapshot.counters == {"requests": 20_000}
+        count, total = snapshot.totals["request\x1fr\x1fGET"]
+        assert count == 20_000
+        assert total == pytest.approx(sum(everything))
+        for window in (1, 5, 15):
+            sketch = snapshot.windows["request\x1fr\x1fGET"][window]
+            assert sketch.count == 20_000
+            assert sketch.buckets == Sketch.of(everything).buckets
+        sketch = snapshot.windows["request\x1fr\x1fGET"][5]
+        # One window alone (what the Prometheus export reads) is the same sketch.
+        assert open_store(tmp_path).snapshot(windows=(5,)).windows["request\x1fr\x1fGET"] == {5: sketch}
+        for q in QUANTILES:
+            found = sketch.quantile(q)
+            assert found is not None
+            assert abs(found - exact(everything, q)) <= 0.01 * exact(everything, q), q
+
+    def test_recycled_workers_keep_totals_and_the_file_bounded(self, tmp_path: Path) -> None:
+        size = None
+        for generation in range(30):
+            process = FORK.Process(target=record_values, args=(str(tmp_path), 2, generation, 10, "t"))
+            process.start()
+            process.join(30)
+            assert process.exitcode == 0
+            files = list(tmp_path.iterdir())
+            assert len(files) == 1
+            size = size or files[0].stat().st_size
+            assert files[0].stat().st_size == size
+            snapshot = open_store(tmp_path, slots=2).snapshot()
+            # Counts are folded into the slot the next worker takes: never lost, never rewound.
+            assert snapshot.counters["requests"] == 10 * (generation + 1)
+            assert snapshot.totals["t"][0] == 10 * (generation + 1)
+        assert snapshot.used_slots == 1
+
+    def test_a_live_worker_keeps_its_slot_and_a_full_file_drops(self, tmp_path: Path) -> None:
+        ready, done = FORK.Event(), FORK.Event()
+
+        def hold() -> None:
+            store = open_store(tmp_path, slots=1)
+            assert store.record([], [("held", 1)])
+            ready.set()
+            done.wait(30)
+
+        holder = FORK.Process(target=hold)
+        holder.start()
+        try:
+            assert ready.wait(30)
+            store = open_store(tmp_path, slots=1)
+            assert store.snapshot().live_slots == 1
+            assert not store.record([], [("mine", 1)])  # no free slot: nothing written
+            assert "mine" not in store.snapshot().counters
+        finally:
+            done.set()
+            holder.join(30)
+        assert store.unrecorded == 1
+        store.retry_after = 0  # (it waits a second between attempts otherwise)
+        assert store.record([], [("mine", 1)])  # the slot is free again: this process takes it
+        snapshot = store.snapshot()
+        assert snapshot.counters == {"held": 1, "mine": 1}
+        assert snapshot.live_slots == 1
+
+    def test_a_forked_child_claims_its_own_slot(self, tmp_path: Path) -> None:
+        store = open_store(tmp_path)
+        assert store.record([], [("parent", 1)])
+        parent_slot = store.slot()
+        child = FORK.Process(
+            target=lambda: os._exit(
+                0 if store.record([], [("child", 1)]) and store.slot() != parent_slot else 1
+            )
+        )
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        snapshot = store.snapshot()
+        assert snapshot.used_slots == 2
+        assert snapshot.counters == {"parent": 1, "child": 1}
+
+    def test_windows_slide_by_the_minute(self, tmp_path: Path) -> None:
+        store = open_store(tmp_path)
+        now = 1_800_000_000.0
+        for minutes_ago, value in ((0, 0.001), (3, 0.01), (10, 0.1), (20, 1.0)):
+            store.record([("t", bucket_of(value), value)], [], now=now - 60 * minutes_ago)
+        windows = store.snapshot(now=now).windows["t"]
+        assert {w: windows[w].count for w in windows} == {1: 1, 5: 2, 15: 3}
+        assert store.snapshot(now=now).totals["t"][0] == 4
+        # 16 minutes on, the ring entry of "now" is reused: the old minute's counts are cleared.
+        later = now + 16 * 60
+        store.record([("t", bucket_of(0.5), 0.5)], [], now=later)
+        windows = store.snapshot(now=later).windows["t"]
+        assert windows[1].buckets == {bucket_of(0.5): 1}
+        assert windows[15].count == 1  # minute 0.001 was 16 minutes ago; the others older still
+
+    def test_series_past_the_limit_share_the_overflow_series(self, tmp_path: Path) -> None:
+        store = open_store(tmp_path, series=4)
+        for index in range(10):
+            store.record([(f"route{index}", 5, 0.001)], [])
+        snapshot = store.snapshot()
+        assert len(snapshot.totals) == 4  # the overflow series and three routes
+        assert sum(count for count, _ in snapshot.totals.values()) == 10
+        assert snapshot.totals["\x1foverflow"][0] == 7
+
+    def test_history_gives_each_minute_its_own_sketch(self, tmp_path: Path) -> None:
+        store = open_store(tmp_path)
+        now = 1_800_000_000.0
+        minute = int(now // 60)
+        for minutes_ago, values in ((0, [0.001, 0.002]), (2, [0.5]), (20, [9.0])):
+            for value in values:
+                store.record([("t", bucket_of(value), value)], [], now=now - 60 * minutes_ago)
+        history = store.history(["t", "unknown"], now=now)["t"]
+        assert {at: sketch.count for at, sketch in history.items()} == {minute: 2, minute - 2: 1}
+        assert history[minute - 2].quantile(0.5) == pytest.approx(0.5, rel=0.01)
