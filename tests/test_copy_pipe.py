@@ -39,9 +39,9 @@ from testapp.models import (
 POSTGRES = harness.BACKEND != "sqlite"
 BOTH = pytest.mark.django_db(databases=["default", "legacy"])
 BOTH_COMMITTED = pytest.mark.django_db(transaction=True, databases=["default", "legacy"])
-PG_ONLY = pytest.mark.skipif(
-    not POSTGRES, reason="COPY between two PostgreSQL databases (SQLite: the fallback)"
-)
+#: COPY between two PostgreSQL databases: deselected on the embedded default (SQLite takes the
+#: fallback, tested by the other tests), never skipped.
+PG_ONLY = pytest.mark.postgres
 
 
 def legacy_characters(n: int, publishers: int = 3, name: Any = None) -> None:
@@ -118,7 +118,7 @@ def test_iter_batches_refuses_shapes_it_cannot_batch(shape, message):
     assert isinstance(caught.value, ValueError)
 
 
-@pytest.mark.skipif(not POSTGRES, reason="DISTINCT ON is PostgreSQL's")
+@pytest.mark.postgres  # DISTINCT ON is PostgreSQL's
 @pytest.mark.django_db
 def test_iter_batches_refuses_distinct_on():
     with pytest.raises(ArgumentError, match=r"distinct\(name\)"):
