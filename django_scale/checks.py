@@ -9,8 +9,7 @@ One factory per message keeps every id in exactly one place.
 from __future__ import annotations
 
 import difflib
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from django.apps import AppConfig, apps
@@ -24,7 +23,6 @@ from django_scale.prefetch import HAS_FETCH_MODES, PrefetchAwareForeignKey, Pref
 from django_scale.prefetch.plain import plain_relations
 
 __all__ = [
-    "check_metrics",
     "check_ops",
     "check_querysets",
     "check_routing",
@@ -361,79 +359,6 @@ def _w503_mail_without_admins() -> checks.CheckMessage:
     )
 
 
-def _w504_server_side_cursors(alias: str) -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W504",
-        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) but uses "
-        "server-side cursors: QuerySet.iterator() outside a transaction declares a WITH HOLD "
-        "cursor that later fetches look for on another server connection.",
-        f"Set DATABASES[{alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True.",
-        obj=f"DATABASES[{alias!r}]",
-    )
-
-
-def _w505_prepared_statements(alias: str, threshold: Any) -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W505",
-        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) and psycopg 3 "
-        f"prepares statements (OPTIONS['prepare_threshold'] = {threshold!r}): a prepared "
-        "statement exists on one server connection only, so PgBouncer before 1.21 (Debian 12 "
-        "ships 1.18), or without max_prepared_statements, fails with 'prepared statement "
-        "does not exist'.",
-        "Remove OPTIONS['prepare_threshold'] (Django then prepares nothing), or run PgBouncer "
-        "1.21+ with max_prepared_statements > 0 and silence this check.",
-        obj=f"DATABASES[{alias!r}]",
-    )
-
-
-def _w506_session_options(alias: str, options: str) -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W506",
-        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) but sets session "
-        f"settings at connect (OPTIONS['options'] = {options!r}): PgBouncer refuses the startup "
-        "parameter, or drops it when told to ignore it, and the server connections run "
-        "without them.",
-        "Set these on the database role or database instead (ALTER ROLE ... SET ...), or in "
-        "PgBouncer's connect_query.",
-        obj=f"DATABASES[{alias!r}]",
-    )
-
-
-def _w507_assume_role(alias: str, role: Any) -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W507",
-        f"The database {alias!r} is transaction pooled (DJANGO_SCALE['POOLER']) but assumes "
-        f"the role {role!r} with a session SET ROLE when it connects: the role stays on the "
-        "server connection that got it, for other clients, and this client's later "
-        "transactions run on server connections that never got it.",
-        f"Connect as {role!r} (USER), or remove OPTIONS['assume_role'].",
-        obj=f"DATABASES[{alias!r}]",
-    )
-
-
-def _pooler_messages(pooler: Mapping[str, Any]) -> list[checks.CheckMessage]:
-    """What in ``DATABASES`` cannot work through a transaction pooler, for each such alias."""
-    messages: list[checks.CheckMessage] = []
-    for alias, mode in pooler.items():
-        database = settings.DATABASES.get(alias)
-        if mode != "transaction" or not database or "postgresql" not in database.get("ENGINE", ""):
-            continue
-        options = database.get("OPTIONS") or {}
-        if not database.get("DISABLE_SERVER_SIDE_CURSORS"):
-            messages.append(_w504_server_side_cursors(alias))
-        if options.get("prepare_threshold") is not None:
-            messages.append(_w505_prepared_statements(alias, options["prepare_threshold"]))
-        if isinstance(options.get("options"), str) and options["options"].strip():
-            messages.append(_w506_session_options(alias, options["options"]))
-        if options.get("assume_role"):
-            messages.append(_w507_assume_role(alias, options["assume_role"]))
-    return messages
-
-
 ROUTER_PATH = "django_scale.routers.ReplicaRouter"
 MIDDLEWARE_PATH = "django_scale.middleware.ScaleMiddleware"
 #: Cache backends each process keeps to itself.
@@ -510,56 +435,6 @@ def check_routing(**kwargs: Any) -> list[checks.CheckMessage]:
     return messages
 
 
-METRICS_MIDDLEWARE = "django_scale.metrics.MetricsMiddleware"
-SCALE_MIDDLEWARE = "django_scale.middleware.ScaleMiddleware"
-
-
-def _e508_metrics_dir_unusable(directory: str, problem: str) -> checks.CheckMessage:
-    return _message(
-        checks.Error,
-        "django_scale.E508",
-        f"MetricsMiddleware cannot keep its shared metrics file in {directory!r}: {problem}.",
-        "Set DJANGO_SCALE['METRICS_DIR'] to a directory the web workers can create and write, "
-        "on a local file system (a tmpfs such as /run or /dev/shm is best).",
-        obj=_setting("METRICS_DIR"),
-    )
-
-
-def _w509_metrics_before_scale_middleware() -> checks.CheckMessage:
-    return _message(
-        checks.Warning,
-        "django_scale.W509",
-        "MetricsMiddleware comes before ScaleMiddleware in MIDDLEWARE: it cannot see which "
-        "database routing sent each request's reads to.",
-        f"Put {METRICS_MIDDLEWARE!r} right after {SCALE_MIDDLEWARE!r}.",
-        obj="MIDDLEWARE",
-    )
-
-
-def check_metrics() -> list[checks.CheckMessage]:
-    """Check request metrics, when ``MetricsMiddleware`` is installed: its file and its place."""
-    middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
-    if METRICS_MIDDLEWARE not in middleware:
-        return []
-    messages: list[checks.CheckMessage] = []
-    if SCALE_MIDDLEWARE in middleware and middleware.index(METRICS_MIDDLEWARE) < middleware.index(
-        SCALE_MIDDLEWARE
-    ):
-        messages.append(_w509_metrics_before_scale_middleware())
-    try:
-        directory = conf.metrics_options()[0]
-    except Exception:  # a wrong METRICS_* value: check_settings reports it
-        return messages
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as error:
-        messages.append(_e508_metrics_dir_unusable(directory, error.strerror or str(error)))
-        return messages
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
-        messages.append(_e508_metrics_dir_unusable(directory, "it is not a writable directory"))
-    return messages
-
-
 def check_ops(**kwargs: Any) -> list[checks.CheckMessage]:
     """Check the operations settings: the sniper's rules, databases and mail, the pooler; request metrics."""
     from django_scale.exceptions import SniperError
@@ -586,7 +461,13 @@ def check_ops(**kwargs: Any) -> list[checks.CheckMessage]:
         messages.append(_w503_mail_without_admins())
     pooler = user.get("POOLER", {})
     if SETTINGS["POOLER"].has_type(pooler):
-        messages.extend(_pooler_messages(pooler))
+        # The pooler's checks live in their own module (imported here: it imports this one).
+        from django_scale.pooler import pooler_messages
+
+        messages.extend(pooler_messages(pooler))
+    # Request metrics' checks live with them (imported here: they import this module).
+    from django_scale.metrics.checks import check_metrics
+
     messages.extend(check_metrics())
     return messages
 

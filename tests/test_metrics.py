@@ -321,7 +321,8 @@ def test_the_timing_wrapper_stays_outermost_and_leaves_other_wrappers_alone(stor
 
 
 def test_checks_of_the_metrics_file_and_the_middleware_order(tmp_path: Path) -> None:
-    from django_scale.checks import check_metrics, check_settings
+    from django_scale.checks import check_settings
+    from django_scale.metrics.checks import check_metrics
 
     assert check_metrics() == []  # MetricsMiddleware not installed: nothing to check
     a_file = tmp_path / "file"
