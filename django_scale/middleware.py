@@ -95,6 +95,21 @@ def current_wal_position(alias: str) -> str | None:
 NOT_CAUGHT_UP = "no replica replayed the user's last write within REPLICA_WAIT"
 
 
+def _request_state(request: HttpRequest) -> RoutingState:
+    """The routing state of *request*, from its read-your-writes cookie (not yet current).
+
+    What :func:`~django_scale.replicas.routing_state` does, less its context manager: this runs
+    on every request. The state carries the settings it read, so the router need not read them.
+    """
+    hot = conf.hot()
+    required, sticky = read_cookie(request, hot.cookie)
+    state = RoutingState(required, sticky)
+    state._hot = hot
+    if sticky:
+        state.pin(STICKY)
+    return state
+
+
 def _needs_wait(state: RoutingState) -> bool:
     required = state.required_lsn
     return required is not None and not any(monitor(alias).replay_lsn >= required for alias in conf.REPLICAS)
@@ -226,16 +241,10 @@ class ScaleMiddleware:
             return self.__acall__(request)
         slot = open_page_slot(request) if self.outermost else None
         try:
-            hot = conf.hot()
-            required, sticky = read_cookie(request, hot.cookie)
-            # routing_state(), inlined: this runs on every request.
-            state = RoutingState(required, sticky)
-            state._hot = hot
-            if sticky:
-                state.pin(STICKY)
+            state = _request_state(request)
             token = _state.set(state)
             try:
-                if required is not None or sticky:
+                if state.required_lsn is not None or state.sticky_primary:
                     await_replica(state, NOT_CAUGHT_UP)
                 response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
             finally:
@@ -243,7 +252,7 @@ class ScaleMiddleware:
             if state.replica_failed is not None and _runs_again(request, state, response):
                 if slot is not None:
                     reopen_page_slot(slot)
-                with routing_state(required, sticky_primary=sticky) as state:
+                with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
                     state.rerun = True
                     state.pin(RERUN)
                     response = self.get_response(request)  # type: ignore[assignment]
@@ -277,16 +286,10 @@ class ScaleMiddleware:
     async def _respond(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
         # No thread hop here unless the request needs one: the replica connections of the
         # thread that runs the ORM calls were guarded when they opened.
-        hot = conf.hot()
-        required, sticky = read_cookie(request, hot.cookie)
-        # routing_state(), inlined: this runs on every request.
-        state = RoutingState(required, sticky)
-        state._hot = hot
-        if sticky:
-            state.pin(STICKY)
+        state = _request_state(request)
         token = _state.set(state)
         try:
-            if required is None and not sticky:
+            if state.required_lsn is None and not state.sticky_primary:
                 pass
             elif _needs_wait(state):
                 # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
@@ -303,7 +306,7 @@ class ScaleMiddleware:
                     await sync_to_async(reopen_page_slot)(slot)
                 else:
                     reopen_page_slot(slot)
-            with routing_state(required, sticky_primary=sticky) as state:
+            with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
                 state.rerun = True
                 state.pin(RERUN)
                 response = await self.get_response(request)  # type: ignore[misc]

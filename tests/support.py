@@ -108,3 +108,31 @@ def swr_cache(param: str, location: str) -> Iterator[str]:
         caches["default"].clear()
         yield "default"
         caches["default"].clear()
+
+
+def log_in(client: Any, account: Any) -> None:
+    """Log *client* in, and wait until every replica has the session (requests read it there)."""
+    from django.contrib.sessions.models import Session
+
+    from django_scale.conf import conf
+
+    client.force_login(account)
+    key = client.session.session_key
+    for alias in conf.REPLICAS:
+        wait_until(
+            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
+        )
+
+
+def create_user(username: str, **extra: Any) -> Any:
+    """Create a user, and wait until every replica has it (requests read users from them)."""
+    from django.contrib.auth.models import User
+
+    from django_scale.conf import conf
+
+    created = User.objects.create_user(username, password="pw", **extra)
+    for alias in conf.REPLICAS:
+        wait_until(
+            lambda alias=alias: User.objects.using(alias).filter(pk=created.pk).exists(), f"{alias} replays"
+        )
+    return created

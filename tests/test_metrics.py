@@ -14,17 +14,15 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from django.conf import settings
-from django.contrib.auth.models import User
 from django.core.cache import caches
 from django.core.management import call_command
 from django.db import connection, connections
 from django.test import AsyncClient, Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from prometheus_client.parser import text_string_to_metric_families
-from support import wait_until
+from support import create_user, log_in
 
 from django_scale import metrics
-from django_scale.conf import conf
 from django_scale.metrics.merge import cluster, publish, to_document
 from django_scale.metrics.recording import (
     UNRESOLVED,
@@ -59,28 +57,6 @@ def store(tmp_path: Path) -> Iterator[SlotStore]:
             _wrap_connection(connection=open_connection)
         yield metrics.get_store()
     disable()
-
-
-def log_in(client: Client, account: User) -> None:
-    """Log *client* in, and wait until every replica has the session (requests read it there)."""
-    from django.contrib.sessions.models import Session
-
-    client.force_login(account)
-    key = client.session.session_key
-    for alias in conf.REPLICAS:
-        wait_until(
-            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
-        )
-
-
-def user(username: str, **extra: Any) -> User:
-    """Create a user, and wait until every replica has it (requests read users from them)."""
-    created = User.objects.create_user(username, password="pw", **extra)
-    for alias in conf.REPLICAS:
-        wait_until(
-            lambda alias=alias: User.objects.using(alias).filter(pk=created.pk).exists(), f"{alias} replays"
-        )
-    return created
 
 
 def series(store: SlotStore, kind: str) -> dict[str, int]:
@@ -195,7 +171,7 @@ def test_the_export_is_refused_to_anonymous_users_and_non_staff(store: SlotStore
         assert client.get(url, headers={"authorization": "Bearer wrong"}).status_code == 403
         assert client.get(url, headers={"authorization": f"Bearer {TOKEN}x"}).status_code == 403
         assert client.get(url, headers={"authorization": TOKEN}).status_code == 403
-    log_in(client, user("reader"))
+    log_in(client, create_user("reader"))
     assert client.get("/scale/metrics").status_code == 403
     with override_scale_settings(METRICS_TOKEN=""):
         # No token set: an empty bearer token must not pass.
@@ -230,7 +206,7 @@ def test_the_token_and_staff_read_prometheus_text(store: SlotStore) -> None:
         s.value for s in requests.samples if s.labels == {"route": "author", "method": "GET", "status": "2xx"}
     ] == [20]
     assert families["django_scale_metrics_slots"].samples
-    log_in(client, user("staff", is_staff=True))
+    log_in(client, create_user("staff", is_staff=True))
     assert client.get("/scale/metrics?window=15").status_code == 200
     assert client.get("/scale/metrics?window=7").status_code == 400
     document = client.get("/scale/sketches.json").json()

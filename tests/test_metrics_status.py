@@ -9,17 +9,15 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import User
 from django.test import Client, override_settings
-from support import wait_until
+from support import create_user, log_in
 from test_browser import CHROMIUM, _browser, _unavailable
 
 from django_scale import metrics
-from django_scale.conf import conf
 from django_scale.metrics.charts import line_chart
 from django_scale.metrics.recording import disable
 from django_scale.metrics.sketch import bucket_of
@@ -34,28 +32,6 @@ MIDDLEWARE = [
     "django_scale.metrics.MetricsMiddleware",
     *[name for name in settings.MIDDLEWARE if name != "django_scale.middleware.ScaleMiddleware"],
 ]
-
-
-def log_in(client: Client, account: User) -> None:
-    """Log *client* in, and wait until every replica has the session (requests read it there)."""
-    from django.contrib.sessions.models import Session
-
-    client.force_login(account)
-    key = client.session.session_key
-    for alias in conf.REPLICAS:
-        wait_until(
-            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
-        )
-
-
-def user(username: str, **extra: Any) -> User:
-    """Create a user, and wait until every replica has it (requests read users from them)."""
-    created = User.objects.create_user(username, password="pw", **extra)
-    for alias in conf.REPLICAS:
-        wait_until(
-            lambda alias=alias: User.objects.using(alias).filter(pk=created.pk).exists(), f"{alias} replays"
-        )
-    return created
 
 
 @pytest.fixture
@@ -95,7 +71,7 @@ def test_the_status_page_is_for_staff_only(recorded: None) -> None:
     response = client.get("/scale/status/")
     assert response.status_code == 302
     assert response["Location"].startswith("/admin/login/?next=/scale/status/")
-    log_in(client, user("reader"))
+    log_in(client, create_user("reader"))
     assert client.get("/scale/status/").status_code == 302
     # The token opens the machine-readable export, not the page.
     token = {"authorization": "Bearer " + "t" * 40}
@@ -106,7 +82,7 @@ def test_the_status_page_is_for_staff_only(recorded: None) -> None:
 @DB
 def test_the_status_page_shows_routes_replicas_cache_and_charts(recorded: None) -> None:
     client = Client()
-    log_in(client, user("staff", is_staff=True))
+    log_in(client, create_user("staff", is_staff=True))
     response = client.get("/scale/status/")
     assert response.status_code == 200
     html = response.content.decode()
@@ -138,7 +114,7 @@ def test_charts_escape_their_labels_and_break_lines_at_empty_minutes() -> None:
 def test_the_status_page_in_a_browser(
     recorded: None, live_server: LiveServer, browser_binary: str, tmp_path: Path
 ) -> None:
-    user("ops", is_staff=True)
+    create_user("ops", is_staff=True)
     # The page reads the host's file: the requests recorded above, whatever process serves
     # it, and a quarter of an hour of the author route's latencies written straight into it.
     store = metrics.get_store()
