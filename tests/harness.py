@@ -21,6 +21,12 @@ instead:
     Put a PgBouncer in transaction pooling mode in front of the primary and in front of the
     replica (one PgBouncer each, see :func:`start_pgbouncer`): the suite's aliases then reach
     PostgreSQL only through a transaction pooler, as behind a production PgBouncer.
+``DJANGO_SCALE_TEST_PGBOUNCER_PORTS``
+    With ``DJANGO_SCALE_TEST_POOLER=pgbouncer``: ``primary,replica[,replica2]`` ports of
+    PgBouncers already running (on the URLs' hosts) in front of the servers the URLs name;
+    none is started. The suite's child processes get it (``support.subprocess_env()``) so that
+    they reach PostgreSQL through the test run's PgBouncers, as the workers of one host share
+    theirs, instead of each starting PgBouncers of its own in front of the parent's.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -157,19 +163,32 @@ class Pooler:
     replica_port: int
     #: ``SHOW VERSION`` of the PgBouncer, e.g. ``PgBouncer 1.18.0``.
     version: str
+    #: The second standby and the PgBouncer in front of it, when there is one.
+    direct_replica2: Postgres | None = None
+    replica2_port: int | None = None
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """The ports of every PgBouncer of the run."""
+        second = () if self.replica2_port is None else (self.replica2_port,)
+        return (self.primary_port, self.replica_port, *second)
 
     def admin(self, port: int, command: str) -> list[tuple[Any, ...]]:
         """Run *command* on the admin console of the PgBouncer on *port* (simple query protocol)."""
         return pgbouncer_admin(port, command)
 
-    def release(self, database: str) -> None:
-        """Drop every server connection the PgBouncers keep to *database*, so it can be dropped.
+    def release(self, *databases: str) -> None:
+        """Drop every server connection the PgBouncers keep to *databases*, so they can be dropped.
 
         ``KILL`` closes them (and pauses the database); ``RESUME`` lets new clients in again.
+        A PgBouncer knows a database (its ``*`` entry) only once a client asked for it, and
+        refuses to ``KILL`` one it does not know: only the ones ``SHOW DATABASES`` lists.
         """
-        for port in (self.primary_port, self.replica_port):
-            self.admin(port, f"KILL {database}")
-            self.admin(port, f"RESUME {database}")
+        for port in self.ports:
+            known = {str(row[0]) for row in self.admin(port, "SHOW DATABASES")}
+            for database in sorted(known.intersection(databases)):
+                self.admin(port, f"KILL {database}")
+                self.admin(port, f"RESUME {database}")
 
 
 @dataclass
@@ -591,7 +610,16 @@ def services() -> Services:
         raise HarnessError(f"DJANGO_SCALE_TEST_POOLER={POOLER!r}; use pgbouncer or leave it unset.")
 
     started = time.monotonic()
-    launcher = Launcher() if not (primary_url and redis_url) or POOLER else None
+    pgbouncer_ports = [
+        int(port) for port in os.environ.get("DJANGO_SCALE_TEST_PGBOUNCER_PORTS", "").split(",") if port
+    ]
+    if pgbouncer_ports and not (POOLER and primary_url and len(pgbouncer_ports) in (2, 3)):
+        raise HarnessError(
+            "DJANGO_SCALE_TEST_PGBOUNCER_PORTS (primary,replica[,replica2]) goes with "
+            "DJANGO_SCALE_TEST_POOLER=pgbouncer and the servers' URLs."
+        )
+    # A launcher for what no variable names: servers, Redis, PgBouncers.
+    launcher = Launcher() if not (primary_url and redis_url) or (POOLER and not pgbouncer_ports) else None
     try:
         if primary_url and replica_url:
             primary, replica = parse_postgres_url(primary_url), parse_postgres_url(replica_url)
@@ -606,9 +634,16 @@ def services() -> Services:
             assert launcher is not None
             redis = launcher.start_redis()
         pooler = None
-        if POOLER == "pgbouncer":
+        if POOLER == "pgbouncer" and pgbouncer_ports:
+            # The parent test process's PgBouncers (support.subprocess_env()).
+            version = str(pgbouncer_admin(pgbouncer_ports[0], "SHOW VERSION")[0][0])
+            pooler = Pooler(primary, replica, pgbouncer_ports[0], pgbouncer_ports[1], version)
+            if replica2 is not None and len(pgbouncer_ports) == 3:
+                pooler = replace(pooler, direct_replica2=replica2, replica2_port=pgbouncer_ports[2])
+        elif POOLER == "pgbouncer":
             assert launcher is not None
             pooler = start_pooler(launcher, primary, replica)
+        if pooler is not None:
             primary = Postgres(
                 primary.host, pooler.primary_port, primary.user, primary.password, primary.name
             )
@@ -616,9 +651,14 @@ def services() -> Services:
                 replica.host, pooler.replica_port, replica.user, replica.password, replica.name
             )
             if replica2 is not None:
-                # One PgBouncer per standby, as docs/deployment.md recommends.
-                port = launcher.start_pgbouncer(replica2, "replica2")
-                replica2 = Postgres(replica2.host, port, replica2.user, replica2.password, replica2.name)
+                if pooler.replica2_port is None and launcher is not None:
+                    # One PgBouncer per standby, as docs/deployment.md recommends.
+                    port = launcher.start_pgbouncer(replica2, "replica2")
+                    pooler = replace(pooler, direct_replica2=replica2, replica2_port=port)
+                if pooler.replica2_port is not None:
+                    replica2 = Postgres(
+                        replica2.host, pooler.replica2_port, replica2.user, replica2.password, replica2.name
+                    )
     except BaseException:
         if launcher is not None:
             assert launcher.watchdog.stdin is not None

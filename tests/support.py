@@ -69,20 +69,36 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
     import harness
 
-    def url(alias: str) -> str:
+    def url(alias: str, server: harness.Postgres | None = None) -> str:
         s = connections[alias].settings_dict
-        return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT']}/{s['NAME']}"
+        host, port = (server.host, server.port) if server else (s["HOST"], s["PORT"])
+        return f"postgres://{s['USER']}:{s['PASSWORD']}@{host}:{port}/{s['NAME']}"
 
+    services = harness.services()
     env = dict(os.environ)
     env.update(
         DJANGO_SETTINGS_MODULE="settings",
         PYTHONPATH=str(Path(__file__).resolve().parent),
         DJANGO_SCALE_TEST_PRIMARY_URL=url("default"),
         DJANGO_SCALE_TEST_REPLICA_URL=url("replica"),
-        DJANGO_SCALE_TEST_REDIS_URL=harness.services().redis.url(),
+        DJANGO_SCALE_TEST_REDIS_URL=services.redis.url(),
         PYTHONDEVMODE="1",
-        **extra,
     )
+    if services.replica2 is not None:
+        env["DJANGO_SCALE_TEST_REPLICA2_URL"] = url("replica2")
+    pooler = services.pooler
+    if pooler is not None:
+        # The servers themselves, and the ports of this run's PgBouncers in front of them: the
+        # child reaches PostgreSQL through the same PgBouncers (as the workers of a host share
+        # theirs) rather than starting PgBouncers of its own in front of these.
+        env.update(
+            DJANGO_SCALE_TEST_PRIMARY_URL=url("default", pooler.direct_primary),
+            DJANGO_SCALE_TEST_REPLICA_URL=url("replica", pooler.direct_replica),
+            DJANGO_SCALE_TEST_PGBOUNCER_PORTS=",".join(map(str, pooler.ports)),
+        )
+        if pooler.direct_replica2 is not None:
+            env["DJANGO_SCALE_TEST_REPLICA2_URL"] = url("replica2", pooler.direct_replica2)
+    env.update(extra)
     return env
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from django.db import connections
@@ -130,3 +134,29 @@ def test_the_server_is_the_postgresql_the_env_asks_for() -> None:
             cursor.execute("SHOW server_version_num")
             (version,) = cursor.fetchone()
         assert int(version) // 10000 == expected, (alias, version)
+
+
+def test_child_processes_reach_the_databases_the_way_the_suite_does():
+    # The suite's child processes (shared-health workers, backfill runs) connect to the same
+    # servers through the same ports as the test process: through PgBouncer, the test run's
+    # PgBouncers. (A child that started PgBouncers of its own in front of the parent's had
+    # other ports, so the workers of one "host" named their replica differently and never
+    # shared its health.)
+    from support import subprocess_env
+
+    aliases = ["default", "replica", "replica2"]
+    script = (
+        "import json, django; django.setup(); from django.db import connections; "
+        f"print(json.dumps([connections[a].settings_dict['PORT'] for a in {aliases!r}]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=subprocess_env(),
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    ports = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ports == [connections[alias].settings_dict["PORT"] for alias in aliases]

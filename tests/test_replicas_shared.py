@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,27 @@ def test_files_are_named_after_what_the_replica_connects_to():
     assert share_key("replica", one) != share_key("replica2", one)
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_workers() -> Iterator[None]:
+    """Kill the workers a failed test left waiting, and close their pipes.
+
+    Left to the garbage collector, a later test would close their stdin (and so end them
+    mid-run) whenever it happens to collect them, under its own name.
+    """
+    yield
+    while _started:
+        worker = _started.pop()
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(60)
+        for pipe in (worker.stdin, worker.stdout, worker.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
 def _workers(count: int, seconds: float, directory: Path, *extra: str) -> list[subprocess.Popen[str]]:
     """Start *count* worker processes; return once each has its monitor running."""
     script = str(TESTS / "shared_health_worker.py")
@@ -133,6 +155,7 @@ def _workers(count: int, seconds: float, directory: Path, *extra: str) -> list[s
         )
         for _ in range(count)
     ]
+    _started.extend(workers)
     for worker in workers:
         assert worker.stdout is not None
         line = worker.stdout.readline()
