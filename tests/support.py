@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -152,3 +153,36 @@ def create_user(username: str, **extra: Any) -> Any:
             lambda alias=alias: User.objects.using(alias).filter(pk=created.pk).exists(), f"{alias} replays"
         )
     return created
+
+
+class SilentServer:
+    """A TCP server that accepts every connection and never answers: a hung Redis."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        #: The connections it accepted (and never answered).
+        self.accepted: list[socket.socket] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="silent-redis", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        """Stop accepting and close every connection: the clients' reads fail at once."""
+        self._stopped.set()
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+        self._listener.close()
+        for connection in self.accepted:
+            connection.close()

@@ -415,7 +415,7 @@ def test_a_write_the_store_missed_is_journaled_and_invalidates_everything(queryc
 
 @REPLICA
 def test_a_hung_redis_neither_hangs_nor_serves_stale(querycache: Any) -> None:
-    from test_replica_health import SilentServer
+    from support import SilentServer
 
     Reporter.objects.create(name="ann")
     server = SilentServer()

@@ -24,7 +24,7 @@ from django.conf import settings
 from django.db import OperationalError, connections
 from django.test import Client
 from django.test.utils import CaptureQueriesContext, override_settings
-from support import break_replica_connection, counter, subprocess_env, wait_until
+from support import SilentServer, break_replica_connection, counter, subprocess_env, wait_until
 
 from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
@@ -42,39 +42,6 @@ from testapp.models import Author
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 TESTS = Path(__file__).resolve().parent
-
-
-class SilentServer:
-    """A TCP server that accepts every connection and never answers: a hung Redis."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        #: The connections it accepted (and never answered).
-        self.accepted: list[socket.socket] = []
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="silent-redis", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted.append(connection)
-
-    def close(self) -> None:
-        """Stop accepting and close every connection: the clients' reads fail at once."""
-        self._stopped.set()
-        self._thread.join(10)
-        assert not self._thread.is_alive()
-        self._listener.close()
-        for connection in self.accepted:
-            connection.close()
 
 
 def _free_port() -> int:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connections
-from support import subprocess_env, wait_until
+from support import SilentServer, subprocess_env, wait_until
 
 from django_scale.replicas.hostshare import HostRecord, HostShare, host_share, share_key
 from django_scale.testing import override_scale_settings
@@ -199,36 +197,6 @@ def test_probes_per_replica_do_not_grow_with_workers(replica, tmp_path):
     assert [bool(r["connected"]) for r in results].count(True) == 1, results
     # Every worker's routing saw the replica available (from the shared record).
     assert all(int(r["available"]) > int(r["asked"]) * 0.7 for r in results), results  # type: ignore[call-overload]
-
-
-class SilentServer:
-    """A TCP server that accepts every connection and never answers: a hung Redis."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                connection, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted.append(connection)
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._thread.join(10)
-        self._listener.close()
-        for connection in self.accepted:
-            connection.close()
 
 
 @REPLICA

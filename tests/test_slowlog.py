@@ -157,7 +157,7 @@ def test_unreachable_cache_keeps_the_records_in_the_process() -> None:
 
 @pytest.mark.django_db
 def test_a_hung_cache_never_holds_a_query() -> None:
-    from test_replica_health import SilentServer
+    from support import SilentServer
 
     server = SilentServer()
     hung = {
