@@ -58,16 +58,27 @@ SELECT
 #: own commit flushes it, so standbys receive it now (a non-transactional one waits in the
 #: WAL buffers for the WAL writer).
 _WRITE_SQL = """
+WITH emit AS (
+  -- PostgreSQL 17 added a fourth argument (flush, default false): look the text variant up by
+  -- name, so that the check works on both signatures.
+  SELECT EXISTS (
+    SELECT 1 FROM pg_catalog.pg_proc
+    WHERE proname = 'pg_logical_emit_message'
+      AND proargtypes[2] = 'pg_catalog.text'::pg_catalog.regtype
+      AND has_function_privilege(oid, 'EXECUTE')
+  ) AS allowed
+)
 SELECT
-  CASE WHEN has_function_privilege('pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
-       THEN pg_logical_emit_message(true, 'django_scale.querycache', '')
+  CASE WHEN emit.allowed
+       THEN pg_logical_emit_message(true, 'django_scale.querycache', ''::text)
        ELSE pg_current_wal_insert_lsn() END::text,
   CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE')
        THEN (SELECT system_identifier::text FROM pg_control_system()) ELSE '' END
   || ':' ||
   CASE WHEN has_function_privilege('pg_control_checkpoint()', 'EXECUTE')
        THEN (SELECT timeline_id::text FROM pg_control_checkpoint()) ELSE '' END,
-  has_function_privilege('pg_logical_emit_message(boolean,text,text)', 'EXECUTE')
+  emit.allowed
+FROM emit
 """
 
 

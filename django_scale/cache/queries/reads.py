@@ -222,7 +222,7 @@ def _read_and_store(
         if read.incarnation != incarnation:
             shared.set_incarnation(db, read.incarnation, writes.POSITION_KEEP)
         if missing:
-            _seed(shared, database, missing, read)
+            _seed(shared, database, missing, read, generation)
         # The generation read before the query: one bumped since makes this entry miss.
         entry = Entry(MARKER, read, tuple(tables), generation, time.time(), rows)
         shared.store_entry(key, entry, timeout)
@@ -232,7 +232,11 @@ def _read_and_store(
 
 
 def _seed(
-    shared: SharedPositions, database: str, tables: Sequence[str], read: positions.ReadPosition
+    shared: SharedPositions,
+    database: str,
+    tables: Sequence[str],
+    read: positions.ReadPosition,
+    generation: int,
 ) -> None:
     """Give tables without a write position one every entry read before now fails.
 
@@ -250,7 +254,13 @@ def _seed(
             return
         read = primary
     # One below the read position: the primary's entries need a position strictly behind them.
-    shared.seed(database, tables, positions.format_position(read.cluster, read.lsn - 1), writes.POSITION_KEEP)
+    shared.seed(
+        database,
+        tables,
+        positions.format_position(read.cluster, read.lsn - 1),
+        writes.POSITION_KEEP,
+        generation,
+    )
 
 
 def _refill(

@@ -12,7 +12,10 @@ decides whether it is valid, on Redis Cluster too (one slot):
   :mod:`django_scale.cache.invalidations`, whose replay bumps it as it bumps a function's).
 
 A missing position or incarnation makes an entry miss: a flushed or evicted store never
-validates an entry.
+validates an entry. A position is stored with the generation it was set in
+(``<generation>~<cluster>|<LSN>``): once the generation is bumped, every position counts as
+missing until a write or a read's seed sets it again. So an invalidation of everything also
+forgets the positions that an entry read on a lagging standby would otherwise pass.
 """
 
 from __future__ import annotations
@@ -34,19 +37,51 @@ MARKER = "django_scale.querycache.1"
 EVERYTHING = "qc:{qc}:all"
 _GENERATION = EVERYTHING + ":gen"
 
-#: Move a position forward only: set each key (KEYS) to ARGV[1] unless it holds a later
-#: position of the same cluster (positions are "cluster|hex LSN" of one width: text order
-#: is LSN order). ARGV[2]: expiry in ms.
+#: Move a position forward only: set each key (KEYS[2:]) to ARGV[1], tagged with the current
+#: generation (KEYS[1]), unless it holds a later position of the same cluster in that
+#: generation (positions are "cluster|hex LSN" of one width: text order is LSN order).
+#: ARGV[2]: expiry in ms.
 _ADVANCE = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+local tagged = generation .. '~' .. ARGV[1]
 local cluster = string.match(ARGV[1], '^[^|]*')
-for _, key in ipairs(KEYS) do
+for index = 2, #KEYS do
+  local key = KEYS[index]
   local current = redis.call('GET', key)
-  if not current or string.match(current, '^[^|]*') ~= cluster or current < ARGV[1] then
-    redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+  if not current or string.match(current, '^[^~]*') ~= generation
+     or string.match(current, '~([^|]*)') ~= cluster or current < tagged then
+    redis.call('SET', key, tagged, 'PX', ARGV[2])
   end
 end
 return 1
 """
+
+#: Seed positions: set each key (KEYS[2:]) that has no position in the current generation
+#: (KEYS[1]) to ARGV[1], but only while the generation is still ARGV[3], the one the seeding
+#: read saw (a read that started before an invalidation must not seed after it). ARGV[2]:
+#: expiry in ms.
+_SEED = """
+local generation = redis.call('GET', KEYS[1]) or '0'
+if generation ~= ARGV[3] then
+  return 0
+end
+for index = 2, #KEYS do
+  local key = KEYS[index]
+  local current = redis.call('GET', key)
+  if not current or string.match(current, '^[^~]*') ~= generation then
+    redis.call('SET', key, generation .. '~' .. ARGV[1], 'PX', ARGV[2])
+  end
+end
+return 1
+"""
+
+
+def _untag(value: str | None, generation: str) -> str | None:
+    """The position *value* holds in *generation*, or ``None`` (none, or of another generation)."""
+    if value is None:
+        return None
+    tag, separator, position = value.partition("~")
+    return position if separator and tag == generation else None
 
 
 class Entry(NamedTuple):
@@ -102,8 +137,11 @@ class SharedPositions:
                 value = None  # a value a deploy cannot unpickle is a miss
             if isinstance(value, tuple) and len(value) == 6 and value[0] == MARKER:
                 entry = Entry(*value)
-        rest = [item.decode() if isinstance(item, bytes) else item for item in raw[1:]]
-        return (entry, *rest)
+        incarnation, generation, *found = [
+            item.decode() if isinstance(item, bytes) else item for item in raw[1:]
+        ]
+        current = generation or "0"
+        return (entry, incarnation, generation, *(_untag(value, current) for value in found))
 
     def store_entry(self, key: str, entry: Entry, timeout: float) -> None:
         payload = self.client.encode(tuple(entry))
@@ -119,20 +157,26 @@ class SharedPositions:
             return
         script = self.store._script(self._redis(), _ADVANCE)
         try:
-            script(keys=keys, args=[position, max(1, int(keep_for * 1000))])
+            script(keys=[self._key(_GENERATION), *keys], args=[position, max(1, int(keep_for * 1000))])
         except Exception as error:
             raise CacheDown(str(error)) from error
 
-    def seed(self, database: str, tables: Iterable[str], position: str, keep_for: float) -> None:
-        """Give *tables* that have no write position the position *position* (``SET NX``)."""
-        redis = self._redis()
+    def seed(
+        self, database: str, tables: Iterable[str], position: str, keep_for: float, generation: int
+    ) -> None:
+        """Give *tables* without a position in this generation the position *position*.
+
+        Only while the generation is still *generation*, the one the seeding read saw.
+        """
+        keys = [self._key(table_key(database, table)) for table in sorted(set(tables))]
+        if not keys:
+            return
+        script = self.store._script(self._redis(), _SEED)
         try:
-            pipeline = redis.pipeline(transaction=False)
-            for table in set(tables):
-                pipeline.set(
-                    self._key(table_key(database, table)), position, nx=True, px=int(keep_for * 1000)
-                )
-            pipeline.execute()
+            script(
+                keys=[self._key(_GENERATION), *keys],
+                args=[position, max(1, int(keep_for * 1000)), str(generation)],
+            )
         except Exception as error:
             raise CacheDown(str(error)) from error
 
