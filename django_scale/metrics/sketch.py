@@ -16,6 +16,7 @@ is :data:`BUCKETS` (924) buckets, kept sparse: only the buckets a series touches
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from django_scale.exceptions import MetricsDocumentError
 
 __all__ = [
     "BUCKETS",
+    "DenseSketch",
     "MAX_VALUE",
     "MIN_VALUE",
     "RELATIVE_ACCURACY",
@@ -69,7 +71,7 @@ def bucket_value(index: int) -> float:
     return 2 * _GAMMA**key / (_GAMMA + 1)
 
 
-@dataclass
+@dataclass(eq=False)
 class Sketch:
     """Bucket counts of a set of values, with their exact count and sum."""
 
@@ -87,6 +89,11 @@ class Sketch:
         for value in values:
             sketch.add(value)
         return sketch
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sketch):
+            return NotImplemented
+        return (self.count, self.total, self.buckets) == (other.count, other.total, other.buckets)
 
     def add(self, value: float, count: int = 1) -> None:
         """Add *count* times *value*."""
@@ -145,3 +152,45 @@ class Sketch:
         if count != sum(buckets.values()):
             raise MetricsDocumentError("not a sketch: its count is not the sum of its buckets")
         return cls(buckets=buckets, count=count, total=total)
+
+
+class DenseSketch(Sketch):
+    """A sketch read from a run of consecutive bucket counts (what the shared store holds).
+
+    Its quantiles come from the counts in C (one ``accumulate`` and a ``bisect`` per
+    quantile), without building :attr:`buckets`; the dict is built the first time something
+    reads or changes it, and from then on it is the sketch's truth, as in a :class:`Sketch`.
+    """
+
+    def __init__(self, first: int, counts: array[int], total: float = 0.0) -> None:  # noqa: D107
+        self._first = first
+        self._counts = counts
+        self._buckets: dict[int, int] | None = None
+        self.count = sum(counts)
+        self.total = total
+
+    @property  # type: ignore[override]
+    def buckets(self) -> dict[int, int]:
+        """The counts as ``{bucket: count}`` (only the buckets that hold any)."""
+        if self._buckets is None:
+            first = self._first
+            self._buckets = {first + index: count for index, count in enumerate(self._counts) if count}
+        return self._buckets
+
+    @buckets.setter
+    def buckets(self, value: dict[int, int]) -> None:
+        self._buckets = value
+
+    def quantiles(self, qs: Iterable[float]) -> dict[float, float | None]:
+        """Return :meth:`Sketch.quantile` for each of *qs*, off the counts as they were read."""
+        if self._buckets is not None:
+            return super().quantiles(qs)
+        wanted = tuple(qs)
+        count = self.count
+        if not count:
+            return dict.fromkeys(wanted)
+        # The bucket of rank r is the first whose cumulative count exceeds r: a bucket without
+        # values never is, so this is the lower nearest rank Sketch.quantiles finds.
+        cumulative = list(accumulate(self._counts))
+        first = self._first
+        return {q: bucket_value(first + bisect_right(cumulative, q * (count - 1))) for q in wanted}
