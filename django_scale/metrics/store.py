@@ -416,22 +416,22 @@ class SlotStore:
                 used = tuple(compress(chunk_ids, directory))
                 if not used:
                     continue
-                first, last = used[0], used[-1]
-                # Where each chunk from the first to the last it reached starts (0: a gap).
-                starts = [
-                    pool_base + (pool - 1) * _CHUNK_BYTES if pool else 0
-                    for pool in directory[first : last + 1]
-                ]
+                first = used[0]
+                chunks = directory[first : used[-1] + 1]  # pool index + 1 of each, 0: a gap
                 shift = first * row_bits
                 running = 0
                 taken = 0
                 for window, take in takes:
                     while taken < take:
-                        offset = entries[taken] * row_bytes
+                        # The row of minute entries[taken] of chunk pool P is at at + P * _CHUNK_BYTES.
+                        at = pool_base - _CHUNK_BYTES + entries[taken] * row_bytes
+                        end = at + row_bytes
                         joined = join(
                             [
-                                map_[start + offset : start + offset + row_bytes] if start else zero_row
-                                for start in starts
+                                map_[at + pool * _CHUNK_BYTES : end + pool * _CHUNK_BYTES]
+                                if pool
+                                else zero_row
+                                for pool in chunks
                             ]
                         )
                         running += from_bytes(joined, "little") << shift
