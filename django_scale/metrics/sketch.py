@@ -157,17 +157,24 @@ class Sketch:
 class DenseSketch(Sketch):
     """A sketch read from a run of consecutive bucket counts (what the shared store holds).
 
-    Its quantiles come from the counts in C (one ``accumulate`` and a ``bisect`` per
-    quantile), without building :attr:`buckets`; the dict is built the first time something
-    reads or changes it, and from then on it is the sketch's truth, as in a :class:`Sketch`.
+    Its count and quantiles come from the counts in C (one ``accumulate``, then a ``bisect``
+    per quantile), without building :attr:`buckets`; the dict is built the first time
+    something reads or changes it, and from then on it is the sketch's truth, as in a
+    :class:`Sketch`.
     """
 
     def __init__(self, first: int, counts: array[int], total: float = 0.0) -> None:  # noqa: D107
         self._first = first
         self._counts = counts
+        self._cumulative: list[int] | None = None
         self._buckets: dict[int, int] | None = None
-        self.count = sum(counts)
+        self._count: int | None = None
         self.total = total
+
+    def _running(self) -> list[int]:
+        if self._cumulative is None:
+            self._cumulative = list(accumulate(self._counts)) or [0]
+        return self._cumulative
 
     @property  # type: ignore[override]
     def buckets(self) -> dict[int, int]:
@@ -175,22 +182,34 @@ class DenseSketch(Sketch):
         if self._buckets is None:
             first = self._first
             self._buckets = {first + index: count for index, count in enumerate(self._counts) if count}
+            self._count = self.count
         return self._buckets
 
     @buckets.setter
     def buckets(self, value: dict[int, int]) -> None:
         self._buckets = value
 
+    @property  # type: ignore[override]
+    def count(self) -> int:
+        """How many values in all."""
+        if self._count is None:
+            return self._running()[-1]
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
+
     def quantiles(self, qs: Iterable[float]) -> dict[float, float | None]:
         """Return :meth:`Sketch.quantile` for each of *qs*, off the counts as they were read."""
-        if self._buckets is not None:
+        if self._buckets is not None or self._count is not None:
             return super().quantiles(qs)
         wanted = tuple(qs)
-        count = self.count
+        cumulative = self._running()
+        count = cumulative[-1]
         if not count:
             return dict.fromkeys(wanted)
         # The bucket of rank r is the first whose cumulative count exceeds r: a bucket without
         # values never is, so this is the lower nearest rank Sketch.quantiles finds.
-        cumulative = list(accumulate(self._counts))
         first = self._first
         return {q: bucket_value(first + bisect_right(cumulative, q * (count - 1))) for q in wanted}
