@@ -176,7 +176,7 @@ class DenseSketch(Sketch):
             self._cumulative = list(accumulate(self._counts)) or [0]
         return self._cumulative
 
-    @property  # type: ignore[override]
+    @property
     def buckets(self) -> dict[int, int]:
         """The counts as ``{bucket: count}`` (only the buckets that hold any)."""
         if self._buckets is None:
@@ -189,7 +189,7 @@ class DenseSketch(Sketch):
     def buckets(self, value: dict[int, int]) -> None:
         self._buckets = value
 
-    @property  # type: ignore[override]
+    @property
     def count(self) -> int:
         """How many values in all."""
         if self._count is None:
