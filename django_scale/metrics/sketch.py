@@ -71,6 +71,10 @@ def bucket_value(index: int) -> float:
     return 2 * _GAMMA**key / (_GAMMA + 1)
 
 
+#: The representative of every bucket, by index (what :func:`bucket_value` returns).
+_VALUES = tuple(bucket_value(index) for index in range(BUCKETS))
+
+
 @dataclass(eq=False)
 class Sketch:
     """Bucket counts of a set of values, with their exact count and sum."""
@@ -212,4 +216,4 @@ class DenseSketch(Sketch):
         # The bucket of rank r is the first whose cumulative count exceeds r: a bucket without
         # values never is, so this is the lower nearest rank Sketch.quantiles finds.
         first = self._first
-        return {q: bucket_value(first + bisect_right(cumulative, q * (count - 1))) for q in wanted}
+        return {q: _VALUES[first + bisect_right(cumulative, q * (count - 1))] for q in wanted}
