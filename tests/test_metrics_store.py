@@ -71,6 +71,7 @@ class TestDenseSketch:
         for seed in range(200):
             dense, sparse = self.dense_and_sparse(seed)
             assert dense.quantiles(qs) == sparse.quantiles(qs)  # before the dict exists
+            assert dense.to_json() == sparse.to_json()
             assert dense.count == sparse.count
             assert dense.buckets == sparse.buckets
             assert dense == sparse

@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, compress
 from typing import Any
 
 from django_scale.exceptions import MetricsDocumentError
@@ -180,12 +180,27 @@ class DenseSketch(Sketch):
             self._cumulative = list(accumulate(self._counts)) or [0]
         return self._cumulative
 
+    def _indexes(self) -> Iterator[int]:
+        """The buckets that hold values, in order (compress() keeps them in C)."""
+        counts = self._counts
+        return compress(range(self._first, self._first + len(counts)), counts)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return :meth:`Sketch.to_json`, off the counts while no dict was built."""
+        if self._buckets is not None or self._count is not None:
+            return super().to_json()
+        counts = self._counts
+        return {
+            "count": self.count,
+            "sum": self.total,
+            "buckets": dict(zip(map(str, self._indexes()), compress(counts, counts), strict=True)),
+        }
+
     @property
     def buckets(self) -> dict[int, int]:
         """The counts as ``{bucket: count}`` (only the buckets that hold any)."""
         if self._buckets is None:
-            first = self._first
-            self._buckets = {first + index: count for index, count in enumerate(self._counts) if count}
+            self._buckets = dict(zip(self._indexes(), compress(self._counts, self._counts), strict=True))
             self._count = self.count
         return self._buckets
 
