@@ -137,10 +137,10 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
         lines.append(sum_ + _number(total))
         lines.append(f"{count_}{count}")
     for name, value in sorted(snapshot.counters.items()):
-        text = _counter_text(name)
-        if text is None:
+        counter = _counter_text(name)
+        if counter is None:
             continue
-        families[text[0]].append(f"{text[1]}{value}")
+        families[counter[0]].append(f"{counter[1]}{value}")
     out: list[str] = []
     for metric, _, help_text in _TIMINGS.values():
         if families.get(metric):
