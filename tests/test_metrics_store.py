@@ -6,6 +6,7 @@ import math
 import multiprocessing
 import os
 import random
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,15 @@ import pytest
 from ddsketch import DDSketch
 
 from django_scale.exceptions import MetricsDocumentError
-from django_scale.metrics.sketch import BUCKETS, MAX_VALUE, MIN_VALUE, Sketch, bucket_of, bucket_value
+from django_scale.metrics.sketch import (
+    BUCKETS,
+    MAX_VALUE,
+    MIN_VALUE,
+    DenseSketch,
+    Sketch,
+    bucket_of,
+    bucket_value,
+)
 from django_scale.metrics.store import SlotStore
 
 QUANTILES = (0.5, 0.95, 0.99, 0.999)
@@ -43,6 +52,47 @@ def record_values(directory: str, slots: int, seed: int, n: int, name: str, toge
         assert store.record([(name, bucket_of(value), value)], [("requests", 1)])
         if index == 0 and together is not None:
             together.wait(30)  # every worker holds its slot at once
+
+
+class TestDenseSketch:
+    """The store's window sketches: counts in a row, quantiles without building the dict."""
+
+    def dense_and_sparse(self, seed: int) -> tuple[DenseSketch, Sketch]:
+        rng = random.Random(seed)
+        first = rng.randrange(0, 100)
+        # Runs of empty buckets inside, as between the chunks a series reached.
+        counts = array("I", [rng.choice((0, 0, 0, 1, 2, 7, 300)) for _ in range(rng.randrange(1, 500))])
+        counts[0] = counts[-1] = 1
+        sparse = Sketch(buckets={first + i: c for i, c in enumerate(counts) if c}, count=sum(counts))
+        return DenseSketch(first, counts), sparse
+
+    def test_quantiles_and_count_are_those_of_the_same_buckets(self) -> None:
+        qs = (0.0, 0.001, 0.25, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0)
+        for seed in range(200):
+            dense, sparse = self.dense_and_sparse(seed)
+            assert dense.quantiles(qs) == sparse.quantiles(qs)  # before the dict exists
+            assert dense.to_json() == sparse.to_json()
+            assert dense.count == sparse.count
+            assert dense.buckets == sparse.buckets
+            assert dense == sparse
+            assert dense.quantiles(qs) == sparse.quantiles(qs)  # after it does
+
+    def test_changes_through_buckets_or_merge_count(self) -> None:
+        dense, sparse = self.dense_and_sparse(1)
+        extra = Sketch.of([0.5] * 1000)
+        dense.merge(extra)
+        sparse.merge(extra)
+        assert dense == sparse
+        assert dense.count == sparse.count
+        assert dense.quantiles(QUANTILES) == sparse.quantiles(QUANTILES)
+        assert dense.quantile(0.99) == bucket_value(bucket_of(0.5))
+
+    def test_empty(self) -> None:
+        empty = DenseSketch(0, array("I"))
+        assert empty.count == 0
+        assert empty.quantile(0.5) is None
+        assert empty.buckets == {}
+        assert DenseSketch(7, array("I", [0, 0])).quantiles((0.5,)) == {0.5: None}
 
 
 class TestSketch:
@@ -115,6 +165,9 @@ class TestStore:
             sketch = snapshot.windows["request\x1fr\x1fGET"][window]
             assert sketch.count == 20_000
             assert sketch.buckets == Sketch.of(everything).buckets
+        # The quantiles as the export reads them, off a fresh snapshot's counts (no dict built).
+        fresh = open_store(tmp_path).snapshot(windows=(5,)).windows["request\x1fr\x1fGET"][5]
+        assert fresh.quantiles(QUANTILES) == Sketch.of(everything).quantiles(QUANTILES)
         sketch = snapshot.windows["request\x1fr\x1fGET"][5]
         # One window alone (what the Prometheus export reads) is the same sketch.
         assert open_store(tmp_path).snapshot(windows=(5,)).windows["request\x1fr\x1fGET"] == {5: sketch}
@@ -189,6 +242,9 @@ class TestStore:
         for minutes_ago, value in ((0, 0.001), (3, 0.01), (10, 0.1), (20, 1.0)):
             store.record([("t", bucket_of(value), value)], [], now=now - 60 * minutes_ago)
         windows = store.snapshot(now=now).windows["t"]
+        # Quantiles read before anything builds the buckets dict: values in three chunks apart.
+        assert windows[15].quantiles(QUANTILES) == Sketch.of([0.001, 0.01, 0.1]).quantiles(QUANTILES)
+        assert windows[5].quantiles(QUANTILES) == Sketch.of([0.001, 0.01]).quantiles(QUANTILES)
         assert {w: windows[w].count for w in windows} == {1: 1, 5: 2, 15: 3}
         assert store.snapshot(now=now).totals["t"][0] == 4
         # 16 minutes on, the ring entry of "now" is reused: the old minute's counts are cleared.

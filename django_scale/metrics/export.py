@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from functools import lru_cache
 
 from django_scale.metrics.recording import SEP
 from django_scale.metrics.store import HostSnapshot
@@ -83,30 +84,63 @@ def _number(value: float) -> str:
     return repr(float(value)) if value == value else "NaN"
 
 
+# Series names and bucket representatives recur on every scrape: their text is kept. Both are
+# bounded: by the series a metrics file holds (METRICS_SERIES timings, four times as many
+# counters, per process) and by the sketch's buckets.
+_SERIES_TEXT = 1 << 16
+
+
+@lru_cache(maxsize=_SERIES_TEXT)
+def _timing_text(name: str) -> tuple[str, str, str, str] | None:
+    """Return the family and the text before each value of timing series *name*."""
+    kind, values = split_name(name)
+    spec = _TIMINGS.get(kind)
+    if spec is None or len(values) != len(spec[1]):
+        return None
+    metric, label_names, _ = spec
+    labels = _labels(label_names, values)
+    return metric, f"{metric}{labels[:-1]},quantile=", f"{metric}_sum{labels} ", f"{metric}_count{labels} "
+
+
+@lru_cache(maxsize=_SERIES_TEXT)
+def _counter_text(name: str) -> tuple[str, str] | None:
+    """Return the family and the text before the value of counter series *name*."""
+    kind, values = split_name(name)
+    spec = _COUNTERS.get(kind)
+    if spec is None or len(values) != len(spec[1]):
+        return None
+    metric, label_names, _ = spec
+    return metric, f"{metric}_total{_labels(label_names, values)} "
+
+
+@lru_cache(maxsize=4096)
+def _quantile_text(q: float, value: float | None) -> str:
+    return f'"{q}"}} {_number(value or 0.0)}'
+
+
 def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[str] = ()) -> str:
     """Render *snapshot* in Prometheus text format; *gauges* are extra ready-made lines."""
     families: dict[str, list[str]] = defaultdict(list)
+    windows = snapshot.windows
     for name, (count, total) in sorted(snapshot.totals.items()):
-        kind, values = split_name(name)
-        spec = _TIMINGS.get(kind)
-        if spec is None or len(values) != len(spec[1]):
+        text = _timing_text(name)
+        if text is None:
             continue
-        metric, label_names, _ = spec
-        sketch = snapshot.windows.get(name, {}).get(window)
+        metric, quantile, sum_, count_ = text
+        sketch = windows.get(name, {}).get(window)
         lines = families[metric]
-        labels = _labels(label_names, values)
         if sketch is not None and sketch.count:
-            for q, value in sketch.quantiles(QUANTILES).items():
-                lines.append(f'{metric}{labels[:-1]},quantile="{q}"}} {_number(value or 0.0)}')
-        lines.append(f"{metric}_sum{labels} {_number(total)}")
-        lines.append(f"{metric}_count{labels} {count}")
+            # Quantiles are bucket representatives: a few hundred distinct texts.
+            lines.extend(
+                quantile + _quantile_text(q, value) for q, value in sketch.quantiles(QUANTILES).items()
+            )
+        lines.append(sum_ + _number(total))
+        lines.append(f"{count_}{count}")
     for name, value in sorted(snapshot.counters.items()):
-        kind, values = split_name(name)
-        spec = _COUNTERS.get(kind)
-        if spec is None or len(values) != len(spec[1]):
+        counter = _counter_text(name)
+        if counter is None:
             continue
-        metric, label_names, _ = spec
-        families[metric].append(f"{metric}_total{_labels(label_names, values)} {value}")
+        families[counter[0]].append(f"{counter[1]}{value}")
     out: list[str] = []
     for metric, _, help_text in _TIMINGS.values():
         if families.get(metric):

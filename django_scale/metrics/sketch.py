@@ -16,16 +16,18 @@ is :data:`BUCKETS` (924) buckets, kept sparse: only the buckets a series touches
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, compress
 from typing import Any
 
 from django_scale.exceptions import MetricsDocumentError
 
 __all__ = [
     "BUCKETS",
+    "DenseSketch",
     "MAX_VALUE",
     "MIN_VALUE",
     "RELATIVE_ACCURACY",
@@ -69,7 +71,11 @@ def bucket_value(index: int) -> float:
     return 2 * _GAMMA**key / (_GAMMA + 1)
 
 
-@dataclass
+#: The representative of every bucket, by index (what :func:`bucket_value` returns).
+_VALUES = tuple(bucket_value(index) for index in range(BUCKETS))
+
+
+@dataclass(eq=False)
 class Sketch:
     """Bucket counts of a set of values, with their exact count and sum."""
 
@@ -87,6 +93,11 @@ class Sketch:
         for value in values:
             sketch.add(value)
         return sketch
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sketch):
+            return NotImplemented
+        return (self.count, self.total, self.buckets) == (other.count, other.total, other.buckets)
 
     def add(self, value: float, count: int = 1) -> None:
         """Add *count* times *value*."""
@@ -145,3 +156,79 @@ class Sketch:
         if count != sum(buckets.values()):
             raise MetricsDocumentError("not a sketch: its count is not the sum of its buckets")
         return cls(buckets=buckets, count=count, total=total)
+
+
+class DenseSketch(Sketch):
+    """A sketch read from a run of consecutive bucket counts (what the shared store holds).
+
+    Its count and quantiles come from the counts in C (one ``accumulate``, then a ``bisect``
+    per quantile), without building :attr:`buckets`; the dict is built the first time
+    something reads or changes it, and from then on it is the sketch's truth, as in a
+    :class:`Sketch`.
+    """
+
+    def __init__(self, first: int, counts: array[int], total: float = 0.0) -> None:  # noqa: D107
+        self._first = first
+        self._counts = counts
+        self._cumulative: list[int] | None = None
+        self._buckets: dict[int, int] | None = None
+        self._count: int | None = None
+        self.total = total
+
+    def _running(self) -> list[int]:
+        if self._cumulative is None:
+            self._cumulative = list(accumulate(self._counts)) or [0]
+        return self._cumulative
+
+    def _indexes(self) -> Iterator[int]:
+        """The buckets that hold values, in order (compress() keeps them in C)."""
+        counts = self._counts
+        return compress(range(self._first, self._first + len(counts)), counts)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return :meth:`Sketch.to_json`, off the counts while no dict was built."""
+        if self._buckets is not None or self._count is not None:
+            return super().to_json()
+        counts = self._counts
+        return {
+            "count": self.count,
+            "sum": self.total,
+            "buckets": dict(zip(map(str, self._indexes()), compress(counts, counts), strict=True)),
+        }
+
+    @property
+    def buckets(self) -> dict[int, int]:
+        """The counts as ``{bucket: count}`` (only the buckets that hold any)."""
+        if self._buckets is None:
+            self._buckets = dict(zip(self._indexes(), compress(self._counts, self._counts), strict=True))
+            self._count = self.count
+        return self._buckets
+
+    @buckets.setter
+    def buckets(self, value: dict[int, int]) -> None:
+        self._buckets = value
+
+    @property
+    def count(self) -> int:
+        """How many values in all."""
+        if self._count is None:
+            return self._running()[-1]
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._count = value
+
+    def quantiles(self, qs: Iterable[float]) -> dict[float, float | None]:
+        """Return :meth:`Sketch.quantile` for each of *qs*, off the counts as they were read."""
+        if self._buckets is not None or self._count is not None:
+            return super().quantiles(qs)
+        wanted = tuple(qs)
+        cumulative = self._running()
+        count = cumulative[-1]
+        if not count:
+            return dict.fromkeys(wanted)
+        # The bucket of rank r is the first whose cumulative count exceeds r: a bucket without
+        # values never is, so this is the lower nearest rank Sketch.quantiles finds.
+        first = self._first
+        return {q: _VALUES[first + bisect_right(cumulative, q * (count - 1))] for q in wanted}

@@ -32,11 +32,10 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
-from operator import add
 from pathlib import Path
 
 from django_scale.exceptions import UsageError
-from django_scale.metrics.sketch import BUCKETS, Sketch
+from django_scale.metrics.sketch import BUCKETS, DenseSketch, Sketch
 
 try:
     import fcntl
@@ -362,19 +361,25 @@ class SlotStore:
         counter_names = self.names(False)
         u32, u64 = self._u32, self._u64
         map_ = self._map
-        # Per window, per series: its chunks, and each chunk's row (64 counts) summed over the
-        # minutes of the window and every slot, as one integer of 32-bit fields: adding integers
-        # adds every field at once (no field comes near 2**32: 4 billion values in one bucket
-        # and window on one host).
+        # Per window, per series: its counts summed over the minutes of the window and every
+        # slot, as one integer of 32-bit fields, one per bucket (chunk after chunk): adding
+        # integers adds every field at once, in C (no field comes near 2**32: 4 billion values
+        # in one bucket and window on one host). A series' rows of one minute, one per chunk
+        # it reached, are joined into one such integer: one conversion per slot, series and
+        # minute instead of one per chunk, and no Python loop over chunks or buckets.
         windows = tuple(sorted(windows))
-        sums: dict[int, dict[int, list[int]]] = {window: {} for window in windows}
+        sums: dict[int, dict[int, int]] = {window: {} for window in windows}
         # Per ring stamps: the entries to read, youngest first, and how many each window takes.
         plans: dict[tuple[int, ...], tuple[list[int], list[tuple[int, int]]]] = {}
         row_bytes = _CHUNK_BUCKETS * 4
+        row_bits = row_bytes * 8
+        zero_row = bytes(row_bytes)
+        chunk_ids = range(_CHUNKS)
         unpack_header = _TIMING_HEADER.unpack_from
         counts = [0] * len(timing_names)
         seconds = [0.0] * len(timing_names)
         from_bytes = int.from_bytes
+        join = b"".join
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
             header = base >> 2
@@ -408,29 +413,32 @@ class SlotStore:
                 if not entries:
                     continue
                 directory = words[2 + _RING :]
-                # compress() keeps the chunks the series reached, in C; the comprehensions read
-                # one row per chunk and minute, and map(add) sums the minutes.
-                ids = tuple(compress(range(_CHUNKS), directory))
-                starts = [pool_base + (pool - 1) * _CHUNK_BYTES for pool in compress(directory, directory)]
-                running: list[int] | None = None
+                used = tuple(compress(chunk_ids, directory))
+                if not used:
+                    continue
+                first = used[0]
+                chunks = directory[first : used[-1] + 1]  # pool index + 1 of each, 0: a gap
+                shift = first * row_bits
+                running = 0
                 taken = 0
                 for window, take in takes:
                     while taken < take:
-                        offset = entries[taken] * row_bytes
-                        rows = [
-                            from_bytes(map_[start + offset : start + offset + row_bytes], "little")
-                            for start in starts
-                        ]
-                        running = rows if running is None else list(map(add, running, rows))
+                        # The row of minute entries[taken] of chunk pool P is at at + P * _CHUNK_BYTES.
+                        at = pool_base - _CHUNK_BYTES + entries[taken] * row_bytes
+                        end = at + row_bytes
+                        joined = join(
+                            [
+                                map_[at + pool * _CHUNK_BYTES : end + pool * _CHUNK_BYTES]
+                                if pool
+                                else zero_row
+                                for pool in chunks
+                            ]
+                        )
+                        running += from_bytes(joined, "little") << shift
                         taken += 1
-                    if running is None:
-                        continue
-                    into = sums[window]
-                    known = into.get(series)
-                    if known is None:
-                        known = into[series] = [0] * _CHUNKS
-                    for chunk, value in zip(ids, running, strict=True):
-                        known[chunk] += value
+                    if running:
+                        into = sums[window]
+                        into[series] = into.get(series, 0) + running
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)
@@ -438,18 +446,12 @@ class SlotStore:
             if count
         }
         for window, per_series in sums.items():
-            for series, values in per_series.items():
-                sketch = result.windows.setdefault(timing_names[series], {}).setdefault(window, Sketch())
-                for chunk, summed in enumerate(values):
-                    if not summed:
-                        continue
-                    found = array("I", summed.to_bytes(row_bytes, "little"))
-                    first = chunk * _CHUNK_BUCKETS
-                    # compress() keeps the buckets that hold values, in C: no loop over 64 counts.
-                    sketch.buckets.update(
-                        compress(zip(range(first, first + _CHUNK_BUCKETS), found, strict=True), found)
-                    )
-                    sketch.count += sum(found)
+            for series, summed in per_series.items():
+                # The buckets from the first to the last that hold values, as an array, in C.
+                low = ((summed & -summed).bit_length() - 1) >> 5
+                high = (summed.bit_length() + 31) >> 5
+                found = array("I", (summed >> (low << 5)).to_bytes((high - low) * 4, "little"))
+                result.windows.setdefault(timing_names[series], {})[window] = DenseSketch(low, found)
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
