@@ -135,9 +135,16 @@ def log_in(client: Any, account: Any) -> None:
 
     client.force_login(account)
     key = client.session.session_key
+    # The session's final data, not only its row: login() saves the session twice (cycle_key()
+    # inserts it, then the user is written into it), and a replica may have replayed only the
+    # first save: its requests would then be anonymous.
+    data = Session.objects.using(conf.PRIMARY).get(session_key=key).session_data
     for alias in conf.REPLICAS:
         wait_until(
-            lambda alias=alias: Session.objects.using(alias).filter(session_key=key).exists(), "the session"
+            lambda alias=alias: (
+                Session.objects.using(alias).filter(session_key=key, session_data=data).exists()
+            ),
+            "the session",
         )
 
 
