@@ -63,11 +63,7 @@ def choose_replica(state: RoutingState, route: Route, now: float) -> str | None:
 def free_read_alias(replicas: tuple[str, ...], chosen: str | None, primary: str, now: float) -> str:
     """Return where a free read goes, given the replica routing *chosen* (``None``: none)."""
     window = fallback_window
-    # FallbackWindow.count_read(), inlined: this runs on every free read.
-    second = int(now)
-    if second != window.second:
-        window.second, window.reads, window.fallbacks = second, 0, 0
-    window.reads += 1
+    window.count_read(now)
     if chosen is not None:
         return chosen
     cap = conf.PRIMARY_FALLBACK_CAP
