@@ -608,3 +608,21 @@ def test_no_read_is_older_than_a_write_the_reader_had_seen(querycache: Any) -> N
     with use_primary():  # (a read routed to the standby may not have the last increments yet)
         assert Reporter.objects.get().name == "60"
     assert counter("querycache.hit") > 0
+
+
+@REPLICA
+def test_a_second_users_query_never_receives_the_first_users_cached_rows(querycache: Any) -> None:
+    """Attacker's side: user B's query (its own filter) is never answered from user A's entry."""
+    Reporter.objects.create(name="alice-private")
+    Reporter.objects.create(name="bob-public")
+    with use_primary():
+        # User A caches the rows only A may see.
+        assert names(Reporter.objects.filter(name="alice-private").cached()) == ["alice-private"]
+        # User B asks with B's filter: a different key, a miss, and only B's rows.
+        _, queries = queries_on("default", lambda: names(Reporter.objects.filter(name="bob-public").cached()))
+        assert queries >= 1
+        assert names(Reporter.objects.filter(name="bob-public").cached()) == ["bob-public"]
+        # Same SQL shape, another parameter: never A's entry.
+        assert names(Reporter.objects.filter(name="mallory").cached()) == []
+        # A's entry still answers A alone.
+        assert names(Reporter.objects.filter(name="alice-private").cached()) == ["alice-private"]
