@@ -391,6 +391,10 @@ class Launcher:
             # Durability is not what these servers are for; speed is.
             "fsync": "off",
             "full_page_writes": "off",
+            # A standby stopped as a crash would (the failure tests) replays the WAL since its
+            # last restartpoint on start; frequent checkpoints keep that to seconds, not the
+            # whole suite's writes (a restart took 20 s late in a full run).
+            "checkpoint_timeout": "30s",
             "max_connections": "60",
             "shared_buffers": "64MB",
             "logging_collector": "off",
