@@ -8,7 +8,8 @@ request records, keyed by its resolver route (never the raw path) and method:
 * per database alias, its DB time and query count (through an execute wrapper that the
   middleware installs on each connection as it is created, and that does nothing outside a
   recorded request);
-* its status class, the reads routing sent to each alias, and every
+* its status class, the reads routing sent to each alias, the reads that fell back to the
+  primary because no replica could serve them, and every
   :func:`django_scale.metrics.increment` made while it ran (cache hits, stale serves, refills,
   approximate counts, N+1 reports).
 """
@@ -205,6 +206,9 @@ def _record(
     if state is not None:
         for alias, reads in state.reads.items():
             tallies.append((f"reads{SEP}{labels}{SEP}{alias}", reads))
+        if state.fallbacks:
+            # Of the primary's reads, those only there because no replica could serve them.
+            tallies.append((f"fallbacks{SEP}{labels}", state.fallbacks))
         if state.replica_failed:
             tallies.append((f"event{SEP}{labels}{SEP}replicas.read_failed", 1))
         if state.pinned:

@@ -71,7 +71,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Routes, slowest p99 over {window} min first (milliseconds):")
         self.stdout.write(
             f"  {'route':<40} {'method':<7} {'requests':>9} {'p50':>8} {'p95':>8} {'p99':>8} {'p99.9':>8} "
-            f"{'db ms':>7} {'queries':>7}"
+            f"{'db ms':>7} {'queries':>7} {'fallbacks':>9}"
         )
         for row in document["routes"][: options["limit"]]:
             figures = row["windows"][window]
@@ -80,7 +80,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"  {row['route'][:40]:<40} {row['method']:<7} {figures['requests']:>9} "
                 f"{_ms(figures.get('p50')):>8} {_ms(figures.get('p95')):>8} {_ms(figures.get('p99')):>8} "
-                f"{_ms(figures.get('p999')):>8} {_ms(db):>7} {queries:>7.1f}"
+                f"{_ms(figures.get('p999')):>8} {_ms(db):>7} {queries:>7.1f} {row['fallbacks']:>9}"
             )
         if not document["routes"]:
             self.stdout.write(
@@ -90,6 +90,8 @@ class Command(BaseCommand):
         for row in document["replicas"]:
             share = "-" if row["read_share"] is None else f"{row['read_share']:.0%}"
             health = ""
+            if row["role"] == "primary" and row["fallbacks"]:
+                health = f", {row['fallbacks']} of them fallbacks (no replica could serve them)"
             if row["role"] == "replica":
                 lag = "?" if row["lag"] is None else f"{row['lag']:.2f}s"
                 health = f" {'available' if row['available'] else 'out'}, lag {lag}"
