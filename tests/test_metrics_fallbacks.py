@@ -134,8 +134,12 @@ def test_reads_that_fall_back_for_lag_are_counted_per_route(store: SlotStore) ->
     staff = Client()
     log_in(staff, create_user("boss", is_staff=True))
     page = staff.get("/scale/status/").content.decode()
-    assert re.search(r'<td>author</td><td>GET</td>(?:(?!</tr>).)*<td class="number">3</td>\s*</tr>', page, re.S)
-    assert re.search(r'<td>default</td><td>primary</td>(?:(?!</tr>).)*<td class="number">3</td>\s*</tr>', page, re.S)
+    assert re.search(
+        r'<td>author</td><td>GET</td>(?:(?!</tr>).)*<td class="number">3</td>\s*</tr>', page, re.S
+    )
+    assert re.search(
+        r'<td>default</td><td>primary</td>(?:(?!</tr>).)*<td class="number">3</td>\s*</tr>', page, re.S
+    )
 
 
 @REPLICA
