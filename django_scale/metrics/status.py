@@ -143,5 +143,7 @@ def status_document(snapshot: HostSnapshot, window: int = 5, replicas: bool = Tr
         "replicas": replica_rows(snapshot) if replicas else [],
         "cache": {"hit_rate": served / lookups if lookups else None, "events": cache},
         "sniper": _events(snapshot, "sniper."),
+        # Newest first, at most 50 (django_scale.metrics.kills).
+        "kills": snapshot.kills,
         "slots": {"live": snapshot.live_slots, "used": snapshot.used_slots, "dropped": snapshot.dropped},
     }

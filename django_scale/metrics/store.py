@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
+from typing import Any
 
 from django_scale.exceptions import UsageError
 from django_scale.metrics.sketch import BUCKETS, DenseSketch, Sketch
@@ -100,6 +101,8 @@ class HostSnapshot:
     used_slots: int = 0
     #: Values dropped: no free slot, or a slot's bucket pool full (see ``METRICS_MEMORY``).
     dropped: int = 0
+    #: The sniper's recent kills, newest first (:mod:`~django_scale.metrics.kills`).
+    kills: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SlotStore:

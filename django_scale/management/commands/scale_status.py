@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -108,6 +109,16 @@ class Command(BaseCommand):
             self.stdout.write(f"  {name}: {value}")
         if not document["sniper"]:
             self.stdout.write("  no kills recorded")
+        if document["kills"]:
+            self.stdout.write("Recent kills, newest first:")
+        for kill in document["kills"][: options["limit"]]:
+            when = datetime.fromtimestamp(float(kill.get("at") or 0.0), tz=timezone.utc)
+            action = f"would {kill.get('action')}" if kill.get("dry_run") else kill.get("action")
+            self.stdout.write(
+                f"  {when:%Y-%m-%d %H:%M:%S} UTC {action} pid {kill.get('pid')} on {kill.get('alias')} "
+                f"({kill.get('host')}), {float(kill.get('duration') or 0.0):.1f} s {kill.get('state')}, "
+                f"rule {kill.get('rule')!r}: [{kill.get('fingerprint_id')}] {str(kill.get('fingerprint'))[:120]}"
+            )
         slots = document["slots"]
         self.stdout.write(
             f"Worker slots: {slots['live']} live, {slots['used']} used, {slots['dropped']} values dropped"
