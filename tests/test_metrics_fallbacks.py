@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.db import connections
 from django.test import Client, override_settings
 from prometheus_client.parser import text_string_to_metric_families
-from support import create_user, log_in, wait_until
+from support import break_replica_connection, create_user, log_in, wait_until
 
 from django_scale import metrics
 from django_scale.metrics.recording import _wrap_connection, disable
@@ -157,3 +157,29 @@ def test_a_writer_whose_write_no_replica_has_replayed_falls_back(store: SlotStor
     counters = store.snapshot().counters
     assert counters[FALLBACKS] == 2
     assert counters["reads\x1fauthor\x1fGET\x1freplica"] == 1
+
+
+@pytest.fixture
+def readmit(store: SlotStore) -> Iterator[SlotStore]:
+    """Put the replica back in rotation after a test that broke its connection."""
+    yield store
+    connections["replica"].close()
+    monitor("replica").forget_ejection()
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
+
+
+@REPLICA
+def test_the_second_run_of_a_request_whose_replica_read_failed_counts_its_reads_as_fallbacks(
+    readmit: SlotStore,
+) -> None:
+    client = Client()
+    assert client.get("/authors/1/").status_code == 200  # opens the replica connection
+    break_replica_connection(connections["replica"])
+    with capture_reads() as reads:
+        assert client.get("/authors/1/").status_code == 200
+    # The first run's read failed on the replica; the second run read from the primary.
+    assert reads == {"replica": 1, "default": 1}
+    counters = readmit.snapshot().counters
+    assert counters["event\x1fauthor\x1fGET\x1freplicas.read_failed"] == 1
+    assert counters["reads\x1fauthor\x1fGET\x1fdefault"] == 1
+    assert counters[FALLBACKS] == 1
