@@ -254,7 +254,7 @@ class ScaleMiddleware:
                     reopen_page_slot(slot)
                 with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
                     state.rerun = True
-                    state.pin(RERUN)
+                    state.pin(RERUN, fallback=True)
                     response = self.get_response(request)  # type: ignore[assignment]
             if state.wrote or state.required_lsn is not None:
                 position = current_wal_position(conf.PRIMARY) if state.wrote else None
@@ -308,7 +308,7 @@ class ScaleMiddleware:
                     reopen_page_slot(slot)
             with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
                 state.rerun = True
-                state.pin(RERUN)
+                state.pin(RERUN, fallback=True)
                 response = await self.get_response(request)  # type: ignore[misc]
         if state.wrote:
             # On the thread that ran the ORM calls, whose connection saw the write.

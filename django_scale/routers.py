@@ -236,6 +236,8 @@ class ReplicaRouter:
             now = time.monotonic()
             usable = [name for name, item in route[5].items() if item.is_available(now)]
             alias = free_read_alias(route[1], pick_usable(usable, route[4], route[5]), primary, now)
+            if alias == primary and state is not None:
+                state.fallbacks += 1
         elif not state.pinned:
             now = _monotonic()
             alias = state.replica
@@ -245,6 +247,8 @@ class ReplicaRouter:
             if state.required_lsn is None:
                 if alias is None:
                     alias = free_read_alias(route[1], alias, primary, now)
+                    if alias == primary:
+                        state.fallbacks += 1
                 else:
                     # FallbackWindow.count_read(), inlined: free_read_alias() does it otherwise.
                     window = fallback_window
@@ -253,7 +257,11 @@ class ReplicaRouter:
                         window.second, window.reads, window.fallbacks = second, 0, 0
                     window.reads += 1
             elif alias is None:
-                state.pin("no available replica has replayed the user's last write")
+                state.pin("no available replica has replayed the user's last write", fallback=True)
+                state.fallbacks += 1
+        elif state._falls_back:
+            # Pinned because no replica could serve the request (only pinned reads get here).
+            state.fallbacks += 1
         alias = alias or primary
         # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)
         if state is not None:

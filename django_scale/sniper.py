@@ -52,6 +52,7 @@ from django.dispatch import Signal
 from django_scale import metrics
 from django_scale.conf import conf, count_problem, seconds_problem
 from django_scale.exceptions import SniperError
+from django_scale.metrics.kills import record_kill
 
 __all__ = [
     "LOCK_KEY",
@@ -511,6 +512,8 @@ class Sniper:
 
     def _notify(self, kill: Kill) -> None:
         _count("dry_run" if kill.dry_run else kill.action)
+        # The host's recent kills, for the status page, scale_status and sketches.json.
+        record_kill({"at": time.time(), **kill.as_dict(), "fingerprint_id": kill.fingerprint_id})
         line = kill.describe()
         logger.warning("sniper: %s", line)
         query_sniped.send(sender=Sniper, kill=kill)

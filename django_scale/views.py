@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import TypeVar
 
 from django.contrib import admin
@@ -99,7 +100,7 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         snapshot = _cluster_or_local(merge.local_snapshot())
     else:
         # Only the window asked for: a scrape stays cheap however many routes there are.
-        snapshot = merge.local_snapshot(windows=(window,))
+        snapshot = merge.local_snapshot(windows=(window,), kills=False)
     body = prometheus_text(snapshot, window, gauges=replica_gauges(snapshot))
     return HttpResponse(body, content_type=PROMETHEUS_CONTENT_TYPE)
 
@@ -174,8 +175,16 @@ def status_view(request: HttpRequest) -> HttpResponse:
             or "-",
             "queries": ", ".join(f"{alias}: {count:.1f}" for alias, count in row["queries"].items()) or "-",
         }
+    kills = [
+        {
+            **kill,
+            "when": f"{datetime.fromtimestamp(float(kill.get('at') or 0.0), tz=timezone.utc):%Y-%m-%d %H:%M:%S}",
+        }
+        for kill in document["kills"]
+    ]
     context = {
         **admin.site.each_context(request),
+        "kills": kills,
         "title": "django-scale status",
         # The admin's sidebar lists the models; this page has none of its own.
         "is_nav_sidebar_enabled": False,

@@ -13,6 +13,8 @@ The parts, one concept each:
 * :mod:`~django_scale.metrics.merge`: snapshots as JSON raw sketches; hosts merged through
   the cache or by pulling.
 * :mod:`~django_scale.metrics.export`: Prometheus text exposition.
+* :mod:`~django_scale.metrics.kills`: the query sniper's recent kills, shared by a host's
+  processes (:func:`recent_kills`) and merged across hosts with the sketches.
 * :mod:`~django_scale.metrics.status`: what ``manage.py scale_status`` prints.
 
 See :doc:`/monitoring`.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from django_scale.metrics.counters import Timing, increment, observe, reset, snapshot
 from django_scale.metrics.export import prometheus_text
+from django_scale.metrics.kills import recent_kills
 from django_scale.metrics.merge import (
     cluster,
     local_snapshot,
@@ -50,6 +53,7 @@ __all__ = [
     "observe",
     "prometheus_text",
     "publish",
+    "recent_kills",
     "reset",
     "snapshot",
     "to_document",

@@ -52,6 +52,12 @@ _COUNTERS = {
         ("route", "method", "alias"),
         "Read routing decisions by route and the alias they chose.",
     ),
+    "fallbacks": (
+        "django_scale_replica_fallbacks",
+        ("route", "method"),
+        "Reads meant for a replica that went to the primary because none could serve them "
+        "(lag, ejection, an open breaker, a failed read), by route.",
+    ),
     "event": (
         "django_scale_route_events",
         ("route", "method", "event"),

@@ -23,6 +23,7 @@ from django.core.cache import caches
 
 from django_scale.conf import conf
 from django_scale.exceptions import MetricsDocumentError
+from django_scale.metrics.kills import merge_kills, recent_kills
 from django_scale.metrics.recording import get_store
 from django_scale.metrics.sketch import RELATIVE_ACCURACY, Sketch
 from django_scale.metrics.store import WINDOWS, HostSnapshot
@@ -47,9 +48,12 @@ PUBLISHED_FOR = 20 * 60
 FORMAT = 1
 
 
-def local_snapshot(windows: Iterable[int] = WINDOWS) -> HostSnapshot:
-    """Return this host's snapshot: every worker slot of the file summed."""
-    return get_store().snapshot(windows)
+def local_snapshot(windows: Iterable[int] = WINDOWS, kills: bool = True) -> HostSnapshot:
+    """Return this host's snapshot: every worker slot of the file summed, and its recent kills."""
+    snapshot = get_store().snapshot(windows)
+    if kills:
+        snapshot.kills = recent_kills()
+    return snapshot
 
 
 def to_document(snapshot: HostSnapshot, host: str | None = None) -> dict[str, Any]:
@@ -72,6 +76,7 @@ def to_document(snapshot: HostSnapshot, host: str | None = None) -> dict[str, An
         "live_slots": snapshot.live_slots,
         "used_slots": snapshot.used_slots,
         "dropped": snapshot.dropped,
+        "kills": snapshot.kills,
     }
 
 
@@ -90,6 +95,10 @@ def from_document(document: Mapping[str, Any]) -> HostSnapshot:
         snapshot.live_slots = int(document.get("live_slots", 0))
         snapshot.used_slots = int(document.get("used_slots", 0))
         snapshot.dropped = int(document.get("dropped", 0))
+        kills = list(document.get("kills", []))
+        if not all(isinstance(kill, dict) for kill in kills):
+            raise MetricsDocumentError("not a django-scale metrics document: a kill is not an object")
+        snapshot.kills = merge_kills([kills])
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         if isinstance(error, MetricsDocumentError):
             raise
@@ -98,9 +107,11 @@ def from_document(document: Mapping[str, Any]) -> HostSnapshot:
 
 
 def merge_snapshots(snapshots: Iterable[HostSnapshot]) -> HostSnapshot:
-    """Return the sum of *snapshots*: sketches merged, totals and counters added."""
+    """Return the sum of *snapshots*: sketches merged, totals and counters added, kills merged."""
     merged: HostSnapshot | None = None
+    kills = []
     for snapshot in snapshots:
+        kills.append(snapshot.kills)
         if merged is None:
             merged = HostSnapshot(minute=snapshot.minute)
         merged.minute = max(merged.minute, snapshot.minute)
@@ -116,7 +127,10 @@ def merge_snapshots(snapshots: Iterable[HostSnapshot]) -> HostSnapshot:
         merged.live_slots += snapshot.live_slots
         merged.used_slots += snapshot.used_slots
         merged.dropped += snapshot.dropped
-    return merged if merged is not None else HostSnapshot(minute=0)
+    if merged is None:
+        return HostSnapshot(minute=0)
+    merged.kills = merge_kills(kills)
+    return merged
 
 
 def merge_documents(documents: Iterable[Mapping[str, Any]]) -> HostSnapshot:

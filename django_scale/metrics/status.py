@@ -15,7 +15,8 @@ QUANTILE_NAMES = {0.5: "p50", 0.95: "p95", 0.99: "p99", 0.999: "p999"}
 
 
 def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
-    """Return one row per (route, method): requests, percentiles per window, DB time and queries.
+    """Return one row per (route, method): requests, percentiles per window, DB time, queries per
+    request, and reads that fell back to the primary (``fallbacks``, since the file was created).
 
     Sorted slowest first by p99 over *window*.
     """
@@ -42,6 +43,7 @@ def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
             },
             "db_seconds": {},
             "queries": {},
+            "fallbacks": 0,
         }
     for name, (_count, total) in snapshot.totals.items():
         kind, labels = split_name(name)
@@ -50,6 +52,11 @@ def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
             row["db_seconds"][labels[2]] = total / row["requests"]
     for name, value in snapshot.counters.items():
         kind, labels = split_name(name)
+        if kind == "fallbacks" and len(labels) == 2:
+            row = rows.get((labels[0], labels[1]))
+            if row is not None:
+                row["fallbacks"] = value
+            continue
         row = rows.get((labels[0], labels[1])) if kind == "queries" and len(labels) == 3 else None
         if row is not None and row["requests"]:
             row["queries"][labels[2]] = value / row["requests"]
@@ -61,14 +68,18 @@ def route_rows(snapshot: HostSnapshot, window: int = 5) -> list[dict[str, Any]]:
 
 
 def replica_rows(snapshot: HostSnapshot) -> list[dict[str, Any]]:
-    """Return each replica's availability, lag and error as this process sees them, and its reads."""
+    """Return each database's reads, the primary's fallback reads, and each replica's availability,
+    lag and error as this process sees them."""
     from django_scale.replicas import monitor  # replicas imports metrics: import at call time
 
     reads: dict[str, int] = {}
+    fallbacks = 0
     for name, value in snapshot.counters.items():
         kind, labels = split_name(name)
         if kind == "reads" and len(labels) == 3:
             reads[labels[2]] = reads.get(labels[2], 0) + value
+        elif kind == "fallbacks" and len(labels) == 2:
+            fallbacks += value
     all_reads = sum(reads.values())
     rows = []
     for alias in (conf.PRIMARY, *conf.REPLICAS):
@@ -78,7 +89,10 @@ def replica_rows(snapshot: HostSnapshot) -> list[dict[str, Any]]:
             "reads": reads.get(alias, 0),
             "read_share": reads.get(alias, 0) / all_reads if all_reads else None,
         }
-        if alias != conf.PRIMARY:
+        if alias == conf.PRIMARY:
+            # Of its reads, those meant for a replica that none could serve.
+            row["fallbacks"] = fallbacks
+        else:
             found = monitor(alias)
             row.update(available=found.is_available(), lag=found.lag, error=found.error or None)
         rows.append(row)
@@ -129,5 +143,7 @@ def status_document(snapshot: HostSnapshot, window: int = 5, replicas: bool = Tr
         "replicas": replica_rows(snapshot) if replicas else [],
         "cache": {"hit_rate": served / lookups if lookups else None, "events": cache},
         "sniper": _events(snapshot, "sniper."),
+        # Newest first, at most 50 (django_scale.metrics.kills).
+        "kills": snapshot.kills,
         "slots": {"live": snapshot.live_slots, "used": snapshot.used_slots, "dropped": snapshot.dropped},
     }

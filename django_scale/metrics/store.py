@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
 from pathlib import Path
+from typing import Any
 
 from django_scale.exceptions import UsageError
 from django_scale.metrics.sketch import BUCKETS, DenseSketch, Sketch
@@ -100,6 +101,8 @@ class HostSnapshot:
     used_slots: int = 0
     #: Values dropped: no free slot, or a slot's bucket pool full (see ``METRICS_MEMORY``).
     dropped: int = 0
+    #: The sniper's recent kills, newest first (:mod:`~django_scale.metrics.kills`).
+    kills: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SlotStore:
@@ -417,28 +420,28 @@ class SlotStore:
                 if not used:
                     continue
                 first = used[0]
-                chunks = directory[first : used[-1] + 1]  # pool index + 1 of each, 0: a gap
-                shift = first * row_bits
+                # Where minute 0's row of each chunk the series reached starts; -1: a gap.
+                starts = [
+                    pool_base + (pool - 1) * _CHUNK_BYTES if pool else -1
+                    for pool in directory[first : used[-1] + 1]
+                ]
+                gaps = -1 in starts
                 running = 0
                 taken = 0
                 for window, take in takes:
                     while taken < take:
-                        # The row of minute entries[taken] of chunk pool P is at at + P * _CHUNK_BYTES.
-                        at = pool_base - _CHUNK_BYTES + entries[taken] * row_bytes
+                        at = entries[taken] * row_bytes
                         end = at + row_bytes
-                        joined = join(
-                            [
-                                map_[at + pool * _CHUNK_BYTES : end + pool * _CHUNK_BYTES]
-                                if pool
-                                else zero_row
-                                for pool in chunks
-                            ]
-                        )
-                        running += from_bytes(joined, "little") << shift
+                        if gaps:
+                            rows = [map_[s + at : s + end] if s >= 0 else zero_row for s in starts]
+                        else:
+                            rows = [map_[s + at : s + end] for s in starts]
+                        running += from_bytes(join(rows), "little")
                         taken += 1
                     if running:
                         into = sums[window]
-                        into[series] = into.get(series, 0) + running
+                        # Shifted once per window, not per minute: bucket first * 64 comes first.
+                        into[series] = into.get(series, 0) + (running << (first * row_bits))
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)

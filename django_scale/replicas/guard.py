@@ -138,7 +138,7 @@ class ReplicaGuard:
             state = _state.get()
             if state is not None:
                 state.replica_failed = self.alias
-                state.pin(f"a read on replica {self.alias!r} failed")
+                state.pin(f"a read on replica {self.alias!r} failed", fallback=True)
             logger.warning("a read on replica %r failed: %s", self.alias, cause)
             what = "cancelled by a recovery conflict" if conflict else "its connection broke"
             raise ReplicaReadError(

@@ -58,11 +58,23 @@ class RoutingState:
     #: Whether this is that second run: every read goes to the primary, inside
     #: :func:`use_replica` too.
     rerun: bool = False
+    #: Reads that went to the primary only because no replica could serve them: none was
+    #: available (lag, ejection, an open breaker), none had replayed the user's write, or a
+    #: read on one failed. Counted when such a read happens, never on other reads.
+    fallbacks: int = 0
 
-    def pin(self, reason: str) -> None:
-        """Send the rest of this request's reads to the primary, for *reason*."""
+    def pin(self, reason: str, *, fallback: bool = False) -> None:
+        """Send the rest of this request's reads to the primary, for *reason*.
+
+        *fallback*: the reason is that no replica can serve them, so the reads the pin sends
+        to the primary count as :attr:`fallbacks`, until a pin of another kind (the request
+        wrote: its reads would be on the primary anyway).
+        """
         if not self.pinned:
             self.pinned = reason
+            self._falls_back = fallback
+        elif not fallback:
+            self._falls_back = False
 
     #: Until when (``time.monotonic()``) the chosen replica's availability holds unless its
     #: monitor learns something new (its version changes).
@@ -72,6 +84,8 @@ class RoutingState:
     _version: int = field(default=-1, repr=False)
     #: ``conf.hot()`` as the request's middleware read it, so the router need not read it again.
     _hot: HotSettings | None = field(default=None, repr=False)
+    #: Whether the pin's reads count as :attr:`fallbacks` (see :meth:`pin`).
+    _falls_back: bool = field(default=False, repr=False)
 
 
 _state: contextvars.ContextVar[RoutingState | None] = contextvars.ContextVar(
@@ -142,7 +156,7 @@ def await_replica(state: RoutingState, reason: str) -> None:
     replicas = list(conf.REPLICAS)
     alias = wait_for_replicas(replicas, state.required_lsn, conf.REPLICA_WAIT) if replicas else None
     if alias is None:
-        state.pin(reason)
+        state.pin(reason, fallback=True)
     else:
         state.replica = alias
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -71,7 +72,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Routes, slowest p99 over {window} min first (milliseconds):")
         self.stdout.write(
             f"  {'route':<40} {'method':<7} {'requests':>9} {'p50':>8} {'p95':>8} {'p99':>8} {'p99.9':>8} "
-            f"{'db ms':>7} {'queries':>7}"
+            f"{'db ms':>7} {'queries':>7} {'fallbacks':>9}"
         )
         for row in document["routes"][: options["limit"]]:
             figures = row["windows"][window]
@@ -80,7 +81,7 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"  {row['route'][:40]:<40} {row['method']:<7} {figures['requests']:>9} "
                 f"{_ms(figures.get('p50')):>8} {_ms(figures.get('p95')):>8} {_ms(figures.get('p99')):>8} "
-                f"{_ms(figures.get('p999')):>8} {_ms(db):>7} {queries:>7.1f}"
+                f"{_ms(figures.get('p999')):>8} {_ms(db):>7} {queries:>7.1f} {row['fallbacks']:>9}"
             )
         if not document["routes"]:
             self.stdout.write(
@@ -90,6 +91,8 @@ class Command(BaseCommand):
         for row in document["replicas"]:
             share = "-" if row["read_share"] is None else f"{row['read_share']:.0%}"
             health = ""
+            if row["role"] == "primary" and row["fallbacks"]:
+                health = f", {row['fallbacks']} of them fallbacks (no replica could serve them)"
             if row["role"] == "replica":
                 lag = "?" if row["lag"] is None else f"{row['lag']:.2f}s"
                 health = f" {'available' if row['available'] else 'out'}, lag {lag}"
@@ -106,6 +109,16 @@ class Command(BaseCommand):
             self.stdout.write(f"  {name}: {value}")
         if not document["sniper"]:
             self.stdout.write("  no kills recorded")
+        if document["kills"]:
+            self.stdout.write("Recent kills, newest first:")
+        for kill in document["kills"][: options["limit"]]:
+            when = datetime.fromtimestamp(float(kill.get("at") or 0.0), tz=timezone.utc)
+            action = f"would {kill.get('action')}" if kill.get("dry_run") else kill.get("action")
+            self.stdout.write(
+                f"  {when:%Y-%m-%d %H:%M:%S} UTC {action} pid {kill.get('pid')} on {kill.get('alias')} "
+                f"({kill.get('host')}), {float(kill.get('duration') or 0.0):.1f} s {kill.get('state')}, "
+                f"rule {kill.get('rule')!r}: [{kill.get('fingerprint_id')}] {str(kill.get('fingerprint'))[:120]}"
+            )
         slots = document["slots"]
         self.stdout.write(
             f"Worker slots: {slots['live']} live, {slots['used']} used, {slots['dropped']} values dropped"
