@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import queue
+import select
 import threading
 from collections.abc import Generator, Iterator
 from contextlib import closing
@@ -129,46 +130,88 @@ def pump_psycopg2(source_alias: str, target_alias: str, out_sql: str, in_sql: st
         return int(raw_target.rowcount)
 
 
+#: How long the psycopg 3 reader waits on the source's socket at a time (it waits again after).
+POLL_SECONDS = 1.0
+
+
+def _receive(pgconn: Any) -> None:
+    """Wait until the source's socket has data (or hung up), then read it into libpq's buffer.
+
+    ``select()`` releases the GIL while it waits; libpq's blocking calls (``PQexec``,
+    ``PQgetCopyData`` in blocking mode) do not in psycopg 3's C implementation, so a source that
+    hangs would stop every thread of the process, the watchdog that is to cut it off included.
+    Raises psycopg's ``OperationalError`` once the connection is broken (cut off).
+    """
+    select.select([pgconn.socket], [], [], POLL_SECONDS)
+    pgconn.consume_input()
+
+
+def _results(pgconn: Any) -> Generator[Any, None, None]:
+    """Yield the results of the source's current command, waiting without holding the GIL."""
+    while True:
+        while pgconn.is_busy():
+            _receive(pgconn)
+        result = pgconn.get_result()
+        if result is None:
+            return
+        yield result
+
+
 def _copy_out_blocks(raw_cursor: Any, sql: str) -> Generator[bytes, None, None]:
     """Run ``COPY ... TO STDOUT`` on psycopg 3's libpq connection; yield its data in ~64 KB blocks.
 
     ``Copy`` hands out one row per Python call through psycopg's wait loop (a few microseconds
     a row: more than the rest of the pipe); libpq's own ``PQgetCopyData``, through psycopg's
-    documented low-level ``Connection.pgconn``, costs a fraction of that. The connection is left
-    as ``Copy`` would leave it: idle, or in its transaction (aborted on an error).
+    documented low-level ``Connection.pgconn``, costs a fraction of that. It runs in libpq's
+    non-blocking form, waiting in :func:`_receive`, so the process's other threads run while the
+    source is slow or hangs. The connection is left as ``Copy`` would leave it: idle, or in its
+    transaction (aborted on an error).
     """
     pq = importlib.import_module("psycopg.pq")
     errors = importlib.import_module("psycopg.errors")
     connection = raw_cursor.connection
     pgconn = connection.pgconn
     encoding = getattr(connection.info, "encoding", "utf-8")
-    result = pgconn.exec_(sql.encode(encoding))
+    pgconn.send_query(sql.encode(encoding))
+    result = next(_results(pgconn))
     if result.status != pq.ExecStatus.COPY_OUT:
-        raise errors.error_from_result(result, encoding=encoding)
+        failure = errors.error_from_result(result, encoding=encoding)
+        for _ in _results(pgconn):
+            pass
+        raise failure
     finished = False
     try:
         pending = bytearray()
         while True:
-            size, data = pgconn.get_copy_data(0)
-            if size < 0:
+            size, data = pgconn.get_copy_data(1)
+            if size > 0:
+                pending += data
+                if len(pending) >= BLOCK_BYTES:
+                    yield bytes(pending)
+                    pending.clear()
+            elif size == 0:
+                _receive(pgconn)
+            else:
                 break
-            pending += data
-            if len(pending) >= BLOCK_BYTES:
-                yield bytes(pending)
-                pending.clear()
         finished = True
         if pending:
             yield bytes(pending)
     finally:
-        if not finished:
-            # Stopped early (the target failed): cancel the COPY and read what is left.
-            connection.cancel()
-            while pgconn.get_copy_data(0)[0] >= 0:
-                pass
         failure = None
-        while (result := pgconn.get_result()) is not None:
-            if result.status == pq.ExecStatus.FATAL_ERROR and failure is None:
-                failure = errors.error_from_result(result, encoding=encoding)
+        # A connection cut off (the watchdog) or lost has nothing left to read or cancel.
+        if pgconn.status == pq.ConnStatus.OK:
+            if not finished:
+                # Stopped early (the target failed): cancel the COPY and read what is left.
+                cancel = getattr(connection, "cancel_safe", connection.cancel)
+                with contextlib.suppress(Exception):
+                    cancel()
+                with contextlib.suppress(Exception):
+                    while (size := pgconn.get_copy_data(1)[0]) >= 0:
+                        if size == 0:
+                            _receive(pgconn)
+            for result in _results(pgconn):
+                if result.status == pq.ExecStatus.FATAL_ERROR and failure is None:
+                    failure = errors.error_from_result(result, encoding=encoding)
     if failure is not None:
         raise failure
 
