@@ -7,6 +7,7 @@ the suite uses.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -250,3 +251,65 @@ def test_the_demo_runs_without_a_postgresql_driver(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, explain(result)
     assert "django-scale, no lookups" in result.stdout, explain(result)
+
+
+@pytest.mark.once
+@pytest.mark.postgres
+def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
+    """``bench site --quick`` on a tiny data set: three deployments, loaded, measured, stopped."""
+    env = example_env(tmp_path / "unused.sqlite3")
+    env["PG_BIN"] = str(harness.PG_BIN)
+    env["DJANGO_SCALE_EXAMPLE_HARNESS"] = "1"
+    figures_path = tmp_path / "site.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(MANAGE),
+            "bench",
+            "site",
+            "--quick",
+            "--articles",
+            "200",
+            "--json",
+            str(figures_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, explain(result)
+    assert "seeded: 200 articles, 600 tags of articles" in result.stdout, explain(result)
+    figures = json.loads(figures_path.read_text())
+    configs = figures["configs"]
+    assert list(configs) == ["stock", "tuned", "scale"]
+    stock_capacity = configs["stock"]["capacity"]["all"]["throughput"]
+    assert figures["rates"] == [max(1.0, round(stock_capacity * load, 1)) for load in (0.5, 0.8)]
+    for name, config in configs.items():
+        for phase in ("capacity", "open 50%", "open 80%"):
+            summary = config[phase]["all"]
+            assert summary["requests"] > 0 and summary["errors"] == 0, (
+                name,
+                phase,
+                config[phase]["statuses"],
+            )
+            assert 0 < summary["p50"] <= summary["p99"] <= summary["p99.9"] <= summary["max"]
+        # The open loop sent its fixed schedule: rate x duration requests, all answered.
+        assert config["open 50%"]["all"]["requests"] == round(
+            figures["rates"][0] * figures["durations"]["open"]
+        )
+        assert {"front page", "section", "article"} <= set(config["capacity"]["pages"]), name
+        # Every process the deployment started is gone.
+        for pid in config["pids"]:
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "newsroom" not in Path(f"/proc/{pid}/cmdline").read_text()
+            )
+    server = {name: config["capacity"]["server"] for name, config in configs.items()}
+    # Stock reads everything from the primary, row by row; the other two read from the replica.
+    assert server["stock"]["replica_queries_per_request"] == 0
+    assert server["stock"]["primary_queries_per_request"] > 5 * server["scale"]["primary_queries_per_request"]
+    for name in ("tuned", "scale"):
+        assert server[name]["replica_queries_per_request"] > server[name]["primary_queries_per_request"], name

@@ -209,6 +209,12 @@ if SITE_CONFIG == "tuned" and REPLICA_URL:
     DATABASE_ROUTERS = ["multidb.PinningReplicaRouter"]
     MIDDLEWARE.insert(0, "multidb.middleware.PinningRouterMiddleware")
     REPLICA_DATABASES = ["replica_plain"]
+if SITE_CONFIG in {"tuned", "scale"}:
+    # Persistent connections, as a careful deployment has them (stock: Django's default, a
+    # new connection per request).
+    for _database in DATABASES.values():
+        _database.setdefault("CONN_MAX_AGE", 60)
+        _database.setdefault("CONN_HEALTH_CHECKS", True)
 if SITE_CONFIG == "scale":
     # The monitoring issue's per-route percentiles, right after ScaleMiddleware (W509).
     _after = MIDDLEWARE.index("django_scale.middleware.ScaleMiddleware") + 1 if DATABASE_ROUTERS else 0

@@ -138,7 +138,11 @@ def _one_config(
         mix = Mix(articles, sections, session)
         host, port = running.host, running.port
         closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["warm-up"])
-        result: dict[str, Any] = {"workers": running.workers}
+        result: dict[str, Any] = {
+            "workers": running.workers,
+            # The processes the deployment started (all stopped when it ends).
+            "pids": [running.gunicorn.pid, *running.worker_pids(), running.celery.pid],
+        }
         result["capacity"] = _measured(
             running,
             "capacity",

@@ -63,8 +63,20 @@ def _articles(
 def seed(articles: int, *, seed: int = 15) -> dict[str, int]:
     """Load the data set into the primary unless it has it; return the row counts."""
     primary = connections["default"]
-    if Article.objects.using("default").filter(slug=f"article-{articles}").exists():
+    articles_now = Article.objects.using("default")
+    if (
+        articles_now.filter(slug=f"article-{articles}").exists()
+        and not articles_now.filter(slug=f"article-{articles + 1}").exists()
+    ):
         return _counts()
+    if articles_now.exclude(slug__startswith="article-").exists():
+        raise SystemExit(
+            "bench site seeds its own news data: this database has other articles. "
+            "Point DATABASE_URL at an empty database, or use DJANGO_SCALE_EXAMPLE_HARNESS=1."
+        )
+    with primary.cursor() as cursor:
+        # Another size of bench site's own data set: start again.
+        cursor.execute("TRUNCATE news_comment, news_article_tags, news_article")
     rng = random.Random(seed)
     with transaction.atomic(using="default"):
         if not Section.objects.using("default").exists():
