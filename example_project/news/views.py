@@ -37,9 +37,15 @@ SIDEBAR_TAGS = 10
 TUNED_TTL = 60
 
 
-def _stock_published() -> QuerySet[Article]:
-    """Published articles through Django's own manager: no peer loading, nothing of ours."""
+def _published(config: str) -> QuerySet[Article]:
+    """Published articles: django-scale's queryset, or (stock, tuned) Django's own manager."""
+    if config == "scale":
+        return Article.objects.published()
     return Article._base_manager.filter(status=Article.Status.PUBLISHED, published_at__lte=timezone.now())
+
+
+def _sections(config: str) -> QuerySet[Section]:
+    return Section.objects.all() if config == "scale" else Section._base_manager.all()
 
 
 def _section_rows(section: Section, articles: Iterable[Article]) -> dict[str, Any]:
@@ -57,13 +63,13 @@ def _section_rows(section: Section, articles: Iterable[Article]) -> dict[str, An
     }
 
 
-def _latest(per_section: int, *, tuned: bool) -> list[dict[str, Any]]:
-    published = Article.objects.published() if tuned else _stock_published()
-    if tuned:
+def _latest(per_section: int, *, config: str) -> list[dict[str, Any]]:
+    published = _published(config)
+    if config != "stock":
         published = published.select_related("author")
     return [
         _section_rows(section, published.filter(section=section).order_by("-published_at")[:per_section])
-        for section in (Section.objects if tuned else Section._base_manager).order_by("name")
+        for section in _sections(config).order_by("name")
     ]
 
 
@@ -74,17 +80,17 @@ def latest_by_section(per_section: int = LATEST_PER_SECTION) -> list[dict[str, A
     Fresh for a minute; after that, readers get the cached front page at once while one
     Celery task rebuilds it. Saving an article invalidates it (see ``news.signals``).
     """
-    return _latest(per_section, tuned=True)
+    return _latest(per_section, config="scale")
 
 
 def front_page(request: HttpRequest) -> HttpResponse:
     """List the latest published articles of each section, and the most used tags."""
     config = site_config()
     if config == "stock":
-        sections = _latest(LATEST_PER_SECTION, tuned=False)
+        sections = _latest(LATEST_PER_SECTION, config="stock")
     elif config == "tuned":
         sections = cache.get_or_set(
-            "newsroom:front", lambda: _latest(LATEST_PER_SECTION, tuned=True), TUNED_TTL
+            "newsroom:front", lambda: _latest(LATEST_PER_SECTION, config="tuned"), TUNED_TTL
         )
     else:
         sections = latest_by_section()
@@ -98,46 +104,50 @@ def sidebar() -> dict[str, Any]:
     Django's ``{% cache %}`` tag (tuned) or ``{% swrcache %}`` (django-scale).
     """
     config = site_config()
-    manager = Tag._base_manager if config == "stock" else Tag.objects
+    manager = Tag.objects if config == "scale" else Tag._base_manager
     tags = manager.annotate(uses=Count("articles")).order_by("-uses", "name")[:SIDEBAR_TAGS]
     return {"sidebar_tags": tags, "sidebar_cache": {"stock": "", "tuned": "ttl"}.get(config, "swr")}
 
 
 def _section_articles(section: Section, *, config: str) -> list[dict[str, Any]]:
-    if config == "stock":
-        articles: QuerySet[Article] = _stock_published()
-    elif config == "tuned":
-        articles = (
-            Article.objects.published()
-            .select_related("author")
-            .prefetch_related("tags")
-            .annotate(comment_count=Count("comments"))
+    articles = _published(config)
+    if config == "tuned":
+        articles = articles.select_related("author").prefetch_related("tags")
+    page = list(articles.filter(section=section).order_by("-published_at")[:SECTION_PAGE_SIZE])
+    counts: dict[int, int] = {}
+    if config == "tuned":
+        # The page's comment counts in one query (an annotation would count every article of
+        # the section before the LIMIT).
+        counts = dict(
+            Comment._base_manager.filter(article__in=page)
+            .values("article")
+            .annotate(n=Count("pk"))
+            .values_list("article", "n")
         )
-    else:
-        # Prefetch-aware: authors, tags and comment counts load once for the page, unasked.
-        articles = Article.objects.published()
+    # django-scale's queryset is prefetch-aware: authors, tags and comment counts load once
+    # for the page, unasked. Stock's load row by row.
     return [
         {
             "title": article.title,
             "url": article.get_absolute_url(),
             "author": article.author.name,
             "published_at": article.published_at,
-            "comments": article.comment_count if config == "tuned" else article.comments.count(),
+            "comments": counts.get(article.pk, 0) if config == "tuned" else article.comments.count(),
             "tags": [tag.name for tag in article.tags.all()],
         }
-        for article in articles.filter(section=section).order_by("-published_at")[:SECTION_PAGE_SIZE]
+        for article in page
     ]
 
 
 @stale_while_revalidate(fresh=60, stale=24 * 3600)
 def section_articles(slug: str) -> list[dict[str, Any]]:
     """Return the latest published articles of section *slug*, as plain data for the cache."""
-    return _section_articles(Section.objects.get(slug=slug), config="scale")
+    return _section_articles(_sections("scale").get(slug=slug), config="scale")
 
 
 def _render_section(request: HttpRequest, slug: str) -> HttpResponse:
     config = site_config()
-    section = get_object_or_404(Section._base_manager if config == "stock" else Section.objects, slug=slug)
+    section = get_object_or_404(_sections(config), slug=slug)
     articles = section_articles(slug) if config == "scale" else _section_articles(section, config=config)
     return render(request, "news/section.html", {"section": section, "articles": articles, **sidebar()})
 
@@ -154,23 +164,18 @@ def section_page(request: HttpRequest, slug: str) -> HttpResponse:
 
 def article_detail(request: HttpRequest, slug: str) -> HttpResponse:
     """Show one published article with its tags and comments."""
-    if site_config() == "stock":
-        article = get_object_or_404(_stock_published(), slug=slug)
-    else:
-        article = get_object_or_404(
-            Article.objects.published()
-            .select_related("section", "author")
-            .prefetch_related("tags", "comments"),
-            slug=slug,
-        )
+    config = site_config()
+    articles = _published(config)
+    if config != "stock":
+        articles = articles.select_related("section", "author").prefetch_related("tags", "comments")
+    article = get_object_or_404(articles, slug=slug)
     return render(request, "news/article_detail.html", {"article": article, **sidebar()})
 
 
 @require_POST
 def add_comment(request: HttpRequest, slug: str) -> HttpResponse:
     """Add a reader's comment (``author_name``, ``body``) to an article; back to the article."""
-    manager = Article._base_manager if site_config() == "stock" else Article.objects
-    article = get_object_or_404(manager.only("pk", "slug"), slug=slug)
+    article = get_object_or_404(_published(site_config()).only("pk", "slug"), slug=slug)
     author_name = request.POST.get("author_name", "").strip()[:100]
     body = request.POST.get("body", "").strip()
     if not author_name or not body:
