@@ -242,7 +242,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 def summarise(records: Sequence[Record], duration: float | None = None) -> dict[str, float]:
-    """Return count, errors, throughput and p50/p99/p99.9/max latency (seconds) of *records*.
+    """Return count, errors, throughput, p50/p99/p99.9/max latency and send lag (s) of *records*.
 
     Errors are status 0 and 5xx answers. Throughput is answered requests per second over
     *duration*, or over the span of the records.
@@ -259,4 +259,7 @@ def summarise(records: Sequence[Record], duration: float | None = None) -> dict[
         "p99": percentile(latencies, 0.99),
         "p99.9": percentile(latencies, 0.999),
         "max": max(latencies, default=math.nan),
+        # How late the generator itself sent (open loop): high, it fell behind its schedule
+        # (a busy machine), and the latencies include that.
+        "send_lag_p99": percentile([record.start - record.intended for record in records], 0.99),
     }

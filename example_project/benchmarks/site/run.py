@@ -208,6 +208,14 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
         ],
         rows,
     )
+    for config, figures in results["configs"].items():
+        for load in LOADS:
+            lag = figures[f"open {load:.0%}"]["all"]["send_lag_p99"]
+            if lag > 0.01:
+                out.write(
+                    f"\nnote: {config}, open {load:.0%}: the generator sent late (p99 {_ms(lag)} ms after the "
+                    "intended time; a busy machine): the latencies include it.\n"
+                )
     stock = results["configs"]["stock"]["capacity"]["all"]["throughput"]
     out.write(f"\nCapacity (closed loop, {CONNECTIONS} connections): ")
     out.write(
