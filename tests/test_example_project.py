@@ -370,6 +370,9 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
     server = {name: config["capacity"]["server"] for name, config in configs.items()}
     # Stock reads everything from the primary, row by row; the other two read from the replica.
     assert server["stock"]["replica_queries_per_request"] == 0
+    assert server["stock"]["replica_connections_peak"] == 0
+    assert server["stock"]["primary_connections_peak"] >= 1
     assert server["stock"]["primary_queries_per_request"] > 5 * server["scale"]["primary_queries_per_request"]
     for name in ("tuned", "scale"):
         assert server[name]["replica_queries_per_request"] > server[name]["primary_queries_per_request"], name
+        assert server[name]["replica_connections_peak"] >= 1, name

@@ -11,8 +11,9 @@ Per configuration (stock first: its capacity sets the open-loop rates of all thr
 
 Per phase and page: requests, errors (no answer or 5xx), throughput and exact p50 / p99 /
 p99.9 / max. Per phase: queries per request and statement execution time per request on the
-primary and on the replica (``pg_stat_statements``, reset before the phase), and the CPU time
-of gunicorn's workers per request (``/proc``).
+primary and on the replica (``pg_stat_statements``, reset before the phase), the peak of
+connections held on each (``pg_stat_activity``, sampled every 0.25 s), and the CPU time of
+gunicorn's workers per request (``/proc``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -49,7 +51,14 @@ CONNECTIONS = 2 * WORKERS
 #: The open-loop rates, as fractions of stock's capacity.
 LOADS = (0.5, 0.8)
 #: Statements of this process (the figures' own queries) left out of the per-request counts.
-OWN_STATEMENTS = ("pg_stat_statements", "pg_last_wal", "pg_current_wal", "pg_is_in_recovery")
+OWN_STATEMENTS = (
+    "pg_stat_statements",
+    "pg_stat_activity",
+    "pg_backend_pid",
+    "pg_last_wal",
+    "pg_current_wal",
+    "pg_is_in_recovery",
+)
 
 
 def _durations(quick: bool) -> dict[str, float]:
@@ -87,6 +96,53 @@ def _statements() -> dict[str, tuple[int, float]]:
     return totals
 
 
+class _ConnectionSampler:
+    """Sample, in a thread, the connections the deployment holds on each server (the peak).
+
+    Counted from ``pg_stat_activity``: client backends of the newsroom database, but this
+    process's own (the sampling thread's, and the main thread's that resets the statistics).
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.own: dict[str, int] = {}
+        for server, alias in _statement_aliases().items():
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                self.own[server] = int(cursor.fetchone()[0])
+        self.peak = dict.fromkeys(_statement_aliases(), 0)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for server, alias in _statement_aliases().items():
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND backend_type = 'client backend' AND pid NOT IN (pg_backend_pid(), %s)",
+                            [self.own[server]],
+                        )
+                        self.peak[server] = max(self.peak[server], int(cursor.fetchone()[0]))
+                # Its connections are open now: their set-up statements come before the reset.
+                self._ready.set()
+                self._stop.wait(self.interval)
+        finally:
+            self._ready.set()
+            connections.close_all()
+
+    def __enter__(self) -> _ConnectionSampler:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def _phase(records: Sequence[Record], duration: float) -> dict[str, Any]:
     """Figures of one phase: all requests, and each page."""
     by_page: dict[str, list[Record]] = defaultdict(list)
@@ -108,10 +164,11 @@ def _statuses(records: Sequence[Record]) -> dict[str, int]:
 
 def _measured(running: Deployment, phase: str, run_load: Any, duration: float) -> dict[str, Any]:
     """Run *run_load* (returns records) with the server-side counters around it."""
-    _reset_statements()
-    cpu = running.cpu_seconds()
-    records = run_load()
-    cpu = running.cpu_seconds() - cpu
+    with _ConnectionSampler() as sampler:
+        _reset_statements()
+        cpu = running.cpu_seconds()
+        records = run_load()
+        cpu = running.cpu_seconds() - cpu
     statements = _statements()
     figures = _phase(records, duration)
     answered = max(1, len(records))
@@ -119,6 +176,7 @@ def _measured(running: Deployment, phase: str, run_load: Any, duration: float) -
         "app_cpu_ms_per_request": 1000 * cpu / answered,
         **{f"{server}_queries_per_request": calls / answered for server, (calls, _) in statements.items()},
         **{f"{server}_exec_ms_per_request": ms / answered for server, (_, ms) in statements.items()},
+        **{f"{server}_connections_peak": peak for server, peak in sampler.peak.items()},
     }
     figures["phase"] = phase
     return figures
@@ -192,11 +250,13 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
             rows.append(
                 [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
                  f"{server['primary_queries_per_request']:.2f}", f"{server['replica_queries_per_request']:.2f}",
-                 f"{server['primary_exec_ms_per_request']:.3f}", f"{server['replica_exec_ms_per_request']:.3f}"]
+                 f"{server['primary_exec_ms_per_request']:.3f}", f"{server['replica_exec_ms_per_request']:.3f}",
+                 server["primary_connections_peak"], server["replica_connections_peak"]]
             )  # fmt: skip
     print_table(
         out,
-        "Server side per request (gunicorn workers' CPU; pg_stat_statements calls and execution time)",
+        "Server side per request (gunicorn workers' CPU; pg_stat_statements calls and execution time),"
+        " and peak connections held",
         [
             "config",
             "phase",
@@ -205,6 +265,8 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
             "replica queries",
             "primary exec ms",
             "replica exec ms",
+            "primary conns",
+            "replica conns",
         ],
         rows,
     )
