@@ -346,7 +346,7 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
     configs = figures["configs"]
     assert list(configs) == ["stock", "tuned", "scale"]
     stock_capacity = configs["stock"]["capacity"]["all"]["throughput"]
-    assert figures["rates"] == [max(1.0, round(stock_capacity * load, 1)) for load in (0.5, 0.8)]
+    assert figures["rates"] == [max(0.1, round(stock_capacity * load, 2)) for load in (0.5, 0.8)]
     for name, config in configs.items():
         for phase in ("capacity", "open 50%", "open 80%"):
             summary = config[phase]["all"]
@@ -357,8 +357,8 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
             )
             assert 0 < summary["p50"] <= summary["p99"] <= summary["p99.9"] <= summary["max"]
         # The open loop sent its fixed schedule: rate x duration requests, all answered.
-        assert config["open 50%"]["all"]["requests"] == round(
-            figures["rates"][0] * figures["durations"]["open"]
+        assert config["open 50%"]["all"]["requests"] == max(
+            1, round(figures["rates"][0] * figures["durations"]["open"])
         )
         assert {"front page", "section", "article"} <= set(config["capacity"]["pages"]), name
         # Every process the deployment started is gone.

@@ -210,7 +210,7 @@ def _one_config(
         if not rates:
             # Stock runs first: its capacity sets every configuration's open-loop rates.
             capacity = result["capacity"]["all"]["throughput"]
-            rates.extend(max(1.0, round(capacity * load, 1)) for load in LOADS)
+            rates.extend(max(0.1, round(capacity * load, 2)) for load in LOADS)
         for load, rate in zip(LOADS, rates, strict=True):
             result[f"open {load:.0%}"] = _measured(
                 running,
