@@ -7,6 +7,7 @@ the suite uses.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -142,6 +143,66 @@ def test_admin_changelist_and_public_pages_render(
     assert "list 200 4" in lines, explain(result)
 
 
+# `bench site`'s pages in one configuration: status, queries (cold cache, then warm) and a
+# digest of the page's content, per page.
+SITE_PAGES = """
+import hashlib, re
+from django.core.cache import cache
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext, setup_test_environment
+from news.models import Article, Section
+
+setup_test_environment()
+cache.clear()
+client = Client()
+article = Article.objects.published().filter(comments__isnull=False).first()
+section = Section.objects.filter(articles__in=Article.objects.published()).first()
+for url in ["/", f"/sections/{section.slug}/", article.get_absolute_url()]:
+    counts = []
+    for _ in range(2):
+        with CaptureQueriesContext(connection) as queries:
+            response = client.get(url)
+        counts.append(len(queries))
+    page = response.content.decode()
+    main = re.search(r"<main>(.*)</main>", page, re.S).group(1)
+    aside = " ".join(re.search(r"<aside>(.*)</aside>", page, re.S).group(1).split())
+    print(url, response.status_code, *counts, hashlib.md5((main + aside).encode()).hexdigest())
+"""
+
+
+def test_bench_site_configurations_serve_the_same_pages(
+    seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]],
+) -> None:
+    """Stock, hand-tuned and django-scale: the same HTML, at different costs in queries."""
+    env, first = seeded
+    assert first.returncode == 0, explain(first)
+    pages: dict[str, dict[str, tuple[str, int, int, str]]] = {}
+    for config in ("stock", "tuned", "scale"):
+        result = manage({**env, "DJANGO_SCALE_EXAMPLE_CONFIG": config}, "shell", "-c", SITE_PAGES)
+        assert result.returncode == 0, explain(result)
+        rows = [line.split() for line in result.stdout.splitlines() if line.startswith("/")]
+        pages[config] = {
+            url: (status, int(cold), int(warm), digest) for url, status, cold, warm, digest in rows
+        }
+    assert len(pages["stock"]) == 3
+    for url, (status, cold, warm, digest) in pages["stock"].items():
+        assert status == "200"
+        for config in ("tuned", "scale"):
+            assert pages[config][url][0] == "200"
+            assert pages[config][url][3] == digest, (config, url)
+            # Stock loads relations row by row and caches nothing: the most queries, every time.
+            assert pages[config][url][1] < cold, (config, url)
+        assert warm == cold, url
+    front, section, _ = pages["stock"]
+    for config in ("tuned", "scale"):
+        # Cached: the front page takes no query when warm; the section page none through
+        # cache_page (tuned), one through the swr function (scale: the section's row, for the 404).
+        assert pages[config][front][2] == 0, config
+    assert pages["tuned"][section][2] == 0
+    assert pages["scale"][section][2] == 1
+
+
 def test_demo_refuses_zero_articles(tmp_path: Path) -> None:
     result = manage(example_env(tmp_path / "db.sqlite3"), "demo", "--articles", "0")
     assert result.returncode != 0, explain(result)
@@ -250,3 +311,68 @@ def test_the_demo_runs_without_a_postgresql_driver(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, explain(result)
     assert "django-scale, no lookups" in result.stdout, explain(result)
+
+
+@pytest.mark.once
+@pytest.mark.postgres
+def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
+    """``bench site --quick`` on a tiny data set: three deployments, loaded, measured, stopped."""
+    env = example_env(tmp_path / "unused.sqlite3")
+    env["PG_BIN"] = str(harness.PG_BIN)
+    env["DJANGO_SCALE_EXAMPLE_HARNESS"] = "1"
+    figures_path = tmp_path / "site.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(MANAGE),
+            "bench",
+            "site",
+            "--quick",
+            "--articles",
+            "200",
+            "--json",
+            str(figures_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, explain(result)
+    assert "seeded: 200 articles, 600 tags of articles" in result.stdout, explain(result)
+    figures = json.loads(figures_path.read_text())
+    configs = figures["configs"]
+    assert list(configs) == ["stock", "tuned", "scale"]
+    stock_capacity = configs["stock"]["capacity"]["all"]["throughput"]
+    assert figures["rates"] == [max(0.1, round(stock_capacity * load, 2)) for load in (0.5, 0.8)]
+    for name, config in configs.items():
+        for phase in ("capacity", "open 50%", "open 80%"):
+            summary = config[phase]["all"]
+            assert summary["requests"] > 0 and summary["errors"] == 0, (
+                name,
+                phase,
+                config[phase]["statuses"],
+            )
+            assert 0 < summary["p50"] <= summary["p99"] <= summary["p99.9"] <= summary["max"]
+        # The open loop sent its fixed schedule: rate x duration requests, all answered.
+        assert config["open 50%"]["all"]["requests"] == max(
+            1, round(figures["rates"][0] * figures["durations"]["open"])
+        )
+        assert {"front page", "section", "article"} <= set(config["capacity"]["pages"]), name
+        # Every process the deployment started is gone.
+        for pid in config["pids"]:
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "newsroom" not in Path(f"/proc/{pid}/cmdline").read_text()
+            )
+    server = {name: config["capacity"]["server"] for name, config in configs.items()}
+    # Stock reads everything from the primary, row by row; the other two read from the replica.
+    assert server["stock"]["replica_queries_per_request"] == 0
+    assert server["stock"]["replica_connections_peak"] == 0
+    assert server["stock"]["primary_connections_peak"] >= 1
+    assert server["stock"]["primary_queries_per_request"] > 5 * server["scale"]["primary_queries_per_request"]
+    for name in ("tuned", "scale"):
+        assert server[name]["replica_queries_per_request"] > server[name]["primary_queries_per_request"], name
+        assert server[name]["replica_connections_peak"] >= 1, name

@@ -24,6 +24,13 @@ local-memory cache and eager Celery tasks. Environment variables switch on the r
     ``DJANGO_SCALE_TEST_POOLER=pgbouncer`` puts a real PgBouncer in front).
 ``DJANGO_SCALE_EXAMPLE_SQLITE``
     The SQLite file used without ``DATABASE_URL`` (default: ``db.sqlite3`` next to ``manage.py``).
+``DJANGO_SCALE_EXAMPLE_CONFIG``
+    ``manage.py bench site``'s configuration of the same pages (unset: the project as it is):
+    ``stock`` (no router, no middleware of ours, Django's managers and ``ModelAdmin``, no
+    cache), ``tuned`` (what a careful team writes with Django and the popular packages:
+    ``select_related``/``prefetch_related`` by hand, ``cache_page`` and the ``{% cache %}`` tag
+    with a TTL, django-multidb-router) or ``scale`` (django-scale throughout, plus
+    ``MetricsMiddleware`` writing to ``DJANGO_SCALE_EXAMPLE_METRICS_DIR``).
 ``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``DJANGO_ALLOWED_HOSTS``
     The Django settings of the same names (``DEBUG`` is on unless ``DJANGO_DEBUG=0``).
 """
@@ -31,6 +38,7 @@ local-memory cache and eager Celery tasks. Environment variables switch on the r
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -181,6 +189,39 @@ else:
             "NAME": os.environ.get("DJANGO_SCALE_EXAMPLE_SQLITE", str(BASE_DIR / "db.sqlite3")),
         }
     }
+
+#: ``bench site``'s configuration (the module's docstring): read by the news views and admin.
+SITE_CONFIG = os.environ.get("DJANGO_SCALE_EXAMPLE_CONFIG", "")
+if SITE_CONFIG not in {"", "stock", "tuned", "scale"}:
+    raise ImproperlyConfigured(
+        f"DJANGO_SCALE_EXAMPLE_CONFIG={SITE_CONFIG!r}; use stock, tuned or scale, or leave it unset."
+    )
+if SITE_CONFIG in {"stock", "tuned"}:
+    # Without django-scale's routing: no ReplicaRouter, no ScaleMiddleware, no managed replica.
+    DATABASE_ROUTERS = []
+    if "django_scale.middleware.ScaleMiddleware" in MIDDLEWARE:
+        MIDDLEWARE.remove("django_scale.middleware.ScaleMiddleware")
+    DJANGO_SCALE.pop("REPLICAS", None)
+if SITE_CONFIG == "tuned" and REPLICA_URL:
+    # django-multidb-router, as its README sets it up: reads on the replica, a request that
+    # wrote (and the next ones, by cookie) pinned to the primary. It reads through the alias
+    # django-scale does not manage.
+    DATABASE_ROUTERS = ["multidb.PinningReplicaRouter"]
+    MIDDLEWARE.insert(0, "multidb.middleware.PinningRouterMiddleware")
+    REPLICA_DATABASES = ["replica_plain"]
+if SITE_CONFIG in {"tuned", "scale"}:
+    # Persistent connections, as a careful deployment has them (stock: Django's default, a
+    # new connection per request).
+    for _database in DATABASES.values():
+        _database.setdefault("CONN_MAX_AGE", 60)
+        _database.setdefault("CONN_HEALTH_CHECKS", True)
+if SITE_CONFIG == "scale":
+    # The monitoring issue's per-route percentiles, right after ScaleMiddleware (W509).
+    _after = MIDDLEWARE.index("django_scale.middleware.ScaleMiddleware") + 1 if DATABASE_ROUTERS else 0
+    MIDDLEWARE.insert(_after, "django_scale.metrics.MetricsMiddleware")
+    DJANGO_SCALE["METRICS_DIR"] = os.environ.get(
+        "DJANGO_SCALE_EXAMPLE_METRICS_DIR", str(Path(tempfile.gettempdir()) / "newsroom-metrics")
+    )
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 CACHES: dict[str, dict[str, Any]]

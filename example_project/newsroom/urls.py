@@ -12,4 +12,6 @@ urlpatterns = [
     path("", views.front_page, name="front-page"),
     path("articles/", views.article_list, name="article-list"),
     path("articles/<slug:slug>/", views.article_detail, name="article-detail"),
+    path("articles/<slug:slug>/comments/", views.add_comment, name="article-comment"),
+    path("sections/<slug:slug>/", views.section_page, name="section"),
 ]

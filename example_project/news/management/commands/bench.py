@@ -27,6 +27,7 @@ FEATURES = {
     "querycache": "benchmarks.querycache",
     "request": "benchmarks.request",
     "routing": "benchmarks.routing",
+    "site": "benchmarks.site.run",
     "timeouts": "benchmarks.timeouts",
 }
 
@@ -43,9 +44,31 @@ class Command(BaseCommand):
             help="table sizes, comma-separated (admin: e.g. 100000,1000000,10000000; bulk, indexes: one size, e.g. 1000000)",
         )
 
-    def handle(self, *args: Any, feature: str, quick: bool, rows: list[int] | None, **options: Any) -> None:
+        parser.add_argument(
+            "--articles",
+            type=lambda value: int(value.replace("_", "")),
+            help="site: articles to seed (default 1,000,000; 100,000 with --quick)",
+        )
+        parser.add_argument(
+            "--json", dest="json_path", metavar="PATH", help="site: also write every figure to PATH"
+        )
+
+    def handle(
+        self,
+        *args: Any,
+        feature: str,
+        quick: bool,
+        rows: list[int] | None,
+        articles: int | None,
+        json_path: str | None,
+        **options: Any,
+    ) -> None:
         if rows is not None and min(rows) < 1:
             raise CommandError("--rows must be at least 1.")
+        if articles is not None and articles < 10:
+            raise CommandError("--articles must be at least 10.")
+        if (articles is not None or json_path) and feature != "site":
+            raise CommandError("--articles and --json are options of bench site only.")
         call_command("migrate", verbosity=0, interactive=False)
         primary = connections[conf.PRIMARY]
         with primary.cursor():
@@ -58,7 +81,9 @@ class Command(BaseCommand):
         module = importlib.import_module(FEATURES[feature])
         run = module.run
         parameters = inspect.signature(run).parameters
-        if rows and "sizes" in parameters:
+        if feature == "site":
+            run(self.stdout, quick=quick, articles=articles, json_path=json_path)
+        elif rows and "sizes" in parameters:
             run(self.stdout, quick=quick, sizes=rows)
         elif rows and "rows" in parameters and len(rows) == 1:
             run(self.stdout, quick=quick, rows=rows[0])

@@ -1,0 +1,185 @@
+"""The deployment ``bench site`` measures: the example project under gunicorn, and a Celery worker.
+
+The PostgreSQL primary, its streaming replica and Redis are the ones this process's settings
+point at (the test harness's, with ``DJANGO_SCALE_EXAMPLE_HARNESS=1``). :func:`deployment`
+starts, for one configuration (``stock``, ``tuned``, ``scale``; see ``news.configs``):
+
+* gunicorn with sync workers, serving ``newsroom.wsgi`` on a free local port;
+* a real ``celery -A newsroom worker`` on a Redis broker (django-scale's refills run there).
+
+Both get the configuration through ``DJANGO_SCALE_EXAMPLE_CONFIG`` and the services through
+the same environment variables the settings read; each runs in a process group of its own,
+and leaving the ``with`` block, by return, error or Ctrl-C, stops both groups (SIGTERM, then
+SIGKILL after a grace period), so that no process outlives the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+__all__ = ["Deployment", "deployment"]
+
+EXAMPLE_PROJECT = Path(__file__).resolve().parent.parent.parent
+#: Sync workers for a 2-core machine: one more than the cores, so a worker waiting on the
+#: database does not leave a core idle.
+WORKERS = 3
+#: Seconds a process group has to exit on SIGTERM before it is killed.
+GRACE = 10.0
+#: The variables of this process that the children must not inherit: the harness (each child
+#: would start services of its own) and the aliases `bench site` does not use.
+DROPPED = ("DJANGO_SCALE_EXAMPLE_HARNESS", "REPLICA2_URL", "LEGACY_DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+
+
+def free_port() -> int:
+    """Return a TCP port free on 127.0.0.1 now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def broker_url() -> str:
+    """Return the Celery broker: the cache's Redis, one database up (its keys apart)."""
+    cache = str(settings.CACHES["default"]["LOCATION"])
+    base, _, db = cache.rpartition("/")
+    return f"{base}/{int(db or 0) + 1}" if db.isdigit() else f"{cache.rstrip('/')}/1"
+
+
+def child_env(config: str, metrics_dir: str) -> dict[str, str]:
+    """Return the environment of the deployment's processes for *config*."""
+    env = {key: value for key, value in os.environ.items() if key not in DROPPED}
+    env.update(
+        DJANGO_SETTINGS_MODULE="newsroom.settings",
+        DJANGO_SCALE_EXAMPLE_CONFIG=config,
+        DJANGO_SCALE_EXAMPLE_METRICS_DIR=metrics_dir,
+        CELERY_BROKER_URL=broker_url(),
+        # DEBUG keeps every query of a process in memory: never under load.
+        DJANGO_DEBUG="0",
+        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLE_PROJECT), os.environ.get("PYTHONPATH", "")])),
+    )
+    return env
+
+
+@dataclass
+class Deployment:
+    """One configuration's running processes."""
+
+    config: str
+    host: str
+    port: int
+    gunicorn: subprocess.Popen[bytes]
+    celery: subprocess.Popen[bytes]
+    metrics_dir: str
+    log_dir: Path
+    workers: int
+
+    def worker_pids(self) -> list[int]:
+        """Return the pids of gunicorn's workers (the master's children)."""
+        path = Path(f"/proc/{self.gunicorn.pid}/task/{self.gunicorn.pid}/children")
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+    def cpu_seconds(self) -> float:
+        """Return the CPU time (user + system) gunicorn's workers have used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.worker_pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / ticks
+
+    def logs(self) -> str:
+        """Return the tail of both processes' logs (for an error message)."""
+        parts = []
+        for name in ("gunicorn.log", "celery.log"):
+            path = self.log_dir / name
+            if path.exists():
+                parts.append(f"--- {name}\n" + path.read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+
+def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as output:
+        return subprocess.Popen(
+            command,
+            cwd=EXAMPLE_PROJECT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop *process* and everything in its process group."""
+    if process.poll() is None:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=GRACE)
+    # Workers left behind by a master that died first are in the group still.
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _wait_until_serving(deployment: Deployment, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if deployment.gunicorn.poll() is not None:
+            raise RuntimeError(
+                f"gunicorn exited with status {deployment.gunicorn.returncode}\n{deployment.logs()}"
+            )
+        if deployment.celery.poll() is not None:
+            raise RuntimeError(
+                f"the Celery worker exited with status {deployment.celery.returncode}\n{deployment.logs()}"
+            )
+        try:
+            with socket.create_connection((deployment.host, deployment.port), timeout=1):
+                if len(deployment.worker_pids()) >= deployment.workers:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"gunicorn did not serve within {timeout:.0f} s\n{deployment.logs()}")
+
+
+@contextmanager
+def deployment(config: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
+    """Run the example project in *config* under gunicorn, with a Celery worker, for the block."""
+    with ExitStack() as stack:
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-site-{config}-")))
+        metrics_dir = str(log_dir / "metrics")
+        env = child_env(config, metrics_dir)
+        port = free_port()
+        celery = _start(
+            [sys.executable, "-m", "celery", "-A", "newsroom", "worker", "--pool", "solo",
+             "--loglevel", "WARNING", "--without-heartbeat", "--without-gossip", "--without-mingle"],
+            env, log_dir / "celery.log",
+        )  # fmt: skip
+        stack.callback(_stop, celery)
+        gunicorn = _start(
+            [sys.executable, "-m", "gunicorn", "newsroom.wsgi:application", "--worker-class", "sync",
+             "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "--backlog", "2048",
+             "--timeout", "120", "--log-level", "warning"],
+            env, log_dir / "gunicorn.log",
+        )  # fmt: skip
+        stack.callback(_stop, gunicorn)
+        running = Deployment(config, "127.0.0.1", port, gunicorn, celery, metrics_dir, log_dir, workers)
+        _wait_until_serving(running)
+        yield running

@@ -1,0 +1,265 @@
+"""The smallest open-loop HTTP/1.1 load generator, and its closed-loop capacity mode.
+
+Open loop: request *i* is due at ``t0 + i / rate`` (a uniform schedule: fixed intervals, no
+randomness), whatever happened to the requests before it. When it is due and no connection
+is idle, another is opened; the generator never waits for a connection to come free. Latency
+is measured from the request's *intended* send time, not from when it went out, so a server
+that stalls is charged for every request that should have been sent during the stall
+(coordinated omission corrected). A generator that falls behind its own schedule is charged
+too: its lateness shows as latency, never hidden.
+
+Closed loop (``closed_loop``): *connections* clients each send their next request as soon as
+the last one answered, for a fixed time: the capacity of the server, and the naive latency
+figure (a stall shows as one slow request per connection, however long it lasts).
+
+Each request is recorded (:class:`Record`): page name, intended time, start, end, status and
+bytes received; percentiles are exact, from the records (nearest rank).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Record",
+    "Request",
+    "closed_loop",
+    "open_loop",
+    "percentile",
+    "summarise",
+]
+
+#: A request not answered within this many seconds is recorded with status 0 (an error).
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request to send: *name* is the page it counts under."""
+
+    name: str
+    path: str
+    method: str = "GET"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self, host: str) -> bytes:
+        """Return the request as bytes on the wire (HTTP/1.1, keep-alive)."""
+        lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
+        lines += [f"{name}: {value}" for name, value in self.headers]
+        if self.body or self.method != "GET":
+            lines.append(f"Content-Length: {len(self.body)}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+
+
+@dataclass
+class Record:
+    """What happened to one request. Times are ``time.monotonic()`` seconds."""
+
+    name: str
+    intended: float
+    start: float
+    end: float
+    #: The HTTP status, or 0 for no answer (refused, reset, timed out, malformed).
+    status: int
+    bytes: int
+
+    @property
+    def latency(self) -> float:
+        """Seconds from the intended send time to the last byte of the answer."""
+        return self.end - self.intended
+
+    @property
+    def service_time(self) -> float:
+        """Seconds from the actual send time to the last byte (what a closed loop measures)."""
+        return self.end - self.start
+
+
+@dataclass
+class _Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class _Pool:
+    """Connections to one server: idle ones are reused, a new one opened when none is idle."""
+
+    host: str
+    port: int
+    idle: list[_Connection] = field(default_factory=list)
+    opened: int = 0
+
+    async def take(self) -> _Connection:
+        if self.idle:
+            return self.idle.pop()
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        self.opened += 1
+        return _Connection(reader, writer)
+
+    def close(self) -> None:
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
+    """Read one response; return (status, body bytes, whether the connection stays open)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    keep_alive = headers.get("connection", "").lower() != "close"
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        size = 0
+        while True:
+            chunk = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if chunk:
+                size += len(await reader.readexactly(chunk))
+            await reader.readexactly(2)
+            if not chunk:
+                return status, size, keep_alive
+    if "content-length" in headers:
+        return status, len(await reader.readexactly(int(headers["content-length"]))), keep_alive
+    # No length: the body ends when the server closes the connection.
+    return status, len(await reader.read()), False
+
+
+async def _exchange(pool: _Pool, request: Request) -> tuple[int, int]:
+    connection = await pool.take()
+    try:
+        connection.writer.write(request.encode(pool.host))
+        await connection.writer.drain()
+        status, size, keep_alive = await _read_response(connection.reader)
+    except BaseException:
+        connection.close()
+        raise
+    if keep_alive:
+        pool.idle.append(connection)
+    else:
+        connection.close()
+    return status, size
+
+
+async def _send(pool: _Pool, request: Request, intended: float, records: list[Record]) -> None:
+    start = time.monotonic()
+    try:
+        status, size = await asyncio.wait_for(_exchange(pool, request), TIMEOUT)
+    except (
+        OSError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        asyncio.TimeoutError,
+        ValueError,
+    ):
+        status, size = 0, 0
+    records.append(Record(request.name, intended, start, time.monotonic(), status, size))
+
+
+async def _open_loop(
+    host: str, port: int, requests: Callable[[int], Request], rate: float, count: int
+) -> list[Record]:
+    pool = _Pool(host, port)
+    records: list[Record] = []
+    tasks: set[asyncio.Task[None]] = set()
+    t0 = time.monotonic() + 0.05
+    try:
+        for i in range(count):
+            intended = t0 + i / rate
+            delay = intended - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_send(pool, requests(i), intended, records))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
+    finally:
+        pool.close()
+    return records
+
+
+def open_loop(
+    host: str, port: int, requests: Callable[[int], Request], *, rate: float, duration: float
+) -> list[Record]:
+    """Send ``rate * duration`` requests at fixed intervals; ``requests(i)`` gives the i-th.
+
+    Every request is recorded, latency from its intended send time (see the module's docstring).
+    """
+    if rate <= 0 or duration <= 0:
+        raise ValueError("open_loop() needs a positive rate and duration")
+    return asyncio.run(_open_loop(host, port, requests, rate, max(1, round(rate * duration))))
+
+
+async def _closed_loop(
+    host: str, port: int, requests: Callable[[int], Request], connections: int, duration: float
+) -> list[Record]:
+    pool = _Pool(host, port)
+    records: list[Record] = []
+    deadline = time.monotonic() + duration
+    sent = 0
+
+    async def client() -> None:
+        nonlocal sent
+        while time.monotonic() < deadline:
+            i, sent = sent, sent + 1
+            # The closed loop's "intended" time is when it sent: what naive tools measure.
+            await _send(pool, requests(i), time.monotonic(), records)
+
+    try:
+        await asyncio.gather(*(client() for _ in range(connections)))
+    finally:
+        pool.close()
+    return records
+
+
+def closed_loop(
+    host: str, port: int, requests: Callable[[int], Request], *, connections: int, duration: float
+) -> list[Record]:
+    """Send requests on *connections* concurrent clients, each as fast as answers come back."""
+    if connections < 1 or duration <= 0:
+        raise ValueError("closed_loop() needs at least one connection and a positive duration")
+    return asyncio.run(_closed_loop(host, port, requests, connections, duration))
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Return the exact *fraction* percentile of *values* (nearest rank), or NaN if empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def summarise(records: Sequence[Record], duration: float | None = None) -> dict[str, float]:
+    """Return count, errors, throughput, p50/p99/p99.9/max latency and send lag (s) of *records*.
+
+    Errors are status 0 and 5xx answers. Throughput is answered requests per second over
+    *duration*, or over the span of the records.
+    """
+    latencies = [record.latency for record in records]
+    if duration is None and records:
+        duration = max(r.end for r in records) - min(r.intended for r in records)
+    ok = sum(1 for record in records if 0 < record.status < 500)
+    return {
+        "requests": len(records),
+        "errors": len(records) - ok,
+        "throughput": ok / duration if duration else 0.0,
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
+        "p99.9": percentile(latencies, 0.999),
+        "max": max(latencies, default=math.nan),
+        # How late the generator itself sent (open loop): high, it fell behind its schedule
+        # (a busy machine), and the latencies include that.
+        "send_lag_p99": percentile([record.start - record.intended for record in records], 0.99),
+    }

@@ -1,0 +1,334 @@
+"""The run of ``bench site``: each configuration deployed in turn, loaded, and measured.
+
+Per configuration (stock first: its capacity sets the open-loop rates of all three):
+
+1. gunicorn and a Celery worker started (:mod:`~benchmarks.site.deploy`), the staff user
+   logged in, a short closed-loop warm-up (caches filled as in steady state; not counted);
+2. capacity: a closed loop of :data:`CONNECTIONS` clients for a fixed time; its throughput
+   is the configuration's capacity;
+3. open loop (:mod:`~benchmarks.site.loadgen`) at 50 % and 80 % of stock's capacity, latency
+   from the intended send times.
+
+Per phase and page: requests, errors (no answer or 5xx), throughput and exact p50 / p99 /
+p99.9 / max. Per phase: queries per request and statement execution time per request on the
+primary and on the replica (``pg_stat_statements``, reset before the phase), the peak of
+connections held on each (``pg_stat_activity``, sampled every 0.25 s), and the CPU time of
+gunicorn's workers per request (``/proc``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import django
+from django.core.cache import cache
+from django.db import connections
+
+from django_scale.conf import conf
+from django_scale.replicas import monitor
+
+from benchmarks import print_table, require_replica
+from benchmarks.site.deploy import WORKERS, Deployment, deployment
+from benchmarks.site.loadgen import Record, closed_loop, open_loop, summarise
+from benchmarks.site.mix import PAGES, Mix, login
+from benchmarks.site.seed import STAFF, seed
+from news.models import Section
+
+__all__ = ["CONFIGS", "run"]
+
+#: The configurations, in the order they run (stock first: its capacity sets the rates).
+CONFIGS = ("stock", "tuned", "scale")
+#: Clients of the closed-loop capacity run: enough to keep every worker busy.
+CONNECTIONS = 2 * WORKERS
+#: The open-loop rates, as fractions of stock's capacity.
+LOADS = (0.5, 0.8)
+#: Statements of this process (the figures' own queries) left out of the per-request counts.
+OWN_STATEMENTS = (
+    "pg_stat_statements",
+    "pg_stat_activity",
+    "pg_backend_pid",
+    "pg_last_wal",
+    "pg_current_wal",
+    "pg_is_in_recovery",
+)
+
+
+def _durations(quick: bool) -> dict[str, float]:
+    """Seconds of each phase."""
+    if quick:
+        return {"warm-up": 2.0, "capacity": 8.0, "open": 10.0}
+    return {"warm-up": 5.0, "capacity": 20.0, "open": 30.0}
+
+
+def _statement_aliases() -> dict[str, str]:
+    """The servers whose statements are counted: the primary and the (first) replica."""
+    return {"primary": "default", "replica": conf.REPLICAS[0]}
+
+
+def _reset_statements() -> None:
+    for alias in _statement_aliases().values():
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_stat_statements_reset()")
+
+
+def _statements() -> dict[str, tuple[int, float]]:
+    """Return (calls, total execution ms) of the newsroom's statements on each server."""
+    exclusions = " AND ".join("s.query NOT ILIKE %s" for _ in OWN_STATEMENTS)
+    totals = {}
+    for server, alias in _statement_aliases().items():
+        with connections[alias].cursor() as cursor:
+            cursor.execute(
+                "SELECT coalesce(sum(s.calls), 0), coalesce(sum(s.total_exec_time), 0) "
+                "  FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+                f" WHERE d.datname = current_database() AND {exclusions}",
+                [f"%{name}%" for name in OWN_STATEMENTS],
+            )
+            calls, ms = cursor.fetchone()
+            totals[server] = (int(calls), float(ms))
+    return totals
+
+
+class _ConnectionSampler:
+    """Sample, in a thread, the connections the deployment holds on each server (the peak).
+
+    Counted from ``pg_stat_activity``: client backends of the newsroom database, but this
+    process's own (the sampling thread's, and the main thread's that resets the statistics).
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.own: dict[str, int] = {}
+        for server, alias in _statement_aliases().items():
+            with connections[alias].cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                self.own[server] = int(cursor.fetchone()[0])
+        self.peak = dict.fromkeys(_statement_aliases(), 0)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        try:
+            while not self._stop.is_set():
+                for server, alias in _statement_aliases().items():
+                    with connections[alias].cursor() as cursor:
+                        cursor.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND backend_type = 'client backend' AND pid NOT IN (pg_backend_pid(), %s)",
+                            [self.own[server]],
+                        )
+                        self.peak[server] = max(self.peak[server], int(cursor.fetchone()[0]))
+                # Its connections are open now: their set-up statements come before the reset.
+                self._ready.set()
+                self._stop.wait(self.interval)
+        finally:
+            self._ready.set()
+            connections.close_all()
+
+    def __enter__(self) -> _ConnectionSampler:
+        self._thread.start()
+        self._ready.wait()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _phase(records: Sequence[Record], duration: float) -> dict[str, Any]:
+    """Figures of one phase: all requests, and each page."""
+    by_page: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_page[record.name].append(record)
+    return {
+        "all": summarise(records, duration),
+        "pages": {name: summarise(by_page[name], duration) for name, _ in PAGES if by_page[name]},
+        "statuses": dict(sorted(_statuses(records).items())),
+    }
+
+
+def _statuses(records: Sequence[Record]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for record in records:
+        counts[str(record.status)] += 1
+    return counts
+
+
+def _measured(running: Deployment, phase: str, run_load: Any, duration: float) -> dict[str, Any]:
+    """Run *run_load* (returns records) with the server-side counters around it."""
+    with _ConnectionSampler() as sampler:
+        _reset_statements()
+        cpu = running.cpu_seconds()
+        records = run_load()
+        cpu = running.cpu_seconds() - cpu
+    statements = _statements()
+    figures = _phase(records, duration)
+    answered = max(1, len(records))
+    figures["server"] = {
+        "app_cpu_ms_per_request": 1000 * cpu / answered,
+        **{f"{server}_queries_per_request": calls / answered for server, (calls, _) in statements.items()},
+        **{f"{server}_exec_ms_per_request": ms / answered for server, (_, ms) in statements.items()},
+        **{f"{server}_connections_peak": peak for server, peak in sampler.peak.items()},
+    }
+    figures["phase"] = phase
+    return figures
+
+
+def _one_config(
+    config: str,
+    articles: int,
+    sections: list[tuple[int, str]],
+    durations: dict[str, float],
+    rates: list[float],
+) -> dict[str, Any]:
+    # Each configuration starts with an empty cache, as a fresh deployment does.
+    cache.clear()
+    with deployment(config) as running:
+        session = login(running.host, running.port, *STAFF)
+        mix = Mix(articles, sections, session)
+        host, port = running.host, running.port
+        closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["warm-up"])
+        result: dict[str, Any] = {
+            "workers": running.workers,
+            # The processes the deployment started (all stopped when it ends).
+            "pids": [running.gunicorn.pid, *running.worker_pids(), running.celery.pid],
+        }
+        result["capacity"] = _measured(
+            running,
+            "capacity",
+            lambda: closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["capacity"]),
+            durations["capacity"],
+        )
+        if not rates:
+            # Stock runs first: its capacity sets every configuration's open-loop rates.
+            capacity = result["capacity"]["all"]["throughput"]
+            rates.extend(max(0.1, round(capacity * load, 2)) for load in LOADS)
+        for load, rate in zip(LOADS, rates, strict=True):
+            result[f"open {load:.0%}"] = _measured(
+                running,
+                f"open loop at {rate:g}/s",
+                lambda rate=rate: open_loop(host, port, mix, rate=rate, duration=durations["open"]),
+                durations["open"],
+            )
+            result[f"open {load:.0%}"]["rate"] = rate
+        return result
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _print(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        for key in ("capacity", *(f"open {load:.0%}" for load in LOADS)):
+            phase = figures[key]
+            label = key if key == "capacity" else f"{key} ({phase['rate']:g}/s)"
+            for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
+                rows.append(
+                    [config, label, page, summary["requests"], summary["errors"], f"{summary['throughput']:.1f}",
+                     _ms(summary["p50"]), _ms(summary["p99"]), _ms(summary["p99.9"]), _ms(summary["max"])]
+                )  # fmt: skip
+    print_table(
+        out,
+        "Latency per configuration, phase and page (ms; open loop: from the intended send time)",
+        ["config", "phase", "page", "requests", "errors", "req/s", "p50", "p99", "p99.9", "max"],
+        rows,
+    )
+    rows = []
+    for config, figures in results["configs"].items():
+        for key in ("capacity", *(f"open {load:.0%}" for load in LOADS)):
+            server = figures[key]["server"]
+            rows.append(
+                [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
+                 f"{server['primary_queries_per_request']:.2f}", f"{server['replica_queries_per_request']:.2f}",
+                 f"{server['primary_exec_ms_per_request']:.3f}", f"{server['replica_exec_ms_per_request']:.3f}",
+                 server["primary_connections_peak"], server["replica_connections_peak"]]
+            )  # fmt: skip
+    print_table(
+        out,
+        "Server side per request (gunicorn workers' CPU; pg_stat_statements calls and execution time),"
+        " and peak connections held",
+        [
+            "config",
+            "phase",
+            "app CPU ms",
+            "primary queries",
+            "replica queries",
+            "primary exec ms",
+            "replica exec ms",
+            "primary conns",
+            "replica conns",
+        ],
+        rows,
+    )
+    for config, figures in results["configs"].items():
+        for load in LOADS:
+            lag = figures[f"open {load:.0%}"]["all"]["send_lag_p99"]
+            if lag > 0.01:
+                out.write(
+                    f"\nnote: {config}, open {load:.0%}: the generator sent late (p99 {_ms(lag)} ms after the "
+                    "intended time; a busy machine): the latencies include it.\n"
+                )
+    stock = results["configs"]["stock"]["capacity"]["all"]["throughput"]
+    out.write(f"\nCapacity (closed loop, {CONNECTIONS} connections): ")
+    out.write(
+        ", ".join(
+            f"{config} {figures['capacity']['all']['throughput']:.1f} req/s"
+            f" ({figures['capacity']['all']['throughput'] / stock:.1f}x stock)"
+            for config, figures in results["configs"].items()
+        )
+        + "\n"
+    )
+
+
+def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path: str | None = None) -> None:
+    """Seed, deploy each configuration in turn, load it, and print (and write) the figures."""
+    require_replica(out, "site")
+    articles = articles or (100_000 if quick else 1_000_000)
+    durations = _durations(quick)
+    started = time.monotonic()
+    counts = seed(articles)
+    out.write(
+        f"seeded: {counts['news_article']:,} articles, {counts['news_article_tags']:,} tags of articles, "
+        f"{counts['news_comment']:,} comments ({time.monotonic() - started:.0f} s)\n"
+    )
+    # This process's replica monitors would count among the replica's statements.
+    for alias in conf.REPLICAS:
+        monitor(alias).stop()
+    sections = list(Section.objects.using("default").order_by("pk").values_list("pk", "slug"))
+    results: dict[str, Any] = {
+        "command": "manage.py bench site" + (" --quick" if quick else "") + f" --articles {articles}",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "django": django.get_version(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "articles": articles,
+        "durations": durations,
+        "connections": CONNECTIONS,
+        "workers": WORKERS,
+        "schedule": "uniform (fixed intervals)",
+        "configs": {},
+    }
+    rates: list[float] = []
+    for config in CONFIGS:
+        out.write(f"{config}: deploying and loading ...\n")
+        out.flush()
+        results["configs"][config] = _one_config(config, articles, sections, durations, rates)
+    results["rates"] = rates
+    results["seconds"] = time.monotonic() - started
+    _print(out, results)
+    out.write(f"\nwhole run: {results['seconds']:.0f} s\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        out.write(f"figures written to {json_path}\n")

@@ -1,0 +1,145 @@
+"""``bench site``'s load generator, proved on a real gunicorn that is paused with SIGSTOP.
+
+An open-loop generator charges a server stall to every request that was due during it
+(latency from the intended send time); a closed loop records one slow request per
+connection, however long the stall. The proof pauses gunicorn's master and workers for two
+seconds in a run of each.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
+
+from benchmarks.site.loadgen import Request, closed_loop, open_loop, percentile, summarise  # noqa: E402
+
+pytestmark = pytest.mark.once
+
+APP = """
+def application(environ, start_response):
+    body = b"ok " + environ["PATH_INFO"].encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+PAUSE = 2.0
+RATE = 100.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture
+def gunicorn(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    (tmp_path / "tinyapp.py").write_text(APP)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
+         "--bind", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "tinyapp:application"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return len(_children(server.pid)) == 2
+            except OSError:
+                return False
+
+        wait_until(answers, "gunicorn answering with 2 workers", timeout=60)
+        yield port, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _pause_during(server: subprocess.Popen[bytes], after: float) -> list[float]:
+    """Stop gunicorn's master and workers *after* seconds from now, for PAUSE seconds, in a thread.
+
+    Return a list that then holds the (monotonic) times it stopped and resumed.
+    """
+    window: list[float] = []
+    pids = [server.pid, *_children(server.pid)]
+
+    def pause() -> None:
+        time.sleep(after)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        window.append(time.monotonic())
+        time.sleep(PAUSE)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        window.append(time.monotonic())
+
+    thread = threading.Thread(target=pause, daemon=True)
+    thread.start()
+    return window
+
+
+def _request(i: int) -> Request:
+    return Request("tiny", f"/page/{i}/")
+
+
+def test_open_loop_charges_a_stall_to_every_request_due_during_it(
+    gunicorn: tuple[int, subprocess.Popen[bytes]],
+) -> None:
+    port, server = gunicorn
+    window = _pause_during(server, after=1.5)
+    records = open_loop("127.0.0.1", port, _request, rate=RATE, duration=5.0)
+    stopped, resumed = window
+    figures = summarise(records)
+    assert len(records) == 500
+    assert figures["errors"] == 0
+    assert {record.status for record in records} == {200}
+    # Every request due while gunicorn was stopped waited at least until it resumed.
+    during = [record for record in records if stopped + 0.05 <= record.intended < resumed]
+    assert len(during) >= RATE * PAUSE * 0.8
+    for record in during:
+        assert record.latency >= resumed - record.intended - 0.01, record
+    # So the stall is in the percentiles: two seconds of a five-second run.
+    assert figures["p99"] >= 1.0
+    assert figures["max"] >= PAUSE * 0.9
+    # The intended times are the fixed schedule, whatever the server did.
+    intended = sorted(record.intended for record in records)
+    assert max(b - a for a, b in zip(intended, intended[1:], strict=False)) == pytest.approx(
+        1 / RATE, abs=1e-6
+    )
+
+
+def test_a_closed_loop_records_one_slow_request_per_connection(
+    gunicorn: tuple[int, subprocess.Popen[bytes]],
+) -> None:
+    """The naive measurement of the same stall: each client waits once, then carries on."""
+    port, server = gunicorn
+    window = _pause_during(server, after=1.5)
+    records = closed_loop("127.0.0.1", port, _request, connections=2, duration=5.0)
+    stopped, resumed = window
+    slow = [record for record in records if record.latency >= 1.0]
+    assert 1 <= len(slow) <= 2
+    assert all(record.status == 200 for record in records)
+    # No request was even sent while the server was stopped (after the first two).
+    sent_during = [r for r in records if stopped + 0.05 <= r.start < resumed]
+    assert sent_during == []
+    # So its p99 hides the stall: the tiny app answers thousands of requests in the other 3 s.
+    assert len(records) > 100 * len(slow)
+    assert percentile([r.latency for r in records], 0.99) < 1.0
