@@ -501,6 +501,15 @@ def test_a_restarted_database_means_misses(querycache: Any, replica: Any) -> Non
     connections["replica"].close()
     control.stop()
     control.start()
+    pooler = harness.services().pooler
+    if pooler is not None:
+        # PgBouncer hands out its server connections to the old standby process until each
+        # fails a query ("server closed the connection"): drop them, as an operator's
+        # RECONNECT would. (Requests survive such a failure: the guard and the re-run.)
+        database = connections["replica"].settings_dict["NAME"]
+        if database in {str(row[0]) for row in pooler.admin(pooler.replica_port, "SHOW DATABASES")}:
+            pooler.admin(pooler.replica_port, f"KILL {database}")
+            pooler.admin(pooler.replica_port, f"RESUME {database}")
     wait_until(lambda: replica.replay_lsn(), "the restarted standby answering")
     replica.wait_for_replay()
     connections["replica"].close()
