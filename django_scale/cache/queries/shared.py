@@ -13,7 +13,8 @@ decides whether it is valid, on Redis Cluster too (one slot):
 
 A missing position or incarnation makes an entry miss: a flushed or evicted store never
 validates an entry. A position is stored with the generation it was set in
-(``<generation>~<cluster>|<LSN>``): once the generation is bumped, every position counts as
+(``<generation>~<cluster>|<LSN>``, the LSN followed by ``+`` when it is *bounded*, see
+:mod:`~django_scale.cache.queries.positions`): once the generation is bumped, every position counts as
 missing until a write or a read's seed sets it again. So an invalidation of everything also
 forgets the positions that an entry read on a lagging standby would otherwise pass.
 """
