@@ -32,10 +32,12 @@ from django_scale.cache import reset_state, wait_for_refills
 from django_scale.cache.degrade import breakers
 from django_scale.cache.queries import track_writes, writes_tables
 from django_scale.cache.queries import writes as query_writes
+from django_scale.cache.queries.positions import format_position
 from django_scale.cache.queries.reads import CacheOptions
-from django_scale.cache.queries.shared import table_key
+from django_scale.cache.queries.shared import SharedPositions, table_key
 from django_scale.cache.queries.sql import EVERY_TABLE, read_tables, written_tables
 from django_scale.cache.queries.storing import writer
+from django_scale.cache.store import store_for
 from django_scale.conf import conf
 from django_scale.exceptions import CacheArgumentError
 from django_scale.replicas import monitor, routing_state, use_primary, use_replica
@@ -401,14 +403,22 @@ class CountingConnection(redis.connection.Connection):
     pipeline is one), but not those that set up a new connection of the pool."""
 
     sent: ClassVar[Counter[int]] = Counter()
-    _connecting = False
+    _connecting = 0
+
+    # Opening a connection: connect_check_health() in redis-py 6 and later, on_connect() before.
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        self._connecting += 1
+        try:
+            super().connect_check_health(*args, **kwargs)
+        finally:
+            self._connecting -= 1
 
     def on_connect(self) -> None:
-        self._connecting = True
+        self._connecting += 1
         try:
             super().on_connect()
         finally:
-            self._connecting = False
+            self._connecting -= 1
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         if not self._connecting:
@@ -444,10 +454,11 @@ def counted_round_trips() -> Iterator[Any]:
             get_redis_connection("counted").connection_pool.disconnect()
 
 
-def probed_past(lsn: int) -> bool:
-    """Whether this process's monitor of the replica has probed it past *lsn* (started if need be)."""
+def probed_past(lsn: int, since: float = 0.0) -> bool:
+    """Whether this process's monitor of the replica has probed it past *lsn* (started if need
+    be), with a probe sent after *since* (``time.monotonic()``)."""
     probed = monitor("replica").probed if monitor("replica").is_available() else None
-    return probed is not None and probed[0] >= lsn
+    return probed is not None and probed[0] >= lsn and probed[2] > since
 
 
 @REPLICA
@@ -468,9 +479,11 @@ def test_a_miss_costs_the_query_and_one_round_trip(querycache: Any, replica: Any
         assert writer.flush()
         # The entries were stored: a hit is the MGET alone.
         assert measure("default", lambda: names(Reporter.objects.filter(name="new-0").cached())) == ([], 0, 1)
-    wait_until(lambda: probed_past(needed), "the monitor probing past the positions")
     with counted_round_trips() as measure, use_replica():
-        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # identifies it
+        # Only a probe sent after that is known to have seen the connection's run of the server.
+        identified = time.monotonic()
+        wait_until(lambda: probed_past(needed, identified), "a probe past the positions")
         for n in range(3):
             read = lambda n=n: names(Reporter.objects.filter(name=f"new-{n}").cached())  # noqa: E731
             assert measure("replica", read) == ([], 1 + position_query["replica"], 1)
@@ -486,22 +499,75 @@ def test_a_standby_position_comes_only_from_a_probe_of_the_same_server(querycach
         pytest.skip("a transaction-pooled alias asks its server on every miss")
     Reporter.objects.create(name="ann")
     needed = replayed_past_positions(querycache, replica)
-    wait_until(lambda: probed_past(needed), "the monitor probing past the positions")
-    with use_replica():
-        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # identifies it
-        probed = monitor("replica").probed
-        assert probed is not None
-        # As if a restart had put the server back in its replay, or another server answered.
-        monitor("replica").probed = (probed[0] + 2**40, "another server")
-        rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))
-        assert (rows, queries) == ([], 2)  # the position query, then the query
-        monitor("replica").probed = probed
-        rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="y").cached()))
-        assert (rows, queries) == ([], 1)
+    try:
+        with use_replica(), override_scale_settings(HEALTH_CHECK_INTERVAL=60.0):
+            assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # identifies it
+            identified = time.monotonic()
+            probes = monitor("replica").probes
+            # After its next probe the monitor waits 60 s: nothing replaces what the test sets.
+            wait_until(
+                lambda: probed_past(needed, identified) and monitor("replica").probes > probes,
+                "a probe past the positions",
+            )
+            probed = monitor("replica").probed
+            assert probed is not None
+            # Another server answered the probe (another host behind the name), far ahead.
+            monitor("replica").probed = (probed[0] + 2**40, "another server", probed[2])
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))
+            assert (rows, queries) == ([], 2)  # the position query, then the query
+            # The same server, probed before the connection was identified (a crash restart of
+            # the server in between would keep its start time): not a bound either.
+            monitor("replica").probed = (probed[0] + 2**40, probed[1], identified - 1)
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x2").cached()))
+            assert (rows, queries) == ([], 2)
+            monitor("replica").probed = probed
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="y").cached()))
+            assert (rows, queries) == ([], 1)
+    finally:
+        monitor("replica").forget_ejection()  # wakes the monitor: it probes every 0.1 s again
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
     assert writer.flush()
     with use_replica():
-        # The entry stored with the asked position is valid; no entry claims the fake position.
+        # The entries stored with the asked position are valid; none claims the fake one.
         assert queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))[1] == 0
+        assert queries_on("replica", lambda: names(Reporter.objects.filter(name="x2").cached()))[1] == 0
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"UPDATE {TABLE} SET name = 'x'")
+    with use_primary():
+        assert names(Reporter.objects.filter(name="x").cached()) == ["x"]
+    replica.wait_for_replay()
+    with use_replica():
+        # Had an entry claimed the fake position, it would pass the write and answer [].
+        rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))
+        assert rows == ["x"] and queries >= 1
+
+
+@REPLICA
+def test_a_position_without_a_bound_makes_the_miss_ask_the_primary(querycache: Any) -> None:
+    """A write position published as the insert position after a commit (a role that may not
+    emit the WAL message) gives no lower bound: a commit still becoming visible can share it."""
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.filter(pk=-1).cached()) == []  # identifies the primary
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
+            (insert,) = cursor.fetchone()
+        stored = querycache.client.get_client(write=True).get(
+            querycache.client.make_key(table_key(str(connections["default"].settings_dict["NAME"]), TABLE))
+        )
+        cluster = stored.decode().partition("~")[2].partition("|")[0]
+        SharedPositions(store_for("default")).advance(
+            str(connections["default"].settings_dict["NAME"]),
+            [TABLE],
+            format_position(cluster, parse_lsn(insert)),
+            60.0,
+        )
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT txid_current()")  # a commit record: the insert position moves on
+        rows, queries = queries_on("default", lambda: names(Reporter.objects.cached()))
+        assert (rows, queries) == (["ann"], 2)
+        assert writer.flush()
+        assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] == 0
 
 
 @REPLICA

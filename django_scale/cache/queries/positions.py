@@ -40,12 +40,12 @@ each database connection asks it, :func:`read_position`):
   that may not emit the message: an insert position read after the commit, which a
   concurrent commit still waiting to become visible can share; or a publisher of an older
   version) give no bound: the miss asks the server, as before.
-* On a standby: the replay position its replica monitor's last probe read, with the probed
-  server's identity (start time and port). Replay only moves forward within one run of the
-  server, and a restart ends every connection: a query that succeeds on a connection opened
-  to the same run as the probe ran after the probe on a server that has replayed at least
-  that much. (A crash restart keeps the postmaster's start time, but it too ends every
-  connection; the connection's own identity was read on that connection.)
+* On a standby: the replay position its replica monitor's last probe read, if the probe
+  reached the same server (start time and port) and was sent after the connection was
+  identified. Replay only moves forward within one run of a server, and a restart (a crash
+  restart too, which keeps the start time) ends every connection: a query that succeeds on
+  a connection opened before the probe ran on the run the probe saw, after it, so on a
+  server that has replayed at least that much.
 
 Neither holds through a transaction pooler (``POOLER``: a client connection outlives the
 server behind it), so a transaction-pooled alias asks its server on every miss.
@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,9 +181,10 @@ class ReadPosition:
 
 
 #: Per connection object: the DB-API connection whose server was identified, that server's
-#: read position then (its cluster, incarnation and whether it is a standby), and its identity
-#: in the replica monitors' form. A connection object belongs to one thread.
-_servers: weakref.WeakKeyDictionary[BaseDatabaseWrapper, tuple[Any, ReadPosition, str]] = (
+#: read position then (its cluster, incarnation and whether it is a standby), its identity in
+#: the replica monitors' form, and when (``time.monotonic()``, before the query) it was
+#: identified. A connection object belongs to one thread.
+_servers: weakref.WeakKeyDictionary[BaseDatabaseWrapper, tuple[Any, ReadPosition, str, float]] = (
     weakref.WeakKeyDictionary()
 )
 _servers_lock = threading.Lock()
@@ -192,6 +194,7 @@ def read_position(connection: BaseDatabaseWrapper) -> ReadPosition | None:
     """Return the read position of *connection*'s server now (one query), or ``None`` when a
     standby has no replay position yet. The server is remembered for :func:`known_read`."""
     with connection.cursor() as cursor:
+        asked = time.monotonic()
         cursor.execute(_READ_SQL)
         row: Any = cursor.fetchone()
     lsn, standby, system, timeline, started, server = row
@@ -199,7 +202,10 @@ def read_position(connection: BaseDatabaseWrapper) -> ReadPosition | None:
         return None
     read = ReadPosition(_lsn(lsn), bool(standby), f"{system}:{timeline}", f"{system}:{timeline}:{started}")
     with _servers_lock:
-        _servers[connection] = (connection.connection, read, str(server))
+        known = _servers.get(connection)
+        if known is not None and known[0] is connection.connection:
+            asked = known[3]  # the same connection since then: the same run of the server
+        _servers[connection] = (connection.connection, read, str(server), asked)
     return read
 
 
@@ -215,14 +221,14 @@ def known_read(connection: BaseDatabaseWrapper, found: Sequence[str | None]) -> 
         return None
     if conf.transaction_pooled(connection.alias):
         return None
-    _, read, server = known
+    _, read, server, identified = known
     found_read: ReadPosition | None = None
     if read.standby:
         if connection.alias in conf.REPLICAS:
             from django_scale.replicas import monitor
 
             probed = monitor(connection.alias).probed
-            if probed is not None and probed[1] == server:
+            if probed is not None and probed[1] == server and probed[2] > identified:
                 found_read = ReadPosition(probed[0], True, read.cluster, read.incarnation)
     else:
         # The largest position, if bounded (a position of another cluster fails covers()).
