@@ -212,11 +212,14 @@ def _read_and_store(
     found: Sequence[str | None],
     generation: int,
     timeout: float,
+    send_now: bool = False,
 ) -> list[Any]:
     """Run the query (on a miss) and hand its entry to the writer; return the rows.
 
     The read position is known without a round trip when the connection's server is
     (:func:`~django_scale.cache.queries.positions.known_read`); else it is asked for first.
+    With *send_now* the entry is stored before this returns (a refill, whose claim is
+    released after it: the entry must be there by then, or another refill would run).
     """
     connection = connections[db]
     read = positions.known_read(connection, found)
@@ -240,6 +243,9 @@ def _read_and_store(
             # A new incarnation (a restart, a flushed store): told at once, with the entry, so
             # that every process's older entries miss from now on. A rare miss.
             shared.store_entry(key, payload, timeout, (db, read.incarnation, writes.POSITION_KEEP))
+            return rows
+        if send_now:
+            shared.store_entry(key, payload, timeout)
             return rows
     except CacheDown as error:
         _cache_down(alias, error)
@@ -323,6 +329,7 @@ def _refill(
                 fetched[3:],
                 int(fetched[2] or 0),
                 options.timeout,
+                send_now=True,
             )
             metrics.increment("querycache.refill")
         except Exception:
