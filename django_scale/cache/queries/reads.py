@@ -165,13 +165,18 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     shared = SharedPositions(store)
     if breakers.is_open(f"cache {alias!r}"):
         return compute()
+    outgoing = writer.take(alias)  # the entries of earlier misses go with this MGET
     try:
         if invalidations.due(alias):
             invalidations.replay_due(alias, store, publisher.submit)
-        entry, incarnation, generation, *found = shared.fetch(key, db, tables, database, writer.unsent(key))
+        entry, incarnation, generation, *found = shared.fetch(
+            key, db, tables, database, writer.unsent(key), outgoing
+        )
     except CacheDown as error:
         _cache_down(alias, error)
         return compute()
+    finally:
+        writer.sent(outgoing)
     state = current_state()
     required = state.required_lsn if state is not None else None
     if (
@@ -250,12 +255,7 @@ def _read_and_store(
     except CacheDown as error:
         _cache_down(alias, error)
         return rows
-    writer.submit(
-        key,
-        payload,
-        functools.partial(shared.store_entry, key, payload, timeout),
-        functools.partial(_cache_down, alias),
-    )
+    writer.submit(alias, key, payload, timeout, functools.partial(_cache_down, alias))
     return rows
 
 

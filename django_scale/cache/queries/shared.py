@@ -30,6 +30,8 @@ from django_scale.cache.store import CacheDown, RedisStore
 if TYPE_CHECKING:
     from redis import Redis
 
+    from django_scale.cache.queries.storing import Outgoing
+
 __all__ = ["EVERYTHING", "MARKER", "Entry", "SharedPositions"]
 
 #: First item of every entry; a value without it is not an entry.
@@ -124,15 +126,28 @@ class SharedPositions:
         return str(self.client.make_key(key))
 
     def fetch(
-        self, key: str, alias: str, tables: Sequence[str], database: str, unsent: bytes | None = None
+        self,
+        key: str,
+        alias: str,
+        tables: Sequence[str],
+        database: str,
+        unsent: bytes | None = None,
+        outgoing: Sequence[Outgoing] = (),
     ) -> tuple[Any, ...]:
         """Return ``(entry or None, incarnation, generation, *positions)`` in one round trip.
 
         *unsent* is this process's newer payload of *key*, not sent yet: it is the entry then.
+        *outgoing* entries are stored in the same round trip, before the ``MGET``.
         """
         keys = [key, incarnation_key(alias), _GENERATION, *(table_key(database, table) for table in tables)]
         try:
-            raw = self._redis().mget([self._key(k) for k in keys])
+            if outgoing:
+                pipe = self._redis().pipeline(transaction=False)
+                self._add_sets(pipe, outgoing)
+                pipe.mget([self._key(k) for k in keys])
+                raw = pipe.execute()[-1]
+            else:
+                raw = self._redis().mget([self._key(k) for k in keys])
         except Exception as error:
             raise CacheDown(str(error)) from error
         entry: Entry | None = None
@@ -169,6 +184,19 @@ class SharedPositions:
                 alias, value, keep_for = incarnation
                 pipe.set(self._key(incarnation_key(alias)), value, px=max(1, int(keep_for * 1000)))
             pipe.set(self._key(key), payload, px=max(1, int(timeout * 1000)))
+            pipe.execute()
+        except Exception as error:
+            raise CacheDown(str(error)) from error
+
+    def _add_sets(self, pipe: Any, outgoing: Sequence[Outgoing]) -> None:
+        for item in outgoing:
+            pipe.set(self._key(item.key), item.payload, px=max(1, int(item.timeout * 1000)))
+
+    def send(self, outgoing: Sequence[Outgoing]) -> None:
+        """Store *outgoing* entries (one round trip)."""
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            self._add_sets(pipe, outgoing)
             pipe.execute()
         except Exception as error:
             raise CacheDown(str(error)) from error
