@@ -54,6 +54,7 @@ server behind it), so a transaction-pooled alias asks its server on every miss.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -188,6 +189,17 @@ _servers: weakref.WeakKeyDictionary[BaseDatabaseWrapper, tuple[Any, ReadPosition
     weakref.WeakKeyDictionary()
 )
 _servers_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    # A forked child (gunicorn, Celery's prefork pool) must not use the parent's connections,
+    # nor a lock another thread of the parent held at the fork.
+    global _servers_lock
+    _servers.clear()
+    _servers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def read_position(connection: BaseDatabaseWrapper) -> ReadPosition | None:
