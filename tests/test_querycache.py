@@ -14,10 +14,14 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, ClassVar
 
 import pytest
+import redis
+from django.conf import settings
 from django.core.cache import caches
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext, override_settings
@@ -28,9 +32,13 @@ from django_scale.cache import reset_state, wait_for_refills
 from django_scale.cache.degrade import breakers
 from django_scale.cache.queries import track_writes, writes_tables
 from django_scale.cache.queries import writes as query_writes
+from django_scale.cache.queries.positions import format_position
 from django_scale.cache.queries.reads import CacheOptions
-from django_scale.cache.queries.shared import table_key
+from django_scale.cache.queries.shared import SharedPositions, table_key
 from django_scale.cache.queries.sql import EVERY_TABLE, read_tables, written_tables
+from django_scale.cache.queries.storing import writer
+from django_scale.cache.store import store_for
+from django_scale.conf import conf
 from django_scale.exceptions import CacheArgumentError
 from django_scale.replicas import monitor, routing_state, use_primary, use_replica
 from django_scale.replicas.wal import parse_lsn
@@ -48,6 +56,7 @@ def _clean() -> Iterator[None]:
     reset_state()
     query_writes.reset()
     yield
+    assert writer.flush(), "entries of this test still unsent"
     reset_state()
     query_writes.reset()
 
@@ -71,7 +80,7 @@ def queries_on(alias: str, read: Any) -> tuple[Any, int]:
     return value, len(captured.captured_queries)
 
 
-def replayed_past_positions(cache: Any, replica: Any, tables: tuple[str, ...] = (TABLE,)) -> None:
+def replayed_past_positions(cache: Any, replica: Any, tables: tuple[str, ...] = (TABLE,)) -> int:
     """Give *tables* and ``*`` a write position, then wait until the replica has replayed past each.
 
     Only then is an entry read on the replica valid from its first read. A table without a
@@ -86,7 +95,7 @@ def replayed_past_positions(cache: Any, replica: Any, tables: tuple[str, ...] = 
     database = str(connections["default"].settings_dict["NAME"])
     stored = client.mget([cache.client.make_key(table_key(database, t)) for t in (*tables, EVERY_TABLE)])
     assert all(stored), f"tables without a write position: {tables}, {stored}"
-    needed = max(int(position.decode().partition("|")[2], 16) for position in stored)
+    needed = max(int(position.decode().partition("|")[2][:16], 16) for position in stored)
     # An xid committed in autocommit flushes the WAL up to its commit, past the seed, so the
     # standby receives it (else it may wait in the primary's WAL buffers). SELECT: not a write.
     with connections["default"].cursor() as cursor:
@@ -98,6 +107,7 @@ def replayed_past_positions(cache: Any, replica: Any, tables: tuple[str, ...] = 
         timeout=10.0,
         interval=0.005,
     )
+    return needed
 
 
 # -- SQL: what a statement reads and writes ---------------------------------------------------
@@ -358,14 +368,20 @@ def test_a_users_read_after_their_write_never_comes_from_an_older_entry(
 
 
 @REPLICA
-def test_a_write_during_a_slow_read_leaves_no_stale_entry(querycache: Any) -> None:
-    """cacheops #302: read, invalidate, then store the old read: stale until it expires."""
+@pytest.mark.parametrize("identified", [False, True], ids=["position asked", "position known"])
+def test_a_write_during_a_slow_read_leaves_no_stale_entry(querycache: Any, identified: bool) -> None:
+    """cacheops #302: read, invalidate, then store the old read: stale until it expires.
+
+    Also with the reader's connection identified already, so that its read position comes
+    from the write positions of its MGET, not from the server."""
     Reporter.objects.create(name="ann")
     slow = Reporter.objects.extra(where=["pg_sleep(0.6) IS NOT NULL"]).cached()
     got: list[list[str]] = []
 
     def read() -> None:
         with use_primary():
+            if identified:
+                assert names(Reporter.objects.filter(pk=-1).cached()) == []
             got.append(names(slow.all()))
         connections.close_all()
 
@@ -377,6 +393,192 @@ def test_a_write_during_a_slow_read_leaves_no_stale_entry(querycache: Any) -> No
     assert got == [["ann"]]  # the read saw its snapshot
     with use_primary():
         assert names(slow.all()) == ["bob"]  # its entry is older than the write: a miss
+
+
+# -- What a miss costs: the query and the entry's MGET --------------------------------------------
+
+
+class CountingConnection(redis.connection.Connection):
+    """A real Redis connection that counts the round trips each thread starts on it (a
+    pipeline is one), but not those that set up a new connection of the pool."""
+
+    sent: ClassVar[Counter[int]] = Counter()
+    _connecting = 0
+
+    # Opening a connection: connect_check_health() in redis-py 6 and later, on_connect() before.
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        self._connecting += 1
+        try:
+            super().connect_check_health(*args, **kwargs)
+        finally:
+            self._connecting -= 1
+
+    def on_connect(self) -> None:
+        self._connecting += 1
+        try:
+            super().on_connect()
+        finally:
+            self._connecting -= 1
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        if not self._connecting:
+            CountingConnection.sent[threading.get_ident()] += 1
+        super().send_packed_command(command, check_health)
+
+
+@contextmanager
+def counted_round_trips() -> Iterator[Any]:
+    """Make the query cache use the test Redis through :class:`CountingConnection`; yield a
+    function that runs a read and returns its value, its SQL statements on *alias* and its
+    Redis round trips (this thread's)."""
+    location = settings.CACHES["default"]["LOCATION"]
+    counted = {
+        **settings.CACHES["default"],
+        # Another URL (the same server and database): django-redis keeps one pool per URL.
+        "LOCATION": location + ("&" if "?" in location else "?") + "client_name=counted",
+        "OPTIONS": {"CONNECTION_POOL_KWARGS": {"connection_class": CountingConnection}},
+    }
+
+    def measure(alias: str, read: Any) -> tuple[Any, int, int]:
+        before = CountingConnection.sent[threading.get_ident()]
+        value, queries = queries_on(alias, read)
+        return value, queries, CountingConnection.sent[threading.get_ident()] - before
+
+    with override_settings(CACHES={**settings.CACHES, "counted": counted}):
+        try:
+            with override_scale_settings(CACHE_ALIAS="counted"):
+                yield measure
+        finally:
+            from django_redis import get_redis_connection
+
+            get_redis_connection("counted").connection_pool.disconnect()
+
+
+def probed_past(lsn: int, since: float = 0.0) -> bool:
+    """Whether this process's monitor of the replica has probed it past *lsn* (started if need
+    be), with a probe sent after *since* (``time.monotonic()``)."""
+    probed = monitor("replica").probed if monitor("replica").is_available() else None
+    return probed is not None and probed[0] >= lsn and probed[2] > since
+
+
+@REPLICA
+def test_a_miss_costs_the_query_and_one_round_trip(querycache: Any, replica: Any) -> None:
+    """The issue's goal: a miss is the query plus the entry's MGET. The read position comes
+    from what is known (the MGET's write positions on the primary, the replica monitor's
+    probe on a standby) and the entry's SET is sent off the request (storing.py)."""
+    Reporter.objects.create(name="ann")
+    needed = replayed_past_positions(querycache, replica)
+    # Behind a transaction pooler a client connection outlives its server: the server is asked.
+    position_query = {alias: int(conf.transaction_pooled(alias)) for alias in ("default", "replica")}
+    with counted_round_trips() as measure, use_primary():
+        # The first miss on a connection identifies its server (one query more, once).
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]
+        for n in range(3):
+            read = lambda n=n: names(Reporter.objects.filter(name=f"new-{n}").cached())  # noqa: E731
+            assert measure("default", read) == ([], 1 + position_query["default"], 1)
+        assert writer.flush()
+        # The entries were stored: a hit is the MGET alone.
+        assert measure("default", lambda: names(Reporter.objects.filter(name="new-0").cached())) == ([], 0, 1)
+    with counted_round_trips() as measure, use_replica():
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # identifies it
+        # Only a probe sent after that is known to have seen the connection's run of the server.
+        identified = time.monotonic()
+        wait_until(lambda: probed_past(needed, identified), "a probe past the positions")
+        for n in range(3):
+            read = lambda n=n: names(Reporter.objects.filter(name=f"new-{n}").cached())  # noqa: E731
+            assert measure("replica", read) == ([], 1 + position_query["replica"], 1)
+        assert writer.flush()
+        assert measure("replica", lambda: names(Reporter.objects.filter(name="new-0").cached()))[1] == 0
+
+
+@REPLICA
+def test_a_standby_position_comes_only_from_a_probe_of_the_same_server(querycache: Any, replica: Any) -> None:
+    """A monitor's replay position is a lower bound only for the run of the server it probed:
+    with another identity (a restart since, another server behind the name), the miss asks."""
+    if conf.transaction_pooled("replica"):
+        pytest.skip("a transaction-pooled alias asks its server on every miss")
+    Reporter.objects.create(name="ann")
+    needed = replayed_past_positions(querycache, replica)
+    with use_replica():
+        assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # identifies it
+        identified = time.monotonic()
+        wait_until(lambda: probed_past(needed, identified), "a probe past the positions")
+    try:
+        with use_replica(), override_scale_settings(HEALTH_CHECK_INTERVAL=60.0):
+            probes = monitor("replica").probes
+            # After its next probe the monitor waits 60 s: nothing replaces what the test sets.
+            wait_until(lambda: monitor("replica").probes > probes, "one more probe")
+            probed = monitor("replica").probed
+            assert probed is not None
+            # Another server answered the probe (another host behind the name), far ahead.
+            monitor("replica").probed = (probed[0] + 2**40, "another server", probed[2])
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))
+            assert (rows, queries) == ([], 2)  # the position query, then the query
+            # The same server, probed before the connection was identified (a crash restart of
+            # the server in between would keep its start time): not a bound either.
+            monitor("replica").probed = (probed[0] + 2**40, probed[1], identified - 1)
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x2").cached()))
+            assert (rows, queries) == ([], 2)
+            monitor("replica").probed = probed
+            rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="y").cached()))
+            assert (rows, queries) == ([], 1)
+    finally:
+        monitor("replica").forget_ejection()  # wakes the monitor: it probes every 0.1 s again
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
+    assert writer.flush()
+    with use_replica():
+        # The entries stored with the asked position are valid; none claims the fake one.
+        assert queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))[1] == 0
+        assert queries_on("replica", lambda: names(Reporter.objects.filter(name="x2").cached()))[1] == 0
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"UPDATE {TABLE} SET name = 'x'")
+    with use_primary():
+        assert names(Reporter.objects.filter(name="x").cached()) == ["x"]
+    replica.wait_for_replay()
+    with use_replica():
+        # Had an entry claimed the fake position, it would pass the write and answer [].
+        rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))
+        assert rows == ["x"] and queries >= 1
+
+
+@REPLICA
+def test_a_position_without_a_bound_makes_the_miss_ask_the_primary(querycache: Any) -> None:
+    """A write position published as the insert position after a commit (a role that may not
+    emit the WAL message) gives no lower bound: a commit still becoming visible can share it."""
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        assert names(Reporter.objects.filter(pk=-1).cached()) == []  # identifies the primary
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT pg_current_wal_insert_lsn()::text")
+            (insert,) = cursor.fetchone()
+        stored = querycache.client.get_client(write=True).get(
+            querycache.client.make_key(table_key(str(connections["default"].settings_dict["NAME"]), TABLE))
+        )
+        cluster = stored.decode().partition("~")[2].partition("|")[0]
+        SharedPositions(store_for("default")).advance(
+            str(connections["default"].settings_dict["NAME"]),
+            [TABLE],
+            format_position(cluster, parse_lsn(insert)),
+            60.0,
+        )
+        with connections["default"].cursor() as cursor:
+            cursor.execute("SELECT txid_current()")  # a commit record: the insert position moves on
+        rows, queries = queries_on("default", lambda: names(Reporter.objects.cached()))
+        assert (rows, queries) == (["ann"], 2)
+        assert writer.flush()
+        assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] == 0
+
+
+@REPLICA
+def test_changing_returned_instances_changes_no_entry(querycache: Any) -> None:
+    """The rows are pickled before the caller gets them, though their SET is sent later."""
+    Reporter.objects.create(name="ann")
+    with use_primary():
+        first = list(Reporter.objects.cached())
+        first[0].name = "changed by the caller"
+        assert names(Reporter.objects.cached()) == ["ann"]
+        assert writer.flush()
+        assert names(Reporter.objects.cached()) == ["ann"]
 
 
 # -- The store fails: flushed, evicted, hung; the database restarts ----------------------------

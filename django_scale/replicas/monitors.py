@@ -56,6 +56,12 @@ class ReplicaMonitor:
         self.alias = alias
         #: The highest WAL position this replica has been seen to have replayed.
         self.replay_lsn = 0
+        #: This process's last probe of a streaming standby: its replay position, the
+        #: server's identity (start time and port) and when (``time.monotonic()``) the probe
+        #: was sent, set together; ``None`` before the first. Replay only moves forward within
+        #: one run of a server, so the position is a lower bound of what any later read on that
+        #: run sees (the query cache's read positions).
+        self.probed: tuple[int, str, float] | None = None
         #: Replication lag in seconds at the last probe, ``None`` before the first.
         self.lag: float | None = None
         #: ``time.monotonic()`` of the last probe that answered.
@@ -309,7 +315,7 @@ class ReplicaMonitor:
         ticket = sharing.request(self.alias)
         measured: tuple[int, int | None, float | None] | None = None
         failure = ""
-        self._busy_since = time.monotonic()
+        self._busy_since = sent = time.monotonic()
         try:
             if self._connection is None:
                 self._connection = self._connect()
@@ -329,6 +335,7 @@ class ReplicaMonitor:
                 failure = "it is not a streaming standby of the primary (pg_is_in_recovery() is false)"
             else:
                 measured = (parse_lsn(replay), parse_lsn(receive) if receive else None, replay_age)
+                self.probed = (measured[0], str(identity), sent)
         except Exception as exc:  # any failure makes the replica unavailable
             self._close()
             failure = f"{type(exc).__name__}: {str(exc).strip()}"

@@ -28,6 +28,7 @@ from django_scale.cache.publisher import publisher
 from django_scale.cache.queries import positions, writes
 from django_scale.cache.queries.shared import MARKER, Entry, SharedPositions, entry_key
 from django_scale.cache.queries.sql import EVERY_TABLE, read_tables
+from django_scale.cache.queries.storing import writer
 from django_scale.cache.store import CacheDown, RedisStore, store_for
 from django_scale.conf import conf
 from django_scale.exceptions import CacheArgumentError
@@ -164,13 +165,18 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     shared = SharedPositions(store)
     if breakers.is_open(f"cache {alias!r}"):
         return compute()
+    outgoing = writer.take(alias)  # the entries of earlier misses go with this MGET
     try:
         if invalidations.due(alias):
             invalidations.replay_due(alias, store, publisher.submit)
-        entry, incarnation, generation, *found = shared.fetch(key, db, tables, database)
+        entry, incarnation, generation, *found = shared.fetch(
+            key, db, tables, database, writer.unsent(key), outgoing
+        )
     except CacheDown as error:
         _cache_down(alias, error)
         return compute()
+    finally:
+        writer.sent(outgoing)
     state = current_state()
     required = state.required_lsn if state is not None else None
     if (
@@ -211,23 +217,45 @@ def _read_and_store(
     found: Sequence[str | None],
     generation: int,
     timeout: float,
+    send_now: bool = False,
 ) -> list[Any]:
+    """Run the query (on a miss) and hand its entry to the writer; return the rows.
+
+    The read position is known without a round trip when the connection's server is
+    (:func:`~django_scale.cache.queries.positions.known_read`); else it is asked for first.
+    With *send_now* the entry is stored before this returns (a refill, whose claim is
+    released after it: the entry must be there by then, or another refill would run).
+    """
     connection = connections[db]
-    read = positions.read_position(connection)
-    rows = compute()
-    if read is None:
-        return rows
+    read = positions.known_read(connection, found)
+    if read is not None:
+        rows = compute()
+        if not positions.on_known_server(connection, read):
+            return rows  # the query ran on another connection than the one the position is of
+        metrics.increment("querycache.position_known")
+    else:
+        read = positions.read_position(connection)
+        rows = compute()
+        if read is None:
+            return rows
     missing = [table for table, position in zip(tables, found, strict=True) if position is None]
     try:
-        if read.incarnation != incarnation:
-            shared.set_incarnation(db, read.incarnation, writes.POSITION_KEEP)
         if missing:
             _seed(shared, database, missing, read, generation)
         # The generation read before the query: one bumped since makes this entry miss.
-        entry = Entry(MARKER, read, tuple(tables), generation, time.time(), rows)
-        shared.store_entry(key, entry, timeout)
+        payload = shared.encode(Entry(MARKER, read, tuple(tables), generation, time.time(), rows))
+        if read.incarnation != incarnation:
+            # A new incarnation (a restart, a flushed store): told at once, with the entry, so
+            # that every process's older entries miss from now on. A rare miss.
+            shared.store_entry(key, payload, timeout, (db, read.incarnation, writes.POSITION_KEEP))
+            return rows
+        if send_now:
+            shared.store_entry(key, payload, timeout)
+            return rows
     except CacheDown as error:
         _cache_down(alias, error)
+        return rows
+    writer.submit(alias, key, payload, timeout, functools.partial(_cache_down, alias))
     return rows
 
 
@@ -257,7 +285,7 @@ def _seed(
     shared.seed(
         database,
         tables,
-        positions.format_position(read.cluster, read.lsn - 1),
+        positions.format_position(read.cluster, read.lsn - 1, bounded=True),
         writes.POSITION_KEEP,
         generation,
     )
@@ -301,6 +329,7 @@ def _refill(
                 fetched[3:],
                 int(fetched[2] or 0),
                 options.timeout,
+                send_now=True,
             )
             metrics.increment("querycache.refill")
         except Exception:

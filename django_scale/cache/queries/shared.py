@@ -13,7 +13,8 @@ decides whether it is valid, on Redis Cluster too (one slot):
 
 A missing position or incarnation makes an entry miss: a flushed or evicted store never
 validates an entry. A position is stored with the generation it was set in
-(``<generation>~<cluster>|<LSN>``): once the generation is bumped, every position counts as
+(``<generation>~<cluster>|<LSN>``, the LSN followed by ``+`` when it is *bounded*, see
+:mod:`~django_scale.cache.queries.positions`): once the generation is bumped, every position counts as
 missing until a write or a read's seed sets it again. So an invalidation of everything also
 forgets the positions that an entry read on a lagging standby would otherwise pass.
 """
@@ -28,6 +29,8 @@ from django_scale.cache.store import CacheDown, RedisStore
 
 if TYPE_CHECKING:
     from redis import Redis
+
+    from django_scale.cache.queries.storing import Outgoing
 
 __all__ = ["EVERYTHING", "MARKER", "Entry", "SharedPositions"]
 
@@ -122,17 +125,36 @@ class SharedPositions:
     def _key(self, key: str) -> str:
         return str(self.client.make_key(key))
 
-    def fetch(self, key: str, alias: str, tables: Sequence[str], database: str) -> tuple[Any, ...]:
-        """Return ``(entry or None, incarnation, generation, *positions)`` in one round trip."""
+    def fetch(
+        self,
+        key: str,
+        alias: str,
+        tables: Sequence[str],
+        database: str,
+        unsent: bytes | None = None,
+        outgoing: Sequence[Outgoing] = (),
+    ) -> tuple[Any, ...]:
+        """Return ``(entry or None, incarnation, generation, *positions)`` in one round trip.
+
+        *unsent* is this process's newer payload of *key*, not sent yet: it is the entry then.
+        *outgoing* entries are stored in the same round trip, before the ``MGET``.
+        """
         keys = [key, incarnation_key(alias), _GENERATION, *(table_key(database, table) for table in tables)]
         try:
-            raw = self._redis().mget([self._key(k) for k in keys])
+            if outgoing:
+                pipe = self._redis().pipeline(transaction=False)
+                self._add_sets(pipe, outgoing)
+                pipe.mget([self._key(k) for k in keys])
+                raw = pipe.execute()[-1]
+            else:
+                raw = self._redis().mget([self._key(k) for k in keys])
         except Exception as error:
             raise CacheDown(str(error)) from error
         entry: Entry | None = None
-        if raw[0] is not None:
+        payload = raw[0] if unsent is None else unsent
+        if payload is not None:
             try:
-                value = self.client.decode(raw[0])
+                value = self.client.decode(payload)
             except Exception:
                 value = None  # a value a deploy cannot unpickle is a miss
             if isinstance(value, tuple) and len(value) == 6 and value[0] == MARKER:
@@ -143,10 +165,39 @@ class SharedPositions:
         current = generation or "0"
         return (entry, incarnation, generation, *(_untag(value, current) for value in found))
 
-    def store_entry(self, key: str, entry: Entry, timeout: float) -> None:
-        payload = self.client.encode(tuple(entry))
+    def encode(self, entry: Entry) -> bytes:
+        """Return *entry* pickled as the cache's serializer stores it."""
+        return bytes(self.client.encode(tuple(entry)))
+
+    def store_entry(
+        self,
+        key: str,
+        payload: bytes,
+        timeout: float,
+        incarnation: tuple[str, str, float] | None = None,
+    ) -> None:
+        """Store an encoded entry; with *incarnation* ``(alias, incarnation, keep_for)``, the
+        incarnation of the server behind the alias too, first (one round trip)."""
         try:
-            self._redis().set(self._key(key), payload, px=max(1, int(timeout * 1000)))
+            pipe = self._redis().pipeline(transaction=False)
+            if incarnation is not None:
+                alias, value, keep_for = incarnation
+                pipe.set(self._key(incarnation_key(alias)), value, px=max(1, int(keep_for * 1000)))
+            pipe.set(self._key(key), payload, px=max(1, int(timeout * 1000)))
+            pipe.execute()
+        except Exception as error:
+            raise CacheDown(str(error)) from error
+
+    def _add_sets(self, pipe: Any, outgoing: Sequence[Outgoing]) -> None:
+        for item in outgoing:
+            pipe.set(self._key(item.key), item.payload, px=max(1, int(item.timeout * 1000)))
+
+    def send(self, outgoing: Sequence[Outgoing]) -> None:
+        """Store *outgoing* entries (one round trip)."""
+        try:
+            pipe = self._redis().pipeline(transaction=False)
+            self._add_sets(pipe, outgoing)
+            pipe.execute()
         except Exception as error:
             raise CacheDown(str(error)) from error
 
@@ -177,11 +228,5 @@ class SharedPositions:
                 keys=[self._key(_GENERATION), *keys],
                 args=[position, max(1, int(keep_for * 1000)), str(generation)],
             )
-        except Exception as error:
-            raise CacheDown(str(error)) from error
-
-    def set_incarnation(self, alias: str, incarnation: str, keep_for: float) -> None:
-        try:
-            self._redis().set(self._key(incarnation_key(alias)), incarnation, px=int(keep_for * 1000))
         except Exception as error:
             raise CacheDown(str(error)) from error

@@ -156,7 +156,7 @@ def publish(connection: BaseDatabaseWrapper) -> None:
         return
     database = str(connection.settings_dict["NAME"])
     try:
-        cluster, lsn = positions.write_position(connection)
+        position = positions.write_position(connection)
     except Exception:
         # The commit happened; without a position, nothing may trust the entries any more.
         logger.exception(
@@ -168,9 +168,7 @@ def publish(connection: BaseDatabaseWrapper) -> None:
         _everything(alias, store)
         return
     try:
-        SharedPositions(store).advance(
-            database, tables, positions.format_position(cluster, lsn), POSITION_KEEP
-        )
+        SharedPositions(store).advance(database, tables, position, POSITION_KEEP)
     except CacheDown as error:
         breakers.trip(f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down")
         invalidations.mark_due(alias)
