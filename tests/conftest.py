@@ -44,6 +44,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Tests of what goes through a transaction pooler run where the harness starts PgBouncer.
     if harness.BACKEND == "sqlite" or harness.POOLER != "pgbouncer":
         markers = (*markers, "pgbouncer")
+    else:
+        # Behind PgBouncer, what only a direct connection does is not there to test.
+        markers = (*markers, "direct")
     # PostgreSQL 18 from PyPI (the pg18 env) comes without HypoPG, which Debian packages only
     # for the system's PostgreSQL: the advisor's tests without it run there instead.
     if harness.BACKEND == "sqlite" or os.environ.get("DJANGO_SCALE_TEST_NO_HYPOPG") == "1":
