@@ -171,6 +171,7 @@ for url in ["/", f"/sections/{section.slug}/", article.get_absolute_url()]:
 """
 
 
+@pytest.mark.once
 def test_bench_site_configurations_serve_the_same_pages(
     seeded: tuple[dict[str, str], subprocess.CompletedProcess[str]],
 ) -> None:
