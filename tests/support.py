@@ -193,3 +193,39 @@ class SilentServer:
         self._listener.close()
         for connection in self.accepted:
             connection.close()
+
+
+#: The token of the metrics export in the metrics tests.
+METRICS_TOKEN = "t" * 40
+
+
+def metrics_middleware() -> list[str]:
+    """``MIDDLEWARE`` with ``ScaleMiddleware`` first and ``MetricsMiddleware`` right after it."""
+    from django.conf import settings
+
+    scale = "django_scale.middleware.ScaleMiddleware"
+    return [scale, "django_scale.metrics.MetricsMiddleware", *[n for n in settings.MIDDLEWARE if n != scale]]
+
+
+@contextlib.contextmanager
+def recording_metrics(directory: str) -> Iterator[Any]:
+    """Request metrics on, in a metrics file of the test's own under *directory*; yield the store."""
+    from django.db import connections
+    from django.test import override_settings
+
+    from django_scale.metrics.recording import _wrap_connection, disable
+    from django_scale.testing import override_scale_settings
+
+    with (
+        override_settings(ROOT_URLCONF="testapp.metrics_urls", MIDDLEWARE=metrics_middleware()),
+        override_scale_settings(METRICS_DIR=directory, METRICS_TOKEN=METRICS_TOKEN),
+    ):
+        # A worker's connections open after its middleware is built, and MetricsMiddleware
+        # wraps each as it opens; the suite's connections of this thread are open already (an
+        # AsyncClient builds its middleware on another thread), so wrap them as a worker would.
+        for open_connection in connections.all(initialized_only=True):
+            _wrap_connection(connection=open_connection)
+        try:
+            yield metrics.get_store()
+        finally:
+            disable()

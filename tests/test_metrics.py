@@ -20,7 +20,7 @@ from django.db import connection, connections
 from django.test import AsyncClient, Client, override_settings
 from django.test.utils import CaptureQueriesContext
 from prometheus_client.parser import text_string_to_metric_families
-from support import create_user, log_in
+from support import METRICS_TOKEN, create_user, log_in, metrics_middleware, recording_metrics
 
 from django_scale import metrics
 from django_scale.metrics.merge import cluster, publish, to_document
@@ -34,29 +34,16 @@ from django_scale.metrics.recording import (
 from django_scale.metrics.store import SlotStore
 from django_scale.testing import override_scale_settings
 
-TOKEN = "t" * 40
+TOKEN = METRICS_TOKEN
 DB = pytest.mark.django_db(transaction=True, databases="__all__")
-MIDDLEWARE = [
-    "django_scale.middleware.ScaleMiddleware",
-    "django_scale.metrics.MetricsMiddleware",
-    *[name for name in settings.MIDDLEWARE if name != "django_scale.middleware.ScaleMiddleware"],
-]
+MIDDLEWARE = metrics_middleware()
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SlotStore]:
     """Request metrics on, in a metrics file of the test's own, with a token set."""
-    with (
-        override_settings(ROOT_URLCONF="testapp.metrics_urls", MIDDLEWARE=MIDDLEWARE),
-        override_scale_settings(METRICS_DIR=str(tmp_path), METRICS_TOKEN=TOKEN),
-    ):
-        # A worker's connections open after its middleware is built, and MetricsMiddleware
-        # wraps each as it opens; the suite's connections of this thread are open already (an
-        # AsyncClient builds its middleware on another thread), so wrap them as a worker would.
-        for open_connection in connections.all(initialized_only=True):
-            _wrap_connection(connection=open_connection)
-        yield metrics.get_store()
-    disable()
+    with recording_metrics(str(tmp_path)) as recording:
+        yield recording
 
 
 def series(store: SlotStore, kind: str) -> dict[str, int]:

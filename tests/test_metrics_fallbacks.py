@@ -16,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.db import connections
-from django.test import Client, override_settings
+from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
-from support import break_replica_connection, create_user, log_in, wait_until
+from support import (
+    METRICS_TOKEN,
+    break_replica_connection,
+    create_user,
+    log_in,
+    metrics_middleware,
+    recording_metrics,
+    wait_until,
+)
 
-from django_scale import metrics
-from django_scale.metrics.recording import _wrap_connection, disable
 from django_scale.metrics.store import SlotStore
 from django_scale.replicas import monitor
 from django_scale.replicas.wal import parse_lsn
@@ -32,13 +37,9 @@ from django_scale.testing import capture_reads, override_scale_settings, simulat
 
 from testapp.models import Author
 
-TOKEN = "t" * 40
+TOKEN = METRICS_TOKEN
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
-MIDDLEWARE = [
-    "django_scale.middleware.ScaleMiddleware",
-    "django_scale.metrics.MetricsMiddleware",
-    *[name for name in settings.MIDDLEWARE if name != "django_scale.middleware.ScaleMiddleware"],
-]
+MIDDLEWARE = metrics_middleware()
 FALLBACKS = "fallbacks\x1fauthor\x1fGET"
 
 
@@ -48,14 +49,8 @@ def store(replica: Any, tmp_path: Path) -> Iterator[SlotStore]:
     target = parse_lsn(replica.primary_lsn())
     replica.wait_for_replay()
     wait_until(lambda: monitor("replica").is_available(None, target), "the monitor seeing the replay")
-    with (
-        override_settings(ROOT_URLCONF="testapp.metrics_urls", MIDDLEWARE=MIDDLEWARE),
-        override_scale_settings(METRICS_DIR=str(tmp_path), METRICS_TOKEN=TOKEN),
-    ):
-        for open_connection in connections.all(initialized_only=True):
-            _wrap_connection(connection=open_connection)
-        yield metrics.get_store()
-    disable()
+    with recording_metrics(str(tmp_path)) as recording:
+        yield recording
 
 
 def prometheus_fallbacks() -> dict[tuple[str, str], float]:
