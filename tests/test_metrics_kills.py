@@ -28,6 +28,8 @@ from django_scale.testing import override_scale_settings
 
 TOKEN = "t" * 40
 AUTH = {"authorization": f"Bearer {TOKEN}"}
+# The sniper and its victims run on PostgreSQL ("mirror" is the primary's second alias there).
+POSTGRES = pytest.mark.postgres
 DB = pytest.mark.django_db(transaction=True, databases=["default", "mirror"])
 FORK = multiprocessing.get_context("fork")
 RUNAWAY = "SELECT pg_sleep(30), 'literal' /* runaway */"
@@ -77,6 +79,7 @@ def kill_runaway(victim: Victim, *, grace: float) -> dict[str, Any]:
     return newest
 
 
+@POSTGRES
 @DB
 def test_the_real_sniper_records_its_kills_where_every_export_shows_them(
     shared: Path, victims: Callable[[], Victim]
@@ -130,6 +133,7 @@ def test_the_real_sniper_records_its_kills_where_every_export_shows_them(
     assert "SELECT pg_sleep(?), ?" in table
 
 
+@POSTGRES
 @DB
 def test_dry_runs_are_listed_as_such(shared: Path, victims: Callable[[], Victim]) -> None:
     victim = victims().start(RUNAWAY)
@@ -215,6 +219,7 @@ def test_hosts_kills_merge_newest_first_once_each() -> None:
         from_document({**to_document(one, host="web-1"), "kills": ["not a kill"]})
 
 
+@POSTGRES
 @DB
 def test_kills_of_every_host_merge_through_the_cache(shared: Path) -> None:
     caches["default"].clear()
