@@ -8,6 +8,9 @@ that stalls is charged for every request that should have been sent during the s
 (coordinated omission corrected). A generator that falls behind its own schedule is charged
 too: its lateness shows as latency, never hidden.
 
+Capacity (``capacity_search``): the highest fixed rate whose p99 stays under :data:`P99_LIMIT`
+without errors, found by a few open-loop steps.
+
 Closed loop (``closed_loop``): *connections* clients each send their next request as soon as
 the last one answered, for a fixed time: the capacity of the server, and the naive latency
 figure (a stall shows as one slow request per connection, however long it lasts).
@@ -23,10 +26,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
+    "P99_LIMIT",
     "Record",
     "Request",
+    "capacity_search",
     "closed_loop",
     "open_loop",
     "percentile",
@@ -35,6 +41,8 @@ __all__ = [
 
 #: A request not answered within this many seconds is recorded with status 0 (an error).
 TIMEOUT = 30.0
+#: Capacity is the highest fixed rate whose p99 (from the intended send times) is under this.
+P99_LIMIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -263,3 +271,42 @@ def summarise(records: Sequence[Record], duration: float | None = None) -> dict[
         # (a busy machine), and the latencies include that.
         "send_lag_p99": percentile([record.start - record.intended for record in records], 0.99),
     }
+
+
+def next_rate(start: float, passed: float | None, failed: float | None) -> float:
+    """The next rate the capacity search tries, given the highest that passed and lowest that failed.
+
+    From *start* (the closed loop's throughput) it climbs by half while every step passes and
+    falls by 40 % while every step fails; once it has one of each, it bisects (geometrically).
+    """
+    if passed is None and failed is None:
+        return start
+    if failed is None:
+        assert passed is not None
+        return passed * 1.5
+    if passed is None:
+        return failed * 0.6
+    return math.sqrt(passed * failed)
+
+
+def capacity_search(
+    load: Callable[[float], list[Record]], start: float, steps: int, step_seconds: float
+) -> dict[str, Any]:
+    """Return the highest of *steps* open-loop rates whose p99 < :data:`P99_LIMIT`, no errors.
+
+    ``load(rate)`` runs one open-loop step at *rate* and returns its records. The result has
+    ``rate`` (0.0 when every step failed) and ``steps``: each step's rate, p99, errors and verdict.
+    """
+    passed: float | None = None
+    failed: float | None = None
+    tried = []
+    for _ in range(steps):
+        rate = max(0.1, round(next_rate(start, passed, failed), 2))
+        figures = summarise(load(rate), step_seconds)
+        ok = figures["p99"] < P99_LIMIT and figures["errors"] == 0
+        tried.append({"rate": rate, "p99": figures["p99"], "errors": figures["errors"], "passed": ok})
+        if ok:
+            passed = max(passed or 0.0, rate)
+        else:
+            failed = rate if failed is None else min(failed, rate)
+    return {"rate": passed or 0.0, "steps": tried}

@@ -4,9 +4,11 @@ Per configuration (stock first: its capacity sets the open-loop rates of all thr
 
 1. gunicorn and a Celery worker started (:mod:`~benchmarks.site.deploy`), the staff user
    logged in, a short closed-loop warm-up (caches filled as in steady state; not counted);
-2. capacity: a closed loop of :data:`CONNECTIONS` clients for a fixed time; its throughput
-   is the configuration's capacity;
-3. open loop (:mod:`~benchmarks.site.loadgen`) at 50 % and 80 % of stock's capacity, latency
+2. a closed loop of :data:`CONNECTIONS` clients for a fixed time: its throughput is the
+   naive capacity figure (kept as a second column), and where the search starts;
+3. capacity: the highest fixed rate at which the p99 stays under :data:`P99_LIMIT` without
+   errors, found by a short search of open-loop steps (:func:`capacity_search`);
+4. open loop (:mod:`~benchmarks.site.loadgen`) at 50 % and 80 % of stock's capacity, latency
    from the intended send times.
 
 Per phase and page: requests, errors (no answer or 5xx), throughput and exact p50 / p99 /
@@ -37,7 +39,7 @@ from django_scale.replicas import monitor
 
 from benchmarks import print_table, require_replica
 from benchmarks.site.deploy import WORKERS, Deployment, deployment
-from benchmarks.site.loadgen import Record, closed_loop, open_loop, summarise
+from benchmarks.site.loadgen import P99_LIMIT, Record, capacity_search, closed_loop, open_loop, summarise
 from benchmarks.site.mix import PAGES, Mix, login
 from benchmarks.site.seed import STAFF, seed
 from news.models import Section
@@ -50,6 +52,8 @@ CONFIGS = ("stock", "tuned", "scale")
 CONNECTIONS = 2 * WORKERS
 #: The open-loop rates, as fractions of stock's capacity.
 LOADS = (0.5, 0.8)
+#: The measured phases of each configuration, in the tables' order.
+PHASES = ("closed loop", *(f"open {load:.0%}" for load in LOADS))
 #: Statements of this process (the figures' own queries) left out of the per-request counts.
 OWN_STATEMENTS = (
     "pg_stat_statements",
@@ -62,10 +66,10 @@ OWN_STATEMENTS = (
 
 
 def _durations(quick: bool) -> dict[str, float]:
-    """Seconds of each phase."""
+    """Seconds of each phase ("step": one open-loop step of the capacity search; "steps": how many)."""
     if quick:
-        return {"warm-up": 2.0, "capacity": 8.0, "open": 10.0}
-    return {"warm-up": 5.0, "capacity": 20.0, "open": 30.0}
+        return {"warm-up": 2.0, "closed loop": 8.0, "step": 4.0, "steps": 3, "open": 10.0}
+    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0}
 
 
 def _statement_aliases() -> dict[str, str]:
@@ -201,15 +205,22 @@ def _one_config(
             # The processes the deployment started (all stopped when it ends).
             "pids": [running.gunicorn.pid, *running.worker_pids(), running.celery.pid],
         }
-        result["capacity"] = _measured(
+        result["closed loop"] = _measured(
             running,
-            "capacity",
-            lambda: closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["capacity"]),
-            durations["capacity"],
+            "closed loop",
+            lambda: closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["closed loop"]),
+            durations["closed loop"],
+        )
+        result["capacity"] = capacity_search(
+            lambda rate: open_loop(host, port, mix, rate=rate, duration=durations["step"]),
+            start=result["closed loop"]["all"]["throughput"],
+            steps=int(durations["steps"]),
+            step_seconds=durations["step"],
         )
         if not rates:
-            # Stock runs first: its capacity sets every configuration's open-loop rates.
-            capacity = result["capacity"]["all"]["throughput"]
+            # Stock runs first: its capacity sets every configuration's open-loop rates (its
+            # closed loop's throughput if no step of the search kept the p99 under the limit).
+            capacity = result["capacity"]["rate"] or result["closed loop"]["all"]["throughput"]
             rates.extend(max(0.1, round(capacity * load, 2)) for load in LOADS)
         for load, rate in zip(LOADS, rates, strict=True):
             result[f"open {load:.0%}"] = _measured(
@@ -226,12 +237,16 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
+def _ratio(value: float, stock: float) -> str:
+    return f"{value / stock:.1f}x" if stock else "-"
+
+
 def _print(out: TextIO, results: dict[str, Any]) -> None:
     rows = []
     for config, figures in results["configs"].items():
-        for key in ("capacity", *(f"open {load:.0%}" for load in LOADS)):
+        for key in PHASES:
             phase = figures[key]
-            label = key if key == "capacity" else f"{key} ({phase['rate']:g}/s)"
+            label = key if key == "closed loop" else f"{key} ({phase['rate']:g}/s)"
             for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
                 rows.append(
                     [config, label, page, summary["requests"], summary["errors"], f"{summary['throughput']:.1f}",
@@ -245,7 +260,7 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
     )
     rows = []
     for config, figures in results["configs"].items():
-        for key in ("capacity", *(f"open {load:.0%}" for load in LOADS)):
+        for key in PHASES:
             server = figures[key]["server"]
             rows.append(
                 [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
@@ -278,15 +293,22 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
                     f"\nnote: {config}, open {load:.0%}: the generator sent late (p99 {_ms(lag)} ms after the "
                     "intended time; a busy machine): the latencies include it.\n"
                 )
-    stock = results["configs"]["stock"]["capacity"]["all"]["throughput"]
-    out.write(f"\nCapacity (closed loop, {CONNECTIONS} connections): ")
-    out.write(
-        ", ".join(
-            f"{config} {figures['capacity']['all']['throughput']:.1f} req/s"
-            f" ({figures['capacity']['all']['throughput'] / stock:.1f}x stock)"
-            for config, figures in results["configs"].items()
-        )
-        + "\n"
+    stock = results["configs"]["stock"]
+    rows = []
+    for config, figures in results["configs"].items():
+        capacity, closed = figures["capacity"]["rate"], figures["closed loop"]["all"]["throughput"]
+        rows.append(
+            [config, f"{capacity:.1f}", _ratio(capacity, stock["capacity"]["rate"]),
+             f"{closed:.1f}", _ratio(closed, stock["closed loop"]["all"]["throughput"]),
+             "  ".join(f"{s['rate']:g}:{_ms(s['p99'])}{'' if s['passed'] else '!'}"
+                       for s in figures["capacity"]["steps"])]
+        )  # fmt: skip
+    print_table(
+        out,
+        f"Capacity: the highest fixed rate with p99 < {P99_LIMIT:g} s and no errors (open-loop steps,"
+        f" rate:p99 ms, ! failed); the closed loop's throughput ({CONNECTIONS} connections) beside it",
+        ["config", "capacity req/s", "x stock", "closed loop req/s", "x stock", "steps"],
+        rows,
     )
 
 
