@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,24 +175,23 @@ async def _send(pool: _Pool, request: Request, intended: float, records: list[Re
     records.append(Record(request.name, intended, start, time.monotonic(), status, size))
 
 
-async def _open_loop(
-    host: str, port: int, requests: Callable[[int], Request], rate: float, count: int
-) -> list[Record]:
+#: Sends one request due at an intended time and records it: what a load's schedule calls.
+Send = Callable[[Request, float], Awaitable[None]]
+
+
+async def _load(host: str, port: int, schedule: Callable[[Send], Awaitable[None]]) -> list[Record]:
+    """Run *schedule* with a sender on one connection pool; return the records of what it sent.
+
+    The one send path of both loops: they differ only in when they call ``send``.
+    """
     pool = _Pool(host, port)
     records: list[Record] = []
-    tasks: set[asyncio.Task[None]] = set()
-    t0 = time.monotonic() + 0.05
+
+    async def send(request: Request, intended: float) -> None:
+        await _send(pool, request, intended, records)
+
     try:
-        for i in range(count):
-            intended = t0 + i / rate
-            delay = intended - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(_send(pool, requests(i), intended, records))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks)
+        await schedule(send)
     finally:
         pool.close()
     return records
@@ -207,29 +206,24 @@ def open_loop(
     """
     if rate <= 0 or duration <= 0:
         raise ValueError("open_loop() needs a positive rate and duration")
-    return asyncio.run(_open_loop(host, port, requests, rate, max(1, round(rate * duration))))
+    count = max(1, round(rate * duration))
 
+    async def uniform(send: Send) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        t0 = time.monotonic() + 0.05
+        for i in range(count):
+            intended = t0 + i / rate
+            delay = intended - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Never waits for an answer: the request goes out on its own task.
+            task = asyncio.create_task(send(requests(i), intended))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
 
-async def _closed_loop(
-    host: str, port: int, requests: Callable[[int], Request], connections: int, duration: float
-) -> list[Record]:
-    pool = _Pool(host, port)
-    records: list[Record] = []
-    deadline = time.monotonic() + duration
-    sent = 0
-
-    async def client() -> None:
-        nonlocal sent
-        while time.monotonic() < deadline:
-            i, sent = sent, sent + 1
-            # The closed loop's "intended" time is when it sent: what naive tools measure.
-            await _send(pool, requests(i), time.monotonic(), records)
-
-    try:
-        await asyncio.gather(*(client() for _ in range(connections)))
-    finally:
-        pool.close()
-    return records
+    return asyncio.run(_load(host, port, uniform))
 
 
 def closed_loop(
@@ -238,7 +232,21 @@ def closed_loop(
     """Send requests on *connections* concurrent clients, each as fast as answers come back."""
     if connections < 1 or duration <= 0:
         raise ValueError("closed_loop() needs at least one connection and a positive duration")
-    return asyncio.run(_closed_loop(host, port, requests, connections, duration))
+    sent = 0
+
+    async def clients(send: Send) -> None:
+        deadline = time.monotonic() + duration
+
+        async def client() -> None:
+            nonlocal sent
+            while time.monotonic() < deadline:
+                i, sent = sent, sent + 1
+                # The closed loop's "intended" time is when it sent: what naive tools measure.
+                await send(requests(i), time.monotonic())
+
+        await asyncio.gather(*(client() for _ in range(connections)))
+
+    return asyncio.run(_load(host, port, clients))
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
