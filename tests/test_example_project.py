@@ -377,6 +377,21 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
                 not Path(f"/proc/{pid}").exists()
                 or "newsroom" not in Path(f"/proc/{pid}/cmdline").read_text()
             )
+    # Faults (--quick: django-scale only), each during the fixed-rate run, the canary writing.
+    assert "faults" not in configs["stock"] and "faults" not in configs["tuned"]
+    faults = configs["scale"]["faults"]
+    assert faults["rate"] == figures["rates"][0]
+    assert [fault["fault"] for fault in faults["faults"]] == [
+        "replica killed", "replica paused", "redis stopped", "redis frozen", "broker stopped", "runaway lock",
+    ]  # fmt: skip
+    for fault in faults["faults"]:
+        window = fault["window"]
+        assert 0 < window["injected"] <= window["inject done"] <= window["recovering"] <= window["recovered"]
+        assert fault["canary rounds"] > 0, fault["fault"]
+        assert fault["timeline"][-1]["t"] >= window["recovered"], fault["fault"]
+    # The sniper cancelled the runaway query (it sleeps for an hour otherwise).
+    assert faults["faults"][-1]["notes"]["sniped"] >= 1
+    assert faults["canary"]["ok"] > 0
     server = {name: config["closed loop"]["server"] for name, config in configs.items()}
     # Stock reads everything from the primary, row by row; the other two read from the replica.
     assert server["stock"]["replica_queries_per_request"] == 0

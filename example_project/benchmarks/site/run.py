@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import django
-from django.core.cache import cache
 from django.db import connections
 
 from django_scale.conf import conf
@@ -39,6 +38,7 @@ from django_scale.replicas import monitor
 
 from benchmarks import print_table, require_replica
 from benchmarks.site.deploy import WORKERS, Deployment, deployment
+from benchmarks.site.faults import Canary, faults, run_fault
 from benchmarks.site.loadgen import P99_LIMIT, Record, capacity_search, closed_loop, open_loop, summarise
 from benchmarks.site.mix import PAGES, Mix, login
 from benchmarks.site.seed import STAFF, seed
@@ -66,10 +66,51 @@ OWN_STATEMENTS = (
 
 
 def _durations(quick: bool) -> dict[str, float]:
-    """Seconds of each phase ("step": one open-loop step of the capacity search; "steps": how many)."""
+    """Seconds of each phase ("step": one open-loop step of the capacity search; "steps": how
+    many; "fault before/during/after": a fault's run, before it, while it lasts, after it)."""
     if quick:
-        return {"warm-up": 2.0, "closed loop": 8.0, "step": 4.0, "steps": 3, "open": 10.0}
-    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0}
+        return {"warm-up": 2.0, "closed loop": 8.0, "step": 4.0, "steps": 3, "open": 10.0,
+                "fault before": 1.5, "fault during": 2.5, "fault after": 4.0}  # fmt: skip
+    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0,
+            "fault before": 5.0, "fault during": 10.0, "fault after": 15.0}  # fmt: skip
+
+
+def _fault_configs(quick: bool) -> tuple[str, ...]:
+    """The configurations that suffer the faults: django-scale, and stock for contrast (full run)."""
+    return ("scale",) if quick else ("stock", "scale")
+
+
+#: The article the canary comments on and reads back: the oldest, which readers rarely open.
+CANARY_ARTICLE = "article-1"
+
+
+def _faults(
+    running: Deployment, mix: Mix, durations: dict[str, float], rate: float, baseline: float
+) -> dict[str, Any]:
+    """Run each fault during a fixed-rate open loop at *rate*, the canary writing throughout."""
+    canary = Canary(running.host, running.port, login(running.host, running.port, *STAFF), CANARY_ARTICLE)
+    canary.start()
+    results = []
+    try:
+        for fault in faults(running):
+            results.append(
+                run_fault(
+                    fault,
+                    lambda seconds: open_loop(running.host, running.port, mix, rate=rate, duration=seconds),
+                    canary,
+                    before=durations["fault before"],
+                    during=durations["fault during"],
+                    after=durations["fault after"],
+                    baseline_p99=baseline,
+                )
+            )
+    finally:
+        canary.stop()
+    return {
+        "rate": rate,
+        "faults": results,
+        "canary": {kind: sum(1 for _, k in canary.events if k == kind) for kind in ("ok", "stale", "error")},
+    }
 
 
 def _statement_aliases() -> dict[str, str]:
@@ -192,9 +233,8 @@ def _one_config(
     sections: list[tuple[int, str]],
     durations: dict[str, float],
     rates: list[float],
+    fault_configs: tuple[str, ...],
 ) -> dict[str, Any]:
-    # Each configuration starts with an empty cache, as a fresh deployment does.
-    cache.clear()
     with deployment(config) as running:
         session = login(running.host, running.port, *STAFF)
         mix = Mix(articles, sections, session)
@@ -230,6 +270,8 @@ def _one_config(
                 durations["open"],
             )
             result[f"open {load:.0%}"]["rate"] = rate
+        if config in fault_configs:
+            result["faults"] = _faults(running, mix, durations, rates[0], result[PHASES[1]]["all"]["p99"])
         return result
 
 
@@ -312,6 +354,31 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
     )
 
 
+def _print_faults(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        if "faults" not in figures:
+            continue
+        for fault in figures["faults"]["faults"]:
+            recovery = fault["recovery seconds"]
+            rows.append(
+                [config, fault["fault"], fault["5xx"], fault["no answer"], fault["in flight at the fault"],
+                 f"{fault['canary stale reads']}/{fault['canary rounds']}", fault["canary errors"],
+                 _ms(fault["baseline p99"]), _ms(fault["p99 during"]), _ms(fault["p99 after"]),
+                 "never" if recovery is None else f"{recovery:.1f}"]
+            )  # fmt: skip
+    if rows:
+        rate = next(f["faults"]["rate"] for f in results["configs"].values() if "faults" in f)
+        print_table(
+            out,
+            f"Faults during an open loop at {rate:g}/s (from the fault on; recovered: s after the part came"
+            " back until every 0.5 s window's p99 < 2x baseline, no errors)",
+            ["config", "fault", "5xx", "no answer", "in flight", "canary stale", "canary errors",
+             "baseline p99", "p99 during", "p99 after", "recovered s"],
+            rows,
+        )  # fmt: skip
+
+
 def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path: str | None = None) -> None:
     """Seed, deploy each configuration in turn, load it, and print (and write) the figures."""
     require_replica(out, "site")
@@ -346,10 +413,13 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
     for config in CONFIGS:
         out.write(f"{config}: deploying and loading ...\n")
         out.flush()
-        results["configs"][config] = _one_config(config, articles, sections, durations, rates)
+        results["configs"][config] = _one_config(
+            config, articles, sections, durations, rates, _fault_configs(quick)
+        )
     results["rates"] = rates
     results["seconds"] = time.monotonic() - started
     _print(out, results)
+    _print_faults(out, results)
     out.write(f"\nwhole run: {results['seconds']:.0f} s\n")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2, default=str) + "\n")
