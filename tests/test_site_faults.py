@@ -93,6 +93,7 @@ def test_the_canary_reads_its_writes_through_the_cookie_and_counts_a_forced_stal
     state.force_stale = False
     state.fail = True
     assert canary.round(3) == "error"
+    assert [what for _, what in canary.errors] == ["POST answered 500"]
 
 
 def test_the_canary_thread_records_each_round(site: tuple[_Site, int]) -> None:

@@ -177,6 +177,8 @@ class Canary(threading.Thread):
         self.host, self.port, self.slug, self.interval = host, port, slug, interval
         self.cookies = {"sessionid": session.sessionid, "csrftoken": session.csrftoken}
         self.events: list[tuple[float, str]] = []
+        #: What went wrong in each ``error`` round: ``(monotonic time, what)``.
+        self.errors: list[tuple[float, str]] = []
         self.stopped = threading.Event()
         self.marker = uuid.uuid4().hex[:12]
 
@@ -202,6 +204,10 @@ class Canary(threading.Thread):
         finally:
             connection.close()
 
+    def _error(self, what: str) -> str:
+        self.errors.append((time.monotonic(), what))
+        return "error"
+
     def round(self, n: int) -> str:
         """Write comment *n* and read it back; return the round's kind."""
         body = f"canary {self.marker} {n}"
@@ -212,12 +218,12 @@ class Canary(threading.Thread):
                 urlencode({"author_name": "Canary", "body": body}),
             )
             if status != 303:
-                return "error"
+                return self._error(f"POST answered {status}")
             status, html = self._request("GET", f"/articles/{self.slug}/")
-        except (OSError, http.client.HTTPException):
-            return "error"
+        except (OSError, http.client.HTTPException) as error:
+            return self._error(f"{type(error).__name__}: {error}")
         if status != 200:
-            return "error"
+            return self._error(f"GET answered {status}")
         return "ok" if body in html else "stale"
 
     def run(self) -> None:
@@ -322,6 +328,7 @@ def run_fault(
         "in flight at the fault": sum(1 for r in records if r.start <= injected < r.end),
         "canary stale reads": canary.count("stale", injected, end + 5),
         "canary errors": canary.count("error", injected, end + 5),
+        "canary error details": sorted({what for at, what in canary.errors if injected <= at < end + 5}),
         "canary rounds": sum(canary.count(kind, injected, end + 5) for kind in ("ok", "stale", "error")),
         "baseline p99": baseline_p99,
         "p99 before": p99(origin, injected),

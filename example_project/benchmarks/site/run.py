@@ -41,6 +41,8 @@ from benchmarks.site.deploy import WORKERS, Deployment, deployment
 from benchmarks.site.faults import Canary, faults, run_fault
 from benchmarks.site.loadgen import P99_LIMIT, Record, capacity_search, closed_loop, open_loop, summarise
 from benchmarks.site.mix import PAGES, Mix, login
+from benchmarks.site.pages import probe_pages
+from benchmarks.site.plots import bars_svg, timeline_svg
 from benchmarks.site.seed import STAFF, seed
 from news.models import Section
 
@@ -69,9 +71,9 @@ def _durations(quick: bool) -> dict[str, float]:
     """Seconds of each phase ("step": one open-loop step of the capacity search; "steps": how
     many; "fault before/during/after": a fault's run, before it, while it lasts, after it)."""
     if quick:
-        return {"warm-up": 2.0, "closed loop": 8.0, "step": 4.0, "steps": 3, "open": 10.0,
+        return {"warm-up": 2.0, "closed loop": 8.0, "step": 4.0, "steps": 3, "open": 10.0, "probe": 1.5,
                 "fault before": 1.5, "fault during": 2.5, "fault after": 4.0}  # fmt: skip
-    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0,
+    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0, "probe": 5.0,
             "fault before": 5.0, "fault during": 10.0, "fault after": 15.0}  # fmt: skip
 
 
@@ -270,6 +272,7 @@ def _one_config(
                 durations["open"],
             )
             result[f"open {load:.0%}"]["rate"] = rate
+        result["pages"] = probe_pages(running, mix, durations["probe"], _measured)
         if config in fault_configs:
             result["faults"] = _faults(running, mix, durations, rates[0], result[PHASES[1]]["all"]["p99"])
         return result
@@ -354,6 +357,32 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
     )
 
 
+def _difference(server: float | None, generator: float) -> str:
+    return "-" if server is None else f"{(server - generator) / generator:+.1%}"
+
+
+def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        for page, probe in figures["pages"].items():
+            server, generator, inside = probe["server"], probe["generator"], probe.get("server side", {})
+            rows.append(
+                [config, page, probe["all"]["requests"], f"{server['primary_queries_per_request']:.2f}",
+                 f"{server['replica_queries_per_request']:.2f}", _ms(generator["p50"]), _ms(generator["p99"]),
+                 *(("-", "-", "-", "-") if not inside else
+                   (_ms(inside["p50"]), _ms(inside["p99"]), _difference(inside["p50"], generator["p50"]),
+                    _difference(inside["p99"], generator["p99"])))]
+            )  # fmt: skip
+    print_table(
+        out,
+        "Per page, sent alone by one client: queries per request, and the generator's service time"
+        " against MetricsMiddleware's latency (scale only; ms)",
+        ["config", "page", "requests", "primary q", "replica q", "gen p50", "gen p99",
+         "server p50", "server p99", "p50 diff", "p99 diff"],
+        rows,
+    )  # fmt: skip
+
+
 def _print_faults(out: TextIO, results: dict[str, Any]) -> None:
     rows = []
     for config, figures in results["configs"].items():
@@ -419,8 +448,15 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
     results["rates"] = rates
     results["seconds"] = time.monotonic() - started
     _print(out, results)
+    _print_pages(out, results)
     _print_faults(out, results)
     out.write(f"\nwhole run: {results['seconds']:.0f} s\n")
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        path = Path(json_path)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         out.write(f"figures written to {json_path}\n")
+        # The plots for the docs, beside the figures.
+        for name, draw in (("timeline", timeline_svg), ("bars", bars_svg)):
+            plot = path.with_name(f"{path.stem}-{name}.svg")
+            plot.write_text(draw(results))
+            out.write(f"plot written to {plot}\n")
