@@ -44,7 +44,9 @@ from benchmarks.site.mix import Session
 __all__ = ["SNIPER_MAX_DURATION", "Canary", "Fault", "faults", "recovery_seconds", "run_fault", "timeline"]
 
 #: Seconds a query may run on the primary before the bench's sniper cancels it (scale only).
-SNIPER_MAX_DURATION = 2.0
+SNIPER_MAX_DURATION = 1.0
+#: Seconds between the bench's sniper's runs.
+SNIPER_INTERVAL = 0.25
 #: The runaway query's ``application_name`` (to find and cancel it at recovery).
 RUNAWAY = "bench-site-runaway"
 
@@ -84,6 +86,7 @@ class _Runaway:
         self.stop = threading.Event()
         self.sniped = 0
         self.snipe_thread: threading.Thread | None = None
+        self.sniping = threading.Event()
 
     def _hold(self) -> None:
         try:
@@ -109,18 +112,23 @@ class _Runaway:
             },
         ]
         try:
-            for report in run_loop(0.5, stop=self.stop, using="default", rules=rules, grace=1.0):
+            for report in run_loop(SNIPER_INTERVAL, stop=self.stop, using="default", rules=rules, grace=1.0):
                 self.sniped += len(report.kills)
+                self.sniping.set()
         finally:
+            self.sniping.set()
             connections.close_all()
 
     def inject(self) -> None:
         self.stop.clear()
-        self.thread = threading.Thread(target=self._hold, daemon=True)
-        self.thread.start()
         if self.sniper:
+            # The sniper is on duty before the runaway starts, as a deployed one would be.
+            self.sniping.clear()
             self.snipe_thread = threading.Thread(target=self._snipe, daemon=True)
             self.snipe_thread.start()
+            self.sniping.wait(timeout=30)
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
 
     def recover(self) -> None:
         self.stop.set()

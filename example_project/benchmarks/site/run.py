@@ -71,8 +71,8 @@ def _durations(quick: bool) -> dict[str, float]:
     """Seconds of each phase ("step": one open-loop step of the capacity search; "steps": how
     many; "fault before/during/after": a fault's run, before it, while it lasts, after it)."""
     if quick:
-        return {"warm-up": 2.0, "closed loop": 8.0, "step": 4.0, "steps": 3, "open": 10.0, "probe": 1.5,
-                "fault before": 1.5, "fault during": 2.5, "fault after": 4.0}  # fmt: skip
+        return {"warm-up": 2.0, "closed loop": 6.0, "step": 3.0, "steps": 3, "open": 8.0, "probe": 1.0,
+                "fault before": 1.5, "fault during": 3.0, "fault after": 3.5}  # fmt: skip
     return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0, "probe": 5.0,
             "fault before": 5.0, "fault during": 10.0, "fault after": 15.0}  # fmt: skip
 
@@ -274,7 +274,9 @@ def _one_config(
             result[f"open {load:.0%}"]["rate"] = rate
         result["pages"] = probe_pages(running, mix, durations["probe"], _measured)
         if config in fault_configs:
-            result["faults"] = _faults(running, mix, durations, rates[0], result[PHASES[1]]["all"]["p99"])
+            result["faults"] = _faults(
+                running, mix, durations, rates[0], result[f"open {LOADS[0]:.0%}"]["all"]["p99"]
+            )
         return result
 
 
