@@ -3,7 +3,7 @@
 An open-loop generator charges a server stall to every request that was due during it
 (latency from the intended send time); a closed loop records one slow request per
 connection, however long the stall. The proof pauses gunicorn's master and workers for two
-seconds in a run of each.
+seconds in a run of each (marker ``once``: slow). The capacity search runs on a stand-in.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from benchmarks.site.loadgen import (  # noqa: E402
     percentile,
     summarise,
 )
-
-pytestmark = pytest.mark.once
 
 APP = """
 def application(environ, start_response):
@@ -108,6 +106,7 @@ def _request(i: int) -> Request:
     return Request("tiny", f"/page/{i}/")
 
 
+@pytest.mark.once
 def test_open_loop_charges_a_stall_to_every_request_due_during_it(
     gunicorn: tuple[int, subprocess.Popen[bytes]],
 ) -> None:
@@ -134,6 +133,7 @@ def test_open_loop_charges_a_stall_to_every_request_due_during_it(
     )
 
 
+@pytest.mark.once
 def test_a_closed_loop_records_one_slow_request_per_connection(
     gunicorn: tuple[int, subprocess.Popen[bytes]],
 ) -> None:
