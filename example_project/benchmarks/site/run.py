@@ -9,7 +9,11 @@ Per configuration (stock first: its capacity sets the open-loop rates of all thr
 3. capacity: the highest fixed rate at which the p99 stays under :data:`P99_LIMIT` without
    errors, found by a short search of open-loop steps (:func:`capacity_search`);
 4. open loop (:mod:`~benchmarks.site.loadgen`) at 50 % and 80 % of stock's capacity, latency
-   from the intended send times.
+   from the intended send times;
+5. each page alone (:mod:`~benchmarks.site.pages`): its queries per request, and the
+   server's percentiles against the generator's;
+6. ``scale`` (and ``stock`` in a full run): the faults (:mod:`~benchmarks.site.faults`),
+   each during an open loop at 50 % of stock's capacity, a canary writing and reading back.
 
 Per phase and page: requests, errors (no answer or 5xx), throughput and exact p50 / p99 /
 p99.9 / max. Per phase: queries per request and statement execution time per request on the
