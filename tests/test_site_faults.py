@@ -161,6 +161,9 @@ def test_a_fault_run_records_its_window_and_charges_what_happened_in_it() -> Non
     assert 0.3 <= window["injected"] <= window["inject done"] < window["recovering"] <= window["recovered"]
     assert window["recovering"] - window["injected"] == pytest.approx(0.4, abs=0.05)
     assert figures["5xx"] >= 20 and figures["no answer"] == 0
+    # Requests took a millisecond: none was in flight at the instant of the fault, or errored there.
+    assert figures["in flight at the fault"] <= 1
+    assert figures["errors in flight at the fault"] == 0
     assert figures["canary stale reads"] == 1
     assert figures["recovery seconds"] == 0.0
     assert any(row["errors"] for row in figures["timeline"])

@@ -298,8 +298,8 @@ def run_fault(
 ) -> dict[str, Any]:
     """Run ``load(seconds)`` (a fixed-rate open loop) with *fault* injected *before* s into it.
 
-    Return the fault's figures: 5xx and unanswered requests (and how many were in flight at the
-    instant of the fault), the canary's stale reads and errors, p99 before, during and after,
+    Return the fault's figures: 5xx and unanswered requests answered from the fault on (and how
+    many of them were in flight at its instant), the canary's stale reads and errors, p99 before, during and after,
     the seconds to recover (every window's p99 back under twice *baseline_p99*), the timeline.
     """
     instants: dict[str, float] = {}
@@ -325,7 +325,8 @@ def run_fault(
     def p99(start: float, stop: float) -> float:
         return summarise([r for r in records if start <= r.intended < stop])["p99"]
 
-    hit = [r for r in records if r.intended >= injected and (r.status == 0 or r.status >= 500)]
+    # Errors answered from the fault on: those of requests sent after it, and of those in flight.
+    hit = [r for r in records if r.end > injected and (r.status == 0 or r.status >= 500)]
     return {
         "fault": fault.name,
         # Seconds from the run's start.
@@ -334,6 +335,7 @@ def run_fault(
         "5xx": sum(1 for r in hit if r.status >= 500),
         "no answer": sum(1 for r in hit if r.status == 0),
         "in flight at the fault": sum(1 for r in records if r.start <= injected < r.end),
+        "errors in flight at the fault": sum(1 for r in hit if r.start <= injected),
         "canary stale reads": canary.count("stale", injected, end + 5),
         "canary errors": canary.count("error", injected, end + 5),
         "canary error details": sorted({what for at, what in canary.errors if injected <= at < end + 5}),
