@@ -346,10 +346,19 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
     figures = json.loads(figures_path.read_text())
     configs = figures["configs"]
     assert list(configs) == ["stock", "tuned", "scale"]
-    stock_capacity = configs["stock"]["capacity"]["all"]["throughput"]
+    stock_capacity = (
+        configs["stock"]["capacity"]["rate"] or configs["stock"]["closed loop"]["all"]["throughput"]
+    )
     assert figures["rates"] == [max(0.1, round(stock_capacity * load, 2)) for load in (0.5, 0.8)]
     for name, config in configs.items():
-        for phase in ("capacity", "open 50%", "open 80%"):
+        # Capacity: the highest open-loop step whose p99 stayed under a second, without errors.
+        steps = config["capacity"]["steps"]
+        assert len(steps) == figures["durations"]["steps"], name
+        assert steps[0]["rate"] == max(0.1, round(config["closed loop"]["all"]["throughput"], 2)), name
+        assert config["capacity"]["rate"] == max(
+            (step["rate"] for step in steps if step["p99"] < 1.0 and step["errors"] == 0), default=0.0
+        ), name
+        for phase in ("closed loop", "open 50%", "open 80%"):
             summary = config[phase]["all"]
             assert summary["requests"] > 0 and summary["errors"] == 0, (
                 name,
@@ -361,14 +370,29 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
         assert config["open 50%"]["all"]["requests"] == max(
             1, round(figures["rates"][0] * figures["durations"]["open"])
         )
-        assert {"front page", "section", "article"} <= set(config["capacity"]["pages"]), name
+        assert {"front page", "section", "article"} <= set(config["closed loop"]["pages"]), name
         # Every process the deployment started is gone.
         for pid in config["pids"]:
             assert (
                 not Path(f"/proc/{pid}").exists()
                 or "newsroom" not in Path(f"/proc/{pid}/cmdline").read_text()
             )
-    server = {name: config["capacity"]["server"] for name, config in configs.items()}
+    # Faults (--quick: django-scale only), each during the fixed-rate run, the canary writing.
+    assert "faults" not in configs["stock"] and "faults" not in configs["tuned"]
+    faults = configs["scale"]["faults"]
+    assert faults["rate"] == figures["rates"][0]
+    assert [fault["fault"] for fault in faults["faults"]] == [
+        "replica killed", "replica paused", "redis stopped", "redis frozen", "broker stopped", "runaway lock",
+    ]  # fmt: skip
+    for fault in faults["faults"]:
+        window = fault["window"]
+        assert 0 < window["injected"] <= window["inject done"] <= window["recovering"] <= window["recovered"]
+        assert fault["canary rounds"] > 0, fault["fault"]
+        assert fault["timeline"][-1]["t"] >= window["recovered"], fault["fault"]
+    # The sniper cancelled the runaway query (it sleeps for an hour otherwise).
+    assert faults["faults"][-1]["notes"]["sniped"] >= 1
+    assert faults["canary"]["ok"] > 0
+    server = {name: config["closed loop"]["server"] for name, config in configs.items()}
     # Stock reads everything from the primary, row by row; the other two read from the replica.
     assert server["stock"]["replica_queries_per_request"] == 0
     assert server["stock"]["replica_connections_peak"] == 0

@@ -3,7 +3,7 @@
 An open-loop generator charges a server stall to every request that was due during it
 (latency from the intended send time); a closed loop records one slow request per
 connection, however long the stall. The proof pauses gunicorn's master and workers for two
-seconds in a run of each.
+seconds in a run of each (marker ``once``: slow). The capacity search runs on a stand-in.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,9 +23,15 @@ from support import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
-from benchmarks.site.loadgen import Request, closed_loop, open_loop, percentile, summarise  # noqa: E402
-
-pytestmark = pytest.mark.once
+from benchmarks.site.loadgen import (  # noqa: E402
+    Record,
+    Request,
+    capacity_search,
+    closed_loop,
+    open_loop,
+    percentile,
+    summarise,
+)
 
 APP = """
 def application(environ, start_response):
@@ -100,6 +106,7 @@ def _request(i: int) -> Request:
     return Request("tiny", f"/page/{i}/")
 
 
+@pytest.mark.once
 def test_open_loop_charges_a_stall_to_every_request_due_during_it(
     gunicorn: tuple[int, subprocess.Popen[bytes]],
 ) -> None:
@@ -126,6 +133,7 @@ def test_open_loop_charges_a_stall_to_every_request_due_during_it(
     )
 
 
+@pytest.mark.once
 def test_a_closed_loop_records_one_slow_request_per_connection(
     gunicorn: tuple[int, subprocess.Popen[bytes]],
 ) -> None:
@@ -143,3 +151,48 @@ def test_a_closed_loop_records_one_slow_request_per_connection(
     # So its p99 hides the stall: the tiny app answers thousands of requests in the other 3 s.
     assert len(records) > 100 * len(slow)
     assert percentile([r.latency for r in records], 0.99) < 1.0
+
+
+def _server_of_capacity(capacity: float, calls: list[float]) -> Callable[[float], list[Record]]:
+    """A stand-in for one open-loop step on a server that keeps up with *capacity* requests/s.
+
+    Above it the queue grows: the p99 passes a second. Each step's rate goes into *calls*.
+    """
+
+    def load(rate: float) -> list[Record]:
+        calls.append(rate)
+        latency = 0.02 if rate <= capacity else 1.5
+        return [
+            Record("page", i / rate, i / rate, i / rate + latency, 200, 10) for i in range(round(rate * 4))
+        ]
+
+    return load
+
+
+def test_capacity_is_the_highest_rate_whose_p99_stays_under_a_second() -> None:
+    calls: list[float] = []
+    # The closed loop overstates it (start 50/s): the search comes down, then bisects.
+    found = capacity_search(_server_of_capacity(37.0, calls), start=50.0, steps=6, step_seconds=4.0)
+    assert calls[0] == 50.0
+    assert calls[1] == pytest.approx(30.0)
+    assert [step["passed"] for step in found["steps"]] == [rate <= 37.0 for rate in calls]
+    assert found["rate"] == max(rate for rate in calls if rate <= 37.0)
+    assert 33.0 <= found["rate"] <= 37.0
+    # Every step after the first pair lies between the highest pass and the lowest failure.
+    for i, rate in enumerate(calls[2:], start=2):
+        assert max(r for r in calls[:i] if r <= 37.0) < rate < min(r for r in calls[:i] if r > 37.0)
+
+
+def test_capacity_search_climbs_while_every_step_passes_and_errors_fail_a_step() -> None:
+    calls: list[float] = []
+    found = capacity_search(_server_of_capacity(1000.0, calls), start=10.0, steps=3, step_seconds=4.0)
+    assert calls == [10.0, 15.0, 22.5]
+    assert found["rate"] == 22.5
+
+    def failing(rate: float) -> list[Record]:
+        return [Record("page", 0.0, 0.0, 0.01, 503, 0)] * 10
+
+    nothing = capacity_search(failing, start=10.0, steps=2, step_seconds=4.0)
+    # Fast answers, but errors: no step passes, and the capacity is 0.
+    assert [step["passed"] for step in nothing["steps"]] == [False, False]
+    assert nothing["rate"] == 0.0

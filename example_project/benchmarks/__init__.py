@@ -14,8 +14,9 @@ from typing import TextIO
 from django.db import connections
 
 from django_scale.conf import conf
+from django_scale.replicas import monitor, parse_lsn
 
-__all__ = ["print_table", "require_replica", "time_per_call"]
+__all__ = ["print_table", "require_replica", "time_per_call", "wait_for_replicas"]
 
 
 def time_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
@@ -57,3 +58,17 @@ def require_replica(out: TextIO, feature: str) -> str:
         )
         raise SystemExit(2)
     return replicas[0]
+
+
+def wait_for_replicas(what: str, timeout: float) -> None:
+    """Wait until every replica has replayed the primary's current WAL position, or exit.
+
+    After a benchmark writes its rows: the replicas serve reads, and must have them (and the
+    statistics of the ``ANALYZE`` before) first. *what* names the rows in the error message.
+    """
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT pg_current_wal_lsn()::text")
+        position = parse_lsn(cursor.fetchone()[0])
+    for alias in conf.REPLICAS:
+        if not monitor(alias).wait_for(position, timeout):
+            raise SystemExit(f"replica {alias!r} did not replay {what} within {timeout:.0f} s")

@@ -20,10 +20,7 @@ from django.test import Client
 from django.test.utils import override_settings
 from django.urls import path
 
-from django_scale.conf import conf
-from django_scale.replicas import monitor, parse_lsn
-
-from benchmarks import print_table
+from benchmarks import print_table, wait_for_replicas
 from news.admin import ArticleAdmin
 from news.models import Article, Author, Section
 
@@ -79,12 +76,8 @@ def fill(rows: int) -> None:
                 [section.pk, author.pk, have + 1, rows],
             )
         cursor.execute("ANALYZE news_article")
-        cursor.execute("SELECT pg_current_wal_lsn()::text")
-        position = parse_lsn(cursor.fetchone()[0])
     # The admin pages read from the replicas: wait until they have the rows and statistics.
-    for alias in conf.REPLICAS:
-        if not monitor(alias).wait_for(position, 120):
-            raise SystemExit(f"replica {alias!r} did not replay the generated rows within 120 s")
+    wait_for_replicas("the generated rows", 120)
 
 
 def next_link(client: Client, name: str, page: int) -> str:

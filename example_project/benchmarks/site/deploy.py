@@ -1,11 +1,14 @@
 """The deployment ``bench site`` measures: the example project under gunicorn, and a Celery worker.
 
-The PostgreSQL primary, its streaming replica and Redis are the ones this process's settings
-point at (the test harness's, with ``DJANGO_SCALE_EXAMPLE_HARNESS=1``). :func:`deployment`
-starts, for one configuration (``stock``, ``tuned``, ``scale``; see ``news.configs``):
+The PostgreSQL primary and its streaming replica are the ones this process's settings point
+at (the test harness's, with ``DJANGO_SCALE_EXAMPLE_HARNESS=1``). :func:`deployment` starts,
+for one configuration (``stock``, ``tuned``, ``scale``; see ``news.configs``):
 
+* two Redis servers of its own, the cache and the Celery broker (:class:`RedisServer`: each a
+  part that a fault can stop or freeze alone; and each configuration starts with an empty cache,
+  as a fresh deployment does);
 * gunicorn with sync workers, serving ``newsroom.wsgi`` on a free local port;
-* a real ``celery -A newsroom worker`` on a Redis broker (django-scale's refills run there).
+* a real ``celery -A newsroom worker`` on the broker (django-scale's refills run there).
 
 Both get the configuration through ``DJANGO_SCALE_EXAMPLE_CONFIG`` and the services through
 the same environment variables the settings read; each runs in a process group of its own,
@@ -16,6 +19,7 @@ SIGKILL after a grace period), so that no process outlives the run.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,9 +31,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.conf import settings
-
-__all__ = ["Deployment", "deployment"]
+__all__ = ["Deployment", "RedisServer", "deployment"]
 
 EXAMPLE_PROJECT = Path(__file__).resolve().parent.parent.parent
 #: Sync workers for a 2-core machine: one more than the cores, so a worker waiting on the
@@ -49,27 +51,74 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def broker_url() -> str:
-    """Return the Celery broker: the cache's Redis, one database up (its keys apart)."""
-    cache = str(settings.CACHES["default"]["LOCATION"])
-    base, _, db = cache.rpartition("/")
-    return f"{base}/{int(db or 0) + 1}" if db.isdigit() else f"{cache.rstrip('/')}/1"
-
-
-def child_env(config: str, metrics_dir: str) -> dict[str, str]:
+def child_env(config: str, metrics_dir: str, cache_url: str, broker_url: str) -> dict[str, str]:
     """Return the environment of the deployment's processes for *config*."""
     env = {key: value for key, value in os.environ.items() if key not in DROPPED}
     env.update(
         DJANGO_SETTINGS_MODULE="newsroom.settings",
         DJANGO_SCALE_EXAMPLE_CONFIG=config,
         DJANGO_SCALE_EXAMPLE_METRICS_DIR=metrics_dir,
-        CELERY_BROKER_URL=broker_url(),
+        REDIS_URL=cache_url,
+        CELERY_BROKER_URL=broker_url,
         # DEBUG keeps every query of a process in memory: never under load.
         DJANGO_DEBUG="0",
         DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
         PYTHONPATH=os.pathsep.join(filter(None, [str(EXAMPLE_PROJECT), os.environ.get("PYTHONPATH", "")])),
     )
     return env
+
+
+class RedisServer:
+    """A ``redis-server`` of the deployment's, on a fixed local port: stopped, started, frozen."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("bench site needs redis-server on PATH (the test harness's Redis)")
+        self.directory = directory
+        self.name = name
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the server (again, on the same port, empty) and wait until it answers PING."""
+        assert self.binary is not None
+        self.process = _start(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory)],
+            dict(os.environ), self.directory / f"{self.name}.log",
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server ({self.name}) exited at start")
+            with suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"redis-server ({self.name}) did not answer within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """Stop the server (its data is gone: nothing is saved)."""
+        if self.process is not None:
+            self.thaw()
+            _stop(self.process)
+            self.process = None
+
+    def freeze(self) -> None:
+        """SIGSTOP the server: connections stay open, nothing answers (a hung host)."""
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.process is not None:
+            with suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)
 
 
 @dataclass
@@ -84,6 +133,8 @@ class Deployment:
     metrics_dir: str
     log_dir: Path
     workers: int
+    cache: RedisServer
+    broker: RedisServer
 
     def worker_pids(self) -> list[int]:
         """Return the pids of gunicorn's workers (the master's children)."""
@@ -165,7 +216,11 @@ def deployment(config: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-site-{config}-")))
         metrics_dir = str(log_dir / "metrics")
-        env = child_env(config, metrics_dir)
+        cache, broker = RedisServer(log_dir, "cache"), RedisServer(log_dir, "broker")
+        for server in (cache, broker):
+            stack.callback(server.stop)
+            server.start()
+        env = child_env(config, metrics_dir, cache.url, broker.url)
         port = free_port()
         celery = _start(
             [sys.executable, "-m", "celery", "-A", "newsroom", "worker", "--pool", "solo",
@@ -180,6 +235,8 @@ def deployment(config: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
             env, log_dir / "gunicorn.log",
         )  # fmt: skip
         stack.callback(_stop, gunicorn)
-        running = Deployment(config, "127.0.0.1", port, gunicorn, celery, metrics_dir, log_dir, workers)
+        running = Deployment(
+            config, "127.0.0.1", port, gunicorn, celery, metrics_dir, log_dir, workers, cache, broker
+        )
         _wait_until_serving(running)
         yield running

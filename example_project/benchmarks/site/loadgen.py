@@ -8,6 +8,9 @@ that stalls is charged for every request that should have been sent during the s
 (coordinated omission corrected). A generator that falls behind its own schedule is charged
 too: its lateness shows as latency, never hidden.
 
+Capacity (``capacity_search``): the highest fixed rate whose p99 stays under :data:`P99_LIMIT`
+without errors, found by a few open-loop steps.
+
 Closed loop (``closed_loop``): *connections* clients each send their next request as soon as
 the last one answered, for a fixed time: the capacity of the server, and the naive latency
 figure (a stall shows as one slow request per connection, however long it lasts).
@@ -21,12 +24,15 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
+    "P99_LIMIT",
     "Record",
     "Request",
+    "capacity_search",
     "closed_loop",
     "open_loop",
     "percentile",
@@ -35,6 +41,8 @@ __all__ = [
 
 #: A request not answered within this many seconds is recorded with status 0 (an error).
 TIMEOUT = 30.0
+#: Capacity is the highest fixed rate whose p99 (from the intended send times) is under this.
+P99_LIMIT = 1.0
 
 
 @dataclass(frozen=True)
@@ -167,24 +175,23 @@ async def _send(pool: _Pool, request: Request, intended: float, records: list[Re
     records.append(Record(request.name, intended, start, time.monotonic(), status, size))
 
 
-async def _open_loop(
-    host: str, port: int, requests: Callable[[int], Request], rate: float, count: int
-) -> list[Record]:
+#: Sends one request due at an intended time and records it: what a load's schedule calls.
+Send = Callable[[Request, float], Awaitable[None]]
+
+
+async def _load(host: str, port: int, schedule: Callable[[Send], Awaitable[None]]) -> list[Record]:
+    """Run *schedule* with a sender on one connection pool; return the records of what it sent.
+
+    The one send path of both loops: they differ only in when they call ``send``.
+    """
     pool = _Pool(host, port)
     records: list[Record] = []
-    tasks: set[asyncio.Task[None]] = set()
-    t0 = time.monotonic() + 0.05
+
+    async def send(request: Request, intended: float) -> None:
+        await _send(pool, request, intended, records)
+
     try:
-        for i in range(count):
-            intended = t0 + i / rate
-            delay = intended - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            task = asyncio.create_task(_send(pool, requests(i), intended, records))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.wait(tasks)
+        await schedule(send)
     finally:
         pool.close()
     return records
@@ -199,29 +206,24 @@ def open_loop(
     """
     if rate <= 0 or duration <= 0:
         raise ValueError("open_loop() needs a positive rate and duration")
-    return asyncio.run(_open_loop(host, port, requests, rate, max(1, round(rate * duration))))
+    count = max(1, round(rate * duration))
 
+    async def uniform(send: Send) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        t0 = time.monotonic() + 0.05
+        for i in range(count):
+            intended = t0 + i / rate
+            delay = intended - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Never waits for an answer: the request goes out on its own task.
+            task = asyncio.create_task(send(requests(i), intended))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.wait(tasks)
 
-async def _closed_loop(
-    host: str, port: int, requests: Callable[[int], Request], connections: int, duration: float
-) -> list[Record]:
-    pool = _Pool(host, port)
-    records: list[Record] = []
-    deadline = time.monotonic() + duration
-    sent = 0
-
-    async def client() -> None:
-        nonlocal sent
-        while time.monotonic() < deadline:
-            i, sent = sent, sent + 1
-            # The closed loop's "intended" time is when it sent: what naive tools measure.
-            await _send(pool, requests(i), time.monotonic(), records)
-
-    try:
-        await asyncio.gather(*(client() for _ in range(connections)))
-    finally:
-        pool.close()
-    return records
+    return asyncio.run(_load(host, port, uniform))
 
 
 def closed_loop(
@@ -230,7 +232,21 @@ def closed_loop(
     """Send requests on *connections* concurrent clients, each as fast as answers come back."""
     if connections < 1 or duration <= 0:
         raise ValueError("closed_loop() needs at least one connection and a positive duration")
-    return asyncio.run(_closed_loop(host, port, requests, connections, duration))
+    sent = 0
+
+    async def clients(send: Send) -> None:
+        deadline = time.monotonic() + duration
+
+        async def client() -> None:
+            nonlocal sent
+            while time.monotonic() < deadline:
+                i, sent = sent, sent + 1
+                # The closed loop's "intended" time is when it sent: what naive tools measure.
+                await send(requests(i), time.monotonic())
+
+        await asyncio.gather(*(client() for _ in range(connections)))
+
+    return asyncio.run(_load(host, port, clients))
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -263,3 +279,42 @@ def summarise(records: Sequence[Record], duration: float | None = None) -> dict[
         # (a busy machine), and the latencies include that.
         "send_lag_p99": percentile([record.start - record.intended for record in records], 0.99),
     }
+
+
+def next_rate(start: float, passed: float | None, failed: float | None) -> float:
+    """The next rate the capacity search tries, given the highest that passed and lowest that failed.
+
+    From *start* (the closed loop's throughput) it climbs by half while every step passes and
+    falls by 40 % while every step fails; once it has one of each, it bisects (geometrically).
+    """
+    if passed is None and failed is None:
+        return start
+    if failed is None:
+        assert passed is not None
+        return passed * 1.5
+    if passed is None:
+        return failed * 0.6
+    return math.sqrt(passed * failed)
+
+
+def capacity_search(
+    load: Callable[[float], list[Record]], start: float, steps: int, step_seconds: float
+) -> dict[str, Any]:
+    """Return the highest of *steps* open-loop rates whose p99 < :data:`P99_LIMIT`, no errors.
+
+    ``load(rate)`` runs one open-loop step at *rate* and returns its records. The result has
+    ``rate`` (0.0 when every step failed) and ``steps``: each step's rate, p99, errors and verdict.
+    """
+    passed: float | None = None
+    failed: float | None = None
+    tried = []
+    for _ in range(steps):
+        rate = max(0.1, round(next_rate(start, passed, failed), 2))
+        figures = summarise(load(rate), step_seconds)
+        ok = figures["p99"] < P99_LIMIT and figures["errors"] == 0
+        tried.append({"rate": rate, "p99": figures["p99"], "errors": figures["errors"], "passed": ok})
+        if ok:
+            passed = max(passed or 0.0, rate)
+        else:
+            failed = rate if failed is None else min(failed, rate)
+    return {"rate": passed or 0.0, "steps": tried}

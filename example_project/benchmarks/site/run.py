@@ -4,10 +4,16 @@ Per configuration (stock first: its capacity sets the open-loop rates of all thr
 
 1. gunicorn and a Celery worker started (:mod:`~benchmarks.site.deploy`), the staff user
    logged in, a short closed-loop warm-up (caches filled as in steady state; not counted);
-2. capacity: a closed loop of :data:`CONNECTIONS` clients for a fixed time; its throughput
-   is the configuration's capacity;
-3. open loop (:mod:`~benchmarks.site.loadgen`) at 50 % and 80 % of stock's capacity, latency
-   from the intended send times.
+2. a closed loop of :data:`CONNECTIONS` clients for a fixed time: its throughput is the
+   naive capacity figure (kept as a second column), and where the search starts;
+3. capacity: the highest fixed rate at which the p99 stays under :data:`P99_LIMIT` without
+   errors, found by a short search of open-loop steps (:func:`capacity_search`);
+4. open loop (:mod:`~benchmarks.site.loadgen`) at 50 % and 80 % of stock's capacity, latency
+   from the intended send times;
+5. each page alone (:mod:`~benchmarks.site.pages`): its queries per request, and the
+   server's percentiles against the generator's;
+6. ``scale`` (and ``stock`` in a full run): the faults (:mod:`~benchmarks.site.faults`),
+   each during an open loop at 50 % of stock's capacity, a canary writing and reading back.
 
 Per phase and page: requests, errors (no answer or 5xx), throughput and exact p50 / p99 /
 p99.9 / max. Per phase: queries per request and statement execution time per request on the
@@ -29,7 +35,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import django
-from django.core.cache import cache
 from django.db import connections
 
 from django_scale.conf import conf
@@ -37,8 +42,11 @@ from django_scale.replicas import monitor
 
 from benchmarks import print_table, require_replica
 from benchmarks.site.deploy import WORKERS, Deployment, deployment
-from benchmarks.site.loadgen import Record, closed_loop, open_loop, summarise
+from benchmarks.site.faults import Canary, faults, run_fault
+from benchmarks.site.loadgen import P99_LIMIT, Record, capacity_search, closed_loop, open_loop, summarise
 from benchmarks.site.mix import PAGES, Mix, login
+from benchmarks.site.pages import probe_pages
+from benchmarks.site.plots import bars_svg, timeline_svg
 from benchmarks.site.seed import STAFF, seed
 from news.models import Section
 
@@ -50,6 +58,8 @@ CONFIGS = ("stock", "tuned", "scale")
 CONNECTIONS = 2 * WORKERS
 #: The open-loop rates, as fractions of stock's capacity.
 LOADS = (0.5, 0.8)
+#: The measured phases of each configuration, in the tables' order.
+PHASES = ("closed loop", *(f"open {load:.0%}" for load in LOADS))
 #: Statements of this process (the figures' own queries) left out of the per-request counts.
 OWN_STATEMENTS = (
     "pg_stat_statements",
@@ -62,10 +72,51 @@ OWN_STATEMENTS = (
 
 
 def _durations(quick: bool) -> dict[str, float]:
-    """Seconds of each phase."""
+    """Seconds of each phase ("step": one open-loop step of the capacity search; "steps": how
+    many; "fault before/during/after": a fault's run, before it, while it lasts, after it)."""
     if quick:
-        return {"warm-up": 2.0, "capacity": 8.0, "open": 10.0}
-    return {"warm-up": 5.0, "capacity": 20.0, "open": 30.0}
+        return {"warm-up": 2.0, "closed loop": 6.0, "step": 3.0, "steps": 3, "open": 8.0, "probe": 1.0,
+                "fault before": 1.5, "fault during": 3.0, "fault after": 3.5}  # fmt: skip
+    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0, "probe": 5.0,
+            "fault before": 5.0, "fault during": 10.0, "fault after": 15.0}  # fmt: skip
+
+
+def _fault_configs(quick: bool) -> tuple[str, ...]:
+    """The configurations that suffer the faults: django-scale, and stock for contrast (full run)."""
+    return ("scale",) if quick else ("stock", "scale")
+
+
+#: The article the canary comments on and reads back: the oldest, which readers rarely open.
+CANARY_ARTICLE = "article-1"
+
+
+def _faults(
+    running: Deployment, mix: Mix, durations: dict[str, float], rate: float, baseline: float
+) -> dict[str, Any]:
+    """Run each fault during a fixed-rate open loop at *rate*, the canary writing throughout."""
+    canary = Canary(running.host, running.port, login(running.host, running.port, *STAFF), CANARY_ARTICLE)
+    canary.start()
+    results = []
+    try:
+        for fault in faults(running):
+            results.append(
+                run_fault(
+                    fault,
+                    lambda seconds: open_loop(running.host, running.port, mix, rate=rate, duration=seconds),
+                    canary,
+                    before=durations["fault before"],
+                    during=durations["fault during"],
+                    after=durations["fault after"],
+                    baseline_p99=baseline,
+                )
+            )
+    finally:
+        canary.stop()
+    return {
+        "rate": rate,
+        "faults": results,
+        "canary": {kind: sum(1 for _, k in canary.events if k == kind) for kind in ("ok", "stale", "error")},
+    }
 
 
 def _statement_aliases() -> dict[str, str]:
@@ -188,9 +239,8 @@ def _one_config(
     sections: list[tuple[int, str]],
     durations: dict[str, float],
     rates: list[float],
+    fault_configs: tuple[str, ...],
 ) -> dict[str, Any]:
-    # Each configuration starts with an empty cache, as a fresh deployment does.
-    cache.clear()
     with deployment(config) as running:
         session = login(running.host, running.port, *STAFF)
         mix = Mix(articles, sections, session)
@@ -201,15 +251,22 @@ def _one_config(
             # The processes the deployment started (all stopped when it ends).
             "pids": [running.gunicorn.pid, *running.worker_pids(), running.celery.pid],
         }
-        result["capacity"] = _measured(
+        result["closed loop"] = _measured(
             running,
-            "capacity",
-            lambda: closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["capacity"]),
-            durations["capacity"],
+            "closed loop",
+            lambda: closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["closed loop"]),
+            durations["closed loop"],
+        )
+        result["capacity"] = capacity_search(
+            lambda rate: open_loop(host, port, mix, rate=rate, duration=durations["step"]),
+            start=result["closed loop"]["all"]["throughput"],
+            steps=int(durations["steps"]),
+            step_seconds=durations["step"],
         )
         if not rates:
-            # Stock runs first: its capacity sets every configuration's open-loop rates.
-            capacity = result["capacity"]["all"]["throughput"]
+            # Stock runs first: its capacity sets every configuration's open-loop rates (its
+            # closed loop's throughput if no step of the search kept the p99 under the limit).
+            capacity = result["capacity"]["rate"] or result["closed loop"]["all"]["throughput"]
             rates.extend(max(0.1, round(capacity * load, 2)) for load in LOADS)
         for load, rate in zip(LOADS, rates, strict=True):
             result[f"open {load:.0%}"] = _measured(
@@ -219,6 +276,11 @@ def _one_config(
                 durations["open"],
             )
             result[f"open {load:.0%}"]["rate"] = rate
+        result["pages"] = probe_pages(running, mix, durations["probe"], _measured)
+        if config in fault_configs:
+            result["faults"] = _faults(
+                running, mix, durations, rates[0], result[f"open {LOADS[0]:.0%}"]["all"]["p99"]
+            )
         return result
 
 
@@ -226,12 +288,16 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
+def _ratio(value: float, stock: float) -> str:
+    return f"{value / stock:.1f}x" if stock else "-"
+
+
 def _print(out: TextIO, results: dict[str, Any]) -> None:
     rows = []
     for config, figures in results["configs"].items():
-        for key in ("capacity", *(f"open {load:.0%}" for load in LOADS)):
+        for key in PHASES:
             phase = figures[key]
-            label = key if key == "capacity" else f"{key} ({phase['rate']:g}/s)"
+            label = key if key == "closed loop" else f"{key} ({phase['rate']:g}/s)"
             for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
                 rows.append(
                     [config, label, page, summary["requests"], summary["errors"], f"{summary['throughput']:.1f}",
@@ -245,7 +311,7 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
     )
     rows = []
     for config, figures in results["configs"].items():
-        for key in ("capacity", *(f"open {load:.0%}" for load in LOADS)):
+        for key in PHASES:
             server = figures[key]["server"]
             rows.append(
                 [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
@@ -278,16 +344,75 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
                     f"\nnote: {config}, open {load:.0%}: the generator sent late (p99 {_ms(lag)} ms after the "
                     "intended time; a busy machine): the latencies include it.\n"
                 )
-    stock = results["configs"]["stock"]["capacity"]["all"]["throughput"]
-    out.write(f"\nCapacity (closed loop, {CONNECTIONS} connections): ")
-    out.write(
-        ", ".join(
-            f"{config} {figures['capacity']['all']['throughput']:.1f} req/s"
-            f" ({figures['capacity']['all']['throughput'] / stock:.1f}x stock)"
-            for config, figures in results["configs"].items()
-        )
-        + "\n"
+    stock = results["configs"]["stock"]
+    rows = []
+    for config, figures in results["configs"].items():
+        capacity, closed = figures["capacity"]["rate"], figures["closed loop"]["all"]["throughput"]
+        rows.append(
+            [config, f"{capacity:.1f}", _ratio(capacity, stock["capacity"]["rate"]),
+             f"{closed:.1f}", _ratio(closed, stock["closed loop"]["all"]["throughput"]),
+             "  ".join(f"{s['rate']:g}:{_ms(s['p99'])}{'' if s['passed'] else '!'}"
+                       for s in figures["capacity"]["steps"])]
+        )  # fmt: skip
+    print_table(
+        out,
+        f"Capacity: the highest fixed rate with p99 < {P99_LIMIT:g} s and no errors (open-loop steps,"
+        f" rate:p99 ms, ! failed); the closed loop's throughput ({CONNECTIONS} connections) beside it",
+        ["config", "capacity req/s", "x stock", "closed loop req/s", "x stock", "steps"],
+        rows,
     )
+
+
+def _difference(server: float | None, generator: float) -> str:
+    return "-" if server is None else f"{(server - generator) / generator:+.1%}"
+
+
+def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        for page, probe in figures["pages"].items():
+            server, generator, inside = probe["server"], probe["generator"], probe.get("server side", {})
+            rows.append(
+                [config, page, probe["all"]["requests"], f"{server['primary_queries_per_request']:.2f}",
+                 f"{server['replica_queries_per_request']:.2f}", _ms(generator["p50"]), _ms(generator["p99"]),
+                 *(("-", "-", "-", "-") if not inside else
+                   (_ms(inside["p50"]), _ms(inside["p99"]), _difference(inside["p50"], generator["p50"]),
+                    _difference(inside["p99"], generator["p99"])))]
+            )  # fmt: skip
+    print_table(
+        out,
+        "Per page, sent alone by one client: queries per request, and the generator's service time"
+        " against MetricsMiddleware's latency (scale only; ms)",
+        ["config", "page", "requests", "primary q", "replica q", "gen p50", "gen p99",
+         "server p50", "server p99", "p50 diff", "p99 diff"],
+        rows,
+    )  # fmt: skip
+
+
+def _print_faults(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        if "faults" not in figures:
+            continue
+        for fault in figures["faults"]["faults"]:
+            recovery = fault["recovery seconds"]
+            rows.append(
+                [config, fault["fault"], fault["5xx"], fault["no answer"], fault["errors in flight at the fault"],
+                 fault["in flight at the fault"],
+                 f"{fault['canary stale reads']}/{fault['canary rounds']}", fault["canary errors"],
+                 _ms(fault["baseline p99"]), _ms(fault["p99 during"]), _ms(fault["p99 after"]),
+                 "never" if recovery is None else f"{recovery:.1f}"]
+            )  # fmt: skip
+    if rows:
+        rate = next(f["faults"]["rate"] for f in results["configs"].values() if "faults" in f)
+        print_table(
+            out,
+            f"Faults during an open loop at {rate:g}/s (from the fault on; recovered: s after the part came"
+            " back until every 0.5 s window's p99 < 2x baseline, no errors)",
+            ["config", "fault", "5xx", "no answer", "errors in flight", "in flight", "canary stale", "canary errors",
+             "baseline p99", "p99 during", "p99 after", "recovered s"],
+            rows,
+        )  # fmt: skip
 
 
 def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path: str | None = None) -> None:
@@ -324,11 +449,21 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
     for config in CONFIGS:
         out.write(f"{config}: deploying and loading ...\n")
         out.flush()
-        results["configs"][config] = _one_config(config, articles, sections, durations, rates)
+        results["configs"][config] = _one_config(
+            config, articles, sections, durations, rates, _fault_configs(quick)
+        )
     results["rates"] = rates
     results["seconds"] = time.monotonic() - started
     _print(out, results)
+    _print_pages(out, results)
+    _print_faults(out, results)
     out.write(f"\nwhole run: {results['seconds']:.0f} s\n")
     if json_path:
-        Path(json_path).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        path = Path(json_path)
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
         out.write(f"figures written to {json_path}\n")
+        # The plots for the docs, beside the figures.
+        for name, draw in (("timeline", timeline_svg), ("bars", bars_svg)):
+            plot = path.with_name(f"{path.stem}-{name}.svg")
+            plot.write_text(draw(results))
+            out.write(f"plot written to {plot}\n")

@@ -19,9 +19,8 @@ from django.db import connections, transaction
 from django.utils import timezone
 
 from django_scale.bulk import copy_from
-from django_scale.conf import conf
-from django_scale.replicas import monitor, parse_lsn
 
+from benchmarks import wait_for_replicas
 from news.management.commands.demo import HISTORY, article_body, headline, seed_people_and_places
 from news.models import Article, Author, Section, Tag
 
@@ -129,12 +128,8 @@ def seed(articles: int, *, seed: int = 15) -> dict[str, int]:
             users.create_superuser(STAFF[0], f"{STAFF[0]}@newsroom.example", STAFF[1])
     with primary.cursor() as cursor:
         cursor.execute("ANALYZE")
-        cursor.execute("SELECT pg_current_wal_lsn()::text")
-        position = parse_lsn(cursor.fetchone()[0])
     # The replica serves the reads of two configurations: wait until it has the rows.
-    for alias in conf.REPLICAS:
-        if not monitor(alias).wait_for(position, 300):
-            raise SystemExit(f"replica {alias!r} did not replay the seeded rows within 300 s")
+    wait_for_replicas("the seeded rows", 300)
     return _counts()
 
 

@@ -1,0 +1,116 @@
+"""``bench site`` per page: its queries, and the server's percentiles against the generator's.
+
+After the load, each page of the mix is sent alone, by one client, one request after another,
+for a few seconds (:func:`probe_pages`): ``pg_stat_statements`` then counts that page's queries
+on the primary and the replica (the mix's figures are per request of the whole mix), and with
+one client nothing waits in gunicorn's backlog, so the generator's service times and the
+latencies ``MetricsMiddleware`` recorded inside Django (the ``scale`` configuration) measure
+the same requests. The server side is read from the deployment's metrics file: the per-minute
+sketches of every ``request`` series after the probe, less those before it (sketches add by
+bucket, so they subtract too), are exactly the probe's requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from django_scale.conf import conf
+from django_scale.metrics.recording import SEP
+from django_scale.metrics.sketch import Sketch
+from django_scale.metrics.store import SlotStore
+
+from benchmarks.site.deploy import Deployment
+from benchmarks.site.loadgen import Record, Request, closed_loop, percentile
+from benchmarks.site.mix import PAGES, Mix
+
+__all__ = ["QUANTILES", "page_requests", "probe_pages", "server_latencies", "sketch_difference"]
+
+#: The percentiles compared, server against generator.
+QUANTILES = (0.5, 0.9, 0.99)
+#: Requests drawn per page for its probe (sent round and round for the probe's seconds).
+DRAWN = 50
+
+
+def page_requests(mix: Mix, page: str, count: int = DRAWN) -> list[Request]:
+    """Draw requests from *mix* until *count* of them are for *page*; return those."""
+    found: list[Request] = []
+    i = 0
+    while len(found) < count:
+        request = mix(i)
+        i += 1
+        if request.name == page:
+            found.append(request)
+    return found
+
+
+def sketch_difference(after: dict[int, Sketch], before: dict[int, Sketch]) -> Sketch:
+    """Return one sketch of what *after* (per-minute sketches) holds beyond *before*."""
+    result = Sketch()
+    for minute, sketch in after.items():
+        earlier = before.get(minute, Sketch())
+        for bucket, count in sketch.buckets.items():
+            added = count - earlier.buckets.get(bucket, 0)
+            if added:
+                result.buckets[bucket] = result.buckets.get(bucket, 0) + added
+                result.count += added
+    return result
+
+
+class _Requests:
+    """The deployment's metrics file, read from this process (no slot claimed: it only reads)."""
+
+    def __init__(self, running: Deployment) -> None:
+        _, slots, series, memory = conf.metrics_options()
+        self.store = SlotStore(running.metrics_dir, slots, series, memory)
+
+    def history(self) -> dict[str, dict[int, Sketch]]:
+        names = [name for name in self.store.names(True) if name.startswith(f"request{SEP}")]
+        return self.store.history(names)
+
+
+def server_latencies(before: dict[str, dict[int, Sketch]], after: dict[str, dict[int, Sketch]]) -> Sketch:
+    """The latencies recorded between two readings of the request series, all routes in one."""
+    total = Sketch()
+    for name, minutes in after.items():
+        total.merge(sketch_difference(minutes, before.get(name, {})))
+    return total
+
+
+def probe_pages(
+    running: Deployment,
+    mix: Mix,
+    seconds: float,
+    measured: Callable[[Deployment, str, Callable[[], list[Record]], float], dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """Probe each page alone; return per page its phase figures (``measured``'s), and the
+    generator's and the server's percentiles where the deployment records metrics."""
+    metrics = _Requests(running) if Path(running.metrics_dir).is_dir() else None
+    results: dict[str, dict[str, Any]] = {}
+    for page, _ in PAGES:
+        requests = page_requests(mix, page)
+        before = metrics.history() if metrics is not None else {}
+        records: list[Record] = []
+
+        def load(requests: list[Request] = requests, records: list[Record] = records) -> list[Record]:
+            records += closed_loop(
+                running.host,
+                running.port,
+                lambda i: requests[i % len(requests)],
+                connections=1,
+                duration=seconds,
+            )
+            return records
+
+        figures = measured(running, f"{page} alone", load, seconds)
+        service = [record.service_time for record in records if 0 < record.status < 500]
+        figures["generator"] = {f"p{q * 100:g}": percentile(service, q) for q in QUANTILES}
+        if metrics is not None:
+            server = server_latencies(before, metrics.history())
+            figures["server"]["metrics_requests"] = server.count
+            figures["server side"] = {f"p{q * 100:g}": server.quantile(q) for q in QUANTILES}
+        results[page] = figures
+    if metrics is not None:
+        metrics.store.release()
+    return results
