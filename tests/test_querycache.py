@@ -40,7 +40,8 @@ from django_scale.cache.queries.storing import writer
 from django_scale.cache.store import store_for
 from django_scale.conf import conf
 from django_scale.exceptions import CacheArgumentError
-from django_scale.replicas import monitor, routing_state, use_primary, use_replica
+from django_scale.replicas import monitor, routing_state, stop_monitors, use_primary, use_replica
+from django_scale.replicas.hostshare import HostRecord, HostShare, share_key
 from django_scale.replicas.wal import parse_lsn
 from django_scale.testing import override_scale_settings
 
@@ -540,6 +541,81 @@ def test_a_standby_position_comes_only_from_a_probe_of_the_same_server(querycach
         # Had an entry claimed the fake position, it would pass the write and answer [].
         rows, queries = queries_on("replica", lambda: names(Reporter.objects.filter(name="x").cached()))
         assert rows == ["x"] and queries >= 1
+
+
+@REPLICA
+@pytest.mark.direct
+def test_a_follower_of_the_hosts_prober_takes_its_probe_of_the_standby(
+    querycache: Any, replica: Any, tmp_path: Any
+) -> None:
+    """With ``SHARED_HEALTH``, a process that copies the host prober's record (it probes
+    nothing itself) knows the standby's position from the prober's probe: its misses there ask
+    nothing more. Only a probe of the same server, sent after the connection was identified
+    (on the same monotonic clock), counts. (Marker ``direct``: behind a pooler every miss asks.)"""
+    Reporter.objects.create(name="ann")
+    replayed_past_positions(querycache, replica)
+    stop_monitors()
+    with connections["replica"].cursor() as cursor:
+        cursor.execute("SELECT pg_postmaster_start_time()::text || ' ' || current_setting('port')")
+        server = cursor.fetchone()[0]
+    connections["replica"].close()
+    prober = HostShare(tmp_path, share_key("replica", connections["replica"].settings_dict))
+
+    def publish(probed: tuple[int, str, float] | None, clock: float | None = None) -> None:
+        wall, mono = time.time(), time.monotonic()
+        prober.publish(
+            HostRecord(
+                pid=0,
+                published=wall,
+                checked=wall,
+                replay_lsn=parse_lsn(replica.replay_lsn()),
+                lag=0.0,
+                down_until=0.0,
+                failures=0,
+                error="",
+                probed=probed,
+                clock=wall - mono if clock is None else clock,
+            )  # fmt: skip
+        )
+        found = prober.read()
+        assert found is not None and found.probed == probed
+
+    def miss(name: str) -> int:
+        return queries_on("replica", lambda: names(Reporter.objects.filter(name=name).cached()))[1]
+
+    try:
+        with override_scale_settings(SHARED_HEALTH=True, SHARED_HEALTH_DIR=str(tmp_path)):
+            assert prober.try_lead()
+            publish(None)
+            with use_replica():
+                assert names(Reporter.objects.filter(name="ann").cached()) == ["ann"]  # identifies it
+                identified = time.monotonic()
+                assert monitor("replica").probes == 0  # a follower: it probed nothing
+                # Sent before the connection was identified (a crash restart in between keeps
+                # the start time): no bound, the miss asks.
+                publish((parse_lsn(replica.replay_lsn()), server, identified - 0.5))
+                wait_until(lambda: monitor("replica").probed is not None, "the shared probe")
+                assert miss("a") == 2
+                # Another server behind the name: no bound.
+                wait_until(lambda: time.monotonic() > identified + 1.1, "a probe after the identification")
+                publish((parse_lsn(replica.replay_lsn()) + 2**40, "another server", time.monotonic()))
+                wait_until(lambda: monitor("replica").probed[1] == "another server", "the shared probe")  # type: ignore[index]
+                assert miss("b") == 2
+                # Another monotonic clock (another time namespace): its send time is not taken.
+                before = monitor("replica").probed
+                publish((parse_lsn(replica.replay_lsn()), server, time.monotonic() + 10), clock=-12345.0)
+                shared_reads = monitor("replica").shared_reads
+                wait_until(lambda: monitor("replica").shared_reads > shared_reads + 1, "two more reads")
+                assert monitor("replica").probed == before
+                assert miss("c") == 2
+                # The same server, probed after: the miss is the query alone.
+                publish((parse_lsn(replica.replay_lsn()), server, time.monotonic()))
+                wait_until(lambda: monitor("replica").probed[1] == server, "the shared probe")  # type: ignore[index]
+                assert miss("d") == 1
+                assert monitor("replica").probes == 0
+    finally:
+        prober.close()
+        stop_monitors()
 
 
 @REPLICA
