@@ -11,6 +11,7 @@ than a write the reader had seen.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 import warnings
@@ -24,13 +25,15 @@ import redis
 from django.conf import settings
 from django.core.cache import caches
 from django.db import connection, connections, transaction
+from django.db.models.functions import TruncDate
 from django.test.utils import CaptureQueriesContext, override_settings
+from django.utils import timezone
 from support import counter, wait_until
 
 from django_scale.bulk import copy_from
 from django_scale.cache import reset_state, wait_for_refills
 from django_scale.cache.degrade import breakers
-from django_scale.cache.queries import track_writes, writes_tables
+from django_scale.cache.queries import compiled, track_writes, writes_tables
 from django_scale.cache.queries import writes as query_writes
 from django_scale.cache.queries.positions import format_position
 from django_scale.cache.queries.reads import CacheOptions
@@ -40,13 +43,14 @@ from django_scale.cache.queries.storing import writer
 from django_scale.cache.store import store_for
 from django_scale.conf import conf
 from django_scale.exceptions import CacheArgumentError
+from django_scale.querysets import ScaleQuerySet
 from django_scale.replicas import monitor, routing_state, stop_monitors, use_primary, use_replica
 from django_scale.replicas.hostshare import HostRecord, HostShare, share_key
 from django_scale.replicas.wal import parse_lsn
 from django_scale.testing import override_scale_settings
 
 import harness
-from testapp.models import Reporter, Tag
+from testapp.models import Reporter, Tag, Ticket
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 TABLE = "testapp_reporter"
@@ -229,6 +233,83 @@ def test_a_hit_runs_no_query_and_keys_bind_parameters(querycache: Any) -> None:
         assert list(Reporter.objects.filter(name="ann").values_list("name", flat=True).cached()) == ["ann"]
         assert list(Reporter.objects.filter(name="ann").values("name").cached()) == [{"name": "ann"}]
     assert counter("querycache.hit") == 1
+
+
+# -- The SQL is compiled once per query (compiled.py) ---------------------------------------------
+
+
+def test_a_query_built_again_is_compiled_once_and_a_changed_one_again() -> None:
+    compiled.forget()
+    first = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
+    again = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
+    assert again is first  # from the memo: not compiled again
+    assert first == tuple_of(Reporter.objects.filter(name="ann"))
+    # Any change of the query is another query: a value, a lookup, the columns, the order.
+    for changed in (
+        Reporter.objects.filter(name="bob"),
+        Reporter.objects.filter(name__startswith="ann"),
+        Reporter.objects.filter(name="ann").values("id"),
+        Reporter.objects.filter(name="ann").order_by("-name"),
+        Reporter.objects.exclude(name="ann"),
+    ):
+        assert compiled.compile_query(changed.query, "default") == tuple_of(changed)
+    # A query is compiled before its first compilation changes it (its aliases set up).
+    used = Reporter.objects.filter(name="cy")
+    str(used.query)
+    assert compiled.compile_query(used.query, "default") == tuple_of(Reporter.objects.filter(name="cy"))
+
+
+def tuple_of(queryset: Any) -> tuple[str, tuple[Any, ...]]:
+    sql, params = queryset.query.get_compiler(using="default").as_sql()
+    return sql, tuple(params)
+
+
+def test_what_a_query_cannot_pickle_is_compiled_every_time() -> None:
+    class Local(str):  # a class pickle cannot name
+        pass
+
+    compiled.forget()
+    query = Reporter.objects.filter(name=Local("ann")).query
+    assert compiled.compile_query(query, "default")[1] == ("ann",)
+    assert compiled._memo == {}
+
+
+@REPLICA
+def test_the_memo_follows_the_active_time_zone(querycache: Any) -> None:
+    """TruncDate puts the *current* time zone (``timezone.activate()``, per request) in its SQL:
+    the same query compiled under another zone is another SQL, another entry."""
+    Ticket.objects.create(
+        status="open", kind="a", opened_at=datetime.datetime(2024, 1, 1, 23, 30, tzinfo=datetime.timezone.utc)
+    )
+
+    def query() -> Any:
+        return ScaleQuerySet(model=Ticket).annotate(day=TruncDate("opened_at")).values_list("day", flat=True)
+
+    compiled.forget()
+    with timezone.override("Asia/Tokyo"):
+        # This query is one the memo serves: what follows tests its key.
+        assert compiled.compile_query(query().query, "default") is compiled.compile_query(
+            query().query, "default"
+        )
+    with use_primary():
+        for zone, expected in (("UTC", 1), ("Asia/Tokyo", 2), ("UTC", 1), ("Asia/Tokyo", 2)):
+            with timezone.override(zone):
+                assert list(query().cached()) == [datetime.date(2024, 1, expected)], zone
+        with override_settings(TIME_ZONE="Asia/Tokyo"), timezone.override(None):
+            # No zone active: the default zone, Tokyo's SQL, so Tokyo's entry.
+            assert list(query().cached()) == [datetime.date(2024, 1, 2)]
+    assert counter("querycache.hit") == 3
+
+
+def test_the_memo_keeps_the_queries_in_use() -> None:
+    """Queries that never pickle alike (a Value's output field is a new field each time) come
+    and go; one in use stays (least recently used first out)."""
+    compiled.forget()
+    kept = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
+    for n in range(compiled.SIZE * 2):
+        compiled.compile_query(Reporter.objects.filter(name=f"other-{n}").query, "default")
+        assert compiled.compile_query(Reporter.objects.filter(name="ann").query, "default") is kept
+    assert len(compiled._memo) == compiled.SIZE
 
 
 @REPLICA
