@@ -240,6 +240,9 @@ def test_a_hit_runs_no_query_and_keys_bind_parameters(querycache: Any) -> None:
 
 def test_a_query_built_again_is_compiled_once_and_a_changed_one_again() -> None:
     compiled.forget()
+    # The first compilation of a field's column caches properties on that shared column
+    # object (Field.cached_col), which changes the pickle of later queries once.
+    compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     first = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     again = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     assert again is first  # from the memo: not compiled again
@@ -264,13 +267,16 @@ def tuple_of(queryset: Any) -> tuple[str, tuple[Any, ...]]:
     return sql, tuple(params)
 
 
-def test_what_a_query_cannot_pickle_is_compiled_every_time() -> None:
+def test_what_a_query_cannot_pickle_or_is_too_long_is_compiled_every_time() -> None:
     class Local(str):  # a class pickle cannot name
         pass
 
     compiled.forget()
     query = Reporter.objects.filter(name=Local("ann")).query
     assert compiled.compile_query(query, "default")[1] == ("ann",)
+    # Nor is a query too long to keep (a long IN list).
+    many = Reporter.objects.filter(name__in=[f"name-{n}" for n in range(5000)])
+    assert compiled.compile_query(many.query, "default") == tuple_of(many)
     assert compiled._memo == {}
 
 
@@ -288,6 +294,7 @@ def test_the_memo_follows_the_active_time_zone(querycache: Any) -> None:
     compiled.forget()
     with timezone.override("Asia/Tokyo"):
         # This query is one the memo serves: what follows tests its key.
+        compiled.compile_query(query().query, "default")
         assert compiled.compile_query(query().query, "default") is compiled.compile_query(
             query().query, "default"
         )
@@ -305,6 +312,7 @@ def test_the_memo_keeps_the_queries_in_use() -> None:
     """Queries that never pickle alike (a Value's output field is a new field each time) come
     and go; one in use stays (least recently used first out)."""
     compiled.forget()
+    compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     kept = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     for n in range(compiled.SIZE * 2):
         compiled.compile_query(Reporter.objects.filter(name=f"other-{n}").query, "default")

@@ -21,8 +21,9 @@ cached query: its SQL would be the one compiled first (see docs/querycache.md).
 Only the *lookup* is memoised: the entry's key is still made of the SQL text and parameters
 (the pickle of equal queries can differ between processes, whose set order differs), so every
 process shares the same entries. A pickle that differs (a new value in a filter) compiles and
-is remembered, at most :data:`SIZE` queries. A query that cannot be pickled, or whose compiler
-raises (``EmptyResultSet``), is compiled every time.
+is remembered, at most :data:`SIZE` queries. A query that cannot be pickled, whose pickle is
+longer than :data:`LARGEST`, or whose compiler raises (``EmptyResultSet``), is compiled every
+time.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ from django.conf import settings
 from django.db import connections
 from django.utils import timezone
 
-__all__ = ["SIZE", "compile_query", "forget"]
+__all__ = ["LARGEST", "SIZE", "compile_query", "forget"]
 
 #: The most queries remembered per process (the least recently used is forgotten first: a
 #: query that never pickles alike, as one with a ``Value()`` whose output field is a new field
 #: object each time, passes through without pushing out the queries in use).
 SIZE = 512
+#: The largest pickled query remembered (bytes): a query with a long ``__in`` list is compiled
+#: every time, so the memo stays within ``SIZE * LARGEST``.
+LARGEST = 16384
 
 _memo: OrderedDict[tuple[Any, ...], tuple[str, tuple[Any, ...]]] = OrderedDict()
 _lock = threading.Lock()
@@ -55,6 +59,8 @@ def compile_query(query: Any, using: str) -> tuple[str, tuple[Any, ...]]:
         # Before compiling: compiling sets up the query's aliases, which changes its pickle.
         pickled = pickle.dumps(query, pickle.HIGHEST_PROTOCOL)
     except Exception:
+        pickled = b""
+    if not pickled or len(pickled) > LARGEST:
         sql, params = query.get_compiler(using=using).as_sql()
         return sql, tuple(params)
     zone = timezone.get_current_timezone_name() if settings.USE_TZ else ""
