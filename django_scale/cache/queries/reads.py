@@ -334,6 +334,7 @@ def _refill(
             )
             metrics.increment("querycache.refill")
         except Exception:
+            metrics.increment("querycache.refill.failed")
             logger.exception(
                 "query cache refill of %s failed; the stale entry is served until it expires", key
             )
