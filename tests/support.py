@@ -48,15 +48,21 @@ def counter(name: str) -> int:
     return value
 
 
-def wait_until(condition: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.01) -> T:
+def wait_until(
+    condition: Callable[[], T],
+    what: str,
+    timeout: float = 20.0,
+    interval: float = 0.01,
+    explain: Callable[[], str] | None = None,
+) -> T:
     """Poll *condition* every *interval* seconds until it returns a true value, and return it.
 
-    Fail with *what* after *timeout* seconds.
+    Fail with *what* after *timeout* seconds (and what *explain* returns then).
     """
     deadline = time.monotonic() + timeout
     while not (value := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}" + (f": {explain()}" if explain else ""))
         time.sleep(interval)
     return value
 

@@ -40,8 +40,12 @@ __all__ = ["HostRecord", "HostShare", "host_share"]
 
 logger = logging.getLogger("django_scale.replicas")
 
-# seq, pid, published, checked, replay_lsn, lag (NaN: unknown), down_until, failures, error.
-_LAYOUT = struct.Struct("<Qqddqddq192s")
+# seq, pid, published, checked, replay_lsn, lag (NaN: unknown), down_until, failures, error,
+# then the last standby probe (replay position, monotonic send time, server identity; an empty
+# identity: none) and the prober's clock offset.
+_LAYOUT = struct.Struct("<Qqddqddq192sqd64sd")
+#: Part of the files' names: a process of a version with another layout uses other files.
+_LAYOUT_VERSION = 2
 _SEQ = struct.Struct("<Q")
 
 try:
@@ -70,14 +74,21 @@ class HostRecord:
     failures: int
     #: The error of the last failed probe.
     error: str
+    #: The prober's last probe of a streaming standby, as ``ReplicaMonitor.probed``: its replay
+    #: position, the server's identity (start time and port) and when the probe was sent, in
+    #: the prober's ``time.monotonic()``; ``None`` before the first.
+    probed: tuple[int, str, float] | None = None
+    #: The prober's ``time.time() - time.monotonic()`` when it wrote the record: a reader whose
+    #: own differs runs on another monotonic clock, and must not compare the send time.
+    clock: float = 0.0
 
 
 class HostShare:
     """The lock and record files of one replica in ``SHARED_HEALTH_DIR``."""
 
     def __init__(self, directory: Path, key: str) -> None:
-        self._lock_path = directory / f"{key}.lock"
-        self._record_path = directory / f"{key}.health"
+        self._lock_path = directory / f"{key}.v{_LAYOUT_VERSION}.lock"
+        self._record_path = directory / f"{key}.v{_LAYOUT_VERSION}.health"
         self._lock_fd: int | None = None
         self._leading = False
         # Between the prober's writes and close(), which stop_monitors() may call from
@@ -117,6 +128,7 @@ class HostShare:
         with self._writing:
             if not self._leading or self._map.closed:
                 return
+            probed = record.probed or (0, "", 0.0)
             (seq,) = _SEQ.unpack_from(self._map, 0)
             seq = seq + 1 if seq % 2 == 0 else seq + 2  # odd (a writer that died left it odd)
             _SEQ.pack_into(self._map, 0, seq)  # odd: being written
@@ -132,6 +144,10 @@ class HostShare:
                 record.down_until,
                 record.failures,
                 record.error.encode("utf-8", "replace")[:192],
+                probed[0],
+                probed[2],
+                probed[1].encode("utf-8", "replace")[:64],
+                record.clock,
             )
             _SEQ.pack_into(self._map, 0, seq + 1)  # even: complete
 
@@ -148,7 +164,9 @@ class HostShare:
                 continue  # a write is under way, or came in between: read again
             if seq == 0:
                 return None
-            _, pid, published, checked, replay_lsn, lag, down_until, failures, error = values
+            _, pid, published, checked, replay_lsn, lag, down_until, failures, error, *probe = values
+            probed_lsn, probed_sent, probed_server, clock = probe
+            server = probed_server.rstrip(b"\0").decode("utf-8", "replace")
             return HostRecord(
                 pid=pid,
                 published=published,
@@ -158,6 +176,8 @@ class HostShare:
                 down_until=down_until,
                 failures=failures,
                 error=error.rstrip(b"\0").decode("utf-8", "replace"),
+                probed=(probed_lsn, server, probed_sent) if server else None,
+                clock=clock,
             )
         return None
 

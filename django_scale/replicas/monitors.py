@@ -43,6 +43,9 @@ SELECT pg_is_in_recovery(),
 # The identity of a server: when it started, and its port.
 _IDENTITY_SQL = "SELECT pg_postmaster_start_time()::text || ' ' || current_setting('port')"
 
+#: Seconds by which two processes' monotonic clocks may differ and still count as one.
+_SAME_CLOCK = 1.0
+
 _progress = threading.Condition()
 _monitors: dict[str, ReplicaMonitor] = {}
 _monitors_lock = threading.Lock()
@@ -225,6 +228,8 @@ class ReplicaMonitor:
             down_until=wall + (self.down_until - mono) if self.down_until > mono else 0.0,
             failures=self.failures,
             error=self.error,
+            probed=self.probed,
+            clock=wall - mono,
         )
 
     def _follow(self, share: HostShare) -> bool:
@@ -239,6 +244,7 @@ class ReplicaMonitor:
         self.lag = record.lag
         self.checked_at = record.checked + offset if record.checked else 0.0
         self.error = record.error
+        self._follow_probe(record, wall - mono)
         if record.failures != self._shared_failures:
             # The replica failed since the last record: connections opened before are suspect.
             self._shared_failures = record.failures
@@ -254,6 +260,22 @@ class ReplicaMonitor:
         with _progress:
             _progress.notify_all()
         return True
+
+    def _follow_probe(self, record: HostRecord, clock: float) -> None:
+        """Take the prober's last standby probe as this process's :attr:`probed` (the query
+        cache's lower bound of a standby's replay position), when the send time compares.
+
+        The send time is the prober's ``time.monotonic()``: the processes of one host share
+        the clock unless one runs in another time namespace, which a different offset from
+        the wall clock shows. The time is taken one second early: a lower bound, through
+        wall-clock adjustments between the two offsets.
+        """
+        probed = record.probed
+        if probed is None or abs(record.clock - clock) > _SAME_CLOCK:
+            return
+        sent = probed[2] - _SAME_CLOCK
+        if self.probed is None or sent > self.probed[2]:
+            self.probed = (probed[0], probed[1], sent)
 
     def _primary_identity(self) -> str | None:
         """Return the primary's identity (once per monitor), or ``None`` if it cannot be read."""

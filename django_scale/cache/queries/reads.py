@@ -26,6 +26,7 @@ from django_scale.cache.degrade import breakers
 from django_scale.cache.keys import UnstableValue, encode_key_parts
 from django_scale.cache.publisher import publisher
 from django_scale.cache.queries import positions, writes
+from django_scale.cache.queries.compiled import compile_query
 from django_scale.cache.queries.shared import MARKER, Entry, SharedPositions, entry_key
 from django_scale.cache.queries.sql import EVERY_TABLE, read_tables
 from django_scale.cache.queries.storing import writer
@@ -126,7 +127,7 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
         return compute()
     _ensure_tracking()
     try:
-        sql, params = queryset.query.get_compiler(using=db).as_sql()
+        sql, params = compile_query(queryset.query, db)
     except EmptyResultSet:
         return compute()
     tables = tuple(sorted(read_tables(sql) | set(options.tables) | {EVERY_TABLE}))
@@ -333,6 +334,7 @@ def _refill(
             )
             metrics.increment("querycache.refill")
         except Exception:
+            metrics.increment("querycache.refill.failed")
             logger.exception(
                 "query cache refill of %s failed; the stale entry is served until it expires", key
             )
