@@ -27,7 +27,7 @@ from django.core.cache import caches
 from django.db import connection, connections, transaction
 from django.db.models.functions import TruncDate
 from django.test.utils import CaptureQueriesContext, override_settings
-from django.utils import timezone
+from django.utils import timezone, translation
 from support import counter, wait_until
 
 from django_scale.bulk import copy_from
@@ -50,6 +50,7 @@ from django_scale.replicas.wal import parse_lsn
 from django_scale.testing import override_scale_settings
 
 import harness
+from testapp.expressions import ActiveLanguage
 from testapp.models import Reporter, Tag, Ticket
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
@@ -306,6 +307,29 @@ def test_the_memo_follows_the_active_time_zone(querycache: Any) -> None:
             # No zone active: the default zone, Tokyo's SQL, so Tokyo's entry.
             assert list(query().cached()) == [datetime.date(2024, 1, 2)]
     assert counter("querycache.hit") == 3
+
+
+@REPLICA
+def test_the_memo_follows_the_active_language(querycache: Any) -> None:
+    """An expression that reads the active language when compiled: a visitor in French never
+    gets the SQL, nor the entry, compiled for a visitor in English."""
+    Reporter.objects.create(name="ann")
+
+    def query() -> Any:
+        return Reporter.objects.annotate(language=ActiveLanguage()).values_list("name", "language")
+
+    compiled.forget()
+    with translation.override("en"):
+        compiled.compile_query(query().query, "default")
+        # This query is one the memo serves: what follows tests its key.
+        assert compiled.compile_query(query().query, "default") is compiled.compile_query(
+            query().query, "default"
+        )
+    with use_primary():
+        for language in ("en", "fr", "en", "fr"):
+            with translation.override(language):
+                assert list(query().cached()) == [("ann", language)]
+    assert counter("querycache.hit") == 2
 
 
 def test_the_memo_keeps_the_queries_in_use() -> None:

@@ -13,10 +13,12 @@ queries with the same pickle compile to the same SQL as long as nothing outside 
 the compiler reads changed: the database alias (its backend and features) and the time zones
 Django's expressions read when they are compiled (``USE_TZ``, ``TIME_ZONE``, the connection's
 ``timezone_name`` and the *current* time zone, which ``timezone.activate()`` sets per request
-and ``TruncDate`` and the other date functions put in their SQL) are part of the memo's key.
-Django's version and the models cannot change in a running process. An expression of the
-project's own whose ``as_sql()`` reads other state (a context variable) must not be used in a
-cached query: its SQL would be the one compiled first (see docs/querycache.md).
+and ``TruncDate`` and the other date functions put in their SQL) are part of the memo's key,
+and so is the active language (``translation.activate()``, per request), which translation
+packages' expressions read when compiled. Django's version and the models cannot change in a
+running process. An expression of the project's own whose ``as_sql()`` reads other state (a
+context variable of its own) must not be used in a cached query: its SQL would be the one
+compiled first (see docs/querycache.md).
 
 Only the *lookup* is memoised: the entry's key is still made of the SQL text and parameters
 (the pickle of equal queries can differ between processes, whose set order differs), so every
@@ -35,7 +37,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connections
-from django.utils import timezone
+from django.utils import timezone, translation
 
 __all__ = ["LARGEST", "SIZE", "compile_query", "forget"]
 
@@ -64,7 +66,8 @@ def compile_query(query: Any, using: str) -> tuple[str, tuple[Any, ...]]:
         sql, params = query.get_compiler(using=using).as_sql()
         return sql, tuple(params)
     zone = timezone.get_current_timezone_name() if settings.USE_TZ else ""
-    key = (using, settings.USE_TZ, settings.TIME_ZONE, connection.timezone_name, zone, pickled)
+    language = translation.get_language() if settings.USE_I18N else ""
+    key = (using, settings.USE_TZ, settings.TIME_ZONE, connection.timezone_name, zone, language, pickled)
     with _lock:
         found = _memo.get(key)
         if found is not None:
