@@ -201,6 +201,48 @@ class SilentServer:
             connection.close()
 
 
+class SlowFirstAnswer:
+    """A TCP relay to *port* that holds the first answer of the first connection *delay* seconds.
+
+    A real server on a busy host whose first answer (connecting, loading the client) is late,
+    then on time.
+    """
+
+    def __init__(self, port: int, delay: float) -> None:
+        self._target, self._delay = port, delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._first = True
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._serve, name="slow-first-answer", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets += [client, server]
+            delay, self._first = (self._delay if self._first else 0.0), False
+            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, delay), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket, delay: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if delay:
+                    time.sleep(delay)
+                    delay = 0.0
+                target.sendall(data)
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
 #: The token of the metrics export in the metrics tests.
 METRICS_TOKEN = "t" * 40
 

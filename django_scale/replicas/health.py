@@ -39,6 +39,12 @@ class SharedHealth:
     #: The longest a monitor waits for the cache after a probe, in seconds. A quarter of
     #: ``REPLICA_DEADLINE`` if that is shorter, so waiting never makes a replica look stale.
     max_wait = 0.1
+    #: How long this process's first call on the cache may take before it counts as an outage,
+    #: in seconds. The first call also opens the connection and loads the cache's client
+    #: (django-redis imports redis-py then), which on a busy host alone can take longer than
+    #: :attr:`timeout`: a monitor still waits only :attr:`timeout` for it, but not answering
+    #: in that time is not yet an outage.
+    first_call_grace = 1.0
 
     def __init__(self, alias: str) -> None:
         #: The alias of the cache in ``CACHES``.
@@ -56,6 +62,8 @@ class SharedHealth:
         self._cycles_done = 0
         self._read_cycle = 0
         self._call_since: float | None = None
+        # Whether a call on the cache has ever returned (see first_call_grace).
+        self._answered_once = False
         # The circuit breaker of the cache: only a call that succeeds ends an outage, so the
         # thread waits out the breaker's time and then tries the cache again.
         self._breakers = Breakers(logger, close_on_expiry=False)
@@ -75,8 +83,9 @@ class SharedHealth:
         Return ``None``, asking nothing, while the cache is skipped.
         """
         call_since = self._call_since
-        if call_since is not None and time.monotonic() - call_since > self.timeout:
-            self._trip(f"it has not answered for {self.timeout * 1000:.0f} ms")
+        limit = self.timeout if self._answered_once else max(self.timeout, self.first_call_grace)
+        if call_since is not None and time.monotonic() - call_since > limit:
+            self._trip(f"it has not answered for {limit * 1000:.0f} ms")
         with self._lock:
             if self._breakers.is_open(self._name):
                 return None
@@ -87,7 +96,8 @@ class SharedHealth:
     def wait(self, ticket: int, timeout: float) -> bool:
         """Wait up to *timeout* seconds for the read of *ticket*; return whether it succeeded.
 
-        A read that does not come in time trips the circuit breaker.
+        A read that does not come in time trips the circuit breaker, except while the process's
+        first call on the cache is within :attr:`first_call_grace`.
         """
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -98,7 +108,9 @@ class SharedHealth:
                 self._lock.wait(remaining)
             else:
                 return self._read_cycle >= ticket
-        self._trip(f"it did not answer within {timeout * 1000:.0f} ms")
+        if self._answered_once:
+            self._trip(f"it did not answer within {timeout * 1000:.0f} ms")
+        # Else the first call may still be connecting; request() trips it past the grace.
         return False
 
     def down_until(self, replica: str) -> float:
@@ -206,9 +218,11 @@ class SharedHealth:
                     cache.delete(_shared_key(replica))
                 else:
                     cache.set(_shared_key(replica), until, math.ceil(until - wall))
+                self._answered_once = True
             if reads:
                 self._call_since = time.monotonic()
                 values = cache.get_many([_shared_key(replica) for replica in reads])
+                self._answered_once = True
                 for replica in reads:
                     value = values.get(_shared_key(replica))
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
