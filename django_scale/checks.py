@@ -523,9 +523,10 @@ def register_checks() -> None:
     checks.register(check_querysets, "django_scale")
     checks.register(check_ops, "django_scale")
     # The cache's checks live with the cache (imported here: they import this module).
-    from django_scale.cache.checks import check_cache, check_query_cache
+    from django_scale.cache.checks import check_cache, check_cache_timeouts, check_query_cache
 
     checks.register(check_cache, "django_scale", checks.Tags.caches)
+    checks.register(check_cache_timeouts, "django_scale", checks.Tags.caches)
     checks.register(check_query_cache, "django_scale", checks.Tags.caches)
     from django_scale.indexes.checks import check_model_indexes
 

@@ -853,9 +853,10 @@ def check_ids() -> list[str]:
 def test_check_cache_is_registered() -> None:
     from django.core import checks
 
-    from django_scale.cache.checks import check_cache
+    from django_scale.cache.checks import check_cache, check_cache_timeouts
 
     assert check_cache in checks.registry.registry.get_checks()
+    assert check_cache_timeouts in checks.registry.registry.get_checks()
 
 
 def test_e201_unknown_cache_alias(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -889,6 +890,37 @@ def test_no_cache_warnings_with_a_shared_cache(lazy_celery: Any) -> None:
         }
     ):
         assert [i for i in check_ids() if i in ("django_scale.W202", "django_scale.E201")] == []
+
+
+def test_w212_a_redis_cache_without_a_socket_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis that hangs would hold each request for good: the caches django-scale uses need a
+    socket timeout (CACHE_ALIAS, and the caches cached functions name)."""
+    from django_scale.cache.checks import check_cache_timeouts
+    from django_scale.cache.engine import Engine, registry
+
+    def warned(**caches: dict[str, Any]) -> list[str]:
+        with override_settings(CACHES={"default": LOCMEM, **caches}):
+            return [str(message.obj) for message in check_cache_timeouts()]
+
+    redis = {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "redis://127.0.0.1:1/0"}
+    django_redis = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1",
+    }
+    assert warned(default=redis) == ["CACHES['default']"]
+    assert warned(default=django_redis) == ["CACHES['default']"]
+    assert warned(default={**redis, "OPTIONS": {"SOCKET_TIMEOUT": 1}}) == []
+    assert warned(default={**django_redis, "OPTIONS": {"socket_timeout": 1}}) == []
+    # The other backend's spelling is not this backend's timeout.
+    assert warned(default={**redis, "OPTIONS": {"socket_timeout": 1}}) == ["CACHES['default']"]
+    # A Redis cache django-scale does not use is the project's business.
+    assert warned(sessions=redis) == []
+    monkeypatch.setitem(registry, "somewhere.prices", Engine(path="somewhere.prices", cache="prices"))
+    assert warned(prices=redis) == ["CACHES['prices']"]
+    with override_settings(CACHES={"default": redis}):
+        [message] = [m for m in check_cache_timeouts() if m.id == "django_scale.W212"]
+    assert "no OPTIONS['SOCKET_TIMEOUT']" in message.msg
+    assert """CACHES['default']["OPTIONS"]['SOCKET_TIMEOUT'] = 1""" in message.hint
 
 
 def test_e203_celery_missing(monkeypatch: pytest.MonkeyPatch) -> None:

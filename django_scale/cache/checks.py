@@ -17,7 +17,14 @@ from django.utils.module_loading import import_string
 from django_scale.checks import MIDDLEWARE_PATH, PROCESS_LOCAL_CACHES, _is_subclass_path, _message
 from django_scale.conf import conf
 
-__all__ = ["check_cache", "check_query_cache"]
+__all__ = ["check_cache", "check_cache_timeouts", "check_query_cache"]
+
+#: The Redis cache backends, and the key of ``OPTIONS`` that bounds how long a call waits for
+#: the server's answer (django-redis's own, and redis-py's for Django's backend).
+SOCKET_TIMEOUT_OPTIONS = {
+    "django_redis.cache.RedisCache": "SOCKET_TIMEOUT",
+    "django.core.cache.backends.redis.RedisCache": "socket_timeout",
+}
 
 
 def _e201_unknown_swr_cache(path: str, alias: str) -> checks.CheckMessage:
@@ -114,6 +121,43 @@ def _w211_query_cache_unsupported(what: str, obj: str) -> checks.CheckMessage:
         "process; turn QUERY_CACHE off, or point them there.",
         obj=obj,
     )
+
+
+def _w212_no_socket_timeout(alias: str, option: str) -> checks.CheckMessage:
+    return _message(
+        checks.Warning,
+        "django_scale.W212",
+        f"The cache {alias!r} is Redis with no OPTIONS[{option!r}]: when its server hangs "
+        "(accepts connections, never answers), every request that touches the cache waits for "
+        "as long as redis-py does (for good, before redis-py 8), and django-scale's fallbacks for "
+        "a cache that is down never start.",
+        f'Set CACHES[{alias!r}]["OPTIONS"][{option!r}] = 1 (seconds), and a connect timeout too, '
+        "as the caching docs show.",
+        obj=f"CACHES[{alias!r}]",
+    )
+
+
+def check_cache_timeouts(**kwargs: Any) -> list[checks.CheckMessage]:
+    """Check that the Redis caches django-scale uses bound their wait on a hung server.
+
+    The caches checked are ``CACHE_ALIAS`` (the replicas' shared health, the query cache,
+    cached functions and pages by default) and those cached functions and pages name.
+    """
+    from django_scale.cache.engine import registry
+
+    try:
+        aliases = {conf.CACHE_ALIAS}
+    except Exception:
+        return []  # check_settings reports a malformed DJANGO_SCALE
+    aliases.update(engine.cache for engine in registry.values() if engine.cache is not None)
+    configured = getattr(settings, "CACHES", {})
+    messages = []
+    for alias in sorted(aliases):
+        options = configured.get(alias, {}).get("OPTIONS") or {}
+        option = SOCKET_TIMEOUT_OPTIONS.get(str(configured.get(alias, {}).get("BACKEND", "")))
+        if option is not None and options.get(option) is None:
+            messages.append(_w212_no_socket_timeout(alias, option))
+    return messages
 
 
 def check_query_cache(**kwargs: Any) -> list[checks.CheckMessage]:
