@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -281,6 +281,16 @@ def test_what_a_query_cannot_pickle_or_is_too_long_is_compiled_every_time() -> N
     assert compiled._memo == {}
 
 
+def assert_the_memo_serves(query: Callable[[], Any]) -> None:
+    """Check that the query *query()* builds is one the memo serves (what a test then varies is
+    its key), after forgetting every other."""
+    compiled.forget()
+    compiled.compile_query(query().query, "default")
+    assert compiled.compile_query(query().query, "default") is compiled.compile_query(
+        query().query, "default"
+    )
+
+
 @REPLICA
 def test_the_memo_follows_the_active_time_zone(querycache: Any) -> None:
     """TruncDate puts the *current* time zone (``timezone.activate()``, per request) in its SQL:
@@ -292,13 +302,8 @@ def test_the_memo_follows_the_active_time_zone(querycache: Any) -> None:
     def query() -> Any:
         return ScaleQuerySet(model=Ticket).annotate(day=TruncDate("opened_at")).values_list("day", flat=True)
 
-    compiled.forget()
     with timezone.override("Asia/Tokyo"):
-        # This query is one the memo serves: what follows tests its key.
-        compiled.compile_query(query().query, "default")
-        assert compiled.compile_query(query().query, "default") is compiled.compile_query(
-            query().query, "default"
-        )
+        assert_the_memo_serves(query)
     with use_primary():
         for zone, expected in (("UTC", 1), ("Asia/Tokyo", 2), ("UTC", 1), ("Asia/Tokyo", 2)):
             with timezone.override(zone):
@@ -318,13 +323,8 @@ def test_the_memo_follows_the_active_language(querycache: Any) -> None:
     def query() -> Any:
         return Reporter.objects.annotate(language=ActiveLanguage()).values_list("name", "language")
 
-    compiled.forget()
     with translation.override("en"):
-        compiled.compile_query(query().query, "default")
-        # This query is one the memo serves: what follows tests its key.
-        assert compiled.compile_query(query().query, "default") is compiled.compile_query(
-            query().query, "default"
-        )
+        assert_the_memo_serves(query)
     with use_primary():
         for language in ("en", "fr", "en", "fr"):
             with translation.override(language):
