@@ -10,7 +10,9 @@ Add it to ``DATABASE_ROUTERS`` together with
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from asyncio import _get_running_loop
 from typing import Any
 
 from django.db import DatabaseError, connections
@@ -24,7 +26,7 @@ from django_scale.replicas.monitors import ReplicaMonitor, monitor
 from django_scale.replicas.policy import order_replicas
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
-__all__ = ["ReplicaRouter"]
+__all__ = ["ReplicaRouter", "connections_changed"]
 
 _monotonic = time.monotonic
 
@@ -148,7 +150,7 @@ def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper
     return any(replica.in_atomic_block for replica in replicas)
 
 
-#: What a request's decisions share: the primary's and the replicas' aliases, their
+#: What a thread's decisions share: the primary's and the replicas' aliases, their
 #: connection objects, the replicas' by alias, the replicas' monitors by alias, and the
 #: settings they were read with.
 Route = tuple[
@@ -161,6 +163,37 @@ Route = tuple[
     HotSettings,
 ]
 
+#: A thread's last first-read decision with one replica: the replica's alias, monitor and
+#: connection object, the monitor's version and failures then, until when the replica's
+#: availability held, and the open DB-API connection that was checked.
+Decision = tuple[str, ReplicaMonitor, BaseDatabaseWrapper, int, int, float, Any]
+
+
+class _ThreadRoute(threading.local):
+    """This thread's :data:`Route` and :data:`Decision` (a thread's connection objects are its own)."""
+
+    route: Route | None = None
+    generation = -1
+    decision: Decision | None = None
+
+
+_thread = _ThreadRoute()
+#: Bumped by :func:`connections_changed`: every thread looks its connection objects up again.
+_generation = [0]
+
+
+def connections_changed() -> None:
+    """Have the router look up the connection objects again, in every thread.
+
+    The router looks up ``connections[alias]`` once per thread (each lookup of Django's costs
+    more than the rest of a routing decision) and keeps the objects while the thread lives.
+    Call this after replacing a connection object (``connections[alias] = other``) in a
+    thread that has routed reads already, as
+    :class:`~django_scale.testing.share_primary_connection` does. (Django replaces them only
+    when its live server's threads start, before they serve anything.)
+    """
+    _generation[0] += 1
+
 
 def _route(hot: HotSettings) -> Route:
     """Look up the connection objects of the primary and the replicas (in this thread)."""
@@ -169,7 +202,7 @@ def _route(hot: HotSettings) -> Route:
     for alias in hot.replicas:
         by_alias[alias] = connections[alias]
         monitors[alias] = monitor(alias)
-    return (
+    route = (
         hot.primary,
         hot.replicas,
         connections[hot.primary],
@@ -178,6 +211,56 @@ def _route(hot: HotSettings) -> Route:
         monitors,
         hot,
     )
+    if _get_running_loop() is None:
+        # In a thread without an event loop (where the ORM runs), a connection object belongs
+        # to the thread: it serves the thread's next requests too. (Under a running loop,
+        # asgiref keeps connection objects per context instead: nothing is kept.)
+        cached = _thread
+        cached.route, cached.generation, cached.decision = route, _generation[0], None
+    return route
+
+
+def _decide(state: RoutingState, route: Route, now: float) -> str | None:
+    """:func:`choose_replica` for a request's first read, from the thread's last decision if it holds.
+
+    With one replica, the first read of each request would find what the thread's previous
+    request found: the replica available (its monitor's version and failures unchanged, the
+    time its availability holds not passed) and its connection open, checked and guarded (the
+    same DB-API connection, no error on it since). Then the decision is taken over without asking
+    the monitor or the connection again.
+    """
+    decision = _thread.decision
+    if decision is not None and state.replica is None:
+        alias, item, handle, version, failures, until, raw = decision
+        required = state.required_lsn
+        if (
+            version == item.version
+            and failures == item.failures
+            and now < until
+            and handle.connection is raw
+            and not handle.errors_occurred
+            and (required is None or item.replay_lsn >= required)
+            and route[4][alias] is handle
+        ):
+            state.replica, state._version, state._valid_until = alias, version, until
+            return alias
+    chosen = choose_replica(state, route, now)
+    if chosen is not None and len(route[1]) == 1 and _thread.route is route:
+        # Only with one replica: with several, REPLICA_POLICY orders them anew per request.
+        item = route[5][chosen]
+        handle = route[4][chosen]
+        if state._version == item.version and getattr(handle, GUARD_ATTRIBUTE, None) is not None:
+            # (Not while it could not be guarded: pick_usable() guards it at a later decision.)
+            _thread.decision = (
+                chosen,
+                item,
+                handle,
+                state._version,
+                item.failures,
+                state._valid_until,
+                handle.connection,
+            )
+    return chosen
 
 
 class ReplicaRouter:
@@ -203,17 +286,18 @@ class ReplicaRouter:
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         state = _state.get()
-        route = state._route if state is not None else None
-        if route is None:
-            hot = state._hot if state is not None and state._hot is not None else conf.hot()
+        hot = state._hot if state is not None and state._hot is not None else conf.hot()
+        cached = _thread
+        route = cached.route
+        if (
+            route is None
+            or route[6] is not hot
+            or cached.generation != _generation[0]
+            or _get_running_loop() is not None
+        ):
             if not hot.replicas:
                 return hot.primary
             route = _route(hot)
-            if state is not None:
-                # The aliases, and the connection objects (per thread, or per context under
-                # ASGI), do not change while a request runs: looked up once per request,
-                # they cost more than the rest of a decision.
-                state._route = route
         primary = route[0]
         instance = hints.get("instance") if hints else None
         if instance is not None and instance._state.db not in (None, primary, *route[1]):
@@ -243,7 +327,7 @@ class ReplicaRouter:
             alias = state.replica
             # choose_replica()'s fast path, inlined: the request's later reads take it.
             if alias is None or state._version != route[5][alias].version or now >= state._valid_until:
-                alias = choose_replica(state, route, now)
+                alias = _decide(state, route, now)
             if state.required_lsn is None:
                 if alias is None:
                     alias = free_read_alias(route[1], alias, primary, now)

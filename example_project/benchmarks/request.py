@@ -485,34 +485,50 @@ CHILD = "DJANGO_SCALE_BENCH_INSTRUCTIONS_CHILD"
 
 
 def _instruction_segments(replica: str, requests: int) -> None:
-    """(Under callgrind) run *requests* sync requests per view and setup between two boundaries.
+    """(Under callgrind) run *requests* requests per view and setup between two boundaries.
 
     A boundary is a call of ``getppid()``, before which callgrind dumps its counters
     (``--dump-before=getppid``): each even-numbered dump holds one measured segment. Before each
     segment a full collection and ``gc.freeze()`` leave the collector nothing older to scan, so
-    that no setup pays for a collection of the heap the others built.
+    that no setup pays for a collection of the heap the others built. The async views run on
+    one event loop, their ORM calls in asgiref's thread for sync code.
     """
-    for _label, url, is_async in VIEWS:
-        if is_async:
-            continue
-        for name, options in setups(replica).items():
-            _reset_multidb()
-            with override_settings(**options):
-                client = Client()
-                _check_routing(name, client, url, replica)
-                for _ in range(20):
-                    client.get(url)
-                gc.collect()
-                gc.freeze()
-                os.getppid()
-                for _ in range(requests):
-                    client.get(url)
-                os.getppid()
-            gc.unfreeze()
+    loop = asyncio.new_event_loop()
+    try:
+        for _label, url, is_async in VIEWS:
+            for name, options in setups(replica).items():
+                _reset_multidb()
+                with override_settings(**options):
+                    client = Client()
+                    aclient = AsyncClient()
+                    _check_routing(name, client, url.replace("/async/", "/sync/"), replica)
+
+                    async def many(count: int, aclient: AsyncClient = aclient, url: str = url) -> None:
+                        for _ in range(count):
+                            await aclient.get(url)
+
+                    if is_async:
+                        loop.run_until_complete(many(20))
+                    else:
+                        for _ in range(20):
+                            client.get(url)
+                    gc.collect()
+                    gc.freeze()
+                    os.getppid()
+                    if is_async:
+                        loop.run_until_complete(many(requests))
+                    else:
+                        for _ in range(requests):
+                            client.get(url)
+                    os.getppid()
+                gc.unfreeze()
+    finally:
+        loop.run_until_complete(sync_to_async(connections.close_all)())
+        loop.close()
 
 
 def instructions(out: TextIO, replica: str, quick: bool) -> None:
-    """Count the CPU instructions of a sync request in each setup, under callgrind.
+    """Count the CPU instructions of a request in each setup (sync and async), under callgrind.
 
     Unlike time, the count does not move with what else the machine does (the database servers
     are other processes and are not counted): it measures the CPU cost each setup adds to a
@@ -540,16 +556,19 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
         env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
         subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
         dumps: dict[int, int] = {}
-        for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
-            number = int(re.search(r"\.(\d+)-01$", file.name).group(1))  # type: ignore[union-attr]
+        # Every thread's dump: this one, asgiref's thread for sync code (an async view's ORM
+        # calls), and django-scale's own threads (the watchdog, the monitors).
+        for file in Path(directory).glob("cg.*.*-*"):
+            found = re.search(r"\.(\d+)-\d+$", file.name)
+            assert found is not None, file
             summary = re.search(r"^(?:summary|totals): (\d+)", file.read_text(), re.MULTILINE)
             assert summary is not None, file
-            dumps[number] = int(summary.group(1))
+            number = int(found.group(1))
+            dumps[number] = dumps.get(number, 0) + int(summary.group(1))
     names = list(setups(replica))
     segments = [dumps[number] / requests for number in sorted(dumps) if number % 2 == 0]
     rows: list[list[object]] = []
-    views = [label for label, _, is_async in VIEWS if not is_async]
-    for index, label in enumerate(views):
+    for index, (label, _, _) in enumerate(VIEWS):
         counts = dict(zip(names, segments[index * len(names) : (index + 1) * len(names)], strict=True))
         for name, value in counts.items():
             rows.append(
@@ -564,7 +583,7 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
             )
     print_table(
         out,
-        f"CPU instructions per sync request in this process (callgrind, main thread; {requests} requests "
+        f"CPU instructions per request in this process (callgrind, every thread; {requests} requests "
         "per cell): the same on a busy machine",
         ["view", "setup", "instructions", "vs stock", "vs stock", "vs multidb"],
         rows,
@@ -574,8 +593,9 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
 def run(out: TextIO, quick: bool = False) -> None:
     child = os.environ.get(CHILD)
     if child:
-        # A slow probe under callgrind must not leave the replica unavailable mid-segment.
-        with override_scale_settings(HEALTH_CHECK_INTERVAL=5.0):
+        # A slow probe under callgrind must not leave the replica unavailable mid-segment, and
+        # no probe runs in a segment (its instructions would count against the request).
+        with override_scale_settings(HEALTH_CHECK_INTERVAL=600.0):
             _instruction_segments(require_replica(out, "request"), int(child))
         return
     replica = require_replica(out, "request")
