@@ -487,13 +487,15 @@ CHILD = "DJANGO_SCALE_BENCH_INSTRUCTIONS_CHILD"
 def _instruction_segments(replica: str, requests: int) -> None:
     """(Under callgrind) run *requests* requests per view and setup between two boundaries.
 
-    A boundary is a call of ``getppid()``, before which callgrind dumps its counters
-    (``--dump-before=getppid``): each even-numbered dump holds one measured segment. Before each
-    segment a full collection and ``gc.freeze()`` leave the collector nothing older to scan, so
-    that no setup pays for a collection of the heap the others built. The async views run on
-    one event loop, their ORM calls in asgiref's thread for sync code.
+    A boundary is a call of ``getppid()``, before which callgrind dumps the counters of the
+    calling thread (``--dump-before=getppid``): of each thread's dumps, every second one holds a
+    measured segment. An async view's ORM calls run in asgiref's one thread for sync code, which
+    marks the boundaries of its own segments too. Before each segment a full collection and
+    ``gc.freeze()`` leave the collector nothing older to scan, so that no setup pays for a
+    collection of the heap the others built.
     """
     loop = asyncio.new_event_loop()
+    mark_orm_thread = sync_to_async(os.getppid)
     try:
         for _label, url, is_async in VIEWS:
             for name, options in setups(replica).items():
@@ -516,7 +518,9 @@ def _instruction_segments(replica: str, requests: int) -> None:
                     gc.freeze()
                     os.getppid()
                     if is_async:
+                        loop.run_until_complete(mark_orm_thread())
                         loop.run_until_complete(many(requests))
+                        loop.run_until_complete(mark_orm_thread())
                     else:
                         for _ in range(requests):
                             client.get(url)
@@ -527,12 +531,32 @@ def _instruction_segments(replica: str, requests: int) -> None:
         loop.close()
 
 
+def _segments(directory: str) -> dict[int, list[int]]:
+    """Each thread's measured segments, in order: the instructions of every second dump."""
+    dumps: dict[int, list[tuple[int, int]]] = {}
+    for file in Path(directory).glob("cg.*"):
+        text = file.read_text()
+        if "Trigger: --dump-before=getppid" not in text:
+            continue  # the dumps at exit
+        found = [re.search(pattern, text, re.MULTILINE) for pattern in PARTS]
+        part, thread, summary = (int(match.group(1)) for match in found if match is not None)
+        dumps.setdefault(thread, []).append((part, summary))
+    return {thread: [cost for _, cost in sorted(found)][1::2] for thread, found in dumps.items()}
+
+
+#: The part number, thread and instruction count of a callgrind dump.
+PARTS = (r"^part: (\d+)", r"^thread: (\d+)", r"^(?:summary|totals): (\d+)")
+
+
 def instructions(out: TextIO, replica: str, quick: bool) -> None:
     """Count the CPU instructions of a request in each setup (sync and async), under callgrind.
 
     Unlike time, the count does not move with what else the machine does (the database servers
     are other processes and are not counted): it measures the CPU cost each setup adds to a
     request in this process, which the time tables on a shared machine blur by several percent.
+    It counts the thread that serves the request and, for an async view, asgiref's thread
+    that runs its ORM calls; not the monitors' and the watchdog's threads, whose work goes by
+    the clock (a probe per interval, a look per tick), not by request.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -555,21 +579,17 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
         env = {**os.environ, CHILD: str(requests), "PYTHONHASHSEED": "0"}
         env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
         subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
-        dumps: dict[int, int] = {}
-        # Every thread's dump: this one, asgiref's thread for sync code (an async view's ORM
-        # calls), and django-scale's own threads (the watchdog, the monitors).
-        for file in Path(directory).glob("cg.*.*-*"):
-            found = re.search(r"\.(\d+)-\d+$", file.name)
-            assert found is not None, file
-            summary = re.search(r"^(?:summary|totals): (\d+)", file.read_text(), re.MULTILINE)
-            assert summary is not None, file
-            number = int(found.group(1))
-            dumps[number] = dumps.get(number, 0) + int(summary.group(1))
+        segments = _segments(directory)
+    main = segments.pop(1)
+    orm = next(iter(segments.values())) if segments else []
+    assert len(segments) == 1, f"one thread for sync code expected, found the dumps of {len(segments)}"
     names = list(setups(replica))
-    segments = [dumps[number] / requests for number in sorted(dumps) if number % 2 == 0]
+    assert len(main) == len(VIEWS) * len(names) == 2 * len(orm), (len(main), len(orm))
     rows: list[list[object]] = []
-    for index, (label, _, _) in enumerate(VIEWS):
-        counts = dict(zip(names, segments[index * len(names) : (index + 1) * len(names)], strict=True))
+    cells = iter(main)
+    orm_cells = iter(orm)
+    for label, _, is_async in VIEWS:
+        counts = {name: (next(cells) + (next(orm_cells) if is_async else 0)) / requests for name in names}
         for name, value in counts.items():
             rows.append(
                 [
@@ -583,8 +603,9 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
             )
     print_table(
         out,
-        f"CPU instructions per request in this process (callgrind, every thread; {requests} requests "
-        "per cell): the same on a busy machine",
+        f"CPU instructions per request in this process (callgrind; {requests} requests per cell; the "
+        "request's thread, and for async views also asgiref's thread for sync code): the same on a busy "
+        "machine",
         ["view", "setup", "instructions", "vs stock", "vs stock", "vs multidb"],
         rows,
     )
