@@ -17,7 +17,12 @@ from django.test.utils import CaptureQueriesContext
 from support import wait_until
 
 from django_scale.replicas import monitor, parse_lsn, routing_state
-from django_scale.testing import capture_reads, share_primary_connection
+from django_scale.testing import (
+    capture_reads,
+    override_scale_settings,
+    share_primary_connection,
+    simulate_lag,
+)
 
 from testapp.models import Author
 
@@ -56,6 +61,21 @@ def test_an_ejection_between_two_requests_sends_the_next_one_to_the_primary(auth
 
 
 @REPLICA
+def test_a_replica_that_lags_behind_since_the_last_request_gets_no_read(author: int) -> None:
+    client = Client()
+    with override_scale_settings(MAX_REPLICA_LAG=0.3):
+        assert _reads(client, author) == {"replica": 1}
+        assert _reads(client, author) == {"replica": 1}
+        with simulate_lag("replica"):
+            Author.objects.create(name="lag maker")
+            wait_until(lambda: not monitor("replica").is_available(), "ejection for lag")
+            # The monitor learnt it by a probe since the last request: no decision outlives that.
+            assert _reads(client, author) == {"default": 1}
+        wait_until(lambda: monitor("replica").is_available(), "re-admission after replay resumed")
+        assert _reads(client, author) == {"replica": 1}
+
+
+@REPLICA
 def test_a_replica_connection_with_an_error_is_reopened_before_the_next_request_reads(author: int) -> None:
     client = Client()
     assert _reads(client, author) == {"replica": 1}
@@ -91,8 +111,10 @@ def test_a_replaced_connection_object_is_used_once_share_primary_connection_is_e
     with routing_state(), CaptureQueriesContext(connections["replica"]) as on_replica:
         assert Author.objects.filter(pk=author).exists()
     assert len(on_replica) == 1
+    replaced = connections["replica"]
+    replaced.close()
     # The replica alias now names the primary's connection object: the router, which looked
-    # the replica's object up in this thread already, must use the new one.
+    # the replica's object up in this thread already, must check the new one.
     with share_primary_connection():
         with (
             routing_state(),
@@ -102,6 +124,8 @@ def test_a_replaced_connection_object_is_used_once_share_primary_connection_is_e
             assert Author.objects.filter(pk=author).exists()
         assert reads == {"replica": 1}
         assert len(shared) == 1
+        # Not the object it had looked up before, which stays closed.
+        assert replaced.connection is None
     # And the replica's own object again once it is left.
     with routing_state(), CaptureQueriesContext(connections["replica"]) as on_replica:
         assert Author.objects.filter(pk=author).exists()
