@@ -220,46 +220,64 @@ def _route(hot: HotSettings) -> Route:
     return route
 
 
-def _decide(state: RoutingState, route: Route, now: float) -> str | None:
-    """:func:`choose_replica` for a request's first read, from the thread's last decision if it holds.
+def _holds(decision: Decision, now: float, required: int | None) -> bool:
+    """Whether the thread's last *decision* holds for a read now that needs position *required*.
 
-    With one replica, the first read of each request would find what the thread's previous
-    request found: the replica available (its monitor's version and failures unchanged, the
-    time its availability holds not passed) and its connection open, checked and guarded (the
-    same DB-API connection, no error on it since). Then the decision is taken over without asking
-    the monitor or the connection again.
+    It holds while the replica's monitor learnt nothing new (its version and failures as they
+    were), the time the replica's availability held has not passed, the replica has replayed
+    *required*, and its connection is the one checked then (the same DB-API connection, no
+    error on it since). A request's first read then takes it over without asking the monitor
+    or the connection again.
     """
-    decision = _thread.decision
-    if decision is not None and state.replica is None:
-        alias, item, handle, version, failures, until, raw = decision
-        required = state.required_lsn
-        if (
-            version == item.version
-            and failures == item.failures
-            and now < until
-            and handle.connection is raw
-            and not handle.errors_occurred
-            and (required is None or item.replay_lsn >= required)
-            and route[4][alias] is handle
-        ):
-            state.replica, state._version, state._valid_until = alias, version, until
-            return alias
+    _, item, handle, version, failures, until, raw = decision
+    return (
+        version == item.version
+        and failures == item.failures
+        and now < until
+        and handle.connection is raw
+        and not handle.errors_occurred
+        and (required is None or item.replay_lsn >= required)
+    )
+
+
+def _remember(route: Route, chosen: str, version: int, until: float) -> None:
+    """Keep *chosen*, just found available and usable, as the thread's last decision.
+
+    Only with one replica (with several, ``REPLICA_POLICY`` orders them anew for each request),
+    only for the thread's own route, and only once its connection is guarded.
+    """
+    if len(route[1]) != 1 or _thread.route is not route:
+        return
+    item = route[5][chosen]
+    handle = route[4][chosen]
+    if version == item.version and getattr(handle, GUARD_ATTRIBUTE, None) is not None:
+        # (Not while it could not be guarded: pick_usable() guards it at a later decision.)
+        _thread.decision = (chosen, item, handle, version, item.failures, until, handle.connection)
+
+
+def _decide(state: RoutingState, route: Route, now: float) -> str | None:
+    """:func:`choose_replica`, remembered as the thread's last decision."""
     chosen = choose_replica(state, route, now)
-    if chosen is not None and len(route[1]) == 1 and _thread.route is route:
-        # Only with one replica: with several, REPLICA_POLICY orders them anew per request.
-        item = route[5][chosen]
-        handle = route[4][chosen]
-        if state._version == item.version and getattr(handle, GUARD_ATTRIBUTE, None) is not None:
-            # (Not while it could not be guarded: pick_usable() guards it at a later decision.)
-            _thread.decision = (
-                chosen,
-                item,
-                handle,
-                state._version,
-                item.failures,
-                state._valid_until,
-                handle.connection,
-            )
+    if chosen is not None:
+        _remember(route, chosen, state._version, state._valid_until)
+    return chosen
+
+
+def _free_choice(route: Route, now: float) -> str | None:
+    """The replica for a read without a user's requirement: any available one whose connection opens."""
+    decision = _thread.decision
+    if decision is not None and route is _thread.route and _holds(decision, now, None):
+        return decision[0]
+    hot = route[6]
+    found: dict[str, tuple[int, float]] = {}
+    for alias, item in route[5].items():
+        version = item.version
+        available, until = item.availability(now, None, hot)
+        if available:
+            found[alias] = (version, until)
+    chosen = pick_usable(list(found), route[4], route[5]) if found else None
+    if chosen is not None:
+        _remember(route, chosen, *found[chosen])
     return chosen
 
 
@@ -317,9 +335,8 @@ class ReplicaRouter:
             pass
         elif state is None or (forced == "replica" and not state.rerun):
             # Outside a request or task, or told to: any available replica.
-            now = time.monotonic()
-            usable = [name for name, item in route[5].items() if item.is_available(now)]
-            alias = free_read_alias(route[1], pick_usable(usable, route[4], route[5]), primary, now)
+            now = _monotonic()
+            alias = free_read_alias(route[1], _free_choice(route, now), primary, now)
             if alias == primary and state is not None:
                 state.fallbacks += 1
         elif not state.pinned:
@@ -327,7 +344,25 @@ class ReplicaRouter:
             alias = state.replica
             # choose_replica()'s fast path, inlined: the request's later reads take it.
             if alias is None or state._version != route[5][alias].version or now >= state._valid_until:
-                alias = _decide(state, route, now)
+                decision = cached.decision
+                required = state.required_lsn
+                # The request's first read: the thread's last decision if it holds (_holds(),
+                # inlined), else choose_replica().
+                if (
+                    alias is None
+                    and decision is not None
+                    and route is cached.route
+                    and decision[3] == decision[1].version
+                    and decision[4] == decision[1].failures
+                    and now < decision[5]
+                    and decision[2].connection is decision[6]
+                    and not decision[2].errors_occurred
+                    and (required is None or decision[1].replay_lsn >= required)
+                ):
+                    alias = state.replica = decision[0]
+                    state._version, state._valid_until = decision[3], decision[5]
+                else:
+                    alias = _decide(state, route, now)
             if state.required_lsn is None:
                 if alias is None:
                     alias = free_read_alias(route[1], alias, primary, now)

@@ -496,30 +496,38 @@ def _instruction_segments(replica: str, requests: int) -> None:
     """
     loop = asyncio.new_event_loop()
     mark_orm_thread = sync_to_async(os.getppid)
+    configs = setups(replica)
     try:
         for _label, url, is_async in VIEWS:
-            for name, options in setups(replica).items():
+            clients: dict[str, tuple[Client, AsyncClient]] = {}
+            # Every setup warmed up before any is measured: each then runs with the same
+            # connection objects initialized in its threads (Django resets and checks each one
+            # at every request's start and end), whatever order the setups take.
+            for name, options in configs.items():
                 _reset_multidb()
                 with override_settings(**options):
-                    client = Client()
-                    aclient = AsyncClient()
+                    client, aclient = clients[name] = (Client(), AsyncClient())
                     _check_routing(name, client, url.replace("/async/", "/sync/"), replica)
-
-                    async def many(count: int, aclient: AsyncClient = aclient, url: str = url) -> None:
-                        for _ in range(count):
-                            await aclient.get(url)
-
                     if is_async:
-                        loop.run_until_complete(many(20))
+                        loop.run_until_complete(_many(aclient, url, 20))
                     else:
                         for _ in range(20):
+                            client.get(url)
+            for name, options in configs.items():
+                _reset_multidb()
+                with override_settings(**options):
+                    client, aclient = clients[name]
+                    if is_async:
+                        loop.run_until_complete(_many(aclient, url, 5))
+                    else:
+                        for _ in range(5):
                             client.get(url)
                     gc.collect()
                     gc.freeze()
                     os.getppid()
                     if is_async:
                         loop.run_until_complete(mark_orm_thread())
-                        loop.run_until_complete(many(requests))
+                        loop.run_until_complete(_many(aclient, url, requests))
                         loop.run_until_complete(mark_orm_thread())
                     else:
                         for _ in range(requests):
@@ -529,6 +537,12 @@ def _instruction_segments(replica: str, requests: int) -> None:
     finally:
         loop.run_until_complete(sync_to_async(connections.close_all)())
         loop.close()
+
+
+async def _many(client: AsyncClient, url: str, count: int) -> None:
+    for _ in range(count):
+        response = await client.get(url)
+        assert response.status_code == 200, response
 
 
 def _segments(directory: str) -> dict[int, list[int]]:
@@ -562,7 +576,7 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
     if valgrind is None:
         out.write("\n(Instructions per request: valgrind is not installed; apt-get install valgrind.)\n")
         return
-    requests = 100 if quick else 300
+    requests = 50 if quick else 300
     with tempfile.TemporaryDirectory() as directory:
         command = [
             valgrind,
