@@ -592,7 +592,9 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
         # A fixed hash seed: dict layouts, and so the instructions, repeat from run to run.
         env = {**os.environ, CHILD: str(requests), "PYTHONHASHSEED": "0"}
         env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
-        subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        if done.returncode:
+            raise SystemExit(f"the run under callgrind failed:\n{done.stderr[-3000:]}")
         segments = _segments(directory)
     main = segments.pop(1)
     orm = next(iter(segments.values())) if segments else []
