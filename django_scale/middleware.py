@@ -30,7 +30,7 @@ from django.db import connections
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from django_scale.cache.pages import PageSlot, abandon_page, finish_page, open_page_slot, reopen_page_slot
+from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, reopen_page_slot
 from django_scale.conf import conf
 from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
@@ -102,9 +102,11 @@ def _request_state(request: HttpRequest) -> RoutingState:
     on every request. The state carries the settings it read, so the router need not read them.
     """
     hot = conf.hot()
+    if hot.cookie not in request.COOKIES:
+        # Most requests: no recent write (read_cookie()'s first test, without the call).
+        return RoutingState(_hot=hot)
     required, sticky = read_cookie(request, hot.cookie)
-    state = RoutingState(required, sticky)
-    state._hot = hot
+    state = RoutingState(required, sticky, _hot=hot)
     if sticky:
         state.pin(STICKY)
     return state
@@ -277,50 +279,47 @@ class ScaleMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         slot = open_page_slot(request) if self.outermost else None
         try:
-            return await self._respond(request, slot)
+            # No thread hop here unless the request needs one: the replica connections of the
+            # thread that runs the ORM calls were guarded when they opened.
+            state = _request_state(request)
+            token = _state.set(state)
+            try:
+                if state.required_lsn is None and not state.sticky_primary:
+                    pass
+                elif _needs_wait(state):
+                    # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
+                    await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
+                else:
+                    await_replica(state, NOT_CAUGHT_UP)
+                response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
+            finally:
+                _state.reset(token)
+            if state.replica_failed is not None and _runs_again(request, state, response):
+                if slot is not None:
+                    if slot.page is not None:
+                        # Gives up the failed run's claim on the cache.
+                        await sync_to_async(reopen_page_slot)(slot)
+                    else:
+                        reopen_page_slot(slot)
+                with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
+                    state.rerun = True
+                    state.pin(RERUN, fallback=True)
+                    response = await self.get_response(request)  # type: ignore[misc]
+            if state.wrote:
+                # On the thread that ran the ORM calls, whose connection saw the write.
+                position = await sync_to_async(current_wal_position)(conf.PRIMARY)
+                _close(request, response, state, position)
+            elif state.required_lsn is not None:
+                _close(request, response, state, None)
+            if slot is not None and slot.page is not None:
+                # Last: the read-your-writes cookie counts as a cookie set.
+                if slot.needs_io:
+                    # The verdict may read the session; the write goes to the cache.
+                    await sync_to_async(finish_page)(slot, request, response)
+                else:
+                    finish_page(slot, request, response)  # a page from the cache: headers only
+            return response
         except BaseException:
             if slot is not None and slot.page is not None:
                 await sync_to_async(abandon_page)(slot)
             raise
-
-    async def _respond(self, request: HttpRequest, slot: PageSlot | None) -> HttpResponseBase:
-        # No thread hop here unless the request needs one: the replica connections of the
-        # thread that runs the ORM calls were guarded when they opened.
-        state = _request_state(request)
-        token = _state.set(state)
-        try:
-            if state.required_lsn is None and not state.sticky_primary:
-                pass
-            elif _needs_wait(state):
-                # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
-                await sync_to_async(await_replica, thread_sensitive=False)(state, NOT_CAUGHT_UP)
-            else:
-                await_replica(state, NOT_CAUGHT_UP)
-            response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
-        finally:
-            _state.reset(token)
-        if state.replica_failed is not None and _runs_again(request, state, response):
-            if slot is not None:
-                if slot.page is not None:
-                    # Gives up the failed run's claim on the cache.
-                    await sync_to_async(reopen_page_slot)(slot)
-                else:
-                    reopen_page_slot(slot)
-            with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
-                state.rerun = True
-                state.pin(RERUN, fallback=True)
-                response = await self.get_response(request)  # type: ignore[misc]
-        if state.wrote:
-            # On the thread that ran the ORM calls, whose connection saw the write.
-            position = await sync_to_async(current_wal_position)(conf.PRIMARY)
-            _close(request, response, state, position)
-        elif state.required_lsn is not None:
-            _close(request, response, state, None)
-        if slot is not None and slot.page is not None:
-            # Last: the read-your-writes cookie counts as a cookie set.
-            if slot.needs_io:
-                # The verdict may read the session; the write goes to the cache.
-                await sync_to_async(finish_page)(slot, request, response)
-            else:
-                finish_page(slot, request, response)  # a page from the cache: headers only
-        return response

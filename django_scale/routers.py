@@ -10,7 +10,9 @@ Add it to ``DATABASE_ROUTERS`` together with
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
+from asyncio import _get_running_loop
 from typing import Any
 
 from django.db import DatabaseError, connections
@@ -24,7 +26,7 @@ from django_scale.replicas.monitors import ReplicaMonitor, monitor
 from django_scale.replicas.policy import order_replicas
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
-__all__ = ["ReplicaRouter"]
+__all__ = ["ReplicaRouter", "connections_changed"]
 
 _monotonic = time.monotonic
 
@@ -148,7 +150,7 @@ def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper
     return any(replica.in_atomic_block for replica in replicas)
 
 
-#: What a request's decisions share: the primary's and the replicas' aliases, their
+#: What a thread's decisions share: the primary's and the replicas' aliases, their
 #: connection objects, the replicas' by alias, the replicas' monitors by alias, and the
 #: settings they were read with.
 Route = tuple[
@@ -161,6 +163,37 @@ Route = tuple[
     HotSettings,
 ]
 
+#: A thread's last first-read decision with one replica: the replica's alias, monitor and
+#: connection object, the monitor's version and failures then, until when the replica's
+#: availability held, and the open DB-API connection that was checked.
+Decision = tuple[str, ReplicaMonitor, BaseDatabaseWrapper, int, int, float, Any]
+
+
+class _ThreadRoute(threading.local):
+    """This thread's :data:`Route` and :data:`Decision` (a thread's connection objects are its own)."""
+
+    route: Route | None = None
+    generation = -1
+    decision: Decision | None = None
+
+
+_thread = _ThreadRoute()
+#: Bumped by :func:`connections_changed`: every thread looks its connection objects up again.
+_generation = [0]
+
+
+def connections_changed() -> None:
+    """Have the router look up the connection objects again, in every thread.
+
+    The router looks up ``connections[alias]`` once per thread (each lookup of Django's costs
+    more than the rest of a routing decision) and keeps the objects while the thread lives.
+    Call this after replacing a connection object (``connections[alias] = other``) in a
+    thread that has routed reads already, as
+    :class:`~django_scale.testing.share_primary_connection` does. (Django replaces them only
+    when its live server's threads start, before they serve anything.)
+    """
+    _generation[0] += 1
+
 
 def _route(hot: HotSettings) -> Route:
     """Look up the connection objects of the primary and the replicas (in this thread)."""
@@ -169,7 +202,7 @@ def _route(hot: HotSettings) -> Route:
     for alias in hot.replicas:
         by_alias[alias] = connections[alias]
         monitors[alias] = monitor(alias)
-    return (
+    route = (
         hot.primary,
         hot.replicas,
         connections[hot.primary],
@@ -178,6 +211,74 @@ def _route(hot: HotSettings) -> Route:
         monitors,
         hot,
     )
+    if _get_running_loop() is None:
+        # In a thread without an event loop (where the ORM runs), a connection object belongs
+        # to the thread: it serves the thread's next requests too. (Under a running loop,
+        # asgiref keeps connection objects per context instead: nothing is kept.)
+        cached = _thread
+        cached.route, cached.generation, cached.decision = route, _generation[0], None
+    return route
+
+
+def _holds(decision: Decision, now: float, required: int | None) -> bool:
+    """Whether the thread's last *decision* holds for a read now that needs position *required*.
+
+    It holds while the replica's monitor learnt nothing new (its version and failures as they
+    were), the time the replica's availability held has not passed, the replica has replayed
+    *required*, and its connection is the one checked then (the same DB-API connection, no
+    error on it since). A request's first read then takes it over without asking the monitor
+    or the connection again.
+    """
+    _, item, handle, version, failures, until, raw = decision
+    return (
+        version == item.version
+        and failures == item.failures
+        and now < until
+        and handle.connection is raw
+        and not handle.errors_occurred
+        and (required is None or item.replay_lsn >= required)
+    )
+
+
+def _remember(route: Route, chosen: str, version: int, until: float) -> None:
+    """Keep *chosen*, just found available and usable, as the thread's last decision.
+
+    Only with one replica (with several, ``REPLICA_POLICY`` orders them anew for each request),
+    only for the thread's own route, and only once its connection is guarded.
+    """
+    if len(route[1]) != 1 or _thread.route is not route:
+        return
+    item = route[5][chosen]
+    handle = route[4][chosen]
+    if version == item.version and getattr(handle, GUARD_ATTRIBUTE, None) is not None:
+        # (Not while it could not be guarded: pick_usable() guards it at a later decision.)
+        _thread.decision = (chosen, item, handle, version, item.failures, until, handle.connection)
+
+
+def _decide(state: RoutingState, route: Route, now: float) -> str | None:
+    """:func:`choose_replica`, remembered as the thread's last decision."""
+    chosen = choose_replica(state, route, now)
+    if chosen is not None:
+        _remember(route, chosen, state._version, state._valid_until)
+    return chosen
+
+
+def _free_choice(route: Route, now: float) -> str | None:
+    """The replica for a read without a user's requirement: any available one whose connection opens."""
+    decision = _thread.decision
+    if decision is not None and route is _thread.route and _holds(decision, now, None):
+        return decision[0]
+    hot = route[6]
+    found: dict[str, tuple[int, float]] = {}
+    for alias, item in route[5].items():
+        version = item.version
+        available, until = item.availability(now, None, hot)
+        if available:
+            found[alias] = (version, until)
+    chosen = pick_usable(list(found), route[4], route[5]) if found else None
+    if chosen is not None:
+        _remember(route, chosen, *found[chosen])
+    return chosen
 
 
 class ReplicaRouter:
@@ -203,17 +304,18 @@ class ReplicaRouter:
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
         state = _state.get()
-        route = state._route if state is not None else None
-        if route is None:
-            hot = state._hot if state is not None and state._hot is not None else conf.hot()
+        hot = state._hot if state is not None and state._hot is not None else conf.hot()
+        cached = _thread
+        route = cached.route
+        if (
+            route is None
+            or route[6] is not hot
+            or cached.generation != _generation[0]
+            or _get_running_loop() is not None
+        ):
             if not hot.replicas:
                 return hot.primary
             route = _route(hot)
-            if state is not None:
-                # The aliases, and the connection objects (per thread, or per context under
-                # ASGI), do not change while a request runs: looked up once per request,
-                # they cost more than the rest of a decision.
-                state._route = route
         primary = route[0]
         instance = hints.get("instance") if hints else None
         if instance is not None and instance._state.db not in (None, primary, *route[1]):
@@ -233,9 +335,8 @@ class ReplicaRouter:
             pass
         elif state is None or (forced == "replica" and not state.rerun):
             # Outside a request or task, or told to: any available replica.
-            now = time.monotonic()
-            usable = [name for name, item in route[5].items() if item.is_available(now)]
-            alias = free_read_alias(route[1], pick_usable(usable, route[4], route[5]), primary, now)
+            now = _monotonic()
+            alias = free_read_alias(route[1], _free_choice(route, now), primary, now)
             if alias == primary and state is not None:
                 state.fallbacks += 1
         elif not state.pinned:
@@ -243,7 +344,25 @@ class ReplicaRouter:
             alias = state.replica
             # choose_replica()'s fast path, inlined: the request's later reads take it.
             if alias is None or state._version != route[5][alias].version or now >= state._valid_until:
-                alias = choose_replica(state, route, now)
+                decision = cached.decision
+                required = state.required_lsn
+                # The request's first read: the thread's last decision if it holds (_holds(),
+                # inlined), else choose_replica().
+                if (
+                    alias is None
+                    and decision is not None
+                    and route is cached.route
+                    and decision[3] == decision[1].version
+                    and decision[4] == decision[1].failures
+                    and now < decision[5]
+                    and decision[2].connection is decision[6]
+                    and not decision[2].errors_occurred
+                    and (required is None or decision[1].replay_lsn >= required)
+                ):
+                    alias = state.replica = decision[0]
+                    state._version, state._valid_until = decision[3], decision[5]
+                else:
+                    alias = _decide(state, route, now)
             if state.required_lsn is None:
                 if alias is None:
                     alias = free_read_alias(route[1], alias, primary, now)

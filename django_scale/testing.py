@@ -14,6 +14,7 @@ from django.test.utils import TestContextDecorator, override_settings
 from django_scale.conf import conf
 from django_scale.prefetch import Detector, detect_n_plus_one
 from django_scale.replicas.state import _capture
+from django_scale.routers import connections_changed
 
 __all__ = [
     "capture_reads",
@@ -91,11 +92,13 @@ class share_primary_connection(TestContextDecorator):  # noqa: N801 - used like 
         for alias in self.aliases or conf.REPLICAS:
             self.saved[alias] = connections[alias]
             connections[alias] = primary
+        connections_changed()
 
     def disable(self) -> None:
         for alias, connection in self.saved.items():
             connections[alias] = connection
         self.saved = {}
+        connections_changed()
 
 
 class forbid_n_plus_one(TestContextDecorator):  # noqa: N801 - used like override_settings

@@ -79,8 +79,6 @@ class RoutingState:
     #: Until when (``time.monotonic()``) the chosen replica's availability holds unless its
     #: monitor learns something new (its version changes).
     _valid_until: float = field(default=0.0, repr=False)
-    #: The request's routing lookups, made at its first read (routers.Route).
-    _route: tuple[Any, ...] | None = field(default=None, repr=False)
     _version: int = field(default=-1, repr=False)
     #: ``conf.hot()`` as the request's middleware read it, so the router need not read it again.
     _hot: HotSettings | None = field(default=None, repr=False)

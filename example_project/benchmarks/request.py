@@ -485,44 +485,98 @@ CHILD = "DJANGO_SCALE_BENCH_INSTRUCTIONS_CHILD"
 
 
 def _instruction_segments(replica: str, requests: int) -> None:
-    """(Under callgrind) run *requests* sync requests per view and setup between two boundaries.
+    """(Under callgrind) run *requests* requests per view and setup between two boundaries.
 
-    A boundary is a call of ``getppid()``, before which callgrind dumps its counters
-    (``--dump-before=getppid``): each even-numbered dump holds one measured segment. Before each
-    segment a full collection and ``gc.freeze()`` leave the collector nothing older to scan, so
-    that no setup pays for a collection of the heap the others built.
+    A boundary is a call of ``getppid()``, before which callgrind dumps the counters of the
+    calling thread (``--dump-before=getppid``): of each thread's dumps, every second one holds a
+    measured segment. An async view's ORM calls run in asgiref's one thread for sync code, which
+    marks the boundaries of its own segments too. Before each segment a full collection and
+    ``gc.freeze()`` leave the collector nothing older to scan, so that no setup pays for a
+    collection of the heap the others built.
     """
-    for _label, url, is_async in VIEWS:
-        if is_async:
-            continue
-        for name, options in setups(replica).items():
-            _reset_multidb()
-            with override_settings(**options):
-                client = Client()
-                _check_routing(name, client, url, replica)
-                for _ in range(20):
-                    client.get(url)
-                gc.collect()
-                gc.freeze()
-                os.getppid()
-                for _ in range(requests):
-                    client.get(url)
-                os.getppid()
-            gc.unfreeze()
+    loop = asyncio.new_event_loop()
+    mark_orm_thread = sync_to_async(os.getppid)
+    configs = setups(replica)
+    try:
+        for _label, url, is_async in VIEWS:
+            clients: dict[str, tuple[Client, AsyncClient]] = {}
+            # Every setup warmed up before any is measured: each then runs with the same
+            # connection objects initialized in its threads (Django resets and checks each one
+            # at every request's start and end), whatever order the setups take.
+            for name, options in configs.items():
+                _reset_multidb()
+                with override_settings(**options):
+                    client, aclient = clients[name] = (Client(), AsyncClient())
+                    _check_routing(name, client, url.replace("/async/", "/sync/"), replica)
+                    if is_async:
+                        loop.run_until_complete(_many(aclient, url, 20))
+                    else:
+                        for _ in range(20):
+                            client.get(url)
+            for name, options in configs.items():
+                _reset_multidb()
+                with override_settings(**options):
+                    client, aclient = clients[name]
+                    if is_async:
+                        loop.run_until_complete(_many(aclient, url, 5))
+                    else:
+                        for _ in range(5):
+                            client.get(url)
+                    gc.collect()
+                    gc.freeze()
+                    os.getppid()
+                    if is_async:
+                        loop.run_until_complete(mark_orm_thread())
+                        loop.run_until_complete(_many(aclient, url, requests))
+                        loop.run_until_complete(mark_orm_thread())
+                    else:
+                        for _ in range(requests):
+                            client.get(url)
+                    os.getppid()
+                gc.unfreeze()
+    finally:
+        loop.run_until_complete(sync_to_async(connections.close_all)())
+        loop.close()
+
+
+async def _many(client: AsyncClient, url: str, count: int) -> None:
+    for _ in range(count):
+        response = await client.get(url)
+        assert response.status_code == 200, response
+
+
+def _segments(directory: str) -> dict[int, list[int]]:
+    """Each thread's measured segments, in order: the instructions of every second dump."""
+    dumps: dict[int, list[tuple[int, int]]] = {}
+    for file in Path(directory).glob("cg.*"):
+        text = file.read_text()
+        if "Trigger: --dump-before=getppid" not in text:
+            continue  # the dumps at exit
+        found = [re.search(pattern, text, re.MULTILINE) for pattern in PARTS]
+        part, thread, summary = (int(match.group(1)) for match in found if match is not None)
+        dumps.setdefault(thread, []).append((part, summary))
+    return {thread: [cost for _, cost in sorted(found)][1::2] for thread, found in dumps.items()}
+
+
+#: The part number, thread and instruction count of a callgrind dump.
+PARTS = (r"^part: (\d+)", r"^thread: (\d+)", r"^(?:summary|totals): (\d+)")
 
 
 def instructions(out: TextIO, replica: str, quick: bool) -> None:
-    """Count the CPU instructions of a sync request in each setup, under callgrind.
+    """Count the CPU instructions of a request in each setup (sync and async), under callgrind.
 
     Unlike time, the count does not move with what else the machine does (the database servers
     are other processes and are not counted): it measures the CPU cost each setup adds to a
     request in this process, which the time tables on a shared machine blur by several percent.
+    It counts the thread that serves the request and, for an async view, asgiref's thread
+    that runs its ORM calls; not the monitors' and the watchdog's threads, whose work goes by
+    the clock (a probe per interval, a look per tick), not by request.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         out.write("\n(Instructions per request: valgrind is not installed; apt-get install valgrind.)\n")
         return
-    requests = 100 if quick else 300
+    requests = 50 if quick else 300
     with tempfile.TemporaryDirectory() as directory:
         command = [
             valgrind,
@@ -538,19 +592,20 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
         # A fixed hash seed: dict layouts, and so the instructions, repeat from run to run.
         env = {**os.environ, CHILD: str(requests), "PYTHONHASHSEED": "0"}
         env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
-        subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
-        dumps: dict[int, int] = {}
-        for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
-            number = int(re.search(r"\.(\d+)-01$", file.name).group(1))  # type: ignore[union-attr]
-            summary = re.search(r"^(?:summary|totals): (\d+)", file.read_text(), re.MULTILINE)
-            assert summary is not None, file
-            dumps[number] = int(summary.group(1))
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        if done.returncode:
+            raise SystemExit(f"the run under callgrind failed:\n{done.stderr[-3000:]}")
+        segments = _segments(directory)
+    main = segments.pop(1)
+    orm = next(iter(segments.values())) if segments else []
+    assert len(segments) == 1, f"one thread for sync code expected, found the dumps of {len(segments)}"
     names = list(setups(replica))
-    segments = [dumps[number] / requests for number in sorted(dumps) if number % 2 == 0]
+    assert len(main) == len(VIEWS) * len(names) == 2 * len(orm), (len(main), len(orm))
     rows: list[list[object]] = []
-    views = [label for label, _, is_async in VIEWS if not is_async]
-    for index, label in enumerate(views):
-        counts = dict(zip(names, segments[index * len(names) : (index + 1) * len(names)], strict=True))
+    cells = iter(main)
+    orm_cells = iter(orm)
+    for label, _, is_async in VIEWS:
+        counts = {name: (next(cells) + (next(orm_cells) if is_async else 0)) / requests for name in names}
         for name, value in counts.items():
             rows.append(
                 [
@@ -564,8 +619,9 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
             )
     print_table(
         out,
-        f"CPU instructions per sync request in this process (callgrind, main thread; {requests} requests "
-        "per cell): the same on a busy machine",
+        f"CPU instructions per request in this process (callgrind; {requests} requests per cell; the "
+        "request's thread, and for async views also asgiref's thread for sync code): the same on a busy "
+        "machine",
         ["view", "setup", "instructions", "vs stock", "vs stock", "vs multidb"],
         rows,
     )
@@ -574,8 +630,9 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
 def run(out: TextIO, quick: bool = False) -> None:
     child = os.environ.get(CHILD)
     if child:
-        # A slow probe under callgrind must not leave the replica unavailable mid-segment.
-        with override_scale_settings(HEALTH_CHECK_INTERVAL=5.0):
+        # A slow probe under callgrind must not leave the replica unavailable mid-segment, and
+        # no probe runs in a segment (its instructions would count against the request).
+        with override_scale_settings(HEALTH_CHECK_INTERVAL=600.0):
             _instruction_segments(require_replica(out, "request"), int(child))
         return
     replica = require_replica(out, "request")

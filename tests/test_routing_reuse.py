@@ -1,0 +1,158 @@
+"""What the router keeps from one request to the next: a thread's connection objects and its last decision.
+
+Each test attacks the reuse: the kept decision or connection object must never hand out a
+replica that a fresh look would refuse, nor the wrong connection object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connections, router
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from support import wait_until
+
+from django_scale.replicas import monitor, parse_lsn, routing_state
+from django_scale.testing import (
+    capture_reads,
+    override_scale_settings,
+    share_primary_connection,
+    simulate_lag,
+)
+
+from testapp.models import Author
+
+REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
+
+
+@pytest.fixture
+def author(replica: Any) -> Iterator[int]:
+    """An author's key, replayed on the replica and seen by the monitor; the replica in rotation after."""
+    pk = Author.objects.create(name="Hamming").pk
+    target = parse_lsn(replica.primary_lsn())
+    replica.wait_for_replay()
+    wait_until(lambda: monitor("replica").is_available(None, target), "the monitor seeing the replay")
+    yield pk
+    connections["replica"].close()
+    monitor("replica").forget_ejection()
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
+
+
+def _reads(client: Client, pk: int) -> dict[str, int]:
+    response = client.get(f"/authors/{pk}/")
+    assert response.status_code == 200 and response.json()["found"]
+    return response.json()["reads"]
+
+
+@REPLICA
+def test_an_ejection_between_two_requests_sends_the_next_one_to_the_primary(author: int) -> None:
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}
+    assert _reads(client, author) == {"replica": 1}  # the thread's decision, taken over
+    monitor("replica").report_failure("ejected between two requests")
+    assert _reads(client, author) == {"default": 1}
+    monitor("replica").forget_ejection()
+    wait_until(lambda: monitor("replica").is_available(), "the replica back in rotation")
+    assert _reads(client, author) == {"replica": 1}
+
+
+@REPLICA
+def test_a_replica_that_lags_behind_since_the_last_request_gets_no_read(author: int) -> None:
+    client = Client()
+    with override_scale_settings(MAX_REPLICA_LAG=0.3):
+        assert _reads(client, author) == {"replica": 1}
+        assert _reads(client, author) == {"replica": 1}
+        with simulate_lag("replica"):
+            Author.objects.create(name="lag maker")
+            wait_until(lambda: not monitor("replica").is_available(), "ejection for lag")
+            # The monitor learnt it by a probe since the last request: no decision outlives that.
+            assert _reads(client, author) == {"default": 1}
+        wait_until(lambda: monitor("replica").is_available(), "re-admission after replay resumed")
+        assert _reads(client, author) == {"replica": 1}
+
+
+@REPLICA
+def test_a_replica_connection_with_an_error_is_reopened_before_the_next_request_reads(author: int) -> None:
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}
+    replica = connections["replica"]
+    broken = replica.connection
+    # A query of the caller's failed on it: Django marks the connection (errors_occurred).
+    with pytest.raises(DatabaseError), replica.cursor() as cursor:
+        cursor.execute("SELECT * FROM no_such_table")
+    assert replica.errors_occurred
+    assert _reads(client, author) == {"replica": 1}
+    # Closed and opened again by the router before the read, not reused as it was.
+    assert replica.connection is not None and replica.connection is not broken
+    assert not replica.errors_occurred
+
+
+@REPLICA
+def test_a_closed_replica_connection_is_opened_by_the_router_and_guarded(author: int) -> None:
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}
+    replica = connections["replica"]
+    replica.close()
+    with routing_state() as state:
+        assert router.db_for_read(Author) == "replica"
+        # Opened by the decision itself, before any query: a refused connection would have
+        # sent the read elsewhere instead of failing it.
+        assert replica.connection is not None
+    assert state.reads == {"replica": 1}
+    assert [type(wrapper).__name__ for wrapper in replica.execute_wrappers] == ["ReplicaGuard"]
+
+
+@REPLICA
+def test_a_replaced_connection_object_is_used_once_share_primary_connection_is_entered(author: int) -> None:
+    with routing_state(), CaptureQueriesContext(connections["replica"]) as on_replica:
+        assert Author.objects.filter(pk=author).exists()
+    assert len(on_replica) == 1
+    replaced = connections["replica"]
+    replaced.close()
+    # The replica alias now names the primary's connection object: the router, which looked
+    # the replica's object up in this thread already, must check the new one.
+    with share_primary_connection():
+        with (
+            routing_state(),
+            capture_reads() as reads,
+            CaptureQueriesContext(connections["default"]) as shared,
+        ):
+            assert Author.objects.filter(pk=author).exists()
+        assert reads == {"replica": 1}
+        assert len(shared) == 1
+        # Not the object it had looked up before, which stays closed.
+        assert replaced.connection is None
+    # And the replica's own object again once it is left.
+    with routing_state(), CaptureQueriesContext(connections["replica"]) as on_replica:
+        assert Author.objects.filter(pk=author).exists()
+    assert len(on_replica) == 1 and connections["replica"] is not connections["default"]
+
+
+@REPLICA
+def test_under_a_running_event_loop_the_contexts_own_connection_object_is_checked(
+    author: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Code that runs the ORM on an event loop (allowed by this setting): there asgiref keeps
+    # connection objects per context, not per thread, so the thread's objects must not serve.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with routing_state():
+        assert Author.objects.filter(pk=author).exists()
+    outer = connections["replica"]
+    assert outer.connection is not None
+
+    async def route() -> tuple[str | None, bool, bool]:
+        replica = connections["replica"]
+        try:
+            with routing_state():
+                alias = router.db_for_read(Author)
+            return alias, replica is not outer, replica.connection is not None
+        finally:
+            replica.close()
+
+    alias, own_object, opened = asyncio.run(route())
+    # The context's own replica connection was checked, and so opened, by the decision.
+    assert (alias, own_object, opened) == ("replica", True, True)
