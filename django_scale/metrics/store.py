@@ -21,8 +21,9 @@ counter series it holds one number. A window (1, 5 or 15 minutes) is the running
 the checkpoint of the window's first minute that has values: an export reads two rows per
 series and chunk whatever the window, not one per minute, and a minute's own counts (the
 status page's history) are the difference of two checkpoints. So that checkpoints only grow,
-a slot's minutes never go back: a value stamped with a minute before the slot's latest (a
-clock set back, a request that ended before another's record) counts in the latest. Running
+a series' minutes never go back in a slot: a value stamped with a minute before the latest
+the series has there (a clock set back, a request whose record came after a later one's)
+counts in that latest minute. Running
 counts wrap at 2**31 and differences are taken modulo 2**31: a window holds fewer than 2**31
 values per bucket and slot. A fresh file is sparse: pages nobody touched take neither disk nor
 memory.
@@ -64,19 +65,21 @@ _CHUNK_MASK = _CHUNK_BUCKETS - 1
 _CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
 _CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a checkpoint's 64 counts are contiguous
 _ROW_BYTES = _CHUNK_BUCKETS * 4
+_CHUNK_WORDS = _CHUNK_BYTES // 4
 #: Running counts wrap at 2**31: a difference of two is exact modulo 2**31 (see _window()).
 _WRAP = 1 << 31
 _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
-# A slot's header, u32 words: holder's pid, holders so far, pool chunks used, values dropped,
-# latest minute + 1 (a slot's minutes never go back).
-_LATEST = 4
+# A slot's header, u32 words: holder's pid, holders so far, pool chunks used, values dropped.
 # A timing's header in a slot: count u64, sum f64, ring stamps (minute + 1) u32 x 16,
 # chunk directory (pool index + 1) u32 x _CHUNKS.
 _STAMPS = 16
 _DIRECTORY = _STAMPS + 4 * _RING
-_TIMING_BYTES = -(-(_DIRECTORY + 4 * _CHUNKS) // 64) * 64
+# After the directory, the series' latest minute + 1 (its minutes never go back), written and
+# read by the slot's owner only.
+_LATEST = _DIRECTORY + 4 * _CHUNKS
+_TIMING_BYTES = -(-(_LATEST + 4) // 64) * 64
 _TIMING_HEADER = struct.Struct(f"=Qd{_RING}I{_CHUNKS}I")
 # Lock bytes lie past the end of the file (POSIX allows it), one per slot and one for names.
 _LOCK_BASE = 1 << 40
@@ -169,6 +172,10 @@ class SlotStore:
         self._failed_at = -1e9
         self._timing_ids: dict[str, int] = {}
         self._counter_ids: dict[str, int] = {}
+        # For this process's slot, per series name: where its words are (see _timing_handle),
+        # and where each counter is; emptied when the slot changes.
+        self._handles: dict[str, list[int]] = {}
+        self._counter_at: dict[str, int] = {}
         self._names: dict[bool, list[str]] = {True: [], False: []}
         # A forked child holds none of its parent's POSIX locks: it must claim a slot of its own.
         # (Checking os.getpid() on each record instead costs a system call per request.)
@@ -193,6 +200,8 @@ class SlotStore:
             base = (self._slots_offset + slot * self.slot_bytes) // 4
             self._u32[base] = os.getpid() & 0xFFFFFFFF
             self._u32[base + 1] += 1  # how many processes held it
+            self._handles = {}
+            self._counter_at = {}
             return slot
         return None
 
@@ -201,6 +210,8 @@ class SlotStore:
         self._slot = None
         self._pid = 0
         self._lock = threading.Lock()
+        self._handles = {}
+        self._counter_at = {}
 
     def release(self) -> None:
         """Give this process's slot back (its counts stay: the next holder adds to them)."""
@@ -291,70 +302,87 @@ class SlotStore:
         """
         minute = int((time.time() if now is None else now) // 60)
         with self._lock:
-            slot = self._slot
-            if slot is None:
-                slot = self.slot()
-                if slot is None:
-                    self.unrecorded += 1
-                    return False
-            base = self._slots_offset + slot * self.slot_bytes
+            if self._slot is None and self.slot() is None:
+                self.unrecorded += 1
+                return False
             if timings:
-                # The slot's minutes never go back (see the module's docstring).
-                latest = (base >> 2) + _LATEST
-                stamp = self._u32[latest]
-                if minute + 1 > stamp:
-                    self._u32[latest] = minute + 1
-                elif minute + 1 < stamp:
-                    minute = stamp - 1
-                ids = self._timing_ids
+                handles = self._handles
                 for name, bucket, seconds in timings:
-                    series = ids.get(name)
-                    if series is None:
-                        series = self.series(name, timing=True)
-                    self._observe(base, series, bucket, seconds, minute)
+                    handle = handles.get(name)
+                    if handle is None:
+                        handle = self._timing_handle(name)
+                    self._observe(handle, bucket, seconds, minute)
             if counters:
                 u64 = self._u64
-                ids = self._counter_ids
-                counters_base = (base + self._counters_offset) >> 3
+                at = self._counter_at
                 for name, amount in counters:
-                    series = ids.get(name)
-                    if series is None:
-                        series = self.series(name, timing=False)
-                    u64[counters_base + series] += amount
+                    index = at.get(name)
+                    if index is None:
+                        index = self._counter_index(name)
+                    u64[index] += amount
         return True
 
-    def _observe(self, base: int, series: int, bucket: int, seconds: float, minute: int) -> None:
+    def _slot_base(self) -> int:
+        assert self._slot is not None
+        return self._slots_offset + self._slot * self.slot_bytes
+
+    def _timing_handle(self, name: str) -> list[int]:
+        """Return the words of timing *name* in this process's slot, kept for its next values.
+
+        ``[count (u64 index; its sum is the next f64), first ring stamp, first directory entry,
+        latest minute + 1 (u32 indexes), the latest minute, the running row of pool chunk 0,
+        checkpoint 0's row of pool chunk 0 (u32 indexes)]``.
+        """
+        base = self._slot_base()
+        timing = base + self._timings_offset + self.series(name, timing=True) * _TIMING_BYTES
+        latest = (timing + _LATEST) >> 2
+        handle = [
+            timing >> 3,
+            (timing + _STAMPS) >> 2,
+            (timing + _DIRECTORY) >> 2,
+            latest,
+            self._u32[latest] - 1,
+            ((base + self._running_offset) >> 2) - _CHUNK_BUCKETS,
+            ((base + self._pool_offset) >> 2) - _CHUNK_WORDS,
+        ]
+        self._handles[name] = handle
+        return handle
+
+    def _counter_index(self, name: str) -> int:
+        index = self._counter_at[name] = ((self._slot_base() + self._counters_offset) >> 3) + self.series(
+            name, timing=False
+        )
+        return index
+
+    def _observe(self, handle: list[int], bucket: int, seconds: float, minute: int) -> None:
+        count, stamps, directory, latest, known, running, checkpoints = handle
+        self._u64[count] += 1
+        self._f64[count + 1] += seconds
         u32 = self._u32
-        timing = base + self._timings_offset + series * _TIMING_BYTES
-        self._u64[timing >> 3] += 1
-        self._f64[(timing >> 3) + 1] += seconds
-        entry = minute % _RING
-        stamp = (timing >> 2) + (_STAMPS >> 2) + entry
-        directory = (timing >> 2) + (_DIRECTORY >> 2)
-        if u32[stamp] != minute + 1:
-            self._checkpoint(base, directory, entry)
-            u32[stamp] = minute + 1
+        if minute != known:
+            if minute < known:
+                minute = known  # the series' minutes never go back (see the module's docstring)
+            else:
+                # The series' first value of this minute: checkpoint its running counts.
+                entry = minute % _RING
+                for pool in u32[directory : directory + _CHUNKS].tolist():
+                    if pool:
+                        row = checkpoints + pool * _CHUNK_WORDS + entry * _CHUNK_BUCKETS
+                        source = running + pool * _CHUNK_BUCKETS
+                        u32[row : row + _CHUNK_BUCKETS] = u32[source : source + _CHUNK_BUCKETS]
+                # The rows before the stamp that makes readers use them.
+                u32[stamps + entry] = u32[latest] = minute + 1
+                handle[4] = minute
         pool = u32[directory + (bucket >> _CHUNK_SHIFT)]
         if not pool:
-            pool = self._allocate(base, directory + (bucket >> _CHUNK_SHIFT))
+            pool = self._allocate(self._slot_base(), directory + (bucket >> _CHUNK_SHIFT))
             if not pool:
                 return
-        at = ((base + self._running_offset) >> 2) + (pool - 1) * _CHUNK_BUCKETS + (bucket & _CHUNK_MASK)
+        at = running + pool * _CHUNK_BUCKETS + (bucket & _CHUNK_MASK)
         try:
             self._i32[at] += 1
         except ValueError:  # past 2**31 - 1: the running count wraps (differences are modulo 2**31)
             self._i32[at] = 0
-
-    def _checkpoint(self, base: int, directory: int, entry: int) -> None:
-        """Copy a series' running counts into ring *entry*, in every chunk: its first value of a minute comes."""
-        u32 = self._u32
-        running = ((base + self._running_offset) >> 2) - _CHUNK_BUCKETS
-        pool_base = ((base + self._pool_offset) >> 2) - _CHUNK_BYTES // 4 + entry * _CHUNK_BUCKETS
-        for pool in u32[directory : directory + _CHUNKS].tolist():
-            if pool:
-                row = pool_base + pool * (_CHUNK_BYTES // 4)
-                source = running + pool * _CHUNK_BUCKETS
-                u32[row : row + _CHUNK_BUCKETS] = u32[source : source + _CHUNK_BUCKETS]
 
     def _allocate(self, base: int, directory_entry: int) -> int:
         """Give a series' chunk a place in the slot's pool; 0 when the pool is full (counted)."""
@@ -515,11 +543,13 @@ class SlotStore:
                 if not words[0] or not used:
                     continue
                 span = directory[used[0] : used[-1] + 1]
-                written = sorted((stamp - 1, entry) for entry, stamp in enumerate(words[2 : 2 + _RING]) if stamp)
+                written = sorted(
+                    (stamp - 1, entry) for entry, stamp in enumerate(words[2 : 2 + _RING]) if stamp
+                )
                 # Oldest first, then the running counts (read last, as in snapshot()).
                 marks = [self._rows(base, span, entry) for _, entry in written]
                 marks.append(self._rows(base, span, None))
-                for (at, _), start, end in zip(written, marks, marks[1:]):
+                for (at, _), start, end in zip(written, marks, marks[1:], strict=False):
                     if 0 <= minute - at < _RING:
                         within = _window(end, start, len(span))
                         if within:
@@ -536,6 +566,7 @@ class SlotStore:
         """Return the file's apparent size and the bytes it really takes (its blocks)."""
         stat = os.fstat(self._fd)
         return stat.st_size, stat.st_blocks * 512
+
 
 _ZERO_ROW = bytes(_ROW_BYTES)
 # Per number of chunks: bit 31 of every 32-bit field, and the 31 bits below it.
@@ -560,7 +591,9 @@ def _fields(summed: int) -> tuple[int, array[int]]:
     return low, array("I", (summed >> (low << 5)).to_bytes((high - low) * 4, "little"))
 
 
-def _plan(stamps: tuple[int, ...], minute: int, windows: tuple[int, ...]) -> list[tuple[int, tuple[int, ...]]]:
+def _plan(
+    stamps: tuple[int, ...], minute: int, windows: tuple[int, ...]
+) -> list[tuple[int, tuple[int, ...]]]:
     """Return, for ring *stamps* read at *minute*, each checkpoint to read and the windows it starts.
 
     A window starts at the checkpoint of its earliest minute that has values (none: the window

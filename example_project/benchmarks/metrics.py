@@ -24,8 +24,12 @@ import gc
 import json
 import math
 import multiprocessing
+import os
 import random
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,7 +86,9 @@ def _setups(directory: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def overhead(out: TextIO, quick: bool, directory: str) -> None:
+def overhead(
+    out: TextIO, quick: bool, directory: str, goals: list[list[str]], figures: dict[str, float]
+) -> None:
     setups = _setups(directory)
     rounds, per_batch = (5, 100) if quick else (20, 250)
     clients: dict[str, Client] = {}
@@ -139,7 +145,7 @@ def overhead(out: TextIO, quick: bool, directory: str) -> None:
     count = recorded.get("request\x1fsections\x1fGET", (0, 0.0))[0]
     out.write(f"  (MetricsMiddleware recorded {count} requests of the route 'sections' in one series)\n")
 
-    isolated(out, directory)
+    isolated(out, directory, goals, figures)
 
     store = SlotStore(directory, 4, 64, 1)
     one = [("request\x1fr\x1fGET", bucket_of(0.012), 0.012)]
@@ -163,10 +169,19 @@ def overhead(out: TextIO, quick: bool, directory: str) -> None:
         ],
     )
     store.release()
+    per_value = max((many - empty) / 5, counter - empty) * 1e6
+    goals.append(
+        [
+            "one recorded value (CPU µs, the dearer of timing and counter)",
+            f"{per_value:.2f} µs",
+            "<= 3 µs",
+            _met(per_value <= 3),
+        ]
+    )
 
 
-def isolated(out: TextIO, directory: str) -> None:
-    """Time MetricsMiddleware alone around views called directly: no client, no other middleware."""
+def isolated_setups() -> tuple[HttpRequest, dict[str, dict[str, Callable[[HttpRequest], Any]]]]:
+    """Return a request and, per view (no query, 1, 10 queries), the view bare and inside each middleware."""
     from django.db import connection
     from django.test import RequestFactory
     from django.urls import resolve
@@ -187,20 +202,33 @@ def isolated(out: TextIO, directory: str) -> None:
 
     request = RequestFactory().get("/sections/1/")
     request.resolver_match = resolve("/sections/1/", urlconf=__name__)
+    return request, {
+        label: {
+            "bare": view,
+            "scale": metrics.MetricsMiddleware(view),
+            "prometheus": PrometheusBeforeMiddleware(PrometheusAfterMiddleware(view)),
+        }
+        for label, view in (("no query", no_query), ("1 query", queries(1)), (TEN, queries(10)))
+    }
+
+
+TEN = "10 queries"
+
+
+def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[str, float]) -> None:
+    """Time MetricsMiddleware alone around views called directly: no client, no other middleware."""
     rows = []
     with override_scale_settings(METRICS_DIR=directory):
-        for label, view in (("no query", no_query), ("1 query", queries(1)), ("10 queries", queries(10))):
-            setups: dict[str, Callable[[HttpRequest], Any]] = {
-                "bare": view,
-                "scale": metrics.MetricsMiddleware(view),
-                "prometheus": PrometheusBeforeMiddleware(PrometheusAfterMiddleware(view)),
-            }
+        request, views = isolated_setups()
+        for label, setups in views.items():
             times: dict[str, list[float]] = {name: [] for name in setups}
             for _ in range(7):  # take turns, so that a busy moment hits every setup alike
                 for name, call in setups.items():
                     times[name].append(cpu_per_call(lambda call=call: call(request), calls=500, repeats=1))
             cpu = {name: statistics.median(found) for name, found in times.items()}
             calls = {name: function_calls(lambda call=call: call(request)) for name, call in setups.items()}
+            for name, found in cpu.items():
+                figures[f"cpu {label} {name}"] = found
             rows.append(
                 [
                     label,
@@ -226,6 +254,14 @@ def isolated(out: TextIO, directory: str) -> None:
         ],
         rows,
     )
+    extra = (figures[f"cpu {TEN} scale"] - figures[f"cpu {TEN} bare"]) * 1e6
+    goals.append(
+        ["request overhead, ten-query view (CPU µs)", f"{extra:.1f} µs", "<= 20 µs", _met(extra <= 20)]
+    )
+
+
+def _met(met: bool) -> str:
+    return "met" if met else "NOT MET"
 
 
 def function_calls(function: Callable[[], object]) -> int:
@@ -311,7 +347,7 @@ def _record_worker(directory: str, name: str, values: list[float]) -> None:
         store.record([(name, bucket_of(value), value)], ())
 
 
-def accuracy(out: TextIO, quick: bool) -> None:
+def accuracy(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
     n = 5_000 if quick else 50_000
     bounds = prometheus_buckets()
     rows = []
@@ -360,6 +396,14 @@ def accuracy(out: TextIO, quick: bool) -> None:
         f"  worst error: django-scale {worst:.2%}, django-prometheus {worst_prometheus:.2%}\n"
         "  * histogram_quantile() over django-prometheus's default buckets, as Grafana shows it\n"
     )
+    goals.append(
+        [
+            "accuracy: worst of p50/p99/p99.9, 4 processes merged",
+            f"{worst:.2%} (django-prometheus {worst_prometheus:.2%})",
+            "<= 1 %",
+            _met(worst <= 0.01),
+        ]
+    )
 
 
 # -- Scale ----------------------------------------------------------------------------------------
@@ -381,7 +425,7 @@ def _scale_worker(directory: str, seed: int, per_worker: int, routes: int) -> No
         )
 
 
-def scale(out: TextIO, quick: bool) -> None:
+def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
     workers, routes = 8, 200
     generations = 100 if quick else 1000
     per_worker = 400
@@ -453,11 +497,283 @@ def scale(out: TextIO, quick: bool) -> None:
             ["values dropped", str(snapshot.dropped), "0"],
         ],
     )
-    assert requests == timed == expected and queries == 2 * expected, "totals are not exact"
+    exact = requests == timed == expected and queries == 2 * expected
+    bounded = len(files) == 1 and len(sizes) == 1 and snapshot.used_slots <= workers + 1
+    goals.append(
+        [
+            f"export after {generations:,} recycled workers (CPU, median of 5; the first)",
+            f"{statistics.median(export_cpus) * 1000:.1f} ms; {first_export * 1000:.1f} ms",
+            "<= 50 ms",
+            _met(max(statistics.median(export_cpus), first_export) <= 0.05),
+        ]
+    )
+    goals.append(["totals exact after recycling", f"{requests:,} / {expected:,}", "exact", _met(exact)])
+    goals.append(
+        [
+            "one file of constant size, slots bounded",
+            f"{len(files)} file, {len(sizes)} size(s)",
+            "bounded",
+            _met(bounded),
+        ]
+    )
+    assert exact, "totals are not exact"
+
+
+#: A full 5-minute window: 8 workers at once, each series with values in each of 6 minutes.
+FULL_WORKERS, FULL_ROUTES, FULL_MINUTES = 8, 200, 6
+#: The minute the full window ends in (any past minute will do: snapshots take it as "now").
+FULL_NOW = 1_800_000_030.0
+
+
+def _full_worker(directory: str, seed: int, per_minute: int, together: Any) -> None:
+    store = SlotStore(directory, 16, 1024, 16)
+    store.record((), (), FULL_NOW)  # claim a slot, then wait until every worker holds one
+    together.wait(60)
+    rng = random.Random(seed)
+    for minutes_ago in range(FULL_MINUTES - 1, -1, -1):
+        now = FULL_NOW - 60 * minutes_ago
+        for index in range(per_minute):
+            route = index % FULL_ROUTES
+            value = rng.lognormvariate(math.log(0.03), 0.9)
+            labels = f"r{route}\x1fGET"
+            store.record(
+                [
+                    (f"request\x1f{labels}", bucket_of(value), value),
+                    (f"db\x1f{labels}\x1fdefault", bucket_of(value / 3), value / 3),
+                ],
+                [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
+                now,
+            )
+
+
+def fill_full_window(directory: str, quick: bool) -> int:
+    """Fill *directory*'s store as 8 live workers x 400 series over a full window; return the requests."""
+    per_minute = FULL_ROUTES * (2 if quick else 5)
+    together = FORK.Barrier(FULL_WORKERS)
+    processes = [
+        FORK.Process(target=_full_worker, args=(directory, seed, per_minute, together))
+        for seed in range(FULL_WORKERS)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+        assert process.exitcode == 0
+    return FULL_WORKERS * FULL_MINUTES * per_minute
+
+
+def export_full_window(directory: str) -> str:
+    """What GET /scale/metrics does over the full window (5 minutes)."""
+    store = SlotStore(directory, 16, 1024, 16)
+    return metrics.prometheus_text(store.snapshot(windows=(5,), now=FULL_NOW))
+
+
+def full_window(
+    out: TextIO, quick: bool, directory: str, goals: list[list[str]], figures: dict[str, float]
+) -> None:
+    requests = fill_full_window(directory, quick)
+    cpu = time.process_time()
+    export_full_window(directory)
+    first = time.process_time() - cpu
+    cpus = []
+    for _ in range(5):
+        cpu = time.process_time()
+        text = export_full_window(directory)
+        cpus.append(time.process_time() - cpu)
+    snapshot = SlotStore(directory, 16, 1024, 16).snapshot(windows=(5,), now=FULL_NOW)
+    counted = sum(v for name, v in snapshot.counters.items() if name.startswith("requests\x1f"))
+    in_window = sum(
+        found[5].count for name, found in snapshot.windows.items() if name.startswith("request\x1f")
+    )
+    figures["export full"] = statistics.median(cpus)
+    print_table(
+        out,
+        f"Export over a full 5-minute window: {FULL_WORKERS} live workers x {2 * FULL_ROUTES} timing series, "
+        f"values in each of {FULL_MINUTES} minutes ({requests:,} requests)",
+        ["figure", "value", "goal"],
+        [
+            ["Prometheus export: CPU, median of 5", f"{statistics.median(cpus) * 1000:.1f} ms", "<= 50 ms"],
+            ["Prometheus export, the process's first: CPU", f"{first * 1000:.1f} ms", "<= 50 ms"],
+            ["exposition size", f"{len(text) / 1024:.0f} KiB", ""],
+            [
+                "requests counted / in the window / recorded",
+                f"{counted:,} / {in_window:,} / {requests:,}",
+                "exact",
+            ],
+        ],
+    )
+    goals.append(
+        [
+            "export, full 5-minute window, 8 x 400 series (CPU, median of 5; the first)",
+            f"{statistics.median(cpus) * 1000:.1f} ms; {first * 1000:.1f} ms",
+            "<= 50 ms",
+            _met(max(statistics.median(cpus), first) <= 0.05),
+        ]
+    )
+    goals.append(
+        [
+            "full window: every request in it",
+            f"{in_window:,} / {requests:,}",
+            "exact",
+            _met(counted == in_window == requests),
+        ]
+    )
+
+
+# -- Instructions (callgrind) ---------------------------------------------------------------------
+
+#: Set in the environment of the process that ``instructions()`` runs under callgrind.
+CHILD = "DJANGO_SCALE_BENCH_METRICS_CHILD"
+SETUP_NAMES = {"bare": NONE, "scale": SCALE, "prometheus": PROMETHEUS}
+
+
+def _instruction_segments(options: dict[str, Any]) -> None:
+    """(Under callgrind) each isolated setup, then the full-window export, between ``getppid()`` calls.
+
+    As in ``bench request``: callgrind dumps its counters before each ``getppid()``, so each
+    even-numbered dump holds one measured segment.
+    """
+    calls = int(options["calls"])
+    with override_scale_settings(METRICS_DIR=options["metrics_dir"]):
+        request, views = isolated_setups()
+        for setups in views.values():
+            for call in setups.values():
+                for _ in range(20):
+                    call(request)
+                gc.collect()
+                gc.freeze()
+                os.getppid()
+                for _ in range(calls):
+                    call(request)
+                os.getppid()
+                gc.unfreeze()
+    disable()
+    for _ in range(3):  # the process's first export, then two more
+        os.getppid()
+        export_full_window(options["store_dir"])
+        os.getppid()
+
+
+def instructions(
+    out: TextIO,
+    quick: bool,
+    metrics_dir: str,
+    store_dir: str,
+    goals: list[list[str]],
+    figures: dict[str, float],
+) -> None:
+    """Count the instructions of each isolated setup and of the export, under callgrind.
+
+    Unlike time, the count does not move with the load of the machine. It is turned into
+    microseconds at the rate this run's bare ten-query view ran (its instructions over its CPU
+    time in the isolated table): an estimate of the time on this machine when it is not busy
+    with anything else than this process.
+    """
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        out.write("\n(Instructions: valgrind is not installed; apt-get install valgrind.)\n")
+        return
+    calls = 50 if quick else 200
+    with tempfile.TemporaryDirectory() as directory:
+        command = [
+            valgrind,
+            "--tool=callgrind",
+            "--separate-threads=yes",
+            "--dump-before=getppid",
+            f"--callgrind-out-file={directory}/cg.%p",
+            sys.executable,
+            *sys.argv,
+        ]
+        options = {"calls": calls, "metrics_dir": metrics_dir, "store_dir": store_dir}
+        env = {**os.environ, CHILD: json.dumps(options), "PYTHONHASHSEED": "0"}
+        env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
+        dumps: dict[int, int] = {}
+        for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
+            number = int(re.search(r"\.(\d+)-01$", file.name).group(1))  # type: ignore[union-attr]
+            summary = re.search(r"^(?:summary|totals): (\d+)", file.read_text(), re.MULTILINE)
+            assert summary is not None, file
+            dumps[number] = int(summary.group(1))
+    segments = [dumps[number] for number in sorted(dumps) if number % 2 == 0]
+    labels = ["no query", "1 query", TEN]
+    per_call = {
+        (label, name): segments[index * 3 + position] / calls
+        for index, label in enumerate(labels)
+        for position, name in enumerate(SETUP_NAMES)
+    }
+    exports = segments[len(labels) * 3 :]
+    # Instructions per CPU microsecond of this run, from the bare ten-query view.
+    rate = per_call[(TEN, "bare")] / (figures[f"cpu {TEN} bare"] * 1e6)
+    rows = []
+    for label in labels:
+        bare = per_call[(label, "bare")]
+        for name, title in SETUP_NAMES.items():
+            value = per_call[(label, name)]
+            rows.append(
+                [
+                    label,
+                    title,
+                    f"{value / 1000:,.1f}k",
+                    f"{(value - bare) / 1000:+,.1f}k",
+                    f"{(value - bare) / rate:+.1f}",
+                ]
+            )
+    print_table(
+        out,
+        f"CPU instructions per request, each middleware alone around the view (callgrind; {calls} calls per cell;"
+        f" µs at this run's rate of {rate:,.0f} instructions per CPU µs)",
+        ["view", "setup", "instructions", "over bare", "≈ µs over bare"],
+        rows,
+    )
+    first, *later = exports
+    print_table(
+        out,
+        "CPU instructions of the Prometheus export over the full 5-minute window (callgrind)",
+        ["export", "instructions", "≈ ms"],
+        [
+            ["the process's first", f"{first / 1e6:,.1f} M", f"{first / rate / 1000:.1f}"],
+            *[
+                [f"then #{n}", f"{value / 1e6:,.1f} M", f"{value / rate / 1000:.1f}"]
+                for n, value in enumerate(later, 2)
+            ],
+        ],
+    )
+    extra = (per_call[(TEN, "scale")] - per_call[(TEN, "bare")]) / rate
+    goals.append(
+        [
+            "request overhead, ten-query view (instructions at this run's rate)",
+            f"{extra:.1f} µs",
+            "<= 20 µs",
+            _met(extra <= 20),
+        ]
+    )
+    goals.append(
+        [
+            "export, full window (instructions at this run's rate; the first)",
+            f"{max(exports) / rate / 1000:.1f} ms",
+            "<= 50 ms",
+            _met(max(exports) / rate / 1000 <= 50),
+        ]
+    )
 
 
 def run(out: TextIO, quick: bool = False) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        overhead(out, quick, directory)
-    accuracy(out, quick)
-    scale(out, quick)
+    child = os.environ.get(CHILD)
+    if child:
+        _instruction_segments(json.loads(child))
+        return
+    goals: list[list[str]] = []
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as full:
+        overhead(out, quick, directory, goals, figures)
+        accuracy(out, quick, goals)
+        scale(out, quick, goals)
+        full_window(out, quick, full, goals, figures)
+        instructions(out, quick, directory, full, goals, figures)
+    load = os.getloadavg()
+    print_table(
+        out,
+        f"Goals (issue 14); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs",
+        ["goal", "measured", "goal", "verdict"],
+        goals,
+    )
