@@ -263,9 +263,9 @@ def _record(
 ) -> None:
     method = request.method if request.method in _METHODS else "OTHER"
     route = route_of(request)
-    names = _names.get((route, method))  # type: ignore[arg-type]
+    names = _names.get((route, method))
     if names is None:
-        names = _names[(route, method)] = _Names(f"{route}{SEP}{method}")  # type: ignore[index]
+        names = _names[(route, method)] = _Names(f"{route}{SEP}{method}")
     timings = [(names.request, bucket_of(elapsed), elapsed)]
     tallies = [(names.status(status), 1)]
     header = request.META.get("HTTP_X_REQUEST_START")

@@ -562,9 +562,8 @@ def fill_full_window(directory: str, quick: bool) -> int:
     return FULL_WORKERS * FULL_MINUTES * per_minute
 
 
-def export_full_window(directory: str) -> str:
-    """What GET /scale/metrics does over the full window (5 minutes)."""
-    store = SlotStore(directory, 16, 1024, 16)
+def export_full_window(store: SlotStore) -> str:
+    """What GET /scale/metrics does over the full window (5 minutes), with the process's store."""
     return metrics.prometheus_text(store.snapshot(windows=(5,), now=FULL_NOW))
 
 
@@ -572,15 +571,16 @@ def full_window(
     out: TextIO, quick: bool, directory: str, goals: list[list[str]], figures: dict[str, float]
 ) -> None:
     requests = fill_full_window(directory, quick)
+    store = SlotStore(directory, 16, 1024, 16)
     cpu = time.process_time()
-    export_full_window(directory)
+    export_full_window(store)
     first = time.process_time() - cpu
     cpus = []
     for _ in range(5):
         cpu = time.process_time()
-        text = export_full_window(directory)
+        text = export_full_window(store)
         cpus.append(time.process_time() - cpu)
-    snapshot = SlotStore(directory, 16, 1024, 16).snapshot(windows=(5,), now=FULL_NOW)
+    snapshot = store.snapshot(windows=(5,), now=FULL_NOW)
     counted = sum(v for name, v in snapshot.counters.items() if name.startswith("requests\x1f"))
     in_window = sum(
         found[5].count for name, found in snapshot.windows.items() if name.startswith("request\x1f")
@@ -648,9 +648,10 @@ def _instruction_segments(options: dict[str, Any]) -> None:
                 os.getppid()
                 gc.unfreeze()
     disable()
+    store = SlotStore(options["store_dir"], 16, 1024, 16)
     for _ in range(3):  # the process's first export, then two more
         os.getppid()
-        export_full_window(options["store_dir"])
+        export_full_window(store)
         os.getppid()
 
 
