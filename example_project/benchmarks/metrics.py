@@ -162,7 +162,7 @@ def overhead(
         ["what", "µs"],
         [
             ["one call, nothing recorded (lock, slot)", f"{empty * 1e6:.2f}"],
-            ["one timing value (bucket, count, sum, minute ring)", f"{(many - empty) / 5 * 1e6:.2f}"],
+            ["one timing value (bucket, count, sum, running counts)", f"{(many - empty) / 5 * 1e6:.2f}"],
             ["one call with one timing value", f"{single * 1e6:.2f}"],
             ["one counter increment", f"{(counter - empty) * 1e6:.2f}"],
             ["bucket_of() alone", f"{bucket * 1e6:.2f}"],
