@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -316,3 +318,50 @@ class TestStore:
         history = store.history(["t", "unknown"], now=now)["t"]
         assert {at: sketch.count for at, sketch in history.items()} == {minute: 2, minute - 2: 1}
         assert history[minute - 2].quantile(0.5) == pytest.approx(0.5, rel=0.01)
+
+
+#: The sha256 of pinned_output(): the same from the v1 store (a ring of per-minute counts) as
+#: from the v2 store (running counts and checkpoints). Changing the output is changing a format.
+PINNED = "edb2ff8ee4d9f4c719cc16fe5901f90d334bdf23754da9c91297d177786f3287"
+
+
+def pinned_output(directory: Path) -> str:
+    """Prometheus text of every window, sketches.json and the per-minute history of a fixed store."""
+    from django_scale.metrics.export import prometheus_text
+    from django_scale.metrics.merge import to_document
+
+    store = SlotStore(directory, 2, 16, 1)
+    now = 1_800_000_000.0
+    rng = random.Random(7)
+    for minutes_ago in range(17, -1, -1):
+        for index in range(30):
+            value = rng.lognormvariate(math.log(0.02), 1.2)
+            labels = f"r{index % 3}\x1fGET"
+            store.record(
+                [
+                    (f"request\x1f{labels}", bucket_of(value), value),
+                    (f"db\x1f{labels}\x1fdefault", bucket_of(value / 4), value / 4),
+                ],
+                [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
+                now=now - 60 * minutes_ago,
+            )
+    snapshot = store.snapshot(now=now)
+    parts = [prometheus_text(snapshot, window=window) for window in (1, 5, 15)]
+    parts.append(json.dumps(to_document(snapshot, host="web-1"), sort_keys=True))
+    history = store.history([f"request\x1fr{i}\x1fGET" for i in range(3)], now=now)
+    parts.append(
+        json.dumps(
+            {
+                name: {str(at): sketch.to_json() for at, sketch in sorted(per_minute.items())}
+                for name, per_minute in sorted(history.items())
+            },
+            sort_keys=True,
+        )
+    )
+    return "".join(parts)
+
+
+def test_the_exposition_json_and_history_are_byte_for_byte_pinned(tmp_path: Path) -> None:
+    output = pinned_output(tmp_path)
+    assert 'django_scale_request_seconds{route="r0",method="GET",quantile="0.99"}' in output
+    assert hashlib.sha256(output.encode()).hexdigest() == PINNED
