@@ -256,9 +256,9 @@ class TestStore:
         assert windows[1].buckets == {bucket_of(0.5): 1}
         assert windows[15].count == 1  # minute 0.001 was 16 minutes ago; the others older still
 
-    def test_a_minute_before_the_slots_latest_counts_in_the_latest(self, tmp_path: Path) -> None:
+    def test_a_minute_before_the_series_latest_counts_in_the_latest(self, tmp_path: Path) -> None:
         # A clock set back, or a request whose record comes after a later one's: checkpoints
-        # only grow, so the value counts in the slot's latest minute, and no window goes wrong.
+        # only grow, so the value counts in the latest minute the series has in the slot, and no window goes wrong.
         store = open_store(tmp_path)
         now = 1_800_000_000.0
         minute = int(now // 60)
