@@ -258,7 +258,8 @@ class TestStore:
 
     def test_a_minute_before_the_series_latest_counts_in_the_latest(self, tmp_path: Path) -> None:
         # A clock set back, or a request whose record comes after a later one's: checkpoints
-        # only grow, so the value counts in the latest minute the series has in the slot, and no window goes wrong.
+        # only grow, so the value counts in the latest minute the series has in the slot, and
+        # no window goes wrong.
         store = open_store(tmp_path)
         now = 1_800_000_000.0
         minute = int(now // 60)
