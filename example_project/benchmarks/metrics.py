@@ -332,9 +332,10 @@ def instructions(
     """Count the instructions of each isolated setup and of the export, under callgrind.
 
     Unlike time, the count does not move with the load of the machine. It is turned into
-    microseconds at the rate this run's bare view without a query ran (its instructions over
-    its CPU time in the isolated table; a view with queries would count the kernel's time in
-    the socket calls, which callgrind does not see): an estimate of the time on this machine.
+    microseconds at the rate this run's full-window exports ran (their instructions over their
+    median CPU time: tens of milliseconds of Python without system calls; a view with queries
+    would count the kernel's time in the socket calls, which callgrind does not see, and a
+    view without one is too short for the clock): an estimate of the time on this machine.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -369,8 +370,8 @@ def instructions(
         for position, name in enumerate(SETUP_NAMES)
     }
     exports = segments[len(labels) * 3 :]
-    # Instructions per CPU microsecond of this run, from the bare view without a query.
-    rate = per_call[("no query", "bare")] / (figures["cpu no query bare"] * 1e6)
+    # Instructions per CPU microsecond of this run, from the exports after the first.
+    rate = statistics.median(exports[1:]) / (figures["export full"] * 1e6)
     rows = []
     for label in labels:
         bare = per_call[(label, "bare")]
