@@ -24,9 +24,11 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.db import connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.signals import connection_created
+from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponseBase
 
 from django_scale.conf import conf
@@ -55,11 +57,17 @@ def get_store() -> SlotStore:
     """Return this host's store for the current ``METRICS_*`` settings (one per file per process).
 
     A process maps each file once: POSIX record locks belong to the process, so a second
-    mapping of the same file would not see the first one's slot as taken.
+    mapping of the same file would not see the first one's slot as taken. The store is kept
+    until ``DJANGO_SCALE`` changes (Django's ``setting_changed`` signal, which
+    ``override_settings`` sends): no settings lookup per request.
     """
+    store = _current_store[0]
+    if store is not None:
+        return store
     raw = getattr(settings, "DJANGO_SCALE", None)
     last = _last_store[0]
     if last[0] is raw and last[1] is not None:
+        _current_store[0] = last[1]
         return last[1]
     key = conf.metrics_options()
     store = _stores.get(key)
@@ -70,11 +78,20 @@ def get_store() -> SlotStore:
                 store = _stores[key] = SlotStore(*key)
     # Once per DJANGO_SCALE object, as conf's hot paths: override_settings installs a new one.
     _last_store[0] = (raw, store)
+    _current_store[0] = store
     return store
 
 
 #: (the DJANGO_SCALE object, its store): one tuple, replaced whole, so threads never mix two.
 _last_store: list[tuple[object, SlotStore | None]] = [(object(), None)]
+#: The store get_store() returns until DJANGO_SCALE changes.
+_current_store: list[SlotStore | None] = [None]
+
+
+@receiver(setting_changed)
+def _settings_changed(setting: str, **kwargs: Any) -> None:
+    if setting == "DJANGO_SCALE":
+        _current_store[0] = None
 
 
 def _shared_increment(name: str, amount: int) -> None:
@@ -188,6 +205,54 @@ def _routing_state() -> Any:
 _state_var: list[contextvars.ContextVar[Any]] = []
 
 
+class _Names:
+    """The series names of one route and method, made once (a few f-strings less per request)."""
+
+    __slots__ = ("labels", "request", "queue", "fallbacks", "statuses", "aliases", "reads", "events")
+
+    def __init__(self, labels: str) -> None:
+        self.labels = labels
+        self.request = f"request{SEP}{labels}"
+        self.queue = f"queue{SEP}{labels}"
+        self.fallbacks = f"fallbacks{SEP}{labels}"
+        self.statuses: dict[int, str] = {}
+        self.aliases: dict[str, tuple[str, str]] = {}
+        self.reads: dict[str, str] = {}
+        self.events: dict[str, str] = {}
+
+    def status(self, status: int) -> str:
+        name = self.statuses.get(status // 100)
+        if name is None:
+            name = self.statuses[status // 100] = f"requests{SEP}{self.labels}{SEP}{status // 100}xx"
+        return name
+
+    def alias(self, alias: str) -> tuple[str, str]:
+        names = self.aliases.get(alias)
+        if names is None:
+            names = self.aliases[alias] = (
+                f"db{SEP}{self.labels}{SEP}{alias}",
+                f"queries{SEP}{self.labels}{SEP}{alias}",
+            )
+        return names
+
+    def read(self, alias: str) -> str:
+        name = self.reads.get(alias)
+        if name is None:
+            name = self.reads[alias] = f"reads{SEP}{self.labels}{SEP}{alias}"
+        return name
+
+    def event(self, event: str) -> str:
+        name = self.events.get(event)
+        if name is None:
+            name = self.events[event] = f"event{SEP}{self.labels}{SEP}{event}"
+        return name
+
+
+#: Per (route, method): its names. Bounded: routes are the URL patterns' (and one for 404s),
+#: methods the seven of _METHODS and OTHER.
+_names: dict[tuple[str, str], _Names] = {}
+
+
 def _record(
     request: HttpRequest,
     status: int,
@@ -197,31 +262,36 @@ def _record(
     db: dict[str, list[Any]],
 ) -> None:
     method = request.method if request.method in _METHODS else "OTHER"
-    labels = f"{route_of(request)}{SEP}{method}"
-    timings = [(f"request{SEP}{labels}", bucket_of(elapsed), elapsed)]
-    tallies = [(f"requests{SEP}{labels}{SEP}{status // 100}xx", 1)]
+    route = route_of(request)
+    names = _names.get((route, method))
+    if names is None:
+        names = _names[(route, method)] = _Names(f"{route}{SEP}{method}")
+    timings = [(names.request, bucket_of(elapsed), elapsed)]
+    tallies = [(names.status(status), 1)]
     header = request.META.get("HTTP_X_REQUEST_START")
-    queued = queue_seconds(header, wall) if header else None
-    if queued is not None:
-        timings.append((f"queue{SEP}{labels}", bucket_of(queued), queued))
+    if header:
+        queued = queue_seconds(header, wall)
+        if queued is not None:
+            timings.append((names.queue, bucket_of(queued), queued))
     for alias, (queries, seconds) in db.items():
-        timings.append((f"db{SEP}{labels}{SEP}{alias}", bucket_of(seconds), seconds))
-        tallies.append((f"queries{SEP}{labels}{SEP}{alias}", queries))
+        db_name, queries_name = names.alias(alias)
+        timings.append((db_name, bucket_of(seconds), seconds))
+        tallies.append((queries_name, queries))
     state = _routing_state()
     if state is not None:
         for alias, reads in state.reads.items():
-            tallies.append((f"reads{SEP}{labels}{SEP}{alias}", reads))
+            tallies.append((names.read(alias), reads))
         if state.fallbacks:
             # Of the primary's reads, those only there because no replica could serve them.
-            tallies.append((f"fallbacks{SEP}{labels}", state.fallbacks))
+            tallies.append((names.fallbacks, state.fallbacks))
         if state.replica_failed:
-            tallies.append((f"event{SEP}{labels}{SEP}replicas.read_failed", 1))
+            tallies.append((names.event("replicas.read_failed"), 1))
         if state.pinned:
             # Reads sent to the primary for the rest of the request (after a write, a replica
             # that had not replayed the user's write, ...): the reason is in the logs, not here.
-            tallies.append((f"event{SEP}{labels}{SEP}routing.pinned", 1))
+            tallies.append((names.event("routing.pinned"), 1))
     for name, amount in events.items():
-        tallies.append((f"event{SEP}{labels}{SEP}{name}", amount))
+        tallies.append((names.event(name), amount))
     get_store().record(timings, tallies, wall + elapsed)
 
 
@@ -248,36 +318,47 @@ class MetricsMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        start = time.perf_counter()
-        wall = time.time()
-        events: dict[str, int] = {}
-        db: dict[str, list[Any]] = {}
-        token = counters.request_events.set(events)
-        db_token = _request_db.set(db)
+        begun = _begin()
         status = 500
         try:
             response: HttpResponseBase = self.get_response(request)
             status = response.status_code
         finally:
-            _request_db.reset(db_token)
-            counters.request_events.reset(token)
-            _record(request, status, time.perf_counter() - start, wall, events, db)
+            _end(request, status, begun)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        start = time.perf_counter()
-        wall = time.time()
-        events: dict[str, int] = {}
-        db: dict[str, list[Any]] = {}
-        token = counters.request_events.set(events)
-        db_token = _request_db.set(db)
+        begun = _begin()
         status = 500
         try:
             get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
             response = await get_response(request)
             status = response.status_code
         finally:
-            _request_db.reset(db_token)
-            counters.request_events.reset(token)
-            _record(request, status, time.perf_counter() - start, wall, events, db)
+            _end(request, status, begun)
         return response
+
+
+def _begin() -> tuple[Any, ...]:
+    """Start recording a request (sync or async): its clocks, and its context for events and queries."""
+    events: dict[str, int] = {}
+    db: dict[str, list[Any]] = {}
+    return (
+        _perf_counter(),
+        _time(),
+        events,
+        db,
+        counters.request_events.set(events),
+        _request_db.set(db),
+    )
+
+
+def _end(request: HttpRequest, status: int, begun: tuple[Any, ...]) -> None:
+    """Stop recording the request :func:`_begin` started, and record it."""
+    start, wall, events, db, events_token, db_token = begun
+    _request_db.reset(db_token)
+    counters.request_events.reset(events_token)
+    _record(request, status, _perf_counter() - start, wall, events, db)
+
+
+_time = time.time

@@ -13,11 +13,20 @@ Only the slot's owner writes it, under one lock per process, so counts need no a
 instructions; readers (the export) read every slot without locks: a read during a write
 sees the count before or after it.
 
-A slot holds, per timing series, its exact count and sum and a ring of 16 per-minute bucket
-counts (:mod:`~django_scale.metrics.sketch` buckets, kept in 64-bucket chunks allocated from
-the slot's pool the first time a series touches them), and per counter series one number.
-The 1, 5 and 15 minute windows are sums of ring entries. A fresh file is sparse: pages
-nobody touched take neither disk nor memory.
+A slot holds, per timing series, its exact count and sum, its running bucket counts
+(:mod:`~django_scale.metrics.sketch` buckets, kept in 64-bucket chunks allocated from the
+slot's pool the first time a series touches them) and a ring of 16 per-minute *checkpoints*:
+the running counts as they were when the series' first value of that minute came. Per
+counter series it holds one number. A window (1, 5 or 15 minutes) is the running counts less
+the checkpoint of the window's first minute that has values: an export reads two rows per
+series and chunk whatever the window, not one per minute, and a minute's own counts (the
+status page's history) are the difference of two checkpoints. So that checkpoints only grow,
+a series' minutes never go back in a slot: a value stamped with a minute before the latest
+the series has there (a clock set back, a request whose record came after a later one's)
+counts in that latest minute. Running
+counts wrap at 2**31 and differences are taken modulo 2**31: a window holds fewer than 2**31
+values per bucket and slot. A fresh file is sparse: pages nobody touched take neither disk nor
+memory.
 """
 
 from __future__ import annotations
@@ -48,21 +57,29 @@ __all__ = ["HostSnapshot", "SlotStore", "WINDOWS"]
 #: The sliding windows, in minutes: each is the current minute and that many before it.
 WINDOWS = (1, 5, 15)
 
-_MAGIC = b"DJSCALE1"
-_RING = 16  # minutes kept: the current one and 15 before it (the longest window)
+_MAGIC = b"DJSCALE2"
+_RING = 16  # checkpoints kept: the current minute and 15 before it (the longest window)
 _CHUNK_BUCKETS = 64
 _CHUNK_SHIFT = 6
 _CHUNK_MASK = _CHUNK_BUCKETS - 1
 _CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
-_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a minute's 64 counts are contiguous
+_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a checkpoint's 64 counts are contiguous
+_ROW_BYTES = _CHUNK_BUCKETS * 4
+_CHUNK_WORDS = _CHUNK_BYTES // 4
+#: Running counts wrap at 2**31: a difference of two is exact modulo 2**31 (see _window()).
+_WRAP = 1 << 31
 _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
+# A slot's header, u32 words: holder's pid, holders so far, pool chunks used, values dropped.
 # A timing's header in a slot: count u64, sum f64, ring stamps (minute + 1) u32 x 16,
 # chunk directory (pool index + 1) u32 x _CHUNKS.
 _STAMPS = 16
 _DIRECTORY = _STAMPS + 4 * _RING
-_TIMING_BYTES = -(-(_DIRECTORY + 4 * _CHUNKS) // 64) * 64
+# After the directory, the series' latest minute + 1 (its minutes never go back), written and
+# read by the slot's owner only.
+_LATEST = _DIRECTORY + 4 * _CHUNKS
+_TIMING_BYTES = -(-(_LATEST + 4) // 64) * 64
 _TIMING_HEADER = struct.Struct(f"=Qd{_RING}I{_CHUNKS}I")
 # Lock bytes lie past the end of the file (POSIX allows it), one per slot and one for names.
 _LOCK_BASE = 1 << 40
@@ -125,9 +142,11 @@ class SlotStore:
         self._timings_offset = _SLOT_HEADER
         self._counters_offset = self._timings_offset + self.timings * _TIMING_BYTES
         self._pool_offset = _page(self._counters_offset + self.counters * 8)
-        self.slot_bytes = _page(self._pool_offset + self.pool_chunks * _CHUNK_BYTES)
+        # The running counts: one 64-bucket row per chunk of the pool, apart from the checkpoints.
+        self._running_offset = self._pool_offset + self.pool_chunks * _CHUNK_BYTES
+        self.slot_bytes = _page(self._running_offset + self.pool_chunks * _ROW_BYTES)
         self.size = self._slots_offset + slots * self.slot_bytes
-        name = f"django-scale-metrics-v1-{slots}x{series}x{memory_mb}.bin"
+        name = f"django-scale-metrics-v2-{slots}x{series}x{memory_mb}.bin"
         self.path = Path(directory) / name
         Path(directory).mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -142,6 +161,9 @@ class SlotStore:
             self._unlock_names()
         view = memoryview(self._map)
         self._u32 = view.cast("I")
+        # The running counts are written through a signed view: past 2**31 - 1 it raises, and
+        # the count wraps to 0 (see _observe).
+        self._i32 = view.cast("i")
         self._u64 = view.cast("Q")
         self._f64 = view.cast("d")
         self._lock = threading.Lock()
@@ -150,8 +172,11 @@ class SlotStore:
         self._failed_at = -1e9
         self._timing_ids: dict[str, int] = {}
         self._counter_ids: dict[str, int] = {}
+        # For this process's slot, per series name: where its words are (see _timing_handle),
+        # and where each counter is; emptied when the slot changes.
+        self._handles: dict[str, list[int]] = {}
+        self._counter_at: dict[str, int] = {}
         self._names: dict[bool, list[str]] = {True: [], False: []}
-        self._zero_row = array("I", bytes(_CHUNK_BYTES))
         # A forked child holds none of its parent's POSIX locks: it must claim a slot of its own.
         # (Checking os.getpid() on each record instead costs a system call per request.)
         ref = weakref.ref(self)
@@ -175,6 +200,8 @@ class SlotStore:
             base = (self._slots_offset + slot * self.slot_bytes) // 4
             self._u32[base] = os.getpid() & 0xFFFFFFFF
             self._u32[base + 1] += 1  # how many processes held it
+            self._handles = {}
+            self._counter_at = {}
             return slot
         return None
 
@@ -183,6 +210,8 @@ class SlotStore:
         self._slot = None
         self._pid = 0
         self._lock = threading.Lock()
+        self._handles = {}
+        self._counter_at = {}
 
     def release(self) -> None:
         """Give this process's slot back (its counts stay: the next holder adds to them)."""
@@ -273,59 +302,87 @@ class SlotStore:
         """
         minute = int((time.time() if now is None else now) // 60)
         with self._lock:
-            slot = self._slot
-            if slot is None:
-                slot = self.slot()
-                if slot is None:
-                    self.unrecorded += 1
-                    return False
-            base = self._slots_offset + slot * self.slot_bytes
-            ids = self._timing_ids
-            for name, bucket, seconds in timings:
-                series = ids.get(name)
-                if series is None:
-                    series = self.series(name, timing=True)
-                self._observe(base, series, bucket, seconds, minute)
+            if self._slot is None and self.slot() is None:
+                self.unrecorded += 1
+                return False
+            if timings:
+                handles = self._handles
+                for name, bucket, seconds in timings:
+                    handle = handles.get(name)
+                    if handle is None:
+                        handle = self._timing_handle(name)
+                    self._observe(handle, bucket, seconds, minute)
             if counters:
                 u64 = self._u64
-                ids = self._counter_ids
-                counters_base = (base + self._counters_offset) >> 3
+                at = self._counter_at
                 for name, amount in counters:
-                    series = ids.get(name)
-                    if series is None:
-                        series = self.series(name, timing=False)
-                    u64[counters_base + series] += amount
+                    index = at.get(name)
+                    if index is None:
+                        index = self._counter_index(name)
+                    u64[index] += amount
         return True
 
-    def _observe(self, base: int, series: int, bucket: int, seconds: float, minute: int) -> None:
+    def _slot_base(self) -> int:
+        assert self._slot is not None
+        return self._slots_offset + self._slot * self.slot_bytes
+
+    def _timing_handle(self, name: str) -> list[int]:
+        """Return the words of timing *name* in this process's slot, kept for its next values.
+
+        ``[count (u64 index; its sum is the next f64), first ring stamp, first directory entry,
+        latest minute + 1 (u32 indexes), the latest minute, the running row of pool chunk 0,
+        checkpoint 0's row of pool chunk 0 (u32 indexes)]``.
+        """
+        base = self._slot_base()
+        timing = base + self._timings_offset + self.series(name, timing=True) * _TIMING_BYTES
+        latest = (timing + _LATEST) >> 2
+        handle = [
+            timing >> 3,
+            (timing + _STAMPS) >> 2,
+            (timing + _DIRECTORY) >> 2,
+            latest,
+            self._u32[latest] - 1,
+            ((base + self._running_offset) >> 2) - _CHUNK_BUCKETS,
+            ((base + self._pool_offset) >> 2) - _CHUNK_WORDS,
+        ]
+        self._handles[name] = handle
+        return handle
+
+    def _counter_index(self, name: str) -> int:
+        index = self._counter_at[name] = ((self._slot_base() + self._counters_offset) >> 3) + self.series(
+            name, timing=False
+        )
+        return index
+
+    def _observe(self, handle: list[int], bucket: int, seconds: float, minute: int) -> None:
+        count, stamps, directory, latest, known, running, checkpoints = handle
+        self._u64[count] += 1
+        self._f64[count + 1] += seconds
         u32 = self._u32
-        timing = base + self._timings_offset + series * _TIMING_BYTES
-        self._u64[timing >> 3] += 1
-        self._f64[(timing >> 3) + 1] += seconds
-        entry = minute % _RING
-        stamp = (timing >> 2) + (_STAMPS >> 2) + entry
-        directory = (timing >> 2) + (_DIRECTORY >> 2)
-        if u32[stamp] != minute + 1:
-            self._start_minute(base, directory, entry)
-            u32[stamp] = minute + 1
+        if minute != known:
+            if minute < known:
+                minute = known  # the series' minutes never go back (see the module's docstring)
+            else:
+                # The series' first value of this minute: checkpoint its running counts.
+                entry = minute % _RING
+                for pool in u32[directory : directory + _CHUNKS].tolist():
+                    if pool:
+                        row = checkpoints + pool * _CHUNK_WORDS + entry * _CHUNK_BUCKETS
+                        source = running + pool * _CHUNK_BUCKETS
+                        u32[row : row + _CHUNK_BUCKETS] = u32[source : source + _CHUNK_BUCKETS]
+                # The rows before the stamp that makes readers use them.
+                u32[stamps + entry] = u32[latest] = minute + 1
+                handle[4] = minute
         pool = u32[directory + (bucket >> _CHUNK_SHIFT)]
         if not pool:
-            pool = self._allocate(base, directory + (bucket >> _CHUNK_SHIFT))
+            pool = self._allocate(self._slot_base(), directory + (bucket >> _CHUNK_SHIFT))
             if not pool:
                 return
-        u32[
-            ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2)
-            + entry * _CHUNK_BUCKETS
-            + (bucket & _CHUNK_MASK)
-        ] += 1
-
-    def _start_minute(self, base: int, directory: int, entry: int) -> None:
-        """Clear ring *entry* of a series in every chunk: it last held the minute 16 minutes ago."""
-        u32 = self._u32
-        for pool in u32[directory : directory + _CHUNKS].tolist():
-            if pool:
-                row = ((base + self._pool_offset + (pool - 1) * _CHUNK_BYTES) >> 2) + entry * _CHUNK_BUCKETS
-                u32[row : row + _CHUNK_BUCKETS] = self._zero_row[:_CHUNK_BUCKETS]
+        at = running + pool * _CHUNK_BUCKETS + (bucket & _CHUNK_MASK)
+        try:
+            self._i32[at] += 1
+        except ValueError:  # past 2**31 - 1: the running count wraps (differences are modulo 2**31)
+            self._i32[at] = 0
 
     def _allocate(self, base: int, directory_entry: int) -> int:
         """Give a series' chunk a place in the slot's pool; 0 when the pool is full (counted)."""
@@ -356,6 +413,23 @@ class SlotStore:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, _LOCK_BASE + slot, os.SEEK_SET)
         return live
 
+    def _rows(self, base: int, span: Iterable[int], entry: int | None) -> int:
+        """Return one series' rows of checkpoint *entry* (``None``: its running counts) as one integer.
+
+        *span* is the series' chunk directory from its first chunk to its last (0: a gap). The
+        integer holds one 32-bit field per bucket, the first chunk's bucket 0 lowest.
+        """
+        map_ = self._map
+        if entry is None:
+            start, stride = base + self._running_offset - _ROW_BYTES, _ROW_BYTES
+        else:
+            start, stride = base + self._pool_offset - _CHUNK_BYTES + entry * _ROW_BYTES, _CHUNK_BYTES
+        rows = [
+            map_[start + pool * stride : start + pool * stride + _ROW_BYTES] if pool else _ZERO_ROW
+            for pool in span
+        ]
+        return int.from_bytes(b"".join(rows), "little")
+
     def snapshot(self, windows: Iterable[int] = WINDOWS, now: float | None = None) -> HostSnapshot:
         """Sum every slot: totals, counters and the sketches of *windows* (minutes)."""
         minute = _minute(now)
@@ -363,26 +437,23 @@ class SlotStore:
         timing_names = self.names(True)
         counter_names = self.names(False)
         u32, u64 = self._u32, self._u64
-        map_ = self._map
-        # Per window, per series: its counts summed over the minutes of the window and every
-        # slot, as one integer of 32-bit fields, one per bucket (chunk after chunk): adding
-        # integers adds every field at once, in C (no field comes near 2**32: 4 billion values
-        # in one bucket and window on one host). A series' rows of one minute, one per chunk
-        # it reached, are joined into one such integer: one conversion per slot, series and
-        # minute instead of one per chunk, and no Python loop over chunks or buckets.
+        # Per window, per series: its counts in the window summed over every slot, as one integer
+        # of 32-bit fields, one per bucket (chunk after chunk): adding integers adds every field
+        # at once, in C (no field comes near 2**32: 4 billion values in one bucket and window on
+        # one host). A slot's counts of a series in a window are its running counts less the
+        # checkpoint where the window starts (_window()): two reads of its rows, one conversion
+        # each, whatever the window's length.
         windows = tuple(sorted(windows))
-        sums: dict[int, dict[int, int]] = {window: {} for window in windows}
-        # Per ring stamps: the entries to read, youngest first, and how many each window takes.
-        plans: dict[tuple[int, ...], tuple[list[int], list[tuple[int, int]]]] = {}
-        row_bytes = _CHUNK_BUCKETS * 4
-        row_bits = row_bytes * 8
-        zero_row = bytes(row_bytes)
+        # Per window, per series: the first chunk of the sum, and the sum from there.
+        sums: dict[int, dict[int, tuple[int, int]]] = {window: {} for window in windows}
+        # Per ring stamps: the checkpoints to read and the windows that start at each.
+        plans: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
+        row_bits = _ROW_BYTES * 8
         chunk_ids = range(_CHUNKS)
         unpack_header = _TIMING_HEADER.unpack_from
+        read = self._rows
         counts = [0] * len(timing_names)
         seconds = [0.0] * len(timing_names)
-        from_bytes = int.from_bytes
-        join = b"".join
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
             header = base >> 2
@@ -395,11 +466,10 @@ class SlotStore:
             for name, value in zip(counter_names, values, strict=True):
                 if value:
                     result.counters[name] = result.counters.get(name, 0) + value
-            pool_base = base + self._pool_offset
             timings_base = base + self._timings_offset
             for series in range(len(timing_names)):
                 # One unpack: count, sum, the ring's stamps and the chunk directory.
-                words = unpack_header(map_, timings_base + series * _TIMING_BYTES)
+                words = unpack_header(self._map, timings_base + series * _TIMING_BYTES)
                 count = words[0]
                 if not count:
                     continue
@@ -408,40 +478,34 @@ class SlotStore:
                 stamps = words[2 : 2 + _RING]
                 plan = plans.get(stamps)
                 if plan is None:
-                    aged = sorted((minute + 1 - stamp, entry) for entry, stamp in enumerate(stamps) if stamp)
-                    entries = [entry for age, entry in aged if 0 <= age <= windows[-1]]
-                    takes = [(window, sum(1 for age, _ in aged if 0 <= age <= window)) for window in windows]
-                    plan = plans[stamps] = (entries, takes)
-                entries, takes = plan
-                if not entries:
+                    plan = plans[stamps] = _plan(stamps, minute, windows)
+                if not plan:
                     continue
                 directory = words[2 + _RING :]
                 used = tuple(compress(chunk_ids, directory))
                 if not used:
                     continue
+                span = directory[used[0] : used[-1] + 1]
+                # The checkpoints before the running counts: both only grow, so the running
+                # counts, read last, are at least each checkpoint (modulo 2**31).
+                checkpoints = [read(base, span, entry) for entry, _ in plan]
+                running = read(base, span, None)
                 first = used[0]
-                # Where minute 0's row of each chunk the series reached starts; -1: a gap.
-                starts = [
-                    pool_base + (pool - 1) * _CHUNK_BYTES if pool else -1
-                    for pool in directory[first : used[-1] + 1]
-                ]
-                gaps = -1 in starts
-                running = 0
-                taken = 0
-                for window, take in takes:
-                    while taken < take:
-                        at = entries[taken] * row_bytes
-                        end = at + row_bytes
-                        if gaps:
-                            rows = [map_[s + at : s + end] if s >= 0 else zero_row for s in starts]
-                        else:
-                            rows = [map_[s + at : s + end] for s in starts]
-                        running += from_bytes(join(rows), "little")
-                        taken += 1
-                    if running:
+                for checkpoint, (_, starting) in zip(checkpoints, plan, strict=True):
+                    within = _window(running, checkpoint, len(span))
+                    if not within:
+                        continue
+                    for window in starting:
                         into = sums[window]
-                        # Shifted once per window, not per minute: bucket first * 64 comes first.
-                        into[series] = into.get(series, 0) + (running << (first * row_bits))
+                        known = into.get(series)
+                        if known is None:
+                            into[series] = (first, within)
+                        elif known[0] == first:  # the usual case: no shift
+                            into[series] = (first, known[1] + within)
+                        elif known[0] < first:
+                            into[series] = (known[0], known[1] + (within << (first - known[0]) * row_bits))
+                        else:
+                            into[series] = (first, (known[1] << (known[0] - first) * row_bits) + within)
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)
@@ -449,55 +513,101 @@ class SlotStore:
             if count
         }
         for window, per_series in sums.items():
-            for series, summed in per_series.items():
-                # The buckets from the first to the last that hold values, as an array, in C.
-                low = ((summed & -summed).bit_length() - 1) >> 5
-                high = (summed.bit_length() + 31) >> 5
-                found = array("I", (summed >> (low << 5)).to_bytes((high - low) * 4, "little"))
-                result.windows.setdefault(timing_names[series], {})[window] = DenseSketch(low, found)
+            for series, (chunk, summed) in per_series.items():
+                first, found = _fields(summed)
+                result.windows.setdefault(timing_names[series], {})[window] = DenseSketch(
+                    chunk * _CHUNK_BUCKETS + first, found
+                )
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
         """Return, for each timing series of *names*, its sketch of each of the last 16 minutes.
 
-        Keys are minutes (``time() // 60``); a minute without values is absent.
+        Keys are minutes (``time() // 60``); a minute without values is absent. A minute's
+        counts are the next minute's checkpoint (or the running counts) less its own.
         """
         minute = _minute(now)
         timing_names = self.names(True)
         wanted = {timing_names.index(name): name for name in names if name in timing_names}
-        u32, map_ = self._u32, self._map
-        row_bytes = _CHUNK_BUCKETS * 4
-        sums: dict[tuple[int, int, int], int] = {}
+        unpack_header = _TIMING_HEADER.unpack_from
+        row_bits = _ROW_BYTES * 8
+        sums: dict[tuple[int, int], int] = {}
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
-            if not u32[(base >> 2) + 1]:
+            if not self._u32[(base >> 2) + 1]:
                 continue
             for series in wanted:
-                timing = base + self._timings_offset + series * _TIMING_BYTES
-                words = u32[
-                    (timing >> 2) + (_STAMPS >> 2) : (timing >> 2) + (_DIRECTORY >> 2) + _CHUNKS
-                ].tolist()
-                stamps, directory = words[:_RING], words[_RING:]
-                for entry, stamp in enumerate(stamps):
-                    if not stamp or not 0 <= minute + 1 - stamp < _RING:
-                        continue
-                    for chunk, pool in compress(enumerate(directory), directory):
-                        row = base + self._pool_offset + (pool - 1) * _CHUNK_BYTES + entry * row_bytes
-                        key = (series, stamp - 1, chunk)
-                        sums[key] = sums.get(key, 0) + int.from_bytes(map_[row : row + row_bytes], "little")
-        result: dict[str, dict[int, Sketch]] = {name: {} for name in wanted.values()}
-        for (series, at, chunk), rows in sums.items():
-            if rows:
-                counts = array("I", rows.to_bytes(row_bytes, "little"))
-                sketch = result[wanted[series]].setdefault(at, Sketch())
-                first = chunk * _CHUNK_BUCKETS
-                sketch.buckets.update(
-                    compress(zip(range(first, first + _CHUNK_BUCKETS), counts, strict=True), counts)
+                words = unpack_header(self._map, base + self._timings_offset + series * _TIMING_BYTES)
+                directory = words[2 + _RING :]
+                used = tuple(compress(range(_CHUNKS), directory))
+                if not words[0] or not used:
+                    continue
+                span = directory[used[0] : used[-1] + 1]
+                written = sorted(
+                    (stamp - 1, entry) for entry, stamp in enumerate(words[2 : 2 + _RING]) if stamp
                 )
-                sketch.count += sum(counts)
+                # Oldest first, then the running counts (read last, as in snapshot()).
+                marks = [self._rows(base, span, entry) for _, entry in written]
+                marks.append(self._rows(base, span, None))
+                for (at, _), start, end in zip(written, marks, marks[1:], strict=False):
+                    if 0 <= minute - at < _RING:
+                        within = _window(end, start, len(span))
+                        if within:
+                            key = (series, at)
+                            sums[key] = sums.get(key, 0) + (within << (used[0] * row_bits))
+        result: dict[str, dict[int, Sketch]] = {name: {} for name in wanted.values()}
+        for (series, at), summed in sums.items():
+            first, found = _fields(summed)
+            buckets = dict(compress(zip(range(first, first + len(found)), found, strict=True), found))
+            result[wanted[series]][at] = Sketch(buckets=buckets, count=sum(found))
         return result
 
     def file_usage(self) -> tuple[int, int]:
         """Return the file's apparent size and the bytes it really takes (its blocks)."""
         stat = os.fstat(self._fd)
         return stat.st_size, stat.st_blocks * 512
+
+
+_ZERO_ROW = bytes(_ROW_BYTES)
+# Per number of chunks: bit 31 of every 32-bit field, and the 31 bits below it.
+_HIGH = [int.from_bytes(b"\0\0\0\x80" * chunks * _CHUNK_BUCKETS, "little") for chunks in range(_CHUNKS + 1)]
+_LOW = [((1 << (32 * chunks * _CHUNK_BUCKETS)) - 1) ^ high for chunks, high in enumerate(_HIGH)]
+
+
+def _window(running: int, checkpoint: int, chunks: int) -> int:
+    """Return *running* less *checkpoint*, field by field, modulo 2**31 (fields of 32 bits).
+
+    Both fields are below 2**31 (running counts wrap there): with bit 31 set in every field of
+    *running* first, no field borrows from the next, and bit 31 of the result is dropped.
+    """
+    return ((running | _HIGH[chunks]) - checkpoint) & _LOW[chunks]
+
+
+def _fields(summed: int) -> tuple[int, array[int]]:
+    """Return the first bucket that holds values and the counts from it to the last, off *summed*."""
+    # The buckets from the first to the last that hold values, as an array, in C.
+    low = ((summed & -summed).bit_length() - 1) >> 5
+    high = (summed.bit_length() + 31) >> 5
+    return low, array("I", (summed >> (low << 5)).to_bytes((high - low) * 4, "little"))
+
+
+def _plan(
+    stamps: tuple[int, ...], minute: int, windows: tuple[int, ...]
+) -> list[tuple[int, tuple[int, ...]]]:
+    """Return, for ring *stamps* read at *minute*, each checkpoint to read and the windows it starts.
+
+    A window starts at the checkpoint of its earliest minute that has values (none: the window
+    is empty). Minutes ahead of *minute* (a writer's clock ahead of the reader's) count in
+    every window their values are in, the running counts.
+    """
+    aged = sorted(
+        ((minute + 1 - stamp, entry) for entry, stamp in enumerate(stamps) if stamp and stamp <= minute + 1),
+        reverse=True,
+    )
+    starts: dict[int, list[int]] = {}
+    for window in windows:
+        for age, entry in aged:
+            if age <= window:
+                starts.setdefault(entry, []).append(window)
+                break
+    return [(entry, tuple(starting)) for entry, starting in starts.items()]

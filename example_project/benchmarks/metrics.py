@@ -9,23 +9,24 @@ Three parts, side by side in one run:
   request metrics; its DB metrics need its own database backends, not installed here). The
   setups take turns in round-robin batches; the table gives medians and microseconds over
   no monitoring. A second table times one recorded value in the store alone.
-* **Accuracy**: 4 processes record the same latencies into the shared store; the merged
-  p50/p99/p99.9 against the exact percentiles of all the values, and against what
-  Prometheus's ``histogram_quantile()`` (linear interpolation inside django-prometheus's
-  default buckets) answers for the same values.
-* **Scale**: 8 worker processes recording over 200 routes, recycled until 1,000 (``--quick``:
-  100) processes have come and gone: the export time, the file's size and blocks, slots
-  used, and whether the totals are exact.
+* **Accuracy** and **scale** (:mod:`benchmarks.metrics_scale`): merged percentiles against
+  exact ones and django-prometheus's ``histogram_quantile()``; the export after 1,000 recycled
+  workers and over a full 5-minute window, with the file's size and exact totals.
+* **Instructions**: under callgrind (when valgrind is installed), each setup around a view and
+  the full-window export, in CPU instructions: figures a busy machine does not blur.
+
+It ends with the issue's goals, each marked met or not.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
-import multiprocessing
-import random
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,8 +47,8 @@ from django_scale.metrics.store import SlotStore
 from django_scale.testing import override_scale_settings
 
 from benchmarks import print_table
+from benchmarks.metrics_scale import accuracy, export_full_window, full_window, met, scale
 
-FORK = multiprocessing.get_context("fork")
 NONE = "no monitoring"
 SCALE = "django-scale MetricsMiddleware"
 PROMETHEUS = "django-prometheus middleware"
@@ -82,7 +83,9 @@ def _setups(directory: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def overhead(out: TextIO, quick: bool, directory: str) -> None:
+def overhead(
+    out: TextIO, quick: bool, directory: str, goals: list[list[str]], figures: dict[str, float]
+) -> None:
     setups = _setups(directory)
     rounds, per_batch = (5, 100) if quick else (20, 250)
     clients: dict[str, Client] = {}
@@ -139,7 +142,7 @@ def overhead(out: TextIO, quick: bool, directory: str) -> None:
     count = recorded.get("request\x1fsections\x1fGET", (0, 0.0))[0]
     out.write(f"  (MetricsMiddleware recorded {count} requests of the route 'sections' in one series)\n")
 
-    isolated(out, directory)
+    isolated(out, directory, goals, figures)
 
     store = SlotStore(directory, 4, 64, 1)
     one = [("request\x1fr\x1fGET", bucket_of(0.012), 0.012)]
@@ -156,17 +159,26 @@ def overhead(out: TextIO, quick: bool, directory: str) -> None:
         ["what", "µs"],
         [
             ["one call, nothing recorded (lock, slot)", f"{empty * 1e6:.2f}"],
-            ["one timing value (bucket, count, sum, minute ring)", f"{(many - empty) / 5 * 1e6:.2f}"],
+            ["one timing value (bucket, count, sum, running counts)", f"{(many - empty) / 5 * 1e6:.2f}"],
             ["one call with one timing value", f"{single * 1e6:.2f}"],
             ["one counter increment", f"{(counter - empty) * 1e6:.2f}"],
             ["bucket_of() alone", f"{bucket * 1e6:.2f}"],
         ],
     )
     store.release()
+    per_value = max((many - empty) / 5, counter - empty) * 1e6
+    goals.append(
+        [
+            "one recorded value (CPU µs, the dearer of timing and counter)",
+            f"{per_value:.2f} µs",
+            "<= 3 µs",
+            met(per_value <= 3),
+        ]
+    )
 
 
-def isolated(out: TextIO, directory: str) -> None:
-    """Time MetricsMiddleware alone around views called directly: no client, no other middleware."""
+def isolated_setups() -> tuple[HttpRequest, dict[str, dict[str, Callable[[HttpRequest], Any]]]]:
+    """Return a request and, per view (no query, 1, 10 queries), the view bare and inside each middleware."""
     from django.db import connection
     from django.test import RequestFactory
     from django.urls import resolve
@@ -187,20 +199,33 @@ def isolated(out: TextIO, directory: str) -> None:
 
     request = RequestFactory().get("/sections/1/")
     request.resolver_match = resolve("/sections/1/", urlconf=__name__)
+    return request, {
+        label: {
+            "bare": view,
+            "scale": metrics.MetricsMiddleware(view),
+            "prometheus": PrometheusBeforeMiddleware(PrometheusAfterMiddleware(view)),
+        }
+        for label, view in (("no query", no_query), ("1 query", queries(1)), (TEN, queries(10)))
+    }
+
+
+TEN = "10 queries"
+
+
+def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[str, float]) -> None:
+    """Time MetricsMiddleware alone around views called directly: no client, no other middleware."""
     rows = []
     with override_scale_settings(METRICS_DIR=directory):
-        for label, view in (("no query", no_query), ("1 query", queries(1)), ("10 queries", queries(10))):
-            setups: dict[str, Callable[[HttpRequest], Any]] = {
-                "bare": view,
-                "scale": metrics.MetricsMiddleware(view),
-                "prometheus": PrometheusBeforeMiddleware(PrometheusAfterMiddleware(view)),
-            }
+        request, views = isolated_setups()
+        for label, setups in views.items():
             times: dict[str, list[float]] = {name: [] for name in setups}
             for _ in range(7):  # take turns, so that a busy moment hits every setup alike
                 for name, call in setups.items():
                     times[name].append(cpu_per_call(lambda call=call: call(request), calls=500, repeats=1))
             cpu = {name: statistics.median(found) for name, found in times.items()}
             calls = {name: function_calls(lambda call=call: call(request)) for name, call in setups.items()}
+            for name, found in cpu.items():
+                figures[f"cpu {label} {name}"] = found
             rows.append(
                 [
                     label,
@@ -225,6 +250,10 @@ def isolated(out: TextIO, directory: str) -> None:
             "django-prometheus calls",
         ],
         rows,
+    )
+    extra = (figures[f"cpu {TEN} scale"] - figures[f"cpu {TEN} bare"]) * 1e6
+    goals.append(
+        ["request overhead, ten-query view (CPU µs)", f"{extra:.1f} µs", "<= 20 µs", met(extra <= 20)]
     )
 
 
@@ -257,207 +286,162 @@ def cpu_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5
     return statistics.median(found)
 
 
-# -- Accuracy -------------------------------------------------------------------------------------
+# -- Instructions (callgrind) ---------------------------------------------------------------------
+
+#: Set in the environment of the process that ``instructions()`` runs under callgrind.
+CHILD = "DJANGO_SCALE_BENCH_METRICS_CHILD"
+SETUP_NAMES = {"bare": NONE, "scale": SCALE, "prometheus": PROMETHEUS}
 
 
-#: django-prometheus's default latency buckets (django_prometheus.conf.PROMETHEUS_LATENCY_BUCKETS).
-def prometheus_buckets() -> tuple[float, ...]:
-    from django_prometheus.conf import PROMETHEUS_LATENCY_BUCKETS
+def _instruction_segments(options: dict[str, Any]) -> None:
+    """(Under callgrind) each isolated setup, then the full-window export, between ``getppid()`` calls.
 
-    return tuple(PROMETHEUS_LATENCY_BUCKETS)
-
-
-def histogram_quantile(q: float, bounds: tuple[float, ...], values: list[float]) -> float:
-    """What PromQL's histogram_quantile() answers from cumulative bucket counts of *values*."""
-    counts = [sum(1 for v in values if v <= bound) for bound in bounds]
-    total = counts[-1]
-    rank = q * total
-    for index, (bound, cumulative) in enumerate(zip(bounds, counts, strict=True)):
-        if cumulative >= rank:
-            if math.isinf(bound):
-                return bounds[index - 1]
-            lower = bounds[index - 1] if index else 0.0
-            below = counts[index - 1] if index else 0
-            inside = cumulative - below
-            return lower + (bound - lower) * ((rank - below) / inside if inside else 0.0)
-    return bounds[-2]
-
-
-def distributions(n: int) -> dict[str, list[list[float]]]:
-    """Four processes' latencies for each of three shapes (seconds)."""
-    shapes: dict[str, list[list[float]]] = {}
-    for name, draw in (
-        ("lognormal, median 50 ms", lambda rng: rng.lognormvariate(math.log(0.05), 0.8)),
-        ("lognormal, median 3 ms (cache hits)", lambda rng: rng.lognormvariate(math.log(0.003), 0.6)),
-        (
-            "bimodal: 90 % ~20 ms, 10 % ~800 ms",
-            lambda rng: (
-                rng.lognormvariate(math.log(0.02), 0.3)
-                if rng.random() < 0.9
-                else rng.lognormvariate(math.log(0.8), 0.4)
-            ),
-        ),
-    ):
-        shapes[name] = []
-        for seed in range(4):
-            rng = random.Random(f"{name}-{seed}")
-            shapes[name].append([draw(rng) for _ in range(n)])
-    return shapes
+    As in ``bench request``: callgrind dumps its counters before each ``getppid()``, so each
+    even-numbered dump holds one measured segment.
+    """
+    calls = int(options["calls"])
+    with override_scale_settings(METRICS_DIR=options["metrics_dir"]):
+        request, views = isolated_setups()
+        for setups in views.values():
+            for call in setups.values():
+                for _ in range(20):
+                    call(request)
+                gc.collect()
+                gc.freeze()
+                os.getppid()
+                for _ in range(calls):
+                    call(request)
+                os.getppid()
+                gc.unfreeze()
+    disable()
+    store = SlotStore(options["store_dir"], 16, 1024, 16)
+    for _ in range(3):  # the process's first export, then two more
+        os.getppid()
+        export_full_window(store)
+        os.getppid()
 
 
-def _record_worker(directory: str, name: str, values: list[float]) -> None:
-    store = SlotStore(directory, 8, 64, 4)
-    for value in values:
-        store.record([(name, bucket_of(value), value)], ())
+def instructions(
+    out: TextIO,
+    quick: bool,
+    metrics_dir: str,
+    store_dir: str,
+    goals: list[list[str]],
+    figures: dict[str, float],
+) -> None:
+    """Count the instructions of each isolated setup and of the export, under callgrind.
 
-
-def accuracy(out: TextIO, quick: bool) -> None:
-    n = 5_000 if quick else 50_000
-    bounds = prometheus_buckets()
+    Unlike time, the count does not move with the load of the machine. It is turned into
+    microseconds at the rate this run's full-window exports ran (their instructions over their
+    median CPU time: tens of milliseconds of Python without system calls; a view with queries
+    would count the kernel's time in the socket calls, which callgrind does not see, and a
+    view without one is too short for the clock): an estimate of the time on this machine.
+    """
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        out.write("\n(Instructions: valgrind is not installed; apt-get install valgrind.)\n")
+        return
+    calls = 50 if quick else 200
+    with tempfile.TemporaryDirectory() as directory:
+        command = [
+            valgrind,
+            "--tool=callgrind",
+            "--separate-threads=yes",
+            "--dump-before=getppid",
+            f"--callgrind-out-file={directory}/cg.%p",
+            sys.executable,
+            *sys.argv,
+        ]
+        options = {"calls": calls, "metrics_dir": metrics_dir, "store_dir": store_dir}
+        env = {**os.environ, CHILD: json.dumps(options), "PYTHONHASHSEED": "0"}
+        env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
+        dumps: dict[int, int] = {}
+        for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
+            number = int(re.search(r"\.(\d+)-01$", file.name).group(1))  # type: ignore[union-attr]
+            summary = re.search(r"^(?:summary|totals): (\d+)", file.read_text(), re.MULTILINE)
+            assert summary is not None, file
+            dumps[number] = int(summary.group(1))
+    segments = [dumps[number] for number in sorted(dumps) if number % 2 == 0]
+    labels = ["no query", "1 query", TEN]
+    per_call = {
+        (label, name): segments[index * 3 + position] / calls
+        for index, label in enumerate(labels)
+        for position, name in enumerate(SETUP_NAMES)
+    }
+    exports = segments[len(labels) * 3 :]
+    # Instructions per CPU microsecond of this run, from the exports after the first.
+    rate = statistics.median(exports[1:]) / (figures["export full"] * 1e6)
     rows = []
-    worst = 0.0
-    worst_prometheus = 0.0
-    for shape, per_process in distributions(n).items():
-        with tempfile.TemporaryDirectory() as directory:
-            processes = [
-                FORK.Process(target=_record_worker, args=(directory, "request\x1fr\x1fGET", values))
-                for values in per_process
-            ]
-            for process in processes:
-                process.start()
-            for process in processes:
-                process.join()
-                assert process.exitcode == 0
-            snapshot = SlotStore(directory, 8, 64, 4).snapshot()
-        sketch = snapshot.windows["request\x1fr\x1fGET"][5]
-        everything = sorted(v for values in per_process for v in values)
-        assert sketch.count == len(everything) == snapshot.totals["request\x1fr\x1fGET"][0]
-        for q in (0.5, 0.99, 0.999):
-            exact = everything[math.floor(q * (len(everything) - 1))]
-            ours = sketch.quantile(q) or 0.0
-            theirs = histogram_quantile(q, bounds, everything)
-            ours_error = abs(ours - exact) / exact
-            theirs_error = abs(theirs - exact) / exact
-            worst, worst_prometheus = max(worst, ours_error), max(worst_prometheus, theirs_error)
+    for label in labels:
+        bare = per_call[(label, "bare")]
+        for name, title in SETUP_NAMES.items():
+            value = per_call[(label, name)]
             rows.append(
                 [
-                    shape,
-                    f"p{q * 100:g}",
-                    f"{exact * 1000:.3f}",
-                    f"{ours * 1000:.3f}",
-                    f"{ours_error:.2%}",
-                    f"{theirs * 1000:.3f}",
-                    f"{theirs_error:.2%}",
+                    label,
+                    title,
+                    f"{value / 1000:,.1f}k",
+                    f"{(value - bare) / 1000:+,.1f}k",
+                    f"{(value - bare) / rate:+.1f}",
                 ]
             )
     print_table(
         out,
-        f"Accuracy: 4 processes x {n:,} values merged, against the exact percentiles (ms; goal <= 1 %)",
-        ["values", "q", "exact", "django-scale", "error", "django-prometheus*", "error"],
+        f"CPU instructions per request, each middleware alone around the view (callgrind; {calls} calls per cell;"
+        f" µs at this run's rate of {rate:,.0f} instructions per CPU µs)",
+        ["view", "setup", "instructions", "over bare", "≈ µs over bare"],
         rows,
     )
-    out.write(
-        f"  worst error: django-scale {worst:.2%}, django-prometheus {worst_prometheus:.2%}\n"
-        "  * histogram_quantile() over django-prometheus's default buckets, as Grafana shows it\n"
-    )
-
-
-# -- Scale ----------------------------------------------------------------------------------------
-
-
-def _scale_worker(directory: str, seed: int, per_worker: int, routes: int) -> None:
-    store = SlotStore(directory, 16, 1024, 16)
-    rng = random.Random(seed)
-    for _ in range(per_worker):
-        route = rng.randrange(routes)
-        value = rng.lognormvariate(math.log(0.03), 0.9)
-        labels = f"r{route}\x1fGET"
-        store.record(
-            [
-                (f"request\x1f{labels}", bucket_of(value), value),
-                (f"db\x1f{labels}\x1fdefault", bucket_of(value / 3), value / 3),
-            ],
-            [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
-        )
-
-
-def scale(out: TextIO, quick: bool) -> None:
-    workers, routes = 8, 200
-    generations = 100 if quick else 1000
-    per_worker = 400
-    with tempfile.TemporaryDirectory() as directory:
-        started = time.perf_counter()
-        live: list[Any] = []
-        sizes = set()
-        for seed in range(generations):
-            while len(live) >= workers:
-                live[0].join()
-                assert live[0].exitcode == 0
-                live.pop(0)
-            process = FORK.Process(target=_scale_worker, args=(directory, seed, per_worker, routes))
-            process.start()
-            live.append(process)
-            if seed % 100 == 1:
-                sizes.update(path.stat().st_size for path in Path(directory).iterdir())
-        for process in live:
-            process.join()
-        elapsed = time.perf_counter() - started
-        files = list(Path(directory).iterdir())
-        store = SlotStore(directory, 16, 1024, 16)
-        # The first export of a process: nothing kept from an earlier one (label texts).
-        cpu = time.process_time()
-        metrics.prometheus_text(store.snapshot(windows=(5,)))
-        first_export = time.process_time() - cpu
-        exports, export_cpus, documents = [], [], []
-        for _ in range(5):
-            begun, cpu = time.perf_counter(), time.process_time()
-            # What GET /scale/metrics does: one window's sketches, then the text.
-            text = metrics.prometheus_text(store.snapshot(windows=(5,)))
-            export_cpus.append(time.process_time() - cpu)
-            exports.append(time.perf_counter() - begun)
-            cpu = time.process_time()
-            # What GET /scale/sketches.json does: every window, as JSON.
-            json.dumps(metrics.to_document(store.snapshot()))
-            documents.append(time.process_time() - cpu)
-        snapshot = store.snapshot()
-        size, blocks = store.file_usage()
-    requests = sum(v for name, v in snapshot.counters.items() if name.startswith("requests\x1f"))
-    queries = sum(v for name, v in snapshot.counters.items() if name.startswith("queries\x1f"))
-    timed = sum(count for name, (count, _) in snapshot.totals.items() if name.startswith("request\x1f"))
-    expected = generations * per_worker
+    first, *later = exports
     print_table(
         out,
-        f"Scale: {workers} workers x {routes} routes, {generations:,} worker processes in turn "
-        f"({per_worker} requests each, {elapsed:.1f} s)",
-        ["figure", "value", "goal"],
+        "CPU instructions of the Prometheus export over the full 5-minute window (callgrind)",
+        ["export", "instructions", "≈ ms"],
         [
-            [
-                "Prometheus export (5 min window): CPU; wall; median of 5",
-                f"{statistics.median(export_cpus) * 1000:.1f} ms; {statistics.median(exports) * 1000:.1f} ms",
-                "<= 50 ms",
+            ["the process's first", f"{first / 1e6:,.1f} M", f"{first / rate / 1000:.1f}"],
+            *[
+                [f"then #{n}", f"{value / 1e6:,.1f} M", f"{value / rate / 1000:.1f}"]
+                for n, value in enumerate(later, 2)
             ],
-            ["Prometheus export, the process's first: CPU", f"{first_export * 1000:.1f} ms", "<= 50 ms"],
-            [
-                "sketches.json (every window): CPU, median of 5",
-                f"{statistics.median(documents) * 1000:.1f} ms",
-                "",
-            ],
-            ["exposition size", f"{len(text) / 1024:.0f} KiB", ""],
-            ["files in the metrics directory", str(len(files)), "1"],
-            ["file size (apparent), sizes seen", f"{size / 2**20:.0f} MiB, {len(sizes)} size(s)", "constant"],
-            ["file blocks really used", f"{blocks / 2**20:.1f} MiB", "bounded"],
-            ["slots ever used", str(snapshot.used_slots), f"<= {workers + 1}"],
-            ["requests counted / recorded", f"{requests:,} / {expected:,}", "exact"],
-            ["latencies timed / recorded", f"{timed:,} / {expected:,}", "exact"],
-            ["queries counted / recorded", f"{queries:,} / {2 * expected:,}", "exact"],
-            ["values dropped", str(snapshot.dropped), "0"],
         ],
     )
-    assert requests == timed == expected and queries == 2 * expected, "totals are not exact"
+    extra = (per_call[(TEN, "scale")] - per_call[(TEN, "bare")]) / rate
+    goals.append(
+        [
+            "request overhead, ten-query view (instructions at this run's rate)",
+            f"{extra:.1f} µs",
+            "<= 20 µs",
+            met(extra <= 20),
+        ]
+    )
+    goals.append(
+        [
+            "export, full window (instructions at this run's rate; the first)",
+            f"{max(exports) / rate / 1000:.1f} ms",
+            "<= 50 ms",
+            met(max(exports) / rate / 1000 <= 50),
+        ]
+    )
 
 
 def run(out: TextIO, quick: bool = False) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        overhead(out, quick, directory)
-    accuracy(out, quick)
-    scale(out, quick)
+    child = os.environ.get(CHILD)
+    if child:
+        _instruction_segments(json.loads(child))
+        return
+    goals: list[list[str]] = []
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryDirectory() as full:
+        overhead(out, quick, directory, goals, figures)
+        accuracy(out, quick, goals)
+        scale(out, quick, goals)
+        full_window(out, quick, full, goals, figures)
+        instructions(out, quick, directory, full, goals, figures)
+    load = os.getloadavg()
+    print_table(
+        out,
+        f"Goals (issue 14); load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs",
+        ["goal", "measured", "goal", "verdict"],
+        goals,
+    )
