@@ -22,7 +22,7 @@ from django.db.models import Model
 from django_scale.conf import HotSettings, conf
 from django_scale.replicas.fallback import fallback_window
 from django_scale.replicas.guard import GUARD_ATTRIBUTE, guard_connection, install_guards
-from django_scale.replicas.monitors import ReplicaMonitor, monitor
+from django_scale.replicas.monitors import ReplicaMonitor, monitor, route_generation
 from django_scale.replicas.policy import order_replicas
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
 
@@ -178,8 +178,9 @@ class _ThreadRoute(threading.local):
 
 
 _thread = _ThreadRoute()
-#: Bumped by :func:`connections_changed`: every thread looks its connection objects up again.
-_generation = [0]
+#: Bumped by :func:`connections_changed`, by ``stop_monitors()`` and in a forked child (the
+#: monitors are replaced then): every thread looks its route up again.
+_generation = route_generation
 
 
 def connections_changed() -> None:
@@ -192,7 +193,7 @@ def connections_changed() -> None:
     :class:`~django_scale.testing.share_primary_connection` does. (Django replaces them only
     when its live server's threads start, before they serve anything.)
     """
-    _generation[0] += 1
+    _generation[0] += 1  # (the list is monitors.route_generation)
 
 
 def _route(hot: HotSettings) -> Route:

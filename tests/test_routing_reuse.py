@@ -7,6 +7,8 @@ replica that a fresh look would refuse, nor the wrong connection object.
 from __future__ import annotations
 
 import asyncio
+import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from support import wait_until
 
-from django_scale.replicas import monitor, parse_lsn, routing_state
+from django_scale.replicas import monitor, parse_lsn, routing_state, stop_monitors
+from django_scale.replicas.monitors import route_generation
 from django_scale.testing import (
     capture_reads,
     override_scale_settings,
@@ -156,3 +159,39 @@ def test_under_a_running_event_loop_the_contexts_own_connection_object_is_checke
     alias, own_object, opened = asyncio.run(route())
     # The context's own replica connection was checked, and so opened, by the decision.
     assert (alias, own_object, opened) == ("replica", True, True)
+
+
+@REPLICA
+def test_monitors_replaced_since_the_last_request_are_the_ones_asked(author: int) -> None:
+    """``stop_monitors()`` replaces the monitors: the thread's kept route and decision hold the
+    stopped ones, whose state never changes again, and must not answer for the new ones."""
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}
+    assert _reads(client, author) == {"replica": 1}  # the thread's decision, taken over
+    stop_monitors()
+    fresh = monitor("replica")
+    assert fresh.probes == 0
+    assert _reads(client, author) == {"replica": 1}
+    # The read asked the new monitor (which probed before answering), not the stopped one.
+    assert fresh.probes >= 1
+
+
+def test_a_forked_child_looks_its_routes_up_again() -> None:
+    """A forked worker inherits the forking thread's kept route (a threading.local survives the
+    fork), with the parent's monitors, whose threads the child does not have."""
+    before = route_generation[0]
+    reader, writer = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns that forking a process with threads (the suite's monitors) may
+        # deadlock; the child only writes to a pipe and exits.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: report its generation, and leave without running pytest's exit
+        os.write(writer, str(route_generation[0]).encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        child = int(pipe.read())
+    os.waitpid(pid, 0)
+    assert child == before + 1
+    assert route_generation[0] == before

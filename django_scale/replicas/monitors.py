@@ -478,11 +478,17 @@ def wait_for_replicas(aliases: list[str], lsn: int, timeout: float) -> str | Non
             item._waiters -= 1
 
 
+#: Bumped whenever the monitor objects are replaced (and by ``routers.connections_changed()``
+#: for connection objects): the router keeps both per thread, and looks them up again then.
+route_generation = [0]
+
+
 def stop_monitors() -> None:
     """Stop this process's replica monitors; new ones start on the next routing decision."""
     with _monitors_lock:
         stopping = list(_monitors.values())
         _monitors.clear()
+        route_generation[0] += 1
     for item in stopping:
         item.stop()
     # Give up this process's lead of the host's probes, so that another process takes over
@@ -496,6 +502,9 @@ def _forget_after_fork() -> None:
     global _monitors_lock
     _monitors.clear()
     _monitors_lock = threading.Lock()
+    # The forking thread's route (a threading.local survives in the child) holds the parent's
+    # monitors, whose threads the child does not have.
+    route_generation[0] += 1
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
