@@ -37,7 +37,6 @@ import struct
 import threading
 import time
 import weakref
-from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
@@ -45,7 +44,12 @@ from pathlib import Path
 from typing import Any
 
 from django_scale.exceptions import UsageError
-from django_scale.metrics.sketch import BUCKETS, DenseSketch, Sketch
+from django_scale.metrics.sketch import DenseSketch, Sketch
+from django_scale.metrics.windows import CHUNK_BUCKETS as _CHUNK_BUCKETS
+from django_scale.metrics.windows import CHUNKS as _CHUNKS
+from django_scale.metrics.windows import fields as _fields
+from django_scale.metrics.windows import plan as _plan
+from django_scale.metrics.windows import window as _window
 
 try:
     import fcntl
@@ -59,15 +63,11 @@ WINDOWS = (1, 5, 15)
 
 _MAGIC = b"DJSCALE2"
 _RING = 16  # checkpoints kept: the current minute and 15 before it (the longest window)
-_CHUNK_BUCKETS = 64
 _CHUNK_SHIFT = 6
 _CHUNK_MASK = _CHUNK_BUCKETS - 1
-_CHUNKS = -(-BUCKETS // _CHUNK_BUCKETS)
 _CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a checkpoint's 64 counts are contiguous
 _ROW_BYTES = _CHUNK_BUCKETS * 4
 _CHUNK_WORDS = _CHUNK_BYTES // 4
-#: Running counts wrap at 2**31: a difference of two is exact modulo 2**31 (see _window()).
-_WRAP = 1 << 31
 _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
@@ -569,45 +569,3 @@ class SlotStore:
 
 
 _ZERO_ROW = bytes(_ROW_BYTES)
-# Per number of chunks: bit 31 of every 32-bit field, and the 31 bits below it.
-_HIGH = [int.from_bytes(b"\0\0\0\x80" * chunks * _CHUNK_BUCKETS, "little") for chunks in range(_CHUNKS + 1)]
-_LOW = [((1 << (32 * chunks * _CHUNK_BUCKETS)) - 1) ^ high for chunks, high in enumerate(_HIGH)]
-
-
-def _window(running: int, checkpoint: int, chunks: int) -> int:
-    """Return *running* less *checkpoint*, field by field, modulo 2**31 (fields of 32 bits).
-
-    Both fields are below 2**31 (running counts wrap there): with bit 31 set in every field of
-    *running* first, no field borrows from the next, and bit 31 of the result is dropped.
-    """
-    return ((running | _HIGH[chunks]) - checkpoint) & _LOW[chunks]
-
-
-def _fields(summed: int) -> tuple[int, array[int]]:
-    """Return the first bucket that holds values and the counts from it to the last, off *summed*."""
-    # The buckets from the first to the last that hold values, as an array, in C.
-    low = ((summed & -summed).bit_length() - 1) >> 5
-    high = (summed.bit_length() + 31) >> 5
-    return low, array("I", (summed >> (low << 5)).to_bytes((high - low) * 4, "little"))
-
-
-def _plan(
-    stamps: tuple[int, ...], minute: int, windows: tuple[int, ...]
-) -> list[tuple[int, tuple[int, ...]]]:
-    """Return, for ring *stamps* read at *minute*, each checkpoint to read and the windows it starts.
-
-    A window starts at the checkpoint of its earliest minute that has values (none: the window
-    is empty). Minutes ahead of *minute* (a writer's clock ahead of the reader's) count in
-    every window their values are in, the running counts.
-    """
-    aged = sorted(
-        ((minute + 1 - stamp, entry) for entry, stamp in enumerate(stamps) if stamp and stamp <= minute + 1),
-        reverse=True,
-    )
-    starts: dict[int, list[int]] = {}
-    for window in windows:
-        for age, entry in aged:
-            if age <= window:
-                starts.setdefault(entry, []).append(window)
-                break
-    return [(entry, tuple(starting)) for entry, starting in starts.items()]
