@@ -153,20 +153,26 @@ def accuracy(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
 # -- Scale ----------------------------------------------------------------------------------------
 
 
+def _record_request(store: SlotStore, route: int, value: float, now: float | None = None) -> None:
+    """Record what MetricsMiddleware records of a GET of route *route* that took *value* seconds."""
+    labels = f"r{route}\x1fGET"
+    store.record(
+        [
+            (f"request\x1f{labels}", bucket_of(value), value),
+            (f"db\x1f{labels}\x1fdefault", bucket_of(value / 3), value / 3),
+        ],
+        [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
+        now,
+    )
+
+
 def _scale_worker(directory: str, seed: int, per_worker: int, routes: int) -> None:
     store = SlotStore(directory, 16, 1024, 16)
     rng = random.Random(seed)
     for _ in range(per_worker):
         route = rng.randrange(routes)
         value = rng.lognormvariate(math.log(0.03), 0.9)
-        labels = f"r{route}\x1fGET"
-        store.record(
-            [
-                (f"request\x1f{labels}", bucket_of(value), value),
-                (f"db\x1f{labels}\x1fdefault", bucket_of(value / 3), value / 3),
-            ],
-            [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
-        )
+        _record_request(store, route, value)
 
 
 def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
@@ -279,15 +285,7 @@ def _full_worker(directory: str, seed: int, per_minute: int, together: Any) -> N
         for index in range(per_minute):
             route = index % FULL_ROUTES
             value = rng.lognormvariate(math.log(0.03), 0.9)
-            labels = f"r{route}\x1fGET"
-            store.record(
-                [
-                    (f"request\x1f{labels}", bucket_of(value), value),
-                    (f"db\x1f{labels}\x1fdefault", bucket_of(value / 3), value / 3),
-                ],
-                [(f"requests\x1f{labels}\x1f2xx", 1), (f"queries\x1f{labels}\x1fdefault", 2)],
-                now,
-            )
+            _record_request(store, route, value, now)
 
 
 def fill_full_window(directory: str, quick: bool) -> int:
