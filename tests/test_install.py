@@ -30,7 +30,13 @@ SETTINGS = """
 SECRET_KEY = "install-test"
 INSTALLED_APPS = ["django.contrib.contenttypes", "django_scale", "shop"]
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": "db.sqlite3"}}
-CACHES = {"default": {"BACKEND": "django_redis.cache.RedisCache", "LOCATION": "%(cache)s"}}
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": "%(cache)s",
+        "OPTIONS": {"SOCKET_CONNECT_TIMEOUT": 0.5, "SOCKET_TIMEOUT": 1},
+    }
+}
 CELERY_BROKER_URL = "%(broker)s"
 USE_TZ = True
 """
