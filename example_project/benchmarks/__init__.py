@@ -6,9 +6,12 @@ run. ``python example_project/manage.py bench <feature>`` runs one.
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TextIO
 
 from django.db import connections
@@ -16,7 +19,7 @@ from django.db import connections
 from django_scale.conf import conf
 from django_scale.replicas import monitor, parse_lsn
 
-__all__ = ["print_table", "require_replica", "time_per_call", "wait_for_replicas"]
+__all__ = ["print_table", "require_replica", "rerun_under_callgrind", "time_per_call", "wait_for_replicas"]
 
 
 def time_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
@@ -28,6 +31,30 @@ def time_per_call(function: Callable[[], object], *, calls: int, repeats: int = 
             function()
         samples.append((time.perf_counter() - started) / calls)
     return statistics.median(samples)
+
+
+def rerun_under_callgrind(valgrind: str, directory: str, child_env: Mapping[str, str]) -> None:
+    """Run this command again under callgrind, its dumps in *directory*, with *child_env* added.
+
+    One dump per thread, and a new one at each ``os.getppid()`` call: the child marks the
+    boundaries of what it measures with them. The child gets a fixed hash seed (dict layouts,
+    and so the instructions, repeat from run to run) and uses this process's services (the
+    settings left their URLs in the environment) rather than start its own.
+    """
+    command = [
+        valgrind,
+        "--tool=callgrind",
+        "--separate-threads=yes",
+        "--dump-before=getppid",
+        f"--callgrind-out-file={directory}/cg.%p",
+        sys.executable,
+        *sys.argv,
+    ]
+    env = {**os.environ, **child_env, "PYTHONHASHSEED": "0"}
+    env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
+    if done.returncode:
+        raise SystemExit(f"the run under callgrind failed:\n{done.stderr[-3000:]}")
 
 
 def print_table(out: TextIO, title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

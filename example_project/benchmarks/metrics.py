@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ from django_scale.metrics.sketch import bucket_of
 from django_scale.metrics.store import SlotStore
 from django_scale.testing import override_scale_settings
 
-from benchmarks import print_table
+from benchmarks import print_table, rerun_under_callgrind
 from benchmarks.metrics_scale import accuracy, export_full_window, full_window, met, scale
 
 NONE = "no monitoring"
@@ -343,19 +342,8 @@ def instructions(
         return
     calls = 50 if quick else 200
     with tempfile.TemporaryDirectory() as directory:
-        command = [
-            valgrind,
-            "--tool=callgrind",
-            "--separate-threads=yes",
-            "--dump-before=getppid",
-            f"--callgrind-out-file={directory}/cg.%p",
-            sys.executable,
-            *sys.argv,
-        ]
         options = {"calls": calls, "metrics_dir": metrics_dir, "store_dir": store_dir}
-        env = {**os.environ, CHILD: json.dumps(options), "PYTHONHASHSEED": "0"}
-        env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
-        subprocess.run(command, env=env, check=True, capture_output=True, timeout=3600)
+        rerun_under_callgrind(valgrind, directory, {CHILD: json.dumps(options)})
         dumps: dict[int, int] = {}
         for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
             number = int(re.search(r"\.(\d+)-01$", file.name).group(1))  # type: ignore[union-attr]

@@ -191,10 +191,12 @@ def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
             process = FORK.Process(target=_scale_worker, args=(directory, seed, per_worker, routes))
             process.start()
             live.append(process)
-            if seed % 100 == 1:
+            if seed % 10 == 1:
                 sizes.update(path.stat().st_size for path in Path(directory).iterdir())
         for process in live:
             process.join()
+        # And at the end: with --quick's 100 workers, the first look may come before any file.
+        sizes.update(path.stat().st_size for path in Path(directory).iterdir())
         elapsed = time.perf_counter() - started
         files = list(Path(directory).iterdir())
         store = SlotStore(directory, 16, 1024, 16)

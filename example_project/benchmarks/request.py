@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,7 +51,7 @@ from django_scale.conf import conf
 from django_scale.replicas import monitor, stop_monitors
 from django_scale.testing import override_scale_settings
 
-from benchmarks import print_table, require_replica
+from benchmarks import print_table, require_replica, rerun_under_callgrind
 
 SCALE_MIDDLEWARE = "django_scale.middleware.ScaleMiddleware"
 MULTIDB_MIDDLEWARE = "multidb.middleware.PinningRouterMiddleware"
@@ -578,23 +577,7 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
         return
     requests = 50 if quick else 300
     with tempfile.TemporaryDirectory() as directory:
-        command = [
-            valgrind,
-            "--tool=callgrind",
-            "--separate-threads=yes",
-            "--dump-before=getppid",
-            f"--callgrind-out-file={directory}/cg.%p",
-            sys.executable,
-            *sys.argv,
-        ]
-        # The child uses the services of this process (the settings left their URLs in the
-        # environment), rather than start its own.
-        # A fixed hash seed: dict layouts, and so the instructions, repeat from run to run.
-        env = {**os.environ, CHILD: str(requests), "PYTHONHASHSEED": "0"}
-        env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
-        if done.returncode:
-            raise SystemExit(f"the run under callgrind failed:\n{done.stderr[-3000:]}")
+        rerun_under_callgrind(valgrind, directory, {CHILD: str(requests)})
         segments = _segments(directory)
     main = segments.pop(1)
     orm = next(iter(segments.values())) if segments else []
