@@ -18,15 +18,15 @@ A slot holds, per timing series, its exact count and sum, its running bucket cou
 slot's pool the first time a series touches them) and a ring of 16 per-minute *checkpoints*:
 the running counts as they were when the series' first value of that minute came. Per
 counter series it holds one number. A window (1, 5 or 15 minutes) is the running counts less
-the checkpoint of the window's first minute that has values: an export reads two rows per
-series and chunk whatever the window, not one per minute, and a minute's own counts (the
-status page's history) are the difference of two checkpoints. So that checkpoints only grow,
-a series' minutes never go back in a slot: a value stamped with a minute before the latest
-the series has there (a clock set back, a request whose record came after a later one's)
-counts in that latest minute. Running
-counts wrap at 2**31 and differences are taken modulo 2**31: a window holds fewer than 2**31
-values per bucket and slot. A fresh file is sparse: pages nobody touched take neither disk nor
-memory.
+the checkpoint of the window's first minute that has values: an export reads, per slot, the
+running rows of every series and one checkpoint's rows, each contiguous in the pool's order
+(file format v3: a checkpoint's rows of every chunk lie together), whatever the window, and
+a minute's own counts (the status page's history) are the difference of two checkpoints. So
+that checkpoints only grow, a series' minutes never go back in a slot: a value stamped with a
+minute before the latest the series has there (a clock set back, a request whose record came
+after a later one's) counts in that latest minute. Running counts wrap at 2**31 and
+differences are taken modulo 2**31: a window holds fewer than 2**31 values per bucket and
+slot. A fresh file is sparse: pages nobody touched take neither disk nor memory.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ import struct
 import threading
 import time
 import weakref
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import compress
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,13 @@ from django_scale.exceptions import UsageError
 from django_scale.metrics.sketch import DenseSketch, Sketch
 from django_scale.metrics.windows import CHUNK_BUCKETS as _CHUNK_BUCKETS
 from django_scale.metrics.windows import CHUNKS as _CHUNKS
+from django_scale.metrics.windows import ROW_BYTES as _ROW_BYTES
+from django_scale.metrics.windows import ZERO_ROW as _ZERO_ROW
 from django_scale.metrics.windows import fields as _fields
+from django_scale.metrics.windows import gather, picker, split_rows
+from django_scale.metrics.windows import layout as _layout
 from django_scale.metrics.windows import plan as _plan
+from django_scale.metrics.windows import rows_mask as _rows_mask
 from django_scale.metrics.windows import window as _window
 
 try:
@@ -61,13 +68,11 @@ __all__ = ["HostSnapshot", "SlotStore", "WINDOWS"]
 #: The sliding windows, in minutes: each is the current minute and that many before it.
 WINDOWS = (1, 5, 15)
 
-_MAGIC = b"DJSCALE2"
+_MAGIC = b"DJSCALE3"
 _RING = 16  # checkpoints kept: the current minute and 15 before it (the longest window)
 _CHUNK_SHIFT = 6
 _CHUNK_MASK = _CHUNK_BUCKETS - 1
-_CHUNK_BYTES = _RING * _CHUNK_BUCKETS * 4  # entry-major: a checkpoint's 64 counts are contiguous
-_ROW_BYTES = _CHUNK_BUCKETS * 4
-_CHUNK_WORDS = _CHUNK_BYTES // 4
+_CHUNK_BYTES = _RING * _ROW_BYTES  # a chunk's checkpoints
 _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
@@ -85,6 +90,10 @@ _TIMING_HEADER = struct.Struct(f"=Qd{_RING}I{_CHUNKS}I")
 _LOCK_BASE = 1 << 40
 _NAMES_LOCK = _LOCK_BASE - 1
 _OVERFLOW = "\x1foverflow"
+# A series' checkpoint in a slot where it never had a value (its rows are zero rows).
+_NEVER = -1
+# Whether a series is read for a window: not when its window starts at no checkpoint (None).
+_KEEP: dict[int | None, int] = {None: 0, _NEVER: 0, **dict.fromkeys(range(_RING), 1)}
 
 
 def _page(size: int) -> int:
@@ -142,11 +151,13 @@ class SlotStore:
         self._timings_offset = _SLOT_HEADER
         self._counters_offset = self._timings_offset + self.timings * _TIMING_BYTES
         self._pool_offset = _page(self._counters_offset + self.counters * 8)
-        # The running counts: one 64-bucket row per chunk of the pool, apart from the checkpoints.
+        # A checkpoint's rows of every pool chunk lie together, in pool order (an export reads
+        # them in one go, from few pages); then the running counts, one row per pool chunk.
+        self._entry_bytes = self.pool_chunks * _ROW_BYTES
         self._running_offset = self._pool_offset + self.pool_chunks * _CHUNK_BYTES
         self.slot_bytes = _page(self._running_offset + self.pool_chunks * _ROW_BYTES)
         self.size = self._slots_offset + slots * self.slot_bytes
-        name = f"django-scale-metrics-v2-{slots}x{series}x{memory_mb}.bin"
+        name = f"django-scale-metrics-v3-{slots}x{series}x{memory_mb}.bin"
         self.path = Path(directory) / name
         Path(directory).mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -159,7 +170,7 @@ class SlotStore:
                 self._map[:8] = _MAGIC
         finally:
             self._unlock_names()
-        view = memoryview(self._map)
+        view = self._view = memoryview(self._map)
         self._u32 = view.cast("I")
         # The running counts are written through a signed view: past 2**31 - 1 it raises, and
         # the count wraps to 0 (see _observe).
@@ -331,7 +342,7 @@ class SlotStore:
 
         ``[count (u64 index; its sum is the next f64), first ring stamp, first directory entry,
         latest minute + 1 (u32 indexes), the latest minute, the running row of pool chunk 0,
-        checkpoint 0's row of pool chunk 0 (u32 indexes)]``.
+        checkpoint 0's row of pool chunk 0 (u32 indexes), u32 words between two checkpoints' rows]``.
         """
         base = self._slot_base()
         timing = base + self._timings_offset + self.series(name, timing=True) * _TIMING_BYTES
@@ -343,7 +354,8 @@ class SlotStore:
             latest,
             self._u32[latest] - 1,
             ((base + self._running_offset) >> 2) - _CHUNK_BUCKETS,
-            ((base + self._pool_offset) >> 2) - _CHUNK_WORDS,
+            ((base + self._pool_offset) >> 2) - _CHUNK_BUCKETS,
+            self._entry_bytes >> 2,
         ]
         self._handles[name] = handle
         return handle
@@ -355,7 +367,7 @@ class SlotStore:
         return index
 
     def _observe(self, handle: list[int], bucket: int, seconds: float, minute: int) -> None:
-        count, stamps, directory, latest, known, running, checkpoints = handle
+        count, stamps, directory, latest, known, running, checkpoints, entry_words = handle
         self._u64[count] += 1
         self._f64[count + 1] += seconds
         u32 = self._u32
@@ -365,9 +377,10 @@ class SlotStore:
             else:
                 # The series' first value of this minute: checkpoint its running counts.
                 entry = minute % _RING
+                rows = checkpoints + entry * entry_words
                 for pool in u32[directory : directory + _CHUNKS].tolist():
                     if pool:
-                        row = checkpoints + pool * _CHUNK_WORDS + entry * _CHUNK_BUCKETS
+                        row = rows + pool * _CHUNK_BUCKETS
                         source = running + pool * _CHUNK_BUCKETS
                         u32[row : row + _CHUNK_BUCKETS] = u32[source : source + _CHUNK_BUCKETS]
                 # The rows before the stamp that makes readers use them.
@@ -423,7 +436,7 @@ class SlotStore:
         if entry is None:
             start, stride = base + self._running_offset - _ROW_BYTES, _ROW_BYTES
         else:
-            start, stride = base + self._pool_offset - _CHUNK_BYTES + entry * _ROW_BYTES, _CHUNK_BYTES
+            start, stride = base + self._pool_offset - _ROW_BYTES + entry * self._entry_bytes, _ROW_BYTES
         rows = [
             map_[start + pool * stride : start + pool * stride + _ROW_BYTES] if pool else _ZERO_ROW
             for pool in span
@@ -436,24 +449,19 @@ class SlotStore:
         result = HostSnapshot(minute=minute)
         timing_names = self.names(True)
         counter_names = self.names(False)
-        u32, u64 = self._u32, self._u64
-        # Per window, per series: its counts in the window summed over every slot, as one integer
-        # of 32-bit fields, one per bucket (chunk after chunk): adding integers adds every field
-        # at once, in C (no field comes near 2**32: 4 billion values in one bucket and window on
-        # one host). A slot's counts of a series in a window are its running counts less the
-        # checkpoint where the window starts (_window()): two reads of its rows, one conversion
-        # each, whatever the window's length.
+        n = len(timing_names)
+        u32, u64, f64 = self._u32, self._u64, self._f64
         windows = tuple(sorted(windows))
-        # Per window, per series: the first chunk of the sum, and the sum from there.
-        sums: dict[int, dict[int, tuple[int, int]]] = {window: {} for window in windows}
-        # Per ring stamps: the checkpoints to read and the windows that start at each.
-        plans: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}
-        row_bits = _ROW_BYTES * 8
-        chunk_ids = range(_CHUNKS)
-        unpack_header = _TIMING_HEADER.unpack_from
-        read = self._rows
-        counts = [0] * len(timing_names)
-        seconds = [0.0] * len(timing_names)
+        counts, seconds, counters = [0] * n, [0.0] * n, [0] * len(counter_names)
+        # Per window, per ring stamps: the checkpoint the window starts at (see plan()); None:
+        # no values in the window; _NEVER: no value ever in the slot (its rows are zero).
+        starts: dict[int, dict[tuple[int, ...], int]] = {length: {(0,) * _RING: _NEVER} for length in windows}
+        known: set[tuple[int, ...]] = set()
+        # Every slot's timing headers, field by field across the series (strided, in C).
+        slots: list[tuple[int, array[int], dict[int, list[int | None]]]] = []
+        kept: set[int] = set()
+        union = 0
+        step = _TIMING_BYTES >> 2
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
             header = base >> 2
@@ -461,62 +469,86 @@ class SlotStore:
                 continue  # never claimed
             result.used_slots += 1
             result.dropped += u32[header + 3]
-            counters_base = (base + self._counters_offset) >> 3
-            values = u64[counters_base : counters_base + len(counter_names)].tolist()
-            for name, value in zip(counter_names, values, strict=True):
-                if value:
-                    result.counters[name] = result.counters.get(name, 0) + value
-            timings_base = base + self._timings_offset
-            for series in range(len(timing_names)):
-                # One unpack: count, sum, the ring's stamps and the chunk directory.
-                words = unpack_header(self._map, timings_base + series * _TIMING_BYTES)
-                count = words[0]
-                if not count:
+            at = (base + self._counters_offset) >> 3
+            counters = list(map(add, counters, u64[at : at + len(counter_names)].tolist()))
+            at = (base + self._timings_offset) >> 2
+            end = at + n * step
+            counts = list(map(add, counts, u64[at >> 1 : end >> 1 : step >> 1].tolist()))
+            seconds = list(map(add, seconds, f64[(at >> 1) + 1 : end >> 1 : step >> 1].tolist()))
+            stamps = list(zip(*(u32[at + i : end : step].tolist() for i in range(4, 4 + _RING)), strict=True))
+            for ring in set(stamps) - known:
+                known.add(ring)
+                for entry, starting in _plan(ring, minute, windows):
+                    for length in starting:
+                        starts[length][ring] = entry
+            entries = {length: list(map(starts[length].get, stamps)) for length in windows}
+            found = set()
+            for chosen in entries.values():
+                found.update(compress(range(n), map(_KEEP.__getitem__, chosen)))
+            if found:
+                kept |= found
+                directories = b"".join(u32[at + i : end : step].tobytes() for i in range(20, 20 + _CHUNKS))
+                union |= int.from_bytes(directories, "little")
+                slots.append((base, array("I", directories), entries))
+        # Where each series' chunks go in the integers the windows are summed in.
+        spans, places = _layout(array("I", union.to_bytes(n * _CHUNKS * 4, "little")), kept)
+        rows, pick, of_spans = len(places), picker(places), picker([series for series, *_ in spans])
+        masks: dict[tuple[bool, ...], int] = {}
+        # Per window: every series' counts summed over every slot, one integer of 32-bit fields
+        # in the layout's order (no field comes near 2**32). A slot's counts are its running
+        # counts less the window's checkpoint (window()): both read in one go, converted once.
+        sums = dict.fromkeys(windows, 0)
+        for base, directories, entries in slots:
+            pools = pick(directories)
+            most = max(pools, default=0)
+            # The checkpoints before the running counts: both only grow, so the running counts,
+            # read last, are at least each checkpoint (modulo 2**31).
+            read = {
+                entry for chosen in entries.values() for entry in chosen if entry is not None and entry >= 0
+            }
+            checkpoints = {
+                entry: gather(
+                    split_rows(self._map, base + self._pool_offset + entry * self._entry_bytes, most), pools
+                )
+                for entry in sorted(read)
+            }
+            running = gather(split_rows(self._map, base + self._running_offset, most), pools)
+            within = {entry: _window(running, checkpoint, rows) for entry, checkpoint in checkpoints.items()}
+            for length, chosen in entries.items():
+                per_series = of_spans(chosen)
+                distinct = set(per_series) - {_NEVER}
+                if distinct == {None} or not distinct:
                     continue
-                counts[series] += count
-                seconds[series] += words[1]
-                stamps = words[2 : 2 + _RING]
-                plan = plans.get(stamps)
-                if plan is None:
-                    plan = plans[stamps] = _plan(stamps, minute, windows)
-                if not plan:
+                if len(distinct) == 1:
+                    sums[length] += within[distinct.pop()]  # type: ignore[index]
                     continue
-                directory = words[2 + _RING :]
-                used = tuple(compress(chunk_ids, directory))
-                if not used:
-                    continue
-                span = directory[used[0] : used[-1] + 1]
-                # The checkpoints before the running counts: both only grow, so the running
-                # counts, read last, are at least each checkpoint (modulo 2**31).
-                checkpoints = [read(base, span, entry) for entry, _ in plan]
-                running = read(base, span, None)
-                first = used[0]
-                for checkpoint, (_, starting) in zip(checkpoints, plan, strict=True):
-                    within = _window(running, checkpoint, len(span))
-                    if not within:
-                        continue
-                    for window in starting:
-                        into = sums[window]
-                        known = into.get(series)
-                        if known is None:
-                            into[series] = (first, within)
-                        elif known[0] == first:  # the usual case: no shift
-                            into[series] = (first, known[1] + within)
-                        elif known[0] < first:
-                            into[series] = (known[0], known[1] + (within << (first - known[0]) * row_bits))
-                        else:
-                            into[series] = (first, (known[1] << (known[0] - first) * row_bits) + within)
+                # Series whose windows start at different checkpoints (or hold no values): each
+                # checkpoint's window, masked to its series' rows.
+                for entry in distinct - {None}:
+                    key = tuple(each == entry for each in per_series)
+                    if key not in masks:
+                        masks[key] = _rows_mask(spans, key)
+                    sums[length] += within[entry] & masks[key]  # type: ignore[index]
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)
             for name, count, total in zip(timing_names, counts, seconds, strict=True)
             if count
         }
-        for window, per_series in sums.items():
-            for series, (chunk, summed) in per_series.items():
-                first, found = _fields(summed)
-                result.windows.setdefault(timing_names[series], {})[window] = DenseSketch(
-                    chunk * _CHUNK_BUCKETS + first, found
+        result.counters = {name: value for name, value in zip(counter_names, counters, strict=True) if value}
+        for length, summed in sums.items():
+            if not summed:
+                continue
+            data = summed.to_bytes(rows * _ROW_BYTES, "little")
+            for series, chunk, chunks, row in spans:
+                region = data[row * _ROW_BYTES : (row + chunks) * _ROW_BYTES]
+                # The fields from the first that holds values to the last, found in C.
+                values = region.rstrip(b"\0")
+                if not values:
+                    continue
+                first = (len(values) - len(values.lstrip(b"\0"))) >> 2
+                result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(
+                    chunk * _CHUNK_BUCKETS + first, array("I", region[first * 4 : (len(values) + 3) & ~3])
                 )
         return result
 
@@ -566,6 +598,3 @@ class SlotStore:
         """Return the file's apparent size and the bytes it really takes (its blocks)."""
         stat = os.fstat(self._fd)
         return stat.st_size, stat.st_blocks * 512
-
-
-_ZERO_ROW = bytes(_ROW_BYTES)
