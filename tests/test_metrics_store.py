@@ -56,6 +56,26 @@ def record_values(directory: str, slots: int, seed: int, n: int, name: str, toge
             together.wait(30)  # every worker holds its slot at once
 
 
+def schedule(seed: int) -> list[tuple[int, str, float]]:
+    """A worker's values, oldest minute first: ``(minutes ago, series, value)``."""
+    rng = random.Random(seed)
+    out = []
+    for minutes_ago in (20, 14, 9, 5, 4, 2, 1, 0):
+        for series in rng.sample(range(8), rng.randrange(1, 6)):
+            for _ in range(rng.randrange(1, 4)):
+                # From 10 µs to 100 s: chunks far apart, gaps between them.
+                out.append((minutes_ago, f"s{series}", 10 ** rng.uniform(-5, 2)))
+    return out
+
+
+def record_schedule(directory: str, seed: int, now: float, together: Any) -> None:
+    store = open_store(Path(directory))
+    assert store.record([], [], now=now)  # each worker holds its own slot (minutes never go back in one)
+    together.wait(30)
+    for minutes_ago, name, value in schedule(seed):
+        assert store.record([(name, bucket_of(value), value)], [], now=now - 60 * minutes_ago)
+
+
 class TestDenseSketch:
     """The store's window sketches: counts in a row, quantiles without building the dict."""
 
@@ -300,6 +320,59 @@ class TestStore:
         history = store.history(["t"], now=now)["t"]
         assert {at: s.count for at, s in history.items()} == {minute - 2: 1, minute - 1: 1, minute: 5}
 
+    def test_windows_of_many_slots_series_and_checkpoints_are_exact(self, tmp_path: Path) -> None:
+        # The export reads every series of a slot at once (windows.py): within one slot, series
+        # whose windows start at different checkpoints, series with chunks but no value in a
+        # window, series a slot never had, chunks far apart; across slots, different pools.
+        now = 1_800_000_000.0
+        together = FORK.Barrier(3)
+        processes = [
+            FORK.Process(target=record_schedule, args=(str(tmp_path), seed, now, together))
+            for seed in range(3)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+            assert process.exitcode == 0
+        expected: dict[int, dict[str, dict[int, int]]] = {length: {} for length in (1, 5, 15)}
+        totals: dict[str, int] = {}
+        for seed in range(3):
+            for minutes_ago, name, value in schedule(seed):
+                totals[name] = totals.get(name, 0) + 1
+                for length, per_series in expected.items():
+                    if minutes_ago <= length:
+                        buckets = per_series.setdefault(name, {})
+                        buckets[bucket_of(value)] = buckets.get(bucket_of(value), 0) + 1
+        for windows in ((1, 5, 15), (5,), (1,), (15, 1)):
+            snapshot = open_store(tmp_path).snapshot(windows=windows, now=now)
+            assert {name: count for name, (count, _) in snapshot.totals.items()} == totals
+            for length in windows:
+                found = {name: w[length].buckets for name, w in snapshot.windows.items() if length in w}
+                assert found == expected[length], (windows, length)
+        # The cases the schedule is for did occur, in one slot: in window 5, a series without
+        # values there (but with chunks), series starting at different checkpoints, and a
+        # series the slot never had.
+        minutes = [
+            {name: [m for m, each, _ in schedule(seed) if each == name] for name in totals}
+            for seed in range(3)
+        ]
+        assert any(
+            len(found) > 0 and min(found) > 5 for per_series in minutes for found in per_series.values()
+        )
+        assert any(
+            len(
+                {
+                    min(m for m in found if m <= 5)
+                    for found in per_series.values()
+                    if found and min(found) <= 5
+                }
+            )
+            > 1
+            for per_series in minutes
+        )
+        assert any(not found for per_series in minutes for found in per_series.values())
+
     def test_series_past_the_limit_share_the_overflow_series(self, tmp_path: Path) -> None:
         store = open_store(tmp_path, series=4)
         for index in range(10):
@@ -322,7 +395,8 @@ class TestStore:
 
 
 #: The sha256 of pinned_output(): the same from the v1 store (a ring of per-minute counts) as
-#: from the v2 store (running counts and checkpoints). Changing the output is changing a format.
+#: from the v2 store (running counts and checkpoints) and the v3 store (a checkpoint's rows
+#: together, read a slot at a time). Changing the output is changing a format.
 PINNED = "edb2ff8ee4d9f4c719cc16fe5901f90d334bdf23754da9c91297d177786f3287"
 
 
