@@ -39,14 +39,13 @@ import time
 import weakref
 from array import array
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from itertools import compress
 from operator import add
 from pathlib import Path
-from typing import Any
 
 from django_scale.exceptions import UsageError
 from django_scale.metrics.sketch import DenseSketch, Sketch
+from django_scale.metrics.snapshot import HostSnapshot
 from django_scale.metrics.windows import CHUNK_BUCKETS as _CHUNK_BUCKETS
 from django_scale.metrics.windows import CHUNKS as _CHUNKS
 from django_scale.metrics.windows import ROW_BYTES as _ROW_BYTES
@@ -56,6 +55,7 @@ from django_scale.metrics.windows import gather, picker, split_rows
 from django_scale.metrics.windows import layout as _layout
 from django_scale.metrics.windows import plan as _plan
 from django_scale.metrics.windows import rows_mask as _rows_mask
+from django_scale.metrics.windows import sketches as _sketches
 from django_scale.metrics.windows import window as _window
 
 try:
@@ -108,27 +108,6 @@ def _forget(ref: weakref.ref[SlotStore]) -> None:
 
 def _minute(now: float | None = None) -> int:
     return int((time.time() if now is None else now) // 60)
-
-
-@dataclass
-class HostSnapshot:
-    """What every slot of a host's file holds, summed: the input of export and merging."""
-
-    #: Minute (``time() // 60``) the snapshot was read at.
-    minute: int
-    #: Per timing series name: its sketch over each window (minutes), count and sum exact.
-    windows: dict[str, dict[int, Sketch]] = field(default_factory=dict)
-    #: Per timing series name: ``(count, sum)`` since the file was created (never goes down).
-    totals: dict[str, tuple[int, float]] = field(default_factory=dict)
-    #: Per counter series name: its value since the file was created (never goes down).
-    counters: dict[str, int] = field(default_factory=dict)
-    #: Slots held by a live process, and slots ever claimed.
-    live_slots: int = 0
-    used_slots: int = 0
-    #: Values dropped: no free slot, or a slot's bucket pool full (see ``METRICS_MEMORY``).
-    dropped: int = 0
-    #: The sniper's recent kills, newest first (:mod:`~django_scale.metrics.kills`).
-    kills: list[dict[str, Any]] = field(default_factory=list)
 
 
 class SlotStore:
@@ -453,15 +432,33 @@ class SlotStore:
         u32, u64, f64 = self._u32, self._u64, self._f64
         windows = tuple(sorted(windows))
         counts, seconds, counters = [0] * n, [0.0] * n, [0] * len(counter_names)
-        # Per window, per ring stamps: the checkpoint the window starts at (see plan()); None:
-        # no values in the window; _NEVER: no value ever in the slot (its rows are zero).
-        starts: dict[int, dict[tuple[int, ...], int]] = {length: {(0,) * _RING: _NEVER} for length in windows}
-        known: set[tuple[int, ...]] = set()
+        # Per ring stamps: its number, and per window the checkpoint the window starts at (see
+        # plan()); None: no values in the window; _NEVER: no value ever in the slot (zero rows).
+        rings: dict[tuple[int, ...], int] = {(0,) * _RING: 0}
+        starts: dict[int, list[int | None]] = {length: [_NEVER] for length in windows}
+        step = _TIMING_BYTES >> 2
+
+        def ring_of(at: int) -> list[list[int]]:
+            return [u32[at + i : at + n * step : step].tolist() for i in range(4, 4 + _RING)]
+
+        def entries_of(ring: list[list[int]]) -> dict[int, list[int | None]]:
+            stamps = list(zip(*ring, strict=True))
+            for stamps_ in set(stamps).difference(rings):
+                rings[stamps_] = len(rings)
+                begins = {
+                    length: entry
+                    for entry, starting in _plan(stamps_, minute, windows)
+                    for length in starting
+                }
+                for length in windows:
+                    starts[length].append(begins.get(length))
+            numbers = list(map(rings.__getitem__, stamps))
+            return {length: list(map(starts[length].__getitem__, numbers)) for length in windows}
+
         # Every slot's timing headers, field by field across the series (strided, in C).
-        slots: list[tuple[int, array[int], dict[int, list[int | None]]]] = []
+        slots = []
         kept: set[int] = set()
         union = 0
-        step = _TIMING_BYTES >> 2
         for slot in range(self.slots):
             base = self._slots_offset + slot * self.slot_bytes
             header = base >> 2
@@ -475,13 +472,8 @@ class SlotStore:
             end = at + n * step
             counts = list(map(add, counts, u64[at >> 1 : end >> 1 : step >> 1].tolist()))
             seconds = list(map(add, seconds, f64[(at >> 1) + 1 : end >> 1 : step >> 1].tolist()))
-            stamps = list(zip(*(u32[at + i : end : step].tolist() for i in range(4, 4 + _RING)), strict=True))
-            for ring in set(stamps) - known:
-                known.add(ring)
-                for entry, starting in _plan(ring, minute, windows):
-                    for length in starting:
-                        starts[length][ring] = entry
-            entries = {length: list(map(starts[length].get, stamps)) for length in windows}
+            ring = ring_of(at)
+            entries = entries_of(ring)
             found = set()
             for chosen in entries.values():
                 found.update(compress(range(n), map(_KEEP.__getitem__, chosen)))
@@ -489,7 +481,7 @@ class SlotStore:
                 kept |= found
                 directories = b"".join(u32[at + i : end : step].tobytes() for i in range(20, 20 + _CHUNKS))
                 union |= int.from_bytes(directories, "little")
-                slots.append((base, array("I", directories), entries))
+                slots.append((base, at, array("I", directories), ring, entries))
         # Where each series' chunks go in the integers the windows are summed in.
         spans, places = _layout(array("I", union.to_bytes(n * _CHUNKS * 4, "little")), kept)
         rows, pick, of_spans = len(places), picker(places), picker([series for series, *_ in spans])
@@ -498,37 +490,45 @@ class SlotStore:
         # in the layout's order (no field comes near 2**32). A slot's counts are its running
         # counts less the window's checkpoint (window()): both read in one go, converted once.
         sums = dict.fromkeys(windows, 0)
-        for base, directories, entries in slots:
+        for base, at, directories, ring, entries in slots:
             pools = pick(directories)
             most = max(pools, default=0)
-            # The checkpoints before the running counts: both only grow, so the running counts,
-            # read last, are at least each checkpoint (modulo 2**31).
-            read = {
-                entry for chosen in entries.values() for entry in chosen if entry is not None and entry >= 0
-            }
-            checkpoints = {
-                entry: gather(
-                    split_rows(self._map, base + self._pool_offset + entry * self._entry_bytes, most), pools
-                )
-                for entry in sorted(read)
-            }
-            running = gather(split_rows(self._map, base + self._running_offset, most), pools)
+            for _ in range(3):
+                # The checkpoints before the running counts: both only grow, so the running
+                # counts, read last, are at least each checkpoint (modulo 2**31). Then the ring
+                # again: a checkpoint written meanwhile (a new minute) means reading again.
+                read = {
+                    entry
+                    for chosen in entries.values()
+                    for entry in chosen
+                    if entry is not None and entry >= 0
+                }
+                checkpoints = {
+                    entry: gather(
+                        split_rows(self._map, base + self._pool_offset + entry * self._entry_bytes, most),
+                        pools,
+                    )
+                    for entry in sorted(read)
+                }
+                running = gather(split_rows(self._map, base + self._running_offset, most), pools)
+                again = ring_of(at)
+                if again == ring:
+                    break
+                ring, entries = again, entries_of(again)
             within = {entry: _window(running, checkpoint, rows) for entry, checkpoint in checkpoints.items()}
             for length, chosen in entries.items():
                 per_series = of_spans(chosen)
-                distinct = set(per_series) - {_NEVER}
-                if distinct == {None} or not distinct:
-                    continue
-                if len(distinct) == 1:
-                    sums[length] += within[distinct.pop()]  # type: ignore[index]
+                distinct = set(per_series) - {_NEVER, None}
+                if len(distinct) == 1 and None not in per_series:
+                    sums[length] += within[distinct.pop()]
                     continue
                 # Series whose windows start at different checkpoints (or hold no values): each
                 # checkpoint's window, masked to its series' rows.
-                for entry in distinct - {None}:
+                for entry in distinct:
                     key = tuple(each == entry for each in per_series)
                     if key not in masks:
                         masks[key] = _rows_mask(spans, key)
-                    sums[length] += within[entry] & masks[key]  # type: ignore[index]
+                    sums[length] += within[entry] & masks[key]
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)
@@ -537,19 +537,8 @@ class SlotStore:
         }
         result.counters = {name: value for name, value in zip(counter_names, counters, strict=True) if value}
         for length, summed in sums.items():
-            if not summed:
-                continue
-            data = summed.to_bytes(rows * _ROW_BYTES, "little")
-            for series, chunk, chunks, row in spans:
-                region = data[row * _ROW_BYTES : (row + chunks) * _ROW_BYTES]
-                # The fields from the first that holds values to the last, found in C.
-                values = region.rstrip(b"\0")
-                if not values:
-                    continue
-                first = (len(values) - len(values.lstrip(b"\0"))) >> 2
-                result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(
-                    chunk * _CHUNK_BUCKETS + first, array("I", region[first * 4 : (len(values) + 3) & ~3])
-                )
+            for series, first, found in _sketches(summed, rows, spans):
+                result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(first, found)
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:

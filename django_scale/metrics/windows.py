@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 from itertools import compress
 from operator import itemgetter
@@ -146,3 +146,23 @@ def picker(places: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     if not places:
         return lambda items: ()
     return itemgetter(*places)
+
+
+def sketches(
+    summed: int, rows: int, spans: Iterable[tuple[int, int, int, int]]
+) -> Iterator[tuple[int, int, array[int]]]:
+    """Yield, per series of *spans* that holds values in *summed*, its first bucket and counts on."""
+    if not summed:
+        return
+    data = summed.to_bytes(rows * ROW_BYTES, "little")
+    for series, chunk, chunks, row in spans:
+        region = data[row * ROW_BYTES : (row + chunks) * ROW_BYTES]
+        # The fields from the first that holds values to the last, found in C.
+        values = region.rstrip(b"\0")
+        if values:
+            first = (len(values) - len(values.lstrip(b"\0"))) >> 2
+            yield (
+                series,
+                chunk * CHUNK_BUCKETS + first,
+                array("I", region[first * 4 : (len(values) + 3) & ~3]),
+            )
