@@ -426,8 +426,9 @@ class SlotStore:
         """Sum every slot: totals, counters and the sketches of *windows* (minutes)."""
         minute = _minute(now)
         result = HostSnapshot(minute=minute)
-        timing_names = self.names(True)
-        counter_names = self.names(False)
+        # Copies: another thread may add names meanwhile (names() appends to its list).
+        timing_names = list(self.names(True))
+        counter_names = list(self.names(False))
         n = len(timing_names)
         u32, u64, f64 = self._u32, self._u64, self._f64
         windows = tuple(sorted(windows))
@@ -438,11 +439,13 @@ class SlotStore:
         starts: dict[int, list[int | None]] = {length: [_NEVER] for length in windows}
         step = _TIMING_BYTES >> 2
 
-        def ring_of(at: int) -> list[list[int]]:
-            return [u32[at + i : at + n * step : step].tolist() for i in range(4, 4 + _RING)]
+        def ring_of(at: int) -> bytes:
+            # The ring stamps of every series, entry after entry, as bytes (compared in C).
+            return b"".join(u32[at + i : at + n * step : step].tobytes() for i in range(4, 4 + _RING))
 
-        def entries_of(ring: list[list[int]]) -> dict[int, list[int | None]]:
-            stamps = list(zip(*ring, strict=True))
+        def entries_of(ring: bytes) -> dict[int, list[int | None]]:
+            words = array("I", ring)
+            stamps = list(zip(*(words[i * n : i * n + n] for i in range(_RING)), strict=True))
             for stamps_ in set(stamps).difference(rings):
                 rings[stamps_] = len(rings)
                 begins = {
