@@ -50,8 +50,9 @@ from django_scale.metrics.windows import CHUNK_BUCKETS as _CHUNK_BUCKETS
 from django_scale.metrics.windows import CHUNKS as _CHUNKS
 from django_scale.metrics.windows import ROW_BYTES as _ROW_BYTES
 from django_scale.metrics.windows import ZERO_ROW as _ZERO_ROW
+from django_scale.metrics.windows import blocks as _blocks
 from django_scale.metrics.windows import fields as _fields
-from django_scale.metrics.windows import gather, picker, split_rows
+from django_scale.metrics.windows import gather, split_rows
 from django_scale.metrics.windows import layout as _layout
 from django_scale.metrics.windows import plan as _plan
 from django_scale.metrics.windows import rows_mask as _rows_mask
@@ -485,17 +486,16 @@ class SlotStore:
                 directories = b"".join(u32[at + i : end : step].tobytes() for i in range(20, 20 + _CHUNKS))
                 union |= int.from_bytes(directories, "little")
                 slots.append((base, at, array("I", directories), ring, entries))
-        # Where each series' chunks go in the integers the windows are summed in.
-        spans, places = _layout(array("I", union.to_bytes(n * _CHUNKS * 4, "little")), kept)
-        rows, pick, of_spans = len(places), picker(places), picker([series for series, *_ in spans])
-        masks: dict[tuple[bool, ...], int] = {}
-        # Per window: every series' counts summed over every slot, one integer of 32-bit fields
-        # in the layout's order (no field comes near 2**32). A slot's counts are its running
-        # counts less the window's checkpoint (window()): both read in one go, converted once.
-        sums = dict.fromkeys(windows, 0)
+        # Where each series' chunks go in the integers the windows are summed in: blocks of
+        # whole series, each integer small enough that the allocator reuses its memory.
+        blocks = _blocks(*_layout(array("I", union.to_bytes(n * _CHUNKS * 4, "little")), kept))
+        masks: dict[tuple[int, tuple[bool, ...]], int] = {}
+        # Per window and block: every series' counts summed over every slot, one integer of
+        # 32-bit fields (no field comes near 2**32). A slot's counts are its running counts
+        # less the window's checkpoint (window()): both read in one go, converted once.
+        sums = {length: [0] * len(blocks) for length in windows}
         for base, at, directories, ring, entries in slots:
-            pools = pick(directories)
-            most = max(pools, default=0)
+            most = max(directories)
             for _ in range(3):
                 # The checkpoints before the running counts: both only grow, so the running
                 # counts, read last, are at least each checkpoint (modulo 2**31). Then the ring
@@ -507,31 +507,34 @@ class SlotStore:
                     if entry is not None and entry >= 0
                 }
                 checkpoints = {
-                    entry: gather(
-                        split_rows(self._map, base + self._pool_offset + entry * self._entry_bytes, most),
-                        pools,
-                    )
+                    entry: split_rows(self._map, base + self._pool_offset + entry * self._entry_bytes, most)
                     for entry in sorted(read)
                 }
-                running = gather(split_rows(self._map, base + self._running_offset, most), pools)
+                running_rows = split_rows(self._map, base + self._running_offset, most)
                 again = ring_of(at)
                 if again == ring:
                     break
                 ring, entries = again, entries_of(again)
-            within = {entry: _window(running, checkpoint, rows) for entry, checkpoint in checkpoints.items()}
-            for length, chosen in entries.items():
-                per_series = of_spans(chosen)
-                distinct = set(per_series) - {_NEVER, None}
-                if len(distinct) == 1 and None not in per_series:
-                    sums[length] += within[distinct.pop()]
-                    continue
-                # Series whose windows start at different checkpoints (or hold no values): each
-                # checkpoint's window, masked to its series' rows.
-                for entry in distinct:
-                    key = tuple(each == entry for each in per_series)
-                    if key not in masks:
-                        masks[key] = _rows_mask(spans, key)
-                    sums[length] += within[entry] & masks[key]
+            for block, (spans, pick, of_spans, rows) in enumerate(blocks):
+                pools = pick(directories)
+                running = gather(running_rows, pools)
+                within: dict[int, int] = {}
+                for length, chosen in entries.items():
+                    per_series = of_spans(chosen)
+                    distinct = set(per_series) - {_NEVER, None}
+                    for entry in distinct:
+                        if entry not in within:
+                            within[entry] = _window(running, gather(checkpoints[entry], pools), rows)
+                    if len(distinct) == 1 and None not in per_series:
+                        sums[length][block] += within[distinct.pop()]
+                        continue
+                    # Series whose windows start at different checkpoints (or hold no values):
+                    # each checkpoint's window, masked to its series' rows.
+                    for entry in distinct:
+                        key = (block, tuple(each == entry for each in per_series))
+                        if key not in masks:
+                            masks[key] = _rows_mask(spans, key[1])
+                        sums[length][block] += within[entry] & masks[key]
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)
@@ -539,9 +542,10 @@ class SlotStore:
             if count
         }
         result.counters = {name: value for name, value in zip(counter_names, counters, strict=True) if value}
-        for length, summed in sums.items():
-            for series, first, found in _sketches(summed, rows, spans):
-                result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(first, found)
+        for length, per_block in sums.items():
+            for summed, (spans, _, _, rows) in zip(per_block, blocks, strict=True):
+                for series, first, found in _sketches(summed, rows, spans):
+                    result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(first, found)
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:

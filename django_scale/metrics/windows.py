@@ -24,6 +24,7 @@ from typing import Any
 from django_scale.metrics.sketch import BUCKETS
 
 __all__ = [
+    "blocks",
     "CHUNKS",
     "CHUNK_BUCKETS",
     "fields",
@@ -105,6 +106,40 @@ def layout(used: Sequence[int], series: Iterable[int]) -> tuple[list[tuple[int, 
             spans.append((each, first, last - first + 1, len(places)))
             places.extend(range(first * count + each, last * count + each + 1, count))
     return spans, places
+
+
+#: Rows of a block (see :func:`blocks`): 64 KiB integers, below the allocator's mmap threshold.
+BLOCK_ROWS = 256
+
+
+def blocks(
+    spans: Sequence[tuple[int, int, int, int]], places: Sequence[int]
+) -> list[
+    tuple[
+        list[tuple[int, int, int, int]],
+        Callable[[Sequence[int]], tuple[int, ...]],
+        Callable[[Sequence[Any]], tuple[Any, ...]],
+        int,
+    ]
+]:
+    """Split :func:`layout`'s rows in blocks of whole series of about :data:`BLOCK_ROWS` rows.
+
+    Per block: its spans (rows from the block's start), a picker of its rows' places in a
+    slot's directories, a picker of its series in a per-series list, and its rows.
+    """
+    out = []
+    start = 0
+    group: list[tuple[int, int, int, int]] = []
+    for index, span in enumerate(spans):
+        group.append(span)
+        end = spans[index + 1][3] if index + 1 < len(spans) else len(places)
+        if end - start >= BLOCK_ROWS or index + 1 == len(spans):
+            rebased = [(series, chunk, chunks, row - start) for series, chunk, chunks, row in group]
+            out.append(
+                (rebased, picker(places[start:end]), picker([series for series, *_ in group]), end - start)
+            )
+            start, group = end, []
+    return out
 
 
 def rows_mask(spans: Sequence[tuple[int, int, int, int]], keep: Iterable[bool]) -> int:
