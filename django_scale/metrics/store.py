@@ -44,8 +44,8 @@ from operator import add
 from pathlib import Path
 
 from django_scale.exceptions import UsageError
+from django_scale.metrics.host import HostSnapshot
 from django_scale.metrics.sketch import DenseSketch, Sketch
-from django_scale.metrics.snapshot import HostSnapshot
 from django_scale.metrics.windows import CHUNK_BUCKETS as _CHUNK_BUCKETS
 from django_scale.metrics.windows import CHUNKS as _CHUNKS
 from django_scale.metrics.windows import ROW_BYTES as _ROW_BYTES
