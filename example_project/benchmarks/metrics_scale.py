@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing
 import random
+import resource
 import statistics
 import tempfile
 import time
@@ -35,6 +36,11 @@ FORK = multiprocessing.get_context("fork")
 
 def met(met: bool) -> str:
     return "met" if met else "NOT MET"
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (pages mapped on first touch: the shared file's, the heap's)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # -- Accuracy -------------------------------------------------------------------------------------
@@ -201,9 +207,10 @@ def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
         files = list(Path(directory).iterdir())
         store = SlotStore(directory, 16, 1024, 16)
         # The first export of a process: nothing kept from an earlier one (label texts).
-        cpu = time.process_time()
+        faults, cpu = minor_faults(), time.process_time()
         metrics.prometheus_text(store.snapshot(windows=(5,)))
         first_export = time.process_time() - cpu
+        first_faults = minor_faults() - faults
         exports, export_cpus, documents = [], [], []
         for _ in range(5):
             begun, cpu = time.perf_counter(), time.process_time()
@@ -232,7 +239,11 @@ def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
                 f"{statistics.median(export_cpus) * 1000:.1f} ms; {statistics.median(exports) * 1000:.1f} ms",
                 "<= 50 ms",
             ],
-            ["Prometheus export, the process's first: CPU", f"{first_export * 1000:.1f} ms", "<= 50 ms"],
+            [
+                "Prometheus export, the process's first: CPU; minor page faults",
+                f"{first_export * 1000:.1f} ms; {first_faults:,}",
+                "<= 50 ms",
+            ],
             [
                 "sketches.json (every window): CPU, median of 5",
                 f"{statistics.median(documents) * 1000:.1f} ms",
@@ -316,14 +327,16 @@ def full_window(
 ) -> None:
     requests = fill_full_window(directory, quick)
     store = SlotStore(directory, 16, 1024, 16)
-    cpu = time.process_time()
+    faults, cpu = minor_faults(), time.process_time()
     export_full_window(store)
     first = time.process_time() - cpu
-    cpus = []
+    first_faults = minor_faults() - faults
+    cpus, steady_faults = [], []
     for _ in range(5):
-        cpu = time.process_time()
+        faults, cpu = minor_faults(), time.process_time()
         text = export_full_window(store)
         cpus.append(time.process_time() - cpu)
+        steady_faults.append(minor_faults() - faults)
     snapshot = store.snapshot(windows=(5,), now=FULL_NOW)
     counted = sum(v for name, v in snapshot.counters.items() if name.startswith("requests\x1f"))
     in_window = sum(
@@ -336,8 +349,16 @@ def full_window(
         f"values in each of {FULL_MINUTES} minutes ({requests:,} requests)",
         ["figure", "value", "goal"],
         [
-            ["Prometheus export: CPU, median of 5", f"{statistics.median(cpus) * 1000:.1f} ms", "<= 50 ms"],
-            ["Prometheus export, the process's first: CPU", f"{first * 1000:.1f} ms", "<= 50 ms"],
+            [
+                "Prometheus export: CPU; minor page faults, median of 5",
+                f"{statistics.median(cpus) * 1000:.1f} ms; {statistics.median(steady_faults):,.0f}",
+                "<= 50 ms",
+            ],
+            [
+                "Prometheus export, the process's first: CPU; minor page faults",
+                f"{first * 1000:.1f} ms; {first_faults:,}",
+                "<= 50 ms",
+            ],
             ["exposition size", f"{len(text) / 1024:.0f} KiB", ""],
             [
                 "requests counted / in the window / recorded",
