@@ -478,14 +478,14 @@ class SlotStore:
             seconds = list(map(add, seconds, f64[(at >> 1) + 1 : end >> 1 : step >> 1].tolist()))
             ring = ring_of(at)
             entries = entries_of(ring)
-            found = set()
+            found: set[int] = set()
             for chosen in entries.values():
                 found.update(compress(range(n), map(_KEEP.__getitem__, chosen)))
             if found:
                 kept |= found
-                directories = b"".join(u32[at + i : end : step].tobytes() for i in range(20, 20 + _CHUNKS))
-                union |= int.from_bytes(directories, "little")
-                slots.append((base, at, array("I", directories), ring, entries))
+                raw = b"".join(u32[at + i : end : step].tobytes() for i in range(20, 20 + _CHUNKS))
+                union |= int.from_bytes(raw, "little")
+                slots.append((base, at, array("I", raw), ring, entries))
         # Where each series' chunks go in the integers the windows are summed in: blocks of
         # whole series, each integer small enough that the allocator reuses its memory.
         blocks = _blocks(*_layout(array("I", union.to_bytes(n * _CHUNKS * 4, "little")), kept))
@@ -544,8 +544,8 @@ class SlotStore:
         result.counters = {name: value for name, value in zip(counter_names, counters, strict=True) if value}
         for length, per_block in sums.items():
             for summed, (spans, _, _, rows) in zip(per_block, blocks, strict=True):
-                for series, first, found in _sketches(summed, rows, spans):
-                    result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(first, found)
+                for series, first, values in _sketches(summed, rows, spans):
+                    result.windows.setdefault(timing_names[series], {})[length] = DenseSketch(first, values)
         return result
 
     def history(self, names: Iterable[str], now: float | None = None) -> dict[str, dict[int, Sketch]]:
