@@ -373,6 +373,24 @@ class TestStore:
         )
         assert any(not found for per_series in minutes for found in per_series.values())
 
+    def test_a_name_added_during_a_snapshot_waits_for_the_next(self, tmp_path: Path) -> None:
+        # Another thread of the process may add a series while a snapshot reads the slots
+        # (names() appends to the list it returns): the snapshot keeps the names it started with.
+        class AddsANameMidway(SlotStore):
+            def live_slots(self) -> list[int]:  # called between reading the slots and the result
+                self.series("late counter", timing=False)
+                self.series("late timing", timing=True)
+                self.names(False)  # what the other thread's next new name does
+                self.names(True)
+                return super().live_slots()
+
+        store = AddsANameMidway(tmp_path, 2, 16, 1)
+        assert store.record([("t", 5, 0.001)], [("c", 1)])
+        snapshot = store.snapshot()
+        assert snapshot.counters == {"c": 1}
+        assert set(snapshot.totals) == {"t"}
+        assert "late counter" in store.names(False)
+
     def test_series_past_the_limit_share_the_overflow_series(self, tmp_path: Path) -> None:
         store = open_store(tmp_path, series=4)
         for index in range(10):
