@@ -765,6 +765,24 @@ def test_a_position_without_a_bound_makes_the_miss_ask_the_primary(querycache: A
         assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] == 0
 
 
+@pytest.mark.django_db(transaction=True)
+def test_entries_no_mget_carries_are_sent_by_the_writers_thread(querycache: Any) -> None:
+    """A miss wakes the writer's thread only when it waits with no deadline (storing.py): an
+    entry submitted while the thread waits for an earlier one's deadline is still sent, by
+    the thread, with no later MGET to carry it and no flush()."""
+    client = querycache.client.get_client(write=True)
+    pattern = querycache.client.make_key("qc:{qc}:e:*")
+    with use_primary():
+        Reporter.objects.create(name="ann")
+        for n in range(4):  # each MGET carries the entry before it; the last waits alone
+            assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
+    wait_until(lambda: len(client.keys(pattern)) == 4, "the four entries in Redis", timeout=5.0)
+    with use_primary(), CaptureQueriesContext(connections["default"]) as captured:
+        for n in range(4):
+            assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
+    assert captured.captured_queries == []  # hits, from Redis (nothing is unsent in memory)
+
+
 @REPLICA
 def test_changing_returned_instances_changes_no_entry(querycache: Any) -> None:
     """The rows are pickled before the caller gets them, though their SET is sent later."""
