@@ -774,7 +774,13 @@ def test_entries_no_mget_carries_are_sent_by_the_writers_thread(querycache: Any)
     pattern = querycache.client.make_key("qc:{qc}:e:*")
     with use_primary():
         Reporter.objects.create(name="ann")
-        for n in range(4):  # each MGET carries the entry before it; the last waits alone
+        # The first miss stores its entry at once (it tells the server's incarnation); the
+        # second's is sent by the thread, which then waits with no deadline.
+        for n in range(2):
+            assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
+        wait_until(lambda: len(client.keys(pattern)) == 2, "the first two entries in Redis", timeout=5.0)
+        wait_until(lambda: writer._idle, "the writer's thread waiting with no deadline", timeout=5.0)
+        for n in range(2, 4):  # the first wakes the thread; the MGET of the second carries it
             assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
     wait_until(lambda: len(client.keys(pattern)) == 4, "the four entries in Redis", timeout=5.0)
     with use_primary(), CaptureQueriesContext(connections["default"]) as captured:
