@@ -983,6 +983,34 @@ def test_stale_is_served_while_exactly_one_refill_runs(querycache: Any) -> None:
             assert names(Reporter.objects.cached(stale=60)) == ["cy"]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_read_while_a_refill_runs_is_one_round_trip(querycache: Any) -> None:
+    """With stale=, the refill's claim is read in the entry's MGET: a reader that finds it
+    held serves the stale entry without trying to claim it (one round trip, not two)."""
+    Reporter.objects.create(name="ann")
+    with counted_round_trips() as measure, use_primary():
+        assert names(Reporter.objects.cached(stale=60)) == ["ann"]
+        assert writer.flush()
+        Reporter.objects.update(name="bob")
+        store: Any = store_for("counted")
+        prefix = str(store.client.make_key(""))
+        [stored] = store.client.get_client(write=True).keys(store.client.make_key("qc:{qc}:e:*"))
+        key = stored.decode().removeprefix(prefix)
+        assert store.claim(key, "another refill", 60.0, cold=False) is not None
+        suppressed = counter("querycache.refill.suppressed")
+        # Stale, no query, the MGET alone; no refill starts.
+        assert measure("default", lambda: names(Reporter.objects.cached(stale=60))) == (["ann"], 0, 1)
+        assert counter("querycache.refill.suppressed") == suppressed + 1
+        assert wait_for_refills()
+        assert counter("querycache.refill") == 0
+        store.release(key, "another refill")
+        # No claim held: the MGET, then the claim (won); the refill runs on another thread.
+        assert measure("default", lambda: names(Reporter.objects.cached(stale=60))) == (["ann"], 0, 2)
+        assert wait_for_refills()
+        wait_until(lambda: counter("querycache.refill") == 1, "the refill", timeout=90, explain=refill_paths)
+        assert names(Reporter.objects.cached(stale=60)) == ["bob"]
+
+
 # -- The tracker stays installed ----------------------------------------------------------------
 
 
