@@ -765,6 +765,30 @@ def test_a_position_without_a_bound_makes_the_miss_ask_the_primary(querycache: A
         assert queries_on("default", lambda: names(Reporter.objects.cached()))[1] == 0
 
 
+@pytest.mark.django_db(transaction=True)
+def test_entries_no_mget_carries_are_sent_by_the_writers_thread(querycache: Any) -> None:
+    """A miss wakes the writer's thread only when it waits with no deadline (storing.py): an
+    entry submitted while the thread waits for an earlier one's deadline is still sent, by
+    the thread, with no later MGET to carry it and no flush()."""
+    client = querycache.client.get_client(write=True)
+    pattern = querycache.client.make_key("qc:{qc}:e:*")
+    with use_primary():
+        Reporter.objects.create(name="ann")
+        # The first miss stores its entry at once (it tells the server's incarnation); the
+        # second's is sent by the thread, which then waits with no deadline.
+        for n in range(2):
+            assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
+        wait_until(lambda: len(client.keys(pattern)) == 2, "the first two entries in Redis", timeout=5.0)
+        wait_until(lambda: writer._idle, "the writer's thread waiting with no deadline", timeout=5.0)
+        for n in range(2, 4):  # the first wakes the thread; the MGET of the second carries it
+            assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
+    wait_until(lambda: len(client.keys(pattern)) == 4, "the four entries in Redis", timeout=5.0)
+    with use_primary(), CaptureQueriesContext(connections["default"]) as captured:
+        for n in range(4):
+            assert names(Reporter.objects.filter(name__in=["ann", f"new-{n}"]).cached()) == ["ann"]
+    assert captured.captured_queries == []  # hits, from Redis (nothing is unsent in memory)
+
+
 @REPLICA
 def test_changing_returned_instances_changes_no_entry(querycache: Any) -> None:
     """The rows are pickled before the caller gets them, though their SET is sent later."""
@@ -957,6 +981,34 @@ def test_stale_is_served_while_exactly_one_refill_runs(querycache: Any) -> None:
             Reporter.objects.update(name="cy")
             state.wrote = True
             assert names(Reporter.objects.cached(stale=60)) == ["cy"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_read_while_a_refill_runs_is_one_round_trip(querycache: Any) -> None:
+    """With stale=, the refill's claim is read in the entry's MGET: a reader that finds it
+    held serves the stale entry without trying to claim it (one round trip, not two)."""
+    Reporter.objects.create(name="ann")
+    with counted_round_trips() as measure, use_primary():
+        assert names(Reporter.objects.cached(stale=60)) == ["ann"]
+        assert writer.flush()
+        Reporter.objects.update(name="bob")
+        store: Any = store_for("counted")
+        prefix = str(store.client.make_key(""))
+        [stored] = store.client.get_client(write=True).keys(store.client.make_key("qc:{qc}:e:*"))
+        key = stored.decode().removeprefix(prefix)
+        assert store.claim(key, "another refill", 60.0, cold=False) is not None
+        suppressed = counter("querycache.refill.suppressed")
+        # Stale, no query, the MGET alone; no refill starts.
+        assert measure("default", lambda: names(Reporter.objects.cached(stale=60))) == (["ann"], 0, 1)
+        assert counter("querycache.refill.suppressed") == suppressed + 1
+        assert wait_for_refills()
+        assert counter("querycache.refill") == 0
+        store.release(key, "another refill")
+        # No claim held: the MGET, then the claim (won); the refill runs on another thread.
+        assert measure("default", lambda: names(Reporter.objects.cached(stale=60))) == (["ann"], 0, 2)
+        assert wait_for_refills()
+        wait_until(lambda: counter("querycache.refill") == 1, "the refill", timeout=90, explain=refill_paths)
+        assert names(Reporter.objects.cached(stale=60)) == ["bob"]
 
 
 # -- The tracker stays installed ----------------------------------------------------------------

@@ -87,6 +87,12 @@ def _sub(key: str, name: str) -> str:
     return f"{key}:{name}"
 
 
+def claim_key(key: str) -> str:
+    """The key of the refill claim of *key* (before the cache's ``make_key()``): held while
+    one caller refills *key* (see :meth:`Store.claim`)."""
+    return _sub(key, "claim")
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 

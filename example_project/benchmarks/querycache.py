@@ -11,7 +11,12 @@ ARTICLES articles: the database's work is the cost). Tables:
    (a parameter not seen before, so each call misses), and the ratios. "most" is the
    largest speed-up any cache could reach: no cache against building the queryset alone
    (``Section.objects.filter(...)...``), which every system still does on a hit.
-2. **Stale reads under concurrent writes**: 4 threads each increment a counter row in a
+2. **Miss overhead against one round trip**: a miss's time minus the same new query's time
+   with no cache, against one Redis ``PING`` round trip measured in the same run (a redis-py
+   client of its own, on the same Redis); the goal is met when the overhead is at most one
+   round trip. The three are timed in turns (no cache, miss, ``PING``, again), so that a
+   load that comes and goes on the machine falls on all three alike.
+3. **Stale reads under concurrent writes**: 4 threads each increment a counter row in a
    transaction and read it back through the cache 3 times; a read that returns a value older
    than the newest one any thread had committed before the read began is stale.
 """
@@ -21,14 +26,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.db.models import Count, Sum
 
@@ -130,31 +138,84 @@ def measure(name: str, quick: bool) -> dict[str, Any]:
     calls = 30 if quick else 200
     scope: AbstractContextManager[Any] = system["scope"]()
     result: dict[str, Any] = {}
+    ping = _pinger()
     with scope, use_primary():
         _setup()
         misses = itertools.count(1)
         for query in ("page", "report"):
-            result[query] = _latencies(system[query], plain, cached, calls, misses)
+            result[query] = _latencies(system[query], plain, cached, ping, calls, misses)
         result["stale"], result["reads"] = _stale_reads(system["counter"], cached, 8 if quick else 25)
     return result
+
+
+def _pinger() -> Callable[[], Any]:
+    """Return one Redis round trip: a ``PING`` on a redis-py client of its own (every system
+    measures the same client, whatever its cache uses)."""
+    import redis
+
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.ping()  # connected before it is timed
+    return client.ping
 
 
 def _latencies(
     make: Callable[..., Any],
     plain: Callable[[Any], Any],
     cached: Callable[[Any], Any],
+    ping: Callable[[], Any],
     calls: int,
     misses: Iterator[int],
 ) -> dict[str, float]:
     cached(make())  # warm
+    cached(make(next(misses)))  # the first miss on a connection asks its server its position
     return {
         # Building the queryset: what every system pays on a hit too (the floor of a hit).
         "build": time_per_call(make, calls=calls),
         "plain": time_per_call(lambda: plain(make()), calls=calls),
         "hit": time_per_call(lambda: cached(make()), calls=calls),
-        "miss": time_per_call(lambda: cached(make(next(misses))), calls=calls),
-        "plain_unique": time_per_call(lambda: plain(make(next(misses))), calls=calls),
+        **_in_turns(
+            {
+                "plain_unique": lambda: plain(make(next(misses))),
+                "miss": lambda: cached(make(next(misses))),
+                "ping": ping,
+            },
+            calls,
+        ),
     }
+
+
+def _in_turns(functions: dict[str, Callable[[], Any]], calls: int, repeats: int = 5) -> dict[str, float]:
+    """Time *functions* in turns (*calls* calls of each, *repeats* times): the median time of
+    one call of each, and ``overhead_low``/``overhead_high``, the range over the turns of a
+    miss's time minus no cache's."""
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            for _ in range(calls):
+                function()
+            samples[name].append((time.perf_counter() - started) / calls)
+    overheads = [miss - plain for miss, plain in zip(samples["miss"], samples["plain_unique"], strict=True)]
+    return {
+        **{name: statistics.median(values) for name, values in samples.items()},
+        "overhead_low": min(overheads),
+        "overhead_high": max(overheads),
+    }
+
+
+def overhead_row(name: str, query: str, times: dict[str, float]) -> list[str]:
+    """One row of the miss-overhead table: met when a miss costs at most one round trip more."""
+    overhead = times["miss"] - times["plain_unique"]
+    return [
+        name,
+        query,
+        f"{times['plain_unique'] * 1e6:.0f} µs",
+        f"{times['miss'] * 1e6:.0f} µs",
+        f"{overhead * 1e6:.0f} µs ({times['overhead_low'] * 1e6:.0f} to {times['overhead_high'] * 1e6:.0f})",
+        f"{times['ping'] * 1e6:.0f} µs",
+        f"{overhead / times['ping']:.1f}",
+        "met" if overhead <= times["ping"] else "NOT MET",
+    ]
 
 
 def _stale_reads(
@@ -261,6 +322,31 @@ def run(out: TextIO, quick: bool = False) -> None:
             ],
             rows,
         )
+    overheads = []
+    for name, figures in results.items():
+        if name == "stock Django":
+            continue  # no cache, no miss
+        for query in ("page", "report"):
+            if isinstance(figures, str):
+                overheads.append([name, query, figures, "", "", "", "", ""])
+            else:
+                overheads.append(overhead_row(name, query, figures[query]))
+    print_table(
+        out,
+        "Miss overhead: a miss minus the same new query with no cache, against one Redis PING "
+        "(medians of 5 turns; the overhead's range over the turns in brackets)",
+        [
+            "system",
+            "query",
+            "no cache",
+            "miss",
+            "overhead",
+            "1 round trip (PING)",
+            "round trips",
+            "goal: <= 1 round trip",
+        ],
+        overheads,
+    )
     print_table(
         out,
         f"Stale reads: {WORKERS} threads increment a row and read it back through the cache",

@@ -170,8 +170,8 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     try:
         if invalidations.due(alias):
             invalidations.replay_due(alias, store, publisher.submit)
-        entry, incarnation, generation, *found = shared.fetch(
-            key, db, tables, database, writer.unsent(key), outgoing
+        entry, incarnation, generation, claimed, *found = shared.fetch(
+            key, db, tables, database, writer.unsent(key), outgoing, claim=bool(options.stale)
         )
     except CacheDown as error:
         _cache_down(alias, error)
@@ -191,7 +191,12 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
         fresh_for_writer = state is None or not (state.wrote or state.pinned)
         if options.stale and time.time() < entry.created + options.stale and fresh_for_writer:
             metrics.increment("querycache.stale")
-            _refill(alias, store, shared, key, queryset, options, tables, db, database)
+            if claimed:
+                # A refill runs (its claim was in the MGET): trying to claim it is a round trip
+                # that would fail. A claim released since only leaves the refill to a later read.
+                metrics.increment("querycache.refill.suppressed")
+            else:
+                _refill(alias, store, shared, key, queryset, options, tables, db, database)
             return list(entry.rows)
     metrics.increment("querycache.miss")
     if in_transaction:
@@ -327,7 +332,7 @@ def _refill(
                 database,
                 tables,
                 fetched[1],
-                fetched[3:],
+                fetched[4:],
                 int(fetched[2] or 0),
                 options.timeout,
                 send_now=True,

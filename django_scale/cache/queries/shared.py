@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from django_scale.cache.queries.positions import ReadPosition
-from django_scale.cache.store import CacheDown, RedisStore
+from django_scale.cache.store import CacheDown, RedisStore, claim_key
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -133,13 +133,23 @@ class SharedPositions:
         database: str,
         unsent: bytes | None = None,
         outgoing: Sequence[Outgoing] = (),
+        claim: bool = False,
     ) -> tuple[Any, ...]:
-        """Return ``(entry or None, incarnation, generation, *positions)`` in one round trip.
+        """Return ``(entry or None, incarnation, generation, claimed, *positions)`` in one
+        round trip.
 
         *unsent* is this process's newer payload of *key*, not sent yet: it is the entry then.
-        *outgoing* entries are stored in the same round trip, before the ``MGET``.
+        *outgoing* entries are stored in the same round trip, before the ``MGET``. With
+        *claim*, ``claimed`` is whether a refill of *key* holds its claim (else ``False``):
+        a reader that may serve the entry stale then needs no round trip to try to claim it.
         """
-        keys = [key, incarnation_key(alias), _GENERATION, *(table_key(database, table) for table in tables)]
+        keys = [
+            key,
+            incarnation_key(alias),
+            _GENERATION,
+            *((claim_key(key),) if claim else ()),
+            *(table_key(database, table) for table in tables),
+        ]
         try:
             if outgoing:
                 pipe = self._redis().pipeline(transaction=False)
@@ -162,8 +172,9 @@ class SharedPositions:
         incarnation, generation, *found = [
             item.decode() if isinstance(item, bytes) else item for item in raw[1:]
         ]
+        claimed = claim and found.pop(0) is not None
         current = generation or "0"
-        return (entry, incarnation, generation, *(_untag(value, current) for value in found))
+        return (entry, incarnation, generation, claimed, *(_untag(value, current) for value in found))
 
     def encode(self, entry: Entry) -> bytes:
         """Return *entry* pickled as the cache's serializer stores it."""

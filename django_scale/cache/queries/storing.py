@@ -66,6 +66,8 @@ class EntryWriter:
         self._unsent: dict[str, bytes] = {}
         self._sending = 0
         self._flushing = 0
+        #: Whether the thread waits for an entry with no deadline (only then must a submit wake it).
+        self._idle = False
         self._thread: threading.Thread | None = None
 
     def submit(
@@ -81,7 +83,11 @@ class EntryWriter:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="django-scale-querycache", daemon=True)
                 self._thread.start()
-            self._lock.notify_all()
+            elif self._idle:
+                # Only an idle thread needs waking: one waiting for an earlier entry's deadline
+                # wakes before this one's (later) deadline, and looks again. Waking it on every
+                # miss cost each miss a thread switch (the GIL handed over and back).
+                self._lock.notify_all()
 
     def take(self, alias: str) -> list[Outgoing]:
         """Take the entries of *alias* waiting to be sent; the caller sends them, then calls :meth:`sent`."""
@@ -103,7 +109,8 @@ class EntryWriter:
                 if self._unsent.get(item.key) is item.payload:
                     del self._unsent[item.key]
             self._sending -= 1
-            self._lock.notify_all()
+            if self._flushing:
+                self._lock.notify_all()  # only flush() waits for this
 
     def unsent(self, key: str) -> bytes | None:
         """The payload of *key* waiting to be sent by this process, or ``None``."""
@@ -132,7 +139,11 @@ class EntryWriter:
                             break
                         self._lock.wait(wait)
                     else:
-                        self._lock.wait()
+                        self._idle = True
+                        try:
+                            self._lock.wait()
+                        finally:
+                            self._idle = False
                 alias = self._outbox[0].alias
             items = self.take(alias)
             if not items:
