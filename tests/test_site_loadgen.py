@@ -23,6 +23,8 @@ from support import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
+from django_scale.metrics.recording import queue_seconds  # noqa: E402
+
 from benchmarks.site.loadgen import (  # noqa: E402
     Record,
     Request,
@@ -38,6 +40,16 @@ def application(environ, start_response):
     body = b"ok " + environ["PATH_INFO"].encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+"""
+#: Writes, per request, the X-Request-Start it got and when (its clock: the same machine's).
+STAMPED_APP = """
+import time
+
+def application(environ, start_response):
+    with open("stamps.log", "a") as log:
+        log.write(f"{environ.get('HTTP_X_REQUEST_START', '-')} {time.time()!r}\\n")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
 """
 PAUSE = 2.0
 RATE = 100.0
@@ -56,7 +68,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    (tmp_path / "tinyapp.py").write_text(APP)
+    yield from _serve(tmp_path, APP)
+
+
+def _serve(tmp_path: Path, app: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    (tmp_path / "tinyapp.py").write_text(app)
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
@@ -104,6 +120,25 @@ def _pause_during(server: subprocess.Popen[bytes], after: float) -> list[float]:
 
 def _request(i: int) -> Request:
     return Request("tiny", f"/page/{i}/")
+
+
+def test_each_request_carries_its_send_time_in_the_format_metrics_middleware_reads(tmp_path: Path) -> None:
+    """The server's latency + queue time spans what the generator measures: the stamp is the send time."""
+    for port, _ in _serve(tmp_path, STAMPED_APP):
+        before = time.time()
+        records = open_loop("127.0.0.1", port, _request, rate=50.0, duration=1.0)
+        after = time.time()
+    lines = (tmp_path / "stamps.log").read_text().splitlines()
+    assert len(records) == len(lines) == 50 and {record.status for record in records} == {200}
+    longest = max(record.service_time for record in records)
+    for line in lines:
+        header, arrived = line.split()
+        assert header.startswith("t=") and header[2:].isdigit(), line
+        sent = int(header[2:]) / 1e6
+        assert before <= sent <= float(arrived) <= after, line
+        # MetricsMiddleware's parser reads the same send time: the queue time it records.
+        assert queue_seconds(header, float(arrived)) == pytest.approx(float(arrived) - sent, abs=1e-6)
+        assert float(arrived) - sent <= longest
 
 
 @pytest.mark.once
