@@ -282,7 +282,8 @@ def floor(server: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-site-floor-{server}-")))
         port = free_port()
         command = server_command(server, FLOOR_APPS[server], workers, port, Path(__file__).resolve().parent)
-        app_server = _start(command, dict(os.environ), log_dir / "server.log")
+        env = {**os.environ, "BENCH_SITE_FLOOR_LOG": str(log_dir / "arrivals.log")}
+        app_server = _start(command, env, log_dir / "server.log")
         stack.callback(_stop, app_server)
         running = Deployment(
             "floor", "127.0.0.1", port, app_server, None, "", log_dir, workers, None, None, server

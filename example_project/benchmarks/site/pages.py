@@ -104,8 +104,24 @@ def probe_floor(running: Deployment, seconds: float) -> dict[str, Any]:
         running.host, running.port, lambda i: Request("floor", "/"), connections=1, duration=seconds
     )
     service = [record.service_time for record in records if record.status == 200]
-    return {"server": running.kind, "requests": len(records), "errors": len(records) - len(service),
-            **_quantiles(service)}  # fmt: skip
+    figures: dict[str, Any] = {
+        "server": running.kind,
+        "requests": len(records),
+        "errors": len(records) - len(service),
+        **_quantiles(service),
+    }
+    # Each request's arrival at the application (the floor's log), paired in order with its
+    # record (one client: one request after another): before the application, and after it.
+    arrivals = (running.log_dir / "arrivals.log").read_text().splitlines()
+    before, after = [], []
+    for record, line in zip(records, arrivals, strict=False):
+        stamp, arrived = line.split()
+        if record.status == 200 and stamp.startswith("t="):
+            queued = float(arrived) - int(stamp[2:]) / 1e6
+            before.append(queued)
+            after.append(record.service_time - queued)
+    figures["before the app"], figures["after the app"] = _quantiles(before), _quantiles(after)
+    return figures
 
 
 def probe_pages(
@@ -148,6 +164,11 @@ def probe_pages(
             figures["server + queue"] = {
                 key: (value or 0.0) + (figures["queue"][key] or 0.0)
                 for key, value in figures["server side"].items()
+            }
+            # What neither the middleware nor the queue time covers (compare the floor's "after").
+            figures["rest"] = {
+                key: None if total is None else figures["generator"][key] - total
+                for key, total in figures["server + queue"].items()
             }
         results[page] = figures
     if metrics is not None:

@@ -126,9 +126,10 @@ def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
             rows.append(
                 [config, page, probe["all"]["requests"], f"{server['primary_queries_per_request']:.2f}",
                  f"{server['replica_queries_per_request']:.2f}", _ms(generator["p50"]), _ms(generator["p99"]),
-                 *(("-",) * 6 if not inside or not total else
+                 *(("-",) * 7 if not inside or not total else
                    (_ms(inside["p50"]), _ms(inside["p99"]), _ms(total["p50"]), _ms(total["p99"]),
-                    _difference(total["p50"], generator["p50"]), _difference(total["p99"], generator["p99"])))]
+                    _difference(total["p50"], generator["p50"]), _difference(total["p99"], generator["p99"]),
+                    _ms(probe["rest"]["p50"])))]
             )  # fmt: skip
     print_table(
         out,
@@ -136,15 +137,18 @@ def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
         " against MetricsMiddleware's latency, and its latency + queue time (from X-Request-Start,"
         " the generator's send time; scale only; ms)",
         ["config", "page", "requests", "primary q", "replica q", "gen p50", "gen p99",
-         "server p50", "server p99", "+queue p50", "+queue p99", "p50 diff", "p99 diff"],
+         "server p50", "server p99", "+queue p50", "+queue p99", "p50 diff", "p99 diff", "rest p50"],
         rows,
     )  # fmt: skip
     if "floor" in results:
         print_table(
             out,
-            "The floor: a no-op application under each app server, one client (the generator's service time, ms)",
-            ["server", "requests", "errors", "p50", "p90", "p99"],
-            [[server, f["requests"], f["errors"], _ms(f["p50"]), _ms(f["p90"]), _ms(f["p99"])]
+            "The floor: a no-op application under each app server, one client: the generator's service"
+            " time, and its part before the application (from X-Request-Start: the queue time) and after it (ms)",
+            ["server", "requests", "errors", "p50", "p99", "before p50", "before p99", "after p50", "after p99"],
+            [[server, f["requests"], f["errors"], _ms(f["p50"]), _ms(f["p99"]),
+              _ms(f["before the app"]["p50"]), _ms(f["before the app"]["p99"]),
+              _ms(f["after the app"]["p50"]), _ms(f["after the app"]["p99"])]
              for server, f in results["floor"].items()],
         )  # fmt: skip
 
