@@ -231,3 +231,22 @@ def test_capacity_search_climbs_while_every_step_passes_and_errors_fail_a_step()
     # Fast answers, but errors: no step passes, and the capacity is 0.
     assert [step["passed"] for step in nothing["steps"]] == [False, False]
     assert nothing["rate"] == 0.0
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+def test_the_floor_splits_each_request_at_the_no_op_application(server: str) -> None:
+    """The floor under each app server: every request answered, its service time split at the app."""
+    from benchmarks.site.deploy import floor
+    from benchmarks.site.pages import probe_floor
+
+    with floor(server, workers=1) as running:
+        figures = probe_floor(running, 1.0)
+        arrivals = (running.log_dir / "arrivals.log").read_text().splitlines()
+    assert figures["server"] == server and figures["errors"] == 0
+    # One line per request, each stamped by the generator, paired with its record in order.
+    assert figures["requests"] == len(arrivals) > 10
+    assert all(line.startswith("t=") for line in arrivals)
+    for key in ("p50", "p90", "p99"):
+        before, after = figures["before the app"][key], figures["after the app"][key]
+        assert 0 <= before <= figures["p99"] and 0 < after <= figures["p99"], (key, figures)
+    assert figures["before the app"]["p50"] + figures["after the app"]["p50"] <= 2 * figures["p50"]

@@ -164,6 +164,9 @@ class Deployment:
 
     def worker_pids(self) -> list[int]:
         """Return the pids of the app server's workers (the master's children)."""
+        if self.kind == "uvicorn" and self.workers == 1:
+            # One uvicorn worker is the process itself: no supervisor.
+            return [self.server.pid]
         path = Path(f"/proc/{self.server.pid}/task/{self.server.pid}/children")
         return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
