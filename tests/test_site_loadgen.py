@@ -250,3 +250,47 @@ def test_the_floor_splits_each_request_at_the_no_op_application(server: str) -> 
         before, after = figures["before the app"][key], figures["after the app"][key]
         assert 0 <= before <= figures["p99"] and 0 < after <= figures["p99"], (key, figures)
     assert figures["before the app"]["p50"] + figures["after the app"]["p50"] <= 2 * figures["p50"]
+
+
+def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    """uvicorn closes a keep-alive connection idle past its timeout: the next request opens another.
+
+    Before, the generator wrote onto the closed connection and recorded a request with no answer
+    (found by the ASGI run: uvicorn's default is 5 s, a phase of the quick run 8 s).
+    """
+    import asyncio
+
+    from benchmarks.site.deploy import EXAMPLE_PROJECT, free_port
+    from benchmarks.site.loadgen import _exchange, _Pool
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "floor:asgi", "--app-dir", str(EXAMPLE_PROJECT / "benchmarks" / "site"),
+         "--port", str(port), "--timeout-keep-alive", "1", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(answers, "uvicorn answering", timeout=60)
+
+        async def twice() -> tuple[tuple[int, int], tuple[int, int], int]:
+            pool = _Pool("127.0.0.1", port)
+            first = await _exchange(pool, Request("floor", "/"))
+            await asyncio.sleep(2.5)  # the server closes the idle connection after 1 s
+            second = await _exchange(pool, Request("floor", "/"))
+            pool.close()
+            return first, second, pool.opened
+
+        first, second, opened = asyncio.run(twice())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert first[0] == second[0] == 200
+    assert opened == 2

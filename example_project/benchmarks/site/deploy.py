@@ -49,6 +49,10 @@ DROPPED = ("DJANGO_SCALE_EXAMPLE_HARNESS", "REPLICA2_URL", "LEGACY_DATABASE_URL"
 #: The app servers, each with the application it serves of the example project's: gunicorn's
 #: sync workers (WSGI) and uvicorn's (ASGI; Django runs the sync views in a thread of each).
 SERVERS = {"gunicorn": "newsroom.wsgi:application", "uvicorn": "newsroom.asgi:application"}
+#: Seconds uvicorn keeps an idle connection open: longer than any phase of the run, as an app
+#: server behind a proxy keeps it longer than the proxy does. Its default, 5 s, closed the
+#: generator's idle pooled connections under it (gunicorn's sync workers close each one).
+KEEP_ALIVE = 120
 #: The no-op applications of :mod:`~benchmarks.site.floor`, per app server.
 FLOOR_APPS = {"gunicorn": "floor:wsgi", "uvicorn": "floor:asgi"}
 
@@ -61,7 +65,8 @@ def server_command(server: str, app: str, workers: int, port: int, app_dir: Path
         return command + (["--chdir", str(app_dir)] if app_dir else [])
     if server == "uvicorn":
         command = [sys.executable, "-m", "uvicorn", app, "--workers", str(workers), "--host", "127.0.0.1",
-                   "--port", str(port), "--backlog", "2048", "--log-level", "warning", "--no-access-log",
+                   "--port", str(port), "--backlog", "2048", "--timeout-keep-alive", str(KEEP_ALIVE),
+                   "--log-level", "warning", "--no-access-log",
                    "--lifespan", "off"]  # fmt: skip
         return command + (["--app-dir", str(app_dir)] if app_dir else [])
     raise ValueError(f"unknown app server {server!r} (one of {', '.join(SERVERS)})")

@@ -116,8 +116,12 @@ class _Pool:
     opened: int = 0
 
     async def take(self) -> _Connection:
-        if self.idle:
-            return self.idle.pop()
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.reader.at_eof():
+                return connection
+            # The server closed it while it was idle: not this request's failure.
+            connection.close()
         reader, writer = await asyncio.open_connection(self.host, self.port)
         self.opened += 1
         return _Connection(reader, writer)
