@@ -392,6 +392,30 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
     # The sniper cancelled the runaway query (it sleeps for an hour otherwise).
     assert faults["faults"][-1]["notes"]["sniped"] >= 1
     assert faults["canary"]["ok"] > 0
+    # The ASGI run: django-scale under uvicorn at the WSGI run's fixed rates, all answered.
+    asgi = figures["asgi"]
+    assert asgi["server"] == "uvicorn" and configs["scale"]["server"] == "gunicorn"
+    for load, rate in zip(("open 50%", "open 80%"), figures["rates"], strict=True):
+        assert asgi[load]["rate"] == rate
+        assert asgi[load]["all"]["requests"] == max(1, round(rate * figures["durations"]["open"]))
+        assert asgi[load]["all"]["errors"] == 0, asgi[load]["statuses"]
+    for pid in asgi["pids"]:
+        assert not Path(f"/proc/{pid}").exists() or "newsroom" not in Path(f"/proc/{pid}/cmdline").read_text()
+    # Server against generator: every probed request was stamped with its send time, so the
+    # server recorded a queue time for each; latency + queue time is beside the generator's.
+    for run in (configs["scale"], asgi):
+        for page, probe in run["pages"].items():
+            assert probe["server"]["metrics_requests"] == probe["all"]["requests"] > 0, page
+            assert probe["server"]["metrics_queued"] == probe["server"]["metrics_requests"], page
+            assert probe["server side"]["p50"] <= probe["server + queue"]["p50"], page
+    # The floor: a no-op app under each app server answered every request.
+    assert set(figures["floor"]) == {"gunicorn", "uvicorn"}
+    for floor in figures["floor"].values():
+        assert floor["requests"] > 0 and floor["errors"] == 0 and 0 < floor["p50"] <= floor["p99"]
+    # Each phase's seconds, and an estimate of the full run's.
+    phases = [row["phase"] for row in figures["phases"]["phases"]]
+    assert phases[0] == "seed" and "scale (uvicorn): open 80%" in phases and "floor (uvicorn)" in phases
+    assert figures["phases"]["full run estimate without seeding"] > figures["seconds"]
     server = {name: config["closed loop"]["server"] for name, config in configs.items()}
     # Stock reads everything from the primary, row by row; the other two read from the replica.
     assert server["stock"]["replica_queries_per_request"] == 0

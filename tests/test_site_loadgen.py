@@ -23,6 +23,8 @@ from support import wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
+from django_scale.metrics.recording import queue_seconds  # noqa: E402
+
 from benchmarks.site.loadgen import (  # noqa: E402
     Record,
     Request,
@@ -38,6 +40,16 @@ def application(environ, start_response):
     body = b"ok " + environ["PATH_INFO"].encode()
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
+"""
+#: Writes, per request, the X-Request-Start it got and when (its clock: the same machine's).
+STAMPED_APP = """
+import time
+
+def application(environ, start_response):
+    with open("stamps.log", "a") as log:
+        log.write(f"{environ.get('HTTP_X_REQUEST_START', '-')} {time.time()!r}\\n")
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
 """
 PAUSE = 2.0
 RATE = 100.0
@@ -56,7 +68,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture
 def gunicorn(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    (tmp_path / "tinyapp.py").write_text(APP)
+    yield from _serve(tmp_path, APP)
+
+
+def _serve(tmp_path: Path, app: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    (tmp_path / "tinyapp.py").write_text(app)
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
@@ -104,6 +120,25 @@ def _pause_during(server: subprocess.Popen[bytes], after: float) -> list[float]:
 
 def _request(i: int) -> Request:
     return Request("tiny", f"/page/{i}/")
+
+
+def test_each_request_carries_its_send_time_in_the_format_metrics_middleware_reads(tmp_path: Path) -> None:
+    """The server's latency + queue time spans what the generator measures: the stamp is the send time."""
+    for port, _ in _serve(tmp_path, STAMPED_APP):
+        before = time.time()
+        records = open_loop("127.0.0.1", port, _request, rate=50.0, duration=1.0)
+        after = time.time()
+    lines = (tmp_path / "stamps.log").read_text().splitlines()
+    assert len(records) == len(lines) == 50 and {record.status for record in records} == {200}
+    longest = max(record.service_time for record in records)
+    for line in lines:
+        header, arrived = line.split()
+        assert header.startswith("t=") and header[2:].isdigit(), line
+        sent = int(header[2:]) / 1e6
+        assert before <= sent <= float(arrived) <= after, line
+        # MetricsMiddleware's parser reads the same send time: the queue time it records.
+        assert queue_seconds(header, float(arrived)) == pytest.approx(float(arrived) - sent, abs=1e-6)
+        assert float(arrived) - sent <= longest
 
 
 @pytest.mark.once
@@ -196,3 +231,66 @@ def test_capacity_search_climbs_while_every_step_passes_and_errors_fail_a_step()
     # Fast answers, but errors: no step passes, and the capacity is 0.
     assert [step["passed"] for step in nothing["steps"]] == [False, False]
     assert nothing["rate"] == 0.0
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn"])
+def test_the_floor_splits_each_request_at_the_no_op_application(server: str) -> None:
+    """The floor under each app server: every request answered, its service time split at the app."""
+    from benchmarks.site.deploy import floor
+    from benchmarks.site.pages import probe_floor
+
+    with floor(server, workers=1) as running:
+        figures = probe_floor(running, 1.0)
+        arrivals = (running.log_dir / "arrivals.log").read_text().splitlines()
+    assert figures["server"] == server and figures["errors"] == 0
+    # One line per request, each stamped by the generator, paired with its record in order.
+    assert figures["requests"] == len(arrivals) > 10
+    assert all(line.startswith("t=") for line in arrivals)
+    for key in ("p50", "p90", "p99"):
+        before, after = figures["before the app"][key], figures["after the app"][key]
+        assert 0 <= before <= figures["p99"] and 0 < after <= figures["p99"], (key, figures)
+    assert figures["before the app"]["p50"] + figures["after the app"]["p50"] <= 2 * figures["p50"]
+
+
+def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    """uvicorn closes a keep-alive connection idle past its timeout: the next request opens another.
+
+    Before, the generator wrote onto the closed connection and recorded a request with no answer
+    (found by the ASGI run: uvicorn's default is 5 s, a phase of the quick run 8 s).
+    """
+    import asyncio
+
+    from benchmarks.site.deploy import EXAMPLE_PROJECT, free_port
+    from benchmarks.site.loadgen import _exchange, _Pool
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "floor:asgi", "--app-dir", str(EXAMPLE_PROJECT / "benchmarks" / "site"),
+         "--port", str(port), "--timeout-keep-alive", "1", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+
+        def answers() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(answers, "uvicorn answering", timeout=60)
+
+        async def twice() -> tuple[tuple[int, int], tuple[int, int], int]:
+            pool = _Pool("127.0.0.1", port)
+            first = await _exchange(pool, Request("floor", "/"))
+            await asyncio.sleep(2.5)  # the server closes the idle connection after 1 s
+            second = await _exchange(pool, Request("floor", "/"))
+            pool.close()
+            return first, second, pool.opened
+
+        first, second, opened = asyncio.run(twice())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert first[0] == second[0] == 200
+    assert opened == 2

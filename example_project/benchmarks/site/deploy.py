@@ -1,4 +1,4 @@
-"""The deployment ``bench site`` measures: the example project under gunicorn, and a Celery worker.
+"""The deployment ``bench site`` measures: the example project under gunicorn (or uvicorn), and Celery.
 
 The PostgreSQL primary and its streaming replica are the ones this process's settings point
 at (the test harness's, with ``DJANGO_SCALE_EXAMPLE_HARNESS=1``). :func:`deployment` starts,
@@ -7,8 +7,12 @@ for one configuration (``stock``, ``tuned``, ``scale``; see ``news.configs``):
 * two Redis servers of its own, the cache and the Celery broker (:class:`RedisServer`: each a
   part that a fault can stop or freeze alone; and each configuration starts with an empty cache,
   as a fresh deployment does);
-* gunicorn with sync workers, serving ``newsroom.wsgi`` on a free local port;
+* the app server on a free local port (:data:`SERVERS`): gunicorn with sync workers serving
+  ``newsroom.wsgi``, or, for the ASGI run, uvicorn's workers serving ``newsroom.asgi``;
 * a real ``celery -A newsroom worker`` on the broker (django-scale's refills run there).
+
+:func:`floor` serves a no-op application (:mod:`~benchmarks.site.floor`) under the same app
+server, alone: what the server, the socket and the generator cost with no Django at all.
 
 Both get the configuration through ``DJANGO_SCALE_EXAMPLE_CONFIG`` and the services through
 the same environment variables the settings read; each runs in a process group of its own,
@@ -31,7 +35,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Deployment", "RedisServer", "deployment"]
+__all__ = ["SERVERS", "Deployment", "RedisServer", "deployment", "floor"]
 
 EXAMPLE_PROJECT = Path(__file__).resolve().parent.parent.parent
 #: Sync workers for a 2-core machine: one more than the cores, so a worker waiting on the
@@ -42,6 +46,30 @@ GRACE = 10.0
 #: The variables of this process that the children must not inherit: the harness (each child
 #: would start services of its own) and the aliases `bench site` does not use.
 DROPPED = ("DJANGO_SCALE_EXAMPLE_HARNESS", "REPLICA2_URL", "LEGACY_DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+#: The app servers, each with the application it serves of the example project's: gunicorn's
+#: sync workers (WSGI) and uvicorn's (ASGI; Django runs the sync views in a thread of each).
+SERVERS = {"gunicorn": "newsroom.wsgi:application", "uvicorn": "newsroom.asgi:application"}
+#: Seconds uvicorn keeps an idle connection open: longer than any phase of the run, as an app
+#: server behind a proxy keeps it longer than the proxy does. Its default, 5 s, closed the
+#: generator's idle pooled connections under it (gunicorn's sync workers close each one).
+KEEP_ALIVE = 120
+#: The no-op applications of :mod:`~benchmarks.site.floor`, per app server.
+FLOOR_APPS = {"gunicorn": "floor:wsgi", "uvicorn": "floor:asgi"}
+
+
+def server_command(server: str, app: str, workers: int, port: int, app_dir: Path | None = None) -> list[str]:
+    """Return the command that serves *app* with *workers* of *server* on 127.0.0.1:*port*."""
+    if server == "gunicorn":
+        command = [sys.executable, "-m", "gunicorn", app, "--worker-class", "sync", "--workers", str(workers),
+                   "--bind", f"127.0.0.1:{port}", "--backlog", "2048", "--timeout", "120", "--log-level", "warning"]  # fmt: skip
+        return command + (["--chdir", str(app_dir)] if app_dir else [])
+    if server == "uvicorn":
+        command = [sys.executable, "-m", "uvicorn", app, "--workers", str(workers), "--host", "127.0.0.1",
+                   "--port", str(port), "--backlog", "2048", "--timeout-keep-alive", str(KEEP_ALIVE),
+                   "--log-level", "warning", "--no-access-log",
+                   "--lifespan", "off"]  # fmt: skip
+        return command + (["--app-dir", str(app_dir)] if app_dir else [])
+    raise ValueError(f"unknown app server {server!r} (one of {', '.join(SERVERS)})")
 
 
 def free_port() -> int:
@@ -128,21 +156,27 @@ class Deployment:
     config: str
     host: str
     port: int
-    gunicorn: subprocess.Popen[bytes]
-    celery: subprocess.Popen[bytes]
+    #: The app server's master process (gunicorn's arbiter, uvicorn's supervisor).
+    server: subprocess.Popen[bytes]
+    celery: subprocess.Popen[bytes] | None
     metrics_dir: str
     log_dir: Path
     workers: int
-    cache: RedisServer
-    broker: RedisServer
+    cache: RedisServer | None
+    broker: RedisServer | None
+    #: Which app server (a key of :data:`SERVERS`).
+    kind: str = "gunicorn"
 
     def worker_pids(self) -> list[int]:
-        """Return the pids of gunicorn's workers (the master's children)."""
-        path = Path(f"/proc/{self.gunicorn.pid}/task/{self.gunicorn.pid}/children")
+        """Return the pids of the app server's workers (the master's children)."""
+        if self.kind == "uvicorn" and self.workers == 1:
+            # One uvicorn worker is the process itself: no supervisor.
+            return [self.server.pid]
+        path = Path(f"/proc/{self.server.pid}/task/{self.server.pid}/children")
         return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
     def cpu_seconds(self) -> float:
-        """Return the CPU time (user + system) gunicorn's workers have used so far."""
+        """Return the CPU time (user + system) the app server's workers have used so far."""
         ticks = os.sysconf("SC_CLK_TCK")
         total = 0
         for pid in self.worker_pids():
@@ -156,7 +190,7 @@ class Deployment:
     def logs(self) -> str:
         """Return the tail of both processes' logs (for an error message)."""
         parts = []
-        for name in ("gunicorn.log", "celery.log"):
+        for name in ("server.log", "celery.log"):
             path = self.log_dir / name
             if path.exists():
                 parts.append(f"--- {name}\n" + path.read_text(errors="replace")[-4000:])
@@ -192,11 +226,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 def _wait_until_serving(deployment: Deployment, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if deployment.gunicorn.poll() is not None:
+        if deployment.server.poll() is not None:
             raise RuntimeError(
-                f"gunicorn exited with status {deployment.gunicorn.returncode}\n{deployment.logs()}"
+                f"{deployment.kind} exited with status {deployment.server.returncode}\n{deployment.logs()}"
             )
-        if deployment.celery.poll() is not None:
+        if deployment.celery is not None and deployment.celery.poll() is not None:
             raise RuntimeError(
                 f"the Celery worker exited with status {deployment.celery.returncode}\n{deployment.logs()}"
             )
@@ -207,19 +241,19 @@ def _wait_until_serving(deployment: Deployment, timeout: float = 120.0) -> None:
         except OSError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"gunicorn did not serve within {timeout:.0f} s\n{deployment.logs()}")
+    raise RuntimeError(f"{deployment.kind} did not serve within {timeout:.0f} s\n{deployment.logs()}")
 
 
 @contextmanager
-def deployment(config: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
-    """Run the example project in *config* under gunicorn, with a Celery worker, for the block."""
+def deployment(config: str, *, workers: int = WORKERS, server: str = "gunicorn") -> Iterator[Deployment]:
+    """Run the example project in *config* under *server*, with a Celery worker, for the block."""
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-site-{config}-")))
         metrics_dir = str(log_dir / "metrics")
         cache, broker = RedisServer(log_dir, "cache"), RedisServer(log_dir, "broker")
-        for server in (cache, broker):
-            stack.callback(server.stop)
-            server.start()
+        for redis in (cache, broker):
+            stack.callback(redis.stop)
+            redis.start()
         env = child_env(config, metrics_dir, cache.url, broker.url)
         port = free_port()
         celery = _start(
@@ -228,15 +262,39 @@ def deployment(config: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
             env, log_dir / "celery.log",
         )  # fmt: skip
         stack.callback(_stop, celery)
-        gunicorn = _start(
-            [sys.executable, "-m", "gunicorn", "newsroom.wsgi:application", "--worker-class", "sync",
-             "--workers", str(workers), "--bind", f"127.0.0.1:{port}", "--backlog", "2048",
-             "--timeout", "120", "--log-level", "warning"],
-            env, log_dir / "gunicorn.log",
-        )  # fmt: skip
-        stack.callback(_stop, gunicorn)
+        app_server = _start(
+            server_command(server, SERVERS[server], workers, port), env, log_dir / "server.log"
+        )
+        stack.callback(_stop, app_server)
         running = Deployment(
-            config, "127.0.0.1", port, gunicorn, celery, metrics_dir, log_dir, workers, cache, broker
+            config,
+            "127.0.0.1",
+            port,
+            app_server,
+            celery,
+            metrics_dir,
+            log_dir,
+            workers,
+            cache,
+            broker,
+            server,
+        )
+        _wait_until_serving(running)
+        yield running
+
+
+@contextmanager
+def floor(server: str, *, workers: int = WORKERS) -> Iterator[Deployment]:
+    """Serve :mod:`~benchmarks.site.floor`'s no-op application under *server*, alone, for the block."""
+    with ExitStack() as stack:
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-site-floor-{server}-")))
+        port = free_port()
+        command = server_command(server, FLOOR_APPS[server], workers, port, Path(__file__).resolve().parent)
+        env = {**os.environ, "BENCH_SITE_FLOOR_LOG": str(log_dir / "arrivals.log")}
+        app_server = _start(command, env, log_dir / "server.log")
+        stack.callback(_stop, app_server)
+        running = Deployment(
+            "floor", "127.0.0.1", port, app_server, None, "", log_dir, workers, None, None, server
         )
         _wait_until_serving(running)
         yield running

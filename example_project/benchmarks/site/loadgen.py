@@ -15,6 +15,11 @@ Closed loop (``closed_loop``): *connections* clients each send their next reques
 the last one answered, for a fixed time: the capacity of the server, and the naive latency
 figure (a stall shows as one slow request per connection, however long it lasts).
 
+Every request carries ``X-Request-Start: t=<µs>``, the wall-clock time it went out on the wire,
+as a proxy in front of the app server would send it: ``MetricsMiddleware`` records the time from
+it to the request's start in Django as the queue time, so that the server's latency plus queue
+time and the generator's figure measure the same span (same clock, same machine).
+
 Each request is recorded (:class:`Record`): page name, intended time, start, end, status and
 bytes received; percentiles are exact, from the records (nearest rank).
 """
@@ -55,9 +60,14 @@ class Request:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
 
-    def encode(self, host: str) -> bytes:
-        """Return the request as bytes on the wire (HTTP/1.1, keep-alive)."""
+    def encode(self, host: str, sent: float | None = None) -> bytes:
+        """Return the request as bytes on the wire (HTTP/1.1, keep-alive).
+
+        *sent*, a ``time.time()``, goes out as ``X-Request-Start: t=<microseconds>``.
+        """
         lines = [f"{self.method} {self.path} HTTP/1.1", f"Host: {host}", "Connection: keep-alive"]
+        if sent is not None:
+            lines.append(f"X-Request-Start: t={round(sent * 1_000_000)}")
         lines += [f"{name}: {value}" for name, value in self.headers]
         if self.body or self.method != "GET":
             lines.append(f"Content-Length: {len(self.body)}")
@@ -106,8 +116,12 @@ class _Pool:
     opened: int = 0
 
     async def take(self) -> _Connection:
-        if self.idle:
-            return self.idle.pop()
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.reader.at_eof():
+                return connection
+            # The server closed it while it was idle: not this request's failure.
+            connection.close()
         reader, writer = await asyncio.open_connection(self.host, self.port)
         self.opened += 1
         return _Connection(reader, writer)
@@ -147,7 +161,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
 async def _exchange(pool: _Pool, request: Request) -> tuple[int, int]:
     connection = await pool.take()
     try:
-        connection.writer.write(request.encode(pool.host))
+        connection.writer.write(request.encode(pool.host, time.time()))
         await connection.writer.drain()
         status, size, keep_alive = await _read_response(connection.reader)
     except BaseException:

@@ -7,7 +7,13 @@ one client nothing waits in gunicorn's backlog, so the generator's service times
 latencies ``MetricsMiddleware`` recorded inside Django (the ``scale`` configuration) measure
 the same requests. The server side is read from the deployment's metrics file: the per-minute
 sketches of every ``request`` series after the probe, less those before it (sketches add by
-bucket, so they subtract too), are exactly the probe's requests.
+bucket, so they subtract too), are exactly the probe's requests; the ``queue`` series the same
+way, the time from the generator's ``X-Request-Start`` (its send time) to the request's start in
+Django. The server's latency plus its queue time spans what the generator's service time does,
+but the last part of the answer: from the middleware's end to the last byte at the generator.
+
+:func:`probe_floor` measures the same way a no-op application under the same app server: the
+floor under any agreement, what the server, the socket and the generator cost with no Django.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from benchmarks.site.deploy import Deployment
 from benchmarks.site.loadgen import Record, Request, closed_loop, percentile
 from benchmarks.site.mix import PAGES, Mix
 
-__all__ = ["QUANTILES", "page_requests", "probe_pages", "server_latencies", "sketch_difference"]
+__all__ = [
+    "QUANTILES",
+    "page_requests",
+    "probe_floor",
+    "probe_pages",
+    "server_latencies",
+    "sketch_difference",
+]
 
 #: The percentiles compared, server against generator.
 QUANTILES = (0.5, 0.9, 0.99)
@@ -66,16 +79,49 @@ class _Requests:
         self.store = SlotStore(running.metrics_dir, slots, series, memory)
 
     def history(self) -> dict[str, dict[int, Sketch]]:
-        names = [name for name in self.store.names(True) if name.startswith(f"request{SEP}")]
+        names = [name for name in self.store.names(True) if name.startswith((f"request{SEP}", f"queue{SEP}"))]
         return self.store.history(names)
 
 
-def server_latencies(before: dict[str, dict[int, Sketch]], after: dict[str, dict[int, Sketch]]) -> Sketch:
-    """The latencies recorded between two readings of the request series, all routes in one."""
+def server_latencies(
+    before: dict[str, dict[int, Sketch]], after: dict[str, dict[int, Sketch]], series: str = "request"
+) -> Sketch:
+    """The values of *series* (``request``, ``queue``) recorded between two readings, all routes in one."""
     total = Sketch()
     for name, minutes in after.items():
-        total.merge(sketch_difference(minutes, before.get(name, {})))
+        if name.startswith(f"{series}{SEP}"):
+            total.merge(sketch_difference(minutes, before.get(name, {})))
     return total
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q * 100:g}": percentile(values, q) for q in QUANTILES}
+
+
+def probe_floor(running: Deployment, seconds: float) -> dict[str, Any]:
+    """One client against :func:`~benchmarks.site.deploy.floor`'s no-op app: the generator's figures."""
+    records = closed_loop(
+        running.host, running.port, lambda i: Request("floor", "/"), connections=1, duration=seconds
+    )
+    service = [record.service_time for record in records if record.status == 200]
+    figures: dict[str, Any] = {
+        "server": running.kind,
+        "requests": len(records),
+        "errors": len(records) - len(service),
+        **_quantiles(service),
+    }
+    # Each request's arrival at the application (the floor's log), paired in order with its
+    # record (one client: one request after another): before the application, and after it.
+    arrivals = (running.log_dir / "arrivals.log").read_text().splitlines()
+    before, after = [], []
+    for record, line in zip(records, arrivals, strict=False):
+        stamp, arrived = line.split()
+        if record.status == 200 and stamp.startswith("t="):
+            queued = float(arrived) - int(stamp[2:]) / 1e6
+            before.append(queued)
+            after.append(record.service_time - queued)
+    figures["before the app"], figures["after the app"] = _quantiles(before), _quantiles(after)
+    return figures
 
 
 def probe_pages(
@@ -105,11 +151,25 @@ def probe_pages(
 
         figures = measured(running, f"{page} alone", load, seconds)
         service = [record.service_time for record in records if 0 < record.status < 500]
-        figures["generator"] = {f"p{q * 100:g}": percentile(service, q) for q in QUANTILES}
+        figures["generator"] = _quantiles(service)
         if metrics is not None:
-            server = server_latencies(before, metrics.history())
+            after = metrics.history()
+            server, queue = server_latencies(before, after), server_latencies(before, after, "queue")
             figures["server"]["metrics_requests"] = server.count
+            figures["server"]["metrics_queued"] = queue.count
             figures["server side"] = {f"p{q * 100:g}": server.quantile(q) for q in QUANTILES}
+            figures["queue"] = {f"p{q * 100:g}": queue.quantile(q) for q in QUANTILES}
+            # Percentile by percentile: with one client the queue time hardly varies, so the
+            # sum of the two percentiles is close to the percentile of the sums.
+            figures["server + queue"] = {
+                key: (value or 0.0) + (figures["queue"][key] or 0.0)
+                for key, value in figures["server side"].items()
+            }
+            # What neither the middleware nor the queue time covers (compare the floor's "after").
+            figures["rest"] = {
+                key: None if total is None else figures["generator"][key] - total
+                for key, total in figures["server + queue"].items()
+            }
         results[page] = figures
     if metrics is not None:
         metrics.store.release()

@@ -30,7 +30,8 @@ import platform
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -40,13 +41,14 @@ from django.db import connections
 from django_scale.conf import conf
 from django_scale.replicas import monitor
 
-from benchmarks import print_table, require_replica
-from benchmarks.site.deploy import WORKERS, Deployment, deployment
+from benchmarks import require_replica
+from benchmarks.site.deploy import SERVERS, WORKERS, Deployment, deployment, floor
 from benchmarks.site.faults import Canary, faults, run_fault
-from benchmarks.site.loadgen import P99_LIMIT, Record, capacity_search, closed_loop, open_loop, summarise
+from benchmarks.site.loadgen import Record, capacity_search, closed_loop, open_loop, summarise
 from benchmarks.site.mix import PAGES, Mix, login
-from benchmarks.site.pages import probe_pages
+from benchmarks.site.pages import probe_floor, probe_pages
 from benchmarks.site.plots import bars_svg, timeline_svg
+from benchmarks.site.report import print_results
 from benchmarks.site.seed import STAFF, seed
 from news.models import Section
 
@@ -77,8 +79,9 @@ def _durations(quick: bool) -> dict[str, float]:
     if quick:
         return {"warm-up": 2.0, "closed loop": 6.0, "step": 3.0, "steps": 3, "open": 8.0, "probe": 1.0,
                 "fault before": 1.5, "fault during": 3.0, "fault after": 3.5}  # fmt: skip
-    return {"warm-up": 5.0, "closed loop": 20.0, "step": 10.0, "steps": 6, "open": 30.0, "probe": 5.0,
-            "fault before": 5.0, "fault during": 10.0, "fault after": 15.0}  # fmt: skip
+    # The full run within 20 minutes on a 2-core machine with seeding 1,000,000 articles (7 min).
+    return {"warm-up": 5.0, "closed loop": 15.0, "step": 8.0, "steps": 5, "open": 20.0, "probe": 3.0,
+            "fault before": 4.0, "fault during": 8.0, "fault after": 10.0}  # fmt: skip
 
 
 def _fault_configs(quick: bool) -> tuple[str, ...]:
@@ -233,186 +236,136 @@ def _measured(running: Deployment, phase: str, run_load: Any, duration: float) -
     return figures
 
 
+class _Phases:
+    """The wall seconds of each phase of the run, printed as each ends, and the full run's estimate.
+
+    Each phase knows its planned load seconds (a function of the durations): the full run's
+    estimate is each phase's measured seconds less this run's planned seconds plus the full
+    run's (what a phase costs beyond its load, starting and stopping processes, is the same).
+    """
+
+    def __init__(self, out: TextIO, durations: dict[str, float]) -> None:
+        self.out = out
+        self.durations = durations
+        self.full = _durations(False)
+        #: (phase, measured seconds, full run's estimate)
+        self.rows: list[tuple[str, float, float]] = []
+
+    @contextmanager
+    def __call__(
+        self, name: str, planned: Callable[[dict[str, float]], float] = lambda d: 0.0
+    ) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        seconds = time.monotonic() - started
+        self.rows.append((name, seconds, max(0.0, seconds - planned(self.durations)) + planned(self.full)))
+        self.out.write(f"  {name}: {seconds:.1f} s\n")
+        self.out.flush()
+
+
+def _fault_seconds(d: dict[str, float], count: int) -> float:
+    return count * (d["fault before"] + d["fault during"] + d["fault after"])
+
+
 def _one_config(
     config: str,
     articles: int,
     sections: list[tuple[int, str]],
-    durations: dict[str, float],
     rates: list[float],
     fault_configs: tuple[str, ...],
+    phases: _Phases,
+    server: str = "gunicorn",
 ) -> dict[str, Any]:
-    with deployment(config) as running:
-        session = login(running.host, running.port, *STAFF)
-        mix = Mix(articles, sections, session)
-        host, port = running.host, running.port
-        closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["warm-up"])
+    """Deploy *config* under *server* and load it. The ASGI run (uvicorn) is loaded at the WSGI
+    run's fixed rates only: no closed loop, no capacity search, no faults."""
+    durations, name = phases.durations, config if server == "gunicorn" else f"{config} ({server})"
+    # A previous configuration's faults (the replica killed and started again) broke this
+    # process's own connections: its figures' queries open new ones.
+    connections.close_all()
+    with ExitStack() as stack:
+        with phases(f"{name}: start, warm-up", lambda d: d["warm-up"]):
+            running = stack.enter_context(deployment(config, server=server))
+            session = login(running.host, running.port, *STAFF)
+            mix = Mix(articles, sections, session)
+            host, port = running.host, running.port
+            closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["warm-up"])
         result: dict[str, Any] = {
+            "server": server,
             "workers": running.workers,
             # The processes the deployment started (all stopped when it ends).
-            "pids": [running.gunicorn.pid, *running.worker_pids(), running.celery.pid],
+            "pids": [running.server.pid, *running.worker_pids(), running.celery.pid if running.celery else 0],
         }
-        result["closed loop"] = _measured(
-            running,
-            "closed loop",
-            lambda: closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["closed loop"]),
-            durations["closed loop"],
-        )
-        result["capacity"] = capacity_search(
-            lambda rate: open_loop(host, port, mix, rate=rate, duration=durations["step"]),
-            start=result["closed loop"]["all"]["throughput"],
-            steps=int(durations["steps"]),
-            step_seconds=durations["step"],
-        )
+        if server == "gunicorn":
+            with phases(f"{name}: closed loop", lambda d: d["closed loop"]):
+                result["closed loop"] = _measured(
+                    running,
+                    "closed loop",
+                    lambda: closed_loop(
+                        host, port, mix, connections=CONNECTIONS, duration=durations["closed loop"]
+                    ),
+                    durations["closed loop"],
+                )
+            with phases(f"{name}: capacity", lambda d: d["step"] * d["steps"]):
+                result["capacity"] = capacity_search(
+                    lambda rate: open_loop(host, port, mix, rate=rate, duration=durations["step"]),
+                    start=result["closed loop"]["all"]["throughput"],
+                    steps=int(durations["steps"]),
+                    step_seconds=durations["step"],
+                )
         if not rates:
             # Stock runs first: its capacity sets every configuration's open-loop rates (its
             # closed loop's throughput if no step of the search kept the p99 under the limit).
             capacity = result["capacity"]["rate"] or result["closed loop"]["all"]["throughput"]
             rates.extend(max(0.1, round(capacity * load, 2)) for load in LOADS)
         for load, rate in zip(LOADS, rates, strict=True):
-            result[f"open {load:.0%}"] = _measured(
-                running,
-                f"open loop at {rate:g}/s",
-                lambda rate=rate: open_loop(host, port, mix, rate=rate, duration=durations["open"]),
-                durations["open"],
-            )
+            with phases(f"{name}: open {load:.0%}", lambda d: d["open"]):
+                result[f"open {load:.0%}"] = _measured(
+                    running,
+                    f"open loop at {rate:g}/s",
+                    lambda rate=rate: open_loop(host, port, mix, rate=rate, duration=durations["open"]),
+                    durations["open"],
+                )
             result[f"open {load:.0%}"]["rate"] = rate
-        result["pages"] = probe_pages(running, mix, durations["probe"], _measured)
-        if config in fault_configs:
-            result["faults"] = _faults(
-                running, mix, durations, rates[0], result[f"open {LOADS[0]:.0%}"]["all"]["p99"]
-            )
+        with phases(f"{name}: pages alone", lambda d: d["probe"] * len(PAGES)):
+            result["pages"] = probe_pages(running, mix, durations["probe"], _measured)
+        if config in fault_configs and server == "gunicorn":
+            with phases(f"{name}: faults", lambda d: _fault_seconds(d, len(result["faults"]["faults"]))):
+                result["faults"] = _faults(
+                    running, mix, durations, rates[0], result[f"open {LOADS[0]:.0%}"]["all"]["p99"]
+                )
+        with phases(f"{name}: stop"):
+            stack.close()
         return result
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
+def _phase_seconds(phases: _Phases, quick: bool) -> dict[str, Any]:
+    """Each phase's seconds, and the full run's estimate from them (seeding aside: it grows
+    with ``--articles``, and a full run's seeding is measured by a full run only)."""
+    rows = [
+        {"phase": name, "seconds": seconds, "full run estimate": full} for name, seconds, full in phases.rows
+    ]
+    if quick:
+        # The full run's faults run on stock too, for contrast: as long as scale's.
+        rows += [
+            {
+                "phase": "stock: faults (full run only)",
+                "seconds": 0.0,
+                "full run estimate": row["full run estimate"],
+            }
+            for row in rows
+            if row["phase"] == "scale: faults"
+        ]
+    estimate = sum(row["full run estimate"] for row in rows if row["phase"] != "seed")
+    return {"phases": rows, "full run estimate without seeding": estimate}
 
 
-def _ratio(value: float, stock: float) -> str:
-    return f"{value / stock:.1f}x" if stock else "-"
-
-
-def _print(out: TextIO, results: dict[str, Any]) -> None:
-    rows = []
-    for config, figures in results["configs"].items():
-        for key in PHASES:
-            phase = figures[key]
-            label = key if key == "closed loop" else f"{key} ({phase['rate']:g}/s)"
-            for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
-                rows.append(
-                    [config, label, page, summary["requests"], summary["errors"], f"{summary['throughput']:.1f}",
-                     _ms(summary["p50"]), _ms(summary["p99"]), _ms(summary["p99.9"]), _ms(summary["max"])]
-                )  # fmt: skip
-    print_table(
-        out,
-        "Latency per configuration, phase and page (ms; open loop: from the intended send time)",
-        ["config", "phase", "page", "requests", "errors", "req/s", "p50", "p99", "p99.9", "max"],
-        rows,
-    )
-    rows = []
-    for config, figures in results["configs"].items():
-        for key in PHASES:
-            server = figures[key]["server"]
-            rows.append(
-                [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
-                 f"{server['primary_queries_per_request']:.2f}", f"{server['replica_queries_per_request']:.2f}",
-                 f"{server['primary_exec_ms_per_request']:.3f}", f"{server['replica_exec_ms_per_request']:.3f}",
-                 server["primary_connections_peak"], server["replica_connections_peak"]]
-            )  # fmt: skip
-    print_table(
-        out,
-        "Server side per request (gunicorn workers' CPU; pg_stat_statements calls and execution time),"
-        " and peak connections held",
-        [
-            "config",
-            "phase",
-            "app CPU ms",
-            "primary queries",
-            "replica queries",
-            "primary exec ms",
-            "replica exec ms",
-            "primary conns",
-            "replica conns",
-        ],
-        rows,
-    )
-    for config, figures in results["configs"].items():
-        for load in LOADS:
-            lag = figures[f"open {load:.0%}"]["all"]["send_lag_p99"]
-            if lag > 0.01:
-                out.write(
-                    f"\nnote: {config}, open {load:.0%}: the generator sent late (p99 {_ms(lag)} ms after the "
-                    "intended time; a busy machine): the latencies include it.\n"
-                )
-    stock = results["configs"]["stock"]
-    rows = []
-    for config, figures in results["configs"].items():
-        capacity, closed = figures["capacity"]["rate"], figures["closed loop"]["all"]["throughput"]
-        rows.append(
-            [config, f"{capacity:.1f}", _ratio(capacity, stock["capacity"]["rate"]),
-             f"{closed:.1f}", _ratio(closed, stock["closed loop"]["all"]["throughput"]),
-             "  ".join(f"{s['rate']:g}:{_ms(s['p99'])}{'' if s['passed'] else '!'}"
-                       for s in figures["capacity"]["steps"])]
-        )  # fmt: skip
-    print_table(
-        out,
-        f"Capacity: the highest fixed rate with p99 < {P99_LIMIT:g} s and no errors (open-loop steps,"
-        f" rate:p99 ms, ! failed); the closed loop's throughput ({CONNECTIONS} connections) beside it",
-        ["config", "capacity req/s", "x stock", "closed loop req/s", "x stock", "steps"],
-        rows,
-    )
-
-
-def _difference(server: float | None, generator: float) -> str:
-    return "-" if server is None else f"{(server - generator) / generator:+.1%}"
-
-
-def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
-    rows = []
-    for config, figures in results["configs"].items():
-        for page, probe in figures["pages"].items():
-            server, generator, inside = probe["server"], probe["generator"], probe.get("server side", {})
-            rows.append(
-                [config, page, probe["all"]["requests"], f"{server['primary_queries_per_request']:.2f}",
-                 f"{server['replica_queries_per_request']:.2f}", _ms(generator["p50"]), _ms(generator["p99"]),
-                 *(("-", "-", "-", "-") if not inside else
-                   (_ms(inside["p50"]), _ms(inside["p99"]), _difference(inside["p50"], generator["p50"]),
-                    _difference(inside["p99"], generator["p99"])))]
-            )  # fmt: skip
-    print_table(
-        out,
-        "Per page, sent alone by one client: queries per request, and the generator's service time"
-        " against MetricsMiddleware's latency (scale only; ms)",
-        ["config", "page", "requests", "primary q", "replica q", "gen p50", "gen p99",
-         "server p50", "server p99", "p50 diff", "p99 diff"],
-        rows,
-    )  # fmt: skip
-
-
-def _print_faults(out: TextIO, results: dict[str, Any]) -> None:
-    rows = []
-    for config, figures in results["configs"].items():
-        if "faults" not in figures:
-            continue
-        for fault in figures["faults"]["faults"]:
-            recovery = fault["recovery seconds"]
-            rows.append(
-                [config, fault["fault"], fault["5xx"], fault["no answer"], fault["errors in flight at the fault"],
-                 fault["in flight at the fault"],
-                 f"{fault['canary stale reads']}/{fault['canary rounds']}", fault["canary errors"],
-                 _ms(fault["baseline p99"]), _ms(fault["p99 during"]), _ms(fault["p99 after"]),
-                 "never" if recovery is None else f"{recovery:.1f}"]
-            )  # fmt: skip
-    if rows:
-        rate = next(f["faults"]["rate"] for f in results["configs"].values() if "faults" in f)
-        print_table(
-            out,
-            f"Faults during an open loop at {rate:g}/s (from the fault on; recovered: s after the part came"
-            " back until every 0.5 s window's p99 < 2x baseline, no errors)",
-            ["config", "fault", "5xx", "no answer", "errors in flight", "in flight", "canary stale", "canary errors",
-             "baseline p99", "p99 during", "p99 after", "recovered s"],
-            rows,
-        )  # fmt: skip
+def _floors(phases: _Phases) -> dict[str, Any]:
+    """The no-op application under each app server, one client: the floor under the agreement."""
+    found = {}
+    for server in SERVERS:
+        with phases(f"floor ({server})", lambda d: d["probe"]), floor(server) as running:
+            found[server] = probe_floor(running, phases.durations["probe"])
+    return found
 
 
 def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path: str | None = None) -> None:
@@ -420,8 +373,10 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
     require_replica(out, "site")
     articles = articles or (100_000 if quick else 1_000_000)
     durations = _durations(quick)
+    phases = _Phases(out, durations)
     started = time.monotonic()
-    counts = seed(articles)
+    with phases("seed"):
+        counts = seed(articles)
     out.write(
         f"seeded: {counts['news_article']:,} articles, {counts['news_article_tags']:,} tags of articles, "
         f"{counts['news_comment']:,} comments ({time.monotonic() - started:.0f} s)\n"
@@ -442,6 +397,7 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
         "durations": durations,
         "connections": CONNECTIONS,
         "workers": WORKERS,
+        "loads": LOADS,
         "schedule": "uniform (fixed intervals)",
         "configs": {},
     }
@@ -450,14 +406,16 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
         out.write(f"{config}: deploying and loading ...\n")
         out.flush()
         results["configs"][config] = _one_config(
-            config, articles, sections, durations, rates, _fault_configs(quick)
+            config, articles, sections, rates, _fault_configs(quick), phases
         )
     results["rates"] = rates
+    out.write("scale under uvicorn (ASGI), at the same rates: deploying and loading ...\n")
+    out.flush()
+    results["asgi"] = _one_config("scale", articles, sections, rates, (), phases, server="uvicorn")
+    results["floor"] = _floors(phases)
     results["seconds"] = time.monotonic() - started
-    _print(out, results)
-    _print_pages(out, results)
-    _print_faults(out, results)
-    out.write(f"\nwhole run: {results['seconds']:.0f} s\n")
+    results["phases"] = _phase_seconds(phases, quick)
+    print_results(out, results)
     if json_path:
         path = Path(json_path)
         path.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -1,0 +1,220 @@
+"""``bench site``'s tables on stdout, from the figures :func:`~benchmarks.site.run.run` collects.
+
+Everything printed is in the figures (``--json``): the tables only read them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TextIO
+
+from benchmarks import print_table
+from benchmarks.site.loadgen import P99_LIMIT
+
+__all__ = ["print_results"]
+
+
+def print_results(out: TextIO, results: dict[str, Any]) -> None:
+    """Print every table of a run's *results*."""
+    _print(out, results)
+    _print_asgi(out, results)
+    _print_pages(out, results)
+    _print_faults(out, results)
+    _print_phases(out, results)
+
+
+def _open_keys(results: dict[str, Any]) -> list[str]:
+    return [f"open {load:.0%}" for load in results["loads"]]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _ratio(value: float, stock: float) -> str:
+    return f"{value / stock:.1f}x" if stock else "-"
+
+
+def _print(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        for key in ("closed loop", *_open_keys(results)):
+            phase = figures[key]
+            label = key if key == "closed loop" else f"{key} ({phase['rate']:g}/s)"
+            for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
+                rows.append(
+                    [config, label, page, summary["requests"], summary["errors"], f"{summary['throughput']:.1f}",
+                     _ms(summary["p50"]), _ms(summary["p99"]), _ms(summary["p99.9"]), _ms(summary["max"])]
+                )  # fmt: skip
+    print_table(
+        out,
+        "Latency per configuration, phase and page (ms; open loop: from the intended send time)",
+        ["config", "phase", "page", "requests", "errors", "req/s", "p50", "p99", "p99.9", "max"],
+        rows,
+    )
+    rows = []
+    for config, figures in results["configs"].items():
+        for key in ("closed loop", *_open_keys(results)):
+            server = figures[key]["server"]
+            rows.append(
+                [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
+                 f"{server['primary_queries_per_request']:.2f}", f"{server['replica_queries_per_request']:.2f}",
+                 f"{server['primary_exec_ms_per_request']:.3f}", f"{server['replica_exec_ms_per_request']:.3f}",
+                 server["primary_connections_peak"], server["replica_connections_peak"]]
+            )  # fmt: skip
+    print_table(
+        out,
+        "Server side per request (gunicorn workers' CPU; pg_stat_statements calls and execution time),"
+        " and peak connections held",
+        [
+            "config",
+            "phase",
+            "app CPU ms",
+            "primary queries",
+            "replica queries",
+            "primary exec ms",
+            "replica exec ms",
+            "primary conns",
+            "replica conns",
+        ],
+        rows,
+    )
+    for config, figures in _runs(results):
+        for key in _open_keys(results):
+            lag = figures[key]["all"]["send_lag_p99"]
+            if lag > 0.01:
+                out.write(
+                    f"\nnote: {config}, {key}: the generator sent late (p99 {_ms(lag)} ms after the "
+                    "intended time; a busy machine): the latencies include it.\n"
+                )
+    stock = results["configs"]["stock"]
+    rows = []
+    for config, figures in results["configs"].items():
+        capacity, closed = figures["capacity"]["rate"], figures["closed loop"]["all"]["throughput"]
+        rows.append(
+            [config, f"{capacity:.1f}", _ratio(capacity, stock["capacity"]["rate"]),
+             f"{closed:.1f}", _ratio(closed, stock["closed loop"]["all"]["throughput"]),
+             "  ".join(f"{s['rate']:g}:{_ms(s['p99'])}{'' if s['passed'] else '!'}"
+                       for s in figures["capacity"]["steps"])]
+        )  # fmt: skip
+    print_table(
+        out,
+        f"Capacity: the highest fixed rate with p99 < {P99_LIMIT:g} s and no errors (open-loop steps,"
+        f" rate:p99 ms, ! failed); the closed loop's throughput ({results['connections']} connections) beside it",
+        ["config", "capacity req/s", "x stock", "closed loop req/s", "x stock", "steps"],
+        rows,
+    )
+
+
+def _difference(server: float | None, generator: float) -> str:
+    return "-" if server is None else f"{(server - generator) / generator:+.1%}"
+
+
+def _runs(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The WSGI configurations, and the ASGI run after them."""
+    return [
+        *results["configs"].items(),
+        *((("scale (uvicorn)", results["asgi"]),) if "asgi" in results else ()),
+    ]
+
+
+def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in _runs(results):
+        for page, probe in figures["pages"].items():
+            server, generator = probe["server"], probe["generator"]
+            inside, total = probe.get("server side"), probe.get("server + queue")
+            rows.append(
+                [config, page, probe["all"]["requests"], f"{server['primary_queries_per_request']:.2f}",
+                 f"{server['replica_queries_per_request']:.2f}", _ms(generator["p50"]), _ms(generator["p99"]),
+                 *(("-",) * 7 if not inside or not total else
+                   (_ms(inside["p50"]), _ms(inside["p99"]), _ms(total["p50"]), _ms(total["p99"]),
+                    _difference(total["p50"], generator["p50"]), _difference(total["p99"], generator["p99"]),
+                    _ms(probe["rest"]["p50"])))]
+            )  # fmt: skip
+    print_table(
+        out,
+        "Per page, sent alone by one client: queries per request, and the generator's service time"
+        " against MetricsMiddleware's latency, and its latency + queue time (from X-Request-Start,"
+        " the generator's send time; scale only; ms)",
+        ["config", "page", "requests", "primary q", "replica q", "gen p50", "gen p99",
+         "server p50", "server p99", "+queue p50", "+queue p99", "p50 diff", "p99 diff", "rest p50"],
+        rows,
+    )  # fmt: skip
+    if "floor" in results:
+        print_table(
+            out,
+            "The floor: a no-op application under each app server, one client: the generator's service"
+            " time, and its part before the application (from X-Request-Start: the queue time) and after it (ms)",
+            ["server", "requests", "errors", "p50", "p99", "before p50", "before p99", "after p50", "after p99"],
+            [[server, f["requests"], f["errors"], _ms(f["p50"]), _ms(f["p99"]),
+              _ms(f["before the app"]["p50"]), _ms(f["before the app"]["p99"]),
+              _ms(f["after the app"]["p50"]), _ms(f["after the app"]["p99"])]
+             for server, f in results["floor"].items()],
+        )  # fmt: skip
+
+
+def _print_asgi(out: TextIO, results: dict[str, Any]) -> None:
+    if "asgi" not in results:
+        return
+    rows = []
+    for key in _open_keys(results):
+        for server, figures in (("gunicorn", results["configs"]["scale"]), ("uvicorn", results["asgi"])):
+            phase = figures[key]
+            for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
+                rows.append(
+                    [f"{key} ({phase['rate']:g}/s)", page, server, summary["requests"], summary["errors"],
+                     _ms(summary["p50"]), _ms(summary["p99"]), _ms(summary["p99.9"]), _ms(summary["max"]),
+                     f"{phase['server']['app_cpu_ms_per_request']:.2f}" if page == "all" else ""]
+                )  # fmt: skip
+    print_table(
+        out,
+        f"django-scale under gunicorn (WSGI, {results['workers']} sync workers) and uvicorn (ASGI,"
+        f" {results['workers']} workers),"
+        " the same fixed rates (ms; open loop: from the intended send time)",
+        ["phase", "page", "server", "requests", "errors", "p50", "p99", "p99.9", "max", "app CPU ms"],
+        rows,
+    )
+
+
+def _print_phases(out: TextIO, results: dict[str, Any]) -> None:
+    phases = results["phases"]
+    print_table(
+        out,
+        "Each phase's wall seconds, and the full run's estimate (this run's seconds beyond the load,"
+        " plus the full run's load)",
+        ["phase", "seconds", "full run estimate"],
+        [
+            [row["phase"], f"{row['seconds']:.1f}", f"{row['full run estimate']:.0f}"]
+            for row in phases["phases"]
+        ],
+    )
+    out.write(
+        f"\nwhole run: {results['seconds']:.0f} s; the full run's estimate: "
+        f"{phases['full run estimate without seeding'] / 60:.1f} min, plus seeding 1,000,000 articles\n"
+    )
+
+
+def _print_faults(out: TextIO, results: dict[str, Any]) -> None:
+    rows = []
+    for config, figures in results["configs"].items():
+        if "faults" not in figures:
+            continue
+        for fault in figures["faults"]["faults"]:
+            recovery = fault["recovery seconds"]
+            rows.append(
+                [config, fault["fault"], fault["5xx"], fault["no answer"], fault["errors in flight at the fault"],
+                 fault["in flight at the fault"],
+                 f"{fault['canary stale reads']}/{fault['canary rounds']}", fault["canary errors"],
+                 _ms(fault["baseline p99"]), _ms(fault["p99 during"]), _ms(fault["p99 after"]),
+                 "never" if recovery is None else f"{recovery:.1f}"]
+            )  # fmt: skip
+    if rows:
+        rate = next(f["faults"]["rate"] for f in results["configs"].values() if "faults" in f)
+        print_table(
+            out,
+            f"Faults during an open loop at {rate:g}/s (from the fault on; recovered: s after the part came"
+            " back until every 0.5 s window's p99 < 2x baseline, no errors)",
+            ["config", "fault", "5xx", "no answer", "errors in flight", "in flight", "canary stale", "canary errors",
+             "baseline p99", "p99 during", "p99 after", "recovered s"],
+            rows,
+        )  # fmt: skip
