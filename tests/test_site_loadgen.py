@@ -178,7 +178,10 @@ def test_a_closed_loop_records_one_slow_request_per_connection(
     records = closed_loop("127.0.0.1", port, _request, connections=2, duration=5.0)
     stopped, resumed = window
     slow = [record for record in records if record.latency >= 1.0]
-    assert 1 <= len(slow) <= 2
+    # The stall holds at most one request per connection: those in flight while it lasted.
+    # (On a loaded machine a request outside it may pass 1 s as well: not the stall's.)
+    stalled = [record for record in slow if record.start < resumed and record.end > stopped]
+    assert 1 <= len(stalled) <= 2
     assert all(record.status == 200 for record in records)
     # No request was even sent while the server was stopped (after the first two).
     sent_during = [r for r in records if stopped + 0.05 <= r.start < resumed]
