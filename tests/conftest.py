@@ -1,10 +1,10 @@
-"""Fixtures for the real services: the replica, replication lag, Redis and a Celery worker."""
+"""Fixtures for the real services (the replica, replication lag, Redis, a Celery worker) and Chromium."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from django.conf import settings
@@ -24,6 +24,8 @@ SERVICE_FIXTURES = {
     "celery_worker": "celery",
 }
 SERVICE_MARKERS = ("postgres", "redis", "celery")
+#: The Chromium the browser tests drive (Debian's; never Playwright's own download).
+CHROMIUM = os.environ.get("DJANGO_SCALE_TEST_CHROMIUM", "/usr/bin/chromium")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -315,3 +317,27 @@ def data(db: None) -> None:
     from prefetch_data import build
 
     build()
+
+
+def _browser_unavailable(reason: str) -> NoReturn:
+    """Skip, or fail under CI, where a skipped browser test would hide a missing requirement."""
+    hint = (
+        "The browser tests need the playwright package (pip install -e '.[test]') and "
+        f"Chromium at {CHROMIUM} (apt-get install chromium, or set DJANGO_SCALE_TEST_CHROMIUM); "
+        "they never download Playwright's own browsers."
+    )
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}. {hint}", pytrace=False)
+    pytest.skip(f"{reason}. {hint}")
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The path of Chromium, once playwright is known to be importable (for the browser tests)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _browser_unavailable("playwright is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        _browser_unavailable(f"no Chromium at {CHROMIUM}")
+    return CHROMIUM

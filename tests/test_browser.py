@@ -13,13 +13,12 @@ where it fails.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from django.contrib.auth.models import User
@@ -37,36 +36,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-CHROMIUM = os.environ.get("DJANGO_SCALE_TEST_CHROMIUM", "/usr/bin/chromium")
 CHANGELIST = "/admin/testapp/article/"
 #: Ada wrote articles 000-069, Grace 070-119, Hedy 120-129; the even ones are on replicas.
 AUTHORS = {"Ada": range(70), "Grace": range(70, 120), "Hedy": range(120, 130)}
 PER_PAGE = 20  # ArticleAdmin.list_per_page
 EDITED = " (revised in a browser)"
-
-
-def _unavailable(reason: str) -> NoReturn:
-    """Skip, or fail under CI, where a skipped browser test would hide a missing requirement."""
-    hint = (
-        "The browser test needs the playwright package (pip install -e '.[test]') and "
-        f"Chromium at {CHROMIUM} (apt-get install chromium, or set DJANGO_SCALE_TEST_CHROMIUM); "
-        "it never downloads Playwright's own browsers."
-    )
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}. {hint}", pytrace=False)
-    pytest.skip(f"{reason}. {hint}")
-
-
-@pytest.fixture
-def chromium() -> str:
-    """The path of Chromium, once playwright is known to be importable."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        _unavailable("playwright is not installed")
-    if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"no Chromium at {CHROMIUM}")
-    return CHROMIUM
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.test import Client, override_settings
 from support import create_user, log_in
-from test_browser import CHROMIUM, _browser, _unavailable
+from test_browser import _browser
 
 from django_scale import metrics
 from django_scale.metrics.charts import line_chart
@@ -33,18 +33,6 @@ MIDDLEWARE = [
     "django_scale.metrics.MetricsMiddleware",
     *[name for name in settings.MIDDLEWARE if name != "django_scale.middleware.ScaleMiddleware"],
 ]
-
-
-@pytest.fixture
-def browser_binary() -> str:
-    """Chromium, as tests/test_browser.py finds it (skipped without it, failed under CI)."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        _unavailable("playwright is not installed")
-    if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"no Chromium at {CHROMIUM}")
-    return CHROMIUM
 
 
 @pytest.fixture
@@ -113,7 +101,7 @@ def test_charts_escape_their_labels_and_break_lines_at_empty_minutes() -> None:
 
 @DB
 def test_the_status_page_in_a_browser(
-    recorded: None, live_server: LiveServer, browser_binary: str, tmp_path: Path
+    recorded: None, live_server: LiveServer, chromium: str, tmp_path: Path
 ) -> None:
     create_user("ops", is_staff=True)
 
@@ -136,7 +124,7 @@ def test_the_status_page_in_a_browser(
     process.start()
     process.join(60)
     assert process.exitcode == 0
-    with _browser(browser_binary) as browser, browser.new_context(base_url=live_server.url) as context:
+    with _browser(chromium) as browser, browser.new_context(base_url=live_server.url) as context:
         page = context.new_page()
         page.goto("/scale/status/")
         page.wait_for_url(re.compile(r"/admin/login/"))
