@@ -95,20 +95,29 @@ def current_wal_position(alias: str) -> str | None:
 NOT_CAUGHT_UP = "no replica replayed the user's last write within REPLICA_WAIT"
 
 
+#: Why every read of a request goes to the primary because of its method (``PRIMARY_METHODS``).
+PRIMARY_METHOD = "the request's method is in PRIMARY_METHODS"
+
+
 def _request_state(request: HttpRequest) -> RoutingState:
-    """The routing state of *request*, from its read-your-writes cookie (not yet current).
+    """The routing state of *request*, from its method and read-your-writes cookie (not yet current).
 
     What :func:`~django_scale.replicas.routing_state` does, less its context manager: this runs
     on every request. The state carries the settings it read, so the router need not read them.
+    A request whose method is in ``PRIMARY_METHODS`` is pinned to the primary: it may write
+    what it read, and a replica's read would make that a lost update.
     """
     hot = conf.hot()
     if hot.cookie not in request.COOKIES:
         # Most requests: no recent write (read_cookie()'s first test, without the call).
-        return RoutingState(_hot=hot)
-    required, sticky = read_cookie(request, hot.cookie)
-    state = RoutingState(required, sticky, _hot=hot)
-    if sticky:
-        state.pin(STICKY)
+        state = RoutingState(_hot=hot)
+    else:
+        required, sticky = read_cookie(request, hot.cookie)
+        state = RoutingState(required, sticky, _hot=hot)
+        if sticky:
+            state.pin(STICKY)
+    if request.method in hot.primary_methods:
+        state.pin(PRIMARY_METHOD)
     return state
 
 
@@ -246,7 +255,8 @@ class ScaleMiddleware:
             state = _request_state(request)
             token = _state.set(state)
             try:
-                if state.required_lsn is not None or state.sticky_primary:
+                if state.required_lsn is not None and not state.pinned:
+                    # (A pinned request reads the primary: no replica to wait for.)
                     await_replica(state, NOT_CAUGHT_UP)
                 response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
             finally:
@@ -284,7 +294,7 @@ class ScaleMiddleware:
             state = _request_state(request)
             token = _state.set(state)
             try:
-                if state.required_lsn is None and not state.sticky_primary:
+                if state.required_lsn is None or state.pinned:
                     pass
                 elif _needs_wait(state):
                     # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.
