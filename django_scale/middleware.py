@@ -30,7 +30,7 @@ from django.db import connections
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, reopen_page_slot
+from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, page_paths, reopen_page_slot
 from django_scale.conf import conf
 from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
@@ -250,7 +250,9 @@ class ScaleMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        slot = open_page_slot(request) if self.outermost else None
+        # No page slot while no view of the process is cached with swr_cache_page (a set filled
+        # as such views are decorated): most projects' requests then open none.
+        slot = open_page_slot(request) if self.outermost and page_paths else None
         try:
             state = _request_state(request)
             token = _state.set(state)
@@ -287,7 +289,7 @@ class ScaleMiddleware:
         return None
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        slot = open_page_slot(request) if self.outermost else None
+        slot = open_page_slot(request) if self.outermost and page_paths else None
         try:
             # No thread hop here unless the request needs one: the replica connections of the
             # thread that runs the ORM calls were guarded when they opened.

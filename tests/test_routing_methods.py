@@ -108,10 +108,12 @@ def test_an_async_post_reads_the_primary_and_its_pin_reaches_no_concurrent_get(a
         if n % 2:
             assert body["reads"] == {"default": 1} and body["pinned"] == PRIMARY_METHOD
         else:
-            # A GET reads the replica (or the primary when the replica is not caught up? Never:
-            # no cookie, and the monitor saw the replay): never the POSTs' pin.
+            # No cookie, and the monitor saw the replay: a GET reads the replica, never under
+            # the POSTs' pin.
             assert body == {"found": True, "reads": {"replica": 1}, "pinned": "", "wrote": False}
-    assert Author.objects.get(pk=author.pk).name == "Ada" + "!" * 25
+    # (Concurrent read-modify-writes may still overwrite each other: that is for locks, such
+    # as select_for_update(), not routing. Each one read a row the primary had.)
+    assert Author.objects.get(pk=author.pk).name.startswith("Ada!")
 
 
 @REPLICA
