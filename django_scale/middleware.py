@@ -109,13 +109,15 @@ def _request_state(request: HttpRequest) -> RoutingState:
     """
     hot = conf.hot()
     if hot.cookie not in request.COOKIES:
-        # Most requests: no recent write (read_cookie()'s first test, without the call).
-        state = RoutingState(_hot=hot)
+        # Most requests: no recent write (read_cookie()'s first test, without the call). No
+        # keyword argument: calling a class with one builds a dict of them for its __init__.
+        state = RoutingState()
     else:
         required, sticky = read_cookie(request, hot.cookie)
-        state = RoutingState(required, sticky, _hot=hot)
+        state = RoutingState(required, sticky)
         if sticky:
             state.pin(STICKY)
+    state._hot = hot
     if request.method in hot.primary_methods:
         state.pin(PRIMARY_METHOD)
     return state
