@@ -216,6 +216,19 @@ def _w109_weight_for_unknown_replica(alias: str) -> checks.CheckMessage:
     )
 
 
+def _w110_safe_primary_methods(methods: list[str]) -> checks.CheckMessage:
+    listed = ", ".join(repr(method) for method in methods)
+    return _message(
+        checks.Warning,
+        "django_scale.W110",
+        f"DJANGO_SCALE['PRIMARY_METHODS'] lists {listed}: every read of such a request goes to the "
+        "primary, so the replicas take none of their reads.",
+        "List only the methods of requests that write (the default: POST, PUT, PATCH, DELETE); pin the "
+        "views that must read the primary with use_primary(). Silence this check if it is meant.",
+        obj=_setting("PRIMARY_METHODS"),
+    )
+
+
 def _pooled_shape(database: dict[str, Any]) -> str | None:
     """Describe how *database* reaches several servers under one alias, or ``None`` if it does not."""
     host, port = str(database.get("HOST") or ""), str(database.get("PORT") or "")
@@ -425,6 +438,14 @@ def check_routing(**kwargs: Any) -> list[checks.CheckMessage]:
         weights = {}
     if SETTINGS["REPLICA_WEIGHTS"].has_type(weights):
         messages.extend(_w109_weight_for_unknown_replica(alias) for alias in weights if alias not in replicas)
+    # (Imported here, as the cache's checks are: the middleware imports the cache package.)
+    from django_scale.middleware import SAFE_METHODS
+
+    user = getattr(settings, "DJANGO_SCALE", None) or {}
+    methods = user.get("PRIMARY_METHODS", ()) if isinstance(user, dict) else ()
+    safe = sorted(SAFE_METHODS.intersection(methods)) if SETTINGS["PRIMARY_METHODS"].has_type(methods) else []
+    if safe:
+        messages.append(_w110_safe_primary_methods(safe))
     backend = getattr(settings, "CACHES", {}).get(cache_alias, {}).get("BACKEND", "")
     if replicas and backend in PROCESS_LOCAL_CACHES:
         messages.append(_w105_local_cache(cache_alias, backend))

@@ -30,7 +30,7 @@ from django.db import connections
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.utils.module_loading import import_string
 
-from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, reopen_page_slot
+from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, page_paths, reopen_page_slot
 from django_scale.conf import conf
 from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
@@ -95,20 +95,31 @@ def current_wal_position(alias: str) -> str | None:
 NOT_CAUGHT_UP = "no replica replayed the user's last write within REPLICA_WAIT"
 
 
+#: Why every read of a request goes to the primary because of its method (``PRIMARY_METHODS``).
+PRIMARY_METHOD = "the request's method is in PRIMARY_METHODS"
+
+
 def _request_state(request: HttpRequest) -> RoutingState:
-    """The routing state of *request*, from its read-your-writes cookie (not yet current).
+    """The routing state of *request*, from its method and read-your-writes cookie (not yet current).
 
     What :func:`~django_scale.replicas.routing_state` does, less its context manager: this runs
     on every request. The state carries the settings it read, so the router need not read them.
+    A request whose method is in ``PRIMARY_METHODS`` is pinned to the primary: it may write
+    what it read, and a replica's read would make that a lost update.
     """
     hot = conf.hot()
     if hot.cookie not in request.COOKIES:
-        # Most requests: no recent write (read_cookie()'s first test, without the call).
-        return RoutingState(_hot=hot)
-    required, sticky = read_cookie(request, hot.cookie)
-    state = RoutingState(required, sticky, _hot=hot)
-    if sticky:
-        state.pin(STICKY)
+        # Most requests: no recent write (read_cookie()'s first test, without the call). No
+        # keyword argument: calling a class with one builds a dict of them for its __init__.
+        state = RoutingState()
+    else:
+        required, sticky = read_cookie(request, hot.cookie)
+        state = RoutingState(required, sticky)
+        if sticky:
+            state.pin(STICKY)
+    state._hot = hot
+    if request.method in hot.primary_methods:
+        state.pin(PRIMARY_METHOD)
     return state
 
 
@@ -241,12 +252,15 @@ class ScaleMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        slot = open_page_slot(request) if self.outermost else None
+        # No page slot while no view of the process is cached with swr_cache_page (a set filled
+        # as such views are decorated): most projects' requests then open none.
+        slot = open_page_slot(request) if self.outermost and page_paths else None
         try:
             state = _request_state(request)
             token = _state.set(state)
             try:
-                if state.required_lsn is not None or state.sticky_primary:
+                if state.required_lsn is not None and not state.pinned:
+                    # (A pinned request reads the primary: no replica to wait for.)
                     await_replica(state, NOT_CAUGHT_UP)
                 response: HttpResponseBase = self.get_response(request)  # type: ignore[assignment]
             finally:
@@ -277,14 +291,14 @@ class ScaleMiddleware:
         return None
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        slot = open_page_slot(request) if self.outermost else None
+        slot = open_page_slot(request) if self.outermost and page_paths else None
         try:
             # No thread hop here unless the request needs one: the replica connections of the
             # thread that runs the ORM calls were guarded when they opened.
             state = _request_state(request)
             token = _state.set(state)
             try:
-                if state.required_lsn is None and not state.sticky_primary:
+                if state.required_lsn is None or state.pinned:
                     pass
                 elif _needs_wait(state):
                     # Waiting blocks a thread for at most REPLICA_WAIT; keep it off the event loop.

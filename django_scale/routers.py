@@ -163,10 +163,28 @@ Route = tuple[
     HotSettings,
 ]
 
-#: A thread's last first-read decision with one replica: the replica's alias, monitor and
-#: connection object, the monitor's version and failures then, until when the replica's
-#: availability held, and the open DB-API connection that was checked.
-Decision = tuple[str, ReplicaMonitor, BaseDatabaseWrapper, int, int, float, Any]
+
+class Decision:
+    """A thread's last first-read decision with one replica, which the thread's next request may take over.
+
+    The replica's alias, monitor and connection object, the monitor's version then, until
+    when the replica's availability held, and the open DB-API connection that was checked.
+    (A class with slots rather than a tuple: the router reads its fields by name, in fewer
+    steps than by index. A monitor bumps its version whenever its failures change, so the
+    version covers them.)
+    """
+
+    __slots__ = ("alias", "monitor", "handle", "version", "until", "raw")
+
+    def __init__(
+        self, alias: str, monitor: ReplicaMonitor, handle: BaseDatabaseWrapper, version: int, until: float
+    ) -> None:
+        self.alias = alias
+        self.monitor = monitor
+        self.handle = handle
+        self.version = version
+        self.until = until
+        self.raw: Any = handle.connection
 
 
 class _ThreadRoute(threading.local):
@@ -224,20 +242,19 @@ def _route(hot: HotSettings) -> Route:
 def _holds(decision: Decision, now: float, required: int | None) -> bool:
     """Whether the thread's last *decision* holds for a read now that needs position *required*.
 
-    It holds while the replica's monitor learnt nothing new (its version and failures as they
-    were), the time the replica's availability held has not passed, the replica has replayed
-    *required*, and its connection is the one checked then (the same DB-API connection, no
-    error on it since). A request's first read then takes it over without asking the monitor
-    or the connection again.
+    It holds while the replica's monitor learnt nothing new (its version as it was; a failure
+    bumps it), the time the replica's availability held has not passed, the replica has
+    replayed *required*, and its connection is the one checked then (the same DB-API
+    connection, no error on it since). A request's first read then takes it over without
+    asking the monitor or the connection again.
     """
-    _, item, handle, version, failures, until, raw = decision
+    handle = decision.handle
     return (
-        version == item.version
-        and failures == item.failures
-        and now < until
-        and handle.connection is raw
+        decision.version == decision.monitor.version
+        and now < decision.until
+        and handle.connection is decision.raw
         and not handle.errors_occurred
-        and (required is None or item.replay_lsn >= required)
+        and (required is None or decision.monitor.replay_lsn >= required)
     )
 
 
@@ -253,7 +270,7 @@ def _remember(route: Route, chosen: str, version: int, until: float) -> None:
     handle = route[4][chosen]
     if version == item.version and getattr(handle, GUARD_ATTRIBUTE, None) is not None:
         # (Not while it could not be guarded: pick_usable() guards it at a later decision.)
-        _thread.decision = (chosen, item, handle, version, item.failures, until, handle.connection)
+        _thread.decision = Decision(chosen, item, handle, version, until)
 
 
 def _decide(state: RoutingState, route: Route, now: float) -> str | None:
@@ -268,7 +285,7 @@ def _free_choice(route: Route, now: float) -> str | None:
     """The replica for a read without a user's requirement: any available one whose connection opens."""
     decision = _thread.decision
     if decision is not None and route is _thread.route and _holds(decision, now, None):
-        return decision[0]
+        return decision.alias
     hot = route[6]
     found: dict[str, tuple[int, float]] = {}
     for alias, item in route[5].items():
@@ -304,8 +321,12 @@ class ReplicaRouter:
             track_writes()
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
+        # The common case first and in as few steps as it takes (this runs for every read):
+        # a request's read, nothing forced, no transaction, nothing pinned.
         state = _state.get()
-        hot = state._hot if state is not None and state._hot is not None else conf.hot()
+        hot = state._hot if state is not None else None
+        if hot is None:
+            hot = conf.hot()
         cached = _thread
         route = cached.route
         if (
@@ -318,10 +339,11 @@ class ReplicaRouter:
                 return hot.primary
             route = _route(hot)
         primary = route[0]
-        instance = hints.get("instance") if hints else None
-        if instance is not None and instance._state.db not in (None, primary, *route[1]):
-            # The object came from a database this router does not manage: abstain.
-            return None
+        if hints:
+            instance = hints.get("instance")
+            if instance is not None and instance._state.db not in (None, primary, *route[1]):
+                # The object came from a database this router does not manage: abstain.
+                return None
         forced = _forced.get()
         alias: str | None = None
         # _in_atomic() is asked only when a connection is in a transaction (a loop, not any():
@@ -332,38 +354,33 @@ class ReplicaRouter:
                 if handle.in_atomic_block:
                     in_atomic = True
                     break
-        if forced == "primary" or (in_atomic and _in_atomic(route[2], route[3])):
-            pass
-        elif state is None or (forced == "replica" and not state.rerun):
-            # Outside a request or task, or told to: any available replica.
-            now = _monotonic()
-            alias = free_read_alias(route[1], _free_choice(route, now), primary, now)
-            if alias == primary and state is not None:
-                state.fallbacks += 1
-        elif not state.pinned:
+        if in_atomic:
+            in_atomic = _in_atomic(route[2], route[3])
+        if forced is None and not in_atomic and state is not None and not state.pinned:
             now = _monotonic()
             alias = state.replica
-            # choose_replica()'s fast path, inlined: the request's later reads take it.
-            if alias is None or state._version != route[5][alias].version or now >= state._valid_until:
-                decision = cached.decision
-                required = state.required_lsn
+            if alias is None:
                 # The request's first read: the thread's last decision if it holds (_holds(),
                 # inlined), else choose_replica().
+                decision = cached.decision
+                required = state.required_lsn
                 if (
-                    alias is None
-                    and decision is not None
+                    decision is not None
                     and route is cached.route
-                    and decision[3] == decision[1].version
-                    and decision[4] == decision[1].failures
-                    and now < decision[5]
-                    and decision[2].connection is decision[6]
-                    and not decision[2].errors_occurred
-                    and (required is None or decision[1].replay_lsn >= required)
+                    and decision.version == decision.monitor.version
+                    and now < decision.until
+                    and decision.handle.connection is decision.raw
+                    and not decision.handle.errors_occurred
+                    and (required is None or decision.monitor.replay_lsn >= required)
                 ):
-                    alias = state.replica = decision[0]
-                    state._version, state._valid_until = decision[3], decision[5]
+                    alias = state.replica = decision.alias
+                    state._version = decision.version
+                    state._valid_until = decision.until
                 else:
                     alias = _decide(state, route, now)
+            elif state._version != route[5][alias].version or now >= state._valid_until:
+                # (choose_replica()'s fast path, inlined: the request's later reads take it.)
+                alias = _decide(state, route, now)
             if state.required_lsn is None:
                 if alias is None:
                     alias = free_read_alias(route[1], alias, primary, now)
@@ -379,8 +396,17 @@ class ReplicaRouter:
             elif alias is None:
                 state.pin("no available replica has replayed the user's last write", fallback=True)
                 state.fallbacks += 1
+        elif forced == "primary" or in_atomic:
+            pass
+        elif state is None or (forced == "replica" and not state.rerun):
+            # Outside a request or task, or told to: any available replica.
+            now = _monotonic()
+            alias = free_read_alias(route[1], _free_choice(route, now), primary, now)
+            if alias == primary and state is not None:
+                state.fallbacks += 1
         elif state._falls_back:
-            # Pinned because no replica could serve the request (only pinned reads get here).
+            # Pinned because no replica could serve the request (only pinned reads get here,
+            # and the second run of a request inside use_replica(), which its pin covers).
             state.fallbacks += 1
         alias = alias or primary
         # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)

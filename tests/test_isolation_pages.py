@@ -505,6 +505,27 @@ def test_without_scale_middleware_first_pages_are_served_uncached(
     assert len([r for r in caplog.records if "ScaleMiddleware" in r.getMessage()]) == 1
 
 
+def test_a_page_reached_before_any_cached_view_was_known_renders_live_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # ScaleMiddleware opens no page slot while no view of the process is cached (page_paths
+    # empty): the request that first imports the URLconf reaches a cached view without one.
+    from django_scale.cache.pages import page_paths
+
+    known = set(page_paths)
+    page_paths.clear()
+    try:
+        with caplog.at_level(logging.WARNING, "django_scale.cache"):
+            assert text(Client().get(page("sync", "plain"))) == "plain v1"
+    finally:
+        page_paths.update(known)
+    assert not [r for r in caplog.records if "ScaleMiddleware" in r.getMessage()]
+    # The next requests get a slot: the page is stored, then served from the cache.
+    assert text(Client().get(page("sync", "plain"))) == "plain v1"
+    assert text(Client().get(page("sync", "plain"))) == "plain v1"
+    assert probe.count("plain") == 2
+
+
 def test_a_middleware_that_fails_after_the_view_releases_the_claim() -> None:
     url = page("sync", "plain")
     with override_settings(MIDDLEWARE=middleware("testapp.middleware.BoomMiddleware")):

@@ -458,6 +458,8 @@ def test_a_post_whose_replica_read_failed_is_never_run_again(caught_up_author):
     seen: list[str] = []
     failed: list[str] = []
     with (
+        # Without PRIMARY_METHODS' pin, which keeps a POST's reads off the replicas.
+        override_scale_settings(PRIMARY_METHODS=()),
         conflict_once_on_the_replica(failed),
         connections["default"].execute_wrapper(_recording(seen)),
         pytest.raises(ReplicaReadError) as raised,
@@ -468,6 +470,17 @@ def test_a_post_whose_replica_read_failed_is_never_run_again(caught_up_author):
     # The view's query never ran on the primary. (Django 4.2's error report may run others
     # there: it shows the frames' local querysets, which repr() evaluates.)
     assert len(failed) == 1 and failed[0] not in seen
+
+
+@REPLICA
+def test_a_post_reads_on_the_primary_so_a_failing_replica_cannot_fail_it(caught_up_author):
+    failed: list[str] = []
+    with conflict_once_on_the_replica(failed), capture_reads() as reads:
+        response = Client().post(f"/authors/{caught_up_author}/")
+    assert response.status_code == 200
+    assert response.json()["found"] is True
+    assert reads == {"default": 1}
+    assert failed == []  # the armed failure never fired: nothing ran on the replica
 
 
 @REPLICA

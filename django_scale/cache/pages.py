@@ -394,6 +394,14 @@ class _PageView:
         slot = getattr(request, _SLOT_ATTRIBUTE, None)
         holder = request.META.get(REFILL_ENVIRON_KEY)
         if not isinstance(slot, PageSlot):
+            # Imported here: the middleware imports this module.
+            from django_scale.middleware import _is_first_middleware
+
+            if _is_first_middleware():
+                # The request came in before this view was imported (its first request in the
+                # process imported the URLconf): ScaleMiddleware opens no slot while no view
+                # is cached. The next requests get one.
+                return self.call(request, args, kwargs)
             reason = (
                 "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE, so "
                 "the final response cannot be judged; the page is served uncached"

@@ -39,6 +39,8 @@ class HotSettings:
     max_lag: float
     #: READ_YOUR_WRITES_COOKIE.
     cookie: str
+    #: PRIMARY_METHODS: the methods of requests whose reads all go to the primary.
+    primary_methods: frozenset[str]
     #: REPLICA_POLICY and REPLICA_WEIGHTS.
     policy: str
     weights: Mapping[str, float]
@@ -71,6 +73,7 @@ class Conf:
             interval=self.HEALTH_CHECK_INTERVAL,
             max_lag=self.MAX_REPLICA_LAG,
             cookie=self.READ_YOUR_WRITES_COOKIE,
+            primary_methods=self.PRIMARY_METHODS,
             policy=self.REPLICA_POLICY,
             weights=self.REPLICA_WEIGHTS,
             metrics=(
@@ -155,6 +158,11 @@ class Conf:
     def READ_YOUR_WRITES_COOKIE(self) -> str:
         """The signed cookie that carries a user's last write position. Default: ``"django_scale_lsn"``."""
         return cast(str, self.get("READ_YOUR_WRITES_COOKIE"))
+
+    @property
+    def PRIMARY_METHODS(self) -> frozenset[str]:
+        """Methods of requests whose reads all go to the primary. Default: ``POST``, ``PUT``, ``PATCH``, ``DELETE``."""
+        return frozenset(self.get("PRIMARY_METHODS"))
 
     @property
     def REPLICA_DEADLINE(self) -> float:

@@ -58,6 +58,19 @@ def _is_rule_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(item, Mapping) for item in value)
 
 
+def _is_method_set(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(item, str) for item in value)
+
+
+def _not_method_names(value: Any) -> str | None:
+    wrong = sorted(
+        item for item in value if not item or not item.isascii() or not item.isalpha() or not item.isupper()
+    )
+    if wrong:
+        return f"{', '.join(map(repr, wrong))} is not an upper-case HTTP method name"
+    return None
+
+
 def _is_pooler_map(value: Any) -> bool:
     return isinstance(value, Mapping) and all(isinstance(key, str) for key in value)
 
@@ -188,6 +201,13 @@ SETTINGS: dict[str, Setting] = {
         has_type=_is_alias,
         problem=_empty_alias,
         example='"django_scale_lsn"',
+    ),
+    "PRIMARY_METHODS": Setting(
+        default=("POST", "PUT", "PATCH", "DELETE"),
+        expected="a list of HTTP method names (str)",
+        has_type=_is_method_set,
+        problem=_not_method_names,
+        example='["POST", "PUT", "PATCH", "DELETE"]',
     ),
     "REPLICA_DEADLINE": _seconds(1.0),
     "HEALTH_CHECK_INTERVAL": _seconds(0.5),

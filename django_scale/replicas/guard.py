@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -167,8 +168,11 @@ class Watchdog:
         #: dict operation each, atomic in CPython; the thread reads a copy.
         self._inflight: dict[int, tuple[str, Any]] = {}
         self._lock = threading.Lock()
-        self._has_work = threading.Event()
-        #: Whether the thread is awake or about to look (Event.is_set() is a call per query).
+        #: Wake-ups for the sleeping thread: a C queue, so that waking it is one C call (an
+        #: Event's set() runs a Condition's Python code, and the first query of every busy
+        #: spell, at a few requests a second every request, wakes the thread).
+        self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
+        #: Whether the thread is awake or about to look (read on every query: a plain attribute).
         self._awake = False
         self._thread: threading.Thread | None = None
         #: How many queries it has cut off (for tests and metrics).
@@ -187,29 +191,33 @@ class Watchdog:
 
     def wake(self) -> None:
         """Have the thread look at the queries in flight (start it on first use)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="django-scale-watchdog", daemon=True)
-                self._thread.start()
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="django-scale-watchdog", daemon=True
+                    )
+                    self._thread.start()
         self._awake = True
-        # Setting an Event notifies its condition: only the first query of a busy spell does.
-        self._has_work.set()
+        self._wakeups.put(None)
 
     def _run(self) -> None:
+        wakeups = self._wakeups
         while True:
-            self._has_work.wait()
+            wakeups.get()
             time.sleep(self.tick)
             inflight = self._inflight.copy()
             if not inflight:
                 # Going to sleep: a query that starts now either sees _awake false and wakes the
                 # thread, or saw it true before, and then its entry is in flight for the second
-                # look below.
+                # look below. (Wake-ups queued meanwhile only cost a look each.)
                 self._awake = False
-                self._has_work.clear()
                 if self._inflight:
                     self._awake = True
-                    self._has_work.set()
+                    wakeups.put(None)
                 continue
+            # Queries in flight: look again after the next tick.
+            wakeups.put(None)
             now = time.monotonic()
             for key, (alias, connection) in inflight.items():
                 if monitor(alias).is_unresponsive(now) and self._inflight.pop(key, None) is not None:

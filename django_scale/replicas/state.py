@@ -116,7 +116,8 @@ class routing_state:  # noqa: N801 - a context manager used like a function
 
     def __init__(self, required_lsn: int | None = None, *, sticky_primary: bool = False) -> None:
         # A class, not a generator-based context manager: one is opened per request.
-        self.state = RoutingState(required_lsn=required_lsn, sticky_primary=sticky_primary)
+        # (Positional: calling a class with keyword arguments builds a dict of them.)
+        self.state = RoutingState(required_lsn, sticky_primary)
         if sticky_primary:
             self.state.pin(STICKY)
 

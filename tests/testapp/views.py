@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from django_scale.replicas import current_state
+from django_scale.replicas import current_state, use_replica
 
 from testapp.models import Author
 
@@ -29,6 +29,22 @@ def show_author(request: HttpRequest, pk: int) -> JsonResponse:
     return JsonResponse({"found": found, **_routing()})
 
 
+@csrf_exempt
+def rename_author(request: HttpRequest, pk: int) -> JsonResponse:
+    """Read an author, then write back what was read plus "!" (a read-modify-write).
+
+    With ``?replica=1`` the read runs inside ``use_replica()``.
+    """
+    if request.GET.get("replica"):
+        with use_replica():
+            author = Author.objects.get(pk=pk)
+    else:
+        author = Author.objects.get(pk=pk)
+    author.name = f"{author.name}!"
+    author.save(update_fields=["name"])
+    return JsonResponse({"name": author.name, **_routing()})
+
+
 def sleepy_authors(request: HttpRequest) -> JsonResponse:
     """Read the authors' names with a query that sleeps ``?sleep=`` seconds first."""
     seconds = float(request.GET.get("sleep", "0"))
@@ -43,6 +59,13 @@ async def async_create_author(request: HttpRequest) -> JsonResponse:
     author = await Author.objects.acreate(name=request.POST.get("name", "someone"))
     seen = await Author.objects.filter(pk=author.pk).aexists()
     return JsonResponse({"pk": author.pk, "seen": seen, **_routing()})
+
+
+async def async_rename_author(request: HttpRequest, pk: int) -> JsonResponse:
+    author = await Author.objects.aget(pk=pk)
+    author.name = f"{author.name}!"
+    await author.asave(update_fields=["name"])
+    return JsonResponse({"name": author.name, **_routing()})
 
 
 async def async_show_author(request: HttpRequest, pk: int) -> JsonResponse:
