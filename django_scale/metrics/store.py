@@ -490,12 +490,15 @@ class SlotStore:
         # whole series, each integer small enough that the allocator reuses its memory.
         blocks = _blocks(*_layout(array("I", union.to_bytes(n * _CHUNKS * 4, "little")), kept))
         masks: dict[tuple[int, tuple[bool, ...]], int] = {}
+        # One struct and one pair of window() masks for every slot and block: each slot's rows
+        # are read up to the most any slot uses (pools past a slot's own are unused rows).
+        widest = max((rows for *_, rows in blocks), default=0)
+        most = max((max(directories) for _, _, directories, _, _ in slots), default=0)
         # Per window and block: every series' counts summed over every slot, one integer of
         # 32-bit fields (no field comes near 2**32). A slot's counts are its running counts
         # less the window's checkpoint (window()): both read in one go, converted once.
         sums = {length: [0] * len(blocks) for length in windows}
         for base, at, directories, ring, entries in slots:
-            most = max(directories)
             for _ in range(3):
                 # The checkpoints before the running counts: both only grow, so the running
                 # counts, read last, are at least each checkpoint (modulo 2**31). Then the ring
@@ -515,7 +518,7 @@ class SlotStore:
                 if again == ring:
                     break
                 ring, entries = again, entries_of(again)
-            for block, (spans, pick, of_spans, rows) in enumerate(blocks):
+            for block, (spans, pick, of_spans, _) in enumerate(blocks):
                 pools = pick(directories)
                 running = gather(running_rows, pools)
                 within: dict[int, int] = {}
@@ -524,7 +527,7 @@ class SlotStore:
                     distinct = set(per_series) - {_NEVER, None}
                     for entry in distinct:
                         if entry not in within:
-                            within[entry] = _window(running, gather(checkpoints[entry], pools), rows)
+                            within[entry] = _window(running, gather(checkpoints[entry], pools), widest)
                     if len(distinct) == 1 and None not in per_series:
                         sums[length][block] += within[distinct.pop()]
                         continue
@@ -535,6 +538,8 @@ class SlotStore:
                         if key not in masks:
                             masks[key] = _rows_mask(spans, key[1])
                         sums[length][block] += within[entry] & masks[key]
+            # Before the next slot's rows are read: one slot's rows in memory at a time.
+            del checkpoints, running_rows
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)
