@@ -79,11 +79,24 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(names: Iterable[str], values: Iterable[str], extra: str = "") -> str:
-    pairs = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
-    if extra:
-        pairs.append(extra)
-    return "{" + ",".join(pairs) + "}" if pairs else ""
+def _labels(kinds: dict[str, tuple[str, tuple[str, ...], str]], name: str) -> tuple[str, str] | None:
+    """Return the family of series *name* among *kinds* and its labels' text, without braces.
+
+    Made by one ``%`` formatting of a per-family template (:func:`_template`); the values are
+    escaped one by one only when the name holds a character to escape.
+    """
+    kind, values = split_name(name)
+    spec = kinds.get(kind)
+    if spec is None or len(values) != len(spec[1]):
+        return None
+    if "\\" in name or "\n" in name or '"' in name:
+        values = [_escape(value) for value in values]
+    return spec[0], _template(spec[1]) % tuple(values)
+
+
+@lru_cache(maxsize=16)
+def _template(label_names: tuple[str, ...]) -> str:
+    return ",".join(f'{label}="%s"' for label in label_names)
 
 
 def _number(value: float) -> str:
@@ -99,24 +112,26 @@ _SERIES_TEXT = 1 << 16
 @lru_cache(maxsize=_SERIES_TEXT)
 def _timing_text(name: str) -> tuple[str, str, str, str] | None:
     """Return the family and the text before each value of timing series *name*."""
-    kind, values = split_name(name)
-    spec = _TIMINGS.get(kind)
-    if spec is None or len(values) != len(spec[1]):
+    found = _labels(_TIMINGS, name)
+    if found is None:
         return None
-    metric, label_names, _ = spec
-    labels = _labels(label_names, values)
-    return metric, f"{metric}{labels[:-1]},quantile=", f"{metric}_sum{labels} ", f"{metric}_count{labels} "
+    metric, labels = found
+    return (
+        metric,
+        f"{metric}{{{labels},quantile=",
+        f"{metric}_sum{{{labels}}} ",
+        f"{metric}_count{{{labels}}} ",
+    )
 
 
 @lru_cache(maxsize=_SERIES_TEXT)
 def _counter_text(name: str) -> tuple[str, str] | None:
     """Return the family and the text before the value of counter series *name*."""
-    kind, values = split_name(name)
-    spec = _COUNTERS.get(kind)
-    if spec is None or len(values) != len(spec[1]):
+    found = _labels(_COUNTERS, name)
+    if found is None:
         return None
-    metric, label_names, _ = spec
-    return metric, f"{metric}_total{_labels(label_names, values)} "
+    metric, labels = found
+    return metric, f"{metric}_total{{{labels}}} "
 
 
 @lru_cache(maxsize=4096)
