@@ -136,11 +136,13 @@ def _counter_text(name: str) -> tuple[str, str] | None:
 
 @lru_cache(maxsize=4096)
 def _quantile_text(q: float, value: float | None) -> str:
-    return f'"{q}"}} {_number(value or 0.0)}'
+    return f'"{q}"}} {_number(value or 0.0)}\n'
 
 
 def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[str] = ()) -> str:
     """Render *snapshot* in Prometheus text format; *gauges* are extra ready-made lines."""
+    # Each family's lines as pieces, most of them kept texts (a series' label text, a quantile's
+    # value): one join at the end makes the document, with no string per line before it.
     families: dict[str, list[str]] = defaultdict(list)
     windows = snapshot.windows
     for name, (count, total) in sorted(snapshot.totals.items()):
@@ -149,41 +151,39 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
             continue
         metric, quantile, sum_, count_ = text
         sketch = windows.get(name, {}).get(window)
-        lines = families[metric]
+        pieces = families[metric]
         if sketch is not None and sketch.count:
             # Quantiles are bucket representatives: a few hundred distinct texts.
-            lines.extend(
-                quantile + _quantile_text(q, value) for q, value in sketch.quantiles(QUANTILES).items()
-            )
-        lines.append(sum_ + _number(total))
-        lines.append(f"{count_}{count}")
+            for q, value in sketch.quantiles(QUANTILES).items():
+                pieces += (quantile, _quantile_text(q, value))
+        pieces += (sum_, _number(total), "\n", count_, str(count), "\n")
     for name, value in sorted(snapshot.counters.items()):
         counter = _counter_text(name)
-        if counter is None:
-            continue
-        families[counter[0]].append(f"{counter[1]}{value}")
+        if counter is not None:
+            families[counter[0]] += (counter[1], str(value), "\n")
     out: list[str] = []
     for metric, _, help_text in _TIMINGS.values():
         if families.get(metric):
-            out.append(f"# HELP {metric} {help_text} Quantiles over the last {window} minutes.")
-            out.append(f"# TYPE {metric} summary")
+            out.append(f"# HELP {metric} {help_text} Quantiles over the last {window} minutes.\n")
+            out.append(f"# TYPE {metric} summary\n")
             out.extend(families[metric])
     for metric, _, help_text in _COUNTERS.values():
         if families.get(metric):
             # Text format 0.0.4 names a counter family with its _total suffix.
-            out.append(f"# HELP {metric}_total {help_text}")
-            out.append(f"# TYPE {metric}_total counter")
+            out.append(f"# HELP {metric}_total {help_text}\n")
+            out.append(f"# TYPE {metric}_total counter\n")
             out.extend(families[metric])
     out.append(
-        "# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used."
+        "# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used.\n"
     )
-    out.append("# TYPE django_scale_metrics_slots gauge")
-    out.append(f'django_scale_metrics_slots{{state="live"}} {snapshot.live_slots}')
-    out.append(f'django_scale_metrics_slots{{state="used"}} {snapshot.used_slots}')
+    out.append("# TYPE django_scale_metrics_slots gauge\n")
+    out.append(f'django_scale_metrics_slots{{state="live"}} {snapshot.live_slots}\n')
+    out.append(f'django_scale_metrics_slots{{state="used"}} {snapshot.used_slots}\n')
     out.append(
-        "# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full."
+        "# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full.\n"
     )
-    out.append("# TYPE django_scale_metrics_dropped gauge")
-    out.append(f"django_scale_metrics_dropped {snapshot.dropped}")
-    out.extend(gauges)
-    return "\n".join(out) + "\n"
+    out.append("# TYPE django_scale_metrics_dropped gauge\n")
+    out.append(f"django_scale_metrics_dropped {snapshot.dropped}\n")
+    for line in gauges:
+        out += (line, "\n")
+    return "".join(out)

@@ -109,7 +109,7 @@ def layout(used: Sequence[int], series: Iterable[int]) -> tuple[list[tuple[int, 
 
 
 #: Rows of a block (see :func:`blocks`): 64 KiB integers, below the allocator's mmap threshold.
-BLOCK_ROWS = 256
+BLOCK_ROWS = 128
 
 
 def blocks(
