@@ -152,10 +152,13 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
         metric, quantile, sum_, count_ = text
         sketch = windows.get(name, {}).get(window)
         pieces = families[metric]
-        if sketch is not None and sketch.count:
-            # Quantiles are bucket representatives: a few hundred distinct texts.
-            for q, value in sketch.quantiles(QUANTILES).items():
-                pieces += (quantile, _quantile_text(q, value))
+        if sketch is not None:
+            # The quantiles before the count: a dense sketch counts its values on the way.
+            quantiles = sketch.quantiles(QUANTILES)
+            if sketch.count:
+                # Quantiles are bucket representatives: a few hundred distinct texts.
+                for q, value in quantiles.items():
+                    pieces += (quantile, _quantile_text(q, value))
         pieces += (sum_, _number(total), "\n", count_, str(count), "\n")
     for name, value in sorted(snapshot.counters.items()):
         counter = _counter_text(name)
