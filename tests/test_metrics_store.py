@@ -76,6 +76,17 @@ def record_schedule(directory: str, seed: int, now: float, together: Any) -> Non
         assert store.record([(name, bucket_of(value), value)], [], now=now - 60 * minutes_ago)
 
 
+def record_wide(directory: str, seed: int, now: float, together: Any) -> None:
+    """Values over many chunks of 40 series, in an order of the seed's (pools differ per slot)."""
+    store = open_store(Path(directory), memory=4)
+    assert store.record([], [], now=now)
+    together.wait(30)
+    values = [(f"w{series}", 10 ** (-5 + 7 * step / 60)) for series in range(40) for step in range(60)]
+    random.Random(seed).shuffle(values)
+    for name, value in values[: len(values) - 100 * seed]:
+        assert store.record([(name, bucket_of(value), value)], [], now=now)
+
+
 class TestDenseSketch:
     """The store's window sketches: counts in a row, quantiles without building the dict."""
 
@@ -98,6 +109,18 @@ class TestDenseSketch:
             assert dense.buckets == sparse.buckets
             assert dense == sparse
             assert dense.quantiles(qs) == sparse.quantiles(qs)  # after it does
+
+    def test_count_before_or_after_quantiles_is_the_sum_of_the_counts(self) -> None:
+        # The sketch keeps its count, not its running sums (an export would keep a list per series).
+        for seed in range(50):
+            dense, sparse = self.dense_and_sparse(seed)
+            assert dense.count == sparse.count  # before any quantile
+            assert dense.quantiles(QUANTILES) == sparse.quantiles(QUANTILES)
+            assert dense.count == sparse.count
+            dense, sparse = self.dense_and_sparse(seed)
+            assert dense.quantiles(QUANTILES) == sparse.quantiles(QUANTILES)
+            assert dense.count == sparse.count  # after, first asked then
+        assert DenseSketch(3, array("I")).count == 0
 
     def test_changes_through_buckets_or_merge_count(self) -> None:
         dense, sparse = self.dense_and_sparse(1)
@@ -373,6 +396,45 @@ class TestStore:
         )
         assert any(not found for per_series in minutes for found in per_series.values())
 
+    def test_a_snapshot_holds_one_slot_s_rows_at_a_time(self, tmp_path: Path) -> None:
+        # Its peak memory is the first export's page faults: it must not grow with the slots
+        # beyond the sums (one slot's rows, then the next's, not both; one struct for all).
+        import tracemalloc
+
+        now = 1_800_000_000.0
+
+        def peak(directory: Path, workers: int) -> tuple[int, int]:
+            together = FORK.Barrier(workers)
+            processes = [
+                FORK.Process(target=record_wide, args=(str(directory), seed, now, together))
+                for seed in range(workers)
+            ]
+            for process in processes:
+                process.start()
+            for process in processes:
+                process.join(60)
+                assert process.exitcode == 0
+            store = open_store(directory, memory=4)
+            store.snapshot(windows=(5,), now=now)  # the names, kept, and the caches
+            tracemalloc.start()
+            try:
+                snapshot = store.snapshot(windows=(5,), now=now)
+                used = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert snapshot.used_slots == workers
+            rows = max(
+                store._u32[(store._slots_offset + slot * store.slot_bytes) // 4 + 2] for slot in range(8)
+            )
+            return used, rows * 256 * 2  # a slot's running rows and one checkpoint's
+
+        (tmp_path / "one").mkdir()
+        (tmp_path / "four").mkdir()
+        one, _ = peak(tmp_path / "one", 1)
+        four, slot_rows = peak(tmp_path / "four", 4)
+        assert slot_rows > 200_000
+        assert four - one < slot_rows // 2, (one, four, slot_rows)
+
     def test_a_name_added_during_a_snapshot_waits_for_the_next(self, tmp_path: Path) -> None:
         # Another thread of the process may add a series while a snapshot reads the slots
         # (names() appends to the list it returns): the snapshot keeps the names it started with.
@@ -390,6 +452,18 @@ class TestStore:
         assert snapshot.counters == {"c": 1}
         assert set(snapshot.totals) == {"t"}
         assert "late counter" in store.names(False)
+
+    def test_names_added_in_steps_are_read_by_another_store_in_order(self, tmp_path: Path) -> None:
+        writer, reader = open_store(tmp_path), open_store(tmp_path)
+        names = ["a", "é" * 200, "x" * 300, "z\x1fGET"]  # a name past 256 bytes is cut at a character
+        for name in names[:2]:
+            writer.series(name, timing=True)
+        assert reader.names(True) == ["\x1foverflow", "a", "é" * 128]
+        for name in names[2:]:
+            writer.series(name, timing=True)
+        writer.series("counter", timing=False)
+        assert reader.names(True) == ["\x1foverflow", "a", "é" * 128, "x" * 256, "z\x1fGET"]
+        assert reader.names(False) == ["\x1foverflow", "counter"]
 
     def test_series_past_the_limit_share_the_overflow_series(self, tmp_path: Path) -> None:
         store = open_store(tmp_path, series=4)

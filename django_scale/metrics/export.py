@@ -79,11 +79,24 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(names: Iterable[str], values: Iterable[str], extra: str = "") -> str:
-    pairs = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
-    if extra:
-        pairs.append(extra)
-    return "{" + ",".join(pairs) + "}" if pairs else ""
+def _labels(kinds: dict[str, tuple[str, tuple[str, ...], str]], name: str) -> tuple[str, str] | None:
+    """Return the family of series *name* among *kinds* and its labels' text, without braces.
+
+    Made by one ``%`` formatting of a per-family template (:func:`_template`); the values are
+    escaped one by one only when the name holds a character to escape.
+    """
+    kind, values = split_name(name)
+    spec = kinds.get(kind)
+    if spec is None or len(values) != len(spec[1]):
+        return None
+    if "\\" in name or "\n" in name or '"' in name:
+        values = [_escape(value) for value in values]
+    return spec[0], _template(spec[1]) % tuple(values)
+
+
+@lru_cache(maxsize=16)
+def _template(label_names: tuple[str, ...]) -> str:
+    return ",".join(f'{label}="%s"' for label in label_names)
 
 
 def _number(value: float) -> str:
@@ -99,33 +112,37 @@ _SERIES_TEXT = 1 << 16
 @lru_cache(maxsize=_SERIES_TEXT)
 def _timing_text(name: str) -> tuple[str, str, str, str] | None:
     """Return the family and the text before each value of timing series *name*."""
-    kind, values = split_name(name)
-    spec = _TIMINGS.get(kind)
-    if spec is None or len(values) != len(spec[1]):
+    found = _labels(_TIMINGS, name)
+    if found is None:
         return None
-    metric, label_names, _ = spec
-    labels = _labels(label_names, values)
-    return metric, f"{metric}{labels[:-1]},quantile=", f"{metric}_sum{labels} ", f"{metric}_count{labels} "
+    metric, labels = found
+    return (
+        metric,
+        f"{metric}{{{labels},quantile=",
+        f"{metric}_sum{{{labels}}} ",
+        f"{metric}_count{{{labels}}} ",
+    )
 
 
 @lru_cache(maxsize=_SERIES_TEXT)
 def _counter_text(name: str) -> tuple[str, str] | None:
     """Return the family and the text before the value of counter series *name*."""
-    kind, values = split_name(name)
-    spec = _COUNTERS.get(kind)
-    if spec is None or len(values) != len(spec[1]):
+    found = _labels(_COUNTERS, name)
+    if found is None:
         return None
-    metric, label_names, _ = spec
-    return metric, f"{metric}_total{_labels(label_names, values)} "
+    metric, labels = found
+    return metric, f"{metric}_total{{{labels}}} "
 
 
 @lru_cache(maxsize=4096)
 def _quantile_text(q: float, value: float | None) -> str:
-    return f'"{q}"}} {_number(value or 0.0)}'
+    return f'"{q}"}} {_number(value or 0.0)}\n'
 
 
 def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[str] = ()) -> str:
     """Render *snapshot* in Prometheus text format; *gauges* are extra ready-made lines."""
+    # Each family's lines as pieces, most of them kept texts (a series' label text, a quantile's
+    # value): one join at the end makes the document, with no string per line before it.
     families: dict[str, list[str]] = defaultdict(list)
     windows = snapshot.windows
     for name, (count, total) in sorted(snapshot.totals.items()):
@@ -134,41 +151,42 @@ def prometheus_text(snapshot: HostSnapshot, window: int = 5, gauges: Iterable[st
             continue
         metric, quantile, sum_, count_ = text
         sketch = windows.get(name, {}).get(window)
-        lines = families[metric]
-        if sketch is not None and sketch.count:
-            # Quantiles are bucket representatives: a few hundred distinct texts.
-            lines.extend(
-                quantile + _quantile_text(q, value) for q, value in sketch.quantiles(QUANTILES).items()
-            )
-        lines.append(sum_ + _number(total))
-        lines.append(f"{count_}{count}")
+        pieces = families[metric]
+        if sketch is not None:
+            # The quantiles before the count: a dense sketch counts its values on the way.
+            quantiles = sketch.quantiles(QUANTILES)
+            if sketch.count:
+                # Quantiles are bucket representatives: a few hundred distinct texts.
+                for q, value in quantiles.items():
+                    pieces += (quantile, _quantile_text(q, value))
+        pieces += (sum_, _number(total), "\n", count_, str(count), "\n")
     for name, value in sorted(snapshot.counters.items()):
         counter = _counter_text(name)
-        if counter is None:
-            continue
-        families[counter[0]].append(f"{counter[1]}{value}")
+        if counter is not None:
+            families[counter[0]] += (counter[1], str(value), "\n")
     out: list[str] = []
     for metric, _, help_text in _TIMINGS.values():
         if families.get(metric):
-            out.append(f"# HELP {metric} {help_text} Quantiles over the last {window} minutes.")
-            out.append(f"# TYPE {metric} summary")
+            out.append(f"# HELP {metric} {help_text} Quantiles over the last {window} minutes.\n")
+            out.append(f"# TYPE {metric} summary\n")
             out.extend(families[metric])
     for metric, _, help_text in _COUNTERS.values():
         if families.get(metric):
             # Text format 0.0.4 names a counter family with its _total suffix.
-            out.append(f"# HELP {metric}_total {help_text}")
-            out.append(f"# TYPE {metric}_total counter")
+            out.append(f"# HELP {metric}_total {help_text}\n")
+            out.append(f"# TYPE {metric}_total counter\n")
             out.extend(families[metric])
     out.append(
-        "# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used."
+        "# HELP django_scale_metrics_slots Worker slots of the host's metrics file: live and ever used.\n"
     )
-    out.append("# TYPE django_scale_metrics_slots gauge")
-    out.append(f'django_scale_metrics_slots{{state="live"}} {snapshot.live_slots}')
-    out.append(f'django_scale_metrics_slots{{state="used"}} {snapshot.used_slots}')
+    out.append("# TYPE django_scale_metrics_slots gauge\n")
+    out.append(f'django_scale_metrics_slots{{state="live"}} {snapshot.live_slots}\n')
+    out.append(f'django_scale_metrics_slots{{state="used"}} {snapshot.used_slots}\n')
     out.append(
-        "# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full."
+        "# HELP django_scale_metrics_dropped Values not recorded: no free slot, or a slot's bucket pool full.\n"
     )
-    out.append("# TYPE django_scale_metrics_dropped gauge")
-    out.append(f"django_scale_metrics_dropped {snapshot.dropped}")
-    out.extend(gauges)
-    return "\n".join(out) + "\n"
+    out.append("# TYPE django_scale_metrics_dropped gauge\n")
+    out.append(f"django_scale_metrics_dropped {snapshot.dropped}\n")
+    for line in gauges:
+        out += (line, "\n")
+    return "".join(out)

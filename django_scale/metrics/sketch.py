@@ -170,15 +170,17 @@ class DenseSketch(Sketch):
     def __init__(self, first: int, counts: array[int], total: float = 0.0) -> None:  # noqa: D107
         self._first = first
         self._counts = counts
-        self._cumulative: list[int] | None = None
+        # The sum of the counts, kept; their running sums are not (an export would keep one
+        # list per series, more memory than the counts themselves).
+        self._sum: int | None = None
         self._buckets: dict[int, int] | None = None
         self._count: int | None = None
         self.total = total
 
     def _running(self) -> list[int]:
-        if self._cumulative is None:
-            self._cumulative = list(accumulate(self._counts)) or [0]
-        return self._cumulative
+        cumulative = list(accumulate(self._counts)) or [0]
+        self._sum = cumulative[-1]
+        return cumulative
 
     def _indexes(self) -> Iterator[int]:
         """The buckets that hold values, in order (compress() keeps them in C)."""
@@ -212,7 +214,9 @@ class DenseSketch(Sketch):
     def count(self) -> int:
         """How many values in all."""
         if self._count is None:
-            return self._running()[-1]
+            if self._sum is None:
+                self._sum = sum(self._counts)
+            return self._sum
         return self._count
 
     @count.setter

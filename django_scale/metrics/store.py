@@ -39,8 +39,8 @@ import time
 import weakref
 from array import array
 from collections.abc import Iterable
-from itertools import compress
-from operator import add
+from itertools import chain, compress
+from operator import add, methodcaller
 from pathlib import Path
 
 from django_scale.exceptions import UsageError
@@ -93,8 +93,10 @@ _NAMES_LOCK = _LOCK_BASE - 1
 _OVERFLOW = "\x1foverflow"
 # A series' checkpoint in a slot where it never had a value (its rows are zero rows).
 _NEVER = -1
+_strip_nul = methodcaller("rstrip", b"\0")
 # Whether a series is read for a window: not when its window starts at no checkpoint (None).
 _KEEP: dict[int | None, int] = {None: 0, _NEVER: 0, **dict.fromkeys(range(_RING), 1)}
+_SKIP = (None, _NEVER)
 
 
 def _page(size: int) -> int:
@@ -239,9 +241,11 @@ class SlotStore:
         """Return the names of the timing (or counter) series, by number."""
         known = self._names[timing]
         used = self._u32[self._count_offset(timing)]
-        for index in range(len(known), used):
-            start = self._name_offset(timing, index)
-            known.append(bytes(self._map[start : start + _NAME_BYTES]).rstrip(b"\0").decode())
+        if used > len(known):  # the new names in one read, split, stripped and decoded in C
+            data = self._map[self._name_offset(timing, len(known)) : self._name_offset(timing, used)]
+            ends = range(_NAME_BYTES, len(data) + 1, _NAME_BYTES)
+            rows = map(data.__getitem__, map(slice, range(0, len(data), _NAME_BYTES), ends))
+            known.extend(map(bytes.decode, map(_strip_nul, rows)))
         return known
 
     def series(self, name: str, *, timing: bool) -> int:
@@ -492,20 +496,18 @@ class SlotStore:
         masks: dict[tuple[int, tuple[bool, ...]], int] = {}
         # Per window and block: every series' counts summed over every slot, one integer of
         # 32-bit fields (no field comes near 2**32). A slot's counts are its running counts
-        # less the window's checkpoint (window()): both read in one go, converted once.
+        # less the window's checkpoint (window()): both read in one go, converted once, by one
+        # struct and one pair of window() masks for every slot and block (a slot's rows are read
+        # up to the most any slot uses: past its own, unused rows), one slot's rows at a time.
+        widest = max((rows for *_, rows in blocks), default=0)
+        most = max((max(state[2]) for state in slots), default=0)
         sums = {length: [0] * len(blocks) for length in windows}
         for base, at, directories, ring, entries in slots:
-            most = max(directories)
             for _ in range(3):
                 # The checkpoints before the running counts: both only grow, so the running
                 # counts, read last, are at least each checkpoint (modulo 2**31). Then the ring
                 # again: a checkpoint written meanwhile (a new minute) means reading again.
-                read = {
-                    entry
-                    for chosen in entries.values()
-                    for entry in chosen
-                    if entry is not None and entry >= 0
-                }
+                read = {entry for entry in chain.from_iterable(entries.values()) if entry not in _SKIP}
                 checkpoints = {
                     entry: split_rows(self._map, base + self._pool_offset + entry * self._entry_bytes, most)
                     for entry in sorted(read)
@@ -515,7 +517,7 @@ class SlotStore:
                 if again == ring:
                     break
                 ring, entries = again, entries_of(again)
-            for block, (spans, pick, of_spans, rows) in enumerate(blocks):
+            for block, (spans, pick, of_spans, _) in enumerate(blocks):
                 pools = pick(directories)
                 running = gather(running_rows, pools)
                 within: dict[int, int] = {}
@@ -524,7 +526,7 @@ class SlotStore:
                     distinct = set(per_series) - {_NEVER, None}
                     for entry in distinct:
                         if entry not in within:
-                            within[entry] = _window(running, gather(checkpoints[entry], pools), rows)
+                            within[entry] = _window(running, gather(checkpoints[entry], pools), widest)
                     if len(distinct) == 1 and None not in per_series:
                         sums[length][block] += within[distinct.pop()]
                         continue
@@ -535,6 +537,7 @@ class SlotStore:
                         if key not in masks:
                             masks[key] = _rows_mask(spans, key[1])
                         sums[length][block] += within[entry] & masks[key]
+            del checkpoints, running_rows  # before the next slot's rows are read
         result.live_slots = len(self.live_slots())
         result.totals = {
             name: (count, total)

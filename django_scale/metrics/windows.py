@@ -70,7 +70,9 @@ def fields(summed: int) -> tuple[int, array[int]]:
     return low, array("I", (summed >> (low << 5)).to_bytes((high - low) * 4, "little"))
 
 
-@lru_cache(maxsize=16)
+# An export reads every slot with one struct (rows: the most any slot uses), about 36 bytes a
+# row: the latest two are kept, as the pool of a slot grows.
+@lru_cache(maxsize=2)
 def _rows_struct(rows: int, gap: int) -> struct.Struct:
     pad = f"{gap}x" if gap else ""
     return struct.Struct(f"{ROW_BYTES}s{pad}" * (rows - 1) + f"{ROW_BYTES}s" if rows else "")
@@ -108,8 +110,9 @@ def layout(used: Sequence[int], series: Iterable[int]) -> tuple[list[tuple[int, 
     return spans, places
 
 
-#: Rows of a block (see :func:`blocks`): 64 KiB integers, below the allocator's mmap threshold.
-BLOCK_ROWS = 256
+#: Rows of a block (see :func:`blocks`): 32 KiB integers, well below the allocator's mmap threshold
+#: (smaller blocks: a lower peak of memory, so fewer page faults in a first export).
+BLOCK_ROWS = 128
 
 
 def blocks(
