@@ -339,7 +339,6 @@ class ReplicaRouter:
             and decision is not None
             and decision.hot is state._hot
             and cached.generation == _generation[0]
-            and (state.replica is None or state.replica is decision.alias)
             and not state.pinned
             and not hints
             and _forced.get() is None
@@ -348,9 +347,18 @@ class ReplicaRouter:
             and not decision.handle.in_atomic_block
             and decision.version == decision.monitor.version
             and (now := _monotonic()) < decision.until
-            and decision.handle.connection is decision.raw
-            and not decision.handle.errors_occurred
-            and (state.required_lsn is None or decision.monitor.replay_lsn >= state.required_lsn)
+            and (
+                # A later read of the request, whose replica is the decision's: kept while the
+                # monitor's version and the availability window hold, as below.
+                state.replica is decision.alias
+                # The request's first read: the decision's connection and replay checked too.
+                or (
+                    state.replica is None
+                    and decision.handle.connection is decision.raw
+                    and not decision.handle.errors_occurred
+                    and (state.required_lsn is None or decision.monitor.replay_lsn >= state.required_lsn)
+                )
+            )
         ):
             # The common case in as few steps as it takes (this runs for every read): a request's
             # read while the thread's last decision holds (_holds(), inlined; the decision
