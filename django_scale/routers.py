@@ -334,6 +334,7 @@ class ReplicaRouter:
         state = _state.get()
         cached = _thread
         decision = cached.decision
+        alias: str | None  # (an annotation only: no step at run time)
         if (
             state is not None
             and decision is not None
@@ -398,7 +399,7 @@ class ReplicaRouter:
                     # The object came from a database this router does not manage: abstain.
                     return None
             forced = _forced.get()
-            alias: str | None = None
+            alias = None
             # _in_atomic() is asked only when a connection is in a transaction (a loop, not any():
             # no generator to create on every read).
             in_atomic = route[2].in_atomic_block
