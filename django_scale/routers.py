@@ -174,10 +174,17 @@ class Decision:
     version covers them.)
     """
 
-    __slots__ = ("alias", "monitor", "handle", "version", "until", "raw")
+    __slots__ = ("alias", "monitor", "handle", "version", "until", "raw", "primary", "hot")
 
     def __init__(
-        self, alias: str, monitor: ReplicaMonitor, handle: BaseDatabaseWrapper, version: int, until: float
+        self,
+        alias: str,
+        monitor: ReplicaMonitor,
+        handle: BaseDatabaseWrapper,
+        version: int,
+        until: float,
+        primary: BaseDatabaseWrapper,
+        hot: HotSettings,
     ) -> None:
         self.alias = alias
         self.monitor = monitor
@@ -185,6 +192,9 @@ class Decision:
         self.version = version
         self.until = until
         self.raw: Any = handle.connection
+        #: The primary's connection object in the thread, and the settings the route was read with.
+        self.primary = primary
+        self.hot = hot
 
 
 class _ThreadRoute(threading.local):
@@ -270,7 +280,7 @@ def _remember(route: Route, chosen: str, version: int, until: float) -> None:
     handle = route[4][chosen]
     if version == item.version and getattr(handle, GUARD_ATTRIBUTE, None) is not None:
         # (Not while it could not be guarded: pick_usable() guards it at a later decision.)
-        _thread.decision = Decision(chosen, item, handle, version, until)
+        _thread.decision = Decision(chosen, item, handle, version, until, route[2], route[6])
 
 
 def _decide(state: RoutingState, route: Route, now: float) -> str | None:
@@ -321,94 +331,138 @@ class ReplicaRouter:
             track_writes()
 
     def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
-        # The common case first and in as few steps as it takes (this runs for every read):
-        # a request's read, nothing forced, no transaction, nothing pinned.
         state = _state.get()
-        hot = state._hot if state is not None else None
-        if hot is None:
-            hot = conf.hot()
         cached = _thread
-        route = cached.route
+        decision = cached.decision
+        alias: str | None  # (an annotation only: no step at run time)
         if (
-            route is None
-            or route[6] is not hot
-            or cached.generation != _generation[0]
-            or _get_running_loop() is not None
-        ):
-            if not hot.replicas:
-                return hot.primary
-            route = _route(hot)
-        primary = route[0]
-        if hints:
-            instance = hints.get("instance")
-            if instance is not None and instance._state.db not in (None, primary, *route[1]):
-                # The object came from a database this router does not manage: abstain.
-                return None
-        forced = _forced.get()
-        alias: str | None = None
-        # _in_atomic() is asked only when a connection is in a transaction (a loop, not any():
-        # no generator to create on every read).
-        in_atomic = route[2].in_atomic_block
-        if not in_atomic:
-            for handle in route[3]:
-                if handle.in_atomic_block:
-                    in_atomic = True
-                    break
-        if in_atomic:
-            in_atomic = _in_atomic(route[2], route[3])
-        if forced is None and not in_atomic and state is not None and not state.pinned:
-            now = _monotonic()
-            alias = state.replica
-            if alias is None:
-                # The request's first read: the thread's last decision if it holds (_holds(),
-                # inlined), else choose_replica().
-                decision = cached.decision
-                required = state.required_lsn
-                if (
-                    decision is not None
-                    and route is cached.route
-                    and decision.version == decision.monitor.version
-                    and now < decision.until
+            state is not None
+            and decision is not None
+            and decision.hot is state._hot
+            and cached.generation == _generation[0]
+            and not state.pinned
+            and not hints
+            and _forced.get() is None
+            and _get_running_loop() is None
+            and not decision.primary.in_atomic_block
+            and not decision.handle.in_atomic_block
+            and decision.version == decision.monitor.version
+            and (now := _monotonic()) < decision.until
+            and (
+                # A later read of the request, whose replica is the decision's: kept while the
+                # monitor's version and the availability window hold, as below.
+                state.replica is decision.alias
+                # The request's first read: the decision's connection and replay checked too.
+                or (
+                    state.replica is None
                     and decision.handle.connection is decision.raw
                     and not decision.handle.errors_occurred
-                    and (required is None or decision.monitor.replay_lsn >= required)
-                ):
-                    alias = state.replica = decision.alias
-                    state._version = decision.version
-                    state._valid_until = decision.until
-                else:
-                    alias = _decide(state, route, now)
-            elif state._version != route[5][alias].version or now >= state._valid_until:
-                # (choose_replica()'s fast path, inlined: the request's later reads take it.)
-                alias = _decide(state, route, now)
+                    and (state.required_lsn is None or decision.monitor.replay_lsn >= state.required_lsn)
+                )
+            )
+        ):
+            # The common case in as few steps as it takes (this runs for every read): a request's
+            # read while the thread's last decision holds (_holds(), inlined; the decision
+            # exists only for the thread's own route with one replica, and is dropped when the
+            # route is looked up again), nothing forced, pinned or hinted, no transaction open
+            # on the primary or the replica. The path below decides the same way, in more steps.
+            alias = decision.alias
+            if state.replica is None:
+                state.replica = alias
+                state._version = decision.version
+                state._valid_until = decision.until
             if state.required_lsn is None:
+                # FallbackWindow.count_read(), inlined as below.
+                window = fallback_window
+                second = int(now)
+                if second != window.second:
+                    window.second, window.reads, window.fallbacks = second, 0, 0
+                window.reads += 1
+        else:
+            hot = state._hot if state is not None else None
+            if hot is None:
+                hot = conf.hot()
+            route = cached.route
+            if (
+                route is None
+                or route[6] is not hot
+                or cached.generation != _generation[0]
+                or _get_running_loop() is not None
+            ):
+                if not hot.replicas:
+                    return hot.primary
+                route = _route(hot)
+            primary = route[0]
+            if hints:
+                instance = hints.get("instance")
+                if instance is not None and instance._state.db not in (None, primary, *route[1]):
+                    # The object came from a database this router does not manage: abstain.
+                    return None
+            forced = _forced.get()
+            alias = None
+            # _in_atomic() is asked only when a connection is in a transaction (a loop, not any():
+            # no generator to create on every read).
+            in_atomic = route[2].in_atomic_block
+            if not in_atomic:
+                for handle in route[3]:
+                    if handle.in_atomic_block:
+                        in_atomic = True
+                        break
+            if in_atomic:
+                in_atomic = _in_atomic(route[2], route[3])
+            if forced is None and not in_atomic and state is not None and not state.pinned:
+                now = _monotonic()
+                alias = state.replica
                 if alias is None:
-                    alias = free_read_alias(route[1], alias, primary, now)
-                    if alias == primary:
-                        state.fallbacks += 1
-                else:
-                    # FallbackWindow.count_read(), inlined: free_read_alias() does it otherwise.
-                    window = fallback_window
-                    second = int(now)
-                    if second != window.second:
-                        window.second, window.reads, window.fallbacks = second, 0, 0
-                    window.reads += 1
-            elif alias is None:
-                state.pin("no available replica has replayed the user's last write", fallback=True)
+                    # The request's first read: the thread's last decision if it holds (_holds(),
+                    # inlined), else choose_replica().
+                    decision = cached.decision
+                    required = state.required_lsn
+                    if (
+                        decision is not None
+                        and route is cached.route
+                        and decision.version == decision.monitor.version
+                        and now < decision.until
+                        and decision.handle.connection is decision.raw
+                        and not decision.handle.errors_occurred
+                        and (required is None or decision.monitor.replay_lsn >= required)
+                    ):
+                        alias = state.replica = decision.alias
+                        state._version = decision.version
+                        state._valid_until = decision.until
+                    else:
+                        alias = _decide(state, route, now)
+                elif state._version != route[5][alias].version or now >= state._valid_until:
+                    # (choose_replica()'s fast path, inlined: the request's later reads take it.)
+                    alias = _decide(state, route, now)
+                if state.required_lsn is None:
+                    if alias is None:
+                        alias = free_read_alias(route[1], alias, primary, now)
+                        if alias == primary:
+                            state.fallbacks += 1
+                    else:
+                        # FallbackWindow.count_read(), inlined: free_read_alias() does it otherwise.
+                        window = fallback_window
+                        second = int(now)
+                        if second != window.second:
+                            window.second, window.reads, window.fallbacks = second, 0, 0
+                        window.reads += 1
+                elif alias is None:
+                    state.pin("no available replica has replayed the user's last write", fallback=True)
+                    state.fallbacks += 1
+            elif forced == "primary" or in_atomic:
+                pass
+            elif state is None or (forced == "replica" and not state.rerun):
+                # Outside a request or task, or told to: any available replica.
+                now = _monotonic()
+                alias = free_read_alias(route[1], _free_choice(route, now), primary, now)
+                if alias == primary and state is not None:
+                    state.fallbacks += 1
+            elif state._falls_back:
+                # Pinned because no replica could serve the request (only pinned reads get here,
+                # and the second run of a request inside use_replica(), which its pin covers).
                 state.fallbacks += 1
-        elif forced == "primary" or in_atomic:
-            pass
-        elif state is None or (forced == "replica" and not state.rerun):
-            # Outside a request or task, or told to: any available replica.
-            now = _monotonic()
-            alias = free_read_alias(route[1], _free_choice(route, now), primary, now)
-            if alias == primary and state is not None:
-                state.fallbacks += 1
-        elif state._falls_back:
-            # Pinned because no replica could serve the request (only pinned reads get here,
-            # and the second run of a request inside use_replica(), which its pin covers).
-            state.fallbacks += 1
-        alias = alias or primary
+            alias = alias or primary
         # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)
         if state is not None:
             reads = state.reads

@@ -13,13 +13,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections, router, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from support import wait_until
 
-from django_scale.replicas import monitor, parse_lsn, routing_state, stop_monitors
+from django_scale.conf import conf
+from django_scale.replicas import monitor, parse_lsn, routing_state, stop_monitors, use_primary
 from django_scale.replicas.monitors import route_generation
+from django_scale.routers import ReplicaRouter
 from django_scale.testing import (
     capture_reads,
     override_scale_settings,
@@ -92,6 +94,31 @@ def test_a_replica_connection_with_an_error_is_reopened_before_the_next_request_
     # Closed and opened again by the router before the read, not reused as it was.
     assert replica.connection is not None and replica.connection is not broken
     assert not replica.errors_occurred
+
+
+@REPLICA
+def test_a_held_decision_yields_to_a_forced_route_a_transaction_a_foreign_hint_and_a_pin(author: int) -> None:
+    # Each read below would take the router's fast path (the thread's last decision holds)
+    # if it did not look at what the request's state, the context and the connections say.
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}  # the thread's decision, now held
+    replica_router = ReplicaRouter()
+    stranger = Author(name="elsewhere")
+    stranger._state.db = "legacy"
+    with routing_state() as state:
+        state._hot = conf.hot()  # as ScaleMiddleware's state carries it
+        assert router.db_for_read(Author) == "replica"
+        with use_primary():
+            assert router.db_for_read(Author) == "default"
+        with transaction.atomic(using="default"):
+            assert router.db_for_read(Author) == "default"
+        with transaction.atomic(using="replica"):
+            assert router.db_for_read(Author) == "default"
+        assert replica_router.db_for_read(Author, instance=stranger) is None
+        assert router.db_for_read(Author) == "replica"
+        state.pin("the test says so")
+        assert router.db_for_read(Author) == "default"
+        assert state.reads == {"replica": 2, "default": 4}
 
 
 @REPLICA
