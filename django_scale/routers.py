@@ -21,7 +21,7 @@ from django.db.models import Model
 
 from django_scale.conf import HotSettings, conf
 from django_scale.replicas.fallback import fallback_window
-from django_scale.replicas.guard import GUARD_ATTRIBUTE, guard_connection, install_guards
+from django_scale.replicas.guard import GUARD_ATTRIBUTE, guard_connection, install_guards, watchdog
 from django_scale.replicas.monitors import ReplicaMonitor, monitor, route_generation
 from django_scale.replicas.policy import order_replicas
 from django_scale.replicas.state import RoutingState, _capture, _forced, _state, mark_write
@@ -93,7 +93,8 @@ def pick_usable(
     A replica's connection in this thread opens here, before the router hands out its alias,
     rather than in the middle of the caller's query: a refused connection takes the replica
     out of rotation and the read goes elsewhere instead of failing. An open connection is
-    not tested again (that would cost a round trip per request). *handles* are the aliases'
+    not tested again (that would cost a round trip per request), except by Django's own
+    ``CONN_HEALTH_CHECKS`` check, which runs here then (:func:`_health_check`). *handles* are the aliases'
     connection objects and *monitors* their monitors, when the caller has them.
     """
     if len(aliases) > 1:
@@ -106,9 +107,13 @@ def pick_usable(
         # would break the transaction. A broken one fails its query: the guard raises
         # ReplicaReadError and ScaleMiddleware runs a safe request again on the primary.
         if connection.connection is not None and not connection.in_atomic_block:
+            if connection.health_check_enabled and not connection.health_check_done:
+                # CONN_HEALTH_CHECKS: checked now rather than in the caller's cursor().
+                _health_check(alias, connection)
             mark = getattr(connection, "_django_scale_epoch", None)
-            if connection.errors_occurred or (
-                item.failures and mark != (id(connection.connection), item.failures)
+            if connection.connection is not None and (
+                connection.errors_occurred
+                or (item.failures and mark != (id(connection.connection), item.failures))
             ):
                 # Opened before the replica last failed (say, it restarted since), or a query
                 # on it failed: it is likely broken, so open a new one rather than find out
@@ -135,6 +140,32 @@ def pick_usable(
             guard_connection(connection)
         return alias
     return None
+
+
+def _health_check(alias: str, connection: BaseDatabaseWrapper) -> None:
+    """Run Django's ``CONN_HEALTH_CHECKS`` check of replica *connection* now, as the router hands it out.
+
+    Django checks a persistent connection at the first query of each request, in
+    ``cursor()``, and reconnects there when the check fails
+    (``BaseDatabaseWrapper.close_if_health_check_failed()``, called by ``_cursor()``; the
+    attributes ``health_check_enabled`` and ``health_check_done`` since Django 4.1, ticket
+    #32948). On a replica that went down since, that reconnect fails outside any query, where
+    no execute wrapper (the guard) sees it: the caller got a plain ``OperationalError``, and a
+    GET a 500 instead of a second run; on a frozen replica the check's ``SELECT 1`` hung with
+    no deadline. Checked here, a failed check closes the connection and :func:`pick_usable`
+    opens a new one or skips the replica, and the ``SELECT 1`` is watched like a query. Django
+    marks the check done, so ``cursor()`` does not check again. The health-check tests of
+    ``tests/test_routing.py`` pin these names on every Django of the matrix.
+    """
+    ticket = watchdog.watch(alias, connection)
+    try:
+        connection.close_if_health_check_failed()
+    except DatabaseError:
+        # is_usable() catches the driver's errors; closing a broken connection may not.
+        with contextlib.suppress(Exception):
+            connection.close()
+    finally:
+        watchdog.unwatch(ticket)
 
 
 def _in_atomic(primary: BaseDatabaseWrapper, replicas: tuple[BaseDatabaseWrapper, ...]) -> bool:
@@ -174,7 +205,7 @@ class Decision:
     version covers them.)
     """
 
-    __slots__ = ("alias", "monitor", "handle", "version", "until", "raw", "primary", "hot")
+    __slots__ = ("alias", "monitor", "handle", "version", "until", "raw", "primary", "hot", "checked")
 
     def __init__(
         self,
@@ -192,6 +223,9 @@ class Decision:
         self.version = version
         self.until = until
         self.raw: Any = handle.connection
+        #: Whether the connection has CONN_HEALTH_CHECKS: then only a request whose check is
+        #: done may take the decision over (pick_usable() runs the check first).
+        self.checked: bool = handle.health_check_enabled
         #: The primary's connection object in the thread, and the settings the route was read with.
         self.primary = primary
         self.hot = hot
@@ -264,6 +298,7 @@ def _holds(decision: Decision, now: float, required: int | None) -> bool:
         and now < decision.until
         and handle.connection is decision.raw
         and not handle.errors_occurred
+        and (not decision.checked or handle.health_check_done)
         and (required is None or decision.monitor.replay_lsn >= required)
     )
 
@@ -357,6 +392,7 @@ class ReplicaRouter:
                     state.replica is None
                     and decision.handle.connection is decision.raw
                     and not decision.handle.errors_occurred
+                    and (not decision.checked or decision.handle.health_check_done)
                     and (state.required_lsn is None or decision.monitor.replay_lsn >= state.required_lsn)
                 )
             )
@@ -425,6 +461,7 @@ class ReplicaRouter:
                         and now < decision.until
                         and decision.handle.connection is decision.raw
                         and not decision.handle.errors_occurred
+                        and (not decision.checked or decision.handle.health_check_done)
                         and (required is None or decision.monitor.replay_lsn >= required)
                     ):
                         alias = state.replica = decision.alias

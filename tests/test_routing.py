@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import OperationalError, connections, transaction
+from django.db import OperationalError, close_old_connections, connections, transaction
 from django.test import AsyncClient, Client
 from django.test.utils import CaptureQueriesContext
 from support import break_replica_connection, wait_until
@@ -575,6 +575,92 @@ def test_a_frozen_replica_holds_no_async_request(replica_server):
     assert second[0] == 200 and second[1]["found"] is True
     assert second[1]["reads"] == {"default": 1}
     assert watchdog.cut_off == cut_before + 1
+
+
+@contextmanager
+def _health_checked_replica() -> Iterator[None]:
+    """The replica's connections persistent and health-checked (CONN_MAX_AGE None, CONN_HEALTH_CHECKS)."""
+    replica = connections["replica"]
+    saved = {key: replica.settings_dict.get(key) for key in ("CONN_MAX_AGE", "CONN_HEALTH_CHECKS")}
+    replica.close()
+    replica.settings_dict.update(CONN_MAX_AGE=None, CONN_HEALTH_CHECKS=True)
+    try:
+        yield
+    finally:
+        replica.close()
+        replica.settings_dict.update(saved)
+
+
+def _request_started() -> None:
+    """What Django's request_started does to each connection (the test client leaves it out)."""
+    close_old_connections()
+
+
+@REPLICA
+def test_a_health_checked_replica_that_went_down_fails_no_request(readmit):
+    # CONN_HEALTH_CHECKS reconnects in cursor(), outside any query: a replica that went down
+    # since the last request used to fail that reconnect where the guard could not see it (a
+    # plain OperationalError, a 500 with no second run; found by bench site's replica kill).
+    # The replica "goes down" for this thread's connection only (its backend ended, its port
+    # refusing): the monitor, on a connection of its own, must not notice first.
+    client = Client()
+    pk = Author.objects.create(name="Radia").pk
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
+    replica = connections["replica"]
+    with _health_checked_replica():
+        _request_started()
+        assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+        assert replica.connection is not None and replica.health_check_done  # kept, checked
+        port = replica.settings_dict["PORT"]
+        break_replica_connection(replica)
+        replica.settings_dict["PORT"] = harness.free_port()
+        try:
+            served_by = []
+            for _ in range(3):
+                _request_started()
+                response = client.get(f"/authors/{pk}/")
+                assert response.status_code == 200
+                assert response.json()["found"] is True
+                served_by.extend(response.json()["reads"])
+        finally:
+            replica.settings_dict["PORT"] = port
+        assert served_by == ["default"] * 3
+        # The failed reconnect took the replica out of rotation.
+        assert not monitor("replica").is_available()
+
+
+@REPLICA
+def test_a_health_checked_replica_that_froze_holds_no_request(replica_server):
+    client = Client()
+    pk = Author.objects.create(name="Frances").pk
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
+    cut_before = watchdog.cut_off
+    with _health_checked_replica(), override_scale_settings(REPLICA_DEADLINE=5.0):
+        _request_started()
+        assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
+        replica_server.freeze()
+        try:
+            _request_started()
+            response = client.get(f"/authors/{pk}/")
+        finally:
+            replica_server.thaw()
+        # The health check's SELECT 1 is watched like a query: cut off once the monitor saw
+        # the replica hang, the check failed, the reconnect found no answer either
+        # (connect_timeout), and the read went to the primary.
+        assert response.status_code == 200
+        assert response.json() == {
+            "found": True,
+            "reads": {"default": 1},
+            "pinned": response.json()["pinned"],
+            "wrote": False,
+        }
+        assert watchdog.cut_off == cut_before + 1
 
 
 def _primary_lsn() -> str:
