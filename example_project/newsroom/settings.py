@@ -283,3 +283,15 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# A server error's traceback on the console (stderr) also when DEBUG is off, where Django's
+# default LOGGING only mails it to ADMINS: `bench site` keeps each app server's output, and a
+# 5xx under a fault is worth its traceback.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    # (With DEBUG on, Django's own console handler prints it.)
+    "filters": {"require_debug_false": {"()": "django.utils.log.RequireDebugFalse"}},
+    "handlers": {"errors": {"class": "logging.StreamHandler", "filters": ["require_debug_false"]}},
+    "loggers": {"django.request": {"handlers": ["errors"], "level": "ERROR"}},
+}
