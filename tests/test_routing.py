@@ -383,11 +383,7 @@ def test_a_read_on_a_broken_replica_connection_raises_and_the_next_read_goes_to_
 @REPLICA
 def test_a_get_whose_replica_connection_broke_runs_again_on_the_primary(readmit):
     client = Client()
-    pk = Author.objects.create(name="Hopper").pk
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
-        "the monitor seeing the primary's writes",
-    )
+    pk = _author_seen_by_the_monitor("Hopper")
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}  # opens the connection
     _terminate_replica_connection()
     with capture_reads() as reads, CaptureQueriesContext(connections["default"]) as on_primary:
@@ -485,11 +481,7 @@ def _accepts_connections() -> bool:
 @REPLICA
 def test_a_stopped_replica_fails_no_request_and_is_readmitted(replica_server):
     client = Client()
-    pk = Author.objects.create(name="Hedy").pk
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
-        "the monitor seeing the primary's writes",
-    )
+    pk = _author_seen_by_the_monitor("Hedy")
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
 
     replica_server.stop()
@@ -512,11 +504,7 @@ def test_a_stopped_replica_fails_no_request_and_is_readmitted(replica_server):
 @REPLICA
 def test_a_frozen_replica_holds_no_request(replica_server):
     client = Client()
-    pk = Author.objects.create(name="Joan").pk
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
-        "the monitor seeing the primary's writes",
-    )
+    pk = _author_seen_by_the_monitor("Joan")
     # Open the request thread's replica connection, then freeze the server under it.
     assert client.get(f"/authors/{pk}/").json()["reads"] == {"replica": 1}
     cut_before = watchdog.cut_off
@@ -542,11 +530,7 @@ def test_a_frozen_replica_holds_no_request(replica_server):
 
 @REPLICA
 def test_a_frozen_replica_holds_no_async_request(replica_server):
-    pk = Author.objects.create(name="Joan").pk
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
-        "the monitor seeing the primary's writes",
-    )
+    pk = _author_seen_by_the_monitor("Joan")
 
     async def main() -> list[tuple[int, dict[str, object]]]:
         client = AsyncClient()
@@ -604,11 +588,7 @@ def test_a_health_checked_replica_that_went_down_fails_no_request(readmit):
     # The replica "goes down" for this thread's connection only (its backend ended, its port
     # refusing): the monitor, on a connection of its own, must not notice first.
     client = Client()
-    pk = Author.objects.create(name="Radia").pk
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
-        "the monitor seeing the primary's writes",
-    )
+    pk = _author_seen_by_the_monitor("Radia")
     replica = connections["replica"]
     with _health_checked_replica():
         _request_started()
@@ -635,11 +615,7 @@ def test_a_health_checked_replica_that_went_down_fails_no_request(readmit):
 @REPLICA
 def test_a_health_checked_replica_that_froze_holds_no_request(replica_server):
     client = Client()
-    pk = Author.objects.create(name="Frances").pk
-    wait_until(
-        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
-        "the monitor seeing the primary's writes",
-    )
+    pk = _author_seen_by_the_monitor("Frances")
     cut_before = watchdog.cut_off
     with _health_checked_replica(), override_scale_settings(REPLICA_DEADLINE=5.0):
         _request_started()
@@ -661,6 +637,16 @@ def test_a_health_checked_replica_that_froze_holds_no_request(replica_server):
             "wrote": False,
         }
         assert watchdog.cut_off == cut_before + 1
+
+
+def _author_seen_by_the_monitor(name: str) -> int:
+    """Create an author; return its pk once the replica's monitor has seen the primary pass the write."""
+    pk = Author.objects.create(name=name).pk
+    wait_until(
+        lambda: monitor("replica").replay_lsn >= parse_lsn(_primary_lsn()),
+        "the monitor seeing the primary's writes",
+    )
+    return pk
 
 
 def _primary_lsn() -> str:

@@ -80,19 +80,24 @@ def _serve(tmp_path: Path, app: str) -> Iterator[tuple[int, subprocess.Popen[byt
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return len(_children(server.pid)) == 2
-            except OSError:
-                return False
-
-        wait_until(answers, "gunicorn answering with 2 workers", timeout=60)
+        _wait_for_server(port, "gunicorn answering with 2 workers", lambda: len(_children(server.pid)) == 2)
         yield port, server
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _wait_for_server(port: int, what: str, ready: Callable[[], bool] = lambda: True) -> None:
+    """Wait until a server accepts connections on *port* and *ready* holds."""
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return ready()
+        except OSError:
+            return False
+
+    wait_until(answers, what, timeout=60)
 
 
 def _pause_during(server: subprocess.Popen[bytes], after: float) -> list[float]:
@@ -273,15 +278,7 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> Non
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return True
-            except OSError:
-                return False
-
-        wait_until(answers, "uvicorn answering", timeout=60)
+        _wait_for_server(port, "uvicorn answering")
 
         async def twice() -> tuple[tuple[int, int], tuple[int, int], int]:
             pool = _Pool("127.0.0.1", port)
