@@ -107,7 +107,7 @@ def pick_usable(
         # would break the transaction. A broken one fails its query: the guard raises
         # ReplicaReadError and ScaleMiddleware runs a safe request again on the primary.
         if connection.connection is not None and not connection.in_atomic_block:
-            if connection.health_check_enabled and not connection.health_check_done:
+            if connection.health_check_enabled and not connection.health_check_done:  # type: ignore[attr-defined]
                 # CONN_HEALTH_CHECKS: checked now rather than in the caller's cursor().
                 _health_check(alias, connection)
             mark = getattr(connection, "_django_scale_epoch", None)
@@ -155,7 +155,8 @@ def _health_check(alias: str, connection: BaseDatabaseWrapper) -> None:
     no deadline. Checked here, a failed check closes the connection and :func:`pick_usable`
     opens a new one or skips the replica, and the ``SELECT 1`` is watched like a query. Django
     marks the check done, so ``cursor()`` does not check again. The health-check tests of
-    ``tests/test_routing.py`` pin these names on every Django of the matrix.
+    ``tests/test_routing.py`` pin these names on every Django of the matrix (django-stubs does
+    not declare the two attributes: hence the ``type: ignore`` where they are read).
     """
     ticket = watchdog.watch(alias, connection)
     try:
@@ -225,7 +226,7 @@ class Decision:
         self.raw: Any = handle.connection
         #: Whether the connection has CONN_HEALTH_CHECKS: then only a request whose check is
         #: done may take the decision over (pick_usable() runs the check first).
-        self.checked: bool = handle.health_check_enabled
+        self.checked: bool = handle.health_check_enabled  # type: ignore[attr-defined]
         #: The primary's connection object in the thread, and the settings the route was read with.
         self.primary = primary
         self.hot = hot
@@ -298,7 +299,7 @@ def _holds(decision: Decision, now: float, required: int | None) -> bool:
         and now < decision.until
         and handle.connection is decision.raw
         and not handle.errors_occurred
-        and (not decision.checked or handle.health_check_done)
+        and (not decision.checked or handle.health_check_done)  # type: ignore[attr-defined]
         and (required is None or decision.monitor.replay_lsn >= required)
     )
 
@@ -392,7 +393,7 @@ class ReplicaRouter:
                     state.replica is None
                     and decision.handle.connection is decision.raw
                     and not decision.handle.errors_occurred
-                    and (not decision.checked or decision.handle.health_check_done)
+                    and (not decision.checked or decision.handle.health_check_done)  # type: ignore[attr-defined]
                     and (state.required_lsn is None or decision.monitor.replay_lsn >= state.required_lsn)
                 )
             )
@@ -461,7 +462,7 @@ class ReplicaRouter:
                         and now < decision.until
                         and decision.handle.connection is decision.raw
                         and not decision.handle.errors_occurred
-                        and (not decision.checked or decision.handle.health_check_done)
+                        and (not decision.checked or decision.handle.health_check_done)  # type: ignore[attr-defined]
                         and (required is None or decision.monitor.replay_lsn >= required)
                     ):
                         alias = state.replica = decision.alias
