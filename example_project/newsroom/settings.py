@@ -31,6 +31,9 @@ local-memory cache and eager Celery tasks. Environment variables switch on the r
     ``select_related``/``prefetch_related`` by hand, ``cache_page`` and the ``{% cache %}`` tag
     with a TTL, django-multidb-router) or ``scale`` (django-scale throughout, plus
     ``MetricsMiddleware`` writing to ``DJANGO_SCALE_EXAMPLE_METRICS_DIR``).
+``DJANGO_SCALE_EXAMPLE_SERVER``
+    The app server ``bench site`` runs the project under (``gunicorn`` or ``uvicorn``):
+    ``tuned`` and ``scale`` keep connections (``CONN_MAX_AGE`` 60) except under ``uvicorn``.
 ``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``DJANGO_ALLOWED_HOSTS``
     The Django settings of the same names (``DEBUG`` is on unless ``DJANGO_DEBUG=0``).
 """
@@ -209,9 +212,11 @@ if SITE_CONFIG == "tuned" and REPLICA_URL:
     DATABASE_ROUTERS = ["multidb.PinningReplicaRouter"]
     MIDDLEWARE.insert(0, "multidb.middleware.PinningRouterMiddleware")
     REPLICA_DATABASES = ["replica_plain"]
-if SITE_CONFIG in {"tuned", "scale"}:
+if SITE_CONFIG in {"tuned", "scale"} and os.environ.get("DJANGO_SCALE_EXAMPLE_SERVER") != "uvicorn":
     # Persistent connections, as a careful deployment has them (stock: Django's default, a
-    # new connection per request).
+    # new connection per request). Not under ASGI: Django runs each request's sync code in a
+    # thread of its own there, so a kept connection is never reused and piles up on the server
+    # (Django ticket #33497; Django's async docs: disable them, or use a connection pool).
     for _database in DATABASES.values():
         _database.setdefault("CONN_MAX_AGE", 60)
         _database.setdefault("CONN_HEALTH_CHECKS", True)

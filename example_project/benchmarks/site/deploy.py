@@ -79,13 +79,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def child_env(config: str, metrics_dir: str, cache_url: str, broker_url: str) -> dict[str, str]:
-    """Return the environment of the deployment's processes for *config*."""
+def child_env(
+    config: str, metrics_dir: str, cache_url: str, broker_url: str, server: str = "gunicorn"
+) -> dict[str, str]:
+    """Return the environment of the deployment's processes for *config* under *server*."""
     env = {key: value for key, value in os.environ.items() if key not in DROPPED}
     env.update(
         DJANGO_SETTINGS_MODULE="newsroom.settings",
         DJANGO_SCALE_EXAMPLE_CONFIG=config,
         DJANGO_SCALE_EXAMPLE_METRICS_DIR=metrics_dir,
+        # The settings turn persistent connections off under an ASGI server (newsroom.settings).
+        DJANGO_SCALE_EXAMPLE_SERVER=server,
         REDIS_URL=cache_url,
         CELERY_BROKER_URL=broker_url,
         # DEBUG keeps every query of a process in memory: never under load.
@@ -254,7 +258,7 @@ def deployment(config: str, *, workers: int = WORKERS, server: str = "gunicorn")
         for redis in (cache, broker):
             stack.callback(redis.stop)
             redis.start()
-        env = child_env(config, metrics_dir, cache.url, broker.url)
+        env = child_env(config, metrics_dir, cache.url, broker.url, server)
         port = free_port()
         celery = _start(
             [sys.executable, "-m", "celery", "-A", "newsroom", "worker", "--pool", "solo",
