@@ -630,12 +630,8 @@ def test_a_health_checked_replica_that_froze_holds_no_request(replica_server):
         # the replica hang, the check failed, the reconnect found no answer either
         # (connect_timeout), and the read went to the primary.
         assert response.status_code == 200
-        assert response.json() == {
-            "found": True,
-            "reads": {"default": 1},
-            "pinned": response.json()["pinned"],
-            "wrote": False,
-        }
+        body = response.json()
+        assert body["found"] is True and body["reads"] == {"default": 1} and body["wrote"] is False
         assert watchdog.cut_off == cut_before + 1
 
 
