@@ -451,19 +451,13 @@ class ReplicaRouter:
                 now = _monotonic()
                 alias = state.replica
                 if alias is None:
-                    # The request's first read: the thread's last decision if it holds (_holds(),
-                    # inlined), else choose_replica().
+                    # The request's first read: the thread's last decision if it holds, else
+                    # choose_replica(). (Off the common path: the fast path above inlines it.)
                     decision = cached.decision
-                    required = state.required_lsn
                     if (
                         decision is not None
                         and route is cached.route
-                        and decision.version == decision.monitor.version
-                        and now < decision.until
-                        and decision.handle.connection is decision.raw
-                        and not decision.handle.errors_occurred
-                        and (not decision.checked or decision.handle.health_check_done)  # type: ignore[attr-defined]
-                        and (required is None or decision.monitor.replay_lsn >= required)
+                        and _holds(decision, now, state.required_lsn)
                     ):
                         alias = state.replica = decision.alias
                         state._version = decision.version
