@@ -233,14 +233,17 @@ class Watchdog:
             # Closed meanwhile (the guard closes a broken connection): psycopg2 raises
             # InterfaceError here, which must not end the watchdog's thread.
             return
+        # Counted before the cut: once the socket is shut down, the query's thread runs on (its
+        # request may be answered from the primary) while this thread may wait for the GIL, and
+        # whoever reads the count then must see the cut. Only this thread writes the count.
+        self.cut_off += 1
         try:
             # shutdown() on a duplicate reaches the shared socket: the blocked recv() in the
             # query's thread returns, and the driver raises "server closed the connection".
             with socket.socket(fileno=os.dup(fd)) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
-            return
-        self.cut_off += 1
+            self.cut_off -= 1
 
 
 #: The process's :class:`Watchdog`.
