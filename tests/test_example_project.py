@@ -408,6 +408,18 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
             assert probe["server"]["metrics_requests"] == probe["all"]["requests"] > 0, page
             assert probe["server"]["metrics_queued"] == probe["server"]["metrics_requests"], page
             assert probe["server side"]["p50"] <= probe["server + queue"]["p50"], page
+    # Through cache expiry: tuned and scale again, their pages fresh for 2 s, at half of tuned's
+    # capacity for the open phase's seconds (several expiries), all answered.
+    expiry = figures["expiry"]
+    assert list(expiry) == ["tuned", "scale"]
+    tuned_capacity = (
+        configs["tuned"]["capacity"]["rate"] or configs["tuned"]["closed loop"]["all"]["throughput"]
+    )
+    for name, run in expiry.items():
+        assert run["ttl"] == 2 and run["rate"] == max(0.1, round(0.5 * tuned_capacity, 2)), name
+        assert run["all"]["requests"] == max(1, round(run["rate"] * figures["durations"]["open"])), name
+        assert run["all"]["errors"] == 0, (name, run["statuses"])
+    assert "scale: through cache expiry" in [row["phase"] for row in figures["phases"]["phases"]]
     # The floor: a no-op app under each app server answered every request.
     assert set(figures["floor"]) == {"gunicorn", "uvicorn"}
     for floor in figures["floor"].values():

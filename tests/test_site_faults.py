@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
-from benchmarks.site.faults import Canary, Fault, recovery_seconds, run_fault, timeline  # noqa: E402
+from benchmarks.site.faults import Canary, Fault, baselines, recovery_seconds, run_fault, timeline  # noqa: E402
 from benchmarks.site.loadgen import Record  # noqa: E402
 from benchmarks.site.mix import Session  # noqa: E402
 
@@ -110,10 +110,12 @@ def test_the_canary_thread_records_each_round(site: tuple[_Site, int]) -> None:
     assert canary.count("stale", 0.0, time.monotonic() + 1) == kinds.count("stale")
 
 
-def _records(start: float, end: float, rate: float, latency: float, status: int = 200) -> list[Record]:
+def _records(
+    start: float, end: float, rate: float, latency: float, status: int = 200, name: str = "page"
+) -> list[Record]:
     count = round((end - start) * rate)
     return [
-        Record("page", start + i / rate, start + i / rate, start + i / rate + latency, status, 1)
+        Record(name, start + i / rate, start + i / rate, start + i / rate + latency, status, 1)
         for i in range(count)
     ]
 
@@ -126,14 +128,50 @@ def test_recovery_is_when_every_later_window_is_back_under_the_limit() -> None:
         + _records(12.0, 12.5, 100, 0.01, status=502)
         + _records(12.5, 15.0, 100, 0.01)
     )
-    assert recovery_seconds(records, 10.0, 0.1, 15.0) == pytest.approx(2.5)
+    assert recovery_seconds(records, 10.0, {"all": 0.1}, 15.0) == pytest.approx(2.5)
     # Never back: the last window is slow.
-    assert recovery_seconds(_records(10.0, 15.0, 100, 0.5), 10.0, 0.1, 15.0) is None
+    assert recovery_seconds(_records(10.0, 15.0, 100, 0.5), 10.0, {"all": 0.1}, 15.0) is None
     # Never hurt: recovered at once.
-    assert recovery_seconds(_records(10.0, 15.0, 100, 0.01), 10.0, 0.1, 15.0) == 0.0
+    assert recovery_seconds(_records(10.0, 15.0, 100, 0.01), 10.0, {"all": 0.1}, 15.0) == 0.0
     rows = timeline(records, 10.0, 15.0)
     assert len(rows) == 10
     assert rows[0]["p99"] == pytest.approx(0.5) and rows[4]["errors"] == 50
+
+
+def test_recovery_holds_each_page_to_its_own_baseline() -> None:
+    # After the recovery at t=10: the front page fast throughout, one admin search per second
+    # at its usual 80 ms, and the front page slow (60 ms) until t=12.
+    searches = _records(10.0, 15.0, 1, 0.08, name="admin search")
+    fast = _records(12.0, 15.0, 10, 0.005, name="front page")
+    slow = _records(10.0, 12.0, 10, 0.06, name="front page")
+    limits = {"all": 0.04, "front page": 0.02, "admin search": 0.2}
+    # The front page is back under its limit at t=12; the searches never broke theirs.
+    assert recovery_seconds(slow + fast + searches, 10.0, limits, 15.0) == pytest.approx(2.0)
+    # Against the whole mix's limit alone, every search (the last at t=14) would count as the
+    # site not recovered.
+    assert recovery_seconds(fast + searches, 10.0, {"all": 0.04}, 14.5) is None
+    assert recovery_seconds(fast + searches, 10.0, limits, 14.5) == 0.0
+    # A page's own slowdown counts, however slow other pages are allowed to be.
+    slow_search = _records(10.0, 15.0, 1, 0.5, name="admin search")
+    assert recovery_seconds(fast + slow_search, 10.0, limits, 14.5) is None
+
+
+def test_the_baseline_of_a_page_is_its_steady_or_alone_p99_whichever_is_higher() -> None:
+    steady = {
+        "all": {"p99": 0.02},
+        "pages": {"front page": {"p99": 0.01}, "admin search": {"p99": 0.05}},
+    }
+    alone = {
+        "front page": {"generator": {"p99": 0.004}},
+        "admin search": {"generator": {"p99": 0.12}},
+        "comment (POST)": {"generator": {"p99": 0.03}},
+    }
+    assert baselines(steady, alone) == {
+        "all": 0.02,
+        "front page": 0.01,
+        "admin search": 0.12,
+        "comment (POST)": 0.03,
+    }
 
 
 def test_a_fault_run_records_its_window_and_charges_what_happened_in_it() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
@@ -33,8 +34,11 @@ ARTICLE_LIST_SIZE = 100
 SECTION_PAGE_SIZE = 20
 #: How many tags the sidebar lists.
 SIDEBAR_TAGS = 10
-#: The hand-tuned configuration's cache TTL, in seconds, as django-scale's pages are fresh for.
-TUNED_TTL = 60
+#: Seconds the cached pages are fresh for: the hand-tuned configuration's TTL, and django-scale's
+#: ``fresh`` (``bench site`` shortens it for its phase through cache expiry).
+PAGE_TTL: int = settings.NEWSROOM_PAGE_TTL
+#: The same for the sidebar fragment (``{% cache %}`` / ``{% swrcache %}`` in base.html).
+FRAGMENT_TTL: int = settings.NEWSROOM_FRAGMENT_TTL
 
 
 def _published(config: str) -> QuerySet[Article]:
@@ -73,11 +77,11 @@ def _latest(per_section: int, *, config: str) -> list[dict[str, Any]]:
     ]
 
 
-@stale_while_revalidate(fresh=60, stale=24 * 3600)
+@stale_while_revalidate(fresh=PAGE_TTL, stale=24 * 3600)
 def latest_by_section(per_section: int = LATEST_PER_SECTION) -> list[dict[str, Any]]:
     """Return the latest published articles of each section, as plain data for the cache.
 
-    Fresh for a minute; after that, readers get the cached front page at once while one
+    Fresh for a minute (``PAGE_TTL``); after that, readers get the cached front page at once while one
     Celery task rebuilds it. Saving an article invalidates it (see ``news.signals``).
     """
     return _latest(per_section, config="scale")
@@ -90,23 +94,44 @@ def front_page(request: HttpRequest) -> HttpResponse:
         sections = _latest(LATEST_PER_SECTION, config="stock")
     elif config == "tuned":
         sections = cache.get_or_set(
-            "newsroom:front", lambda: _latest(LATEST_PER_SECTION, config="tuned"), TUNED_TTL
+            "newsroom:front", lambda: _latest(LATEST_PER_SECTION, config="tuned"), PAGE_TTL
         )
     else:
         sections = latest_by_section()
     return render(request, "news/front_page.html", {"sections": sections, **sidebar()})
 
 
-def sidebar() -> dict[str, Any]:
-    """The sidebar's context: a lazy queryset, evaluated only when its fragment is rendered.
+def _top_tags(config: str) -> QuerySet[Tag]:
+    """The most used tags, each with ``uses``: a count over every article's tags."""
+    manager = Tag.objects if config == "scale" else Tag._base_manager
+    return manager.annotate(uses=Count("articles")).order_by("-uses", "name")[:SIDEBAR_TAGS]
 
-    ``sidebar_cache`` says how base.html caches the fragment: not at all (stock), with
-    Django's ``{% cache %}`` tag (tuned) or ``{% swrcache %}`` (django-scale).
+
+@stale_while_revalidate(fresh=FRAGMENT_TTL, stale=24 * 3600)
+def popular_tags() -> list[dict[str, Any]]:
+    """Return the most used tags as plain data for the cache.
+
+    Stale, it is served while one Celery task counts again: no reader's request pays for the
+    count over every article's tags, where a fragment cache has the request that finds it
+    expired (or, with ``{% swrcache %}``, stale) render it, queries included.
+    """
+    return [{"name": tag.name, "uses": tag.uses} for tag in _top_tags("scale")]
+
+
+def sidebar() -> dict[str, Any]:
+    """The sidebar's context: its tags, looked up only when its fragment is rendered.
+
+    A lazy queryset (stock, tuned) or :func:`popular_tags` itself (django-scale: the template
+    calls it). ``sidebar_cache`` says how base.html caches the fragment: not at all (stock),
+    with Django's ``{% cache %}`` tag (tuned) or ``{% swrcache %}`` (django-scale).
     """
     config = site_config()
-    manager = Tag.objects if config == "scale" else Tag._base_manager
-    tags = manager.annotate(uses=Count("articles")).order_by("-uses", "name")[:SIDEBAR_TAGS]
-    return {"sidebar_tags": tags, "sidebar_cache": {"stock": "", "tuned": "ttl"}.get(config, "swr")}
+    tags = popular_tags if config == "scale" else _top_tags(config)
+    return {
+        "sidebar_tags": tags,
+        "sidebar_cache": {"stock": "", "tuned": "ttl"}.get(config, "swr"),
+        "sidebar_ttl": FRAGMENT_TTL,
+    }
 
 
 def _section_articles(section: Section, *, config: str) -> list[dict[str, Any]]:
@@ -139,7 +164,7 @@ def _section_articles(section: Section, *, config: str) -> list[dict[str, Any]]:
     ]
 
 
-@stale_while_revalidate(fresh=60, stale=24 * 3600)
+@stale_while_revalidate(fresh=PAGE_TTL, stale=24 * 3600)
 def section_articles(slug: str) -> list[dict[str, Any]]:
     """Return the latest published articles of section *slug*, as plain data for the cache."""
     return _section_articles(_sections("scale").get(slug=slug), config="scale")
@@ -152,7 +177,7 @@ def _render_section(request: HttpRequest, slug: str) -> HttpResponse:
     return render(request, "news/section.html", {"section": section, "articles": articles, **sidebar()})
 
 
-_tuned_section = cache_page(TUNED_TTL, key_prefix="newsroom-section")(_render_section)
+_tuned_section = cache_page(PAGE_TTL, key_prefix="newsroom-section")(_render_section)
 
 
 def section_page(request: HttpRequest, slug: str) -> HttpResponse:

@@ -34,6 +34,10 @@ local-memory cache and eager Celery tasks. Environment variables switch on the r
 ``DJANGO_SCALE_EXAMPLE_SERVER``
     The app server ``bench site`` runs the project under (``gunicorn`` or ``uvicorn``):
     ``tuned`` and ``scale`` keep connections (``CONN_MAX_AGE`` 60) except under ``uvicorn``.
+``DJANGO_SCALE_EXAMPLE_CACHE_TTL``
+    Seconds for which the cached pages and the sidebar fragment are fresh (``tuned``: their
+    TTL; ``scale``: their ``fresh`` period). Unset: 60 for the pages, 300 for the sidebar.
+    ``bench site`` sets it short for its phase through cache expiry.
 ``DJANGO_DEBUG``, ``DJANGO_SECRET_KEY``, ``DJANGO_ALLOWED_HOSTS``
     The Django settings of the same names (``DEBUG`` is on unless ``DJANGO_DEBUG=0``).
 """
@@ -227,6 +231,15 @@ if SITE_CONFIG == "scale":
     DJANGO_SCALE["METRICS_DIR"] = os.environ.get(
         "DJANGO_SCALE_EXAMPLE_METRICS_DIR", str(Path(tempfile.gettempdir()) / "newsroom-metrics")
     )
+
+#: Seconds the cached pages (front page, section pages) and the sidebar fragment are fresh for.
+NEWSROOM_PAGE_TTL, NEWSROOM_FRAGMENT_TTL = 60, 300
+if _ttl := os.environ.get("DJANGO_SCALE_EXAMPLE_CACHE_TTL", ""):
+    if not _ttl.isdigit() or int(_ttl) < 1:
+        raise ImproperlyConfigured(
+            f"DJANGO_SCALE_EXAMPLE_CACHE_TTL={_ttl!r}; use a whole number of seconds, 1 or more."
+        )
+    NEWSROOM_PAGE_TTL = NEWSROOM_FRAGMENT_TTL = int(_ttl)
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 CACHES: dict[str, dict[str, Any]]

@@ -45,7 +45,13 @@ WORKERS = 3
 GRACE = 10.0
 #: The variables of this process that the children must not inherit: the harness (each child
 #: would start services of its own) and the aliases `bench site` does not use.
-DROPPED = ("DJANGO_SCALE_EXAMPLE_HARNESS", "REPLICA2_URL", "LEGACY_DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+DROPPED = (
+    "DJANGO_SCALE_EXAMPLE_HARNESS",
+    "REPLICA2_URL",
+    "LEGACY_DATABASE_URL",
+    "DJANGO_SETTINGS_MODULE",
+    "DJANGO_SCALE_EXAMPLE_CACHE_TTL",
+)
 #: The app servers, each with the application it serves of the example project's: gunicorn's
 #: sync workers (WSGI) and uvicorn's (ASGI; Django runs the sync views in a thread of each).
 SERVERS = {"gunicorn": "newsroom.wsgi:application", "uvicorn": "newsroom.asgi:application"}
@@ -80,10 +86,18 @@ def free_port() -> int:
 
 
 def child_env(
-    config: str, metrics_dir: str, cache_url: str, broker_url: str, server: str = "gunicorn"
+    config: str,
+    metrics_dir: str,
+    cache_url: str,
+    broker_url: str,
+    server: str = "gunicorn",
+    cache_ttl: int | None = None,
 ) -> dict[str, str]:
-    """Return the environment of the deployment's processes for *config* under *server*."""
+    """Return the environment of the deployment's processes for *config* under *server*
+    (*cache_ttl*: the seconds its cached pages are fresh for, when not the project's own)."""
     env = {key: value for key, value in os.environ.items() if key not in DROPPED}
+    if cache_ttl is not None:
+        env["DJANGO_SCALE_EXAMPLE_CACHE_TTL"] = str(cache_ttl)
     env.update(
         DJANGO_SETTINGS_MODULE="newsroom.settings",
         DJANGO_SCALE_EXAMPLE_CONFIG=config,
@@ -249,8 +263,11 @@ def _wait_until_serving(deployment: Deployment, timeout: float = 120.0) -> None:
 
 
 @contextmanager
-def deployment(config: str, *, workers: int = WORKERS, server: str = "gunicorn") -> Iterator[Deployment]:
-    """Run the example project in *config* under *server*, with a Celery worker, for the block."""
+def deployment(
+    config: str, *, workers: int = WORKERS, server: str = "gunicorn", cache_ttl: int | None = None
+) -> Iterator[Deployment]:
+    """Run the example project in *config* under *server*, with a Celery worker, for the block
+    (*cache_ttl*: as :func:`child_env`)."""
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-site-{config}-")))
         metrics_dir = str(log_dir / "metrics")
@@ -258,7 +275,7 @@ def deployment(config: str, *, workers: int = WORKERS, server: str = "gunicorn")
         for redis in (cache, broker):
             stack.callback(redis.stop)
             redis.start()
-        env = child_env(config, metrics_dir, cache.url, broker.url, server)
+        env = child_env(config, metrics_dir, cache.url, broker.url, server, cache_ttl)
         port = free_port()
         celery = _start(
             [sys.executable, "-m", "celery", "-A", "newsroom", "worker", "--pool", "solo",

@@ -19,6 +19,7 @@ def print_results(out: TextIO, results: dict[str, Any]) -> None:
     _print_asgi(out, results)
     _print_pages(out, results)
     _print_faults(out, results)
+    _print_expiry(out, results)
     _print_phases(out, results)
 
 
@@ -218,3 +219,29 @@ def _print_faults(out: TextIO, results: dict[str, Any]) -> None:
              "baseline p99", "p99 during", "p99 after", "recovered s"],
             rows,
         )  # fmt: skip
+
+
+def _print_expiry(out: TextIO, results: dict[str, Any]) -> None:
+    if "expiry" not in results:
+        return
+    expiry = results["expiry"]
+    tuned, scale = expiry["tuned"], expiry["scale"]
+    rows = []
+    for page in ("all", *(name for name in tuned["pages"] if name in scale["pages"])):
+        pair = [
+            tuned["all"] if page == "all" else tuned["pages"][page],
+            scale["all"] if page == "all" else scale["pages"][page],
+        ]
+        for config, summary in zip(("tuned", "scale"), pair, strict=True):
+            rows.append(
+                [page, config, summary["requests"], summary["errors"], _ms(summary["p50"]), _ms(summary["p99"]),
+                 _ms(summary["p99.9"]), _ms(summary["max"]),
+                 _ratio(pair[0]["p99"], summary["p99"]) if config == "scale" else ""]
+            )  # fmt: skip
+    print_table(
+        out,
+        f"Through cache expiry: the cached pages fresh for {tuned['ttl']} s, an open loop at {tuned['rate']:g}/s"
+        " (half of tuned's capacity; ms; p99 tuned / scale)",
+        ["page", "config", "requests", "errors", "p50", "p99", "p99.9", "max", "p99 tuned/scale"],
+        rows,
+    )

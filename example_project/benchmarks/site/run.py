@@ -15,6 +15,10 @@ Per configuration (stock first: its capacity sets the open-loop rates of all thr
 6. ``scale`` (and ``stock`` in a full run): the faults (:mod:`~benchmarks.site.faults`),
    each during an open loop at 50 % of stock's capacity, a canary writing and reading back.
 
+Then ``tuned`` and ``scale`` once more, through cache expiry (:func:`_through_expiry`): their
+cached pages fresh for a few seconds only, an open loop at half of ``tuned``'s capacity, so
+that every cached page and the sidebar expire several times under load.
+
 Per phase and page: requests, errors (no answer or 5xx), throughput and exact p50 / p99 /
 p99.9 / max. Per phase: queries per request and statement execution time per request on the
 primary and on the replica (``pg_stat_statements``, reset before the phase), the peak of
@@ -43,7 +47,7 @@ from django_scale.replicas import monitor
 
 from benchmarks import require_replica
 from benchmarks.site.deploy import SERVERS, WORKERS, Deployment, deployment, floor
-from benchmarks.site.faults import Canary, faults, run_fault
+from benchmarks.site.faults import Canary, baselines, faults, run_fault
 from benchmarks.site.loadgen import Record, capacity_search, closed_loop, open_loop, summarise
 from benchmarks.site.mix import PAGES, Mix, login
 from benchmarks.site.pages import probe_floor, probe_pages
@@ -84,6 +88,13 @@ def _durations(quick: bool) -> dict[str, float]:
             "fault before": 4.0, "fault during": 8.0, "fault after": 10.0}  # fmt: skip
 
 
+#: Seconds the cached pages are fresh for in the phase through cache expiry (full run, --quick):
+#: each expires about four times in the phase's open loop.
+EXPIRY_TTL = {False: 5, True: 2}
+#: The configurations run through cache expiry: the two that cache.
+EXPIRY_CONFIGS = ("tuned", "scale")
+
+
 def _fault_configs(quick: bool) -> tuple[str, ...]:
     """The configurations that suffer the faults: django-scale, and stock for contrast (full run)."""
     return ("scale",) if quick else ("stock", "scale")
@@ -94,7 +105,12 @@ CANARY_ARTICLE = "article-1"
 
 
 def _faults(
-    running: Deployment, mix: Mix, durations: dict[str, float], rate: float, baseline: float
+    running: Deployment,
+    mix: Mix,
+    durations: dict[str, float],
+    rate: float,
+    baseline: float,
+    page_baselines: dict[str, float],
 ) -> dict[str, Any]:
     """Run each fault during a fixed-rate open loop at *rate*, the canary writing throughout."""
     canary = Canary(running.host, running.port, login(running.host, running.port, *STAFF), CANARY_ARTICLE)
@@ -111,6 +127,7 @@ def _faults(
                     during=durations["fault during"],
                     after=durations["fault after"],
                     baseline_p99=baseline,
+                    page_baselines=page_baselines,
                 )
             )
     finally:
@@ -330,12 +347,47 @@ def _one_config(
             result["pages"] = probe_pages(running, mix, durations["probe"], _measured)
         if config in fault_configs and server == "gunicorn":
             with phases(f"{name}: faults", lambda d: _fault_seconds(d, len(result["faults"]["faults"]))):
+                steady = result[f"open {LOADS[0]:.0%}"]
                 result["faults"] = _faults(
-                    running, mix, durations, rates[0], result[f"open {LOADS[0]:.0%}"]["all"]["p99"]
+                    running,
+                    mix,
+                    durations,
+                    rates[0],
+                    steady["all"]["p99"],
+                    baselines(steady, result["pages"]),
                 )
         with phases(f"{name}: stop"):
             stack.close()
         return result
+
+
+def _through_expiry(
+    config: str, articles: int, sections: list[tuple[int, str]], rate: float, ttl: int, phases: _Phases
+) -> dict[str, Any]:
+    """Deploy *config* with its cached pages fresh for *ttl* seconds only, and load it at *rate*.
+
+    The hand-tuned pages expire (``cache_page``, ``get_or_set``, ``{% cache %}``) and are built
+    again by the requests that find them gone, all of those at once (a stampede); django-scale's
+    go stale and are served while one refill rebuilds each. The open loop lasts the ``open``
+    phase's seconds, several TTLs: what it measures is the p99 through the expiries.
+    """
+    durations = phases.durations
+    connections.close_all()
+    with (
+        phases(f"{config}: through cache expiry", lambda d: d["warm-up"] + d["open"]),
+        deployment(config, cache_ttl=ttl) as running,
+    ):
+        host, port = running.host, running.port
+        mix = Mix(articles, sections, login(host, port, *STAFF))
+        closed_loop(host, port, mix, connections=CONNECTIONS, duration=durations["warm-up"])
+        result = _measured(
+            running,
+            f"open loop at {rate:g}/s, pages fresh for {ttl} s",
+            lambda: open_loop(host, port, mix, rate=rate, duration=durations["open"]),
+            durations["open"],
+        )
+    result["rate"], result["ttl"] = rate, ttl
+    return result
 
 
 def _phase_seconds(phases: _Phases, quick: bool) -> dict[str, Any]:
@@ -409,6 +461,16 @@ def run(out: TextIO, quick: bool = False, articles: int | None = None, json_path
             config, articles, sections, rates, _fault_configs(quick), phases
         )
     results["rates"] = rates
+    tuned = results["configs"]["tuned"]
+    expiry_rate = max(
+        0.1, round(0.5 * (tuned["capacity"]["rate"] or tuned["closed loop"]["all"]["throughput"]), 2)
+    )
+    out.write(f"tuned and scale through cache expiry, at {expiry_rate:g}/s: deploying and loading ...\n")
+    out.flush()
+    results["expiry"] = {
+        config: _through_expiry(config, articles, sections, expiry_rate, EXPIRY_TTL[quick], phases)
+        for config in EXPIRY_CONFIGS
+    }
     out.write("scale under uvicorn (ASGI), at the same rates: deploying and loading ...\n")
     out.flush()
     results["asgi"] = _one_config("scale", articles, sections, rates, (), phases, server="uvicorn")
