@@ -15,6 +15,7 @@ from typing import Any
 from django.apps import AppConfig, apps
 from django.conf import settings
 from django.core import checks
+from django.db import connections
 from django.db.models import ForeignObjectRel, Model
 from django.utils.module_loading import import_string
 
@@ -27,6 +28,7 @@ __all__ = [
     "check_querysets",
     "check_routing",
     "check_settings",
+    "persistent_connections_under_asgi",
     "register_checks",
 ]
 
@@ -227,6 +229,49 @@ def _w110_safe_primary_methods(methods: list[str]) -> checks.CheckMessage:
         "views that must read the primary with use_primary(). Silence this check if it is meant.",
         obj=_setting("PRIMARY_METHODS"),
     )
+
+
+#: The id of the run-time check of an ASGI process's connections (silenced by its id, too).
+W111 = "django_scale.W111"
+
+
+def _w111_persistent_connections_under_asgi(aliases: list[str]) -> checks.CheckMessage:
+    listed = ", ".join(repr(alias) for alias in aliases)
+    return _message(
+        checks.Warning,
+        W111,
+        f"ScaleMiddleware runs under ASGI and the database aliases {listed} keep connections between "
+        "requests (CONN_MAX_AGE is not 0) without a pool. Under ASGI Django runs each request's sync "
+        "code in a thread of its own, so every request leaves its connections open (Django ticket "
+        "#33497); a replica that runs out of connections sends its reads to the primary.",
+        "Set CONN_MAX_AGE to 0 for the ASGI deployment, or use Django's connection pool "
+        "(OPTIONS['pool'], Django 5.1+ with psycopg 3).",
+        obj="DATABASES",
+    )
+
+
+def persistent_connections_under_asgi() -> list[checks.CheckMessage]:
+    """Check, at run time, the routed aliases of a process that serves ASGI (``django_scale.W111``).
+
+    No system check can tell whether the project is served by an ASGI server: ``ScaleMiddleware``
+    asks this when Django builds it for async requests, and logs what it returns.
+    ``SILENCED_SYSTEM_CHECKS`` silences it as it does a system check.
+    """
+    if W111 in getattr(settings, "SILENCED_SYSTEM_CHECKS", ()):
+        return []
+    try:
+        aliases = [conf.PRIMARY, *conf.REPLICAS]
+    except Exception:
+        return []  # check_settings reports a malformed DJANGO_SCALE
+    persistent = []
+    for alias in dict.fromkeys(aliases):
+        if alias not in settings.DATABASES:
+            continue
+        # The live settings of the alias (Django fills in CONN_MAX_AGE's default, 0).
+        settings_dict = connections[alias].settings_dict
+        if settings_dict.get("CONN_MAX_AGE", 0) != 0 and not (settings_dict.get("OPTIONS") or {}).get("pool"):
+            persistent.append(alias)
+    return [_w111_persistent_connections_under_asgi(persistent)] if persistent else []
 
 
 def _pooled_shape(database: dict[str, Any]) -> str | None:

@@ -164,6 +164,21 @@ def _is_first_middleware() -> bool:
     return isinstance(first, type) and issubclass(first, ScaleMiddleware)
 
 
+#: The check ids :func:`_warn_under_asgi` logged in this process (each once).
+_warned: set[str] = set()
+
+
+def _warn_under_asgi() -> None:
+    """Log the run-time checks of a process that serves ASGI (``django_scale.W111``), once each."""
+    # (Imported here: the checks module imports the querysets and the prefetch package.)
+    from django_scale.checks import persistent_connections_under_asgi
+
+    for message in persistent_connections_under_asgi():
+        if message.id not in _warned:
+            _warned.add(message.id)
+            logger.warning("%s", message)
+
+
 #: Why the second run of a request whose read failed on a replica reads from the primary.
 RERUN = "the first run of this request failed on a replica"
 #: The methods of requests run again after a failed read: safe ones, as HTTP defines them
@@ -248,6 +263,7 @@ class ScaleMiddleware:
         install_guards()
         if self.async_mode:
             markcoroutinefunction(self)
+            _warn_under_asgi()
 
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
