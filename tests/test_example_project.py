@@ -343,6 +343,15 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, explain(result)
     assert "seeded: 200 articles, 600 tags of articles" in result.stdout, explain(result)
+    # The issue's goals, each judged from the run's own figures.
+    assert "\nGoals (issue 15)\n" in result.stdout, explain(result)
+    goals = result.stdout.split("\nGoals (issue 15)\n", 1)[1]
+    for goal in (
+        "capacity >= 5x stock",
+        "p99 through cache expiry >= 3x lower than tuned",
+        "faults: 0 stale reads",
+    ):
+        assert goal in goals, explain(result)
     figures = json.loads(figures_path.read_text())
     configs = figures["configs"]
     assert list(configs) == ["stock", "tuned", "scale"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from benchmarks import print_table
+from benchmarks.metrics_scale import met
 from benchmarks.site.loadgen import P99_LIMIT
 
 __all__ = ["print_results"]
@@ -21,6 +22,7 @@ def print_results(out: TextIO, results: dict[str, Any]) -> None:
     _print_faults(out, results)
     _print_expiry(out, results)
     _print_phases(out, results)
+    _print_goals(out, results)
 
 
 def _open_keys(results: dict[str, Any]) -> list[str]:
@@ -245,3 +247,81 @@ def _print_expiry(out: TextIO, results: dict[str, Any]) -> None:
         ["page", "config", "requests", "errors", "p50", "p99", "p99.9", "max", "p99 tuned/scale"],
         rows,
     )
+
+
+def _times(before: float, after: float) -> str:
+    return f"{before / after:.1f}x" if after else "-"
+
+
+def _db_ms(server: dict[str, Any]) -> float:
+    """Statement execution time per request on the primary and the replica together (ms)."""
+    return float(server["primary_exec_ms_per_request"] + server["replica_exec_ms_per_request"])
+
+
+def _print_goals(out: TextIO, results: dict[str, Any]) -> None:
+    """The issue's goals, each with what this run measured and whether it is met."""
+    configs = results["configs"]
+    stock, tuned, scale = configs["stock"], configs["tuned"], configs["scale"]
+    rows = []
+    heavy = f"open {results['loads'][-1]:.0%}"
+
+    def page_p(figures: dict[str, Any], page: str, key: str) -> float | None:
+        summary = figures[heavy]["pages"].get(page)
+        return None if summary is None else float(summary[key])
+
+    for page, label in (("front page", "front page"), ("section", "listing")):
+        before, after = page_p(stock, page, "p99"), page_p(scale, page, "p99")
+        if before is not None and after is not None:
+            rows.append([f"{label} p99 >= 10x lower than stock ({heavy})", f"{_ms(before)} -> {_ms(after)} ms: "
+                         f"{_times(before, after)}", met(before >= 10 * after)])  # fmt: skip
+    before, after = _db_ms(stock[heavy]["server"]), _db_ms(scale[heavy]["server"])
+    rows.append([f"database time per request >= 10x lower than stock ({heavy})",
+                 f"{before:.3f} -> {after:.3f} ms: {_times(before, after)}", met(before >= 10 * after)])  # fmt: skip
+    before, after = stock["capacity"]["rate"], scale["capacity"]["rate"]
+    rows.append(["capacity >= 5x stock", f"{before:.1f} -> {after:.1f} req/s: {_times(after, before)}",
+                 met(after >= 5 * before)])  # fmt: skip
+    front = page_p(scale, "front page", "p50")
+    if front is not None:
+        rows.append([f"front page p50 <= 30 ms ({heavy})", f"{_ms(front)} ms", met(front <= 0.030)])
+    if "expiry" in results:
+        expiry = results["expiry"]
+        before, after = expiry["tuned"]["all"]["p99"], expiry["scale"]["all"]["p99"]
+        rows.append(["p99 through cache expiry >= 3x lower than tuned",
+                     f"{_ms(before)} -> {_ms(after)} ms: {_times(before, after)}", met(before >= 3 * after)])  # fmt: skip
+    before, after = (
+        tuned[heavy]["server"]["primary_exec_ms_per_request"],
+        scale[heavy]["server"]["primary_exec_ms_per_request"],
+    )
+    rows.append([f"primary time per request <= 0.5x tuned ({heavy})", f"{before:.3f} -> {after:.3f} ms",
+                 met(after <= 0.5 * before)])  # fmt: skip
+    for page in ("admin filtered", "admin search"):
+        if page in tuned["pages"] and page in scale["pages"]:
+            before, after = tuned["pages"][page]["generator"]["p50"], scale["pages"][page]["generator"]["p50"]
+            rows.append([f"changelist ({page}, sent alone, p50) >= 5x faster than tuned",
+                         f"{_ms(before)} -> {_ms(after)} ms: {_times(before, after)}", met(before >= 5 * after)])  # fmt: skip
+    faults = scale.get("faults", {}).get("faults", [])
+    if faults:
+        beyond = sum(f["errors"] - f["errors in flight at the fault"] for f in faults)
+        rows.append(["faults: 0 errors beyond the requests in flight", str(beyond), met(beyond == 0)])
+        stale = sum(f["canary stale reads"] for f in faults)
+        rounds = sum(f["canary rounds"] for f in faults)
+        rows.append(["faults: 0 stale reads for the canary", f"{stale} of {rounds}", met(stale == 0)])
+        slow = [
+            f"{f['fault']} "
+            + ("never" if f["recovery seconds"] is None else f"{f['recovery seconds']:.1f} s")
+            for f in faults
+            if f["recovery seconds"] is None or f["recovery seconds"] > 5
+        ]
+        worst = max((f["recovery seconds"] for f in faults if f["recovery seconds"] is not None), default=0.0)
+        rows.append(["faults: p99 under 2x baseline within 5 s of recovery",
+                     "; ".join(slow) if slow else f"all within {worst:.1f} s", met(not slow)])  # fmt: skip
+    differences = []
+    for page, probe in scale["pages"].items():
+        total, generator = probe.get("server + queue"), probe["generator"]
+        if total:
+            differences.append((page, (total["p50"] - generator["p50"]) / generator["p50"]))
+    if differences:
+        outside = [f"{page} {difference:+.0%}" for page, difference in differences if abs(difference) > 0.05]
+        rows.append(["server and generator p50 within 5 % (gunicorn, pages alone)",
+                     "; ".join(outside) if outside else "every page", met(not outside)])  # fmt: skip
+    print_table(out, "Goals (issue 15)", ["goal", "measured", "verdict"], rows)
