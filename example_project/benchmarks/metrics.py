@@ -330,11 +330,14 @@ def instructions(
 ) -> None:
     """Count the instructions of each isolated setup and of the export, under callgrind.
 
-    Unlike time, the count does not move with the load of the machine. It is turned into
-    microseconds at the rate this run's full-window exports ran (their instructions over their
-    median CPU time: tens of milliseconds of Python without system calls; a view with queries
-    would count the kernel's time in the socket calls, which callgrind does not see, and a
-    view without one is too short for the clock): an estimate of the time on this machine.
+    Unlike time, the count does not move with the load of the machine. A request's
+    instructions are turned into microseconds at the rate of the request path itself: each
+    view's bare instructions over its timed CPU (:func:`isolated`, the same run). With queries
+    that CPU time includes the kernel's work in the socket calls, which callgrind does not
+    count: the rate is then lower than the Python code's own, and the estimate errs high. (The
+    export's rate, tens of milliseconds of Python without system calls, ran about four times
+    faster: it made the request rows look cheaper than they were.) The export's instructions
+    are turned into milliseconds at the export's own rate.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -358,8 +361,10 @@ def instructions(
         for position, name in enumerate(SETUP_NAMES)
     }
     exports = segments[len(labels) * 3 :]
-    # Instructions per CPU microsecond of this run, from the exports after the first.
+    # Instructions per CPU microsecond of the export, from the exports after the first.
     rate = statistics.median(exports[1:]) / (figures["export full"] * 1e6)
+    # Instructions per CPU microsecond of the request path: each bare view's, timed in isolated().
+    view_rate = {label: per_call[(label, "bare")] / (figures[f"cpu {label} bare"] * 1e6) for label in labels}
     rows = []
     for label in labels:
         bare = per_call[(label, "bare")]
@@ -371,20 +376,23 @@ def instructions(
                     title,
                     f"{value / 1000:,.1f}k",
                     f"{(value - bare) / 1000:+,.1f}k",
-                    f"{(value - bare) / rate:+.1f}",
+                    f"{view_rate[label]:,.0f}",
+                    f"{(value - bare) / view_rate[label]:+.1f}",
                 ]
             )
     print_table(
         out,
         f"CPU instructions per request, each middleware alone around the view (callgrind; {calls} calls per cell;"
-        f" µs at this run's rate of {rate:,.0f} instructions per CPU µs)",
-        ["view", "setup", "instructions", "over bare", "≈ µs over bare"],
+        " µs at the rate of the bare view, its instructions over its timed CPU)",
+        ["view", "setup", "instructions", "over bare", "instructions per µs", "≈ µs over bare"],
         rows,
     )
     first, *later = exports
     print_table(
         out,
-        "CPU instructions of the Prometheus export over the full 5-minute window (callgrind)",
+        "CPU instructions of the Prometheus export over the full 5-minute window (callgrind;"
+        f" ms at the export's own rate of {rate:,.0f} instructions per CPU µs; a first export's"
+        " page faults are kernel time, which callgrind does not count: see its timed row)",
         ["export", "instructions", "≈ ms"],
         [
             ["the process's first", f"{first / 1e6:,.1f} M", f"{first / rate / 1000:.1f}"],
@@ -394,19 +402,19 @@ def instructions(
             ],
         ],
     )
-    extra = (per_call[(TEN, "scale")] - per_call[(TEN, "bare")]) / rate
+    extra = per_call[(TEN, "scale")] - per_call[(TEN, "bare")]
     goals.append(
         [
-            "request overhead, ten-query view (instructions at this run's rate)",
-            f"{extra:.1f} µs",
+            "request overhead, ten-query view (instructions; µs at the bare view's rate)",
+            f"{extra / 1000:+,.1f}k; {extra / view_rate[TEN]:.1f} µs",
             "<= 20 µs",
-            met(extra <= 20),
+            met(extra / view_rate[TEN] <= 20),
         ]
     )
     goals.append(
         [
-            "export, full window (instructions at this run's rate; the first)",
-            f"{max(exports) / rate / 1000:.1f} ms",
+            "export, full window (instructions of the slowest, at the export's rate)",
+            f"{max(exports) / 1e6:,.0f} M; {max(exports) / rate / 1000:.1f} ms",
             "<= 50 ms",
             met(max(exports) / rate / 1000 <= 50),
         ]
