@@ -335,8 +335,8 @@ def instructions(
     view's bare instructions over its timed CPU (:func:`isolated`, the same run). With queries
     that CPU time includes the kernel's work in the socket calls, which callgrind does not
     count: the rate is then lower than the Python code's own, and the estimate errs high. (The
-    export's rate, tens of milliseconds of Python without system calls, ran about four times
-    faster: it made the request rows look cheaper than they were.) The export's instructions
+    export's rate, tens of milliseconds of Python without system calls, is about twice the
+    rate of a view with queries: it made the request rows look cheaper than they were.) The export's instructions
     are turned into milliseconds at the export's own rate.
     """
     valgrind = shutil.which("valgrind")
