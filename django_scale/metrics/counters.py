@@ -40,7 +40,7 @@ refill computed) and ``swr.staleness`` (how many seconds past fresh a served val
 
 Once :func:`django_scale.metrics.enable` has run in a process (``MetricsMiddleware`` runs it),
 each increment is also added to the host's shared counters, and, inside a request, to the
-request's route: see :doc:`/monitoring`.
+request's route (both with the rest of the request, when it is recorded): see :doc:`/monitoring`.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ _timings: dict[str, Timing] = {}
 #: open, :func:`increment` adds to them only: the recording adds them to the host's shared
 #: counters with the rest of the request, in one write. An increment from something the
 #: request started that outlives it goes to the shared counters at once, as outside a request.
-request_events: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
-    "django_scale_request_events", default=None
+recorded_request: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "django_scale_recorded_request", default=None
 )
 #: Where increments also go once shared metrics are enabled in this process, else ``None``.
 _shared_sink: list[Callable[[str, int], None]] = []
@@ -94,7 +94,7 @@ def increment(name: str, amount: int = 1) -> None:
     """Add *amount* to counter *name*."""
     with _lock:
         _counters[name] += amount
-    current = request_events.get()
+    current = recorded_request.get()
     events = None if current is None else current[0]
     if events is not None:
         events[name] = events.get(name, 0) + amount

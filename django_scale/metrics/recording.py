@@ -53,7 +53,7 @@ _stores_lock = threading.Lock()
 #: what :func:`~django_scale.metrics.increment` adds to; ``None`` once recorded) and its DB
 #: figures (per alias, ``[queries, seconds]``). One list in one context variable: setting
 #: and resetting a context variable is one of the dearest steps of a request's recording.
-_request = counters.request_events
+_request = counters.recorded_request
 _set_request = _request.set
 _reset_request = _request.reset
 _get_request = _request.get
