@@ -262,21 +262,16 @@ _names: dict[str, dict[str, _Names]] = {}
 def _record(request: HttpRequest, status: int, elapsed: float, now: float, current: list[Any]) -> None:
     """Record a request that ended at *now* after *elapsed* seconds, with its events and DB figures.
 
-    The hot path of every recorded request: :func:`route_of` and :func:`get_store` are written
-    out here, not called (a Python call costs about as much as a write to the store).
+    The hot path of every recorded request: the host's store is taken from where
+    :func:`get_store` keeps it, without the call (a Python call costs about as much as a
+    write to the store).
     """
     events = current[0]
     current[0] = None  # later increments go to the host's counters at once
     method = request.method
     if method not in _METHODS:
         method = "OTHER"
-    match = request.resolver_match
-    if match is None:
-        route = UNRESOLVED
-    elif match.url_name:
-        route = match.view_name
-    else:
-        route = "/" + str(match.route)
+    route = route_of(request)
     by_route = _names.get(method) or _names.setdefault(method, {})
     names = by_route.get(route)
     if names is None:
