@@ -209,6 +209,8 @@ def isolated_setups() -> tuple[HttpRequest, dict[str, dict[str, Callable[[HttpRe
 
 
 TEN = "10 queries"
+#: Turns of the isolated setups (each 500 calls of each setup).
+TURNS = 11
 
 
 def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[str, float]) -> None:
@@ -218,19 +220,28 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
         request, views = isolated_setups()
         for label, setups in views.items():
             times: dict[str, list[float]] = {name: [] for name in setups}
-            for _ in range(7):  # take turns, so that a busy moment hits every setup alike
-                for name, call in setups.items():
+            names = list(setups)
+            # Take turns, in a rotating order, so that a busy moment hits every setup alike; a
+            # middleware's overhead is paired with the bare view's time of the same turn.
+            for turn in range(TURNS):
+                for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                    call = setups[name]
                     times[name].append(cpu_per_call(lambda call=call: call(request), calls=500, repeats=1))
             cpu = {name: statistics.median(found) for name, found in times.items()}
+            extra = {
+                name: sorted(t - b for t, b in zip(times[name], times["bare"], strict=True)) for name in names
+            }
             calls = {name: function_calls(lambda call=call: call(request)) for name, call in setups.items()}
             for name, found in cpu.items():
                 figures[f"cpu {label} {name}"] = found
+                figures[f"extra {label} {name}"] = statistics.median(extra[name])
             rows.append(
                 [
                     label,
                     f"{cpu['bare'] * 1e6:.1f}",
-                    f"{(cpu['scale'] - cpu['bare']) * 1e6:+.1f}",
-                    f"{(cpu['prometheus'] - cpu['bare']) * 1e6:+.1f}",
+                    f"{statistics.median(extra['scale']) * 1e6:+.1f}",
+                    f"{extra['scale'][1] * 1e6:+.1f} to {extra['scale'][-2] * 1e6:+.1f}",
+                    f"{statistics.median(extra['prometheus']) * 1e6:+.1f}",
                     f"{calls['scale'] - calls['bare']:+d}",
                     f"{calls['prometheus'] - calls['bare']:+d}",
                 ]
@@ -239,20 +250,27 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
     print_table(
         out,
         "Each middleware alone around a view, called directly (CPU µs and function calls per request;"
+        f" overheads: median over {TURNS} turns of the difference with the bare view in the same turn;"
         " goal <= 20 µs)",
         [
             "view",
             "bare µs",
             "django-scale µs",
+            "its turns (2nd lowest to 2nd highest)",
             "django-prometheus µs",
             "django-scale calls",
             "django-prometheus calls",
         ],
         rows,
     )
-    extra = (figures[f"cpu {TEN} scale"] - figures[f"cpu {TEN} bare"]) * 1e6
+    extra = figures[f"extra {TEN} scale"] * 1e6
     goals.append(
-        ["request overhead, ten-query view (CPU µs)", f"{extra:.1f} µs", "<= 20 µs", met(extra <= 20)]
+        [
+            "request overhead, ten-query view (CPU µs, paired per turn)",
+            f"{extra:.1f} µs",
+            "<= 20 µs",
+            met(extra <= 20),
+        ]
     )
 
 
