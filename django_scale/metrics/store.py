@@ -103,21 +103,6 @@ def _page(size: int) -> int:
     return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
-def _no_readahead(mapped: mmap.mmap) -> None:
-    """Fault the file's pages in one at a time: no readahead around a page first touched.
-
-    Most of the file is holes (slots never claimed, pool chunks never allocated). On a file
-    system such as ext4 a read fault on a hole otherwise reads ahead, in large folios, pages
-    that it fills with zeros in the kernel: a process's first export spent 15 to 140 ms of
-    system time in that (``zero_user_segments`` under ``filemap_fault``, measured with
-    ``perf``), and the page cache held megabytes of zeros. ``MADV_RANDOM`` keeps a fault to
-    its own page (the kernel still maps pages already in memory around it).
-    """
-    advice = getattr(mmap, "MADV_RANDOM", None)
-    if advice is not None and hasattr(mapped, "madvise"):
-        mapped.madvise(advice)
-
-
 def _forget(ref: weakref.ref[SlotStore]) -> None:
     store = ref()
     if store is not None:
@@ -163,7 +148,11 @@ class SlotStore:
             if os.fstat(self._fd).st_size < self.size:
                 os.ftruncate(self._fd, self.size)
             self._map = mmap.mmap(self._fd, self.size)
-            _no_readahead(self._map)
+            # No readahead: most of the file is holes, and on ext4 a read fault on one read
+            # ahead large folios the kernel filled with zeros (a first export spent 15 to 140 ms
+            # of system time there, perf: zero_user_segments under filemap_fault).
+            if hasattr(mmap, "MADV_RANDOM"):
+                self._map.madvise(mmap.MADV_RANDOM)
             if self._map[:8] != _MAGIC:
                 self._map[:8] = _MAGIC
         finally:
@@ -320,8 +309,7 @@ class SlotStore:
         if not start <= now < end:
             minute = int(now // 60)
             self._minute = (minute * 60.0, minute * 60.0 + 60.0, minute)
-        # acquire() and release() rather than "with": a third of the cost of a call without
-        # values (this runs once per request).
+        # acquire()/release(), not "with": a third of the cost of a call without values.
         lock = self._lock
         lock.acquire()
         try:
@@ -337,7 +325,7 @@ class SlotStore:
                     count = handle[0]
                     u64[count] += 1
                     f64[count + 1] += seconds
-                    if minute > handle[4]:
+                    if minute > handle[4]:  # (an earlier minute counts in the latest)
                         self._checkpoint(handle, minute)
                     entry = handle[2] + (bucket >> _CHUNK_SHIFT)
                     pool = u32[entry] or self._allocate(self._slot_base(), entry)
@@ -393,11 +381,7 @@ class SlotStore:
         return index
 
     def _checkpoint(self, handle: list[int], minute: int) -> None:
-        """The series' first value of *minute*, after its latest: checkpoint its running counts.
-
-        A value stamped with a minute before the series' latest counts in the latest (its
-        minutes never go back, see the module's docstring): no checkpoint then.
-        """
+        """The series' first value of *minute*, after its latest: checkpoint its running counts."""
         _, stamps, directory, latest, _, running, checkpoints, entry_words = handle
         u32 = self._u32
         entry = minute % _RING
