@@ -322,7 +322,7 @@ class TestStore:
         }
 
     def test_running_counts_wrap_and_windows_stay_exact(self, tmp_path: Path) -> None:
-        # Running counts are kept modulo 2**31 (store.py, _observe): set one just below the wrap
+        # Running counts are kept modulo 2**31 (store.py, SlotStore.record): set one just below the wrap
         # through the store's own view, before the windows, then cross it inside them.
         store = open_store(tmp_path)
         now = 1_800_000_000.0

@@ -40,7 +40,7 @@ refill computed) and ``swr.staleness`` (how many seconds past fresh a served val
 
 Once :func:`django_scale.metrics.enable` has run in a process (``MetricsMiddleware`` runs it),
 each increment is also added to the host's shared counters, and, inside a request, to the
-request's route: see :doc:`/monitoring`.
+request's route (both with the rest of the request, when it is recorded): see :doc:`/monitoring`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Timing", "increment", "observe", "reset", "snapshot"]
 
@@ -75,9 +76,15 @@ _lock = threading.Lock()
 _counters: Counter[str] = Counter()
 _timings: dict[str, Timing] = {}
 
-#: The counters of the request being served, when request metrics are on (else ``None``).
-request_events: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
-    "django_scale_request_events", default=None
+
+#: The request being recorded, when request metrics are on (else ``None``): a list whose item 0
+#: is its counters, ``name -> amount`` (``None`` once its recording has read them), and whose
+#: other items are :mod:`~django_scale.metrics.recording`'s. While a request's counters are
+#: open, :func:`increment` adds to them only: the recording adds them to the host's shared
+#: counters with the rest of the request, in one write. An increment from something the
+#: request started that outlives it goes to the shared counters at once, as outside a request.
+recorded_request: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "django_scale_recorded_request", default=None
 )
 #: Where increments also go once shared metrics are enabled in this process, else ``None``.
 _shared_sink: list[Callable[[str, int], None]] = []
@@ -87,10 +94,11 @@ def increment(name: str, amount: int = 1) -> None:
     """Add *amount* to counter *name*."""
     with _lock:
         _counters[name] += amount
-    events = request_events.get()
+    current = recorded_request.get()
+    events = None if current is None else current[0]
     if events is not None:
         events[name] = events.get(name, 0) + amount
-    if _shared_sink:
+    elif _shared_sink:
         _shared_sink[0](name, amount)
 
 

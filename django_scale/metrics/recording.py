@@ -47,10 +47,16 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 _stores: dict[tuple[str, int, int, int], SlotStore] = {}
 _stores_lock = threading.Lock()
-#: Per request: alias -> [queries, seconds]; ``None`` outside a recorded request.
-_request_db: contextvars.ContextVar[dict[str, list[Any]] | None] = contextvars.ContextVar(
-    "django_scale_request_db", default=None
-)
+
+
+#: The recorded request (``None`` outside one): ``[events, db]``, its events (``name -> amount``,
+#: what :func:`~django_scale.metrics.increment` adds to; ``None`` once recorded) and its DB
+#: figures (per alias, ``[queries, seconds]``). One list in one context variable: setting
+#: and resetting a context variable is one of the dearest steps of a request's recording.
+_request = counters.recorded_request
+_set_request = _request.set
+_reset_request = _request.reset
+_get_request = _request.get
 
 
 def get_store() -> SlotStore:
@@ -95,6 +101,8 @@ def _settings_changed(setting: str, **kwargs: Any) -> None:
 
 
 def _shared_increment(name: str, amount: int) -> None:
+    # Outside a recorded request (inside one, _record adds the request's events to the host's
+    # counters with the rest of the request, in one write).
     get_store().record((), ((f"counter{SEP}{name}", amount),))
 
 
@@ -127,21 +135,20 @@ def disable() -> None:
 def _timed_execute(
     execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
 ) -> Any:
-    db = _request_db.get()
-    if db is None:
+    current = _get_request()
+    if current is None:
         return execute(sql, params, many, context)
+    db = current[1]
     alias = context["connection"].alias
     entry = db.get(alias)
     if entry is None:
         entry = db[alias] = [0, 0.0]
     entry[0] += 1
-    # The query's time is added as (end - start) without a local or a branch after the query:
-    # this runs on every query of a recorded request.
-    entry[1] -= _perf_counter()
+    start = _perf_counter()
     try:
         return execute(sql, params, many, context)
     finally:
-        entry[1] += _perf_counter()
+        entry[1] += _perf_counter() - start
 
 
 _perf_counter = time.perf_counter
@@ -215,24 +222,21 @@ class _Names:
         self.request = f"request{SEP}{labels}"
         self.queue = f"queue{SEP}{labels}"
         self.fallbacks = f"fallbacks{SEP}{labels}"
+        # By status code (a few dozen at most), each to its class's series.
         self.statuses: dict[int, str] = {}
         self.aliases: dict[str, tuple[str, str]] = {}
         self.reads: dict[str, str] = {}
-        self.events: dict[str, str] = {}
+        self.events: dict[str, tuple[str, str]] = {}
 
     def status(self, status: int) -> str:
-        name = self.statuses.get(status // 100)
-        if name is None:
-            name = self.statuses[status // 100] = f"requests{SEP}{self.labels}{SEP}{status // 100}xx"
+        name = self.statuses[status] = f"requests{SEP}{self.labels}{SEP}{status // 100}xx"
         return name
 
     def alias(self, alias: str) -> tuple[str, str]:
-        names = self.aliases.get(alias)
-        if names is None:
-            names = self.aliases[alias] = (
-                f"db{SEP}{self.labels}{SEP}{alias}",
-                f"queries{SEP}{self.labels}{SEP}{alias}",
-            )
+        names = self.aliases[alias] = (
+            f"db{SEP}{self.labels}{SEP}{alias}",
+            f"queries{SEP}{self.labels}{SEP}{alias}",
+        )
         return names
 
     def read(self, alias: str) -> str:
@@ -241,43 +245,50 @@ class _Names:
             name = self.reads[alias] = f"reads{SEP}{self.labels}{SEP}{alias}"
         return name
 
-    def event(self, event: str) -> str:
-        name = self.events.get(event)
-        if name is None:
-            name = self.events[event] = f"event{SEP}{self.labels}{SEP}{event}"
-        return name
+    def event(self, event: str) -> tuple[str, str]:
+        """The route's series of *event*, and the host's."""
+        names = self.events.get(event)
+        if names is None:
+            names = self.events[event] = (f"event{SEP}{self.labels}{SEP}{event}", f"counter{SEP}{event}")
+        return names
 
 
-#: Per (route, method): its names. Bounded: routes are the URL patterns' (and one for 404s),
-#: methods the seven of _METHODS and OTHER.
-_names: dict[tuple[str, str], _Names] = {}
+#: Per method, per route: its names (two lookups of strings cost less than one of a new
+#: tuple). Bounded: methods are the seven of _METHODS and OTHER, routes the URL patterns' (and
+#: one for 404s).
+_names: dict[str, dict[str, _Names]] = {}
 
 
-def _record(
-    request: HttpRequest,
-    status: int,
-    elapsed: float,
-    wall: float,
-    events: dict[str, int],
-    db: dict[str, list[Any]],
-) -> None:
-    method = request.method if request.method in _METHODS else "OTHER"
+def _record(request: HttpRequest, status: int, elapsed: float, now: float, current: list[Any]) -> None:
+    """Record a request that ended at *now* after *elapsed* seconds, with its events and DB figures.
+
+    The hot path of every recorded request: the host's store is taken from where
+    :func:`get_store` keeps it, without the call (a Python call costs about as much as a
+    write to the store).
+    """
+    events = current[0]
+    current[0] = None  # later increments go to the host's counters at once
+    method = request.method
+    if method not in _METHODS:
+        method = "OTHER"
     route = route_of(request)
-    names = _names.get((route, method))
+    by_route = _names.get(method) or _names.setdefault(method, {})
+    names = by_route.get(route)
     if names is None:
-        names = _names[(route, method)] = _Names(f"{route}{SEP}{method}")
+        names = by_route[route] = _Names(f"{route}{SEP}{method}")
     timings = [(names.request, bucket_of(elapsed), elapsed)]
-    tallies = [(names.status(status), 1)]
+    tallies = [(names.statuses.get(status) or names.status(status), 1)]
     header = request.META.get("HTTP_X_REQUEST_START")
     if header:
-        queued = queue_seconds(header, wall)
+        queued = queue_seconds(header, now - elapsed)
         if queued is not None:
             timings.append((names.queue, bucket_of(queued), queued))
-    for alias, (queries, seconds) in db.items():
-        db_name, queries_name = names.alias(alias)
+    aliases = names.aliases
+    for alias, (queries, seconds) in current[1].items():
+        db_name, queries_name = aliases.get(alias) or names.alias(alias)
         timings.append((db_name, bucket_of(seconds), seconds))
         tallies.append((queries_name, queries))
-    state = _routing_state()
+    state = _state_var[0].get() if _state_var else _routing_state()
     if state is not None:
         for alias, reads in state.reads.items():
             tallies.append((names.read(alias), reads))
@@ -285,14 +296,21 @@ def _record(
             # Of the primary's reads, those only there because no replica could serve them.
             tallies.append((names.fallbacks, state.fallbacks))
         if state.replica_failed:
-            tallies.append((names.event("replicas.read_failed"), 1))
+            tallies.append((names.event("replicas.read_failed")[0], 1))
         if state.pinned:
             # Reads sent to the primary for the rest of the request (after a write, a replica
             # that had not replayed the user's write, ...): the reason is in the logs, not here.
-            tallies.append((names.event("routing.pinned"), 1))
-    for name, amount in events.items():
-        tallies.append((names.event(name), amount))
-    get_store().record(timings, tallies, wall + elapsed)
+            tallies.append((names.event("routing.pinned")[0], 1))
+    if events:
+        # The request's increments: on its route, and (once enabled) in the host's counters,
+        # where an increment outside a request goes at once (counters.increment).
+        shared = bool(counters._shared_sink)
+        for name, amount in list(events.items()):
+            route_name, host_name = names.event(name)
+            tallies.append((route_name, amount))
+            if shared:
+                tallies.append((host_name, amount))
+    (_current_store[0] or get_store()).record(timings, tallies, now)
 
 
 class MetricsMiddleware:
@@ -318,47 +336,33 @@ class MetricsMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        begun = _begin()
+        current: list[Any] = [{}, {}]
+        token = _set_request(current)
+        start = _perf_counter()
         status = 500
         try:
             response: HttpResponseBase = self.get_response(request)
             status = response.status_code
         finally:
-            _end(request, status, begun)
+            elapsed = _perf_counter() - start
+            _reset_request(token)
+            _record(request, status, elapsed, _time(), current)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        begun = _begin()
+        current: list[Any] = [{}, {}]
+        token = _set_request(current)
+        start = _perf_counter()
         status = 500
         try:
             get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
             response = await get_response(request)
             status = response.status_code
         finally:
-            _end(request, status, begun)
+            elapsed = _perf_counter() - start
+            _reset_request(token)
+            _record(request, status, elapsed, _time(), current)
         return response
-
-
-def _begin() -> tuple[Any, ...]:
-    """Start recording a request (sync or async): its clocks, and its context for events and queries."""
-    events: dict[str, int] = {}
-    db: dict[str, list[Any]] = {}
-    return (
-        _perf_counter(),
-        _time(),
-        events,
-        db,
-        counters.request_events.set(events),
-        _request_db.set(db),
-    )
-
-
-def _end(request: HttpRequest, status: int, begun: tuple[Any, ...]) -> None:
-    """Stop recording the request :func:`_begin` started, and record it."""
-    start, wall, events, db, events_token, db_token = begun
-    _request_db.reset(db_token)
-    counters.request_events.reset(events_token)
-    _record(request, status, _perf_counter() - start, wall, events, db)
 
 
 _time = time.time

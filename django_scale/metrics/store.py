@@ -148,6 +148,11 @@ class SlotStore:
             if os.fstat(self._fd).st_size < self.size:
                 os.ftruncate(self._fd, self.size)
             self._map = mmap.mmap(self._fd, self.size)
+            # No readahead: most of the file is holes, and on ext4 a read fault on one read
+            # ahead large folios the kernel filled with zeros (a first export spent 15 to 140 ms
+            # of system time there, perf: zero_user_segments under filemap_fault).
+            if hasattr(mmap, "MADV_RANDOM"):
+                self._map.madvise(mmap.MADV_RANDOM)
             if self._map[:8] != _MAGIC:
                 self._map[:8] = _MAGIC
         finally:
@@ -155,7 +160,7 @@ class SlotStore:
         view = self._view = memoryview(self._map)
         self._u32 = view.cast("I")
         # The running counts are written through a signed view: past 2**31 - 1 it raises, and
-        # the count wraps to 0 (see _observe).
+        # the count wraps to 0 (see record).
         self._i32 = view.cast("i")
         self._u64 = view.cast("Q")
         self._f64 = view.cast("d")
@@ -163,6 +168,8 @@ class SlotStore:
         self._slot: int | None = None
         self._pid = 0
         self._failed_at = -1e9
+        # The minute record() last stamped a value with: (its first second, the next's, minute).
+        self._minute = (0.0, 0.0, 0)
         self._timing_ids: dict[str, int] = {}
         self._counter_ids: dict[str, int] = {}
         # For this process's slot, per series name: where its words are (see _timing_handle),
@@ -295,26 +302,49 @@ class SlotStore:
 
         Return ``False`` when no slot is free (nothing is recorded; :attr:`unrecorded` counts it).
         """
-        minute = int((time.time() if now is None else now) // 60)
-        with self._lock:
+        if now is None:
+            now = time.time()
+        # The minute of *now*, kept with its bounds: two comparisons cost less than a division.
+        start, end, minute = self._minute
+        if not start <= now < end:
+            minute = int(now // 60)
+            self._minute = (minute * 60.0, minute * 60.0 + 60.0, minute)
+        # acquire()/release(), not "with": a third of the cost of a call without values.
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._slot is None and self.slot() is None:
                 self.unrecorded += 1
                 return False
             if timings:
+                # One value's writes, written out here: a method call per value costs as much as they do.
                 handles = self._handles
+                u32, u64, f64, i32 = self._u32, self._u64, self._f64, self._i32
                 for name, bucket, seconds in timings:
-                    handle = handles.get(name)
-                    if handle is None:
-                        handle = self._timing_handle(name)
-                    self._observe(handle, bucket, seconds, minute)
+                    handle = handles.get(name) or self._timing_handle(name)
+                    count = handle[0]
+                    u64[count] += 1
+                    f64[count + 1] += seconds
+                    if minute > handle[4]:  # (an earlier minute counts in the latest)
+                        self._checkpoint(handle, minute)
+                    entry = handle[2] + (bucket >> _CHUNK_SHIFT)
+                    pool = u32[entry] or self._allocate(self._slot_base(), entry)
+                    if pool:
+                        at = handle[5] + pool * _CHUNK_BUCKETS + (bucket & _CHUNK_MASK)
+                        try:
+                            i32[at] += 1
+                        except ValueError:  # past 2**31 - 1: the count wraps (differences are modulo 2**31)
+                            i32[at] = 0
             if counters:
                 u64 = self._u64
-                at = self._counter_at
+                at_ = self._counter_at
                 for name, amount in counters:
-                    index = at.get(name)
+                    index = at_.get(name)
                     if index is None:
                         index = self._counter_index(name)
                     u64[index] += amount
+        finally:
+            lock.release()
         return True
 
     def _slot_base(self) -> int:
@@ -350,36 +380,20 @@ class SlotStore:
         )
         return index
 
-    def _observe(self, handle: list[int], bucket: int, seconds: float, minute: int) -> None:
-        count, stamps, directory, latest, known, running, checkpoints, entry_words = handle
-        self._u64[count] += 1
-        self._f64[count + 1] += seconds
+    def _checkpoint(self, handle: list[int], minute: int) -> None:
+        """The series' first value of *minute*, after its latest: checkpoint its running counts."""
+        _, stamps, directory, latest, _, running, checkpoints, entry_words = handle
         u32 = self._u32
-        if minute != known:
-            if minute < known:
-                minute = known  # the series' minutes never go back (see the module's docstring)
-            else:
-                # The series' first value of this minute: checkpoint its running counts.
-                entry = minute % _RING
-                rows = checkpoints + entry * entry_words
-                for pool in u32[directory : directory + _CHUNKS].tolist():
-                    if pool:
-                        row = rows + pool * _CHUNK_BUCKETS
-                        source = running + pool * _CHUNK_BUCKETS
-                        u32[row : row + _CHUNK_BUCKETS] = u32[source : source + _CHUNK_BUCKETS]
-                # The rows before the stamp that makes readers use them.
-                u32[stamps + entry] = u32[latest] = minute + 1
-                handle[4] = minute
-        pool = u32[directory + (bucket >> _CHUNK_SHIFT)]
-        if not pool:
-            pool = self._allocate(self._slot_base(), directory + (bucket >> _CHUNK_SHIFT))
-            if not pool:
-                return
-        at = running + pool * _CHUNK_BUCKETS + (bucket & _CHUNK_MASK)
-        try:
-            self._i32[at] += 1
-        except ValueError:  # past 2**31 - 1: the running count wraps (differences are modulo 2**31)
-            self._i32[at] = 0
+        entry = minute % _RING
+        rows = checkpoints + entry * entry_words
+        for pool in u32[directory : directory + _CHUNKS].tolist():
+            if pool:
+                row = rows + pool * _CHUNK_BUCKETS
+                source = running + pool * _CHUNK_BUCKETS
+                u32[row : row + _CHUNK_BUCKETS] = u32[source : source + _CHUNK_BUCKETS]
+        # The rows before the stamp that makes readers use them.
+        u32[stamps + entry] = u32[latest] = minute + 1
+        handle[4] = minute
 
     def _allocate(self, base: int, directory_entry: int) -> int:
         """Give a series' chunk a place in the slot's pool; 0 when the pool is full (counted)."""

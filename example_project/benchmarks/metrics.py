@@ -209,6 +209,8 @@ def isolated_setups() -> tuple[HttpRequest, dict[str, dict[str, Callable[[HttpRe
 
 
 TEN = "10 queries"
+#: Turns of the isolated setups (each 500 calls of each setup).
+TURNS = 11
 
 
 def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[str, float]) -> None:
@@ -218,19 +220,28 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
         request, views = isolated_setups()
         for label, setups in views.items():
             times: dict[str, list[float]] = {name: [] for name in setups}
-            for _ in range(7):  # take turns, so that a busy moment hits every setup alike
-                for name, call in setups.items():
+            names = list(setups)
+            # Take turns, in a rotating order, so that a busy moment hits every setup alike; a
+            # middleware's overhead is paired with the bare view's time of the same turn.
+            for turn in range(TURNS):
+                for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                    call = setups[name]
                     times[name].append(cpu_per_call(lambda call=call: call(request), calls=500, repeats=1))
             cpu = {name: statistics.median(found) for name, found in times.items()}
+            extra = {
+                name: sorted(t - b for t, b in zip(times[name], times["bare"], strict=True)) for name in names
+            }
             calls = {name: function_calls(lambda call=call: call(request)) for name, call in setups.items()}
             for name, found in cpu.items():
                 figures[f"cpu {label} {name}"] = found
+                figures[f"extra {label} {name}"] = statistics.median(extra[name])
             rows.append(
                 [
                     label,
                     f"{cpu['bare'] * 1e6:.1f}",
-                    f"{(cpu['scale'] - cpu['bare']) * 1e6:+.1f}",
-                    f"{(cpu['prometheus'] - cpu['bare']) * 1e6:+.1f}",
+                    f"{statistics.median(extra['scale']) * 1e6:+.1f}",
+                    f"{extra['scale'][1] * 1e6:+.1f} to {extra['scale'][-2] * 1e6:+.1f}",
+                    f"{statistics.median(extra['prometheus']) * 1e6:+.1f}",
                     f"{calls['scale'] - calls['bare']:+d}",
                     f"{calls['prometheus'] - calls['bare']:+d}",
                 ]
@@ -239,20 +250,27 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
     print_table(
         out,
         "Each middleware alone around a view, called directly (CPU µs and function calls per request;"
+        f" overheads: median over {TURNS} turns of the difference with the bare view in the same turn;"
         " goal <= 20 µs)",
         [
             "view",
             "bare µs",
             "django-scale µs",
+            "its turns (2nd lowest to 2nd highest)",
             "django-prometheus µs",
             "django-scale calls",
             "django-prometheus calls",
         ],
         rows,
     )
-    extra = (figures[f"cpu {TEN} scale"] - figures[f"cpu {TEN} bare"]) * 1e6
+    extra = figures[f"extra {TEN} scale"] * 1e6
     goals.append(
-        ["request overhead, ten-query view (CPU µs)", f"{extra:.1f} µs", "<= 20 µs", met(extra <= 20)]
+        [
+            "request overhead, ten-query view (CPU µs, paired per turn)",
+            f"{extra:.1f} µs",
+            "<= 20 µs",
+            met(extra <= 20),
+        ]
     )
 
 
@@ -330,11 +348,14 @@ def instructions(
 ) -> None:
     """Count the instructions of each isolated setup and of the export, under callgrind.
 
-    Unlike time, the count does not move with the load of the machine. It is turned into
-    microseconds at the rate this run's full-window exports ran (their instructions over their
-    median CPU time: tens of milliseconds of Python without system calls; a view with queries
-    would count the kernel's time in the socket calls, which callgrind does not see, and a
-    view without one is too short for the clock): an estimate of the time on this machine.
+    Unlike time, the count does not move with the load of the machine. A request's
+    instructions are turned into microseconds at the rate of the request path itself: each
+    view's bare instructions over its timed CPU (:func:`isolated`, the same run). With queries
+    that CPU time includes the kernel's work in the socket calls, which callgrind does not
+    count: the rate is then lower than the Python code's own, and the estimate errs high. (The
+    export's rate, tens of milliseconds of Python without system calls, is about twice the
+    rate of a view with queries: it made the request rows look cheaper than they were.) The export's instructions
+    are turned into milliseconds at the export's own rate.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -358,8 +379,10 @@ def instructions(
         for position, name in enumerate(SETUP_NAMES)
     }
     exports = segments[len(labels) * 3 :]
-    # Instructions per CPU microsecond of this run, from the exports after the first.
+    # Instructions per CPU microsecond of the export, from the exports after the first.
     rate = statistics.median(exports[1:]) / (figures["export full"] * 1e6)
+    # Instructions per CPU microsecond of the request path: each bare view's, timed in isolated().
+    view_rate = {label: per_call[(label, "bare")] / (figures[f"cpu {label} bare"] * 1e6) for label in labels}
     rows = []
     for label in labels:
         bare = per_call[(label, "bare")]
@@ -371,20 +394,23 @@ def instructions(
                     title,
                     f"{value / 1000:,.1f}k",
                     f"{(value - bare) / 1000:+,.1f}k",
-                    f"{(value - bare) / rate:+.1f}",
+                    f"{view_rate[label]:,.0f}",
+                    f"{(value - bare) / view_rate[label]:+.1f}",
                 ]
             )
     print_table(
         out,
         f"CPU instructions per request, each middleware alone around the view (callgrind; {calls} calls per cell;"
-        f" µs at this run's rate of {rate:,.0f} instructions per CPU µs)",
-        ["view", "setup", "instructions", "over bare", "≈ µs over bare"],
+        " µs at the rate of the bare view, its instructions over its timed CPU)",
+        ["view", "setup", "instructions", "over bare", "instructions per µs", "≈ µs over bare"],
         rows,
     )
     first, *later = exports
     print_table(
         out,
-        "CPU instructions of the Prometheus export over the full 5-minute window (callgrind)",
+        "CPU instructions of the Prometheus export over the full 5-minute window (callgrind;"
+        f" ms at the export's own rate of {rate:,.0f} instructions per CPU µs; a first export's"
+        " page faults are kernel time, which callgrind does not count: see its timed row)",
         ["export", "instructions", "≈ ms"],
         [
             ["the process's first", f"{first / 1e6:,.1f} M", f"{first / rate / 1000:.1f}"],
@@ -394,19 +420,19 @@ def instructions(
             ],
         ],
     )
-    extra = (per_call[(TEN, "scale")] - per_call[(TEN, "bare")]) / rate
+    extra = per_call[(TEN, "scale")] - per_call[(TEN, "bare")]
     goals.append(
         [
-            "request overhead, ten-query view (instructions at this run's rate)",
-            f"{extra:.1f} µs",
+            "request overhead, ten-query view (instructions; µs at the bare view's rate)",
+            f"{extra / 1000:+,.1f}k; {extra / view_rate[TEN]:.1f} µs",
             "<= 20 µs",
-            met(extra <= 20),
+            met(extra / view_rate[TEN] <= 20),
         ]
     )
     goals.append(
         [
-            "export, full window (instructions at this run's rate; the first)",
-            f"{max(exports) / rate / 1000:.1f} ms",
+            "export, full window (instructions of the slowest, at the export's rate)",
+            f"{max(exports) / 1e6:,.0f} M; {max(exports) / rate / 1000:.1f} ms",
             "<= 50 ms",
             met(max(exports) / rate / 1000 <= 50),
         ]

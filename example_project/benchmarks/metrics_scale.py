@@ -43,6 +43,28 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def first_export(export: Any) -> tuple[float, float, int, int]:
+    """Run *export* (a process's first), return its CPU and kernel CPU seconds, minor and major faults.
+
+    A read of a hole of the sparse metrics file counts as a major fault though no disk is read
+    (the kernel fills a page with zeros): the shared file's pages first touched are most of them.
+    """
+    before, cpu = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    export()
+    cpu = time.process_time() - cpu
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return (
+        cpu,
+        after.ru_stime - before.ru_stime,
+        after.ru_minflt - before.ru_minflt,
+        after.ru_majflt - before.ru_majflt,
+    )
+
+
+def first_row(cpu: float, kernel: float, minor: int, major: int) -> str:
+    return f"{cpu * 1000:.1f} ms ({kernel * 1000:.1f} ms); {minor:,} / {major:,}"
+
+
 # -- Accuracy -------------------------------------------------------------------------------------
 
 
@@ -207,10 +229,7 @@ def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
         files = list(Path(directory).iterdir())
         store = SlotStore(directory, 16, 1024, 16)
         # The first export of a process: nothing kept from an earlier one (label texts).
-        faults, cpu = minor_faults(), time.process_time()
-        metrics.prometheus_text(store.snapshot(windows=(5,)))
-        first_export = time.process_time() - cpu
-        first_faults = minor_faults() - faults
+        first = first_export(lambda: metrics.prometheus_text(store.snapshot(windows=(5,))))
         exports, export_cpus, documents = [], [], []
         for _ in range(5):
             begun, cpu = time.perf_counter(), time.process_time()
@@ -240,8 +259,8 @@ def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
                 "<= 50 ms",
             ],
             [
-                "Prometheus export, the process's first: CPU; minor page faults",
-                f"{first_export * 1000:.1f} ms; {first_faults:,}",
+                "Prometheus export, the process's first: CPU (in the kernel); page faults minor / major",
+                first_row(*first),
                 "<= 50 ms",
             ],
             [
@@ -265,9 +284,9 @@ def scale(out: TextIO, quick: bool, goals: list[list[str]]) -> None:
     goals.append(
         [
             f"export after {generations:,} recycled workers (CPU, median of 5; the first)",
-            f"{statistics.median(export_cpus) * 1000:.1f} ms; {first_export * 1000:.1f} ms",
+            f"{statistics.median(export_cpus) * 1000:.1f} ms; {first[0] * 1000:.1f} ms",
             "<= 50 ms",
-            met(max(statistics.median(export_cpus), first_export) <= 0.05),
+            met(max(statistics.median(export_cpus), first[0]) <= 0.05),
         ]
     )
     goals.append(["totals exact after recycling", f"{requests:,} / {expected:,}", "exact", met(exact)])
@@ -327,10 +346,7 @@ def full_window(
 ) -> None:
     requests = fill_full_window(directory, quick)
     store = SlotStore(directory, 16, 1024, 16)
-    faults, cpu = minor_faults(), time.process_time()
-    export_full_window(store)
-    first = time.process_time() - cpu
-    first_faults = minor_faults() - faults
+    first = first_export(lambda: export_full_window(store))
     cpus, steady_faults = [], []
     for _ in range(5):
         faults, cpu = minor_faults(), time.process_time()
@@ -355,8 +371,8 @@ def full_window(
                 "<= 50 ms",
             ],
             [
-                "Prometheus export, the process's first: CPU; minor page faults",
-                f"{first * 1000:.1f} ms; {first_faults:,}",
+                "Prometheus export, the process's first: CPU (in the kernel); page faults minor / major",
+                first_row(*first),
                 "<= 50 ms",
             ],
             ["exposition size", f"{len(text) / 1024:.0f} KiB", ""],
@@ -370,9 +386,9 @@ def full_window(
     goals.append(
         [
             "export, full 5-minute window, 8 x 400 series (CPU, median of 5; the first)",
-            f"{statistics.median(cpus) * 1000:.1f} ms; {first * 1000:.1f} ms",
+            f"{statistics.median(cpus) * 1000:.1f} ms; {first[0] * 1000:.1f} ms",
             "<= 50 ms",
-            met(max(statistics.median(cpus), first) <= 0.05),
+            met(max(statistics.median(cpus), first[0]) <= 0.05),
         ]
     )
     goals.append(
