@@ -135,7 +135,10 @@ def test_each_request_carries_its_send_time_in_the_format_metrics_middleware_rea
         after = time.time()
     lines = (tmp_path / "stamps.log").read_text().splitlines()
     assert len(records) == len(lines) == 50 and {record.status for record in records} == {200}
-    longest = max(record.service_time for record in records)
+    # Each record knows when its request went out (after its connection opened): the instant
+    # it stamped, and where its wire time, the span the server's figures cover, starts.
+    assert all(record.start <= record.sent < record.end for record in records)
+    longest = max(record.wire_time for record in records)
     for line in lines:
         header, arrived = line.split()
         assert header.startswith("t=") and header[2:].isdigit(), line
@@ -258,6 +261,8 @@ def test_the_floor_splits_each_request_at_the_no_op_application(server: str) -> 
         before, after = figures["before the app"][key], figures["after the app"][key]
         assert 0 <= before <= figures["p99"] and 0 < after <= figures["p99"], (key, figures)
     assert figures["before the app"]["p50"] + figures["after the app"]["p50"] <= 2 * figures["p50"]
+    # Opening the connection, before the request went out, is apart.
+    assert 0 <= figures["connect"]["p50"] <= figures["connect"]["p99"]
 
 
 def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> None:
@@ -280,11 +285,13 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> Non
     try:
         _wait_for_server(port, "uvicorn answering")
 
+        times: list[list[float]] = [[], []]
+
         async def twice() -> tuple[tuple[int, int], tuple[int, int], int]:
             pool = _Pool("127.0.0.1", port)
-            first = await _exchange(pool, Request("floor", "/"))
+            first = await _exchange(pool, Request("floor", "/"), times[0])
             await asyncio.sleep(2.5)  # the server closes the idle connection after 1 s
-            second = await _exchange(pool, Request("floor", "/"))
+            second = await _exchange(pool, Request("floor", "/"), times[1])
             pool.close()
             return first, second, pool.opened
 
@@ -294,3 +301,5 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> Non
         server.wait(timeout=30)
     assert first[0] == second[0] == 200
     assert opened == 2
+    # Each exchange noted when its request went out and when its last byte came in.
+    assert all(len(pair) == 2 and pair[0] < pair[1] for pair in times)

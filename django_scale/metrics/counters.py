@@ -52,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Timing", "increment", "observe", "reset", "snapshot"]
+__all__ = ["Timing", "close_request_events", "increment", "observe", "reset", "snapshot"]
 
 
 @dataclass
@@ -92,14 +92,27 @@ _shared_sink: list[Callable[[str, int], None]] = []
 
 def increment(name: str, amount: int = 1) -> None:
     """Add *amount* to counter *name*."""
+    current = recorded_request.get()
     with _lock:
         _counters[name] += amount
-    current = recorded_request.get()
-    events = None if current is None else current[0]
-    if events is not None:
-        events[name] = events.get(name, 0) + amount
-    elif _shared_sink:
+        # Under the lock that the recording takes to close the request's counters
+        # (close_request_events()): an increment from a thread the request started lands
+        # either in them before they are read, or in the host's counters after; never lost.
+        events = None if current is None else current[0]
+        if events is not None:
+            events[name] = events.get(name, 0) + amount
+            return
+    if _shared_sink:
         _shared_sink[0](name, amount)
+
+
+def close_request_events(current: list[Any]) -> dict[str, int] | None:
+    """Return the counters of the request *current* (``recorded_request``'s value) and close them:
+    later increments of anything the request started go to the host's counters at once."""
+    with _lock:
+        events: dict[str, int] | None = current[0]
+        current[0] = None
+    return events
 
 
 def observe(name: str, value: float) -> None:

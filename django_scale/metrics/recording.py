@@ -266,8 +266,7 @@ def _record(request: HttpRequest, status: int, elapsed: float, now: float, curre
     :func:`get_store` keeps it, without the call (a Python call costs about as much as a
     write to the store).
     """
-    events = current[0]
-    current[0] = None  # later increments go to the host's counters at once
+    events = counters.close_request_events(current)
     method = request.method
     if method not in _METHODS:
         method = "OTHER"

@@ -85,6 +85,9 @@ class Record:
     #: The HTTP status, or 0 for no answer (refused, reset, timed out, malformed).
     status: int
     bytes: int
+    #: When the request went out on the wire, once its connection was open: the instant its
+    #: ``X-Request-Start`` stamps (*start* where it never went out).
+    sent: float = math.nan
 
     @property
     def latency(self) -> float:
@@ -95,6 +98,12 @@ class Record:
     def service_time(self) -> float:
         """Seconds from the actual send time to the last byte (what a closed loop measures)."""
         return self.end - self.start
+
+    @property
+    def wire_time(self) -> float:
+        """Seconds from the request on the wire to the last byte: the span of its ``X-Request-Start``,
+        without opening the connection (one per request under gunicorn's sync workers)."""
+        return self.end - self.sent
 
 
 @dataclass
@@ -158,12 +167,16 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
     return status, len(await reader.read()), False
 
 
-async def _exchange(pool: _Pool, request: Request) -> tuple[int, int]:
+async def _exchange(pool: _Pool, request: Request, times: list[float]) -> tuple[int, int]:
+    """Send *request* and read its answer; append to *times* when it went out and when the
+    last byte came in (taken there: closing the connection is the generator's own work)."""
     connection = await pool.take()
     try:
+        times.append(time.monotonic())
         connection.writer.write(request.encode(pool.host, time.time()))
         await connection.writer.drain()
         status, size, keep_alive = await _read_response(connection.reader)
+        times.append(time.monotonic())
     except BaseException:
         connection.close()
         raise
@@ -176,8 +189,9 @@ async def _exchange(pool: _Pool, request: Request) -> tuple[int, int]:
 
 async def _send(pool: _Pool, request: Request, intended: float, records: list[Record]) -> None:
     start = time.monotonic()
+    times: list[float] = []
     try:
-        status, size = await asyncio.wait_for(_exchange(pool, request), TIMEOUT)
+        status, size = await asyncio.wait_for(_exchange(pool, request, times), TIMEOUT)
     except (
         OSError,
         asyncio.IncompleteReadError,
@@ -186,7 +200,9 @@ async def _send(pool: _Pool, request: Request, intended: float, records: list[Re
         ValueError,
     ):
         status, size = 0, 0
-    records.append(Record(request.name, intended, start, time.monotonic(), status, size))
+    sent = times[0] if times else start
+    end = times[1] if len(times) > 1 else time.monotonic()
+    records.append(Record(request.name, intended, start, end, status, size, sent))
 
 
 #: Sends one request due at an intended time and records it: what a load's schedule calls.

@@ -3,14 +3,17 @@
 After the load, each page of the mix is sent alone, by one client, one request after another,
 for a few seconds (:func:`probe_pages`): ``pg_stat_statements`` then counts that page's queries
 on the primary and the replica (the mix's figures are per request of the whole mix), and with
-one client nothing waits in gunicorn's backlog, so the generator's service times and the
-latencies ``MetricsMiddleware`` recorded inside Django (the ``scale`` configuration) measure
-the same requests. The server side is read from the deployment's metrics file: the per-minute
+one client nothing waits in gunicorn's backlog, so the generator's times and the latencies
+``MetricsMiddleware`` recorded inside Django (the ``scale`` configuration) measure the same
+requests. The server side is read from the deployment's metrics file: the per-minute
 sketches of every ``request`` series after the probe, less those before it (sketches add by
 bucket, so they subtract too), are exactly the probe's requests; the ``queue`` series the same
 way, the time from the generator's ``X-Request-Start`` (its send time) to the request's start in
-Django. The server's latency plus its queue time spans what the generator's service time does,
-but the last part of the answer: from the middleware's end to the last byte at the generator.
+Django. The generator's figure compared is its wire time (:attr:`~benchmarks.site.loadgen.Record.wire_time`):
+from the request on the wire, the instant it stamped, to the last byte of the answer read;
+opening the connection before it (one per request under gunicorn's sync workers) is reported
+apart (``connect``). The server's latency plus its queue time spans all of it but the last part
+of the answer: from the middleware's end to the last byte at the generator.
 
 :func:`probe_floor` measures the same way a no-op application under the same app server: the
 floor under any agreement, what the server, the socket and the generator cost with no Django.
@@ -103,12 +106,13 @@ def probe_floor(running: Deployment, seconds: float) -> dict[str, Any]:
     records = closed_loop(
         running.host, running.port, lambda i: Request("floor", "/"), connections=1, duration=seconds
     )
-    service = [record.service_time for record in records if record.status == 200]
+    answered = [record for record in records if record.status == 200]
     figures: dict[str, Any] = {
         "server": running.kind,
         "requests": len(records),
-        "errors": len(records) - len(service),
-        **_quantiles(service),
+        "errors": len(records) - len(answered),
+        **_quantiles([record.wire_time for record in answered]),
+        "connect": _quantiles([record.sent - record.start for record in answered]),
     }
     # Each request's arrival at the application (the floor's log), paired in order with its
     # record (one client: one request after another): before the application, and after it.
@@ -119,7 +123,7 @@ def probe_floor(running: Deployment, seconds: float) -> dict[str, Any]:
         if record.status == 200 and stamp.startswith("t="):
             queued = float(arrived) - int(stamp[2:]) / 1e6
             before.append(queued)
-            after.append(record.service_time - queued)
+            after.append(record.wire_time - queued)
     figures["before the app"], figures["after the app"] = _quantiles(before), _quantiles(after)
     return figures
 
@@ -150,8 +154,11 @@ def probe_pages(
             return records
 
         figures = measured(running, f"{page} alone", load, seconds)
-        service = [record.service_time for record in records if 0 < record.status < 500]
-        figures["generator"] = _quantiles(service)
+        answered = [record for record in records if 0 < record.status < 500]
+        # From the request on the wire (its X-Request-Start) to the last byte: what the server's
+        # latency plus queue time spans. Opening the connection comes before, apart.
+        figures["generator"] = _quantiles([record.wire_time for record in answered])
+        figures["connect"] = _quantiles([record.sent - record.start for record in answered])
         if metrics is not None:
             after = metrics.history()
             server, queue = server_latencies(before, after), server_latencies(before, after, "queue")

@@ -136,9 +136,9 @@ def _print_pages(out: TextIO, results: dict[str, Any]) -> None:
             )  # fmt: skip
     print_table(
         out,
-        "Per page, sent alone by one client: queries per request, and the generator's service time"
-        " against MetricsMiddleware's latency, and its latency + queue time (from X-Request-Start,"
-        " the generator's send time; scale only; ms)",
+        "Per page, sent alone by one client: queries per request, and the generator's time from the"
+        " request on the wire to its last byte against MetricsMiddleware's latency, and its latency +"
+        " queue time (from X-Request-Start, the generator's send time; scale only; ms)",
         ["config", "page", "requests", "primary q", "replica q", "gen p50", "gen p99",
          "server p50", "server p99", "+queue p50", "+queue p99", "p50 diff", "p99 diff", "rest p50"],
         rows,
