@@ -1,32 +1,21 @@
 """Shared memory per worker *slot*: one fixed-size file per host that every process maps.
 
-The file (``METRICS_DIR``) holds a header, the names of the series (shared: a series has the
-same number in every slot) and ``METRICS_SLOTS`` slots. A process claims a free slot the
-first time it records, by taking an exclusive ``fcntl`` lock on that slot's byte, and holds
-the lock until it exits; the kernel releases it when the process dies, however it dies. A
-new worker (gunicorn's ``max_requests`` recycling, a crash, a deploy) takes a free slot and
-*adds to* the counts already there: a slot's counts fold every process that ever held it,
-so a host's totals never go down or rewind, and the file never grows (prometheus_client's
-multiprocess mode writes one file per pid instead: client_python #204, #443).
-
-Only the slot's owner writes it, under one lock per process, so counts need no atomic
-instructions; readers (the export) read every slot without locks: a read during a write
-sees the count before or after it.
+The file (``METRICS_DIR``) holds a header, the series' names (a series has the same number in
+every slot) and ``METRICS_SLOTS`` slots. A process claims a free slot when it first records,
+with an exclusive ``fcntl`` lock on the slot's byte that the kernel releases when the process
+dies, however it dies. A new worker (recycling, a crash, a deploy) takes a free slot and *adds
+to* its counts, so a host's totals never go down or rewind and the file never grows
+(prometheus_client's multiprocess mode writes one file per pid: client_python #204, #443).
+Only the slot's owner writes it; readers (the export) read every slot without locks.
 
 A slot holds, per timing series, its exact count and sum, its running bucket counts
-(:mod:`~django_scale.metrics.sketch` buckets, kept in 64-bucket chunks allocated from the
-slot's pool the first time a series touches them) and a ring of 16 per-minute *checkpoints*:
-the running counts as they were when the series' first value of that minute came. Per
-counter series it holds one number. A window (1, 5 or 15 minutes) is the running counts less
-the checkpoint of the window's first minute that has values: an export reads, per slot, the
-running rows of every series and one checkpoint's rows, each contiguous in the pool's order
-(file format v3: a checkpoint's rows of every chunk lie together), whatever the window, and
-a minute's own counts (the status page's history) are the difference of two checkpoints. So
-that checkpoints only grow, a series' minutes never go back in a slot: a value stamped with a
-minute before the latest the series has there (a clock set back, a request whose record came
-after a later one's) counts in that latest minute. Running counts wrap at 2**31 and
-differences are taken modulo 2**31: a window holds fewer than 2**31 values per bucket and
-slot. A fresh file is sparse: pages nobody touched take neither disk nor memory.
+(:mod:`~django_scale.metrics.sketch` buckets, in 64-bucket chunks from the slot's pool) and a
+ring of 16 per-minute *checkpoints*: the running counts when the series' first value of that
+minute came. A window (1, 5 or 15 minutes) is the running counts less the checkpoint of its
+first minute with values (file format v3: a checkpoint's rows of every chunk lie together). A
+series' minutes never go back in a slot: a value stamped before its latest minute counts in
+that minute. Running counts wrap at 2**31, differences are taken modulo 2**31. A fresh file is
+sparse: pages nobody touched take neither disk nor memory.
 """
 
 from __future__ import annotations
@@ -78,12 +67,10 @@ _NAME_BYTES = 256
 _HEADER_BYTES = 4096
 _SLOT_HEADER = 64
 # A slot's header, u32 words: holder's pid, holders so far, pool chunks used, values dropped.
-# A timing's header in a slot: count u64, sum f64, ring stamps (minute + 1) u32 x 16,
-# chunk directory (pool index + 1) u32 x _CHUNKS.
+# A timing's header: count u64, sum f64, stamps (minute + 1) u32 x 16, directory u32 x _CHUNKS.
 _STAMPS = 16
 _DIRECTORY = _STAMPS + 4 * _RING
-# After the directory, the series' latest minute + 1 (its minutes never go back), written and
-# read by the slot's owner only.
+# After the directory, the series' latest minute + 1 (never goes back; the owner's only).
 _LATEST = _DIRECTORY + 4 * _CHUNKS
 _TIMING_BYTES = -(-(_LATEST + 4) // 64) * 64
 _TIMING_HEADER = struct.Struct(f"=Qd{_RING}I{_CHUNKS}I")
