@@ -97,3 +97,30 @@ def test_seconds_problem_is_the_one_duration_validator(value, zero_allowed, prob
 )
 def test_count_problem_is_the_one_count_validator(value, problem):
     assert count_problem(value) == problem
+
+
+def test_hot_settings_follow_lazysettings_cache():
+    """conf.hot() reads DJANGO_SCALE from LazySettings' own cache: pin what it relies on.
+
+    Django's LazySettings keeps each setting it has read in its instance dict, empties that
+    dict in place when override_settings swaps the settings, and drops a deleted setting from
+    it (django/conf/__init__.py): the value found there is the one getattr() returns.
+    """
+    from django.conf import settings
+
+    from django_scale.conf import _settings_cache
+
+    assert _settings_cache is object.__getattribute__(settings, "__dict__")
+    with override_settings(DJANGO_SCALE={"REPLICAS": ["a"]}):
+        assert "DJANGO_SCALE" not in _settings_cache
+        raw = settings.DJANGO_SCALE
+        assert _settings_cache["DJANGO_SCALE"] is raw
+        assert conf.hot().replicas == ("a",)
+        with override_settings(DJANGO_SCALE={"REPLICAS": ["b", "c"]}):
+            assert "DJANGO_SCALE" not in _settings_cache
+            assert conf.hot().replicas == ("b", "c")
+            assert _settings_cache["DJANGO_SCALE"] is settings.DJANGO_SCALE
+        assert conf.hot().replicas == ("a",)
+        del settings.DJANGO_SCALE
+        assert "DJANGO_SCALE" not in _settings_cache
+        assert conf.hot().replicas == ()

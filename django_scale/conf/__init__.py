@@ -27,6 +27,17 @@ __all__ = ["SETTINGS", "HotSettings", "Setting", "conf", "count_problem", "secon
 SETTINGS: dict[str, Setting] = definitions.SETTINGS
 
 
+#: ``django.conf.settings``' instance dict, where ``LazySettings.__getattr__`` caches each
+#: setting it reads ("Return the value of a setting and cache it in self.__dict__",
+#: django/conf/__init__.py) and ``LazySettings.__setattr__`` clears it in place when the
+#: settings change (``override_settings`` swaps ``_wrapped``), on Django 4.2 to 6.1. Read
+#: without running ``LazyObject.__getattribute__`` (Python code, django/utils/functional.py,
+#: on every attribute of the object): a value found there is the one ``getattr(settings,
+#: name)`` returns. ``tests/test_conf.py`` pins both.
+_settings_cache: dict[str, Any] = object.__getattribute__(settings, "__dict__")
+_MISSING = object()
+
+
 @dataclass(frozen=True, slots=True)
 class HotSettings:
     """The values of ``DJANGO_SCALE`` that every request reads, in one object (:meth:`Conf.hot`)."""
@@ -62,8 +73,14 @@ class Conf:
         a new object, so they take effect at once. (Mutating the dict in place is not noticed;
         override it.)
         """
-        raw = getattr(settings, "DJANGO_SCALE", None)
         cached = self._hot
+        # LazySettings keeps each setting it has read in its instance dict until the settings
+        # change (override_settings empties it): read there first, without the Python
+        # __getattribute__ that every attribute of a LazyObject runs (Django 4.1+), which
+        # cost as much as the rest of the request path's settings work. (See _settings_cache.)
+        raw = _settings_cache.get("DJANGO_SCALE", _MISSING)
+        if raw is _MISSING:
+            raw = getattr(settings, "DJANGO_SCALE", None)
         if cached[0] is raw and cached[1] is not None:
             return cached[1]
         value = HotSettings(
