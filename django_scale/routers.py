@@ -29,6 +29,7 @@ from django_scale.replicas.state import RoutingState, _capture, _forced, _state,
 __all__ = ["ReplicaRouter", "connections_changed"]
 
 _monotonic = time.monotonic
+_dict_get = dict.get
 
 
 # -- The routing policy: which replica, and the cap on falling back to the primary ----------
@@ -206,7 +207,18 @@ class Decision:
     version covers them.)
     """
 
-    __slots__ = ("alias", "monitor", "handle", "version", "until", "raw", "primary", "hot", "checked")
+    __slots__ = (
+        "alias",
+        "monitor",
+        "handle",
+        "version",
+        "until",
+        "raw",
+        "primary",
+        "hot",
+        "checked",
+        "generation",
+    )
 
     def __init__(
         self,
@@ -230,6 +242,9 @@ class Decision:
         #: The primary's connection object in the thread, and the settings the route was read with.
         self.primary = primary
         self.hot = hot
+        #: The route's generation (the thread's, when it looked the route up): read here, in a
+        #: slot, rather than from the thread-local on every read.
+        self.generation: int = _thread.generation
 
 
 class _ThreadRoute(threading.local):
@@ -375,7 +390,7 @@ class ReplicaRouter:
             state is not None
             and decision is not None
             and decision.hot is state._hot
-            and cached.generation == _generation[0]
+            and decision.generation == _generation[0]
             and not state.pinned
             and not hints
             and _forced.get() is None
@@ -411,9 +426,8 @@ class ReplicaRouter:
             if state.required_lsn is None:
                 # FallbackWindow.count_read(), inlined as below.
                 window = fallback_window
-                second = int(now)
-                if second != window.second:
-                    window.second, window.reads, window.fallbacks = second, 0, 0
+                if now >= window.ends:
+                    window.ends, window.reads, window.fallbacks = int(now) + 1.0, 0, 0
                 window.reads += 1
         else:
             hot = state._hot if state is not None else None
@@ -475,9 +489,8 @@ class ReplicaRouter:
                     else:
                         # FallbackWindow.count_read(), inlined: free_read_alias() does it otherwise.
                         window = fallback_window
-                        second = int(now)
-                        if second != window.second:
-                            window.second, window.reads, window.fallbacks = second, 0, 0
+                        if now >= window.ends:
+                            window.ends, window.reads, window.fallbacks = int(now) + 1.0, 0, 0
                         window.reads += 1
                 elif alias is None:
                     state.pin("no available replica has replayed the user's last write", fallback=True)
@@ -495,13 +508,14 @@ class ReplicaRouter:
                 # and the second run of a request inside use_replica(), which its pin covers).
                 state.fallbacks += 1
             alias = alias or primary
-        # (get() + 1: Counter's __missing__ is a Python call on each alias's first read.)
+        # (get() + 1: Counter's __missing__ is a Python call on each alias's first read. And
+        # dict.get called on the Counter: reads.get would build a bound method on every read.)
         if state is not None:
             reads = state.reads
-            reads[alias] = reads.get(alias, 0) + 1
+            reads[alias] = _dict_get(reads, alias, 0) + 1
         captured = _capture.get()
         if captured is not None:
-            captured[alias] = captured.get(alias, 0) + 1
+            captured[alias] = _dict_get(captured, alias, 0) + 1
         return alias
 
     def db_for_write(self, model: type[Model], **hints: Any) -> str | None:

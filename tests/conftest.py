@@ -263,7 +263,8 @@ def _fresh_process_state() -> Iterator[None]:
     def reset() -> None:
         reset_cache()
         reset_fragments()
-        fallback_window.second = fallback_window.reads = fallback_window.fallbacks = 0
+        fallback_window.ends = 0.0
+        fallback_window.reads = fallback_window.fallbacks = 0
         fallback_window.capped = 0
 
     reset()

@@ -97,3 +97,26 @@ def test_seconds_problem_is_the_one_duration_validator(value, zero_allowed, prob
 )
 def test_count_problem_is_the_one_count_validator(value, problem):
     assert count_problem(value) == problem
+
+
+def test_hot_settings_are_computed_once_until_django_scale_changes():
+    """conf.hot() computes the request path's settings once, again after setting_changed."""
+    from django.conf import settings
+    from django.core.signals import setting_changed
+
+    with override_settings(DJANGO_SCALE={"REPLICAS": ["a"]}):
+        first = conf.hot()
+        assert first.replicas == ("a",)
+        assert conf.hot() is first  # computed once
+        with override_settings(DJANGO_SCALE={"REPLICAS": ["b", "c"]}):
+            assert conf.hot().replicas == ("b", "c")
+        assert conf.hot().replicas == ("a",)
+        # Another setting's change keeps what was computed.
+        kept = conf.hot()
+        with override_settings(USE_TZ=not settings.USE_TZ):
+            assert conf.hot() is kept
+        # Only the signal says DJANGO_SCALE changed: a mutation in place is seen once it is sent.
+        settings.DJANGO_SCALE["REPLICAS"] = ["d"]
+        assert conf.hot() is kept
+        setting_changed.send(sender=None, setting="DJANGO_SCALE", value=settings.DJANGO_SCALE, enter=True)
+        assert conf.hot().replicas == ("d",)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from django.conf import settings
+from django.core.signals import setting_changed
 
 from django_scale.conf import definitions
 from django_scale.conf.definitions import Setting, count_problem, seconds_problem
@@ -52,20 +53,27 @@ class Conf:
     """Typed, lazy access to ``settings.DJANGO_SCALE`` with documented defaults."""
 
     def __init__(self) -> None:
-        # What the request path reads, computed once per DJANGO_SCALE object.
-        self._hot: tuple[object, HotSettings | None] = (object(), None)
+        #: Bumped by Django's ``setting_changed`` signal for ``DJANGO_SCALE``.
+        self._generation = 0
+        # What the request path reads, and the generation it was computed in.
+        self._hot: tuple[int, HotSettings | None] = (-1, None)
 
     def hot(self) -> HotSettings:
-        """Return the settings the request path reads, computed once per ``DJANGO_SCALE`` object.
+        """Return the settings the request path reads, computed once until ``DJANGO_SCALE`` changes.
 
-        ``override_settings`` and :func:`~django_scale.testing.override_scale_settings` install
-        a new object, so they take effect at once. (Mutating the dict in place is not noticed;
-        override it.)
+        Django's ``setting_changed`` signal, which ``override_settings`` (and so
+        :func:`~django_scale.testing.override_scale_settings` and pytest-django's ``settings``
+        fixture) sends, makes the next call compute them again: no read of
+        ``django.conf.settings`` per call, whose proxy runs Python code on every attribute.
+        (Django's settings are not changed at run time outside tests; an assignment to
+        ``settings.DJANGO_SCALE`` that sends no signal, or a dict mutated in place, is not
+        noticed.)
         """
-        raw = getattr(settings, "DJANGO_SCALE", None)
         cached = self._hot
-        if cached[0] is raw and cached[1] is not None:
-            return cached[1]
+        if cached[0] == self._generation:
+            return cached[1]  # type: ignore[return-value]
+        # Read before computing: a change signalled meanwhile leaves this one stale at once.
+        generation = self._generation
         value = HotSettings(
             primary=self.PRIMARY,
             replicas=self.REPLICAS,
@@ -87,8 +95,12 @@ class Conf:
                 self.METRICS_MEMORY,
             ),
         )
-        self._hot = (raw, value)
+        self._hot = (generation, value)
         return value
+
+    def forget_hot(self) -> None:
+        """Have the next :meth:`hot` compute the settings again (``DJANGO_SCALE`` changed)."""
+        self._generation += 1
 
     def aliases(self) -> tuple[str, tuple[str, ...]]:
         """Return ``(PRIMARY, REPLICAS)`` (once per settings object, as :meth:`hot` is)."""
@@ -335,3 +347,11 @@ class Conf:
 #:
 #: :meta hide-value:
 conf = Conf()
+
+
+def _setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DJANGO_SCALE":
+        conf.forget_hot()
+
+
+setting_changed.connect(_setting_changed, dispatch_uid="django_scale.conf.hot")

@@ -15,16 +15,17 @@ class FallbackWindow:
     """
 
     def __init__(self) -> None:
-        self.second = 0
+        #: When the current second ends (``time.monotonic()``): a read after it starts the next
+        #: second's counts. (A boundary compared as a float: no int() per read.)
+        self.ends = 0.0
         self.reads = 0
         self.fallbacks = 0
         #: Free reads served by a lagging replica because of the cap (for tests and metrics).
         self.capped = 0
 
     def count_read(self, now: float) -> None:
-        second = int(now)
-        if second != self.second:
-            self.second, self.reads, self.fallbacks = second, 0, 0
+        if now >= self.ends:
+            self.ends, self.reads, self.fallbacks = int(now) + 1.0, 0, 0
         self.reads += 1
 
     def may_fall_back(self, cap: float) -> bool:

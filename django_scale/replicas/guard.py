@@ -8,6 +8,7 @@ install or remove it, so a request that never touches a replica pays nothing for
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -61,7 +62,7 @@ def guard_connection(connection: BaseDatabaseWrapper) -> bool:
         return False
     if connection.execute_wrappers:
         return False
-    entered = connection.execute_wrapper(ReplicaGuard(connection.alias))
+    entered = connection.execute_wrapper(ReplicaGuard(connection.alias, connection))
     entered.__enter__()
     # Keep the entered context manager alive with its connection object: collected, its
     # generator would be closed and its ``finally`` would pop whatever wrapper is last.
@@ -83,7 +84,7 @@ def install_guards() -> None:
     connection_created.connect(_guard_new_connection, dispatch_uid="django_scale.replicas.guard", weak=False)
 
 
-class ReplicaGuard:
+class ReplicaGuard(functools.partial[Any]):
     """An ``execute_wrapper`` for a replica connection: a deadline, and a clear error on failure.
 
     While a query runs on the replica, :data:`watchdog` shuts its socket down if the replica's
@@ -96,61 +97,87 @@ class ReplicaGuard:
     :class:`~django_scale.middleware.ScaleMiddleware` can run a safe request again on the
     primary. No execute wrapper can hand its caller the rows of another connection's cursor,
     so the guard does not retry the query itself.
+
+    It is a :func:`functools.partial` of :func:`_guarded_execute` with the replica's alias,
+    the connection object it guards and that object's entry in the watchdog's queries in
+    flight: a call goes from Django's ``functools.partial`` of the wrapper straight to the
+    function, in C, where an instance's ``__call__`` took a lookup, a bound method and the
+    arguments copied into new tuples on every query.
     """
 
-    def __init__(self, alias: str) -> None:
-        self.alias = alias
+    __slots__ = ()
 
-    def __call__(
-        self,
-        execute: Callable[..., Any],
-        sql: str,
-        params: Any,
-        many: bool,
-        context: dict[str, Any],
-    ) -> Any:
-        connection = context["connection"]
-        if connection.alias != self.alias:
+    def __new__(cls, alias: str, connection: BaseDatabaseWrapper | None = None) -> ReplicaGuard:
+        return super().__new__(cls, _guarded_execute, alias, connection, (alias, connection))
+
+    @property
+    def alias(self) -> str:
+        """The replica's alias."""
+        alias: str = self.args[0]
+        return alias
+
+    @property
+    def connection(self) -> BaseDatabaseWrapper | None:
+        """The connection object it guards (``guard_connection()`` passes it)."""
+        connection: BaseDatabaseWrapper | None = self.args[1]
+        return connection
+
+
+def _guarded_execute(
+    alias: str,
+    guarded: BaseDatabaseWrapper | None,
+    entry: tuple[str, Any],
+    execute: Callable[..., Any],
+    sql: str,
+    params: Any,
+    many: bool,
+    context: dict[str, Any],
+) -> Any:
+    """:class:`ReplicaGuard`'s call: run the query on replica *alias* under the watchdog."""
+    connection = context["connection"]
+    if connection is not guarded:
+        if connection.alias != alias:
             # In tests the replica alias may share the primary's connection object.
             return execute(sql, params, many, context)
-        # Watchdog.watch(), inlined: this runs on every query on a replica.
-        inflight = watchdog._inflight
-        key = id(connection)
-        inflight[key] = (self.alias, connection)
-        if not watchdog._awake:
-            watchdog.wake()
-        try:
-            return execute(sql, params, many, context)
-        except (OperationalError, InterfaceError, InternalError) as exc:
-            sqlstate = error_sqlstate(exc)
-            conflict = sqlstate == RECOVERY_CONFLICT
-            broken = not conflict and is_broken(connection, sqlstate)
-            if broken:
-                monitor(self.alias).report_failure(exc)
-            if not (conflict or broken) or connection.in_atomic_block or not is_read(sql):
-                # The replica answered with an error of the query's own (a statement timeout,
-                # say): that is the caller's to handle, and no reason to distrust the replica.
-                raise
-            if broken:
-                # Close the broken connection so that the next read opens a new one.
-                with contextlib.suppress(Exception):
-                    connection.close()
-            cause = str(exc).strip()
-            state = _state.get()
-            if state is not None:
-                state.replica_failed = self.alias
-                state.pin(f"a read on replica {self.alias!r} failed", fallback=True)
-            logger.warning("a read on replica %r failed: %s", self.alias, cause)
-            what = "cancelled by a recovery conflict" if conflict else "its connection broke"
-            raise ReplicaReadError(
-                f"a read on replica {self.alias!r} failed ({what}: {cause}). ScaleMiddleware runs a "
-                "GET, HEAD or OPTIONS request that has not written once more with its reads on the "
-                "primary; elsewhere, retry the work (the replica's monitor sends reads to the "
-                "primary while the replica is down).",
-                alias=self.alias,
-            ) from exc
-        finally:
-            inflight.pop(key, None)
+        entry = (alias, connection)
+    # Watchdog.watch(), inlined: this runs on every query on a replica.
+    inflight = watchdog._inflight
+    key = id(connection)
+    inflight[key] = entry
+    if not watchdog._awake:
+        watchdog.wake()
+    try:
+        return execute(sql, params, many, context)
+    except (OperationalError, InterfaceError, InternalError) as exc:
+        sqlstate = error_sqlstate(exc)
+        conflict = sqlstate == RECOVERY_CONFLICT
+        broken = not conflict and is_broken(connection, sqlstate)
+        if broken:
+            monitor(alias).report_failure(exc)
+        if not (conflict or broken) or connection.in_atomic_block or not is_read(sql):
+            # The replica answered with an error of the query's own (a statement timeout,
+            # say): that is the caller's to handle, and no reason to distrust the replica.
+            raise
+        if broken:
+            # Close the broken connection so that the next read opens a new one.
+            with contextlib.suppress(Exception):
+                connection.close()
+        cause = str(exc).strip()
+        state = _state.get()
+        if state is not None:
+            state.replica_failed = alias
+            state.pin(f"a read on replica {alias!r} failed", fallback=True)
+        logger.warning("a read on replica %r failed: %s", alias, cause)
+        what = "cancelled by a recovery conflict" if conflict else "its connection broke"
+        raise ReplicaReadError(
+            f"a read on replica {alias!r} failed ({what}: {cause}). ScaleMiddleware runs a "
+            "GET, HEAD or OPTIONS request that has not written once more with its reads on the "
+            "primary; elsewhere, retry the work (the replica's monitor sends reads to the "
+            "primary while the replica is down).",
+            alias=alias,
+        ) from exc
+    finally:
+        inflight.pop(key, None)
 
 
 class Watchdog:

@@ -61,6 +61,8 @@ MULTIDB_ROUTER = "multidb.PinningReplicaRouter"
 STOCK = "stock Django"
 FLOOR = "one-line router to the replica"
 MULTIDB = "django-multidb-router"
+#: django-scale's setup as a project deploys it (both parts).
+SCALE = "django-scale (both)"
 
 
 # -- The views (a urlconf of their own) ------------------------------------------------------
@@ -136,7 +138,7 @@ def setups(replica: str) -> dict[str, dict[str, Any]]:
         FLOOR: {**common, "DATABASE_ROUTERS": [f"{__name__}.FixedReplicaRouter"], "MIDDLEWARE": base},
         "ScaleMiddleware only": {**common, "DATABASE_ROUTERS": [], "MIDDLEWARE": [SCALE_MIDDLEWARE, *base]},
         "ReplicaRouter only": {**common, "DATABASE_ROUTERS": [SCALE_ROUTER], "MIDDLEWARE": base},
-        "django-scale (both)": {
+        SCALE: {
             **common,
             "DATABASE_ROUTERS": [SCALE_ROUTER],
             "MIDDLEWARE": [SCALE_MIDDLEWARE, *base],
@@ -481,21 +483,35 @@ def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
 
 #: Set in the environment of the process that ``instructions()`` runs under callgrind.
 CHILD = "DJANGO_SCALE_BENCH_INSTRUCTIONS_CHILD"
+#: ``DJANGO_SCALE_BENCH_REQUEST_ONLY=instructions`` runs the callgrind table alone (the time
+#: tables take minutes and say nothing the instructions do not, on a shared machine).
+ONLY = "DJANGO_SCALE_BENCH_REQUEST_ONLY"
 
 
-def _instruction_segments(replica: str, requests: int) -> None:
-    """(Under callgrind) run *requests* requests per view and setup between two boundaries.
+def _order(names: list[str], round_: int) -> list[str]:
+    """The setups in the order round *round_* runs them (rotated by one each round)."""
+    shift = round_ % len(names)
+    return names[shift:] + names[:shift]
 
-    A boundary is a call of ``getppid()``, before which callgrind dumps the counters of the
-    calling thread (``--dump-before=getppid``): of each thread's dumps, every second one holds a
-    measured segment. An async view's ORM calls run in asgiref's one thread for sync code, which
-    marks the boundaries of its own segments too. Before each segment a full collection and
-    ``gc.freeze()`` leave the collector nothing older to scan, so that no setup pays for a
-    collection of the heap the others built.
+
+def _instruction_segments(replica: str, rounds: int, requests: int) -> None:
+    """(Under callgrind) run *rounds* rounds of *requests* requests per view and setup.
+
+    Each measured cell lies between two boundaries, calls of ``getppid()``, before which
+    callgrind dumps the counters of the calling thread (``--dump-before=getppid``): of each
+    thread's dumps, every second one holds a cell. An async view's ORM calls run in asgiref's
+    one thread for sync code, which marks the boundaries of its own cells too. The setups take
+    turns within each round, in an order rotated from round to round, so that whatever drifts
+    in the process over a run (caches filling, the connections' state) drifts under every
+    setup alike, and the parent takes the median over rounds. Before each cell a few requests
+    settle the setup after the switch of settings, and a full collection and ``gc.freeze()``
+    leave the collector nothing older to scan, so that no setup pays for the heap the others
+    built.
     """
     loop = asyncio.new_event_loop()
     mark_orm_thread = sync_to_async(os.getppid)
     configs = setups(replica)
+    names = list(configs)
     try:
         for _label, url, is_async in VIEWS:
             clients: dict[str, tuple[Client, AsyncClient]] = {}
@@ -512,27 +528,28 @@ def _instruction_segments(replica: str, requests: int) -> None:
                     else:
                         for _ in range(20):
                             client.get(url)
-            for name, options in configs.items():
-                _reset_multidb()
-                with override_settings(**options):
-                    client, aclient = clients[name]
-                    if is_async:
-                        loop.run_until_complete(_many(aclient, url, 5))
-                    else:
-                        for _ in range(5):
-                            client.get(url)
-                    gc.collect()
-                    gc.freeze()
-                    os.getppid()
-                    if is_async:
-                        loop.run_until_complete(mark_orm_thread())
-                        loop.run_until_complete(_many(aclient, url, requests))
-                        loop.run_until_complete(mark_orm_thread())
-                    else:
-                        for _ in range(requests):
-                            client.get(url)
-                    os.getppid()
-                gc.unfreeze()
+            for round_ in range(rounds):
+                for name in _order(names, round_):
+                    _reset_multidb()
+                    with override_settings(**configs[name]):
+                        client, aclient = clients[name]
+                        if is_async:
+                            loop.run_until_complete(_many(aclient, url, 3))
+                        else:
+                            for _ in range(3):
+                                client.get(url)
+                        gc.collect()
+                        gc.freeze()
+                        os.getppid()
+                        if is_async:
+                            loop.run_until_complete(mark_orm_thread())
+                            loop.run_until_complete(_many(aclient, url, requests))
+                            loop.run_until_complete(mark_orm_thread())
+                        else:
+                            for _ in range(requests):
+                                client.get(url)
+                        os.getppid()
+                    gc.unfreeze()
     finally:
         loop.run_until_complete(sync_to_async(connections.close_all)())
         loop.close()
@@ -560,6 +577,28 @@ def _segments(directory: str) -> dict[int, list[int]]:
 #: The part number, thread and instruction count of a callgrind dump.
 PARTS = (r"^part: (\d+)", r"^thread: (\d+)", r"^(?:summary|totals): (\d+)")
 
+#: Per view: each setup's instructions per request in each round.
+Cells = dict[str, dict[str, list[float]]]
+
+
+def _cells(main: list[int], orm: list[int], names: list[str], rounds: int, requests: int) -> Cells:
+    """Sort the cells' counts back into (view, setup, round), as _instruction_segments() ran them."""
+    cells: Cells = {}
+    main_cells, orm_cells = iter(main), iter(orm)
+    for label, _, is_async in VIEWS:
+        found: dict[str, list[float]] = {name: [] for name in names}
+        cells[label] = found
+        for round_ in range(rounds):
+            for name in _order(names, round_):
+                count = next(main_cells) + (next(orm_cells) if is_async else 0)
+                found[name].append(count / requests)
+    return cells
+
+
+def _spread(values: list[float]) -> str:
+    """The median of *values* (instructions), in thousands, and their range over the rounds."""
+    return f"{statistics.median(values) / 1000:+,.1f}k ({min(values) / 1000:+,.1f} to {max(values) / 1000:+,.1f})"
+
 
 def instructions(out: TextIO, replica: str, quick: bool) -> None:
     """Count the CPU instructions of a request in each setup (sync and async), under callgrind.
@@ -570,43 +609,58 @@ def instructions(out: TextIO, replica: str, quick: bool) -> None:
     It counts the thread that serves the request and, for an async view, asgiref's thread
     that runs its ORM calls; not the monitors' and the watchdog's threads, whose work goes by
     the clock (a probe per interval, a look per tick), not by request.
+
+    The setups take turns in rounds (:func:`_instruction_segments`); each figure is the median
+    over the rounds, and a difference between two setups is the median of their differences
+    round by round, with its range over the rounds: the last table gives django-scale's cost
+    minus django-multidb-router's directly.
     """
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         out.write("\n(Instructions per request: valgrind is not installed; apt-get install valgrind.)\n")
         return
-    requests = 50 if quick else 300
+    rounds, requests = (6, 15) if quick else (12, 40)
     with tempfile.TemporaryDirectory() as directory:
-        rerun_under_callgrind(valgrind, directory, {CHILD: str(requests)})
+        rerun_under_callgrind(valgrind, directory, {CHILD: f"{rounds},{requests}"})
         segments = _segments(directory)
     main = segments.pop(1)
     orm = next(iter(segments.values())) if segments else []
     assert len(segments) == 1, f"one thread for sync code expected, found the dumps of {len(segments)}"
     names = list(setups(replica))
-    assert len(main) == len(VIEWS) * len(names) == 2 * len(orm), (len(main), len(orm))
+    assert len(main) == len(VIEWS) * len(names) * rounds == 2 * len(orm), (len(main), len(orm))
+    cells = _cells(main, orm, names, rounds, requests)
     rows: list[list[object]] = []
-    cells = iter(main)
-    orm_cells = iter(orm)
-    for label, _, is_async in VIEWS:
-        counts = {name: (next(cells) + (next(orm_cells) if is_async else 0)) / requests for name in names}
-        for name, value in counts.items():
+    gaps: list[list[object]] = []
+    for label, _, _ in VIEWS:
+        found = cells[label]
+        stock, anchor = found[STOCK], found[MULTIDB]
+        for name, values in found.items():
+            over = [a - b for a, b in zip(values, stock, strict=True)]
             rows.append(
                 [
                     label,
                     name,
-                    f"{value / 1000:,.0f}k",
-                    f"{(value - counts[STOCK]) / 1000:+,.1f}k",
-                    f"{value / counts[STOCK]:.3f}x",
-                    f"{value / counts[MULTIDB]:.3f}x",
+                    f"{statistics.median(values) / 1000:,.1f}k",
+                    _spread(over),
+                    f"{statistics.median(a / b for a, b in zip(values, stock, strict=True)):.3f}x",
+                    f"{statistics.median(a / b for a, b in zip(values, anchor, strict=True)):.3f}x",
                 ]
             )
+        gaps.append([label, _spread([a - b for a, b in zip(found[SCALE], anchor, strict=True)])])
     print_table(
         out,
-        f"CPU instructions per request in this process (callgrind; {requests} requests per cell; the "
-        "request's thread, and for async views also asgiref's thread for sync code): the same on a busy "
-        "machine",
-        ["view", "setup", "instructions", "vs stock", "vs stock", "vs multidb"],
+        f"CPU instructions per request in this process (callgrind; {rounds} rounds of {requests} requests per "
+        "cell, the setups taking turns; the request's thread, and for async views also asgiref's thread for "
+        "sync code): medians over the rounds, and the range over the rounds",
+        ["view", "setup", "instructions", "vs stock (range)", "vs stock", "vs multidb"],
         rows,
+    )
+    print_table(
+        out,
+        "django-scale (both) minus django-multidb-router, instructions per request: median of the "
+        "rounds' differences (range over the rounds); negative is cheaper",
+        ["view", "django-scale - multidb"],
+        gaps,
     )
 
 
@@ -616,9 +670,13 @@ def run(out: TextIO, quick: bool = False) -> None:
         # A slow probe under callgrind must not leave the replica unavailable mid-segment, and
         # no probe runs in a segment (its instructions would count against the request).
         with override_scale_settings(HEALTH_CHECK_INTERVAL=600.0):
-            _instruction_segments(require_replica(out, "request"), int(child))
+            rounds, requests = (int(part) for part in child.split(","))
+            _instruction_segments(require_replica(out, "request"), rounds, requests)
         return
     replica = require_replica(out, "request")
+    if os.environ.get(ONLY) == "instructions":
+        instructions(out, replica, quick)
+        return
     if PLAIN_REPLICA not in settings.DATABASES:
         raise SystemExit(
             f"bench request reads through a second alias of the standby, {PLAIN_REPLICA!r}, which "
