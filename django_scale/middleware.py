@@ -165,7 +165,7 @@ def _is_first_middleware() -> bool:
 
 
 #: The check ids :func:`_warn_under_asgi` logged in this process (each once).
-_warned: set[str] = set()
+_warned: set[str | None] = set()
 
 
 def _warn_under_asgi() -> None:
