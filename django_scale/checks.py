@@ -260,11 +260,11 @@ def persistent_connections_under_asgi() -> list[checks.CheckMessage]:
     if W111 in getattr(settings, "SILENCED_SYSTEM_CHECKS", ()):
         return []
     try:
-        aliases = [conf.PRIMARY, *conf.REPLICAS]
+        primary, replicas = conf.aliases()
     except Exception:
         return []  # check_settings reports a malformed DJANGO_SCALE
     persistent = []
-    for alias in dict.fromkeys(aliases):
+    for alias in dict.fromkeys((primary, *replicas)):
         if alias not in settings.DATABASES:
             continue
         # The live settings of the alias (Django fills in CONN_MAX_AGE's default, 0).

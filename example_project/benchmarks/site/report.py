@@ -249,10 +249,6 @@ def _print_expiry(out: TextIO, results: dict[str, Any]) -> None:
     )
 
 
-def _times(before: float, after: float) -> str:
-    return f"{before / after:.1f}x" if after else "-"
-
-
 def _db_ms(server: dict[str, Any]) -> float:
     """Statement execution time per request on the primary and the replica together (ms)."""
     return float(server["primary_exec_ms_per_request"] + server["replica_exec_ms_per_request"])
@@ -273,12 +269,12 @@ def _print_goals(out: TextIO, results: dict[str, Any]) -> None:
         before, after = page_p(stock, page, "p99"), page_p(scale, page, "p99")
         if before is not None and after is not None:
             rows.append([f"{label} p99 >= 10x lower than stock ({heavy})", f"{_ms(before)} -> {_ms(after)} ms: "
-                         f"{_times(before, after)}", met(before >= 10 * after)])  # fmt: skip
+                         f"{_ratio(before, after)}", met(before >= 10 * after)])  # fmt: skip
     before, after = _db_ms(stock[heavy]["server"]), _db_ms(scale[heavy]["server"])
     rows.append([f"database time per request >= 10x lower than stock ({heavy})",
-                 f"{before:.3f} -> {after:.3f} ms: {_times(before, after)}", met(before >= 10 * after)])  # fmt: skip
+                 f"{before:.3f} -> {after:.3f} ms: {_ratio(before, after)}", met(before >= 10 * after)])  # fmt: skip
     before, after = stock["capacity"]["rate"], scale["capacity"]["rate"]
-    rows.append(["capacity >= 5x stock", f"{before:.1f} -> {after:.1f} req/s: {_times(after, before)}",
+    rows.append(["capacity >= 5x stock", f"{before:.1f} -> {after:.1f} req/s: {_ratio(after, before)}",
                  met(after >= 5 * before)])  # fmt: skip
     front = page_p(scale, "front page", "p50")
     if front is not None:
@@ -287,7 +283,7 @@ def _print_goals(out: TextIO, results: dict[str, Any]) -> None:
         expiry = results["expiry"]
         before, after = expiry["tuned"]["all"]["p99"], expiry["scale"]["all"]["p99"]
         rows.append(["p99 through cache expiry >= 3x lower than tuned",
-                     f"{_ms(before)} -> {_ms(after)} ms: {_times(before, after)}", met(before >= 3 * after)])  # fmt: skip
+                     f"{_ms(before)} -> {_ms(after)} ms: {_ratio(before, after)}", met(before >= 3 * after)])  # fmt: skip
     before, after = (
         tuned[heavy]["server"]["primary_exec_ms_per_request"],
         scale[heavy]["server"]["primary_exec_ms_per_request"],
@@ -298,7 +294,7 @@ def _print_goals(out: TextIO, results: dict[str, Any]) -> None:
         if page in tuned["pages"] and page in scale["pages"]:
             before, after = tuned["pages"][page]["generator"]["p50"], scale["pages"][page]["generator"]["p50"]
             rows.append([f"changelist ({page}, sent alone, p50) >= 5x faster than tuned",
-                         f"{_ms(before)} -> {_ms(after)} ms: {_times(before, after)}", met(before >= 5 * after)])  # fmt: skip
+                         f"{_ms(before)} -> {_ms(after)} ms: {_ratio(before, after)}", met(before >= 5 * after)])  # fmt: skip
     faults = scale.get("faults", {}).get("faults", [])
     if faults:
         beyond = sum(f["errors"] - f["errors in flight at the fault"] for f in faults)
