@@ -315,6 +315,34 @@ def test_fifty_callers_on_a_cold_key_compute_once(redis_cache: Any) -> None:
     assert counter("swr.wait") >= 1
 
 
+@pytest.mark.parametrize("backend", ["redis", "locmem"])
+def test_a_value_written_between_a_miss_and_the_claim_is_not_computed_again(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race the fifty cold callers can lose on a loaded machine: this caller misses, the
+    # caller holding the claim writes and lets the claim go, then this caller's claim succeeds.
+    request.getfixturevalue("redis_cache" if backend == "redis" else "locmem")
+    function = cached.headline if backend == "redis" else cached.on_locmem
+    args = ("raced",) if backend == "redis" else (7,)
+    store = store_for(function._django_scale_engine.alias())
+    claim = store.claim
+
+    def claim_after_another_caller_wrote(key: str, token: str, timeout: float, cold: bool) -> int | None:
+        now = time.time()
+        envelope = Envelope(MARKER, "written by the other caller", now, now + 60, now + 600)
+        assert store.write(key, envelope, 600, store.generation(key), "")
+        return claim(key, token, timeout, cold)
+
+    monkeypatch.setattr(store, "claim", claim_after_another_caller_wrote)
+    assert function(*args) == "written by the other caller"
+    assert probe.count("headline") + probe.count("on_locmem") == 0
+    monkeypatch.undo()
+    # The claim was let go: the key's next cold miss is computed at once, not after a wait.
+    key = function.key(*args)
+    store.invalidate(key, 60)
+    assert store.claim(key, "next", 10, cold=True) is not None
+
+
 def test_cold_waiters_compute_themselves_past_their_deadline(redis_cache: Any) -> None:
     @stale_while_revalidate(fresh=60, stale=600, wait=0.05)
     def slow(n: int) -> int:

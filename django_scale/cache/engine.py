@@ -405,6 +405,12 @@ class Engine:
                 token = secrets.token_hex(8)
                 generation = store.claim(key, token, self.refill_timeout, cold=True)
                 if generation is not None:
+                    # Another caller may have written and let its claim go between our miss
+                    # and our claim: look again before computing it a second time.
+                    envelope = store.get(key)
+                    if envelope is not None and time.time() < envelope.stale_until:
+                        store.release(key, token)
+                        return _Result(envelope.value, envelope.fresh_until)
                     return self._compute_and_write(alias, store, key, token, generation, compute, old)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

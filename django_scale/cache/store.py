@@ -75,6 +75,11 @@ redis.call('RPUSH', KEYS[3], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return failures
 """
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('RPUSH', KEYS[2], '1')
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+"""
 _INVALIDATE = """
 local generation = redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
@@ -274,8 +279,8 @@ class RedisStore(Store):
         return float(min(backoff_first * 2 ** (failures - 1), BACKOFF_MAX))
 
     def release(self, key: str, token: str) -> None:
-        # A release is a failure without backoff: the claim goes, the waiters wake.
-        self.fail(key, token, 0, 60)
+        # The claim goes and the waiters wake; no failure is counted (a refill's backoff).
+        self._run(_RELEASE, (_sub(key, "claim"), _sub(key, "notify")), (token, _ms(60)))
 
     def invalidate(self, key: str, keep_for: float) -> None:
         keys = (key, _sub(key, "gen"), _sub(key, "claim"), _sub(key, "fails"))
