@@ -226,13 +226,14 @@ class Engine:
         remember_claim(alias, key, min(CLAIM_MEMORY, self.refill_timeout))
         token = secrets.token_hex(8)
         try:
-            generation = store.claim(key, token, self.refill_timeout, cold=False)
+            claimed = store.claim(key, token, self.refill_timeout, cold=False)
         except CacheDown as error:
             self._cache_down(alias, error)
             return None
-        if generation is None:
+        if claimed is None:
             metrics.increment("swr.refill.suppressed")
             return None
+        generation = claimed.generation
         refill = _resolve(lazy_refill) if self.refill == "celery" else None
         if refill is None:
             # Inline by option, or arguments Celery cannot carry: the claim holder refills now.
@@ -403,15 +404,15 @@ class Engine:
         try:
             while True:
                 token = secrets.token_hex(8)
-                generation = store.claim(key, token, self.refill_timeout, cold=True)
-                if generation is not None:
+                claimed = store.claim(key, token, self.refill_timeout, cold=True)
+                if claimed is not None:
                     # Another caller may have written and let its claim go between our miss
                     # and our claim: look again before computing it a second time.
-                    envelope = store.get(key)
+                    envelope = store.get(key) if claimed.written else None
                     if envelope is not None and time.time() < envelope.stale_until:
                         store.release(key, token)
                         return _Result(envelope.value, envelope.fresh_until)
-                    return self._compute_and_write(alias, store, key, token, generation, compute, old)
+                    return self._compute_and_write(alias, store, key, token, claimed.generation, compute, old)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

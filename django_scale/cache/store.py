@@ -37,6 +37,17 @@ class CacheDown(Exception):
     """The cache could not be reached (internal: opens the circuit breaker)."""
 
 
+class Claim(NamedTuple):
+    """A claim won: the key's generation, and whether a write may have landed since the miss.
+
+    ``written`` is true when the caller should look at the key again before computing: a
+    caller that held the claim may have written and let it go between the miss and this claim.
+    """
+
+    generation: int
+    written: bool
+
+
 class Envelope(NamedTuple):
     marker: str
     value: Any
@@ -47,8 +58,9 @@ class Envelope(NamedTuple):
 
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] == '1' then redis.call('DEL', KEYS[3]) end
-  return tonumber(redis.call('GET', KEYS[2]) or '0')
+  local woken = 0
+  if ARGV[3] == '1' then woken = redis.call('DEL', KEYS[3]) end
+  return {tonumber(redis.call('GET', KEYS[2]) or '0'), woken}
 end
 return -1
 """
@@ -133,11 +145,14 @@ class Store:
             raise CacheDown(str(error)) from error
         return _as_envelope(value)
 
-    def claim(self, key: str, token: str, timeout: float, cold: bool) -> int | None:
-        def claim() -> int | None:
+    def claim(self, key: str, token: str, timeout: float, cold: bool) -> Claim | None:
+        """Claim *key*'s computation (*cold*: the key is missing) or refill for *timeout* seconds."""
+
+        def claim() -> Claim | None:
             if not self.cache.add(_sub(key, "claim"), token, timeout):
                 return None
-            return int(self.cache.get(_sub(key, "gen"), 0))
+            # No record of wake-ups here: a cold claim always looks again.
+            return Claim(int(self.cache.get(_sub(key, "gen"), 0)), cold)
 
         return self._call(claim)
 
@@ -251,10 +266,14 @@ class RedisStore(Store):
             return None
         return _as_envelope(value)
 
-    def claim(self, key: str, token: str, timeout: float, cold: bool) -> int | None:
+    def claim(self, key: str, token: str, timeout: float, cold: bool) -> Claim | None:
+        # A cold claim clears the key's wake-ups: one was left if a caller wrote (or gave up)
+        # since, so only then does the miss look at the key again.
         keys = (_sub(key, "claim"), _sub(key, "gen"), _sub(key, "notify"))
-        generation = int(self._run(_CLAIM, keys, (token, _ms(timeout), "1" if cold else "0")))
-        return None if generation < 0 else generation
+        result = self._run(_CLAIM, keys, (token, _ms(timeout), "1" if cold else "0"))
+        if not isinstance(result, list):
+            return None
+        return Claim(int(result[0]), bool(result[1]))
 
     def generation(self, key: str) -> int:
         gen_key = self.client.make_key(_sub(key, "gen"))
