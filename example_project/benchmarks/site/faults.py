@@ -304,7 +304,9 @@ def recovery_seconds(
         since = [r for r in after if r.intended >= recovered + offset]
         failed = any(not 0 < r.status < 500 for r in since)
         ratios = [r.latency / limits.get(r.name, limits["all"]) for r in since]
-        if not failed and (not ratios or percentile(ratios, 0.99) < 1.0):
+        if not since:
+            break  # the run ended before the site recovered
+        if not failed and percentile(ratios, 0.99) < 1.0:
             return offset
         offset += WINDOW
     return None
