@@ -310,13 +310,17 @@ def _print_goals(out: TextIO, results: dict[str, Any]) -> None:
         worst = max((f["recovery seconds"] for f in faults if f["recovery seconds"] is not None), default=0.0)
         rows.append(["faults: p99 under 2x baseline within 5 s of recovery",
                      "; ".join(slow) if slow else f"all within {worst:.1f} s", met(not slow)])  # fmt: skip
+    # What no middleware can see: the answer's way back through the app server to the generator,
+    # measured on the no-op application under gunicorn in the same run (its "after the app").
+    way_back = results.get("floor", {}).get("gunicorn", {}).get("after the app", {}).get("p50") or 0.0
     differences = []
     for page, probe in scale["pages"].items():
         total, generator = probe.get("server + queue"), probe["generator"]
         if total:
-            differences.append((page, (total["p50"] - generator["p50"]) / generator["p50"]))
+            differences.append((page, (total["p50"] + way_back - generator["p50"]) / generator["p50"]))
     if differences:
         outside = [f"{page} {difference:+.0%}" for page, difference in differences if abs(difference) > 0.05]
-        rows.append(["server and generator p50 within 5 % (gunicorn, pages alone)",
+        rows.append([f"server (+ queue + the floor's way back, {_ms(way_back)} ms) and generator p50 within 5 %"
+                     " (gunicorn, pages alone)",
                      "; ".join(outside) if outside else "every page", met(not outside)])  # fmt: skip
     print_table(out, "Goals (issue 15)", ["goal", "measured", "verdict"], rows)
