@@ -101,10 +101,18 @@ class Mix:
         self.articles = articles
         self.sections = sections
         self.session = session
+        self.seed = seed
         self.rng = random.Random(seed)
         published = articles - articles // 10
         self.zipf = list(itertools.accumulate(1 / rank for rank in range(1, published + 1)))
         self.page_cdf = list(itertools.accumulate(share for _, share in PAGES))
+
+    def restart(self) -> Mix:
+        """Start the draws again from the seed; return the mix. Each fixed-rate phase restarts
+        it, so that every configuration gets the same requests in the same order: at 1.5 %
+        comments, a phase of 200 requests otherwise sends anything from none to eight."""
+        self.rng.seed(self.seed)
+        return self
 
     def article(self) -> int:
         rank = bisect.bisect_left(self.zipf, self.rng.random() * self.zipf[-1]) + 1

@@ -123,7 +123,9 @@ def _faults(
             results.append(
                 run_fault(
                     fault,
-                    lambda seconds: open_loop(running.host, running.port, mix, rate=rate, duration=seconds),
+                    lambda seconds: open_loop(
+                        running.host, running.port, mix.restart(), rate=rate, duration=seconds
+                    ),
                     canary,
                     before=durations["fault before"],
                     during=durations["fault during"],
@@ -167,6 +169,23 @@ def _statements() -> dict[str, tuple[int, float]]:
             calls, ms = cursor.fetchone()
             totals[server] = (int(calls), float(ms))
     return totals
+
+
+def _top_statements(server: str = "primary", limit: int = 5) -> list[dict[str, Any]]:
+    """The newsroom's statements that took the most execution time on *server*: what its time
+    per request is made of (the figures' own queries left out)."""
+    exclusions = " AND ".join("s.query NOT ILIKE %s" for _ in OWN_STATEMENTS)
+    with connections[_statement_aliases()[server]].cursor() as cursor:
+        cursor.execute(
+            "SELECT left(regexp_replace(s.query, '\\s+', ' ', 'g'), 100), s.calls, s.total_exec_time "
+            "  FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+            f" WHERE d.datname = current_database() AND {exclusions}"
+            " ORDER BY s.total_exec_time DESC LIMIT %s",
+            [*(f"%{name}%" for name in OWN_STATEMENTS), limit],
+        )
+        return [
+            {"query": query, "calls": int(calls), "ms": float(ms)} for query, calls, ms in cursor.fetchall()
+        ]
 
 
 class _ConnectionSampler:
@@ -243,6 +262,7 @@ def _measured(running: Deployment, phase: str, run_load: Any, duration: float) -
         records = run_load()
         cpu = running.cpu_seconds() - cpu
     statements = _statements()
+    top = _top_statements()
     figures = _phase(records, duration)
     answered = max(1, len(records))
     figures["server"] = {
@@ -250,6 +270,7 @@ def _measured(running: Deployment, phase: str, run_load: Any, duration: float) -
         **{f"{server}_queries_per_request": calls / answered for server, (calls, _) in statements.items()},
         **{f"{server}_exec_ms_per_request": ms / answered for server, (_, ms) in statements.items()},
         **{f"{server}_connections_peak": peak for server, peak in sampler.peak.items()},
+        "primary_top_statements": top,
     }
     figures["phase"] = phase
     return figures
@@ -347,7 +368,7 @@ def _one_config(
                 )
             with phases(f"{name}: capacity", lambda d: d["step"] * d["steps"]):
                 result["capacity"] = capacity_search(
-                    lambda rate: open_loop(host, port, mix, rate=rate, duration=durations["step"]),
+                    lambda rate: open_loop(host, port, mix.restart(), rate=rate, duration=durations["step"]),
                     start=result["closed loop"]["all"]["throughput"],
                     steps=int(durations["steps"]),
                     step_seconds=durations["step"],
@@ -362,7 +383,9 @@ def _one_config(
                 result[f"open {load:.0%}"] = _measured(
                     running,
                     f"open loop at {rate:g}/s",
-                    lambda rate=rate: open_loop(host, port, mix, rate=rate, duration=durations["open"]),
+                    lambda rate=rate: open_loop(
+                        host, port, mix.restart(), rate=rate, duration=durations["open"]
+                    ),
                     durations["open"],
                 )
             result[f"open {load:.0%}"]["rate"] = rate
@@ -375,7 +398,9 @@ def _one_config(
                     steady = result["open at the faults' rate"] = _measured(
                         running,
                         f"open loop at {fault_rate:g}/s",
-                        lambda: open_loop(host, port, mix, rate=fault_rate, duration=durations["open"]),
+                        lambda: open_loop(
+                            host, port, mix.restart(), rate=fault_rate, duration=durations["open"]
+                        ),
                         durations["open"],
                     )
                 steady["rate"] = fault_rate
@@ -411,7 +436,9 @@ def _through_expiry(
         result = _measured(
             running,
             f"open loop at {rate:g}/s, pages fresh for {ttl} s",
-            lambda: open_loop(running.host, running.port, mix, rate=rate, duration=durations["open"]),
+            lambda: open_loop(
+                running.host, running.port, mix.restart(), rate=rate, duration=durations["open"]
+            ),
             durations["open"],
         )
     result["rate"], result["ttl"] = rate, ttl
