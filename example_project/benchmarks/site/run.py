@@ -69,14 +69,11 @@ LOADS = (0.5, 0.8)
 #: The measured phases of each configuration, in the tables' order.
 PHASES = ("closed loop", *(f"open {load:.0%}" for load in LOADS))
 #: Statements of this process (the figures' own queries) left out of the per-request counts.
-OWN_STATEMENTS = (
-    "pg_stat_statements",
-    "pg_stat_activity",
-    "pg_backend_pid",
-    "pg_last_wal",
-    "pg_current_wal",
-    "pg_is_in_recovery",
-)
+#: The deployment's own bookkeeping counts: the replica monitors' probes
+#: (``pg_last_wal_replay_lsn()``, ``pg_is_in_recovery()``) and the write positions read for
+#: read-your-writes and the query cache (``pg_current_wal_insert_lsn()``) are django-scale's
+#: work on the servers.
+OWN_STATEMENTS = ("pg_stat_statements", "pg_stat_activity", "pg_backend_pid")
 
 
 def _durations(quick: bool) -> dict[str, float]:
