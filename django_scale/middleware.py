@@ -11,7 +11,8 @@ has replayed past the position; otherwise, after waiting at most ``REPLICA_WAIT`
 primary. The cookie expires after ``READ_YOUR_WRITES_MAX_AGE`` seconds.
 
 It is also the final pass of pages cached with :func:`~django_scale.cache.swr_cache_page`: as
-the first entry of ``MIDDLEWARE`` it sees the final response, after every other middleware,
+the first entry of ``MIDDLEWARE`` (or the second, after ``MetricsMiddleware``, which changes no
+response) it sees the final response, after every other middleware,
 and decides there whether the page the view rendered may be stored and which caching headers
 the response gets (:func:`~django_scale.cache.pages.finish_page`).
 """
@@ -33,6 +34,7 @@ from django.utils.module_loading import import_string
 from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, page_paths, reopen_page_slot
 from django_scale.conf import conf
 from django_scale.exceptions import ReplicaReadError
+from django_scale.metrics.counters import add_routing_state as _add_routing_state
 from django_scale.replicas import (
     STICKY_PRIMARY,
     RoutingState,
@@ -152,9 +154,17 @@ def _close(
         )
 
 
+#: The one middleware that may come before ScaleMiddleware and leave it the outermost: it
+#: changes no response (it records the request's latency, including ScaleMiddleware's work).
+METRICS_MIDDLEWARE = "django_scale.metrics.MetricsMiddleware"
+
+
 def _is_first_middleware() -> bool:
-    """Whether the first entry of ``MIDDLEWARE`` is ScaleMiddleware (or a subclass)."""
+    """Whether ScaleMiddleware (or a subclass) is the first entry of ``MIDDLEWARE``, or the
+    second after ``MetricsMiddleware``: then it sees every response as the client gets it."""
     entries = list(getattr(settings, "MIDDLEWARE", None) or ())
+    if entries and entries[0] == METRICS_MIDDLEWARE:
+        entries = entries[1:]
     if not entries:
         return False
     try:
@@ -274,6 +284,7 @@ class ScaleMiddleware:
         try:
             state = _request_state(request)
             token = _state.set(state)
+            _add_routing_state(state)
             try:
                 if state.required_lsn is not None and not state.pinned:
                     # (A pinned request reads the primary: no replica to wait for.)
@@ -287,6 +298,7 @@ class ScaleMiddleware:
                 with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
                     state.rerun = True
                     state.pin(RERUN, fallback=True)
+                    _add_routing_state(state)
                     response = self.get_response(request)  # type: ignore[assignment]
             if state.wrote or state.required_lsn is not None:
                 position = current_wal_position(conf.PRIMARY) if state.wrote else None
@@ -313,6 +325,7 @@ class ScaleMiddleware:
             # thread that runs the ORM calls were guarded when they opened.
             state = _request_state(request)
             token = _state.set(state)
+            _add_routing_state(state)
             try:
                 if state.required_lsn is None or state.pinned:
                     pass
@@ -334,6 +347,7 @@ class ScaleMiddleware:
                 with routing_state(state.required_lsn, sticky_primary=state.sticky_primary) as state:
                     state.rerun = True
                     state.pin(RERUN, fallback=True)
+                    _add_routing_state(state)
                     response = await self.get_response(request)  # type: ignore[misc]
             if state.wrote:
                 # On the thread that ran the ORM calls, whose connection saw the write.

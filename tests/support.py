@@ -248,11 +248,11 @@ METRICS_TOKEN = "t" * 40
 
 
 def metrics_middleware() -> list[str]:
-    """``MIDDLEWARE`` with ``ScaleMiddleware`` first and ``MetricsMiddleware`` right after it."""
+    """``MIDDLEWARE`` with ``MetricsMiddleware`` first and ``ScaleMiddleware`` right after it."""
     from django.conf import settings
 
     scale = "django_scale.middleware.ScaleMiddleware"
-    return [scale, "django_scale.metrics.MetricsMiddleware", *[n for n in settings.MIDDLEWARE if n != scale]]
+    return ["django_scale.metrics.MetricsMiddleware", scale, *[n for n in settings.MIDDLEWARE if n != scale]]
 
 
 @contextlib.contextmanager

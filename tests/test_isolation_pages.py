@@ -553,3 +553,26 @@ def test_w210_pages_need_scale_middleware_first() -> None:
         MIDDLEWARE=["testapp.middleware.ProjectScaleMiddleware", *settings.MIDDLEWARE[1:]]
     ):
         assert "django_scale.W210" not in [m.id for m in check_cache()]
+
+
+def test_pages_are_cached_with_metrics_middleware_before_scale_middleware(tmp_path: Any) -> None:
+    # MetricsMiddleware changes no response: ScaleMiddleware right after it still sees the
+    # final one, so the page is stored and served from the cache.
+    from django_scale.cache.checks import check_cache
+    from django_scale.metrics.recording import disable
+    from django_scale.testing import override_scale_settings
+
+    metrics_first = ["django_scale.metrics.MetricsMiddleware", *settings.MIDDLEWARE]
+    assert metrics_first[1] == SCALE
+    try:
+        with override_settings(MIDDLEWARE=metrics_first), override_scale_settings(METRICS_DIR=str(tmp_path)):
+            assert "django_scale.W210" not in [m.id for m in check_cache()]
+            assert text(Client().get(page("sync", "plain"))) == "plain v1"
+            assert text(Client().get(page("sync", "plain"))) == "plain v1"
+            # Any other middleware before it still keeps the final response from it.
+            other_first = ["django.middleware.gzip.GZipMiddleware", *settings.MIDDLEWARE]
+            with override_settings(MIDDLEWARE=other_first):
+                assert "django_scale.W210" in [m.id for m in check_cache()]
+    finally:
+        disable()
+    assert probe.count("plain") == 1

@@ -297,7 +297,7 @@ def test_checks_of_the_metrics_file_and_the_middleware_order(tmp_path: Path) -> 
         assert (tmp_path / "new").is_dir()
     reversed_order = [MIDDLEWARE[1], MIDDLEWARE[0], *MIDDLEWARE[2:]]
     with override_settings(MIDDLEWARE=reversed_order), override_scale_settings(METRICS_DIR=str(tmp_path)):
-        assert [message.id for message in check_metrics()] == ["django_scale.W509"]
+        assert [message.id for message in check_metrics()] == ["django_scale.W510"]
     with override_scale_settings(METRICS_TOKEN="short"):
         assert [(m.id, m.obj) for m in check_settings()] == [
             ("django_scale.E003", "DJANGO_SCALE['METRICS_TOKEN']")

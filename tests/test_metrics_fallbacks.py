@@ -19,6 +19,7 @@ import pytest
 from django.core.management import call_command
 from django.db import connections
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from prometheus_client.parser import text_string_to_metric_families
 from support import (
     METRICS_TOKEN,
@@ -178,3 +179,17 @@ def test_the_second_run_of_a_request_whose_replica_read_failed_counts_its_reads_
     assert counters["event\x1fauthor\x1fGET\x1freplicas.read_failed"] == 1
     assert counters["reads\x1fauthor\x1fGET\x1fdefault"] == 1
     assert counters[FALLBACKS] == 1
+    # MetricsMiddleware before ScaleMiddleware: the two runs are one request (two in all).
+    assert counters["requests\x1fauthor\x1fGET\x1f2xx"] == 2
+    assert not any(name.startswith("requests\x1fauthor\x1fGET\x1f5") for name in counters)
+
+
+@REPLICA
+def test_every_query_of_a_write_is_in_its_figures_the_write_position_too(store: SlotStore) -> None:
+    # ScaleMiddleware reads the primary's write position after a write, inside MetricsMiddleware.
+    with CaptureQueriesContext(connections["default"]) as captured:
+        assert Client().post("/authors/", {"name": "counted"}).status_code == 200
+    statements = [query["sql"] for query in captured.captured_queries]
+    assert any("pg_current_wal_insert_lsn" in sql for sql in statements)
+    counters = store.snapshot().counters
+    assert counters["queries\x1f/authors/\x1fPOST\x1fdefault"] == len(statements)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 DB = pytest.mark.django_db(transaction=True, databases="__all__")
 MIDDLEWARE = [
-    "django_scale.middleware.ScaleMiddleware",
     "django_scale.metrics.MetricsMiddleware",
+    "django_scale.middleware.ScaleMiddleware",
     *[name for name in settings.MIDDLEWARE if name != "django_scale.middleware.ScaleMiddleware"],
 ]
 

@@ -105,9 +105,11 @@ def _w210_pages_without_outer_middleware(paths: list[str]) -> checks.CheckMessag
         checks.Warning,
         "django_scale.W210",
         f"{shown} {'is' if len(paths) == 1 else 'are'} cached with swr_cache_page, but "
-        "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE: the final "
-        "response cannot be judged, so these pages are served uncached.",
-        'Put "django_scale.middleware.ScaleMiddleware" first in MIDDLEWARE.',
+        "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE (or the "
+        "second, right after MetricsMiddleware): the final response cannot be judged, so these "
+        "pages are served uncached.",
+        'Put "django_scale.middleware.ScaleMiddleware" first in MIDDLEWARE (after '
+        '"django_scale.metrics.MetricsMiddleware" only).',
         obj="MIDDLEWARE",
     )
 
@@ -216,6 +218,8 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
         if engine.cache is not None and engine.cache not in configured:
             messages.append(_e201_unknown_swr_cache(path, engine.cache))
     middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
+    if middleware and middleware[0] == "django_scale.metrics.MetricsMiddleware":
+        middleware = middleware[1:]  # it changes no response: ScaleMiddleware after it is outermost
     if page_paths and not (middleware and _is_subclass_path(middleware[0], MIDDLEWARE_PATH)):
         messages.append(_w210_pages_without_outer_middleware(sorted(page_paths)))
     celery_engines = [engine for engine in registry.values() if engine.refill == "celery"]

@@ -403,8 +403,9 @@ class _PageView:
                 # is cached. The next requests get one.
                 return self.call(request, args, kwargs)
             reason = (
-                "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE, so "
-                "the final response cannot be judged; the page is served uncached"
+                "django_scale.middleware.ScaleMiddleware is not the first entry of MIDDLEWARE (or "
+                "the second, after MetricsMiddleware), so the final response cannot be judged; "
+                "the page is served uncached"
             )
             if isinstance(holder, RefillHolder):
                 holder.reason = reason

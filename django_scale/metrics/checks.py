@@ -1,4 +1,7 @@
-"""System checks of request metrics (``MetricsMiddleware``): ids E508 and W509, run by ``check_ops``."""
+"""System checks of request metrics (``MetricsMiddleware``): ids E508 and W510, run by ``check_ops``.
+
+W509 (``MetricsMiddleware`` before ``ScaleMiddleware``) is retired: that is now the place.
+"""
 
 from __future__ import annotations
 
@@ -27,13 +30,15 @@ def _e508_metrics_dir_unusable(directory: str, problem: str) -> checks.CheckMess
     )
 
 
-def _w509_metrics_before_scale_middleware() -> checks.CheckMessage:
+def _w510_metrics_after_scale_middleware() -> checks.CheckMessage:
     return _message(
         checks.Warning,
-        "django_scale.W509",
-        "MetricsMiddleware comes before ScaleMiddleware in MIDDLEWARE: it cannot see which "
-        "database routing sent each request's reads to.",
-        f"Put {METRICS_MIDDLEWARE!r} right after {SCALE_MIDDLEWARE!r}.",
+        "django_scale.W510",
+        "MetricsMiddleware comes after ScaleMiddleware in MIDDLEWARE: the latency it records "
+        "leaves out ScaleMiddleware's work (the wait for a replica that has the user's last "
+        "write, the write position read after a write), and a request run again after a "
+        "replica failed is recorded twice.",
+        f"Put {METRICS_MIDDLEWARE!r} first in MIDDLEWARE, right before {SCALE_MIDDLEWARE!r}.",
         obj="MIDDLEWARE",
     )
 
@@ -44,10 +49,10 @@ def check_metrics() -> list[checks.CheckMessage]:
     if METRICS_MIDDLEWARE not in middleware:
         return []
     messages: list[checks.CheckMessage] = []
-    if SCALE_MIDDLEWARE in middleware and middleware.index(METRICS_MIDDLEWARE) < middleware.index(
+    if SCALE_MIDDLEWARE in middleware and middleware.index(METRICS_MIDDLEWARE) > middleware.index(
         SCALE_MIDDLEWARE
     ):
-        messages.append(_w509_metrics_before_scale_middleware())
+        messages.append(_w510_metrics_after_scale_middleware())
     try:
         directory = conf.metrics_options()[0]
     except Exception:  # a wrong METRICS_* value: check_settings reports it

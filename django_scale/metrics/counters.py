@@ -52,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Timing", "close_request_events", "increment", "observe", "reset", "snapshot"]
+__all__ = ["Timing", "add_routing_state", "close_request_events", "increment", "observe", "reset", "snapshot"]
 
 
 @dataclass
@@ -104,6 +104,19 @@ def increment(name: str, amount: int = 1) -> None:
             return
     if _shared_sink:
         _shared_sink[0](name, amount)
+
+
+def add_routing_state(state: Any) -> None:
+    """Hand the request being recorded a routing state that ``ScaleMiddleware`` opened for it.
+
+    ``MetricsMiddleware`` comes before ``ScaleMiddleware`` (so that its latency covers the
+    wait for a replica and the write position read after a write): by the time it records,
+    the routing state's context variable is reset. Each run of the request (a second one
+    after a replica failed) hands its own.
+    """
+    current = recorded_request.get()
+    if current is not None:
+        current[2].append(state)
 
 
 def close_request_events(current: list[Any]) -> dict[str, int] | None:

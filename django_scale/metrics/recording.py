@@ -49,9 +49,10 @@ _stores: dict[tuple[str, int, int, int], SlotStore] = {}
 _stores_lock = threading.Lock()
 
 
-#: The recorded request (``None`` outside one): ``[events, db]``, its events (``name -> amount``,
-#: what :func:`~django_scale.metrics.increment` adds to; ``None`` once recorded) and its DB
-#: figures (per alias, ``[queries, seconds]``). One list in one context variable: setting
+#: The recorded request (``None`` outside one): ``[events, db, states]``, its events (``name ->
+#: amount``, what :func:`~django_scale.metrics.increment` adds to; ``None`` once recorded), its DB
+#: figures (per alias, ``[queries, seconds]``) and the routing states ``ScaleMiddleware`` handed
+#: it (:func:`~django_scale.metrics.counters.add_routing_state`). One list in one context variable: setting
 #: and resetting a context variable is one of the dearest steps of a request's recording.
 _request = counters.recorded_request
 _set_request = _request.set
@@ -287,8 +288,12 @@ def _record(request: HttpRequest, status: int, elapsed: float, now: float, curre
         db_name, queries_name = aliases.get(alias) or names.alias(alias)
         timings.append((db_name, bucket_of(seconds), seconds))
         tallies.append((queries_name, queries))
-    state = _state_var[0].get() if _state_var else _routing_state()
-    if state is not None:
+    states = current[2]
+    if not states:
+        # MetricsMiddleware inside ScaleMiddleware (the order before W510): its state is current.
+        state = _state_var[0].get() if _state_var else _routing_state()
+        states = () if state is None else (state,)
+    for state in states:
         for alias, reads in state.reads.items():
             tallies.append((names.read(alias), reads))
         if state.fallbacks:
@@ -315,8 +320,11 @@ def _record(request: HttpRequest, status: int, elapsed: float, now: float, curre
 class MetricsMiddleware:
     """Record each request's latency, DB time and events in the host's shared store.
 
-    Place it right after :class:`~django_scale.middleware.ScaleMiddleware` (so it sees the
-    request's routing state) or first when that is absent. Sync and async.
+    Place it first in ``MIDDLEWARE``, right before :class:`~django_scale.middleware.ScaleMiddleware`:
+    its latency then covers all of that middleware's work (the wait for a replica that has the
+    user's last write, the write position read after a write, a second run after a replica
+    failed, recorded as one request), and it still sees the request's routing state, which
+    ``ScaleMiddleware`` hands it. Sync and async.
     """
 
     sync_capable = True
@@ -335,7 +343,7 @@ class MetricsMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        current: list[Any] = [{}, {}]
+        current: list[Any] = [{}, {}, []]
         token = _set_request(current)
         start = _perf_counter()
         status = 500
@@ -349,7 +357,7 @@ class MetricsMiddleware:
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        current: list[Any] = [{}, {}]
+        current: list[Any] = [{}, {}, []]
         token = _set_request(current)
         start = _perf_counter()
         status = 500

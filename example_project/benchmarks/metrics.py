@@ -74,7 +74,7 @@ def _setups(directory: str) -> dict[str, dict[str, Any]]:
     common = {"ROOT_URLCONF": __name__, "ALLOWED_HOSTS": ["testserver"], "DEBUG": False}
     return {
         NONE: {**common, "MIDDLEWARE": base},
-        SCALE: {**common, "MIDDLEWARE": [*base[:1], "django_scale.metrics.MetricsMiddleware", *base[1:]]},
+        SCALE: {**common, "MIDDLEWARE": ["django_scale.metrics.MetricsMiddleware", *base]},
         PROMETHEUS: {
             **common,
             "MIDDLEWARE": [PROMETHEUS_MIDDLEWARE[0], *base, PROMETHEUS_MIDDLEWARE[1]],

@@ -229,9 +229,9 @@ if SITE_CONFIG in {"tuned", "scale"} and os.environ.get("DJANGO_SCALE_EXAMPLE_SE
         _database.setdefault("CONN_MAX_AGE", 60)
         _database.setdefault("CONN_HEALTH_CHECKS", True)
 if SITE_CONFIG == "scale":
-    # The monitoring issue's per-route percentiles, right after ScaleMiddleware (W509).
-    _after = MIDDLEWARE.index("django_scale.middleware.ScaleMiddleware") + 1 if DATABASE_ROUTERS else 0
-    MIDDLEWARE.insert(_after, "django_scale.metrics.MetricsMiddleware")
+    # The monitoring issue's per-route percentiles: first, right before ScaleMiddleware (W510),
+    # so that the latency covers its work too.
+    MIDDLEWARE.insert(0, "django_scale.metrics.MetricsMiddleware")
     DJANGO_SCALE["METRICS_DIR"] = os.environ.get(
         "DJANGO_SCALE_EXAMPLE_METRICS_DIR", str(Path(tempfile.gettempdir()) / "newsroom-metrics")
     )
