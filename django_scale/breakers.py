@@ -10,13 +10,21 @@ either when the breaker's time is up (``close_on_expiry=True``: the next caller 
 service again, logged at info) or when the caller reports a success with
 :meth:`Breakers.close` (``close_on_expiry=False``: a breaker that only a success may close,
 such as one guarding a background thread's exchanges, which waits :meth:`Breakers.open_until`).
+
+A trip may name a *probe* (a call that raises while the service is down, such as a Redis
+``PING``): once the breaker's time is up, the next caller starts the probe in a background
+thread and goes on, as do the callers after it, skipping the service; and a success closes the breaker; a failure keeps it open for
+another *retry_after*. So after the first caller that waited on a service that hangs (accepts
+connections, never answers) until its socket timeout, no caller waits on it again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -38,6 +46,10 @@ class Breakers:
         self._open_until: dict[str, float] = {}
         # Names in an outage: tripped, and not closed since.
         self._outages: set[str] = set()
+        # Per name: the probe of its service, and the retry_after of its last trip.
+        self._probes: dict[str, tuple[Callable[[], object], float]] = {}
+        # Names whose probe runs now, with the process running it (a fork inherits no thread).
+        self._probing: dict[str, int] = {}
 
     def is_open(self, name: str) -> bool:
         """Return whether *name* is to be skipped now (no I/O, no lock on the closed path)."""
@@ -46,6 +58,10 @@ class Breakers:
             return False
         if time.monotonic() < until:
             return True
+        probe = self._probes.get(name)
+        if probe is not None:
+            self._start_probe(name, *probe)
+            return True  # skipped until the probe finds it answering
         if self.close_on_expiry:
             with self._lock:
                 self._open_until.pop(name, None)
@@ -58,10 +74,17 @@ class Breakers:
         return self._open_until.get(name, 0.0)
 
     def trip(
-        self, name: str, error: BaseException | str, retry_after: float, *, metric: str | None = None
+        self,
+        name: str,
+        error: BaseException | str,
+        retry_after: float,
+        *,
+        metric: str | None = None,
+        probe: Callable[[], object] | None = None,
     ) -> bool:
         """Skip *name* for *retry_after* seconds after *error*; count it as *metric* if given.
 
+        With a *probe*, the retry after that runs in a background thread, not in a caller.
         Return whether an outage starts (logged then, once, as a warning).
         """
         if metric is not None:
@@ -70,10 +93,39 @@ class Breakers:
             starts = name not in self._outages
             self._outages.add(name)
             self._open_until[name] = time.monotonic() + retry_after
+            if probe is not None:
+                self._probes[name] = (probe, retry_after)
         if starts:
             verdict = "misconfigured" if is_configuration_error(error) else "unreachable"
             self.logger.warning("%s is %s (%s); not trying it for %.1f s", name, verdict, error, retry_after)
         return starts
+
+    def _start_probe(self, name: str, probe: Callable[[], object], retry_after: float) -> None:
+        with self._lock:
+            if self._probing.get(name) == os.getpid():
+                return
+            self._probing[name] = os.getpid()
+        thread = threading.Thread(
+            target=self._probe,
+            args=(name, probe, retry_after),
+            name=f"django-scale probe of {name}",
+            daemon=True,
+        )
+        thread.start()
+
+    def _probe(self, name: str, probe: Callable[[], object], retry_after: float) -> None:
+        try:
+            probe()
+        except Exception as error:
+            with self._lock:
+                if name in self._outages:
+                    self._open_until[name] = time.monotonic() + retry_after
+            self.logger.debug("%s still fails (%s); not trying it for %.1f s", name, error, retry_after)
+        else:
+            self.close(name)
+        finally:
+            with self._lock:
+                self._probing.pop(name, None)
 
     def close(self, name: str) -> bool:
         """Record that *name* answered: close its breaker; return whether an outage ended."""
@@ -81,6 +133,7 @@ class Breakers:
             return False
         with self._lock:
             self._open_until.pop(name, None)
+            self._probes.pop(name, None)
             ended = name in self._outages
             self._outages.discard(name)
         if ended:
@@ -92,6 +145,7 @@ class Breakers:
         with self._lock:
             self._open_until.clear()
             self._outages.clear()
+            self._probes.clear()
 
 
 def is_configuration_error(error: BaseException | str) -> bool:

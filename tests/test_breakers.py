@@ -65,3 +65,34 @@ def test_reset_closes_every_breaker() -> None:
     assert not breakers.is_open("a")
     assert not breakers.is_open("b")
     assert breakers.trip("a", "x", 60) is True
+
+
+def test_a_probe_retries_off_the_callers_path_and_a_success_closes_the_breaker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    breakers = Breakers(LOGGER)
+    answers = {"up": False}
+    probes: list[float] = []
+
+    def probe() -> None:
+        probes.append(time.monotonic())
+        if not answers["up"]:
+            raise ConnectionError("still down")
+
+    breakers.trip("cache 'a'", "timed out", 0.05, metric="tests.down", probe=probe)
+    assert breakers.is_open("cache 'a'") and probes == []  # not before its retry time
+    # Past it, the first caller starts the probe, callers go on skipping the service while it
+    # runs, and a failed probe keeps the breaker open for another retry_after.
+    wait_until(lambda: breakers.is_open("cache 'a'") and len(probes) >= 3, "three probes")
+    assert breakers.is_open("cache 'a'")
+    assert counter("tests.down") == 1  # a probe's failure is not a caller's
+    answers["up"] = True
+    with caplog.at_level(logging.INFO, logger=LOGGER.name):
+        wait_until(lambda: not breakers.is_open("cache 'a'"), "the probe finding it back")
+    assert "cache 'a' answers again" in caplog.text
+    assert breakers.open_until("cache 'a'") == 0.0
+    # The probe went with the outage: the next trip without one closes on expiry again.
+    count = len(probes)
+    breakers.trip("cache 'a'", "refused", 0.05)
+    wait_until(lambda: not breakers.is_open("cache 'a'"), "the retry-after to pass")
+    assert len(probes) == count

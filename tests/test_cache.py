@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -568,9 +569,16 @@ def private_redis(redis_cache: Any, tmp_path: Any) -> Iterator[Callable[[bool], 
     port = _free_port()
     processes: list[subprocess.Popen[bytes]] = []
 
-    def set_running(running: bool) -> None:
+    def set_running(running: bool, frozen: bool = False) -> None:
+        """Start or stop the server; *frozen*: SIGSTOP it (connections open, nothing answers),
+        and ``set_running(True)`` after that thaws it."""
+        if frozen or (running and processes):
+            for process in processes:
+                process.send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+            return
         if not running:
             for process in processes:
+                process.send_signal(signal.SIGCONT)  # a stopped process ends only once continued
                 process.terminate()
                 process.wait(10)
             processes.clear()
@@ -640,15 +648,43 @@ def test_redis_back_after_an_outage_replays_invalidations(
         cached.on_private_redis.invalidate(5)  # Redis is down: kept for later
         assert cached.on_private_redis(5) == "v2:5"
         cache_on_private_redis(True)
-        wait_until(
-            lambda: breakers.open_until("cache 'swr-private'") <= time.monotonic(),
-            "the breaker's retry-after to pass",
-        )
+        # Once the retry time is up, a background probe finds the cache back and closes the
+        # breaker; no call has been made to it since the outage.
+        wait_until(lambda: not breakers.is_open("cache 'swr-private'"), "the probe finding the cache back")
         # The restarted server has the old "v1" entry back; the replayed invalidation drops it.
         raw = caches["swr-private"].client.get_client()
         assert raw.exists(caches["swr-private"].client.make_key(cached.on_private_redis.key(5)))
         assert cached.on_private_redis(5) == "v2:5"
         assert breakers.is_open("cache 'swr-private'") is False
+
+
+def test_a_hung_redis_holds_one_request_and_a_background_probe_finds_it_back(
+    cache_on_private_redis: Callable[..., None],
+) -> None:
+    # A Redis that hangs (SIGSTOP: connections accepted, nothing answered) costs the first
+    # call its socket timeout; after CACHE_RETRY_AFTER the retry is a background probe, so no
+    # later call waits on it, and the probe closes the breaker once Redis answers again.
+    name = "cache 'swr-private'"
+    assert cached.on_private_redis(7) == "v1:7"
+    probe.data = "v2"
+    with override_scale_settings(CACHE_RETRY_AFTER=0.1):
+        cache_on_private_redis(True, frozen=True)
+        try:
+            assert cached.on_private_redis(7) == "v2:7"  # waited SOCKET_TIMEOUT, then computed
+            assert counter("swr.cache_down") == 1
+            for _ in range(3):
+                # Past CACHE_RETRY_AFTER: the call starts the probe and goes on without the
+                # cache (the per-process fallback) instead of trying the hung server itself.
+                wait_until(lambda: breakers.open_until(name) <= time.monotonic(), "the retry time")
+                assert cached.on_private_redis(7) == "v2:7"
+                assert breakers.is_open(name)
+            assert counter("swr.cache_down") == 1  # no call failed on it again
+        finally:
+            cache_on_private_redis(True)  # thawed
+        wait_until(lambda: not breakers.is_open(name), "the probe finding the cache back", timeout=10)
+        # The cache serves again: the entry written before the hang.
+        assert cached.on_private_redis(7) == "v1:7"
+    assert probe.count("on_private_redis") == 2
 
 
 #: Process A of the outage tests: with Redis down it invalidates, then exits.

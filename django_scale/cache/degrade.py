@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from django_scale.breakers import Breakers
@@ -15,6 +16,20 @@ logger = logging.getLogger("django_scale.cache")
 
 #: The process's circuit breakers of caches (``"cache 'alias'"``) and the Celery broker.
 breakers = Breakers(logger)
+
+
+def cache_probe(alias: str) -> Callable[[], object]:
+    """The probe of cache *alias* for its breaker: a ``PING`` (a read elsewhere) that raises
+    while the cache is down. It runs in a background thread once the breaker's time is up, so
+    no request waits again on a cache that hangs."""
+
+    def probe() -> object:
+        from django_scale.cache.store import store_for  # the store imports this module's users
+
+        return store_for(alias).ping()
+
+    return probe
+
 
 #: How many keys the per-process fallback keeps while the cache is unreachable.
 LOCAL_FALLBACK_SIZE = 1024

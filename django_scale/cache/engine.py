@@ -20,6 +20,7 @@ from django_scale.cache import invalidations
 from django_scale.cache.degrade import (
     CLAIM_MEMORY,
     breakers,
+    cache_probe,
     local_forget,
     local_get,
     local_put,
@@ -478,7 +479,13 @@ class Engine:
         local_forget(alias)
         # Other processes may journal invalidations meanwhile: replay them once it answers.
         invalidations.mark_due(alias)
-        breakers.trip(f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down")
+        breakers.trip(
+            f"cache {alias!r}",
+            error,
+            conf.CACHE_RETRY_AFTER,
+            metric="swr.cache_down",
+            probe=cache_probe(alias),
+        )
 
     def _degraded(self, alias: str, key: str, compute: Callable[[], Any]) -> _Result:
         """Serve without the cache: compute at most once per process per key per ``fresh``."""

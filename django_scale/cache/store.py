@@ -145,6 +145,10 @@ class Store:
             raise CacheDown(str(error)) from error
         return _as_envelope(value)
 
+    def ping(self) -> object:
+        """Raise :class:`CacheDown` unless the cache answers (a read of a key nobody writes)."""
+        return self._call(lambda: self.cache.get("django-scale:ping"))
+
     def claim(self, key: str, token: str, timeout: float, cold: bool) -> Claim | None:
         """Claim *key*'s computation (*cold*: the key is missing) or refill for *timeout* seconds."""
 
@@ -265,6 +269,9 @@ class RedisStore(Store):
             _log_undecodable(key, error)
             return None
         return _as_envelope(value)
+
+    def ping(self) -> object:
+        return self._call(lambda: self._redis().ping())
 
     def claim(self, key: str, token: str, timeout: float, cold: bool) -> Claim | None:
         # A cold claim clears the key's wake-ups: one was left if a caller wrote (or gave up)

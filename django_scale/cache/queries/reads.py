@@ -22,7 +22,7 @@ from django.db import connections
 
 from django_scale import metrics
 from django_scale.cache import invalidations
-from django_scale.cache.degrade import breakers
+from django_scale.cache.degrade import breakers, cache_probe
 from django_scale.cache.keys import UnstableValue, encode_key_parts
 from django_scale.cache.publisher import publisher
 from django_scale.cache.queries import positions, writes
@@ -368,4 +368,6 @@ def _evaluate(queryset: Any) -> list[Any]:
 
 def _cache_down(alias: str, error: BaseException) -> None:
     invalidations.mark_due(alias)
-    breakers.trip(f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down")
+    breakers.trip(
+        f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down", probe=cache_probe(alias)
+    )
