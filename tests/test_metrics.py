@@ -26,9 +26,9 @@ from django_scale import metrics
 from django_scale.metrics.merge import cluster, publish, to_document
 from django_scale.metrics.recording import (
     UNRESOLVED,
-    _timed_execute,
     _wrap_connection,
     disable,
+    is_query_timer,
     queue_seconds,
 )
 from django_scale.metrics.store import SlotStore
@@ -275,12 +275,11 @@ def test_the_timing_wrapper_stays_outermost_and_leaves_other_wrappers_alone(stor
         _wrap_connection(connection=connection)  # once only
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-    assert connection.execute_wrappers.count(_timed_execute) == 1
-    assert connection.execute_wrappers[0] is _timed_execute
+    assert [is_query_timer(wrapper) for wrapper in connection.execute_wrappers] == [True]
     assert theirs not in connection.execute_wrappers
     assert seen == ["SELECT 1"]
     disable()
-    assert _timed_execute not in connection.execute_wrappers
+    assert not any(is_query_timer(wrapper) for wrapper in connection.execute_wrappers)
 
 
 def test_checks_of_the_metrics_file_and_the_middleware_order(tmp_path: Path) -> None:

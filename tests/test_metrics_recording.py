@@ -112,6 +112,29 @@ def test_an_increment_after_its_request_was_recorded_goes_to_the_host_counters(s
 
 
 @DB
+def test_queries_on_an_alias_given_its_place_during_a_request_count_in_it(store: SlotStore) -> None:
+    # A request's figures have a place for each alias known when it began; a connection made
+    # meanwhile to another alias (DATABASES changed) gives that alias a place past them.
+    from django_scale.metrics.recording import query_timer
+
+    def execute(sql: str, params: object, many: bool, context: dict[str, object]) -> str:
+        return "done"
+
+    def view(request: HttpRequest) -> HttpResponse:
+        run_queries(1)
+        timed = query_timer("added-meanwhile")
+        assert timed(execute, "SELECT 1", None, False, {}) == "done"
+        assert timed(execute, "SELECT 2", None, False, {}) == "done"
+        return HttpResponse("")
+
+    metrics.MetricsMiddleware(view)(request_of("placed"))
+    snapshot = store.snapshot()
+    assert snapshot.counters["queries\x1fplaced\x1fGET\x1fdefault"] == 1
+    assert snapshot.counters["queries\x1fplaced\x1fGET\x1fadded-meanwhile"] == 2
+    assert snapshot.totals["db\x1fplaced\x1fGET\x1fadded-meanwhile"][0] == 1
+
+
+@DB
 def test_concurrent_async_requests_keep_their_own_figures(store: SlotStore) -> None:
     # Five requests at once, interleaved at every step: request k runs k queries and k
     # increments, on a route of its own. A figure of one request counted in another's would

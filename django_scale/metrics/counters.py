@@ -78,11 +78,12 @@ _timings: dict[str, Timing] = {}
 
 
 #: The request being recorded, when request metrics are on (else ``None``): a list whose item 0
-#: is its counters, ``name -> amount`` (``None`` once its recording has read them), and whose
-#: other items are :mod:`~django_scale.metrics.recording`'s. While a request's counters are
-#: open, :func:`increment` adds to them only: the recording adds them to the host's shared
-#: counters with the rest of the request, in one write. An increment from something the
-#: request started that outlives it goes to the shared counters at once, as outside a request.
+#: is its counters, ``name -> amount`` (``0`` until its first increment, ``None`` once its
+#: recording has read them), and whose other items are
+#: :mod:`~django_scale.metrics.recording`'s. While a request's counters are open,
+#: :func:`increment` adds to them only: the recording adds them to the host's shared counters
+#: with the rest of the request, in one write. An increment from something the request
+#: started that outlives it goes to the shared counters at once, as outside a request.
 recorded_request: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "django_scale_recorded_request", default=None
 )
@@ -98,8 +99,11 @@ def increment(name: str, amount: int = 1) -> None:
         # Under the lock that the recording takes to close the request's counters
         # (close_request_events()): an increment from a thread the request started lands
         # either in them before they are read, or in the host's counters after; never lost.
-        events = None if current is None else current[0]
+        events: dict[str, int] | int | None = None if current is None else current[0]
         if events is not None:
+            if not isinstance(events, dict):  # 0: the request's first increment
+                events = {}
+                current[0] = events  # type: ignore[index]
             events[name] = events.get(name, 0) + amount
             return
     if _shared_sink:
@@ -116,16 +120,24 @@ def add_routing_state(state: Any) -> None:
     """
     current = recorded_request.get()
     if current is not None:
-        current[2].append(state)
+        states = current[1]
+        if states is None:
+            current[1] = [state]
+        else:
+            states.append(state)
 
 
 def close_request_events(current: list[Any]) -> dict[str, int] | None:
     """Return the counters of the request *current* (``recorded_request``'s value) and close them:
     later increments of anything the request started go to the host's counters at once."""
-    with _lock:
-        events: dict[str, int] | None = current[0]
+    # acquire()/release(), not "with": once per recorded request, and a third of the cost.
+    _lock.acquire()
+    try:
+        events: dict[str, int] | int | None = current[0]
         current[0] = None
-    return events
+    finally:
+        _lock.release()
+    return events or None  # type: ignore[return-value]
 
 
 def observe(name: str, value: float) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -128,31 +129,81 @@ def disable() -> None:
     connection_created.disconnect(dispatch_uid="django_scale.metrics")
     for connection in connections.all(initialized_only=True):
         if getattr(connection, "_django_scale_metrics", False):
-            while _timed_execute in connection.execute_wrappers:
-                connection.execute_wrappers.remove(_timed_execute)
+            wrappers = connection.execute_wrappers
+            wrappers[:] = [wrapper for wrapper in wrappers if not is_query_timer(wrapper)]
             connection._django_scale_metrics = False  # type: ignore[attr-defined]
 
 
-def _timed_execute(
-    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
-) -> Any:
-    current = _get_request()
-    if current is None:
-        return execute(sql, params, many, context)
-    db = current[1]
-    alias = context["connection"].alias
-    entry = db.get(alias)
-    if entry is None:
-        entry = db[alias] = [0, 0.0]
-    entry[0] += 1
-    start = _perf_counter()
-    try:
-        return execute(sql, params, many, context)
-    finally:
-        entry[1] += _perf_counter() - start
+def query_timer(alias: str) -> Callable[..., Any]:
+    """Return an execute wrapper that counts and times each query of a connection to *alias*.
+
+    It adds to the recorded request's figures of the alias, at the alias's place (see
+    ``_places``), kept in the closure: Django calls an execute wrapper through
+    ``functools.partial(wrapper, executor)`` per query, and a closure's call costs less there
+    than a bound method's, a partial's or a function's with one more argument (callgrind).
+    """
+    place = _place_of(alias)
+    seconds = place + 1
+
+    def timed_execute(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
+    ) -> Any:
+        current = _get_request()
+        if current is None:
+            return execute(sql, params, many, context)
+        try:
+            current[place] += 1
+        except IndexError:  # an alias given its place after the request began
+            current.extend(_blank[len(current) :])
+            current[place] += 1
+        start = _perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            current[seconds] += _perf_counter() - start
+
+    _timers.add(timed_execute)
+    return timed_execute
+
+
+#: The wrappers query_timer() made (so that disable() finds them among a connection's).
+_timers: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+
+
+def is_query_timer(wrapper: object) -> bool:
+    """Return whether the execute wrapper *wrapper* is one :func:`query_timer` made."""
+    return wrapper in _timers
 
 
 _perf_counter = time.perf_counter
+
+#: A recorded request's figures: ``[events, states, queries, seconds, queries, seconds, ...]``,
+#: one pair per database alias at the alias's place in :data:`_places` (even, from 2); item 0
+#: is :data:`~django_scale.metrics.counters.recorded_request`'s, item 1 the routing states
+#: ``ScaleMiddleware`` handed it (``None`` before any: see
+#: :func:`~django_scale.metrics.counters.add_routing_state`). A request starts with a copy of
+#: ``_blank``; ``_aliases[place]`` is the alias at *place*.
+_places: dict[str, int] = {}
+_blank: list[Any] = [0, None]
+_aliases: list[str | None] = [None, None]
+_places_lock = threading.Lock()
+
+
+def _place_of(alias: str) -> int:
+    """Return *alias*'s place in a recorded request's figures, giving it one the first time."""
+    place = _places.get(alias)
+    if place is None:
+        with _places_lock:
+            place = _places.get(alias)
+            if place is None:
+                global _blank, _aliases
+                place = len(_blank)
+                # New lists, not extended ones (a request's list is a copy of one), the alias
+                # first: a list with a place for it finds it.
+                _aliases = [*_aliases, alias, None]
+                _blank = [*_blank, 0, 0.0]
+                _places[alias] = place
+    return place
 
 
 def _wrap_connection(
@@ -167,7 +218,7 @@ def _wrap_connection(
     """
     if connection is None or getattr(connection, "_django_scale_metrics", False):
         return
-    connection.execute_wrappers.insert(0, _timed_execute)
+    connection.execute_wrappers.insert(0, query_timer(connection.alias))
     connection._django_scale_metrics = True  # type: ignore[attr-defined]
 
 
@@ -177,8 +228,8 @@ def route_of(request: HttpRequest) -> str:
     if match is None:
         return UNRESOLVED
     if match.url_name:
-        return str(match.view_name)
-    return "/" + str(match.route)
+        return match.view_name  # type: ignore[no-any-return]
+    return "/" + match.route  # type: ignore[no-any-return]
 
 
 def queue_seconds(header: str | None, now: float) -> float | None:
@@ -223,15 +274,15 @@ class _Names:
         self.request = f"request{SEP}{labels}"
         self.queue = f"queue{SEP}{labels}"
         self.fallbacks = f"fallbacks{SEP}{labels}"
-        # By status code (a few dozen at most), each to its class's series.
-        self.statuses: dict[int, str] = {}
+        # By status code (a few dozen at most), each to its class's series, with one request.
+        self.statuses: dict[int, tuple[str, int]] = {}
         self.aliases: dict[str, tuple[str, str]] = {}
         self.reads: dict[str, str] = {}
         self.events: dict[str, tuple[str, str]] = {}
 
-    def status(self, status: int) -> str:
-        name = self.statuses[status] = f"requests{SEP}{self.labels}{SEP}{status // 100}xx"
-        return name
+    def status(self, status: int) -> tuple[str, int]:
+        tally = self.statuses[status] = (f"requests{SEP}{self.labels}{SEP}{status // 100}xx", 1)
+        return tally
 
     def alias(self, alias: str) -> tuple[str, str]:
         names = self.aliases[alias] = (
@@ -260,6 +311,17 @@ class _Names:
 _names: dict[str, dict[str, _Names]] = {}
 
 
+def _names_of(method: str | None, route: str) -> _Names:
+    """Return the names of *route* and *method*, made the first time (methods past _METHODS: OTHER)."""
+    if method not in _METHODS:
+        method = "OTHER"
+    by_route = _names.setdefault(method, {})
+    names = by_route.get(route)
+    if names is None:
+        names = by_route.setdefault(route, _Names(f"{route}{SEP}{method}"))
+    return names
+
+
 def _record(request: HttpRequest, status: int, elapsed: float, now: float, current: list[Any]) -> None:
     """Record a request that ended at *now* after *elapsed* seconds, with its events and DB figures.
 
@@ -268,29 +330,31 @@ def _record(request: HttpRequest, status: int, elapsed: float, now: float, curre
     write to the store).
     """
     events = counters.close_request_events(current)
-    method = request.method
-    if method not in _METHODS:
-        method = "OTHER"
     route = route_of(request)
-    by_route = _names.get(method) or _names.setdefault(method, {})
-    names = by_route.get(route)
+    by_route = _names.get(request.method)  # type: ignore[arg-type]
+    names = by_route.get(route) if by_route is not None else None
     if names is None:
-        names = by_route[route] = _Names(f"{route}{SEP}{method}")
+        names = _names_of(request.method, route)
     timings = [(names.request, bucket_of(elapsed), elapsed)]
-    tallies = [(names.statuses.get(status) or names.status(status), 1)]
+    tallies = [names.statuses.get(status) or names.status(status)]
     header = request.META.get("HTTP_X_REQUEST_START")
     if header:
         queued = queue_seconds(header, now - elapsed)
         if queued is not None:
             timings.append((names.queue, bucket_of(queued), queued))
-    aliases = names.aliases
-    for alias, (queries, seconds) in current[1].items():
-        db_name, queries_name = aliases.get(alias) or names.alias(alias)
-        timings.append((db_name, bucket_of(seconds), seconds))
-        tallies.append((queries_name, queries))
-    states = current[2]
-    if not states:
-        # MetricsMiddleware inside ScaleMiddleware (the order before W510): its state is current.
+    # Each alias the request queried: its DB time and query count (current: see _places).
+    aliases = _aliases
+    for place in range(2, len(current), 2):
+        queries = current[place]
+        if queries:
+            alias = aliases[place]
+            db_name, queries_name = names.aliases.get(alias) or names.alias(alias)  # type: ignore[arg-type]
+            seconds = current[place + 1]
+            timings.append((db_name, bucket_of(seconds), seconds))
+            tallies.append((queries_name, queries))
+    states = current[1]
+    if states is None:
+        # MetricsMiddleware inside ScaleMiddleware (the order W510 warns of): its state is current.
         state = _state_var[0].get() if _state_var else _routing_state()
         states = () if state is None else (state,)
     for state in states:
@@ -336,6 +400,8 @@ class MetricsMiddleware:
         if self.async_mode:
             markcoroutinefunction(self)
         enable()
+        for alias in connections:  # a place in each request's figures for every configured alias
+            _place_of(alias)
         connection_created.connect(_wrap_connection, dispatch_uid="django_scale.metrics")
         for connection in connections.all(initialized_only=True):
             _wrap_connection(connection=connection)
@@ -343,7 +409,7 @@ class MetricsMiddleware:
     def __call__(self, request: HttpRequest) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        current: list[Any] = [{}, {}, []]
+        current = _blank.copy()
         token = _set_request(current)
         start = _perf_counter()
         status = 500
@@ -357,7 +423,7 @@ class MetricsMiddleware:
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        current: list[Any] = [{}, {}, []]
+        current = _blank.copy()
         token = _set_request(current)
         start = _perf_counter()
         status = 500

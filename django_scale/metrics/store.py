@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from itertools import chain, compress
 from operator import add, methodcaller
 from pathlib import Path
+from typing import Any
 
 from django_scale.exceptions import UsageError
 from django_scale.metrics.host import HostSnapshot
@@ -146,8 +147,7 @@ class SlotStore:
             self._unlock_names()
         view = self._view = memoryview(self._map)
         self._u32 = view.cast("I")
-        # The running counts are written through a signed view: past 2**31 - 1 it raises, and
-        # the count wraps to 0 (see record).
+        # Running counts are written through a signed view: past 2**31 - 1 it raises (see record).
         self._i32 = view.cast("i")
         self._u64 = view.cast("Q")
         self._f64 = view.cast("d")
@@ -159,9 +159,8 @@ class SlotStore:
         self._minute = (0.0, 0.0, 0)
         self._timing_ids: dict[str, int] = {}
         self._counter_ids: dict[str, int] = {}
-        # For this process's slot, per series name: where its words are (see _timing_handle),
-        # and where each counter is; emptied when the slot changes.
-        self._handles: dict[str, list[int]] = {}
+        # This process's slot's words per series name (_timing_handle), per counter; emptied on a new slot.
+        self._handles: dict[str, list[Any]] = {}
         self._counter_at: dict[str, int] = {}
         self._names: dict[bool, list[str]] = {True: [], False: []}
         # A forked child holds none of its parent's POSIX locks: it must claim a slot of its own.
@@ -289,8 +288,7 @@ class SlotStore:
 
         Return ``False`` when no slot is free (nothing is recorded; :attr:`unrecorded` counts it).
         """
-        if now is None:
-            now = time.time()
+        now = time.time() if now is None else now
         # The minute of *now*, kept with its bounds: two comparisons cost less than a division.
         start, end, minute = self._minute
         if not start <= now < end:
@@ -306,7 +304,7 @@ class SlotStore:
             if timings:
                 # One value's writes, written out here: a method call per value costs as much as they do.
                 handles = self._handles
-                u32, u64, f64, i32 = self._u32, self._u64, self._f64, self._i32
+                u64, f64, i32 = self._u64, self._f64, self._i32
                 for name, bucket, seconds in timings:
                     handle = handles.get(name) or self._timing_handle(name)
                     count = handle[0]
@@ -314,10 +312,9 @@ class SlotStore:
                     f64[count + 1] += seconds
                     if minute > handle[4]:  # (an earlier minute counts in the latest)
                         self._checkpoint(handle, minute)
-                    entry = handle[2] + (bucket >> _CHUNK_SHIFT)
-                    pool = u32[entry] or self._allocate(self._slot_base(), entry)
-                    if pool:
-                        at = handle[5] + pool * _CHUNK_BUCKETS + (bucket & _CHUNK_MASK)
+                    row = handle[8][bucket >> _CHUNK_SHIFT] or self._allocate(handle, bucket >> _CHUNK_SHIFT)
+                    if row:
+                        at = row + (bucket & _CHUNK_MASK)
                         try:
                             i32[at] += 1
                         except ValueError:  # past 2**31 - 1: the count wraps (differences are modulo 2**31)
@@ -326,10 +323,7 @@ class SlotStore:
                 u64 = self._u64
                 at_ = self._counter_at
                 for name, amount in counters:
-                    index = at_.get(name)
-                    if index is None:
-                        index = self._counter_index(name)
-                    u64[index] += amount
+                    u64[at_.get(name) or self._counter_index(name)] += amount  # (0 is never a counter's)
         finally:
             lock.release()
         return True
@@ -338,25 +332,29 @@ class SlotStore:
         assert self._slot is not None
         return self._slots_offset + self._slot * self.slot_bytes
 
-    def _timing_handle(self, name: str) -> list[int]:
+    def _timing_handle(self, name: str) -> list[Any]:
         """Return the words of timing *name* in this process's slot, kept for its next values.
 
         ``[count (u64 index; its sum is the next f64), first ring stamp, first directory entry,
-        latest minute + 1 (u32 indexes), the latest minute, the running row of pool chunk 0,
-        checkpoint 0's row of pool chunk 0 (u32 indexes), u32 words between two checkpoints' rows]``.
+        latest minute + 1 (u32 indexes), the latest minute, the running row of pool chunk 0, checkpoint
+        0's row of pool chunk 0 (u32 indexes), u32 words between two checkpoints' rows, per chunk
+        its running row (i32 index, 0: none yet; the directory as the owner wrote it, not read)]``.
         """
         base = self._slot_base()
         timing = base + self._timings_offset + self.series(name, timing=True) * _TIMING_BYTES
         latest = (timing + _LATEST) >> 2
-        handle = [
+        directory, running = (timing + _DIRECTORY) >> 2, ((base + self._running_offset) >> 2) - _CHUNK_BUCKETS
+        rows = [running + p * _CHUNK_BUCKETS if p else 0 for p in self._u32[directory : directory + _CHUNKS]]
+        handle: list[Any] = [
             timing >> 3,
             (timing + _STAMPS) >> 2,
-            (timing + _DIRECTORY) >> 2,
+            directory,
             latest,
             self._u32[latest] - 1,
-            ((base + self._running_offset) >> 2) - _CHUNK_BUCKETS,
+            running,
             ((base + self._pool_offset) >> 2) - _CHUNK_BUCKETS,
             self._entry_bytes >> 2,
+            rows,
         ]
         self._handles[name] = handle
         return handle
@@ -367,9 +365,9 @@ class SlotStore:
         )
         return index
 
-    def _checkpoint(self, handle: list[int], minute: int) -> None:
+    def _checkpoint(self, handle: list[Any], minute: int) -> None:
         """The series' first value of *minute*, after its latest: checkpoint its running counts."""
-        _, stamps, directory, latest, _, running, checkpoints, entry_words = handle
+        _, stamps, directory, latest, _, running, checkpoints, entry_words, _ = handle
         u32 = self._u32
         entry = minute % _RING
         rows = checkpoints + entry * entry_words
@@ -382,16 +380,17 @@ class SlotStore:
         u32[stamps + entry] = u32[latest] = minute + 1
         handle[4] = minute
 
-    def _allocate(self, base: int, directory_entry: int) -> int:
-        """Give a series' chunk a place in the slot's pool; 0 when the pool is full (counted)."""
+    def _allocate(self, handle: list[Any], chunk: int) -> int:
+        """Give a series' *chunk* a place in the slot's pool: its running row; 0 when full (counted)."""
         u32 = self._u32
-        header = base >> 2
+        header = self._slot_base() >> 2
         if u32[header + 2] >= self.pool_chunks:
             u32[header + 3] += 1
             return 0
         u32[header + 2] += 1
-        pool = u32[directory_entry] = u32[header + 2]
-        return pool
+        pool = u32[handle[2] + chunk] = u32[header + 2]
+        row = handle[8][chunk] = int(handle[5]) + pool * _CHUNK_BUCKETS
+        return row
 
     # -- reading (any process) ------------------------------------------------------------------
 
