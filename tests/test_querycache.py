@@ -260,7 +260,9 @@ def test_a_query_built_again_is_compiled_once_and_a_changed_one_again() -> None:
     # A query is compiled before its first compilation changes it (its aliases set up).
     used = Reporter.objects.filter(name="cy")
     str(used.query)
-    assert sql_of(compiled.compile_query(used.query, "default")) == tuple_of(Reporter.objects.filter(name="cy"))
+    assert sql_of(compiled.compile_query(used.query, "default")) == tuple_of(
+        Reporter.objects.filter(name="cy")
+    )
 
 
 def tuple_of(queryset: Any) -> tuple[str, tuple[Any, ...]]:

@@ -162,14 +162,12 @@ def test_changing_a_hits_instances_changes_no_entry(querycache: Any, posts: list
 
 @REPLICA
 def test_querysets_whose_rows_are_stored_pickled(querycache: Any, posts: list[Post]) -> None:
-    """values(), values_list(), select_related() and a related manager's queryset keep their rows
-    pickled as the queryset returns them; their hits return what the query does."""
-    ann = Reporter.objects.get(name="ann")
+    """values(), values_list() and select_related() keep their rows pickled as the queryset
+    returns them; their hits return what the query does."""
     cases = {
         "values": lambda: Post.objects.order_by("id").values("title", "reporter__name"),
         "values_list": lambda: Post.objects.order_by("id").values_list("title", flat=True),
         "select_related": lambda: Post.objects.select_related("reporter").order_by("id"),
-        "related manager": lambda: ann.posts.order_by("id"),
     }
     for name, make in cases.items():
         assert not rows.by_values(make()), name
@@ -183,6 +181,24 @@ def test_querysets_whose_rows_are_stored_pickled(querycache: Any, posts: list[Po
     with use_primary(), CaptureQueriesContext(connections["default"]) as captured:
         assert [post.reporter.name for post in hit] == ["ann", "bob", "ann"]
     assert captured.captured_queries == []
+
+
+@REPLICA
+def test_a_related_managers_hit_sets_its_instance_on_each_row(querycache: Any, posts: list[Post]) -> None:
+    """As without the cache, each row of ``reporter.posts.all()`` has that very reporter."""
+    with use_primary():
+        ann = Reporter.objects.get(name="ann")
+    for hit in (False, True):
+        found, queries = served(ann.posts.order_by("id").cached())
+        assert queries == 0 if hit else queries >= 1
+        assert [post.title for post in found] == ["first", "third"]
+        with CaptureQueriesContext(connections["default"]) as captured:
+            assert all(post.reporter is ann for post in found)
+        assert captured.captured_queries == []
+    # The same query from the model's manager shares the entry, and loads its reporters.
+    found, queries = served(Post.objects.filter(reporter=ann).order_by("id").cached())
+    assert queries == 0
+    assert all(post.reporter is not ann and post.reporter_id == ann.pk for post in found)
 
 
 @REPLICA
@@ -213,9 +229,9 @@ def test_the_compiler_attributes_the_values_are_read_with(posts: list[Post], nam
     queryset = querysets()[name]
     found, compiler = compiled.compile_for_run(queryset.query, "default")
     assert compiler is not None and found.shape is not None
-    values, instances = rows.run(found.shape, "default", compiler, found.sql, found.params)
+    values, instances = rows.run(found.shape, "default", {}, compiler, found.sql, found.params)
     assert [loaded(post) for post in instances] == expected
-    assert [loaded(post) for post in rows.build(found.shape, "default", values)] == expected
+    assert [loaded(post) for post in rows.build(found.shape, "default", values, {})] == expected
     _, instances = rows.reader(found.shape, "default")(querysets()[name])
     assert [loaded(post) for post in instances] == expected
 
@@ -227,6 +243,6 @@ def test_only_model_querysets_of_one_model_are_stored_as_values() -> None:
     assert not rows.by_values(Post.objects.values("title"))
     assert not rows.by_values(Post.objects.values_list("title"))
     assert not rows.by_values(Post.objects.select_related("reporter"))
-    assert not rows.by_values(Reporter.objects.create(name="ann").posts.all())
+    assert rows.by_values(Reporter.objects.create(name="ann").posts.all())
     shape = compiled.compile_query(Post.objects.select_related("reporter").query, "default").shape
     assert shape is None

@@ -58,7 +58,6 @@ SIZE = 512
 LARGEST = 16384
 
 
-
 class Compiled:
     """A query compiled for one database alias: its SQL and what reads derive from it."""
 

@@ -175,7 +175,7 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     ) and (required is None or entry.read.lsn >= required):
         if all(entry.read.covers(position) for position in found):
             metrics.increment("querycache.hit")
-            return _served(entry.rows, shape, db)
+            return _served(entry.rows, shape, db, queryset)
         fresh_for_writer = state is None or not (state.wrote or state.pinned)
         if options.stale and time.time() < entry.created + options.stale and fresh_for_writer:
             metrics.increment("querycache.stale")
@@ -185,7 +185,7 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
                 metrics.increment("querycache.refill.suppressed")
             else:
                 _refill(alias, store, shared, key, queryset, read, options, tables, db, database)
-            return _served(entry.rows, shape, db)
+            return _served(entry.rows, shape, db, queryset)
     metrics.increment("querycache.miss")
     if in_transaction:
         # A transaction's snapshot may be older than any read position taken now: never stored.
@@ -198,7 +198,8 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
         pinned = functools.partial(read, queryset.using(db))
     elif compiler is not None:
         # Compiled just now for the key: its SQL is run as it is, not compiled again.
-        pinned = functools.partial(rows.run, shape, db, compiler, compiled.sql, compiled.params)
+        related = queryset._known_related_objects
+        pinned = functools.partial(rows.run, shape, db, related, compiler, compiled.sql, compiled.params)
     else:
         pinned = functools.partial(read, queryset)  # (rows.reader compiles for the alias itself)
     return _read_and_store(
@@ -397,9 +398,11 @@ def _key_of(
     return key, tables
 
 
-def _served(stored: Any, shape: rows.Shape | None, db: str) -> list[Any]:
-    """The rows of a valid entry, as the queryset returns them."""
-    return rows.build(shape, db, stored) if shape is not None else list(stored)
+def _served(stored: Any, shape: rows.Shape | None, db: str, queryset: Any) -> list[Any]:
+    """The rows of a valid entry, as *queryset* returns them."""
+    if shape is None:
+        return list(stored)
+    return rows.build(shape, db, stored, queryset._known_related_objects)
 
 
 def _evaluate(queryset: Any) -> tuple[list[Any], list[Any]]:

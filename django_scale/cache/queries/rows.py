@@ -9,8 +9,11 @@ order, and every read builds the instances as ``ModelIterable`` does
 (django/db/models/query.py, ``ModelIterable.__iter__``): ``Model.from_db(db, field_names,
 values)``, the documented way to load an instance (so a model's own ``from_db()`` runs, and
 the ``pre_init``/``post_init`` signals, as without the cache), then each annotation (and
-``extra(select=...)`` column) set as an attribute. Deferred fields (``only()``, ``defer()``)
-are deferred again: ``from_db()`` is given the loaded fields' names.
+``extra(select=...)`` column) set as an attribute, and for a related manager's queryset
+(``reporter.posts.all()``) the instance it was made from set on each row, as Django does (its
+known related objects; Django 6.1's check that the key is not deferred included). Deferred
+fields (``only()``, ``defer()``) are deferred again: ``from_db()`` is given the loaded
+fields' names.
 
 Where the values are (the ``SELECT``'s positions) is read from the compiler that compiled the
 query for the entry's key, after ``as_sql()``: its ``select``, ``klass_info`` and
@@ -22,13 +25,13 @@ than have Django compile the query a second time.
 
 Everything else keeps its rows pickled as the queryset returns them: ``values()`` and
 ``values_list()`` (already plain data), ``select_related()`` (instances of other models in
-each row), a related manager's queryset (Django sets the known related instance on each row),
-a custom iterable class, and on Django 6.1 a fetch mode other than the default ``FETCH_ONE``.
+each row), a custom iterable class, and on Django 6.1 a fetch mode other than the default ``FETCH_ONE``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from django.db import connections
@@ -36,10 +39,15 @@ from django.db.models.query import ModelIterable
 
 from django_scale.prefetch.peers import HAS_FETCH_MODES
 
-if HAS_FETCH_MODES:
+
+def _default_fetch_mode() -> Any:
     from django.db.models import FETCH_ONE  # type: ignore[attr-defined,unused-ignore]
-else:
-    FETCH_ONE = None
+
+    return FETCH_ONE
+
+
+#: Django 6.1's default fetch mode (``None`` before 6.1).
+FETCH_ONE: Any = _default_fetch_mode() if HAS_FETCH_MODES else None
 
 __all__ = ["Shape", "build", "by_values", "reader", "run", "shape_of"]
 
@@ -77,21 +85,36 @@ def by_values(queryset: Any) -> bool:
     """Whether *queryset*'s rows are stored as values (see the module docstring)."""
     if queryset._iterable_class is not ModelIterable or queryset.query.select_related:
         return False
-    if queryset._known_related_objects:
-        return False
     return not HAS_FETCH_MODES or queryset._fetch_mode is FETCH_ONE
 
 
-def build(shape: Shape, db: str, rows: Sequence[Sequence[Any]]) -> list[Any]:
-    """Return the instances of *rows* (stored values), as ``ModelIterable`` builds them."""
-    from_db = shape.model.from_db
+def build(
+    shape: Shape, db: str, rows: Sequence[Sequence[Any]], known: Mapping[Any, Mapping[Any, Any]]
+) -> list[Any]:
+    """Return the instances of *rows* (stored values), as ``ModelIterable`` builds them;
+    *known* is the queryset's ``_known_related_objects`` (a related manager's instance)."""
+    model = shape.model
+    from_db = model.from_db
     names = list(shape.names)
     start, end, annotations = shape.start, shape.end, shape.annotations
+    related = []
+    for field, objects in known.items():
+        attnames = [
+            field.attname if name == "self" else model._meta.get_field(name).attname
+            for name in field.from_fields
+        ]
+        related.append((field, objects, attnames, operator.attrgetter(*attnames)))
     instances = []
     for row in rows:
         instance = from_db(db, names, row[start:end])
         for name, position in annotations:
             setattr(instance, name, row[position])
+        for field, objects, attnames, key in related:
+            if field.is_cached(instance) or any(name not in instance.__dict__ for name in attnames):
+                continue
+            found = objects.get(key(instance))
+            if found is not None:
+                setattr(instance, field.name, found)
         instances.append(instance)
     return instances
 
@@ -102,12 +125,19 @@ def reader(shape: Shape, db: str) -> Callable[[Any], tuple[list[Any], list[Any]]
     def read(queryset: Any) -> tuple[list[Any], list[Any]]:
         compiler = queryset.query.get_compiler(using=db)
         values = list(compiler.results_iter(tuple_expected=True))
-        return values, build(shape, db, values)
+        return values, build(shape, db, values, queryset._known_related_objects)
 
     return read
 
 
-def run(shape: Shape, db: str, compiler: Any, sql: str, params: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+def run(
+    shape: Shape,
+    db: str,
+    known: Mapping[Any, Mapping[Any, Any]],
+    compiler: Any,
+    sql: str,
+    params: Sequence[Any],
+) -> tuple[list[Any], list[Any]]:
     """Run *sql*, which *compiler* has just compiled (``as_sql()``), and return ``(values to
     store, instances)`` as :func:`reader` does, without compiling it again.
 
@@ -123,4 +153,4 @@ def run(shape: Shape, db: str, compiler: Any, sql: str, params: Sequence[Any]) -
         count = compiler.col_count
         fetched = [row[:count] for row in fetched]
     values = list(compiler.results_iter(results=[fetched], tuple_expected=True))
-    return values, build(shape, db, values)
+    return values, build(shape, db, values, known)
