@@ -51,7 +51,8 @@ class CacheOptions:
     stale: float = 0.0
     #: Tables the query reads that its SQL does not name (views, functions).
     tables: tuple[str, ...] = ()
-    #: Part of the key: change it when the rows' pickled form changes incompatibly.
+    #: Part of the key: change it when the stored rows change meaning while the SQL and the
+    #: model's columns stay the same (a custom field's Python value).
     version: int | str = 1
 
     def __post_init__(self) -> None:

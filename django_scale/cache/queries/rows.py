@@ -39,6 +39,8 @@ from django.db.models.query import ModelIterable
 
 from django_scale.prefetch.peers import HAS_FETCH_MODES
 
+__all__ = ["Shape", "build", "by_values", "reader", "run", "shape_of"]
+
 
 def _default_fetch_mode() -> Any:
     from django.db.models import FETCH_ONE  # type: ignore[attr-defined,unused-ignore]
@@ -48,8 +50,6 @@ def _default_fetch_mode() -> Any:
 
 #: Django 6.1's default fetch mode (``None`` before 6.1).
 FETCH_ONE: Any = _default_fetch_mode() if HAS_FETCH_MODES else None
-
-__all__ = ["Shape", "build", "by_values", "reader", "run", "shape_of"]
 
 
 class Shape(NamedTuple):
