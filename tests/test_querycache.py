@@ -247,7 +247,7 @@ def test_a_query_built_again_is_compiled_once_and_a_changed_one_again() -> None:
     first = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     again = compiled.compile_query(Reporter.objects.filter(name="ann").query, "default")
     assert again is first  # from the memo: not compiled again
-    assert first == tuple_of(Reporter.objects.filter(name="ann"))
+    assert sql_of(first) == tuple_of(Reporter.objects.filter(name="ann"))
     # Any change of the query is another query: a value, a lookup, the columns, the order.
     for changed in (
         Reporter.objects.filter(name="bob"),
@@ -256,16 +256,22 @@ def test_a_query_built_again_is_compiled_once_and_a_changed_one_again() -> None:
         Reporter.objects.filter(name="ann").order_by("-name"),
         Reporter.objects.exclude(name="ann"),
     ):
-        assert compiled.compile_query(changed.query, "default") == tuple_of(changed)
+        assert sql_of(compiled.compile_query(changed.query, "default")) == tuple_of(changed)
     # A query is compiled before its first compilation changes it (its aliases set up).
     used = Reporter.objects.filter(name="cy")
     str(used.query)
-    assert compiled.compile_query(used.query, "default") == tuple_of(Reporter.objects.filter(name="cy"))
+    assert sql_of(compiled.compile_query(used.query, "default")) == tuple_of(
+        Reporter.objects.filter(name="cy")
+    )
 
 
 def tuple_of(queryset: Any) -> tuple[str, tuple[Any, ...]]:
     sql, params = queryset.query.get_compiler(using="default").as_sql()
     return sql, tuple(params)
+
+
+def sql_of(found: compiled.Compiled) -> tuple[str, tuple[Any, ...]]:
+    return found.sql, found.params
 
 
 def test_what_a_query_cannot_pickle_or_is_too_long_is_compiled_every_time() -> None:
@@ -274,10 +280,10 @@ def test_what_a_query_cannot_pickle_or_is_too_long_is_compiled_every_time() -> N
 
     compiled.forget()
     query = Reporter.objects.filter(name=Local("ann")).query
-    assert compiled.compile_query(query, "default")[1] == ("ann",)
+    assert compiled.compile_query(query, "default").params == ("ann",)
     # Nor is a query too long to keep (a long IN list).
     many = Reporter.objects.filter(name__in=[f"name-{n}" for n in range(5000)])
-    assert compiled.compile_query(many.query, "default") == tuple_of(many)
+    assert sql_of(compiled.compile_query(many.query, "default")) == tuple_of(many)
     assert compiled._memo == {}
 
 

@@ -12,7 +12,8 @@ The parts: :mod:`~django_scale.cache.queries.sql` (the tables a statement reads 
 :mod:`~django_scale.cache.queries.shared` (the keys in Redis), :mod:`~django_scale.cache.queries.writes`
 (the execute wrapper that sees writes and publishes them on commit) and
 :mod:`~django_scale.cache.queries.reads` (the read path), with
-:mod:`~django_scale.cache.queries.compiled` (a query's SQL, compiled once per process). It works on PostgreSQL with a
+:mod:`~django_scale.cache.queries.compiled` (a query's SQL, compiled once per process) and
+:mod:`~django_scale.cache.queries.rows` (a model query's rows stored as values). It works on PostgreSQL with a
 django-redis cache; anywhere else ``.cached()`` runs the query uncached (SQLite has no WAL
 position that processes can compare, and the cache must be shared by every writer).
 """

@@ -26,6 +26,12 @@ process shares the same entries. A pickle that differs (a new value in a filter)
 is remembered, at most :data:`SIZE` queries. A query that cannot be pickled, whose pickle is
 longer than :data:`LARGEST`, or whose compiler raises (``EmptyResultSet``), is compiled every
 time.
+
+With the SQL the memo keeps what else a read derives from the query alone: where a model
+query's values are in its rows (:func:`~django_scale.cache.queries.rows.shape_of`, read from
+the same compiler) and, per set of ``cached()`` options, the entry's key and tables
+(:attr:`Compiled.keys`, filled by :mod:`~django_scale.cache.queries.reads`), so that a hit
+builds neither the key's JSON nor its digest again.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from django.conf import settings
 from django.db import connections
 from django.utils import timezone, translation
 
-__all__ = ["LARGEST", "SIZE", "compile_query", "forget"]
+from django_scale.cache.queries.rows import Shape, shape_of
+
+__all__ = ["LARGEST", "SIZE", "Compiled", "compile_for_run", "compile_query", "forget"]
 
 #: The most queries remembered per process (the least recently used is forgotten first: a
 #: query that never pickles alike, as one with a ``Value()`` whose output field is a new field
@@ -49,13 +57,41 @@ SIZE = 512
 #: every time, so the memo stays within ``SIZE * LARGEST``.
 LARGEST = 16384
 
-_memo: OrderedDict[tuple[Any, ...], tuple[str, tuple[Any, ...]]] = OrderedDict()
+
+class Compiled:
+    """A query compiled for one database alias: its SQL and what reads derive from it."""
+
+    __slots__ = ("keys", "params", "shape", "sql")
+
+    def __init__(self, sql: str, params: tuple[Any, ...], shape: Shape | None) -> None:
+        self.sql = sql
+        self.params = params
+        #: Where a model query's values are in its rows (``None``: more than one model's).
+        self.shape = shape
+        #: Per ``cached()`` options: the entry's key and tables (see :mod:`~django_scale.cache.queries.reads`).
+        self.keys: dict[tuple[Any, ...], tuple[str, tuple[str, ...]]] = {}
+
+
+_memo: OrderedDict[tuple[Any, ...], Compiled] = OrderedDict()
 _lock = threading.Lock()
 
 
-def compile_query(query: Any, using: str) -> tuple[str, tuple[Any, ...]]:
-    """Return ``query.get_compiler(using).as_sql()``, from the memo when this query was
-    compiled before in this process (see the module docstring). Raise what the compiler raises."""
+def _compile(query: Any, using: str) -> tuple[Compiled, Any]:
+    compiler = query.get_compiler(using=using)
+    sql, params = compiler.as_sql()
+    return Compiled(sql, tuple(params), shape_of(compiler)), compiler
+
+
+def compile_query(query: Any, using: str) -> Compiled:
+    """Return *query* compiled (``query.get_compiler(using).as_sql()``), from the memo when it
+    was compiled before in this process (see the module docstring). Raise what the compiler raises."""
+    return compile_for_run(query, using)[0]
+
+
+def compile_for_run(query: Any, using: str) -> tuple[Compiled, Any]:
+    """Return :func:`compile_query`'s answer and the compiler that compiled it now, or ``None``
+    when it came from the memo: a miss runs that compiler's SQL without compiling it again
+    (:func:`~django_scale.cache.queries.rows.run`)."""
     connection = connections[using]
     try:
         # Before compiling: compiling sets up the query's aliases, which changes its pickle.
@@ -63,8 +99,7 @@ def compile_query(query: Any, using: str) -> tuple[str, tuple[Any, ...]]:
     except Exception:
         pickled = b""
     if not pickled or len(pickled) > LARGEST:
-        sql, params = query.get_compiler(using=using).as_sql()
-        return sql, tuple(params)
+        return _compile(query, using)
     zone = timezone.get_current_timezone_name() if settings.USE_TZ else ""
     language = translation.get_language() if settings.USE_I18N else ""
     key = (using, settings.USE_TZ, settings.TIME_ZONE, connection.timezone_name, zone, language, pickled)
@@ -72,14 +107,13 @@ def compile_query(query: Any, using: str) -> tuple[str, tuple[Any, ...]]:
         found = _memo.get(key)
         if found is not None:
             _memo.move_to_end(key)
-            return found
-    sql, params = query.get_compiler(using=using).as_sql()
-    compiled = (sql, tuple(params))
+            return found, None
+    compiled, compiler = _compile(query, using)
     with _lock:
         _memo[key] = compiled
         if len(_memo) > SIZE:
             _memo.popitem(last=False)
-    return compiled
+    return compiled, compiler
 
 
 def forget() -> None:

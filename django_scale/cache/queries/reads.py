@@ -25,8 +25,8 @@ from django_scale.cache import invalidations
 from django_scale.cache.degrade import breakers, cache_probe
 from django_scale.cache.keys import UnstableValue, encode_key_parts
 from django_scale.cache.publisher import publisher
-from django_scale.cache.queries import positions, writes
-from django_scale.cache.queries.compiled import compile_query
+from django_scale.cache.queries import positions, rows, writes
+from django_scale.cache.queries.compiled import Compiled, compile_for_run
 from django_scale.cache.queries.shared import MARKER, Entry, SharedPositions, entry_key
 from django_scale.cache.queries.sql import EVERY_TABLE, read_tables
 from django_scale.cache.queries.storing import writer
@@ -51,7 +51,8 @@ class CacheOptions:
     stale: float = 0.0
     #: Tables the query reads that its SQL does not name (views, functions).
     tables: tuple[str, ...] = ()
-    #: Part of the key: change it when the rows' pickled form changes incompatibly.
+    #: Part of the key: change it when the stored rows change meaning while the SQL and the
+    #: model's columns stay the same (a custom field's Python value).
     version: int | str = 1
 
     def __post_init__(self) -> None:
@@ -127,42 +128,30 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
         return compute()
     _ensure_tracking()
     try:
-        sql, params = compile_query(queryset.query, db)
+        compiled, compiler = compile_for_run(queryset.query, db)
     except EmptyResultSet:
         return compute()
-    tables = tuple(sorted(read_tables(sql) | set(options.tables) | {EVERY_TABLE}))
+    if not compiled.sql:
+        return compute()  # nothing to run (Django's execute_sql() treats it as EmptyResultSet)
+    shape = compiled.shape if rows.by_values(queryset) else None
+    read = rows.reader(shape, db) if shape is not None else _evaluate
+    database = str(connection.settings_dict["NAME"])
+    iterable = queryset._iterable_class
+    # The key and tables depend on the query and these alone: computed once per compiled query.
+    variant = (options.version, options.tables, iterable, shape is not None, database)
+    known = compiled.keys.get(variant)
+    if known is None:
+        known = _key_of(queryset, compiled, options, db, database, shape is not None)
+        if known is None:
+            return compute()
+        compiled.keys[variant] = known
+    key, tables = known
     primary = connections[conf.PRIMARY]
     if writes.written_in_transaction(primary, tables) or writes.written_in_transaction(connection, tables):
         # This transaction wrote a table of the query: its reads are its own, never shared.
         metrics.increment("querycache.bypass")
         return compute()
     in_transaction = connection.in_atomic_block or primary.in_atomic_block
-    database = str(connection.settings_dict["NAME"])
-    iterable = queryset._iterable_class
-    try:
-        text = encode_key_parts(
-            [
-                # Model pickles name the exact Django version (Django warns on a mismatch), and
-                # the fields: an entry of older code is another key, never unpickled.
-                django.__version__,
-                _fields_of(queryset.model),
-                options.version,
-                db,
-                database,
-                queryset.model._meta.label_lower,
-                f"{iterable.__module__}.{iterable.__qualname__}",
-                sql,
-                list(params),
-            ]
-        )
-    except UnstableValue as error:
-        _once(
-            f"key {error.what}",
-            "a query parameter has no stable key (%s); that query is not cached",
-            error.what,
-        )
-        return compute()
-    key = entry_key(hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
     shared = SharedPositions(store)
     if breakers.is_open(f"cache {alias!r}"):
         return compute()
@@ -187,7 +176,7 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     ) and (required is None or entry.read.lsn >= required):
         if all(entry.read.covers(position) for position in found):
             metrics.increment("querycache.hit")
-            return list(entry.rows)
+            return _served(entry.rows, shape, db, queryset)
         fresh_for_writer = state is None or not (state.wrote or state.pinned)
         if options.stale and time.time() < entry.created + options.stale and fresh_for_writer:
             metrics.increment("querycache.stale")
@@ -196,8 +185,8 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
                 # that would fail. A claim released since only leaves the refill to a later read.
                 metrics.increment("querycache.refill.suppressed")
             else:
-                _refill(alias, store, shared, key, queryset, options, tables, db, database)
-            return list(entry.rows)
+                _refill(alias, store, shared, key, queryset, read, options, tables, db, database)
+            return _served(entry.rows, shape, db, queryset)
     metrics.increment("querycache.miss")
     if in_transaction:
         # A transaction's snapshot may be older than any read position taken now: never stored.
@@ -205,7 +194,15 @@ def fetch_rows(queryset: Any, compute: Callable[[], list[Any]], options: CacheOp
     stamp = int(generation or 0)
     # The rows must come from the server whose position is taken: routing is asked once, and
     # the query pinned to its answer (asked again, it could pick another server).
-    pinned = functools.partial(_evaluate, queryset.using(db))
+    pinned: Callable[[], tuple[list[Any], list[Any]]]
+    if shape is None:
+        pinned = functools.partial(read, queryset.using(db))
+    elif compiler is not None:
+        # Compiled just now for the key: its SQL is run as it is, not compiled again.
+        related = queryset._known_related_objects
+        pinned = functools.partial(rows.run, shape, db, related, compiler, compiled.sql, compiled.params)
+    else:
+        pinned = functools.partial(read, queryset)  # (rows.reader compiles for the alias itself)
     return _read_and_store(
         alias, shared, key, pinned, db, database, tables, incarnation, found, stamp, options.timeout
     )
@@ -215,7 +212,7 @@ def _read_and_store(
     alias: str,
     shared: SharedPositions,
     key: str,
-    compute: Callable[[], list[Any]],
+    compute: Callable[[], tuple[list[Any], list[Any]]],
     db: str,
     database: str,
     tables: Sequence[str],
@@ -227,6 +224,9 @@ def _read_and_store(
 ) -> list[Any]:
     """Run the query (on a miss) and hand its entry to the writer; return the rows.
 
+    *compute* returns the rows to store and the rows to return (:func:`_evaluate`, or
+    :func:`~django_scale.cache.queries.rows.reader`'s values and instances).
+
     The read position is known without a round trip when the connection's server is
     (:func:`~django_scale.cache.queries.positions.known_read`); else it is asked for first.
     With *send_now* the entry is stored before this returns (a refill, whose claim is
@@ -235,34 +235,35 @@ def _read_and_store(
     connection = connections[db]
     read = positions.known_read(connection, found)
     if read is not None:
-        rows = compute()
+        stored, result = compute()
         if not positions.on_known_server(connection, read):
-            return rows  # the query ran on another connection than the one the position is of
+            return result  # the query ran on another connection than the one the position is of
         metrics.increment("querycache.position_known")
     else:
         read = positions.read_position(connection)
-        rows = compute()
+        stored, result = compute()
         if read is None:
-            return rows
+            return result
     missing = [table for table, position in zip(tables, found, strict=True) if position is None]
     try:
         if missing:
             _seed(shared, database, missing, read, generation)
         # The generation read before the query: one bumped since makes this entry miss.
-        payload = shared.encode(Entry(MARKER, read, tuple(tables), generation, time.time(), rows))
+        # Pickled before the caller gets the rows: what the caller changes is not stored.
+        payload = shared.encode(Entry(MARKER, read, tuple(tables), generation, time.time(), stored))
         if read.incarnation != incarnation:
             # A new incarnation (a restart, a flushed store): told at once, with the entry, so
             # that every process's older entries miss from now on. A rare miss.
             shared.store_entry(key, payload, timeout, (db, read.incarnation, writes.POSITION_KEEP))
-            return rows
+            return result
         if send_now:
             shared.store_entry(key, payload, timeout)
-            return rows
+            return result
     except CacheDown as error:
         _cache_down(alias, error)
-        return rows
+        return result
     writer.submit(alias, key, payload, timeout, functools.partial(_cache_down, alias))
-    return rows
+    return result
 
 
 def _seed(
@@ -303,6 +304,7 @@ def _refill(
     shared: SharedPositions,
     key: str,
     queryset: Any,
+    read: Callable[[Any], tuple[list[Any], list[Any]]],
     options: CacheOptions,
     tables: Sequence[str],
     db: str,
@@ -322,12 +324,11 @@ def _refill(
     def refill() -> None:
         try:
             fetched = shared.fetch(key, db, tables, database)
-            rows = functools.partial(_evaluate, clone)
             _read_and_store(
                 alias,
                 shared,
                 key,
-                rows,
+                functools.partial(read, clone),
                 db,
                 database,
                 tables,
@@ -362,8 +363,52 @@ def _fields_of(model: type[Any]) -> list[str]:
     return salt
 
 
-def _evaluate(queryset: Any) -> list[Any]:
-    return list(queryset._iterable_class(queryset))
+def _key_of(
+    queryset: Any, compiled: Compiled, options: CacheOptions, db: str, database: str, values: bool
+) -> tuple[str, tuple[str, ...]] | None:
+    """Return the entry key and the tables of *compiled* read with *options*, or ``None`` (and
+    say so once) when a parameter has no stable key."""
+    iterable = queryset._iterable_class
+    try:
+        text = encode_key_parts(
+            [
+                # Model pickles name the exact Django version (Django warns on a mismatch), and
+                # the fields: an entry of older code is another key, never unpickled.
+                django.__version__,
+                _fields_of(queryset.model),
+                options.version,
+                db,
+                database,
+                queryset.model._meta.label_lower,
+                f"{iterable.__module__}.{iterable.__qualname__}",
+                # How the rows are stored (rows.py): a queryset stored otherwise never reads them.
+                "values" if values else "objects",
+                compiled.sql,
+                list(compiled.params),
+            ]
+        )
+    except UnstableValue as error:
+        _once(
+            f"key {error.what}",
+            "a query parameter has no stable key (%s); that query is not cached",
+            error.what,
+        )
+        return None
+    key = entry_key(hashlib.blake2b(text.encode(), digest_size=16).hexdigest())
+    tables = tuple(sorted(read_tables(compiled.sql) | set(options.tables) | {EVERY_TABLE}))
+    return key, tables
+
+
+def _served(stored: Any, shape: rows.Shape | None, db: str, queryset: Any) -> list[Any]:
+    """The rows of a valid entry, as *queryset* returns them."""
+    if shape is None:
+        return list(stored)
+    return rows.build(shape, db, stored, queryset._known_related_objects)
+
+
+def _evaluate(queryset: Any) -> tuple[list[Any], list[Any]]:
+    result = list(queryset._iterable_class(queryset))
+    return result, result
 
 
 def _cache_down(alias: str, error: BaseException) -> None:

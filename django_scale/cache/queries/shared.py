@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["EVERYTHING", "MARKER", "Entry", "SharedPositions"]
 
 #: First item of every entry; a value without it is not an entry.
-MARKER = "django_scale.querycache.1"
+MARKER = "django_scale.querycache.2"
 #: The key whose journaled invalidation invalidates every entry (``_INVALIDATE`` bumps ``:gen``).
 EVERYTHING = "qc:{qc}:all"
 _GENERATION = EVERYTHING + ":gen"
