@@ -320,19 +320,15 @@ def test_fifty_callers_on_a_cold_key_compute_once(redis_cache: Any) -> None:
     assert counter("swr.wait") >= 1
 
 
-@pytest.mark.parametrize("backend", ["redis", "locmem"])
-def test_a_value_written_between_a_miss_and_the_claim_is_not_computed_again(
-    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+def _written_between_the_miss_and_the_claim(
+    function: Any, args: tuple[Any, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The race the fifty cold callers can lose on a loaded machine: this caller misses, the
     # caller holding the claim writes and lets the claim go, then this caller's claim succeeds.
-    request.getfixturevalue("redis_cache" if backend == "redis" else "locmem")
-    function = cached.headline if backend == "redis" else cached.on_locmem
-    args = ("raced",) if backend == "redis" else (7,)
     store = store_for(function._django_scale_engine.alias())
     claim = store.claim
 
-    def claim_after_another_caller_wrote(key: str, token: str, timeout: float, cold: bool) -> int | None:
+    def claim_after_another_caller_wrote(key: str, token: str, timeout: float, cold: bool) -> Any:
         now = time.time()
         envelope = Envelope(MARKER, "written by the other caller", now, now + 60, now + 600)
         assert store.write(key, envelope, 600, store.generation(key), "")
@@ -346,6 +342,18 @@ def test_a_value_written_between_a_miss_and_the_claim_is_not_computed_again(
     key = function.key(*args)
     store.invalidate(key, 60)
     assert store.claim(key, "next", 10, cold=True) is not None
+
+
+def test_a_value_written_between_a_miss_and_the_claim_is_not_computed_again(
+    redis_cache: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _written_between_the_miss_and_the_claim(cached.headline, ("raced",), monkeypatch)
+
+
+def test_locmem_a_value_written_between_a_miss_and_the_claim_is_not_computed_again(
+    locmem: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _written_between_the_miss_and_the_claim(cached.on_locmem, (7,), monkeypatch)
 
 
 def test_cold_waiters_compute_themselves_past_their_deadline(redis_cache: Any) -> None:
