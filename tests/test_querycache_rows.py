@@ -10,10 +10,10 @@ compiler attributes the values are read with.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import test_querycache
 from django.db import connections
 from django.db.models import Count, F, Model, Value
 from django.db.models.functions import Lower
@@ -21,35 +21,17 @@ from django.db.models.signals import post_init
 from django.test.utils import CaptureQueriesContext
 from support import counter
 
-from django_scale.cache import reset_state
-from django_scale.cache.queries import compiled, rows, track_writes
-from django_scale.cache.queries import writes as query_writes
+from django_scale.cache.queries import compiled, rows
 from django_scale.cache.queries.shared import MARKER
 from django_scale.cache.queries.storing import writer
 from django_scale.replicas import use_primary
-from django_scale.testing import override_scale_settings
 
 from testapp.models import Post, Reporter
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
-
-
-@pytest.fixture(autouse=True)
-def _clean() -> Iterator[None]:
-    reset_state()
-    query_writes.reset()
-    yield
-    assert writer.flush(), "entries of this test still unsent"
-    reset_state()
-    query_writes.reset()
-
-
-@pytest.fixture
-def querycache(redis_cache: Any) -> Iterator[Any]:
-    with override_scale_settings(QUERY_CACHE=True):
-        track_writes()
-        query_writes.ensure_tracked(connections["default"])
-        yield redis_cache
+# test_querycache's fixtures: a clean state around each test, and the query cache on.
+_clean = test_querycache._clean
+querycache = test_querycache.querycache
 
 
 def loaded(instance: Model) -> dict[str, Any]:

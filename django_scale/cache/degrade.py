@@ -18,6 +18,15 @@ logger = logging.getLogger("django_scale.cache")
 breakers = Breakers(logger)
 
 
+def trip_cache(alias: str, error: BaseException | str) -> None:
+    """Open cache *alias*'s breaker after *error* for ``CACHE_RETRY_AFTER``, its retries by probe."""
+    from django_scale.conf import conf
+
+    breakers.trip(
+        f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down", probe=cache_probe(alias)
+    )
+
+
 def cache_probe(alias: str) -> Callable[[], object]:
     """The probe of cache *alias* for its breaker: a ``PING`` (a read elsewhere) that raises
     while the cache is down. It runs in a background thread once the breaker's time is up, so

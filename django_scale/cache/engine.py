@@ -20,13 +20,13 @@ from django_scale.cache import invalidations
 from django_scale.cache.degrade import (
     CLAIM_MEMORY,
     breakers,
-    cache_probe,
     local_forget,
     local_get,
     local_put,
     recent_claims,
     remember_claim,
     stripes,
+    trip_cache,
 )
 from django_scale.cache.publisher import publisher
 from django_scale.cache.store import BACKOFF_FIRST, MARKER, CacheDown, Envelope, Store, store_for
@@ -479,13 +479,7 @@ class Engine:
         local_forget(alias)
         # Other processes may journal invalidations meanwhile: replay them once it answers.
         invalidations.mark_due(alias)
-        breakers.trip(
-            f"cache {alias!r}",
-            error,
-            conf.CACHE_RETRY_AFTER,
-            metric="swr.cache_down",
-            probe=cache_probe(alias),
-        )
+        trip_cache(alias, error)
 
     def _degraded(self, alias: str, key: str, compute: Callable[[], Any]) -> _Result:
         """Serve without the cache: compute at most once per process per key per ``fresh``."""

@@ -33,8 +33,11 @@ def time_per_call(function: Callable[[], object], *, calls: int, repeats: int = 
     return statistics.median(samples)
 
 
-def rerun_under_callgrind(valgrind: str, directory: str, child_env: Mapping[str, str]) -> None:
-    """Run this command again under callgrind, its dumps in *directory*, with *child_env* added.
+def rerun_under_callgrind(
+    valgrind: str, directory: str, child_env: Mapping[str, str], argv: Sequence[str] | None = None
+) -> None:
+    """Run this command (or the script and arguments *argv*) again under callgrind, its dumps
+    in *directory*, with *child_env* added.
 
     One dump per thread, and a new one at each ``os.getppid()`` call: the child marks the
     boundaries of what it measures with them. The child gets a fixed hash seed (dict layouts,
@@ -48,7 +51,7 @@ def rerun_under_callgrind(valgrind: str, directory: str, child_env: Mapping[str,
         "--dump-before=getppid",
         f"--callgrind-out-file={directory}/cg.%p",
         sys.executable,
-        *sys.argv,
+        *(sys.argv if argv is None else argv),
     ]
     env = {**os.environ, **child_env, "PYTHONHASHSEED": "0"}
     env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)

@@ -23,7 +23,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -153,6 +152,7 @@ def parent(query: str) -> None:
 
     from django_scale.replicas import use_primary
 
+    from benchmarks import rerun_under_callgrind
     from benchmarks.querycache import _setup
 
     valgrind = shutil.which("valgrind")
@@ -163,21 +163,8 @@ def parent(query: str) -> None:
         _setup()
     with tempfile.TemporaryDirectory() as directory:
         # Parameters no earlier run used: their entries are not in Redis.
-        env = {**os.environ, CHILD: str(1 + int(time.time()) % 100000 * 10000), "PYTHONHASHSEED": "0"}
-        env.pop("DJANGO_SCALE_EXAMPLE_HARNESS", None)
-        command = [
-            valgrind,
-            "--tool=callgrind",
-            "--separate-threads=yes",
-            "--dump-before=getppid",
-            f"--callgrind-out-file={directory}/cg.%p",
-            sys.executable,
-            __file__,
-            query,
-        ]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600, check=False)
-        if done.returncode:
-            raise SystemExit(f"the run under callgrind failed:\n{done.stderr[-3000:]}")
+        child = {CHILD: str(1 + int(time.time()) % 100000 * 10000)}
+        rerun_under_callgrind(valgrind, directory, child, argv=[__file__, query])
         dumps: dict[int, int] = {}
         for file in Path(directory).glob("cg.*.*-01"):  # the main thread's dumps
             number = re.search(r"\.(\d+)-01$", file.name)

@@ -22,7 +22,7 @@ from django.db import connections
 
 from django_scale import metrics
 from django_scale.cache import invalidations
-from django_scale.cache.degrade import breakers, cache_probe
+from django_scale.cache.degrade import breakers, trip_cache
 from django_scale.cache.keys import UnstableValue, encode_key_parts
 from django_scale.cache.publisher import publisher
 from django_scale.cache.queries import positions, rows, writes
@@ -413,6 +413,4 @@ def _evaluate(queryset: Any) -> tuple[list[Any], list[Any]]:
 
 def _cache_down(alias: str, error: BaseException) -> None:
     invalidations.mark_due(alias)
-    breakers.trip(
-        f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down", probe=cache_probe(alias)
-    )
+    trip_cache(alias, error)

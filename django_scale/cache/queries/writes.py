@@ -41,7 +41,7 @@ from django.db.backends.signals import connection_created
 
 from django_scale import metrics
 from django_scale.cache import invalidations
-from django_scale.cache.degrade import breakers, cache_probe
+from django_scale.cache.degrade import breakers, trip_cache
 from django_scale.cache.queries import positions
 from django_scale.cache.queries.shared import EVERYTHING, SharedPositions
 from django_scale.cache.queries.sql import written_tables
@@ -170,13 +170,7 @@ def publish(connection: BaseDatabaseWrapper) -> None:
     try:
         SharedPositions(store).advance(database, tables, position, POSITION_KEEP)
     except CacheDown as error:
-        breakers.trip(
-            f"cache {alias!r}",
-            error,
-            conf.CACHE_RETRY_AFTER,
-            metric="swr.cache_down",
-            probe=cache_probe(alias),
-        )
+        trip_cache(alias, error)
         invalidations.mark_due(alias)
         _everything(alias, store)
         return
