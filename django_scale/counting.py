@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 from django.db import DatabaseError, connections
@@ -124,6 +125,7 @@ def approx_count(
     cap: int = DEFAULT_CAP,
     budget: float = DEFAULT_BUDGET,
     statistics: bool = True,
+    cached: bool = False,
 ) -> ApproxCount:
     """Return how many rows *queryset* has: exact when small, else an estimate or a lower bound.
 
@@ -133,19 +135,33 @@ def approx_count(
     cannot estimate is counted up to ``cap + 1`` rows within *budget*, and a count that runs
     out of it raises the database's error (see :func:`~django_scale.timeouts.is_statement_timeout`),
     since there is no estimate to fall back on.
+
+    With ``cached=True`` the rows it counts (their primary keys, at most ``threshold + 1`` or
+    ``cap + 1`` of them) are read through the query cache (``.cached()``, see
+    :doc:`/querycache`): a count served again while none of its table's rows changed costs no
+    query, and one after a write to the table is counted again, never stale. The queryset must
+    have ``cached()`` (:class:`~django_scale.querysets.ScaleQuerySet`), and ``QUERY_CACHE``
+    on for it to cache anything.
     """
+    if cached and not hasattr(queryset, "cached"):
+        raise ArgumentError(
+            f"approx_count(cached=True) needs a queryset with cached() (a ScaleQuerySet), not "
+            f"{type(queryset).__qualname__} of {queryset.model.__qualname__}."
+        )
     if threshold < 1 or cap < 1 or budget <= 0:
         raise ArgumentError(
             f"approx_count() needs threshold >= 1, cap >= 1 and budget > 0, not threshold={threshold!r}, "
             f"cap={cap!r}, budget={budget!r}."
         )
-    counted = _approx_count(queryset, threshold=threshold, cap=cap, budget=budget, statistics=statistics)
+    counted = _approx_count(
+        queryset, threshold=threshold, cap=cap, budget=budget, statistics=statistics, cached=cached
+    )
     counters.increment("counts.exact" if counted.is_exact else "counts.approx")
     return counted
 
 
 def _approx_count(
-    queryset: QuerySet[Any], *, threshold: int, cap: int, budget: float, statistics: bool
+    queryset: QuerySet[Any], *, threshold: int, cap: int, budget: float, statistics: bool, cached: bool
 ) -> ApproxCount:
     # Route once: every query below runs on the same database (queryset.db asks the router).
     alias = queryset.db
@@ -156,15 +172,15 @@ def _approx_count(
         return ApproxCount(queryset.count(), "exact")
     if connections[alias].vendor != "postgresql":
         # No statistics to estimate from: count, but never past the threshold.
-        return _exact_or_bound(queryset, threshold, estimate=None)
+        return _exact_or_bound(queryset, threshold, None, cached)
     filtered, plannable = _shape(queryset)
     if not statistics:
         if filtered and not plannable:
-            return _capped(queryset, max(cap, threshold), budget, fallback=None)
-        return _exact_or_bound(queryset, threshold, estimate=None)
+            return _capped(queryset, max(cap, threshold), budget, None, cached)
+        return _exact_or_bound(queryset, threshold, None, cached)
     if filtered and not plannable:
         # The planner only guesses a substring filter's selectivity: count within a budget.
-        return _capped(queryset, max(cap, threshold), budget, fallback=_explain_estimate(queryset))
+        return _capped(queryset, max(cap, threshold), budget, _explain_estimate, cached)
     estimate = None if filtered else _table_estimate(alias, queryset.model)
     if estimate is None:
         estimate = _explain_estimate(queryset)
@@ -172,11 +188,13 @@ def _approx_count(
         return ApproxCount(estimate, "estimate")
     # Small, or unknown: the exact number, counting no more than threshold + 1 rows, so an
     # estimate that is far too low never turns into a count of the whole table.
-    return _exact_or_bound(queryset, threshold, estimate)
+    return _exact_or_bound(queryset, threshold, estimate, cached)
 
 
-def _exact_or_bound(queryset: QuerySet[Any], threshold: int, estimate: int | None) -> ApproxCount:
-    counted = _bounded_count(queryset, threshold + 1)
+def _exact_or_bound(
+    queryset: QuerySet[Any], threshold: int, estimate: int | None, cached: bool
+) -> ApproxCount:
+    counted = _bounded_count(queryset, threshold + 1, cached)
     if counted <= threshold:
         return ApproxCount(counted, "exact")
     if estimate is not None and estimate > threshold:
@@ -184,23 +202,34 @@ def _exact_or_bound(queryset: QuerySet[Any], threshold: int, estimate: int | Non
     return ApproxCount(threshold, "capped")
 
 
-def _bounded_count(queryset: QuerySet[Any], limit: int) -> int:
-    """Count the rows of *queryset*, stopping at *limit* (``SELECT COUNT(*) FROM (... LIMIT n)``)."""
+def _bounded_count(queryset: QuerySet[Any], limit: int, cached: bool = False) -> int:
+    """Count the rows of *queryset*, stopping at *limit* (``SELECT COUNT(*) FROM (... LIMIT n)``);
+    *cached*: the primary keys of those rows through the query cache, and their number."""
+    if cached:
+        keys: Any = queryset.values_list("pk", flat=True)[:limit]
+        return len(keys.cached())
     return queryset.values("pk")[:limit].count()
 
 
-def _capped(queryset: QuerySet[Any], cap: int, budget: float, fallback: int | None) -> ApproxCount:
+def _capped(
+    queryset: QuerySet[Any],
+    cap: int,
+    budget: float,
+    fallback: Callable[[QuerySet[Any]], int | None] | None,
+    cached: bool,
+) -> ApproxCount:
     """Count up to *cap* + 1 rows within *budget* seconds (PostgreSQL); else use the estimate."""
     alias = queryset.db  # pinned by approx_count(): no router call
     # Never loosen a tighter limit that the caller (an admin page) already set.
     limit = current_statement_timeout(alias)
     try:
         with statement_timeout(budget if limit is None else min(budget, limit), using=alias):
-            counted = _bounded_count(queryset, cap + 1)
+            counted = _bounded_count(queryset, cap + 1, cached)
     except DatabaseError as error:
-        if fallback is None or not is_statement_timeout(error):
+        estimate = None if fallback is None or not is_statement_timeout(error) else fallback(queryset)
+        if estimate is None:
             raise
-        return ApproxCount(max(fallback, 1), "estimate")
+        return ApproxCount(max(estimate, 1), "estimate")
     if counted > cap:
         return ApproxCount(cap, "capped")
     return ApproxCount(counted, "exact")

@@ -75,6 +75,10 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
     #: queryset that hides some of its table's rows (``ScaleChangeList`` sets it then), whose
     #: count must not be estimated from statistics of the whole table.
     count_statistics = True
+    #: Passed to :func:`~django_scale.counting.approx_count` as ``cached``: count through the
+    #: query cache (the queryset needs ``cached()``, and ``QUERY_CACHE`` on), so the count of a
+    #: search or filter shown again while none of its table's rows changed costs no query.
+    count_cached = False
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class ApproxCountPaginator(Paginator):  # type: ignore[type-arg]
                 cap=self.count_cap,
                 budget=self.count_budget,
                 statistics=self.count_statistics,
+                cached=self.count_cached,
             )
         return ApproxCount(len(self.object_list), "exact")
 

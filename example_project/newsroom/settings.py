@@ -259,6 +259,9 @@ if REDIS_URL:
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+if SITE_CONFIG == "scale" and REDIS_URL and DATABASE_URL:
+    # The admin's counts go through the query cache (news.admin.NewsroomPaginator).
+    DJANGO_SCALE["QUERY_CACHE"] = True
 
 if DATABASE_URL and os.environ.get("DJANGO_SCALE_EXAMPLE_POOLER") == "transaction":
     # Behind PgBouncer in transaction mode, as docs/deployment.md describes.
