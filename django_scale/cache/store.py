@@ -58,9 +58,12 @@ class Envelope(NamedTuple):
 
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local woken = 0
-  if ARGV[3] == '1' then woken = redis.call('DEL', KEYS[3]) end
-  return {tonumber(redis.call('GET', KEYS[2]) or '0'), woken}
+  local written = 0
+  if ARGV[3] == '1' then
+    redis.call('DEL', KEYS[3])
+    written = redis.call('EXISTS', KEYS[4])
+  end
+  return {tonumber(redis.call('GET', KEYS[2]) or '0'), written}
 end
 return -1
 """
@@ -274,9 +277,10 @@ class RedisStore(Store):
         return self._call(lambda: self._redis().ping())
 
     def claim(self, key: str, token: str, timeout: float, cold: bool) -> Claim | None:
-        # A cold claim clears the key's wake-ups: one was left if a caller wrote (or gave up)
-        # since, so only then does the miss look at the key again.
-        keys = (_sub(key, "claim"), _sub(key, "gen"), _sub(key, "notify"))
+        # A cold claim clears the key's old wake-ups, and tells whether the key has a value
+        # now (another caller wrote it since the miss, or it is one past stale): only then
+        # does the miss look at the key again.
+        keys = (_sub(key, "claim"), _sub(key, "gen"), _sub(key, "notify"), key)
         result = self._run(_CLAIM, keys, (token, _ms(timeout), "1" if cold else "0"))
         if not isinstance(result, list):
             return None
