@@ -389,7 +389,14 @@ def test_bench_site_runs_end_to_end(tmp_path: Path) -> None:
     # Faults (--quick: django-scale only), each during the fixed-rate run, the canary writing.
     assert "faults" not in configs["stock"] and "faults" not in configs["tuned"]
     faults = configs["scale"]["faults"]
-    assert faults["rate"] == figures["rates"][0]
+    # At half of hand-tuned's capacity, after a run at that rate with no fault (their baseline).
+    tuned = configs["tuned"]
+    half = max(0.1, round(0.5 * (tuned["capacity"]["rate"] or tuned["closed loop"]["all"]["throughput"]), 2))
+    assert faults["rate"] == half
+    if half != figures["rates"][0]:
+        baseline = configs["scale"]["open at the faults' rate"]
+        assert baseline["rate"] == half and baseline["all"]["errors"] == 0
+        assert baseline["all"]["requests"] == max(1, round(half * figures["durations"]["open"]))
     assert [fault["fault"] for fault in faults["faults"]] == [
         "replica killed", "replica paused", "redis stopped", "redis frozen", "broker stopped", "runaway lock",
     ]  # fmt: skip
