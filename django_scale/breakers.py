@@ -13,8 +13,8 @@ such as one guarding a background thread's exchanges, which waits :meth:`Breaker
 
 A trip may name a *probe* (a call that raises while the service is down, such as a Redis
 ``PING``): once the breaker's time is up, the next caller starts the probe in a background
-thread and goes on, as do the callers after it, skipping the service; and a success closes the breaker; a failure keeps it open for
-another *retry_after*. So after the first caller that waited on a service that hangs (accepts
+thread and goes on skipping the service, as do the callers after it; a success of the probe
+closes the breaker, a failure keeps it open for another *retry_after*. So after the first caller that waited on a service that hangs (accepts
 connections, never answers) until its socket timeout, no caller waits on it again.
 """
 

@@ -8,6 +8,7 @@ queryset hides rows never gets another user's count.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -15,13 +16,16 @@ import test_querycache
 from django.contrib.auth.models import Group
 from django.db import connections
 from django.test.utils import CaptureQueriesContext
+from support import counter
+from test_querycache import replayed_past_positions
 
+from django_scale.cache.queries.storing import writer
 from django_scale.counting import approx_count
 from django_scale.exceptions import ArgumentError
 from django_scale.paginator import ApproxCountPaginator
 from django_scale.replicas import use_primary
 
-from testapp.models import Reporter
+from testapp.models import Post, Reporter
 
 REPLICA = pytest.mark.django_db(transaction=True, databases=["default", "replica"])
 # test_querycache's fixtures: a clean state around each test, and the query cache on.
@@ -83,3 +87,47 @@ def test_a_cached_count_needs_a_queryset_with_cached() -> None:
     with pytest.raises(ArgumentError):
         _ = CachedPaginator(Group.objects.order_by("pk"), 10).count
     assert int(CachedPaginator(Reporter.objects.order_by("pk"), 10).count) == Reporter.objects.count()
+
+
+@REPLICA
+@pytest.mark.urls("testapp.owned_admin")
+def test_a_restricted_admin_counting_through_the_cache_never_shows_another_users_count(
+    querycache: Any, replica: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From the attacker's side: alice and bob each see only their own posts. With the
+    # counts cached, bob's changelist and search, loaded after alice's (and again, from the
+    # cache), count bob's rows, never alice's.
+    from django.contrib.auth.models import Permission, User
+    from django.test import Client
+
+    from testapp.owned_admin import OwnPostAdmin
+
+    monkeypatch.setattr(ApproxCountPaginator, "count_cached", True)
+    monkeypatch.setattr(OwnPostAdmin, "search_fields", ["title"])
+    # Pages of two: a changelist whose page is full counts its rows (one that is not full
+    # knows its count from the page).
+    monkeypatch.setattr(OwnPostAdmin, "list_per_page", 2)
+    alice, bob = Reporter.objects.create(name="alice"), Reporter.objects.create(name="bob")
+    Post.objects.bulk_create(Post(reporter=alice, title="alice memo") for _ in range(40))
+    Post.objects.bulk_create(Post(reporter=bob, title="bob memo") for _ in range(3))
+    replica.wait_for_replay()
+
+    def staff(name: str) -> Client:
+        user = User.objects.create_user(name, f"{name}@example.com", "pw", is_staff=True)
+        user.user_permissions.add(*Permission.objects.filter(codename="view_post"))
+        client = Client()
+        client.force_login(user)
+        return client
+
+    clients = {"alice": staff("alice"), "bob": staff("bob")}
+    # Entries read on the replica are valid once it has replayed past the tables' positions.
+    replayed_past_positions(querycache, replica, ("testapp_post", "testapp_reporter"))
+    for _ in range(2):  # the second round is served from the query cache
+        for name, expected in (("alice", 40), ("bob", 3)):
+            for url in ("/owned/testapp/post/", "/owned/testapp/post/?q=memo"):
+                response = clients[name].get(url)
+                assert response.status_code == 200
+                assert int(response.context["cl"].result_count) == expected, (name, url)
+                assert not re.search(r"\balice\b" if name == "bob" else r"\bbob\b", response.content.decode())
+        assert writer.flush()  # the entries stored (the writer's outbox sends them within 50 ms)
+    assert counter("querycache.hit") >= 4  # the second round's four counts

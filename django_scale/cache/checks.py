@@ -14,7 +14,7 @@ from django.conf import settings
 from django.core import checks
 from django.utils.module_loading import import_string
 
-from django_scale.checks import MIDDLEWARE_PATH, PROCESS_LOCAL_CACHES, _is_subclass_path, _message
+from django_scale.checks import PROCESS_LOCAL_CACHES, _message
 from django_scale.conf import conf
 
 __all__ = ["check_cache", "check_cache_timeouts", "check_query_cache"]
@@ -217,10 +217,9 @@ def check_cache(**kwargs: Any) -> list[checks.CheckMessage]:
     for path, engine in sorted(registry.items()):
         if engine.cache is not None and engine.cache not in configured:
             messages.append(_e201_unknown_swr_cache(path, engine.cache))
-    middleware = list(getattr(settings, "MIDDLEWARE", None) or ())
-    if middleware and middleware[0] == "django_scale.metrics.MetricsMiddleware":
-        middleware = middleware[1:]  # it changes no response: ScaleMiddleware after it is outermost
-    if page_paths and not (middleware and _is_subclass_path(middleware[0], MIDDLEWARE_PATH)):
+    from django_scale.middleware import _is_first_middleware  # it imports the cache's pages
+
+    if page_paths and not _is_first_middleware():
         messages.append(_w210_pages_without_outer_middleware(sorted(page_paths)))
     celery_engines = [engine for engine in registry.values() if engine.refill == "celery"]
     if not celery_engines:

@@ -11,6 +11,7 @@ from typing import Any
 
 from django_scale.breakers import Breakers
 from django_scale.cache import invalidations
+from django_scale.conf import conf
 
 logger = logging.getLogger("django_scale.cache")
 
@@ -20,8 +21,6 @@ breakers = Breakers(logger)
 
 def trip_cache(alias: str, error: BaseException | str) -> None:
     """Open cache *alias*'s breaker after *error* for ``CACHE_RETRY_AFTER``, its retries by probe."""
-    from django_scale.conf import conf
-
     breakers.trip(
         f"cache {alias!r}", error, conf.CACHE_RETRY_AFTER, metric="swr.cache_down", probe=cache_probe(alias)
     )

@@ -38,10 +38,11 @@ class CacheDown(Exception):
 
 
 class Claim(NamedTuple):
-    """A claim won: the key's generation, and whether a write may have landed since the miss.
+    """A claim won: the key's generation, and whether the caller should look at the key again.
 
-    ``written`` is true when the caller should look at the key again before computing: a
-    caller that held the claim may have written and let it go between the miss and this claim.
+    ``written`` is true when the key may hold a value (on Redis: it has one at the claim),
+    which a caller that held the claim may have written and let go between this caller's miss
+    and its claim: the value is then served, not computed a second time.
     """
 
     generation: int
