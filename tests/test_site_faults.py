@@ -20,8 +20,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project"))
 
 from benchmarks.site.faults import Canary, Fault, baselines, recovery_seconds, run_fault, timeline  # noqa: E402
-from benchmarks.site.loadgen import Record  # noqa: E402
-from benchmarks.site.mix import Session  # noqa: E402
+from benchmarks.site.loadgen import (
+    Browser,  # noqa: E402
+    Record,  # noqa: E402
+)
 
 
 class _Site:
@@ -83,10 +85,10 @@ def test_the_canary_reads_its_writes_through_the_cookie_and_counts_a_forced_stal
     site: tuple[_Site, int],
 ) -> None:
     state, port = site
-    canary = Canary("127.0.0.1", port, Session("s", "t"), "canary")
+    canary = Canary("127.0.0.1", port, Browser({"sessionid": "s", "csrftoken": "t"}), "canary")
     # The replica never has the comments: only the cookie the POST set keeps the reads fresh.
     assert canary.round(1) == "ok"
-    assert canary.cookies["ryw"] == "42"
+    assert canary.browser.get("ryw") == "42"
     assert state.primary == [f"canary {canary.marker} 1"] and state.replica == []
     state.force_stale = True
     assert canary.round(2) == "stale"
@@ -98,7 +100,7 @@ def test_the_canary_reads_its_writes_through_the_cookie_and_counts_a_forced_stal
 
 def test_the_canary_thread_records_each_round(site: tuple[_Site, int]) -> None:
     state, port = site
-    canary = Canary("127.0.0.1", port, Session("s", "t"), "canary", interval=0.01)
+    canary = Canary("127.0.0.1", port, Browser({"sessionid": "s", "csrftoken": "t"}), "canary", interval=0.01)
     canary.start()
     time.sleep(0.3)
     state.force_stale = True
@@ -192,7 +194,7 @@ def test_the_baseline_of_a_page_is_its_steady_or_alone_p99_whichever_is_higher()
 
 
 def test_a_fault_run_records_its_window_and_charges_what_happened_in_it() -> None:
-    canary = Canary("127.0.0.1", 9, Session("s", "t"), "canary")
+    canary = Canary("127.0.0.1", 9, Browser({"sessionid": "s", "csrftoken": "t"}), "canary")
     broken = threading.Event()
 
     def inject() -> None:

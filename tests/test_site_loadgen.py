@@ -16,7 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from support import wait_until
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "example_project
 from django_scale.metrics.recording import queue_seconds  # noqa: E402
 
 from benchmarks.site.loadgen import (  # noqa: E402
+    Browser,
     Record,
     Request,
     capacity_search,
@@ -287,7 +290,7 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> Non
 
         times: list[list[float]] = [[], []]
 
-        async def twice() -> tuple[tuple[int, int], tuple[int, int], int]:
+        async def twice() -> tuple[Any, Any, int]:
             pool = _Pool("127.0.0.1", port)
             first = await _exchange(pool, Request("floor", "/"), times[0])
             await asyncio.sleep(2.5)  # the server closes the idle connection after 1 s
@@ -299,7 +302,100 @@ def test_a_pooled_connection_the_server_closed_while_idle_is_not_reused() -> Non
     finally:
         server.terminate()
         server.wait(timeout=30)
-    assert first[0] == second[0] == 200
+    assert first.status == second.status == 200
     assert opened == 2
     # Each exchange noted when its request went out and when its last byte came in.
     assert all(len(pair) == 2 and pair[0] < pair[1] for pair in times)
+
+
+class _Writes(BaseHTTPRequestHandler):
+    """A site that pins a writer for a second: a POST sets ``pin=y; Max-Age=1`` and redirects
+    to ``/read``, which answers whether the pin came back; ``/unpin`` removes it."""
+
+    protocol_version = "HTTP/1.1"
+    seen: ClassVar[list[tuple[str, str]]] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, headers: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append((self.path, self.headers.get("Cookie", "")))
+        port = self.server.server_address[1]
+        self._answer(
+            303, (("Set-Cookie", "pin=y; Max-Age=1; Path=/"), ("Location", f"http://127.0.0.1:{port}/read"))
+        )
+
+    def do_GET(self) -> None:
+        self.seen.append((self.path, self.headers.get("Cookie", "")))
+        if self.path == "/unpin":
+            self._answer(200, (("Set-Cookie", "pin=; Max-Age=0; Path=/"),))
+        else:
+            self._answer(200, body=b"pinned" if "pin=y" in self.headers.get("Cookie", "") else b"free")
+
+
+@pytest.fixture
+def writes_site() -> Iterator[int]:
+    _Writes.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Writes)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_browser_follows_a_writes_redirect_with_the_cookie_it_set(writes_site: int) -> None:
+    """As a browser does: the redirect a POST answers is followed at once, recorded under its
+    own name, and carries the cookie the POST set (read-your-writes rides on it)."""
+    browser = Browser({"sessionid": "s"})
+    write = Request(
+        "write", "/write", method="POST", body=b"x=1", browser=browser, redirect_as="read after write"
+    )
+    records = closed_loop("127.0.0.1", writes_site, lambda i: write, connections=1, duration=0.2)
+    names = [record.name for record in records]
+    assert names[:2] == ["write", "read after write"]
+    assert all(record.status in (303, 200) for record in records)
+    assert ("/read", "sessionid=s; pin=y") in _Writes.seen
+    # The first POST went out before any pin; the follow-up is due when the redirect arrived.
+    assert _Writes.seen[0] == ("/write", "sessionid=s")
+    first_read = records[1]
+    assert first_read.intended == records[0].end
+    # Sent alone, a write follows nothing.
+    alone = closed_loop(
+        "127.0.0.1",
+        writes_site,
+        lambda i: Request("write", "/write", method="POST"),
+        connections=1,
+        duration=0.1,
+    )
+    assert {record.name for record in alone} == {"write"}
+
+
+def test_a_browser_forgets_a_cookie_when_it_expires_or_is_removed(writes_site: int) -> None:
+    browser = Browser({"sessionid": "s"})
+    open_loop("127.0.0.1", writes_site, lambda i: Request("write", "/write", method="POST", browser=browser),
+              rate=10, duration=0.1)  # fmt: skip
+    assert browser.get("pin") == "y"
+    assert browser.header() == "sessionid=s; pin=y"
+    wait_until(lambda: browser.get("pin") == "", timeout=5, what="the pin's Max-Age=1 to pass")
+    assert browser.header() == "sessionid=s"
+    browser.take(["pin=y; Max-Age=60"])
+    open_loop(
+        "127.0.0.1", writes_site, lambda i: Request("unpin", "/unpin", browser=browser), rate=10, duration=0.1
+    )
+    assert browser.header() == "sessionid=s"
+    browser.take(["other=1; Expires=Thu, 01 Jan 1970 00:00:00 GMT", "kept=2; Path=/"])
+    assert browser.header() == "sessionid=s; kept=2"
+    browser.reset()
+    assert browser.header() == "sessionid=s"

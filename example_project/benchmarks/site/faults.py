@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import urlencode
 
@@ -38,8 +37,7 @@ from django.db import connections
 from django_scale.conf import conf
 
 from benchmarks.site.deploy import Deployment
-from benchmarks.site.loadgen import Record, percentile, summarise
-from benchmarks.site.mix import Session
+from benchmarks.site.loadgen import Browser, Record, percentile, summarise
 
 __all__ = [
     "SNIPER_MAX_DURATION",
@@ -189,10 +187,10 @@ class Canary(threading.Thread):
     and sent back, as a browser does.
     """
 
-    def __init__(self, host: str, port: int, session: Session, slug: str, interval: float = 0.2) -> None:
+    def __init__(self, host: str, port: int, browser: Browser, slug: str, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         self.host, self.port, self.slug, self.interval = host, port, slug, interval
-        self.cookies = {"sessionid": session.sessionid, "csrftoken": session.csrftoken}
+        self.browser = browser
         self.events: list[tuple[float, str]] = []
         #: What went wrong in each ``error`` round: ``(monotonic time, what)``.
         self.errors: list[tuple[float, str]] = []
@@ -202,21 +200,14 @@ class Canary(threading.Thread):
     def _request(self, method: str, path: str, body: str = "") -> tuple[int, str]:
         connection = http.client.HTTPConnection(self.host, self.port, timeout=10)
         try:
-            headers = {"Cookie": "; ".join(f"{name}={value}" for name, value in self.cookies.items())}
+            headers = {"Cookie": self.browser.header()}
             if method == "POST":
                 headers["Content-Type"] = "application/x-www-form-urlencoded"
-                headers["X-CSRFToken"] = self.cookies["csrftoken"]
+                headers["X-CSRFToken"] = self.browser.get("csrftoken")
             connection.request(method, path, body, headers)
             response = connection.getresponse()
             text = response.read().decode("utf-8", errors="replace")
-            jar: SimpleCookie = SimpleCookie()
-            for header in response.headers.get_all("Set-Cookie") or []:
-                jar.load(header)
-            for name, morsel in jar.items():
-                if morsel["max-age"] == "0" or not morsel.value:
-                    self.cookies.pop(name, None)
-                else:
-                    self.cookies[name] = morsel.value
+            self.browser.take(response.headers.get_all("Set-Cookie") or [])
             return response.status, text
         finally:
             connection.close()

@@ -27,14 +27,20 @@ bytes received; percentiles are exact, from the records (nearest rank).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
+from urllib.parse import urlsplit
 
 __all__ = [
     "P99_LIMIT",
+    "Browser",
     "Record",
     "Request",
     "capacity_search",
@@ -50,6 +56,63 @@ TIMEOUT = 30.0
 P99_LIMIT = 1.0
 
 
+class Browser:
+    """One user's cookies, kept as a browser keeps them: each answer's ``Set-Cookie`` stored
+    (replaced, or removed by ``Max-Age=0``, an empty value or a past ``Expires``) until it
+    expires, and sent back with the user's next requests.
+
+    Read-your-writes lives in these cookies: django-scale's write position, and
+    django-multidb-router's pin of the user's reads to the primary for 15 s after a write.
+    A generator that drops them measures neither. Thread-safe (the canary runs in a thread).
+    """
+
+    def __init__(self, cookies: dict[str, str] | None = None) -> None:
+        #: The cookies it starts with (a login's session), and has again after :meth:`reset`.
+        self.initial = dict(cookies or {})
+        self._lock = threading.Lock()
+        self._cookies: dict[str, tuple[str, float]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every cookie but the initial ones (a new phase's users start afresh)."""
+        with self._lock:
+            self._cookies = {name: (value, math.inf) for name, value in self.initial.items()}
+
+    def get(self, name: str, default: str = "") -> str:
+        """The value of the live cookie *name*, or *default*."""
+        value, expires = self._cookies.get(name, (default, math.inf))
+        return value if expires > time.time() else default
+
+    def header(self) -> str:
+        """The ``Cookie`` header's value: every live cookie."""
+        now = time.time()
+        with self._lock:
+            return "; ".join(
+                f"{name}={value}" for name, (value, expires) in self._cookies.items() if expires > now
+            )
+
+    def take(self, set_cookies: Sequence[str]) -> None:
+        """Keep what the ``Set-Cookie`` header values *set_cookies* set."""
+        now = time.time()
+        for header in set_cookies:
+            jar: SimpleCookie = SimpleCookie()
+            try:
+                jar.load(header)
+            except CookieError:
+                continue
+            for name, morsel in jar.items():
+                expires = math.inf
+                if morsel["max-age"]:
+                    expires = now + int(morsel["max-age"])
+                elif morsel["expires"]:
+                    expires = parsedate_to_datetime(morsel["expires"]).timestamp()
+                with self._lock:
+                    if not morsel.value or expires <= now:
+                        self._cookies.pop(name, None)
+                    else:
+                        self._cookies[name] = (morsel.value, expires)
+
+
 @dataclass(frozen=True)
 class Request:
     """One HTTP request to send: *name* is the page it counts under."""
@@ -59,6 +122,13 @@ class Request:
     method: str = "GET"
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
+    #: The user who sends it: their cookies go with it (taken when it goes out), and what its
+    #: answer sets is kept for their next requests. None: no cookies, nothing kept.
+    browser: Browser | None = None
+    #: Follow a redirect answer at once with a GET of its ``Location``, from the same browser,
+    #: recorded as its own request under this page name (intended at the instant the redirect
+    #: arrived): as a browser does after a form's POST. None: a redirect is not followed.
+    redirect_as: str | None = None
 
     def encode(self, host: str, sent: float | None = None) -> bytes:
         """Return the request as bytes on the wire (HTTP/1.1, keep-alive).
@@ -69,6 +139,8 @@ class Request:
         if sent is not None:
             lines.append(f"X-Request-Start: t={round(sent * 1_000_000)}")
         lines += [f"{name}: {value}" for name, value in self.headers]
+        if self.browser is not None and (cookies := self.browser.header()):
+            lines.append(f"Cookie: {cookies}")
         if self.body or self.method != "GET":
             lines.append(f"Content-Length: {len(self.body)}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
@@ -141,17 +213,33 @@ class _Pool:
         self.idle.clear()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
-    """Read one response; return (status, body bytes, whether the connection stays open)."""
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    size: int
+    keep_alive: bool
+    set_cookies: tuple[str, ...] = ()
+    location: str = ""
+
+
+async def _read_response(reader: asyncio.StreamReader) -> _Answer:
+    """Read one response: its status, body bytes, whether the connection stays open, the
+    ``Set-Cookie`` values and the ``Location``."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
     headers: dict[str, str] = {}
+    set_cookies = []
     for line in lines[1:]:
         if ":" in line:
             name, value = line.split(":", 1)
-            headers[name.strip().lower()] = value.strip()
-    keep_alive = headers.get("connection", "").lower() != "close"
+            name = name.strip().lower()
+            headers[name] = value.strip()
+            if name == "set-cookie":
+                set_cookies.append(value.strip())
+    # HTTP/1.1 keeps the connection unless told to close; HTTP/1.0 closes unless told to keep it.
+    connection = headers.get("connection", "").lower()
+    keep_alive = connection != "close" if lines[0].startswith("HTTP/1.1") else connection == "keep-alive"
     if headers.get("transfer-encoding", "").lower() == "chunked":
         size = 0
         while True:
@@ -160,49 +248,54 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
                 size += len(await reader.readexactly(chunk))
             await reader.readexactly(2)
             if not chunk:
-                return status, size, keep_alive
-    if "content-length" in headers:
-        return status, len(await reader.readexactly(int(headers["content-length"]))), keep_alive
-    # No length: the body ends when the server closes the connection.
-    return status, len(await reader.read()), False
+                break
+    elif "content-length" in headers:
+        size = len(await reader.readexactly(int(headers["content-length"])))
+    else:
+        # No length: the body ends when the server closes the connection.
+        size, keep_alive = len(await reader.read()), False
+    return _Answer(status, size, keep_alive, tuple(set_cookies), headers.get("location", ""))
 
 
-async def _exchange(pool: _Pool, request: Request, times: list[float]) -> tuple[int, int]:
+async def _exchange(pool: _Pool, request: Request, times: list[float]) -> _Answer:
     """Send *request* and read its answer; append to *times* when it went out and when the
-    last byte came in (taken there: closing the connection is the generator's own work)."""
+    last byte came in (taken there: closing the connection is the generator's own work).
+    The request's browser keeps the cookies the answer sets."""
     connection = await pool.take()
     try:
         times.append(time.monotonic())
         connection.writer.write(request.encode(pool.host, time.time()))
         await connection.writer.drain()
-        status, size, keep_alive = await _read_response(connection.reader)
+        answer = await _read_response(connection.reader)
         times.append(time.monotonic())
     except BaseException:
         connection.close()
         raise
-    if keep_alive:
+    if answer.keep_alive:
         pool.idle.append(connection)
     else:
         connection.close()
-    return status, size
+    if request.browser is not None:
+        request.browser.take(answer.set_cookies)
+    return answer
 
 
 async def _send(pool: _Pool, request: Request, intended: float, records: list[Record]) -> None:
     start = time.monotonic()
     times: list[float] = []
-    try:
-        status, size = await asyncio.wait_for(_exchange(pool, request, times), TIMEOUT)
-    except (
-        OSError,
-        asyncio.IncompleteReadError,
-        asyncio.LimitOverrunError,
-        asyncio.TimeoutError,
-        ValueError,
+    answer: _Answer | None = None
+    with contextlib.suppress(
+        OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ValueError
     ):
-        status, size = 0, 0
+        answer = await asyncio.wait_for(_exchange(pool, request, times), TIMEOUT)
     sent = times[0] if times else start
     end = times[1] if len(times) > 1 else time.monotonic()
+    status, size = (answer.status, answer.size) if answer is not None else (0, 0)
     records.append(Record(request.name, intended, start, end, status, size, sent))
+    if answer is not None and request.redirect_as and 300 <= answer.status < 400 and answer.location:
+        # The browser follows at once: the GET is due the instant the redirect arrived.
+        path = urlsplit(answer.location)._replace(scheme="", netloc="").geturl() or "/"
+        await _send(pool, Request(request.redirect_as, path, browser=request.browser), end, records)
 
 
 #: Sends one request due at an intended time and records it: what a load's schedule calls.

@@ -32,7 +32,7 @@ from django_scale.metrics.store import SlotStore
 
 from benchmarks.site.deploy import Deployment
 from benchmarks.site.loadgen import Record, Request, closed_loop, percentile
-from benchmarks.site.mix import PAGES, Mix
+from benchmarks.site.mix import PAGES, Mix, alone
 
 __all__ = [
     "QUANTILES",
@@ -50,14 +50,16 @@ DRAWN = 50
 
 
 def page_requests(mix: Mix, page: str, count: int = DRAWN) -> list[Request]:
-    """Draw requests from *mix* until *count* of them are for *page*; return those."""
+    """Draw requests from *mix*, from its start, until *count* of them are for *page*; return
+    those, without the redirects they would follow (a write's page alone is its POST)."""
     found: list[Request] = []
     i = 0
+    mix.restart()
     while len(found) < count:
         request = mix(i)
         i += 1
         if request.name == page:
-            found.append(request)
+            found.append(alone(request))
     return found
 
 

@@ -11,6 +11,10 @@ from benchmarks import print_table
 from benchmarks.metrics_scale import met
 from benchmarks.site.loadgen import P99_LIMIT
 
+#: The phase at half of tuned's capacity (tuned's and django-scale's, with no fault): the
+#: faults' rate, their baseline, and where the two configurations' primary time is compared.
+HALF_TUNED = "open at the faults' rate"
+
 __all__ = ["print_results"]
 
 
@@ -29,6 +33,11 @@ def _open_keys(results: dict[str, Any]) -> list[str]:
     return [f"open {load:.0%}" for load in results["loads"]]
 
 
+def _phase_keys(results: dict[str, Any], figures: dict[str, Any]) -> list[str]:
+    """The loaded phases a configuration ran, in the tables' order."""
+    return [key for key in ("closed loop", *_open_keys(results), HALF_TUNED) if key in figures]
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -40,7 +49,7 @@ def _ratio(value: float, stock: float) -> str:
 def _print(out: TextIO, results: dict[str, Any]) -> None:
     rows = []
     for config, figures in results["configs"].items():
-        for key in ("closed loop", *_open_keys(results)):
+        for key in _phase_keys(results, figures):
             phase = figures[key]
             label = key if key == "closed loop" else f"{key} ({phase['rate']:g}/s)"
             for page, summary in [("all", phase["all"]), *phase["pages"].items()]:
@@ -56,7 +65,7 @@ def _print(out: TextIO, results: dict[str, Any]) -> None:
     )
     rows = []
     for config, figures in results["configs"].items():
-        for key in ("closed loop", *_open_keys(results)):
+        for key in _phase_keys(results, figures):
             server = figures[key]["server"]
             rows.append(
                 [config, key, f"{server['app_cpu_ms_per_request']:.2f}",
@@ -283,12 +292,16 @@ def _print_goals(out: TextIO, results: dict[str, Any]) -> None:
         before, after = expiry["tuned"]["all"]["p99"], expiry["scale"]["all"]["p99"]
         rows.append(["p99 through cache expiry >= 3x lower than tuned",
                      f"{_ms(before)} -> {_ms(after)} ms: {_ratio(before, after)}", met(before >= 3 * after)])  # fmt: skip
+    # At half of tuned's capacity where both ran it (a phase with writes in it: at 80 % of
+    # stock's capacity a phase holds a few dozen requests), else at the heavy open loop.
+    phase = HALF_TUNED if HALF_TUNED in tuned and HALF_TUNED in scale else heavy
     before, after = (
-        tuned[heavy]["server"]["primary_exec_ms_per_request"],
-        scale[heavy]["server"]["primary_exec_ms_per_request"],
+        tuned[phase]["server"]["primary_exec_ms_per_request"],
+        scale[phase]["server"]["primary_exec_ms_per_request"],
     )
-    rows.append([f"primary time per request <= 0.5x tuned ({heavy})", f"{before:.3f} -> {after:.3f} ms",
-                 met(after <= 0.5 * before)])  # fmt: skip
+    where = f"{tuned[phase]['rate']:g}/s" if phase == HALF_TUNED else heavy
+    rows.append([f"primary time per request <= 0.5x tuned ({where})",
+                 f"{before:.3f} -> {after:.3f} ms: {_ratio(before, after)}", met(after <= 0.5 * before)])  # fmt: skip
     for page in ("admin filtered", "admin search"):
         if page in tuned["pages"] and page in scale["pages"]:
             before, after = tuned["pages"][page]["generator"]["p50"], scale["pages"][page]["generator"]["p50"]
