@@ -22,6 +22,10 @@ time and the generator's figure measure the same span (same clock, same machine)
 
 Each request is recorded (:class:`Record`): page name, intended time, start, end, status and
 bytes received; percentiles are exact, from the records (nearest rank).
+
+A request may come from a user (:class:`Browser`): the user's cookies go with it, what its
+answer sets is kept, and a redirect it answers can be followed at once with a GET, recorded as
+a request of its own (due the instant the redirect arrived), as a browser follows a form's.
 """
 
 from __future__ import annotations
