@@ -397,5 +397,8 @@ def test_a_browser_forgets_a_cookie_when_it_expires_or_is_removed(writes_site: i
     assert browser.header() == "sessionid=s"
     browser.take(["other=1; Expires=Thu, 01 Jan 1970 00:00:00 GMT", "kept=2; Path=/"])
     assert browser.header() == "sessionid=s; kept=2"
+    # A malformed Max-Age or Expires is ignored (RFC 6265): the cookie lives for the session.
+    browser.take(["odd=3; Max-Age=soon", "odder=4; Expires=someday"])
+    assert browser.header() == "sessionid=s; kept=2; odd=3; odder=4"
     browser.reset()
     assert browser.header() == "sessionid=s"

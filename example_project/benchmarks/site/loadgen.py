@@ -105,16 +105,24 @@ class Browser:
             except CookieError:
                 continue
             for name, morsel in jar.items():
-                expires = math.inf
-                if morsel["max-age"]:
-                    expires = now + int(morsel["max-age"])
-                elif morsel["expires"]:
-                    expires = parsedate_to_datetime(morsel["expires"]).timestamp()
+                expires = _expiry(morsel["max-age"], morsel["expires"], now)
                 with self._lock:
                     if not morsel.value or expires <= now:
                         self._cookies.pop(name, None)
                     else:
                         self._cookies[name] = (morsel.value, expires)
+
+
+def _expiry(max_age: str, expires: str, now: float) -> float:
+    """When a cookie expires (``time.time()``; inf for the session): ``Max-Age`` first, then
+    ``Expires``; a malformed attribute is ignored, as RFC 6265 has browsers do."""
+    with contextlib.suppress(ValueError):
+        if max_age:
+            return now + int(max_age)
+    with contextlib.suppress(ValueError, TypeError):
+        if expires:
+            return parsedate_to_datetime(expires).timestamp()
+    return math.inf
 
 
 @dataclass(frozen=True)
