@@ -484,7 +484,8 @@ def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
 #: Set in the environment of the process that ``instructions()`` runs under callgrind.
 CHILD = "DJANGO_SCALE_BENCH_INSTRUCTIONS_CHILD"
 #: ``DJANGO_SCALE_BENCH_REQUEST_ONLY=instructions`` runs the callgrind table alone (the time
-#: tables take minutes and say nothing the instructions do not, on a shared machine).
+#: tables take minutes and say nothing the instructions do not, on a shared machine);
+#: ``=time`` the time tables alone (on an idle machine: callgrind's table takes a quarter hour).
 ONLY = "DJANGO_SCALE_BENCH_REQUEST_ONLY"
 
 
@@ -701,4 +702,5 @@ def run(out: TextIO, quick: bool = False) -> None:
             calls_per_request(out, replica, quick)
         finally:
             stop_monitors()
-    instructions(out, replica, quick)
+    if os.environ.get(ONLY) != "time":
+        instructions(out, replica, quick)
