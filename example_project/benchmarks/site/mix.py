@@ -25,7 +25,6 @@ import itertools
 import random
 from collections.abc import Sequence
 from dataclasses import replace
-from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import urlencode
 
@@ -53,22 +52,17 @@ COMMENTERS = 16
 EDITED = 50
 
 
-def _cookies(response: http.client.HTTPResponse) -> dict[str, str]:
-    jar: SimpleCookie = SimpleCookie()
-    for header in response.headers.get_all("Set-Cookie") or []:
-        jar.load(header)
-    return {name: morsel.value for name, morsel in jar.items()}
-
-
 def login(host: str, port: int, username: str, password: str) -> Browser:
     """Log in to the admin as a browser does (GET the form, POST it); return the browser,
-    holding the session's and the CSRF token's cookies."""
+    holding the session's and the CSRF token's cookies (what :meth:`Browser.reset` keeps)."""
+    jar = Browser()
     connection = http.client.HTTPConnection(host, port, timeout=60)
     try:
         connection.request("GET", "/admin/login/")
         response = connection.getresponse()
         response.read()
-        csrftoken = _cookies(response).get("csrftoken", "")
+        jar.take(response.headers.get_all("Set-Cookie") or [])
+        csrftoken = jar.get("csrftoken")
         if response.status != 200 or not csrftoken:
             raise RuntimeError(f"GET /admin/login/ answered {response.status} without a CSRF cookie")
         body = urlencode(
@@ -78,14 +72,14 @@ def login(host: str, port: int, username: str, password: str) -> Browser:
             "POST",
             "/admin/login/",
             body,
-            {"Content-Type": "application/x-www-form-urlencoded", "Cookie": f"csrftoken={csrftoken}"},
+            {"Content-Type": "application/x-www-form-urlencoded", "Cookie": jar.header()},
         )
         response = connection.getresponse()
         response.read()
-        cookies = _cookies(response)
-        if response.status != 302 or "sessionid" not in cookies:
+        jar.take(response.headers.get_all("Set-Cookie") or [])
+        if response.status != 302 or not jar.get("sessionid"):
             raise RuntimeError(f"POST /admin/login/ answered {response.status}: the login failed")
-        return Browser({"sessionid": cookies["sessionid"], "csrftoken": cookies.get("csrftoken", csrftoken)})
+        return Browser({"sessionid": jar.get("sessionid"), "csrftoken": jar.get("csrftoken")})
     finally:
         connection.close()
 
