@@ -265,6 +265,23 @@ def test_the_watchdog_survives_a_connection_closed_under_it(replica):
         wrapper.close()
 
 
+def test_the_watchdog_stays_awake_between_queries_and_naps_once_idle():
+    # Waking the watchdog is a system call in the query's thread: a process that queries a
+    # replica now and then keeps it looking, so that its next query need not wake it.
+    dog = Watchdog()
+    dog.tick = 0.02
+    dog.naps_after = 10**6
+    dog.unwatch(dog.watch("replica", object()))  # a query: it wakes the thread
+    assert dog._awake and dog._thread is not None and dog._thread.is_alive()
+    time.sleep(10 * dog.tick)  # looks with no query in flight
+    assert dog._awake, "the watchdog napped between two queries"
+    dog.naps_after = 1
+    wait_until(lambda: not dog._awake, "the idle watchdog to nap", timeout=10)
+    dog.unwatch(dog.watch("replica", object()))  # the next query wakes it again
+    assert dog._awake
+    wait_until(lambda: not dog._awake, "the watchdog to nap again", timeout=10)
+
+
 # -- The shared state, with a healthy Redis ------------------------------------------------------
 
 

@@ -185,6 +185,12 @@ class Watchdog:
 
     #: How often the thread looks at the queries in flight, in seconds.
     tick = 0.05
+    #: How many looks in a row must find no query in flight before the thread sleeps until the
+    #: next query wakes it (20: a second without queries). A process that queries a replica
+    #: every second or more often keeps it looking, and its queries never wake it: waking it
+    #: is a system call and a handoff of the GIL in the query's thread, where one look costs
+    #: the watchdog's thread alone.
+    naps_after = 20
 
     def __init__(self) -> None:
         self._reset()
@@ -196,8 +202,8 @@ class Watchdog:
         self._inflight: dict[int, tuple[str, Any]] = {}
         self._lock = threading.Lock()
         #: Wake-ups for the sleeping thread: a C queue, so that waking it is one C call (an
-        #: Event's set() runs a Condition's Python code, and the first query of every busy
-        #: spell, at a few requests a second every request, wakes the thread).
+        #: Event's set() runs a Condition's Python code). Only the first query after a second
+        #: without any wakes it (``naps_after``).
         self._wakeups: queue.SimpleQueue[None] = queue.SimpleQueue()
         #: Whether the thread is awake or about to look (read on every query: a plain attribute).
         self._awake = False
@@ -230,11 +236,18 @@ class Watchdog:
 
     def _run(self) -> None:
         wakeups = self._wakeups
+        idle = 0
         while True:
             wakeups.get()
             time.sleep(self.tick)
             inflight = self._inflight.copy()
             if not inflight:
+                idle += 1
+                if idle < self.naps_after:
+                    # Still awake: look again after the next tick.
+                    wakeups.put(None)
+                    continue
+                idle = 0
                 # Going to sleep: a query that starts now either sees _awake false and wakes the
                 # thread, or saw it true before, and then its entry is in flight for the second
                 # look below. (Wake-ups queued meanwhile only cost a look each.)
@@ -244,6 +257,7 @@ class Watchdog:
                     wakeups.put(None)
                 continue
             # Queries in flight: look again after the next tick.
+            idle = 0
             wakeups.put(None)
             now = time.monotonic()
             for key, (alias, connection) in inflight.items():
