@@ -37,11 +37,12 @@ from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
     ReplicaMonitor,
     Watchdog,
+    guard,
     monitor,
     parse_lsn,
     routing_state,
 )
-from django_scale.replicas.guard import guard_connection, watchdog
+from django_scale.replicas.guard import ReplicaGuard, guard_connection, watchdog
 from django_scale.testing import capture_reads, override_scale_settings
 from django_scale.timeouts import is_statement_timeout, statement_timeout
 
@@ -263,6 +264,70 @@ def test_the_watchdog_survives_a_connection_closed_under_it(replica):
         Watchdog()._cut_off(wrapper)
     finally:
         wrapper.close()
+
+
+@REPLICA
+def test_the_watchdog_sees_a_query_running_on_a_guarded_connection_from_its_own_thread(replica):
+    # The guard adds no entry per query: the watchdog asks each registered connection whether
+    # a query runs (libpq's transaction status, through the driver's public connection info,
+    # read while the query's thread waits on the socket). Pinned for the env's driver.
+    opened = threading.Event()
+    go = threading.Event()
+    done = threading.Event()
+    found: dict[str, Any] = {}
+
+    def sleep_on_the_replica() -> None:
+        try:
+            wrapper = found["wrapper"] = connections["replica"]  # this thread's own
+            wrapper.ensure_connection()
+            found["guarded"] = guard_connection(wrapper)
+            opened.set()
+            go.wait(20)
+            with wrapper.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(1)")
+        except Exception as exc:  # pragma: no cover - reported below
+            found["error"] = exc
+        finally:
+            opened.set()
+            done.set()
+            connections.close_all()
+
+    thread = threading.Thread(target=sleep_on_the_replica)
+    thread.start()
+    try:
+        assert opened.wait(20) and "error" not in found, found
+        wrapper = found["wrapper"]
+        assert found["guarded"]
+        assert any(reference() is wrapper for _, reference in watchdog._guarded.values())
+        assert not guard._running(wrapper)
+        go.set()
+        wait_until(lambda: guard._running(wrapper) or done.is_set(), "the query to run")
+        assert not done.is_set(), f"the query ended before it was seen running: {found}"
+    finally:
+        go.set()
+        thread.join(20)
+    assert "error" not in found, found
+    assert not guard._running(wrapper)
+
+
+@REPLICA
+def test_a_guard_made_without_a_connection_watches_each_query(replica):
+    wrapper = connections["replica"]
+    seen: list[bool] = []
+
+    def inside(execute: Any, sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
+        seen.append(id(wrapper) in watchdog._inflight)
+        return execute(sql, params, many, context)
+
+    with (
+        wrapper.execute_wrapper(ReplicaGuard("replica")),
+        wrapper.execute_wrapper(inside),
+        wrapper.cursor() as cursor,
+    ):
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
+    assert seen == [True]
+    assert id(wrapper) not in watchdog._inflight
 
 
 def test_the_watchdog_stays_awake_between_queries_and_naps_once_idle():

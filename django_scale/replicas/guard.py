@@ -15,6 +15,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -98,17 +99,23 @@ class ReplicaGuard(functools.partial[Any]):
     primary. No execute wrapper can hand its caller the rows of another connection's cursor,
     so the guard does not retry the query itself.
 
-    It is a :func:`functools.partial` of :func:`_guarded_execute` with the replica's alias,
-    the connection object it guards and that object's entry in the watchdog's queries in
-    flight: a call goes from Django's ``functools.partial`` of the wrapper straight to the
-    function, in C, where an instance's ``__call__`` took a lookup, a bound method and the
-    arguments copied into new tuples on every query.
+    It is a :func:`functools.partial` of :func:`_guarded_execute` with the replica's alias
+    and the connection object it guards: a call goes from Django's ``functools.partial`` of
+    the wrapper straight to the function, in C, where an instance's ``__call__`` took a
+    lookup, a bound method and the arguments copied into new tuples on every query. Made for
+    a connection object, it registers that object with the watchdog once, and a query only
+    counts itself (the watchdog finds the queries running on a replica by asking each
+    registered connection, not from an entry every query adds and removes). Made without one,
+    each query is watched on its own (:meth:`Watchdog.watch`).
     """
 
     __slots__ = ()
 
     def __new__(cls, alias: str, connection: BaseDatabaseWrapper | None = None) -> ReplicaGuard:
-        return super().__new__(cls, _guarded_execute, alias, connection, (alias, connection))
+        if connection is None:
+            return super().__new__(cls, _watched_execute, alias, None)
+        watchdog.register(alias, connection)
+        return super().__new__(cls, _guarded_execute, alias, connection)
 
     @property
     def alias(self) -> str:
@@ -125,80 +132,146 @@ class ReplicaGuard(functools.partial[Any]):
 
 def _guarded_execute(
     alias: str,
-    guarded: BaseDatabaseWrapper | None,
-    entry: tuple[str, Any],
+    guarded: BaseDatabaseWrapper,
     execute: Callable[..., Any],
     sql: str,
     params: Any,
     many: bool,
     context: dict[str, Any],
 ) -> Any:
-    """:class:`ReplicaGuard`'s call: run the query on replica *alias* under the watchdog."""
-    connection = context["connection"]
-    if connection is not guarded:
-        if connection.alias != alias:
-            # In tests the replica alias may share the primary's connection object.
-            return execute(sql, params, many, context)
-        entry = (alias, connection)
-    # Watchdog.watch(), inlined: this runs on every query on a replica.
-    inflight = watchdog._inflight
-    key = id(connection)
-    inflight[key] = entry
-    if not watchdog._awake:
-        watchdog.wake()
+    """:class:`ReplicaGuard`'s call: run the query on replica *alias* under the watchdog.
+
+    The watchdog knows the connection object (registered when the guard was made) and sees
+    from it whether a query runs; the query only counts itself, first, so that a watchdog
+    about to nap sees it (:meth:`Watchdog._run`), then wakes a napping one.
+    """
+    dog = watchdog
+    dog.queries += 1
+    if not dog._awake:
+        dog.wake()
     try:
         return execute(sql, params, many, context)
     except (OperationalError, InterfaceError, InternalError) as exc:
-        sqlstate = error_sqlstate(exc)
-        conflict = sqlstate == RECOVERY_CONFLICT
-        broken = not conflict and is_broken(connection, sqlstate)
-        if broken:
-            monitor(alias).report_failure(exc)
-        if not (conflict or broken) or connection.in_atomic_block or not is_read(sql):
-            # The replica answered with an error of the query's own (a statement timeout,
-            # say): that is the caller's to handle, and no reason to distrust the replica.
+        connection = context["connection"]
+        if connection is not guarded and connection.alias != alias:
+            # In tests the replica alias may share the primary's connection object.
             raise
-        if broken:
-            # Close the broken connection so that the next read opens a new one.
-            with contextlib.suppress(Exception):
-                connection.close()
-        cause = str(exc).strip()
-        state = _state.get()
-        if state is not None:
-            state.replica_failed = alias
-            state.pin(f"a read on replica {alias!r} failed", fallback=True)
-        logger.warning("a read on replica %r failed: %s", alias, cause)
-        what = "cancelled by a recovery conflict" if conflict else "its connection broke"
-        raise ReplicaReadError(
-            f"a read on replica {alias!r} failed ({what}: {cause}). ScaleMiddleware runs a "
-            "GET, HEAD or OPTIONS request that has not written once more with its reads on the "
-            "primary; elsewhere, retry the work (the replica's monitor sends reads to the "
-            "primary while the replica is down).",
-            alias=alias,
-        ) from exc
+        error = _read_error(alias, connection, sql, exc)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def _watched_execute(
+    alias: str,
+    guarded: None,
+    execute: Callable[..., Any],
+    sql: str,
+    params: Any,
+    many: bool,
+    context: dict[str, Any],
+) -> Any:
+    """The call of a :class:`ReplicaGuard` made without a connection object: each query watched."""
+    connection = context["connection"]
+    if connection.alias != alias:
+        return execute(sql, params, many, context)
+    ticket = watchdog.watch(alias, connection)
+    try:
+        return execute(sql, params, many, context)
+    except (OperationalError, InterfaceError, InternalError) as exc:
+        error = _read_error(alias, connection, sql, exc)
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        inflight.pop(key, None)
+        watchdog.unwatch(ticket)
+
+
+def _read_error(
+    alias: str, connection: BaseDatabaseWrapper, sql: str, exc: Exception
+) -> ReplicaReadError | None:
+    """The :exc:`ReplicaReadError` to raise for *exc*, raised by a query on replica *alias*, or
+    ``None`` to let *exc* through (an error of the query's own, or a write's, or in a transaction)."""
+    sqlstate = error_sqlstate(exc)
+    conflict = sqlstate == RECOVERY_CONFLICT
+    broken = not conflict and is_broken(connection, sqlstate)
+    if broken:
+        monitor(alias).report_failure(exc)
+    if not (conflict or broken) or connection.in_atomic_block or not is_read(sql):
+        # The replica answered with an error of the query's own (a statement timeout,
+        # say): that is the caller's to handle, and no reason to distrust the replica.
+        return None
+    if broken:
+        # Close the broken connection so that the next read opens a new one.
+        with contextlib.suppress(Exception):
+            connection.close()
+    cause = str(exc).strip()
+    state = _state.get()
+    if state is not None:
+        state.replica_failed = alias
+        state.pin(f"a read on replica {alias!r} failed", fallback=True)
+    logger.warning("a read on replica %r failed: %s", alias, cause)
+    what = "cancelled by a recovery conflict" if conflict else "its connection broke"
+    return ReplicaReadError(
+        f"a read on replica {alias!r} failed ({what}: {cause}). ScaleMiddleware runs a "
+        "GET, HEAD or OPTIONS request that has not written once more with its reads on the "
+        "primary; elsewhere, retry the work (the replica's monitor sends reads to the "
+        "primary while the replica is down).",
+        alias=alias,
+    )
+
+
+#: libpq's ``PQTRANS_ACTIVE``: a query is running on the connection (psycopg2's
+#: ``TRANSACTION_STATUS_ACTIVE``, psycopg's ``TransactionStatus.ACTIVE``).
+_ACTIVE = 1
+
+
+def _running(connection: BaseDatabaseWrapper) -> bool:
+    """Whether a query runs on Django connection object *connection* now, asked from another thread.
+
+    libpq's transaction status, which the driver reads from the connection without its lock
+    (psycopg2's ``connection.info``, psycopg's ``Connection.info``): the query's thread waits
+    on the socket meanwhile, without the GIL.
+    """
+    raw = connection.connection
+    if raw is None:
+        return False
+    try:
+        return int(raw.info.transaction_status) == _ACTIVE
+    except Exception:
+        # Closed meanwhile, or a driver without libpq's status: nothing to cut off.
+        return False
 
 
 class Watchdog:
-    """One daemon thread per process that cuts off queries stuck on an unresponsive replica."""
+    """One daemon thread per process that cuts off queries stuck on an unresponsive replica.
 
-    #: How often the thread looks at the queries in flight, in seconds.
+    It knows the replica connection objects whose :class:`ReplicaGuard` registered them, and
+    the queries watched one by one (:meth:`watch`). While it is awake it looks every
+    :attr:`tick` at the registered connections that run a query (libpq's transaction status)
+    and at the watched queries, and shuts the socket of each one whose replica's monitor finds
+    the replica unresponsive.
+    """
+
+    #: How often the thread looks at the queries running, in seconds.
     tick = 0.05
-    #: How many looks in a row must find no query in flight before the thread sleeps until the
-    #: next query wakes it (20: a second without queries). A process that queries a replica
-    #: every second or more often keeps it looking, and its queries never wake it: waking it
-    #: is a system call and a handoff of the GIL in the query's thread, where one look costs
-    #: the watchdog's thread alone.
+    #: How many looks in a row must find no query running, and no query started, before the
+    #: thread sleeps until the next query wakes it (20: a second without queries). A process
+    #: that queries a replica every second or more often keeps it looking, and its queries
+    #: never wake it: waking it is a system call and a handoff of the GIL in the query's thread,
+    #: where one look costs the watchdog's thread alone.
     naps_after = 20
 
     def __init__(self) -> None:
+        #: The registered replica connection objects: (alias, weak reference) by the object's
+        #: id. Not cleared in a forked child, which inherits the objects with their guards.
+        self._guarded: dict[int, tuple[str, weakref.ReferenceType[Any]]] = {}
         self._reset()
 
     def _reset(self) -> None:
-        #: The queries in flight on replicas: (alias, connection object) by the connection
-        #: object's id (a connection runs one query at a time). Written without a lock: one
-        #: dict operation each, atomic in CPython; the thread reads a copy.
+        #: The queries watched one by one (:meth:`watch`): (alias, connection object) by the
+        #: connection object's id (a connection runs one query at a time). Written without a
+        #: lock: one dict operation each, atomic in CPython; the thread reads a copy.
         self._inflight: dict[int, tuple[str, Any]] = {}
         self._lock = threading.Lock()
         #: Wake-ups for the sleeping thread: a C queue, so that waking it is one C call (an
@@ -208,8 +281,21 @@ class Watchdog:
         #: Whether the thread is awake or about to look (read on every query: a plain attribute).
         self._awake = False
         self._thread: threading.Thread | None = None
+        #: Queries started on registered connections: a guarded query adds one before it checks
+        #: :attr:`_awake`. Only a change matters (increments from two threads at once may count
+        #: as one).
+        self.queries = 0
         #: How many queries it has cut off (for tests and metrics).
         self.cut_off = 0
+
+    def register(self, alias: str, connection: Any) -> None:
+        """Watch every query that replica connection object *connection* runs, for its life."""
+        key = id(connection)
+
+        def forget(_reference: object, key: int = key, dog: Watchdog = self) -> None:
+            dog._guarded.pop(key, None)
+
+        self._guarded[key] = (alias, weakref.ref(connection, forget))
 
     def watch(self, alias: str, connection: Any) -> int:
         """Watch the query *connection* runs now; return the ticket for :meth:`unwatch`."""
@@ -223,7 +309,7 @@ class Watchdog:
         self._inflight.pop(ticket, None)
 
     def wake(self) -> None:
-        """Have the thread look at the queries in flight (start it on first use)."""
+        """Have the thread look at the queries running (start it on first use)."""
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
@@ -237,37 +323,74 @@ class Watchdog:
     def _run(self) -> None:
         wakeups = self._wakeups
         idle = 0
+        seen = self.queries
         while True:
             wakeups.get()
             time.sleep(self.tick)
-            inflight = self._inflight.copy()
-            if not inflight:
-                idle += 1
-                if idle < self.naps_after:
-                    # Still awake: look again after the next tick.
-                    wakeups.put(None)
-                    continue
-                idle = 0
-                # Going to sleep: a query that starts now either sees _awake false and wakes the
-                # thread, or saw it true before, and then its entry is in flight for the second
-                # look below. (Wake-ups queued meanwhile only cost a look each.)
-                self._awake = False
-                if self._inflight:
-                    self._awake = True
-                    wakeups.put(None)
+            try:
+                running = self._look(time.monotonic())
+            except Exception:
+                # Never the end of the thread: the next look tries again.
+                logger.exception("the replica watchdog's look failed")
+                running = True
+            started = self.queries
+            if running or started != seen:
+                idle, seen = 0, started
+                # Look again after the next tick.
+                wakeups.put(None)
                 continue
-            # Queries in flight: look again after the next tick.
+            idle += 1
+            if idle < self.naps_after:
+                # Still awake: look again after the next tick.
+                wakeups.put(None)
+                continue
             idle = 0
-            wakeups.put(None)
-            now = time.monotonic()
-            for key, (alias, connection) in inflight.items():
-                if monitor(alias).is_unresponsive(now) and self._inflight.pop(key, None) is not None:
-                    self._cut_off(connection)
+            # Going to sleep. A guarded query that starts now counted itself before it reads
+            # _awake: either it reads false and wakes the thread, or it read true before this
+            # line, and then its count shows below. A watched one is in _inflight first.
+            # (Wake-ups queued meanwhile only cost a look each.)
+            self._awake = False
+            if self.queries != seen or self._inflight:
+                self._awake = True
+                wakeups.put(None)
+
+    def _look(self, now: float) -> bool:
+        """Cut off what runs on an unresponsive replica; return whether any query runs."""
+        running = False
+        for key, (alias, connection) in self._inflight.copy().items():
+            running = True
+            if monitor(alias).is_unresponsive(now) and self._inflight.pop(key, None) is not None:
+                self._cut_off(connection)
+        verdicts: dict[str, bool] = {}
+        # (A copy: a collected connection object's weak reference removes its entry at any time.)
+        for alias, reference in self._guarded.copy().values():
+            connection = reference()
+            if connection is None or not _running(connection):
+                continue
+            running = True
+            unresponsive = verdicts.get(alias)
+            if unresponsive is None:
+                unresponsive = verdicts[alias] = monitor(alias).is_unresponsive(now)
+            if unresponsive:
+                self._cut_off(connection)
+        return running
 
     def _cut_off(self, connection: Any) -> None:
         raw = connection.connection
         if raw is None:
             return
+        mark = getattr(connection, _CUT_ATTRIBUTE, None)
+        if mark is not None and mark() is raw:
+            # Once per DB-API connection: its status may still say "running" at the next look,
+            # until the query's thread has read the error, and a watched query's connection
+            # may be registered too.
+            return
+        try:
+            # Weakly: the mark must not keep a closed DB-API connection (and its socket) alive.
+            mark = weakref.ref(raw)
+        except TypeError:
+            mark = functools.partial(_same, raw)
+        setattr(connection, _CUT_ATTRIBUTE, mark)
         try:
             fd = raw.fileno()
         except Exception:
@@ -285,6 +408,15 @@ class Watchdog:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             self.cut_off -= 1
+
+
+#: The attribute of a connection object that holds (a weak reference to) the DB-API
+#: connection the watchdog last cut off.
+_CUT_ATTRIBUTE = "_django_scale_cut"
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 #: The process's :class:`Watchdog`.
