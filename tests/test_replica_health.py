@@ -268,9 +268,8 @@ def test_the_watchdog_survives_a_connection_closed_under_it(replica):
 
 @REPLICA
 def test_the_watchdog_sees_a_query_running_on_a_guarded_connection_from_its_own_thread(replica):
-    # The guard adds no entry per query: the watchdog asks each registered connection whether
-    # a query runs (libpq's transaction status, through the driver's public connection info,
-    # read while the query's thread waits on the socket). Pinned for the env's driver.
+    # The guard adds no entry per query to a dict: the watchdog looks at each registered
+    # connection object, which the guard flags while its query runs (from its own thread).
     opened = threading.Event()
     go = threading.Event()
     done = threading.Event()
@@ -298,7 +297,7 @@ def test_the_watchdog_sees_a_query_running_on_a_guarded_connection_from_its_own_
         assert opened.wait(20) and "error" not in found, found
         wrapper = found["wrapper"]
         assert found["guarded"]
-        assert any(reference() is wrapper for _, reference in watchdog._guarded.values())
+        assert any(reference() is wrapper for _, reference, _ in watchdog._guarded.values())
         assert not guard._running(wrapper)
         go.set()
         wait_until(lambda: guard._running(wrapper) or done.is_set(), "the query to run")

@@ -104,18 +104,17 @@ class ReplicaGuard(functools.partial[Any]):
     the wrapper straight to the function, in C, where an instance's ``__call__`` took a
     lookup, a bound method and the arguments copied into new tuples on every query. Made for
     a connection object, it registers that object with the watchdog once, and a query only
-    counts itself (the watchdog finds the queries running on a replica by asking each
-    registered connection, not from an entry every query adds and removes). Made without one,
-    each query is watched on its own (:meth:`Watchdog.watch`).
+    flags the object while it runs (the watchdog finds the queries running on a replica by
+    looking at each registered object, not from an entry every query adds to a dict and
+    removes). Made without one, each query is watched on its own (:meth:`Watchdog.watch`).
     """
 
     __slots__ = ()
 
     def __new__(cls, alias: str, connection: BaseDatabaseWrapper | None = None) -> ReplicaGuard:
         if connection is None:
-            return super().__new__(cls, _watched_execute, alias, None)
-        watchdog.register(alias, connection)
-        return super().__new__(cls, _guarded_execute, alias, connection)
+            return super().__new__(cls, _watched_execute, alias, None, None)
+        return super().__new__(cls, _guarded_execute, alias, connection, watchdog.register(alias, connection))
 
     @property
     def alias(self) -> str:
@@ -133,6 +132,7 @@ class ReplicaGuard(functools.partial[Any]):
 def _guarded_execute(
     alias: str,
     guarded: BaseDatabaseWrapper,
+    running: list[bool],
     execute: Callable[..., Any],
     sql: str,
     params: Any,
@@ -142,13 +142,12 @@ def _guarded_execute(
     """:class:`ReplicaGuard`'s call: run the query on replica *alias* under the watchdog.
 
     The watchdog knows the connection object (registered when the guard was made) and sees
-    from it whether a query runs; the query only counts itself, first, so that a watchdog
-    about to nap sees it (:meth:`Watchdog._run`), then wakes a napping one.
+    *running*, the flag the registration gave, set while the query runs: set first, so that a
+    watchdog about to nap sees it (:meth:`Watchdog._run`), then a napping one woken.
     """
-    dog = watchdog
-    dog.queries += 1
-    if not dog._awake:
-        dog.wake()
+    running[0] = True
+    if not watchdog._awake:
+        watchdog.wake()
     try:
         return execute(sql, params, many, context)
     except (OperationalError, InterfaceError, InternalError) as exc:
@@ -160,11 +159,14 @@ def _guarded_execute(
         if error is None:
             raise
         raise error from exc
+    finally:
+        running[0] = False
 
 
 def _watched_execute(
     alias: str,
     guarded: None,
+    running: None,
     execute: Callable[..., Any],
     sql: str,
     params: Any,
@@ -221,26 +223,14 @@ def _read_error(
     )
 
 
-#: libpq's ``PQTRANS_ACTIVE``: a query is running on the connection (psycopg2's
-#: ``TRANSACTION_STATUS_ACTIVE``, psycopg's ``TransactionStatus.ACTIVE``).
-_ACTIVE = 1
-
-
 def _running(connection: BaseDatabaseWrapper) -> bool:
-    """Whether a query runs on Django connection object *connection* now, asked from another thread.
+    """Whether the guard of registered *connection* runs a query now (read from any thread).
 
-    libpq's transaction status, which the driver reads from the connection without its lock
-    (psycopg2's ``connection.info``, psycopg's ``Connection.info``): the query's thread waits
-    on the socket meanwhile, without the GIL.
+    A flag of the guard's, set and cleared by the query's thread, not the driver's state: the
+    driver's connection may be closed meanwhile in that thread, without the GIL.
     """
-    raw = connection.connection
-    if raw is None:
-        return False
-    try:
-        return int(raw.info.transaction_status) == _ACTIVE
-    except Exception:
-        # Closed meanwhile, or a driver without libpq's status: nothing to cut off.
-        return False
+    entry = watchdog._guarded.get(id(connection))
+    return entry is not None and entry[1]() is connection and entry[2][0]
 
 
 class Watchdog:
@@ -248,9 +238,9 @@ class Watchdog:
 
     It knows the replica connection objects whose :class:`ReplicaGuard` registered them, and
     the queries watched one by one (:meth:`watch`). While it is awake it looks every
-    :attr:`tick` at the registered connections that run a query (libpq's transaction status)
-    and at the watched queries, and shuts the socket of each one whose replica's monitor finds
-    the replica unresponsive.
+    :attr:`tick` at the registered connections that run a query (their guard's flag) and at
+    the watched queries, and shuts the socket of each one whose replica's monitor finds the
+    replica unresponsive.
     """
 
     #: How often the thread looks at the queries running, in seconds.
@@ -263,9 +253,11 @@ class Watchdog:
     naps_after = 20
 
     def __init__(self) -> None:
-        #: The registered replica connection objects: (alias, weak reference) by the object's
-        #: id. Not cleared in a forked child, which inherits the objects with their guards.
-        self._guarded: dict[int, tuple[str, weakref.ReferenceType[Any]]] = {}
+        #: The registered replica connection objects: (alias, weak reference, the flag its
+        #: guard sets while a query runs: a one-item list, which a query sets in fewer steps
+        #: than an attribute) by the object's id. Not cleared in a forked child, which inherits
+        #: the objects with their guards.
+        self._guarded: dict[int, tuple[str, weakref.ReferenceType[Any], list[bool]]] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -281,21 +273,22 @@ class Watchdog:
         #: Whether the thread is awake or about to look (read on every query: a plain attribute).
         self._awake = False
         self._thread: threading.Thread | None = None
-        #: Queries started on registered connections: a guarded query adds one before it checks
-        #: :attr:`_awake`. Only a change matters (increments from two threads at once may count
-        #: as one).
-        self.queries = 0
         #: How many queries it has cut off (for tests and metrics).
         self.cut_off = 0
 
-    def register(self, alias: str, connection: Any) -> None:
-        """Watch every query that replica connection object *connection* runs, for its life."""
+    def register(self, alias: str, connection: Any) -> list[bool]:
+        """Watch every query that replica connection object *connection* runs, for its life.
+
+        Return the flag (a one-item list) the connection's guard sets while a query runs.
+        """
         key = id(connection)
 
         def forget(_reference: object, key: int = key, dog: Watchdog = self) -> None:
             dog._guarded.pop(key, None)
 
-        self._guarded[key] = (alias, weakref.ref(connection, forget))
+        running = [False]
+        self._guarded[key] = (alias, weakref.ref(connection, forget), running)
+        return running
 
     def watch(self, alias: str, connection: Any) -> int:
         """Watch the query *connection* runs now; return the ticket for :meth:`unwatch`."""
@@ -323,7 +316,6 @@ class Watchdog:
     def _run(self) -> None:
         wakeups = self._wakeups
         idle = 0
-        seen = self.queries
         while True:
             wakeups.get()
             time.sleep(self.tick)
@@ -333,9 +325,8 @@ class Watchdog:
                 # Never the end of the thread: the next look tries again.
                 logger.exception("the replica watchdog's look failed")
                 running = True
-            started = self.queries
-            if running or started != seen:
-                idle, seen = 0, started
+            if running:
+                idle = 0
                 # Look again after the next tick.
                 wakeups.put(None)
                 continue
@@ -345,12 +336,12 @@ class Watchdog:
                 wakeups.put(None)
                 continue
             idle = 0
-            # Going to sleep. A guarded query that starts now counted itself before it reads
-            # _awake: either it reads false and wakes the thread, or it read true before this
-            # line, and then its count shows below. A watched one is in _inflight first.
+            # Going to sleep. A guarded query that starts now flagged its connection before it
+            # reads _awake: either it reads false and wakes the thread, or it read true before
+            # this line, and then its flag shows below. A watched one is in _inflight first.
             # (Wake-ups queued meanwhile only cost a look each.)
             self._awake = False
-            if self.queries != seen or self._inflight:
+            if self._inflight or any(running[0] for _, _, running in self._guarded.copy().values()):
                 self._awake = True
                 wakeups.put(None)
 
@@ -363,9 +354,8 @@ class Watchdog:
                 self._cut_off(connection)
         verdicts: dict[str, bool] = {}
         # (A copy: a collected connection object's weak reference removes its entry at any time.)
-        for alias, reference in self._guarded.copy().values():
-            connection = reference()
-            if connection is None or not _running(connection):
+        for alias, reference, flag in self._guarded.copy().values():
+            if not flag[0] or (connection := reference()) is None:
                 continue
             running = True
             unresponsive = verdicts.get(alias)
@@ -381,7 +371,7 @@ class Watchdog:
             return
         mark = getattr(connection, _CUT_ATTRIBUTE, None)
         if mark is not None and mark() is raw:
-            # Once per DB-API connection: its status may still say "running" at the next look,
+            # Once per DB-API connection: its guard may still flag it running at the next look,
             # until the query's thread has read the error, and a watched query's connection
             # may be registered too.
             return
