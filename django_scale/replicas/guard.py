@@ -164,22 +164,19 @@ def _guarded_execute(
 
 
 def _watched_execute(
-    alias: str,
-    guarded: None,
-    running: None,
-    execute: Callable[..., Any],
-    sql: str,
-    params: Any,
-    many: bool,
-    context: dict[str, Any],
+    alias: str, guarded: None, running: None, execute: Callable[..., Any], *query: Any
 ) -> Any:
-    """The call of a :class:`ReplicaGuard` made without a connection object: each query watched."""
+    """The call of a :class:`ReplicaGuard` made without a connection object: each query watched.
+
+    *query* is what Django passes an execute wrapper: ``sql, params, many, context``.
+    """
+    sql, _, _, context = query
     connection = context["connection"]
     if connection.alias != alias:
-        return execute(sql, params, many, context)
+        return execute(*query)
     ticket = watchdog.watch(alias, connection)
     try:
-        return execute(sql, params, many, context)
+        return execute(*query)
     except (OperationalError, InterfaceError, InternalError) as exc:
         error = _read_error(alias, connection, sql, exc)
         if error is None:
