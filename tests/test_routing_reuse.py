@@ -106,7 +106,7 @@ def test_a_held_decision_yields_to_a_forced_route_a_transaction_a_foreign_hint_a
     stranger = Author(name="elsewhere")
     stranger._state.db = "legacy"
     with routing_state() as state:
-        state._hot = conf.hot()  # as ScaleMiddleware's state carries it
+        assert state._hot is conf.hot()  # as ScaleMiddleware's state carries it
         assert router.db_for_read(Author) == "replica"
         with use_primary():
             assert router.db_for_read(Author) == "default"
@@ -119,6 +119,27 @@ def test_a_held_decision_yields_to_a_forced_route_a_transaction_a_foreign_hint_a
         state.pin("the test says so")
         assert router.db_for_read(Author) == "default"
         assert state.reads == {"replica": 2, "default": 4}
+
+
+@REPLICA
+def test_a_unit_of_work_outside_a_request_takes_the_threads_decision_over(
+    author: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # routing_state() (a Celery task, a management command) carries the settings the router
+    # compares with the thread's last decision, as a request's state does: its first read
+    # takes the held decision over on the router's short path, which never asks _holds().
+    import django_scale.routers as routers
+
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}  # the thread's decision, now held
+    asked: list[object] = []
+    real = routers._holds
+    monkeypatch.setattr(routers, "_holds", lambda *args: asked.append(args) or real(*args))
+    with routing_state() as state:
+        assert router.db_for_read(Author) == "replica"
+        assert router.db_for_read(Author) == "replica"
+    assert asked == []
+    assert state.reads == {"replica": 2}
 
 
 @REPLICA

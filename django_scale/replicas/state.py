@@ -118,6 +118,10 @@ class routing_state:  # noqa: N801 - a context manager used like a function
         # A class, not a generator-based context manager: one is opened per request.
         # (Positional: calling a class with keyword arguments builds a dict of them.)
         self.state = RoutingState(required_lsn, sticky_primary)
+        # The settings the router compares with its thread's last decision: without them every
+        # read of a task or other unit of work took the router's long path (as a request's
+        # state has them from ScaleMiddleware).
+        self.state._hot = conf.hot()
         if sticky_primary:
             self.state.pin(STICKY)
 
