@@ -37,7 +37,6 @@ from django_scale.exceptions import ReplicaReadError
 from django_scale.replicas import (
     ReplicaMonitor,
     Watchdog,
-    guard,
     monitor,
     parse_lsn,
     routing_state,
@@ -266,6 +265,12 @@ def test_the_watchdog_survives_a_connection_closed_under_it(replica):
         wrapper.close()
 
 
+def _flagged(connection: Any) -> bool:
+    """Whether the watchdog sees a query running on registered *connection* (its flag)."""
+    entry = watchdog._guarded.get(id(connection))
+    return entry is not None and entry[1]() is connection and entry[2][0]
+
+
 @REPLICA
 def test_the_watchdog_sees_a_query_running_on_a_guarded_connection_from_its_own_thread(replica):
     # The guard adds no entry per query to a dict: the watchdog looks at each registered
@@ -298,15 +303,31 @@ def test_the_watchdog_sees_a_query_running_on_a_guarded_connection_from_its_own_
         wrapper = found["wrapper"]
         assert found["guarded"]
         assert any(reference() is wrapper for _, reference, _ in watchdog._guarded.values())
-        assert not guard._running(wrapper)
+        assert not _flagged(wrapper)
         go.set()
-        wait_until(lambda: guard._running(wrapper) or done.is_set(), "the query to run")
+        wait_until(lambda: _flagged(wrapper) or done.is_set(), "the query to run")
         assert not done.is_set(), f"the query ended before it was seen running: {found}"
     finally:
         go.set()
         thread.join(20)
     assert "error" not in found, found
-    assert not guard._running(wrapper)
+    assert not _flagged(wrapper)
+
+
+@REPLICA
+def test_a_watched_query_on_a_guarded_connection_is_one_entry_for_the_watchdog(replica):
+    # The health check's SELECT 1 is watched on a connection its guard registered: one entry,
+    # the guard's flag, so that a frozen replica's check is cut off (and counted) once.
+    wrapper = connections["replica"]
+    wrapper.ensure_connection()
+    assert guard_connection(wrapper)
+    ticket = watchdog.watch("replica", wrapper)
+    try:
+        assert _flagged(wrapper)
+        assert id(wrapper) not in watchdog._inflight
+    finally:
+        watchdog.unwatch(ticket)
+    assert not _flagged(wrapper)
 
 
 @REPLICA
@@ -315,7 +336,8 @@ def test_a_guard_made_without_a_connection_watches_each_query(replica):
     seen: list[bool] = []
 
     def inside(execute: Any, sql: str, params: Any, many: bool, context: dict[str, Any]) -> Any:
-        seen.append(id(wrapper) in watchdog._inflight)
+        # Watched: an entry of its own, or the flag of a connection a guard registered.
+        seen.append(id(wrapper) in watchdog._inflight or _flagged(wrapper))
         return execute(sql, params, many, context)
 
     with (
@@ -326,7 +348,7 @@ def test_a_guard_made_without_a_connection_watches_each_query(replica):
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
     assert seen == [True]
-    assert id(wrapper) not in watchdog._inflight
+    assert id(wrapper) not in watchdog._inflight and not _flagged(wrapper)
 
 
 def test_the_watchdog_stays_awake_between_queries_and_naps_once_idle():

@@ -143,6 +143,27 @@ def test_a_unit_of_work_outside_a_request_takes_the_threads_decision_over(
 
 
 @REPLICA
+def test_a_users_task_never_takes_over_a_decision_held_from_another_users_request(
+    author: int, replica: Any
+) -> None:
+    # Two users. B's request leaves the thread holding a replica decision; A's task carries
+    # A's write position, which the replica has not replayed (its replay paused). Now that a
+    # task's state takes the router's short path, that path must still send A's read to the
+    # primary, never to the replica that lacks A's write.
+    client = Client()
+    assert _reads(client, author) == {"replica": 1}  # user B: the thread's decision, held
+    with simulate_lag("replica"):
+        pk = Author.objects.create(name="user A's write").pk
+        position = parse_lsn(replica.primary_lsn())
+        assert monitor("replica").replay_lsn < position
+        with routing_state(position) as state:
+            assert state._hot is conf.hot()
+            assert Author.objects.filter(pk=pk).exists()
+            assert Author.objects.filter(pk=pk).exists()
+    assert state.reads == {"default": 2}
+
+
+@REPLICA
 def test_a_closed_replica_connection_is_opened_by_the_router_and_guarded(author: int) -> None:
     client = Client()
     assert _reads(client, author) == {"replica": 1}

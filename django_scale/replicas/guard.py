@@ -220,24 +220,16 @@ def _read_error(
     )
 
 
-def _running(connection: BaseDatabaseWrapper) -> bool:
-    """Whether the guard of registered *connection* runs a query now (read from any thread).
-
-    A flag of the guard's, set and cleared by the query's thread, not the driver's state: the
-    driver's connection may be closed meanwhile in that thread, without the GIL.
-    """
-    entry = watchdog._guarded.get(id(connection))
-    return entry is not None and entry[1]() is connection and entry[2][0]
-
-
 class Watchdog:
     """One daemon thread per process that cuts off queries stuck on an unresponsive replica.
 
-    It knows the replica connection objects whose :class:`ReplicaGuard` registered them, and
-    the queries watched one by one (:meth:`watch`). While it is awake it looks every
-    :attr:`tick` at the registered connections that run a query (their guard's flag) and at
-    the watched queries, and shuts the socket of each one whose replica's monitor finds the
-    replica unresponsive.
+    It knows the replica connection objects whose :class:`ReplicaGuard` registered them, each
+    with a flag that is true while a query runs on it (set by its guard, or by :meth:`watch`),
+    and the queries of other connection objects watched one by one (:meth:`watch`). While it
+    is awake it looks every :attr:`tick` at the flagged connections and the watched queries,
+    and shuts the socket of each one whose replica's monitor finds the replica unresponsive.
+    The flag is the query's thread's, not the driver's state: a thread closing its connection
+    frees the driver's state without the GIL, where the watchdog could be reading it.
     """
 
     #: How often the thread looks at the queries running, in seconds.
@@ -258,9 +250,10 @@ class Watchdog:
         self._reset()
 
     def _reset(self) -> None:
-        #: The queries watched one by one (:meth:`watch`): (alias, connection object) by the
-        #: connection object's id (a connection runs one query at a time). Written without a
-        #: lock: one dict operation each, atomic in CPython; the thread reads a copy.
+        #: The queries of unregistered connection objects watched one by one (:meth:`watch`):
+        #: (alias, connection object) by the connection object's id (a connection runs one
+        #: query at a time). Written without a lock: one dict operation each, atomic in
+        #: CPython; the thread reads a copy.
         self._inflight: dict[int, tuple[str, Any]] = {}
         self._lock = threading.Lock()
         #: Wake-ups for the sleeping thread: a C queue, so that waking it is one C call (an
@@ -288,14 +281,25 @@ class Watchdog:
         return running
 
     def watch(self, alias: str, connection: Any) -> int:
-        """Watch the query *connection* runs now; return the ticket for :meth:`unwatch`."""
+        """Watch the query *connection* runs now; return the ticket for :meth:`unwatch`.
+
+        A registered connection object is flagged as its guard flags it (one entry per
+        connection object, so that a query is cut off once); another one gets an entry.
+        """
         key = id(connection)
-        self._inflight[key] = (alias, connection)
+        entry = self._guarded.get(key)
+        if entry is not None and entry[1]() is connection:
+            entry[2][0] = True
+        else:
+            self._inflight[key] = (alias, connection)
         if not self._awake:
             self.wake()
         return key
 
     def unwatch(self, ticket: int) -> None:
+        entry = self._guarded.get(ticket)
+        if entry is not None:
+            entry[2][0] = False
         self._inflight.pop(ticket, None)
 
     def wake(self) -> None:
@@ -338,7 +342,7 @@ class Watchdog:
             # this line, and then its flag shows below. A watched one is in _inflight first.
             # (Wake-ups queued meanwhile only cost a look each.)
             self._awake = False
-            if self._inflight or any(running[0] for _, _, running in self._guarded.copy().values()):
+            if self._inflight or any(flag[0] for _, _, flag in self._guarded.copy().values()):
                 self._awake = True
                 wakeups.put(None)
 
@@ -359,6 +363,9 @@ class Watchdog:
             if unresponsive is None:
                 unresponsive = verdicts[alias] = monitor(alias).is_unresponsive(now)
             if unresponsive:
+                # Cleared as the entry of a watched query is removed: cut off once. (The
+                # query's thread clears it too once its query ends.)
+                flag[0] = False
                 self._cut_off(connection)
         return running
 
@@ -366,18 +373,6 @@ class Watchdog:
         raw = connection.connection
         if raw is None:
             return
-        mark = getattr(connection, _CUT_ATTRIBUTE, None)
-        if mark is not None and mark() is raw:
-            # Once per DB-API connection: its guard may still flag it running at the next look,
-            # until the query's thread has read the error, and a watched query's connection
-            # may be registered too.
-            return
-        try:
-            # Weakly: the mark must not keep a closed DB-API connection (and its socket) alive.
-            mark = weakref.ref(raw)
-        except TypeError:
-            mark = functools.partial(_same, raw)
-        setattr(connection, _CUT_ATTRIBUTE, mark)
         try:
             fd = raw.fileno()
         except Exception:
@@ -395,15 +390,6 @@ class Watchdog:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             self.cut_off -= 1
-
-
-#: The attribute of a connection object that holds (a weak reference to) the DB-API
-#: connection the watchdog last cut off.
-_CUT_ATTRIBUTE = "_django_scale_cut"
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 #: The process's :class:`Watchdog`.
