@@ -35,6 +35,7 @@ from django_scale.cache.pages import abandon_page, finish_page, open_page_slot, 
 from django_scale.conf import conf
 from django_scale.exceptions import ReplicaReadError
 from django_scale.metrics.counters import add_routing_state as _add_routing_state
+from django_scale.metrics.counters import recorded_request as _recorded_request
 from django_scale.replicas import (
     STICKY_PRIMARY,
     RoutingState,
@@ -45,7 +46,7 @@ from django_scale.replicas import (
     monitor,
     routing_state,
 )
-from django_scale.replicas.state import STICKY, _state
+from django_scale.replicas.state import _NEW_COUNTER, STICKY, _state
 
 __all__ = ["ScaleMiddleware"]
 
@@ -93,6 +94,8 @@ def current_wal_position(alias: str) -> str | None:
     return str(row[0]) if row else None
 
 
+_new_object = object.__new__
+
 #: Why a request reads from the primary when no replica caught up in time.
 NOT_CAUGHT_UP = "no replica replayed the user's last write within REPLICA_WAIT"
 
@@ -111,9 +114,11 @@ def _request_state(request: HttpRequest) -> RoutingState:
     """
     hot = conf.hot()
     if hot.cookie not in request.COOKIES:
-        # Most requests: no recent write (read_cookie()'s first test, without the call). No
-        # keyword argument: calling a class with one builds a dict of them for its __init__.
-        state = RoutingState()
+        # Most requests: no recent write (read_cookie()'s first test, without the call). The
+        # state is RoutingState(), made without its __init__: every field but reads (a new
+        # Counter per state) reads its default from the class (tests/test_routing.py pins it).
+        state = _new_object(RoutingState)
+        state.reads = _NEW_COUNTER()
     else:
         required, sticky = read_cookie(request, hot.cookie)
         state = RoutingState(required, sticky)
@@ -280,11 +285,13 @@ class ScaleMiddleware:
             return self.__acall__(request)
         # No page slot while no view of the process is cached with swr_cache_page (a set filled
         # as such views are decorated): most projects' requests then open none.
-        slot = open_page_slot(request) if self.outermost and page_paths else None
+        slot = open_page_slot(request) if page_paths and self.outermost else None
         try:
             state = _request_state(request)
             token = _state.set(state)
-            _add_routing_state(state)
+            if _recorded_request.get() is not None:
+                # (add_routing_state()'s own test first: most requests are not recorded.)
+                _add_routing_state(state)
             try:
                 if state.required_lsn is not None and not state.pinned:
                     # (A pinned request reads the primary: no replica to wait for.)
@@ -319,13 +326,14 @@ class ScaleMiddleware:
         return None
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
-        slot = open_page_slot(request) if self.outermost and page_paths else None
+        slot = open_page_slot(request) if page_paths and self.outermost else None
         try:
             # No thread hop here unless the request needs one: the replica connections of the
             # thread that runs the ORM calls were guarded when they opened.
             state = _request_state(request)
             token = _state.set(state)
-            _add_routing_state(state)
+            if _recorded_request.get() is not None:
+                _add_routing_state(state)
             try:
                 if state.required_lsn is None or state.pinned:
                     pass

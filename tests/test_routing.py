@@ -134,6 +134,30 @@ def test_routing_states_are_separate_per_task():
     assert current_state() is None
 
 
+def test_a_requests_state_made_without_init_is_a_default_state_of_its_own():
+    # ScaleMiddleware makes the state of a request without the read-your-writes cookie without
+    # RoutingState.__init__ (a default state, reads from class defaults): it must equal one made
+    # by __init__ field for field, and share no mutable field with another request's.
+    from django.test import RequestFactory
+
+    from django_scale.conf import conf
+    from django_scale.middleware import _request_state
+    from django_scale.replicas import RoutingState
+
+    first = _request_state(RequestFactory().get("/"))
+    second = _request_state(RequestFactory().get("/"))
+    assert first == RoutingState(_hot=conf.hot())
+    assert first.reads is not second.reads
+    first.reads["replica"] += 1
+    first.replica = "replica"
+    first.pin("this request wrote")
+    assert second == RoutingState(_hot=conf.hot())
+    assert "pinned" not in vars(second) and RoutingState.pinned == ""
+    # A method in PRIMARY_METHODS pins its own state only.
+    posted = _request_state(RequestFactory().post("/"))
+    assert posted.pinned and not _request_state(RequestFactory().get("/")).pinned
+
+
 def test_allow_migrate_and_relation():
     router = ReplicaRouter()
     with override_scale_settings(REPLICAS=["replica"]):

@@ -34,9 +34,14 @@ R = TypeVar("R")
 _NEW_COUNTER: Callable[[], Counter[str]] = functools.partial(Counter.__new__, Counter)
 
 
-@dataclass(slots=True)
+@dataclass
 class RoutingState:
-    """What routing needs to know about one request or task. Open it with :func:`routing_state`."""
+    """What routing needs to know about one request or task. Open it with :func:`routing_state`.
+
+    Not a slotted class: the fields' defaults stay class attributes, so that
+    ``ScaleMiddleware`` makes the state of a request without a recent write with two
+    assignments (``reads`` and ``_hot``) instead of running the thirteen of ``__init__``.
+    """
 
     #: The WAL position the user's last write reached; reads must see at least this much.
     required_lsn: int | None = None

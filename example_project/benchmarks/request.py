@@ -430,53 +430,80 @@ def isolated(out: TextIO, replica: str, quick: bool) -> None:
 # -- Deterministic: function calls per request ---------------------------------------------------
 
 
-def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
-    """Count the Python and C function calls of a sync request in each setup (``sys.setprofile``).
+def _count_steps(client: Client, url: str, requests: int) -> tuple[float, float]:
+    """The function calls (Python and C) and Python bytecode steps per request of *url*."""
+    calls = steps = 0
 
-    Unlike time, the count does not depend on what else the machine does: it shows the work
-    each setup adds to a request, call for call (though not what each call costs).
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal steps
+        if event == "opcode":
+            steps += 1
+        elif event == "call":
+            frame.f_trace_opcodes = True
+        return trace
+
+    sys.setprofile(profile)
+    sys.settrace(trace)
+    try:
+        for _ in range(requests):
+            client.get(url)
+    finally:
+        sys.settrace(None)
+        sys.setprofile(None)
+    return calls / requests, steps / requests
+
+
+def calls_per_request(out: TextIO, replica: str, quick: bool) -> None:
+    """Count the function calls and the Python bytecode steps of a sync request in each setup.
+
+    Calls are Python's and C's (``sys.setprofile``), steps the interpreter's opcodes of Python
+    code (``sys.settrace`` with ``f_trace_opcodes``), both in this thread. Unlike time, the
+    counts do not depend on what else the machine does: they show the work each setup adds to
+    a request, call for call and step for step. On this path the steps predict the time better
+    than the instructions do: code run once per request or per query runs with cold caches,
+    so each step costs about the same whatever it does (see ``docs/benchmarks.md``).
     """
     requests = 20 if quick else 200
     rows: list[list[object]] = []
+    # The first requests run under the hooks count no steps, at least on Python 3.12 (the
+    # interpreter instruments code for opcode events lazily): a pass whose counts are dropped.
+    with override_settings(**setups(replica)[STOCK]):
+        _count_steps(Client(), "/sync/1/", 5)
     for label, url, is_async in VIEWS:
         if is_async:
-            continue  # the ORM's thread is not this one: sys.setprofile() would miss its calls
-        counts: dict[str, float] = {}
+            continue  # the ORM's thread is not this one: the hooks would miss its work
+        counts: dict[str, tuple[float, float]] = {}
         for name, options in setups(replica).items():
             _reset_multidb()
             with override_settings(**options):
                 client = Client()
                 for _ in range(5):
                     client.get(url)
-                calls = 0
-
-                def profile(frame: Any, event: str, arg: Any) -> None:
-                    nonlocal calls
-                    if event in ("call", "c_call"):
-                        calls += 1
-
-                sys.setprofile(profile)
-                try:
-                    for _ in range(requests):
-                        client.get(url)
-                finally:
-                    sys.setprofile(None)
-                counts[name] = calls / requests
-        for name, value in counts.items():
+                counts[name] = _count_steps(client, url, requests)
+        for name, (value, step) in counts.items():
+            stock, anchor = counts[STOCK], counts[MULTIDB]
             rows.append(
                 [
                     label,
                     name,
                     f"{value:.0f}",
-                    f"{value - counts[STOCK]:+.0f}",
-                    f"{value / counts[STOCK]:.3f}x",
-                    f"{value / counts[MULTIDB]:.3f}x",
+                    f"{value - stock[0]:+.0f}",
+                    f"{value / anchor[0]:.3f}x",
+                    f"{step:.0f}",
+                    f"{step - stock[1]:+.0f}",
+                    f"{step - anchor[1]:+.0f}",
                 ]
             )
     print_table(
         out,
-        f"Function calls per request (Python and C, this thread; {requests} requests): the same on any machine",
-        ["view", "setup", "calls", "vs stock", "vs stock", "vs multidb"],
+        f"Function calls and Python bytecode steps per request (this thread; {requests} requests): "
+        "the same on any machine",
+        ["view", "setup", "calls", "vs stock", "vs multidb", "steps", "vs stock", "vs multidb"],
         rows,
     )
 
