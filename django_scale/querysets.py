@@ -159,9 +159,24 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
             detection.watch(group)
 
     def _django_scale_rows(self) -> list[Any]:
-        """Run the query and return its rows (:class:`CachedQuerySetMixin` may serve them instead)."""
+        """Run the query and return its rows (:class:`CachedQuerySetMixin` may serve them instead).
+
+        Through the ``_fetch_all()`` of the classes after this one, Django's last: a queryset
+        class of the project's or a package's between this mixin and ``QuerySet`` (or a
+        package that wraps ``QuerySet._fetch_all``, as django-cacheops does) still loads or
+        serves the rows, as it would without the mixin. The prefetch lookups are set aside
+        meanwhile: the rows get their peers before ``prefetch_related()`` runs on them (the
+        ``_fetch_all()`` that follows runs it).
+        """
         queryset: Any = self
-        return list(queryset._iterable_class(queryset))
+        lookups = queryset._prefetch_related_lookups
+        queryset._prefetch_related_lookups = ()
+        try:
+            super()._fetch_all()  # type: ignore[misc]
+        finally:
+            queryset._prefetch_related_lookups = lookups
+        rows: list[Any] = queryset._result_cache
+        return rows
 
     def _django_scale_note_single(self) -> None:
         """Record a related manager's query for one row (N+1 detection)."""

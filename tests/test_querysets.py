@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import pytest
@@ -152,3 +153,59 @@ def test_n_plus_one_settings_are_validated(key: str, value: Any, check_id: str) 
 
     with override_scale_settings(**{key: value}):
         assert [message.id for message in check_settings()] == [check_id]
+
+
+class _ServingQuerySet(models.QuerySet):  # type: ignore[type-arg]
+    """A queryset class of a caching package's kind: it serves a query's rows a second time
+    from its own store, pickled, in ``_fetch_all()`` (django-cacheops wraps
+    ``QuerySet._fetch_all``)."""
+
+    store: dict[str, bytes] = {}
+
+    def _fetch_all(self) -> None:
+        if self._result_cache is None:
+            key = str(self.query)
+            if key in self.store:
+                self._result_cache = pickle.loads(self.store[key])
+            else:
+                super()._fetch_all()
+                self.store[key] = pickle.dumps(self._result_cache)
+        super()._fetch_all()
+
+
+class _ServedScaleQuerySet(PrefetchAwareQuerySetMixin, _ServingQuerySet):
+    pass
+
+
+def test_a_queryset_class_after_the_mixin_still_serves_the_rows(db: None) -> None:
+    # PrefetchAwareQuerySetMixin loads rows through the _fetch_all() of the classes after it:
+    # it used to build them itself, so a package that serves rows there (django-cacheops' cache)
+    # never got to, and every read ran its query. The rows still get their peers, and
+    # prefetch_related() still runs after them.
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from testapp.models import Article, Author, Profile, Reporter
+
+    _ServingQuerySet.store.clear()
+    for n in range(3):
+        author = Author.objects.create(name=f"a{n}")
+        Article.objects.create(author=author, title=f"t{n}")
+        Profile.objects.create(reporter=Reporter.objects.create(name=f"r{n}"), bio=f"b{n}")
+
+    def authors() -> list[Author]:
+        return list(_ServedScaleQuerySet(model=Author).prefetch_related("articles").order_by("id"))
+
+    with CaptureQueriesContext(connection) as first:
+        assert [a.name for a in authors()] == ["a0", "a1", "a2"]
+    assert len(first.captured_queries) == 2  # the authors, their articles
+    with CaptureQueriesContext(connection) as served:
+        rows = authors()
+        assert [[article.title for article in a.articles.all()] for a in rows] == [["t0"], ["t1"], ["t2"]]
+    assert len(served.captured_queries) == 1, served.captured_queries  # the prefetch only
+
+    list(_ServedScaleQuerySet(model=Reporter).order_by("id"))
+    with CaptureQueriesContext(connection) as peers:
+        reporters = list(_ServedScaleQuerySet(model=Reporter).order_by("id"))
+        assert [r.profile.bio for r in reporters] == ["b0", "b1", "b2"]
+    assert len(peers.captured_queries) == 1, peers.captured_queries  # the profiles of all three
