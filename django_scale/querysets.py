@@ -172,7 +172,7 @@ class PrefetchAwareQuerySetMixin(_QuerySetBase):
         lookups = queryset._prefetch_related_lookups
         queryset._prefetch_related_lookups = ()
         try:
-            super()._fetch_all()  # type: ignore[misc]
+            super()._fetch_all()
         finally:
             queryset._prefetch_related_lookups = lookups
         rows: list[Any] = queryset._result_cache
