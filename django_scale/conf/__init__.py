@@ -338,6 +338,11 @@ class Conf:
         return int(self.get("METRICS_MEMORY"))
 
     @property
+    def METRICS_BATCH(self) -> int:
+        """Requests a process writes to the metrics store at once (at most a second apart). Default: ``32``."""
+        return int(self.get("METRICS_BATCH"))
+
+    @property
     def METRICS_TOKEN(self) -> str:
         """The bearer token that may read ``/scale/`` besides staff users. Default: ``""`` (staff only)."""
         return cast(str, self.get("METRICS_TOKEN"))

@@ -355,6 +355,13 @@ SETTINGS: dict[str, Setting] = {
         problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
         example="16",
     ),
+    "METRICS_BATCH": Setting(
+        default=32,
+        expected="a number of requests per write (int)",
+        has_type=_is_count,
+        problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
+        example="32",
+    ),
     "METRICS_TOKEN": Setting(
         default="",
         expected="a secret token (str)",

@@ -10,6 +10,8 @@ The parts, one concept each:
   one slot per worker process (not per pid), and the 1/5/15 minute windows.
 * :mod:`~django_scale.metrics.recording`: :class:`MetricsMiddleware`, which records each
   request by route and method.
+* :mod:`~django_scale.metrics.pending`: the requests a process has not yet written, written
+  in batches (:func:`flush` writes them now).
 * :mod:`~django_scale.metrics.merge`: snapshots as JSON raw sketches; hosts merged through
   the cache or by pulling.
 * :mod:`~django_scale.metrics.export`: Prometheus text exposition.
@@ -33,7 +35,7 @@ from django_scale.metrics.merge import (
     publish,
     to_document,
 )
-from django_scale.metrics.recording import MetricsMiddleware, enable, get_store
+from django_scale.metrics.recording import MetricsMiddleware, enable, flush, get_store
 from django_scale.metrics.sketch import Sketch
 from django_scale.metrics.store import HostSnapshot, SlotStore
 
@@ -45,6 +47,7 @@ __all__ = [
     "Timing",
     "cluster",
     "enable",
+    "flush",
     "get_store",
     "increment",
     "local_snapshot",

@@ -12,6 +12,9 @@ request records, keyed by its resolver route (never the raw path) and method:
   primary because no replica could serve them, and every
   :func:`django_scale.metrics.increment` made while it ran (cache hits, stale serves, refills,
   approximate counts, N+1 reports).
+
+A request's end keeps these; they are written to the store in batches
+(:mod:`~django_scale.metrics.pending`, ``METRICS_BATCH``), at most a second apart.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import contextvars
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from itertools import compress, groupby, repeat
+from operator import itemgetter, sub
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -34,10 +40,11 @@ from django.http import HttpRequest, HttpResponseBase
 
 from django_scale.conf import conf
 from django_scale.metrics import counters
-from django_scale.metrics.sketch import bucket_of
+from django_scale.metrics.pending import Pending
+from django_scale.metrics.sketch import buckets_of
 from django_scale.metrics.store import SlotStore
 
-__all__ = ["MetricsMiddleware", "SEP", "UNRESOLVED", "enable", "get_store", "route_of"]
+__all__ = ["MetricsMiddleware", "SEP", "UNRESOLVED", "enable", "flush", "get_store", "route_of"]
 
 #: Separates the labels of a series name: ``"request\x1fnews:article\x1fGET"``.
 SEP = "\x1f"
@@ -83,7 +90,11 @@ def get_store() -> SlotStore:
         with _stores_lock:
             store = _stores.get(key)
             if store is None:
-                store = _stores[key] = SlotStore(*key)
+                store = SlotStore(*key)
+                # A read in this process first writes the requests waiting in their batch.
+                store.before_read = flush
+                _stores[key] = store
+    _pending.size = conf.METRICS_BATCH
     # Once per DJANGO_SCALE object, as conf's hot paths: override_settings installs a new one.
     _last_store[0] = (raw, store)
     _current_store[0] = store
@@ -99,7 +110,11 @@ _current_store: list[SlotStore | None] = [None]
 @receiver(setting_changed)
 def _settings_changed(setting: str, **kwargs: Any) -> None:
     if setting == "DJANGO_SCALE":
+        # The requests that ran under the settings that end go to their store, not the next one.
+        _pending.write_due()
         _current_store[0] = None
+        # The next request's end writes at once, through get_store(): METRICS_BATCH read again.
+        _pending.due = 0.0
 
 
 def _shared_increment(name: str, amount: int) -> None:
@@ -137,13 +152,14 @@ def disable() -> None:
 def query_timer(alias: str) -> Callable[..., Any]:
     """Return an execute wrapper that counts and times each query of a connection to *alias*.
 
-    It adds to the recorded request's figures of the alias, at the alias's place (see
+    It adds to the recorded request's figure of the alias, at the alias's place (see
     ``_places``), kept in the closure: Django calls an execute wrapper through
     ``functools.partial(wrapper, executor)`` per query, and a closure's call costs less there
     than a bound method's, a partial's or a function's with one more argument (callgrind).
+    The figure is one integer, :data:`QUERY` per query plus its nanoseconds: one addition per
+    query counts it and times it.
     """
     place = _place_of(alias)
-    seconds = place + 1
 
     def timed_execute(
         execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict[str, Any]
@@ -151,16 +167,15 @@ def query_timer(alias: str) -> Callable[..., Any]:
         current = _get_request()
         if current is None:
             return execute(sql, params, many, context)
-        try:
-            current[place] += 1
-        except IndexError:  # an alias given its place after the request began
-            current.extend(_blank[len(current) :])
-            current[place] += 1
-        start = _perf_counter()
+        start = _ns() - QUERY
         try:
             return execute(sql, params, many, context)
         finally:
-            current[seconds] += _perf_counter() - start
+            try:
+                current[place] += _ns() - start
+            except IndexError:  # an alias given its place after the request began
+                current.extend(_blank[len(current) :])
+                current[place] += _ns() - start
 
     _timers.add(timed_execute)
     return timed_execute
@@ -176,10 +191,19 @@ def is_query_timer(wrapper: object) -> bool:
 
 
 _perf_counter = time.perf_counter
+_ns = time.perf_counter_ns
 
-#: A recorded request's figures: ``[events, states, queries, seconds, queries, seconds, ...]``,
-#: one pair per database alias at the alias's place in :data:`_places` (even, from 2); item 0
-#: is :data:`~django_scale.metrics.counters.recorded_request`'s, item 1 the routing states
+#: What a query adds to its alias's figure besides its nanoseconds: the figure's bits from 48
+#: up count queries, the bits below them nanoseconds (2**48 ns is 78 hours of one request's
+#: DB time on one alias).
+QUERY = 1 << 48
+_NANOSECONDS = QUERY - 1
+_SECOND = 1e-9  # a nanosecond, in seconds
+
+#: A recorded request's figures: ``[events, states, figure, figure, ...]``, one figure per
+#: database alias (:data:`QUERY` per query plus its nanoseconds) at the alias's place in
+#: :data:`_places` (from 2); item 0 is
+#: :data:`~django_scale.metrics.counters.recorded_request`'s, item 1 the routing states
 #: ``ScaleMiddleware`` handed it (``None`` before any: see
 #: :func:`~django_scale.metrics.counters.add_routing_state`). A request starts with a copy of
 #: ``_blank``; ``_aliases[place]`` is the alias at *place*.
@@ -200,8 +224,8 @@ def _place_of(alias: str) -> int:
                 place = len(_blank)
                 # New lists, not extended ones (a request's list is a copy of one), the alias
                 # first: a list with a place for it finds it.
-                _aliases = [*_aliases, alias, None]
-                _blank = [*_blank, 0, 0.0]
+                _aliases = [*_aliases, alias]
+                _blank = [*_blank, 0]
                 _places[alias] = place
     return place
 
@@ -224,7 +248,11 @@ def _wrap_connection(
 
 def route_of(request: HttpRequest) -> str:
     """Return the series name of *request*'s route: its URL name, else its pattern, never its path."""
-    match = getattr(request, "resolver_match", None)
+    return _route(getattr(request, "resolver_match", None))
+
+
+def _route(match: Any) -> str:
+    """Return the series name of the route of a request's ``ResolverMatch`` (``None``: unresolved)."""
     if match is None:
         return UNRESOLVED
     if match.url_name:
@@ -322,63 +350,154 @@ def _names_of(method: str | None, route: str) -> _Names:
     return names
 
 
-def _record(request: HttpRequest, status: int, elapsed: float, now: float, current: list[Any]) -> None:
-    """Record a request that ended at *now* after *elapsed* seconds, with its events and DB figures.
+#: One ended request, as :class:`~django_scale.metrics.pending.Pending` keeps it until it is
+#: written: its ``ResolverMatch`` (``None``: unresolved), method, ``X-Request-Start`` header,
+#: status, start and end (``time.perf_counter()``), figures (see :data:`_places`) and events.
+Entry = tuple[Any, "str | None", "str | None", int, float, float, list[Any], "dict[str, int] | None"]
 
-    The hot path of every recorded request: the host's store is taken from where
-    :func:`get_store` keeps it, without the call (a Python call costs about as much as a
-    write to the store).
+
+def _end(request: HttpRequest, status: int, start: float, current: list[Any]) -> None:
+    """End a recorded request: close its events, keep what its recording needs, write the batch when due.
+
+    The request's events close now (under the lock :func:`~django_scale.metrics.increment`
+    takes): an increment from something the request started that outlives it goes to the
+    host's counters, not to the request. The rest waits in :data:`_pending` (see
+    :mod:`~django_scale.metrics.pending`): one request's recording at its end is a few dozen
+    bytecode steps, the batch's a fraction of a request's each, run while warm.
     """
-    events = counters.close_request_events(current)
-    route = route_of(request)
-    by_route = _names.get(request.method)  # type: ignore[arg-type]
-    names = by_route.get(route) if by_route is not None else None
-    if names is None:
-        names = _names_of(request.method, route)
-    timings = [(names.request, bucket_of(elapsed), elapsed)]
-    tallies = [names.statuses.get(status) or names.status(status)]
-    header = request.META.get("HTTP_X_REQUEST_START")
-    if header:
-        queued = queue_seconds(header, now - elapsed)
-        if queued is not None:
-            timings.append((names.queue, bucket_of(queued), queued))
-    # Each alias the request queried: its DB time and query count (current: see _places).
-    aliases = _aliases
-    for place in range(2, len(current), 2):
-        queries = current[place]
-        if queries:
-            alias = aliases[place]
-            db_name, queries_name = names.aliases.get(alias) or names.alias(alias)  # type: ignore[arg-type]
-            seconds = current[place + 1]
-            timings.append((db_name, bucket_of(seconds), seconds))
-            tallies.append((queries_name, queries))
-    states = current[1]
-    if states is None:
-        # MetricsMiddleware inside ScaleMiddleware (the order W510 warns of): its state is current.
+    end = _perf_counter()
+    _events_acquire()
+    events = current[0]
+    current[0] = None
+    _events_release()
+    if current[1] is None:
+        # MetricsMiddleware inside ScaleMiddleware (the order W510 warns of), or no
+        # ScaleMiddleware: the routing state, if any, is current until the request ends.
         state = _state_var[0].get() if _state_var else _routing_state()
-        states = () if state is None else (state,)
-    for state in states:
-        for alias, reads in state.reads.items():
-            tallies.append((names.read(alias), reads))
-        if state.fallbacks:
-            # Of the primary's reads, those only there because no replica could serve them.
-            tallies.append((names.fallbacks, state.fallbacks))
-        if state.replica_failed:
-            tallies.append((names.event("replicas.read_failed")[0], 1))
-        if state.pinned:
-            # Reads sent to the primary for the rest of the request (after a write, a replica
-            # that had not replayed the user's write, ...): the reason is in the logs, not here.
-            tallies.append((names.event("routing.pinned")[0], 1))
-    if events:
-        # The request's increments: on its route, and (once enabled) in the host's counters,
-        # where an increment outside a request goes at once (counters.increment).
-        shared = bool(counters._shared_sink)
-        for name, amount in list(events.items()):
-            route_name, host_name = names.event(name)
-            tallies.append((route_name, amount))
-            if shared:
-                tallies.append((host_name, amount))
-    (_current_store[0] or get_store()).record(timings, tallies, now)
+        if state is not None:
+            current[1] = (state,)
+    _entries_append(
+        (
+            request.resolver_match,
+            request.method,
+            request.META.get("HTTP_X_REQUEST_START"),
+            status,
+            start,
+            end,
+            current,
+            events,
+        )
+    )
+    if end >= _pending.due or len(_entries) >= _pending.size:
+        _pending.write_due(end)
+
+
+def _write(entries: list[Entry]) -> None:
+    """Write ended requests to the host's store: one ``add()`` per minute they ended in.
+
+    The store is taken from where :func:`get_store` keeps it, without the call.
+    """
+    store = _current_store[0] or get_store()
+    # Requests end on the monotonic clock: their wall-clock time is that plus the clocks' offset now.
+    offset = time.time() - _perf_counter()
+    if (entries[0][5] + offset) // 60 == (entries[-1][5] + offset) // 60:
+        _write_minute(store, entries, offset)
+        return
+    for _, in_minute in groupby(entries, key=lambda entry: (entry[5] + offset) // 60):
+        _write_minute(store, list(in_minute), offset)
+
+
+def _write_minute(store: SlotStore, entries: list[Entry], offset: float) -> None:
+    """Write ended requests of one minute as one ``add()``, summed by route and method first.
+
+    Per request only its route is found; everything else is counted per route with
+    ``map()``, ``sum()`` and ``Counter()`` over the batch (C loops, no bytecode per request).
+    """
+    keys = list(zip(map(_route, map(_match, entries)), map(_method, entries), strict=True))
+    by_route: dict[tuple[str, str | None], list[Entry]]
+    if keys.count(keys[0]) == len(keys):
+        by_route = {keys[0]: entries}
+    else:
+        by_route = {}
+        for key, entry in zip(keys, entries, strict=True):
+            by_route.setdefault(key, []).append(entry)
+    timings: list[tuple[str, int, float, Iterable[tuple[int, int]]]] = []
+    tallies: Counter[str] = Counter()
+    shared = bool(counters._shared_sink)
+    aliases = _aliases
+    for (route, method), group in by_route.items():
+        names = _names_of(method, route)
+        timings.append(_series(names.request, list(map(sub, map(_end_of, group), map(_start, group)))))
+        for status, requests in Counter(map(_status, group)).items():
+            tallies[(names.statuses.get(status) or names.status(status))[0]] += requests
+        with_header = compress(group, map(_header, group))
+        waits = [
+            wait for entry in with_header if (wait := queue_seconds(entry[2], entry[4] + offset)) is not None
+        ]
+        if waits:
+            timings.append(_series(names.queue, waits))
+        # Each alias the requests queried: per request its DB time, and the queries summed.
+        figures = list(map(_figures, group))
+        width = len(aliases)
+        if min(map(len, figures)) < width:  # a request that began before an alias had its place
+            for figure in figures:
+                figure.extend(repeat(0, width - len(figure)))
+        for place in range(2, width):
+            queried = list(filter(None, map(itemgetter(place), figures)))
+            if queried:
+                db_name, queries_name = names.aliases.get(aliases[place]) or names.alias(aliases[place])  # type: ignore[arg-type]
+                timings.append(
+                    _series(db_name, list(map(_SECOND.__mul__, map(_NANOSECONDS.__and__, queried))))
+                )
+                tallies[queries_name] += sum(queried) >> 48
+        for states in filter(None, map(_states, figures)):
+            for state in states:
+                for alias, reads in state.reads.items():
+                    tallies[names.read(alias)] += reads
+                if state.fallbacks:
+                    # Of the primary's reads, those only there because no replica could serve them.
+                    tallies[names.fallbacks] += state.fallbacks
+                if state.replica_failed:
+                    tallies[names.event("replicas.read_failed")[0]] += 1
+                if state.pinned:
+                    # Reads sent to the primary for the rest of the request (after a write, a replica
+                    # that had not replayed the user's write, ...): the reason is in the logs, not here.
+                    tallies[names.event("routing.pinned")[0]] += 1
+        for events in filter(None, map(_events, group)):
+            # The request's increments: on its route, and (once enabled) in the host's counters,
+            # where an increment outside a request goes at once (counters.increment).
+            for event, amount in events.items():
+                route_name, host_name = names.event(event)
+                tallies[route_name] += amount
+                if shared:
+                    tallies[host_name] += amount
+    store.add(timings, list(tallies.items()), entries[-1][5] + offset)
+
+
+def _series(name: str, seconds: list[float]) -> tuple[str, int, float, Iterable[tuple[int, int]]]:
+    """One series' values of a batch, as :meth:`SlotStore.add` takes them."""
+    return name, len(seconds), sum(seconds), Counter(buckets_of(seconds)).items()
+
+
+_match, _method, _header, _status, _start, _end_of, _figures, _events = map(itemgetter, range(8))
+_states = itemgetter(1)
+
+
+def flush() -> int:
+    """Write this process's ended requests that wait in their batch to the store; return how many.
+
+    A read of the store in this process (:meth:`SlotStore.snapshot`, the export views,
+    ``scale_status``) calls it first; call it before reading the file from elsewhere (for
+    example before a test reads the store through a second ``SlotStore``).
+    """
+    return _pending.flush()
+
+
+_pending = Pending(_write)
+_entries = _pending.entries
+_entries_append = _entries.append
+_events_acquire = counters._lock.acquire
+_events_release = counters._lock.release
 
 
 class MetricsMiddleware:
@@ -417,9 +536,8 @@ class MetricsMiddleware:
             response: HttpResponseBase = self.get_response(request)
             status = response.status_code
         finally:
-            elapsed = _perf_counter() - start
             _reset_request(token)
-            _record(request, status, elapsed, _time(), current)
+            _end(request, status, start, current)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
@@ -432,10 +550,6 @@ class MetricsMiddleware:
             response = await get_response(request)
             status = response.status_code
         finally:
-            elapsed = _perf_counter() - start
             _reset_request(token)
-            _record(request, status, elapsed, _time(), current)
+            _end(request, status, start, current)
         return response
-
-
-_time = time.time

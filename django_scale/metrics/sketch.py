@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import accumulate, compress
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "RELATIVE_ACCURACY",
     "Sketch",
     "bucket_of",
+    "buckets_of",
     "bucket_value",
 ]
 
@@ -61,6 +63,31 @@ def bucket_of(value: float) -> int:
         return 0
     index = _ceil(_log(value) * _MULTIPLIER) - _OFFSET
     return index if index < _LAST else _LAST
+
+
+def _upper_edges() -> list[float]:
+    """The largest value of each bucket but the last (found from ``bucket_of()`` itself, float by float)."""
+    edges = []
+    for index in range(_LAST):
+        edge = _GAMMA ** (index + _OFFSET)  # within a few floats of the edge
+        while bucket_of(edge) > index:
+            edge = math.nextafter(edge, 0.0)
+        while bucket_of(math.nextafter(edge, math.inf)) <= index:
+            edge = math.nextafter(edge, math.inf)
+        edges.append(edge)
+    return edges
+
+
+#: The largest value of each bucket but the last: the bucket of a value is how many are below it.
+_EDGES = _upper_edges()
+
+
+def buckets_of(values: Iterable[float]) -> Iterator[int]:
+    """Return the bucket of each of *values*, as :func:`bucket_of` (a binary search in C per value)."""
+    return map(_bucket, values)
+
+
+_bucket = partial(bisect_left, _EDGES)
 
 
 def bucket_value(index: int) -> float:
