@@ -68,7 +68,7 @@ def store(tmp_path: Path) -> Iterator[SlotStore]:
     pending = recording._pending
     with override_scale_settings(METRICS_BATCH=4), recording_metrics(str(tmp_path)) as recording_store:
         pending.interval = 3600.0
-        metrics.flush()  # next due by the clock in an hour
+        metrics.flush()  # the timer's next write in an hour
         try:
             yield recording_store
         finally:
@@ -90,15 +90,6 @@ def test_requests_reach_the_file_a_batch_at_a_time(store: SlotStore, tmp_path: P
     assert store.snapshot().totals[ROUTE][0] == 9
     assert written(tmp_path) == (9, 9)
     assert metrics.flush() == 0
-
-
-def test_a_request_a_second_after_the_last_write_writes_at_once(store: SlotStore, tmp_path: Path) -> None:
-    middleware = metrics.MetricsMiddleware(view)
-    middleware(request_of())
-    assert written(tmp_path) == (0, 0)
-    recording._pending.due = 0.0  # the clock passed the due time
-    middleware(request_of())
-    assert written(tmp_path) == (2, 2)
 
 
 def test_the_timer_writes_a_batch_no_request_ended(tmp_path: Path) -> None:

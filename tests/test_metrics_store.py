@@ -17,6 +17,7 @@ from ddsketch import DDSketch
 
 from django_scale.exceptions import MetricsDocumentError
 from django_scale.metrics.sketch import (
+    _EDGES,
     BUCKETS,
     MAX_VALUE,
     MIN_VALUE,
@@ -24,6 +25,7 @@ from django_scale.metrics.sketch import (
     Sketch,
     bucket_of,
     bucket_value,
+    buckets_of,
 )
 from django_scale.metrics.store import SlotStore
 
@@ -148,6 +150,20 @@ class TestSketch:
             value *= 1.37
         assert bucket_of(0.0) == 0
         assert bucket_of(MAX_VALUE * 10) == BUCKETS - 1
+
+    def test_buckets_of_is_bucket_of_at_every_edge_and_between(self) -> None:
+        # buckets_of() searches the largest value of each bucket: at each, and the float after it,
+        # it must give what bucket_of() gives, as for random values, tiny, huge and negative ones.
+        sweep = []
+        value = MIN_VALUE / 10
+        while value < MAX_VALUE * 10:
+            sweep.append(value)
+            value *= 1.0001
+        assert len(_EDGES) == BUCKETS - 1
+        probes = [*_EDGES, *(math.nextafter(edge, math.inf) for edge in _EDGES)]
+        probes += [*(math.nextafter(edge, 0.0) for edge in _EDGES), *sweep, 0.0, -1.0, MIN_VALUE]
+        assert list(buckets_of(probes)) == [bucket_of(value) for value in probes]
+        assert list(buckets_of(_EDGES)) == list(range(BUCKETS - 1))
 
     def test_quantiles_match_ddsketch_and_exact_values(self) -> None:
         values = latencies(1, 20_000)
@@ -342,6 +358,37 @@ class TestStore:
         assert {w: windows[w].buckets for w in windows} == {1: {bucket: 6}, 5: {bucket: 7}, 15: {bucket: 7}}
         history = store.history(["t"], now=now)["t"]
         assert {at: s.count for at, s in history.items()} == {minute - 2: 1, minute - 1: 1, minute: 5}
+
+    def test_a_series_added_at_once_is_the_same_as_its_values_one_by_one(self, tmp_path: Path) -> None:
+        # SlotStore.add() (a batch of requests, summed by series) against record() per value.
+        values = latencies(7, 500)
+        now = 1_800_000_000.0
+        one_by_one = open_store(tmp_path / "a")
+        for value in values:
+            one_by_one.record([("t", bucket_of(value), value)], [("n", 1)], now=now)
+        summed = open_store(tmp_path / "b")
+        buckets: dict[int, int] = {}
+        for value in values:
+            buckets[bucket_of(value)] = buckets.get(bucket_of(value), 0) + 1
+        summed.add([("t", len(values), sum(values), buckets.items())], [("n", len(values))], now=now)
+        a, b = one_by_one.snapshot(now=now), summed.snapshot(now=now)
+        assert a.windows == b.windows and a.counters == b.counters
+        assert a.totals["t"][0] == b.totals["t"][0] == 500
+        assert a.totals["t"][1] == pytest.approx(b.totals["t"][1])
+
+    def test_a_count_added_across_the_wrap_stays_exact(self, tmp_path: Path) -> None:
+        # Running counts are modulo 2**31: a bucket's count added many at once past 2**31 - 1.
+        store = open_store(tmp_path)
+        now = 1_800_000_000.0
+        bucket = bucket_of(0.01)
+        store.add([("t", 1, 0.01, ((bucket, 1),))], [], now=now - 120)
+        base = store._slots_offset + store.slot() * store.slot_bytes
+        at = ((base + store._running_offset) >> 2) + (bucket & 63)
+        store._i32[at] = 2**31 - 3
+        store.add([("t", 1, 0.01, ((bucket, 1),))], [], now=now)  # checkpoint 2**31 - 3, then 2**31 - 2
+        store.add([("t", 10, 0.1, ((bucket, 10),))], [], now=now)
+        assert store._i32[at] == 8  # 2**31 - 2 + 10, modulo 2**31
+        assert store.snapshot(now=now).windows["t"][1].buckets == {bucket: 11}
 
     def test_windows_of_many_slots_series_and_checkpoints_are_exact(self, tmp_path: Path) -> None:
         # The export reads every series of a slot at once (windows.py): within one slot, series

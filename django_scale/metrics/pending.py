@@ -3,9 +3,9 @@
 At a request's end :class:`~django_scale.metrics.MetricsMiddleware` only keeps what the
 request leaves behind (its route's ``ResolverMatch``, method, ``X-Request-Start`` header,
 status, latency, end time and figures) in this process's :class:`Pending` list. The list is
-written to the store, as one write under one lock, when ``METRICS_BATCH`` requests are in it,
-when a request ends a second or more after the last write, and by a timer thread a second
-after the last write when no request comes to do it. A request's series names, buckets and
+written to the store, as one write under one lock, when ``METRICS_BATCH`` requests are in it
+(by the request that ends last), and otherwise by the process's timer thread, a second after
+the last write. The process's first request writes at once and starts the timer. A request's series names, buckets and
 the store's lock then cost a fraction of what they cost one request at a time, and they run
 while their code is warm (see :doc:`/monitoring`, "Cost").
 
@@ -50,22 +50,25 @@ class Pending:
         self.size = size
         #: The requests not yet written, oldest first.
         self.entries: list[Any] = []
-        #: The time (``time.perf_counter()``) from which a request's end writes the batch: a
-        #: second after the last write (0.0 before any: the first request writes at once).
+        #: How many pending requests make a request's end write them: :attr:`size`, or 0 until
+        #: the process's first write (which starts its timer) and after a change of settings.
+        self.limit = 0
+        #: When (``time.perf_counter()``) the timer writes what is pending: a second after the last write.
         self.due = 0.0
         self._lock = threading.Lock()
         self._timer_pid = 0
         atexit.register(self._flush_at_exit)
         os.register_at_fork(after_in_child=self.forget_after_fork)
 
-    def flush(self, now: float | None = None) -> int:
+    def flush(self) -> int:
         """Write every pending request now; return how many. When it returns, every request
         that ended before it was called is in the store."""
         with self._lock:
             entries = self.entries
             taken = entries[:]
             del entries[: len(taken)]
-            self.due = (time.perf_counter() if now is None else now) + self.interval
+            self.due = time.perf_counter() + self.interval
+            self.limit = self.size
             if taken:
                 if self._timer_pid != os.getpid():
                     self._start_timer()
@@ -89,11 +92,11 @@ class Pending:
             # At least every second: a due time or an interval changed meanwhile is seen.
             time.sleep(min(wait, 1.0) if wait > 0 else self.interval)
 
-    def write_due(self, now: float | None = None) -> None:
+    def write_due(self) -> None:
         """:meth:`flush`, as the request path, the timer and the exit write: a write that fails
         is logged (``django_scale.metrics``) and its requests dropped; it never fails a request."""
         try:
-            self.flush(now)
+            self.flush()
         except Exception:
             logger.exception("django-scale could not write this process's pending request metrics")
 
@@ -106,4 +109,4 @@ class Pending:
         del self.entries[:]
         self._lock = threading.Lock()
         self._timer_pid = 0
-        self.due = 0.0
+        self.limit = 0

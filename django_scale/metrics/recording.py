@@ -114,7 +114,7 @@ def _settings_changed(setting: str, **kwargs: Any) -> None:
         _pending.write_due()
         _current_store[0] = None
         # The next request's end writes at once, through get_store(): METRICS_BATCH read again.
-        _pending.due = 0.0
+        _pending.limit = 0
 
 
 def _shared_increment(name: str, amount: int) -> None:
@@ -388,8 +388,8 @@ def _end(request: HttpRequest, status: int, start: float, current: list[Any]) ->
             events,
         )
     )
-    if end >= _pending.due or len(_entries) >= _pending.size:
-        _pending.write_due(end)
+    if len(_entries) >= _pending.limit:
+        _pending.write_due()
 
 
 def _write(entries: list[Entry]) -> None:

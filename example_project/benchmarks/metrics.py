@@ -230,35 +230,75 @@ def isolated_setups() -> tuple[HttpRequest, dict[str, dict[str, Callable[[HttpRe
 
 
 TEN = "10 queries"
-#: Turns of the isolated setups (each 500 calls of each setup).
+#: Turns of the isolated setups; in each, blocks of each setup take turns.
 TURNS = 11
+#: Blocks of each setup per turn (rotating order), and calls per block: one batch of
+#: METRICS_BATCH's default, so that each block of MetricsMiddleware holds one batch's write.
+BLOCKS, BLOCK = 40, 32
+
+
+@contextlib.contextmanager
+def timing_wrapper(on: bool) -> Iterator[None]:
+    """MetricsMiddleware's execute wrapper on (or off) this thread's open connections, for a block.
+
+    A lighter :func:`without_timing_wrapper`: the connections' wrapper lists only, so that the
+    setups can take turns block by block (a worker's connections carry the wrapper once a
+    MetricsMiddleware is built; the setups without it are measured without).
+    """
+    from django.db import connections
+
+    from django_scale.metrics.recording import _wrap_connection, is_query_timer
+
+    opened = connections.all(initialized_only=True)
+    if on:
+        for connection in opened:
+            _wrap_connection(connection=connection)
+    else:
+        for connection in opened:
+            connection.execute_wrappers[:] = [w for w in connection.execute_wrappers if not is_query_timer(w)]
+            connection._django_scale_metrics = False  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for connection in opened:
+            _wrap_connection(connection=connection)
 
 
 def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[str, float]) -> None:
-    """Time MetricsMiddleware alone around views called directly: no client, no other middleware."""
+    """Time MetricsMiddleware alone around views called directly: no client, no other middleware.
+
+    The setups take turns by blocks of 32 calls (in a rotating order), so that a busy moment of
+    the machine or of the database hits every setup alike, and each block of MetricsMiddleware
+    holds the write of one batch (METRICS_BATCH): a turn's figure is its blocks' CPU time over
+    their calls, and a middleware's overhead is paired with the bare view's of the same turn.
+    """
     rows = []
     with override_scale_settings(METRICS_DIR=directory):
         request, views = isolated_setups()
         for label, setups in views.items():
             times: dict[str, list[float]] = {name: [] for name in setups}
             names = list(setups)
-            # Take turns, in a rotating order, so that a busy moment hits every setup alike; a
-            # middleware's overhead is paired with the bare view's time of the same turn.
             for turn in range(TURNS):
-                for name in names[turn % len(names) :] + names[: turn % len(names)]:
-                    call = setups[name]
-                    with without_timing_wrapper(name != "scale"):
-                        times[name].append(
-                            cpu_per_call(lambda call=call: call(request), calls=500, repeats=1)
-                        )
+                spent = dict.fromkeys(names, 0.0)
+                for block in range(BLOCKS):
+                    shift = (turn + block) % len(names)
+                    for name in names[shift:] + names[:shift]:
+                        call = setups[name]
+                        with timing_wrapper(name == "scale"):
+                            started = time.thread_time()
+                            for _ in range(BLOCK):
+                                call(request)
+                            spent[name] += time.thread_time() - started
+                for name in names:
+                    times[name].append(spent[name] / (BLOCKS * BLOCK))
             cpu = {name: statistics.median(found) for name, found in times.items()}
             extra = {
                 name: sorted(t - b for t, b in zip(times[name], times["bare"], strict=True)) for name in names
             }
             calls = {}
             for name, call in setups.items():
-                with without_timing_wrapper(name != "scale"):
-                    calls[name] = function_calls(lambda call=call: call(request))
+                with timing_wrapper(name == "scale"):
+                    calls[name] = function_calls(lambda call=call: call(request), calls=BLOCK)
             for name, found in cpu.items():
                 figures[f"cpu {label} {name}"] = found
                 figures[f"extra {label} {name}"] = statistics.median(extra[name])
@@ -269,8 +309,8 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
                     f"{statistics.median(extra['scale']) * 1e6:+.1f}",
                     f"{extra['scale'][1] * 1e6:+.1f} to {extra['scale'][-2] * 1e6:+.1f}",
                     f"{statistics.median(extra['prometheus']) * 1e6:+.1f}",
-                    f"{calls['scale'] - calls['bare']:+d}",
-                    f"{calls['prometheus'] - calls['bare']:+d}",
+                    f"{calls['scale'] - calls['bare']:+.0f}",
+                    f"{calls['prometheus'] - calls['bare']:+.0f}",
                 ]
             )
     disable()
@@ -301,8 +341,9 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
     )
 
 
-def function_calls(function: Callable[[], object]) -> int:
-    """Return how many functions (Python and C) one call of *function* calls: the same on any machine."""
+def function_calls(function: Callable[[], object], calls: int = 1) -> float:
+    """Return how many functions (Python and C) a call of *function* calls, over *calls* calls:
+    the same on any machine."""
     function()  # warm: first-time imports and caches are not the steady state
     count = 0
 
@@ -313,10 +354,11 @@ def function_calls(function: Callable[[], object]) -> int:
 
     sys.setprofile(profile)
     try:
-        function()
+        for _ in range(calls):
+            function()
     finally:
         sys.setprofile(None)
-    return count
+    return count / calls
 
 
 def cpu_per_call(function: Callable[[], object], *, calls: int, repeats: int = 5) -> float:
@@ -351,6 +393,7 @@ def _instruction_segments(options: dict[str, Any]) -> None:
                 with without_timing_wrapper(name != "scale"):
                     for _ in range(20):
                         call(request)
+                    metrics.flush()  # each segment holds the writes of whole batches
                     gc.collect()
                     gc.freeze()
                     os.getppid()
@@ -389,7 +432,7 @@ def instructions(
     if valgrind is None:
         out.write("\n(Instructions: valgrind is not installed; apt-get install valgrind.)\n")
         return
-    calls = 50 if quick else 200
+    calls = BLOCK * (2 if quick else 8)  # whole batches
     with tempfile.TemporaryDirectory() as directory:
         options = {"calls": calls, "metrics_dir": metrics_dir, "store_dir": store_dir}
         rerun_under_callgrind(valgrind, directory, {CHILD: json.dumps(options)})
