@@ -355,9 +355,9 @@ def pinned_to_cpus() -> Iterator[str]:
     allow, until the block ends; yield what was done.
 
     With the client and the server of each query on cores of their own, a turn's time varies
-    several times less (the ten-query view's turns: about 19 to 30 µs over the bare view,
-    against 2 to 52 µs unpinned, on a 2-core machine): each query's wake-ups no longer depend
-    on where the scheduler put the other process.
+    several times less (the ten-query view's turns over the bare view, on a 2-core machine:
+    from 14 to 38 µs over five runs pinned, from 2 to 52 µs in one run not): each query's
+    wake-ups no longer depend on where the scheduler put the other process.
     """
     from django.db import connection
 
