@@ -51,9 +51,9 @@ class SlotReading:
     _running_offset: int
     _entry_bytes: int
     _map: mmap.mmap
-    _u32: memoryview
-    _u64: memoryview
-    _f64: memoryview
+    _u32: memoryview[int]
+    _u64: memoryview[int]
+    _f64: memoryview[float]
     #: Called before :meth:`snapshot` and :meth:`history` read: get_store() sets it to metrics.flush.
     before_read: Callable[[], object] = staticmethod(lambda: None)
 
