@@ -174,6 +174,17 @@ def _seconds(default: float, *, zero_allowed: bool = False) -> Setting:
     )
 
 
+def _count_between(default: int, low: int, high: int, expected: str) -> Setting:
+    """A count key: an int from *low* to *high*."""
+    return Setting(
+        default=default,
+        expected=expected,
+        has_type=_is_count,
+        problem=lambda value: None if low <= value <= high else f"it must be between {low} and {high}",
+        example=str(default),
+    )
+
+
 #: Every key of ``DJANGO_SCALE`` with its default. ``docs/settings.md`` documents each one.
 #:
 #: :meta hide-value:
@@ -334,34 +345,10 @@ SETTINGS: dict[str, Setting] = {
         has_type=lambda value: isinstance(value, str),
         example='"/run/django-scale"',
     ),
-    "METRICS_SLOTS": Setting(
-        default=32,
-        expected="a number of worker slots (int)",
-        has_type=_is_count,
-        problem=lambda value: None if 1 <= value <= 4096 else "it must be between 1 and 4096",
-        example="32",
-    ),
-    "METRICS_SERIES": Setting(
-        default=1024,
-        expected="a number of timing series (int)",
-        has_type=_is_count,
-        problem=lambda value: None if 1 <= value <= 65536 else "it must be between 1 and 65536",
-        example="1024",
-    ),
-    "METRICS_MEMORY": Setting(
-        default=16,
-        expected="megabytes of buckets per worker slot (int)",
-        has_type=_is_count,
-        problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
-        example="16",
-    ),
-    "METRICS_BATCH": Setting(
-        default=32,
-        expected="a number of requests per write (int)",
-        has_type=_is_count,
-        problem=lambda value: None if 1 <= value <= 1024 else "it must be between 1 and 1024",
-        example="32",
-    ),
+    "METRICS_SLOTS": _count_between(32, 1, 4096, "a number of worker slots (int)"),
+    "METRICS_SERIES": _count_between(1024, 1, 65536, "a number of timing series (int)"),
+    "METRICS_MEMORY": _count_between(16, 1, 1024, "megabytes of buckets per worker slot (int)"),
+    "METRICS_BATCH": _count_between(32, 1, 1024, "a number of requests per write (int)"),
     "METRICS_TOKEN": Setting(
         default="",
         expected="a secret token (str)",
