@@ -11,11 +11,11 @@ while their code is warm (see :doc:`/monitoring`, "Cost").
 
 Every read of the store in this process writes its pending requests first (the store's
 ``before_read`` hook, which :func:`~django_scale.metrics.get_store` sets), as does a change of
-``DJANGO_SCALE`` (to the store of the settings the requests ran under) and the process's
-exit (``atexit``: a gunicorn worker recycled by ``max_requests`` or stopped exits through
+``DJANGO_SCALE`` (to the store of the settings the requests ran under) and the process's exit
+(``atexit``: a gunicorn worker recycled by ``max_requests`` or stopped exits through
 ``SystemExit``). A process killed outright (``SIGKILL``: the kernel's out-of-memory killer,
-gunicorn's for a worker stuck past its timeout) loses the requests it had not written: at
-most a second's, and fewer than a batch. A forked child starts with none of its parent's.
+gunicorn's for a worker stuck past its timeout) loses the requests still waiting in its batch:
+at most a second's, and fewer than a batch. A forked child starts with none of its parent's.
 """
 
 from __future__ import annotations
