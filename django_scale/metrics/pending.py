@@ -90,7 +90,7 @@ class Pending:
                 self.write_due()
                 continue
             # At least every second: a due time or an interval changed meanwhile is seen.
-            time.sleep(min(wait, 1.0) if wait > 0 else self.interval)
+            time.sleep(min(wait, 1.0) if wait > 0 else 1.0)
 
     def write_due(self) -> None:
         """:meth:`flush`, as the request path, the timer and the exit write: a write that fails
