@@ -21,11 +21,13 @@ floor under any agreement, what the server, the socket and the generator cost wi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from django_scale.conf import conf
+from django_scale.metrics.pending import Pending
 from django_scale.metrics.recording import SEP
 from django_scale.metrics.sketch import Sketch
 from django_scale.metrics.store import SlotStore
@@ -84,6 +86,9 @@ class _Requests:
         self.store = SlotStore(running.metrics_dir, slots, series, memory)
 
     def history(self) -> dict[str, dict[int, Sketch]]:
+        # A worker writes its requests in batches (METRICS_BATCH): what it had not written when
+        # the load stopped, its timer writes within a second of its last write.
+        time.sleep(Pending.interval + 0.5)
         names = [name for name in self.store.names(True) if name.startswith((f"request{SEP}", f"queue{SEP}"))]
         return self.store.history(names)
 
