@@ -118,8 +118,8 @@ def _settings_changed(setting: str, **kwargs: Any) -> None:
 
 
 def _shared_increment(name: str, amount: int) -> None:
-    # Outside a recorded request (inside one, _record adds the request's events to the host's
-    # counters with the rest of the request, in one write).
+    # Outside a recorded request (inside one, the request's events go to the host's counters
+    # with the rest of the request, in its batch's write).
     get_store().record((), ((f"counter{SEP}{name}", amount),))
 
 
