@@ -1,9 +1,9 @@
 """Requests written in batches (django_scale.metrics.pending): nothing lost, nothing counted twice.
 
 A request's end keeps its figures in its process; they reach the host's file in a batch of
-``METRICS_BATCH`` requests, a second after the last write (by the next request's end or the
-process's timer thread), at the process's exit, before a read in the process, and when the
-settings change. The file is read here through a second mapping, as another process (the
+``METRICS_BATCH`` requests (written by the request that fills it), a second after the last
+write (by the process's timer thread), at the process's exit, before a read in the process,
+and when the settings change. The file is read here through a second mapping, as another process (the
 export of another worker, ``scale_status``) reads it: it sees only what was written.
 """
 
@@ -98,6 +98,8 @@ def test_the_timer_writes_a_batch_no_request_ended(tmp_path: Path) -> None:
 
     def worker() -> None:
         with override_scale_settings(METRICS_BATCH=100), recording_metrics(str(tmp_path)):
+            # The timer's write three seconds after the first: well after the first reading.
+            recording._pending.interval = 3.0
             middleware = metrics.MetricsMiddleware(view)
             for _ in range(5):  # the first writes at once and starts the timer; four wait
                 middleware(request_of())

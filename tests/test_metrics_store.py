@@ -367,10 +367,12 @@ class TestStore:
         for value in values:
             one_by_one.record([("t", bucket_of(value), value)], [("n", 1)], now=now)
         summed = open_store(tmp_path / "b")
-        buckets: dict[int, int] = {}
+        sketch = Sketch.of(values)  # its buckets counted in C: the same as add() value by value
+        one_at_a_time = Sketch()
         for value in values:
-            buckets[bucket_of(value)] = buckets.get(bucket_of(value), 0) + 1
-        summed.add([("t", len(values), sum(values), buckets.items())], [("n", len(values))], now=now)
+            one_at_a_time.add(value)
+        assert sketch == one_at_a_time
+        summed.add([("t", sketch)], [("n", len(values))], now=now)
         a, b = one_by_one.snapshot(now=now), summed.snapshot(now=now)
         assert a.windows == b.windows and a.counters == b.counters
         assert a.totals["t"][0] == b.totals["t"][0] == 500
@@ -381,14 +383,26 @@ class TestStore:
         store = open_store(tmp_path)
         now = 1_800_000_000.0
         bucket = bucket_of(0.01)
-        store.add([("t", 1, 0.01, ((bucket, 1),))], [], now=now - 120)
+        store.add([("t", Sketch({bucket: 1}, 1, 0.01))], [], now=now - 120)
         base = store._slots_offset + store.slot() * store.slot_bytes
         at = ((base + store._running_offset) >> 2) + (bucket & 63)
         store._i32[at] = 2**31 - 3
-        store.add([("t", 1, 0.01, ((bucket, 1),))], [], now=now)  # checkpoint 2**31 - 3, then 2**31 - 2
-        store.add([("t", 10, 0.1, ((bucket, 10),))], [], now=now)
+        store.add([("t", Sketch({bucket: 1}, 1, 0.01))], [], now=now)  # checkpoint 2**31 - 3, then 2**31 - 2
+        store.add([("t", Sketch({bucket: 10}, 10, 0.1))], [], now=now)
         assert store._i32[at] == 8  # 2**31 - 2 + 10, modulo 2**31
         assert store.snapshot(now=now).windows["t"][1].buckets == {bucket: 11}
+
+    def test_values_that_find_the_pool_full_are_all_counted_as_dropped(self, tmp_path: Path) -> None:
+        # 1 MiB of pool is 256 chunks: 256 series of one chunk each fill it; a sketch of ten
+        # values in a chunk of its own then finds no room, and all ten are dropped and counted.
+        store = open_store(tmp_path, series=300)
+        bucket = bucket_of(0.01)
+        store.add([(f"s{i}", Sketch({bucket: 1}, 1, 0.01)) for i in range(256)], [])
+        assert store.snapshot().dropped == 0
+        store.add([("late", Sketch({bucket: 10}, 10, 0.1))], [])
+        snapshot = store.snapshot()
+        assert snapshot.dropped == 10
+        assert snapshot.totals["late"][0] == 10  # counted and summed; its buckets had no room
 
     def test_windows_of_many_slots_series_and_checkpoints_are_exact(self, tmp_path: Path) -> None:
         # The export reads every series of a slot at once (windows.py): within one slot, series

@@ -1,13 +1,13 @@
 """Requests that ended but are not yet in the host's store: written in batches.
 
-At a request's end :class:`~django_scale.metrics.MetricsMiddleware` only keeps what the
-request leaves behind (its route's ``ResolverMatch``, method, ``X-Request-Start`` header,
-status, latency, end time and figures) in this process's :class:`Pending` list. The list is
-written to the store, as one write under one lock, when ``METRICS_BATCH`` requests are in it
-(by the request that ends last), and otherwise by the process's timer thread, a second after
-the last write. The process's first request writes at once and starts the timer. A request's series names, buckets and
-the store's lock then cost a fraction of what they cost one request at a time, and they run
-while their code is warm (see :doc:`/monitoring`, "Cost").
+At a request's end :class:`~django_scale.metrics.MetricsMiddleware` only keeps what the request
+leaves behind (its route's ``ResolverMatch``, method, ``X-Request-Start`` header, status,
+latency, end time and figures) in this process's :class:`Pending` list. The list is written to
+the store, as one write under one lock, when ``METRICS_BATCH`` requests are in it (by the
+request that ends last), and otherwise by the process's timer thread, a second after the last
+write. The process's first request writes at once and starts the timer. A request's series
+names, buckets and the store's lock then cost a fraction of what they cost one request at a
+time, and they run while their code is warm (see :doc:`/monitoring`, "Cost").
 
 Every read of the store in this process writes its pending requests first (the store's
 ``before_read`` hook, which :func:`~django_scale.metrics.get_store` sets), as does a change of
@@ -78,13 +78,14 @@ class Pending:
     def _start_timer(self) -> None:
         """Start this process's timer thread: it writes a batch a second old that no request wrote."""
         self._timer_pid = os.getpid()
-        thread = threading.Thread(target=self._timer, args=(self._timer_pid,), name="django-scale-metrics")
-        thread.daemon = True
-        thread.start()
+        threading.Thread(target=self._timer, name="django-scale-metrics", daemon=True).start()
 
-    def _timer(self, pid: int) -> None:
-        """Write, about a second after the last write, the requests that no request's end wrote."""
-        while self._timer_pid == pid:  # (not in a forked child: it starts a timer of its own)
+    def _timer(self) -> None:
+        """Write, about a second after the last write, the requests that no request's end wrote.
+
+        It runs as long as its process (a daemon thread; a forked child has none of its
+        parent's threads and starts its own at its first write)."""
+        while True:
             wait = self.due - time.perf_counter()
             if wait <= 0 and self.entries:
                 self.write_due()

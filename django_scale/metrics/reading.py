@@ -14,6 +14,7 @@ from array import array
 from collections.abc import Callable, Iterable
 from itertools import chain, compress
 from operator import add
+from typing import TYPE_CHECKING
 
 from django_scale.metrics.host import HostSnapshot
 from django_scale.metrics.layout import KEEP as _KEEP
@@ -57,11 +58,11 @@ class SlotReading:
     #: Called before :meth:`snapshot` and :meth:`history` read: get_store() sets it to metrics.flush.
     before_read: Callable[[], object] = staticmethod(lambda: None)
 
-    def names(self, timing: bool) -> list[str]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # what SlotStore, the class this is a base of, provides
 
-    def live_slots(self) -> list[int]:
-        raise NotImplementedError
+        def names(self, timing: bool) -> list[str]: ...
+
+        def live_slots(self) -> list[int]: ...
 
     def _rows(self, base: int, span: Iterable[int], entry: int | None) -> int:
         """Return one series' rows of checkpoint *entry* (``None``: its running counts) as one integer.

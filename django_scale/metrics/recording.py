@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from itertools import compress, groupby, repeat
 from operator import itemgetter, sub
 from typing import Any
@@ -41,7 +41,7 @@ from django.http import HttpRequest, HttpResponseBase
 from django_scale.conf import conf
 from django_scale.metrics import counters
 from django_scale.metrics.pending import Pending
-from django_scale.metrics.sketch import buckets_of
+from django_scale.metrics.sketch import Sketch
 from django_scale.metrics.store import SlotStore
 
 __all__ = ["MetricsMiddleware", "SEP", "UNRESOLVED", "enable", "flush", "get_store", "route_of"]
@@ -365,10 +365,7 @@ def _end(request: HttpRequest, status: int, start: float, current: list[Any]) ->
     bytecode steps, the batch's a fraction of a request's each, run while warm.
     """
     end = _perf_counter()
-    _events_acquire()
-    events = current[0]
-    current[0] = None
-    _events_release()
+    events = _close_events(current)
     if current[1] is None:
         # MetricsMiddleware inside ScaleMiddleware (the order W510 warns of), or no
         # ScaleMiddleware: the routing state, if any, is current until the request ends.
@@ -410,7 +407,8 @@ def _write_minute(store: SlotStore, entries: list[Entry], offset: float) -> None
     """Write ended requests of one minute as one ``add()``, summed by route and method first.
 
     Per request only its route is found; everything else is counted per route with
-    ``map()``, ``sum()`` and ``Counter()`` over the batch (C loops, no bytecode per request).
+    ``map()``, ``sum()``, ``Counter()`` and :meth:`Sketch.of` over the batch (C loops, no
+    bytecode per request).
     """
     keys = list(zip(map(_route, map(_match, entries)), map(_method, entries), strict=True))
     by_route: dict[tuple[str, str | None], list[Entry]]
@@ -420,13 +418,13 @@ def _write_minute(store: SlotStore, entries: list[Entry], offset: float) -> None
         by_route = {}
         for key, entry in zip(keys, entries, strict=True):
             by_route.setdefault(key, []).append(entry)
-    timings: list[tuple[str, int, float, Iterable[tuple[int, int]]]] = []
+    timings: list[tuple[str, Sketch]] = []
     tallies: Counter[str] = Counter()
     shared = bool(counters._shared_sink)
     aliases = _aliases
     for (route, method), group in by_route.items():
         names = _names_of(method, route)
-        timings.append(_series(names.request, list(map(sub, map(_end_of, group), map(_start, group)))))
+        timings.append((names.request, Sketch.of(map(sub, map(_end_of, group), map(_start, group)))))
         for status, requests in Counter(map(_status, group)).items():
             tallies[(names.statuses.get(status) or names.status(status))[0]] += requests
         with_header = compress(group, map(_header, group))
@@ -434,7 +432,7 @@ def _write_minute(store: SlotStore, entries: list[Entry], offset: float) -> None
             wait for entry in with_header if (wait := queue_seconds(entry[2], entry[4] + offset)) is not None
         ]
         if waits:
-            timings.append(_series(names.queue, waits))
+            timings.append((names.queue, Sketch.of(waits)))
         # Each alias the requests queried: per request its DB time, and the queries summed.
         figures = list(map(_figures, group))
         width = len(aliases)
@@ -446,7 +444,7 @@ def _write_minute(store: SlotStore, entries: list[Entry], offset: float) -> None
             if queried:
                 db_name, queries_name = names.aliases.get(aliases[place]) or names.alias(aliases[place])  # type: ignore[arg-type]
                 split = list(map(divmod, queried, repeat(QUERY)))  # (queries, seconds) per request
-                timings.append(_series(db_name, list(map(_second, split))))
+                timings.append((db_name, Sketch.of(map(_second, split))))
                 tallies[queries_name] += int(sum(map(_first, split)))
         for states in filter(None, map(_states, figures)):
             for state in states:
@@ -472,11 +470,6 @@ def _write_minute(store: SlotStore, entries: list[Entry], offset: float) -> None
     store.add(timings, list(tallies.items()), entries[-1][5] + offset)
 
 
-def _series(name: str, seconds: list[float]) -> tuple[str, int, float, Iterable[tuple[int, int]]]:
-    """One series' values of a batch, as :meth:`SlotStore.add` takes them."""
-    return name, len(seconds), sum(seconds), Counter(buckets_of(seconds)).items()
-
-
 _match, _method, _header, _status, _start, _end_of, _figures, _events = map(itemgetter, range(8))
 _states = _second = itemgetter(1)
 _first = itemgetter(0)
@@ -495,8 +488,7 @@ def flush() -> int:
 _pending = Pending(_write)
 _entries = _pending.entries
 _entries_append = _entries.append
-_events_acquire = counters._lock.acquire
-_events_release = counters._lock.release
+_close_events = counters.close_request_events
 
 
 class MetricsMiddleware:

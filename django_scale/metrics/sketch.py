@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import partial, reduce
 from itertools import accumulate, compress
+from operator import add
 from typing import Any
 
 from django_scale.exceptions import MetricsDocumentError
@@ -115,11 +117,14 @@ class Sketch:
 
     @classmethod
     def of(cls, values: Iterable[float]) -> Sketch:
-        """Return the sketch of *values*."""
-        sketch = cls()
-        for value in values:
-            sketch.add(value)
-        return sketch
+        """Return the sketch of *values* (their buckets counted in C: :func:`buckets_of`).
+
+        The total is added up in order, as :meth:`add` adds to it (``sum()`` compensates its
+        rounding from Python 3.12 on, and would differ from it in the last bits)."""
+        values = list(values)
+        return cls(
+            buckets=dict(Counter(buckets_of(values))), count=len(values), total=reduce(add, values, 0.0)
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sketch):

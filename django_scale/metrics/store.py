@@ -49,6 +49,7 @@ from django_scale.metrics.layout import STAMPS as _STAMPS
 from django_scale.metrics.layout import TIMING_BYTES as _TIMING_BYTES
 from django_scale.metrics.layout import WINDOWS
 from django_scale.metrics.reading import SlotReading
+from django_scale.metrics.sketch import Sketch
 from django_scale.metrics.windows import CHUNK_BUCKETS as _CHUNK_BUCKETS
 from django_scale.metrics.windows import CHUNKS as _CHUNKS
 from django_scale.metrics.windows import ROW_BYTES as _ROW_BYTES
@@ -261,20 +262,26 @@ class SlotStore(SlotReading):
         Return ``False`` when no slot is free (nothing is recorded; :attr:`unrecorded` counts it).
         """
         return self.add(
-            [(name, 1, seconds, ((bucket, 1),)) for name, bucket, seconds in timings], counters, now
+            [
+                (name, Sketch(buckets={bucket: 1}, count=1, total=seconds))
+                for name, bucket, seconds in timings
+            ],
+            counters,
+            now,
         )
 
     def add(
         self,
-        timings: Iterable[tuple[str, int, float, Iterable[tuple[int, int]]]],
+        timings: Iterable[tuple[str, Sketch]],
         counters: Iterable[tuple[str, int]],
         now: float | None = None,
     ) -> bool:
-        """Add values to timing series, given per series: ``(name, how many, their seconds summed,
-        (bucket, how many) pairs)``, and counter increments ``(name, amount)``, all at *now*.
+        """Add the values of a sketch to each timing series ``(name, sketch)``, and counter
+        increments ``(name, amount)``, all at *now*.
 
-        A batch of requests written this way costs one series' writes per series, not per
-        value (:mod:`~django_scale.metrics.pending`). Return ``False`` when no slot is free.
+        A batch of requests written this way costs one series' writes per series and one
+        addition per bucket, not per value (:mod:`~django_scale.metrics.pending`). Return
+        ``False`` when no slot is free.
         """
         now = time.time() if now is None else now
         # The minute of *now*, kept with its bounds: two comparisons cost less than a division.
@@ -293,25 +300,23 @@ class SlotStore(SlotReading):
                 # A series' writes, written out here: a method call per series costs as much as they do.
                 handles = self._handles
                 u64, f64, i32 = self._u64, self._f64, self._i32
-                for name, values, seconds, buckets in timings:
+                for name, sketch in timings:
                     handle = handles.get(name) or self._timing_handle(name)
                     count = handle[0]
-                    u64[count] += values
-                    f64[count + 1] += seconds
+                    u64[count] += sketch.count
+                    f64[count + 1] += sketch.total
                     if minute > handle[4]:  # (an earlier minute counts in the latest)
                         self._checkpoint(handle, minute)
                     rows = handle[8]
-                    for bucket, amount in buckets:
-                        row = rows[bucket >> _CHUNK_SHIFT] or self._allocate(
-                            handle, bucket >> _CHUNK_SHIFT, amount
-                        )
+                    for bucket, amount in sketch.buckets.items():
+                        chunk = bucket >> _CHUNK_SHIFT
+                        row = rows[chunk] or self._allocate(handle, chunk, amount)
                         if row:
                             at = row + (bucket & _CHUNK_MASK)
+                            # Past 2**31 - 1 the count wraps (differences are taken modulo 2**31).
                             try:
                                 i32[at] += amount
-                            except (
-                                ValueError
-                            ):  # past 2**31 - 1: the count wraps (differences are modulo 2**31)
+                            except ValueError:
                                 i32[at] = (i32[at] + amount) & 0x7FFFFFFF
             if counters:
                 u64 = self._u64
@@ -374,7 +379,7 @@ class SlotStore(SlotReading):
         u32[stamps + entry] = u32[latest] = minute + 1
         handle[4] = minute
 
-    def _allocate(self, handle: list[Any], chunk: int, values: int = 1) -> int:
+    def _allocate(self, handle: list[Any], chunk: int, values: int) -> int:
         """Give a series' *chunk* a place in the slot's pool: its running row; 0 when full (its *values* counted)."""
         u32 = self._u32
         header = self._slot_base() >> 2

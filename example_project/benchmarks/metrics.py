@@ -237,33 +237,6 @@ TURNS = 11
 BLOCKS, BLOCK = 40, 32
 
 
-@contextlib.contextmanager
-def timing_wrapper(on: bool) -> Iterator[None]:
-    """MetricsMiddleware's execute wrapper on (or off) this thread's open connections, for a block.
-
-    A lighter :func:`without_timing_wrapper`: the connections' wrapper lists only, so that the
-    setups can take turns block by block (a worker's connections carry the wrapper once a
-    MetricsMiddleware is built; the setups without it are measured without).
-    """
-    from django.db import connections
-
-    from django_scale.metrics.recording import _wrap_connection, is_query_timer
-
-    opened = connections.all(initialized_only=True)
-    if on:
-        for connection in opened:
-            _wrap_connection(connection=connection)
-    else:
-        for connection in opened:
-            connection.execute_wrappers[:] = [w for w in connection.execute_wrappers if not is_query_timer(w)]
-            connection._django_scale_metrics = False  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for connection in opened:
-            _wrap_connection(connection=connection)
-
-
 def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[str, float]) -> None:
     """Time MetricsMiddleware alone around views called directly: no client, no other middleware.
 
@@ -287,7 +260,7 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
                     shift = (turn + block) % len(names)
                     for name in names[shift:] + names[:shift]:
                         call = setups[name]
-                        with timing_wrapper(name == "scale"), no_op_wrapper(name == "no-op wrapper"):
+                        with without_timing_wrapper(name != "scale"), no_op_wrapper(name == "no-op wrapper"):
                             started = time.thread_time()
                             for _ in range(BLOCK):
                                 call(request)
@@ -300,7 +273,7 @@ def isolated(out: TextIO, directory: str, goals: list[list[str]], figures: dict[
             }
             calls = {}
             for name, call in setups.items():
-                with timing_wrapper(name == "scale"), no_op_wrapper(name == "no-op wrapper"):
+                with without_timing_wrapper(name != "scale"), no_op_wrapper(name == "no-op wrapper"):
                     calls[name] = function_calls(lambda call=call: call(request), calls=BLOCK)
             for name, found in cpu.items():
                 figures[f"cpu {label} {name}"] = found
