@@ -262,10 +262,7 @@ class SlotStore(SlotReading):
         Return ``False`` when no slot is free (nothing is recorded; :attr:`unrecorded` counts it).
         """
         return self.add(
-            [
-                (name, Sketch(buckets={bucket: 1}, count=1, total=seconds))
-                for name, bucket, seconds in timings
-            ],
+            [(name, Sketch({bucket: 1}, 1, seconds)) for name, bucket, seconds in timings],
             counters,
             now,
         )
